@@ -1,0 +1,44 @@
+# comfy-progress: `make run` starts the daemon (with the embedded ComfyUI
+# simulator unless COMFY_URL is set); `make test` runs lint, types and every test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+LISTEN    ?= 127.0.0.1:8000
+COMFY_URL ?=
+
+.PHONY: all setup run test lint typecheck pytest fmt bench soak clean
+
+all: test
+
+setup: $(STAMP)
+
+# Re-install only when the dependency list changes; the package is editable.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/comfy-progress serve --listen $(LISTEN) $(if $(COMFY_URL),--comfy-url $(COMFY_URL),--simulate)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
