@@ -27,19 +27,19 @@ def rebuild_binary(frame: dict[str, Any]) -> bytes:
     Image payloads are stand-ins of the recorded length that start with the
     recorded magic bytes (the pixels themselves were not captured).
     """
-    event_type = frame["event_type"]
-    second = frame["second_u32"]
+    event_type: int = frame["event_type"]
+    second: int = frame["second_u32"]
     if event_type == 3:
-        node_id = frame["node_id"].encode()
+        node_id = str(frame["node_id"]).encode()
         assert len(node_id) == second
-        return struct.pack(">II", 3, second) + node_id + frame["text"].encode()
+        return struct.pack(">II", 3, second) + node_id + str(frame["text"]).encode()
     if event_type == 1:
         magic = bytes.fromhex(frame.get("image_magic_hex", "89504e470d0a1a0a"))
-        image = magic + b"\0" * (frame["image_len"] - len(magic))
+        image = magic + b"\0" * (int(frame["image_len"]) - len(magic))
         return struct.pack(">II", 1, second) + image
     if event_type == 4:
         metadata = json.dumps(frame["metadata"], separators=(",", ":")).encode()
-        image = b"\x89PNG\r\n\x1a\n" + b"\0" * (frame["image_len"] - 8)
+        image = b"\x89PNG\r\n\x1a\n" + b"\0" * (int(frame["image_len"]) - 8)
         return struct.pack(">II", 4, len(metadata)) + metadata + image
     raise ValueError(f"unknown binary event type {event_type}")
 
