@@ -453,13 +453,13 @@ class RetryBlock:
 StreamItem = ServerSentEvent | Comment | RetryBlock
 
 _NEWLINE = st.sampled_from(["\r\n", "\r", "\n"])
-# Characters an encoder or decoder could get wrong: the stripped space, the
+# Pieces an encoder or decoder could get wrong: the stripped space, the
 # field separator, a BOM, NUL, and line breaks that SSE does *not* recognise.
-_TRICKY_CHARS = [" ", ":", "\ufeff", "\u2028", "\x85", "\x0b", "\x0c", "data:"]
-_TRICKY = st.sampled_from([*_TRICKY_CHARS, "\0"])
+_TRICKY_PIECES = [" ", ":", "\ufeff", "\u2028", "\x85", "\x0b", "\x0c", "data:"]
+_TRICKY = st.sampled_from([*_TRICKY_PIECES, "\0"])
 # st.text() draws from all of Unicode except surrogates, which UTF-8 cannot carry.
 _TEXT = st.lists(st.one_of(st.text(max_size=8), _NEWLINE, _TRICKY), max_size=6).map("".join)
-_NAME_PIECE = st.one_of(st.text(max_size=6), st.sampled_from(_TRICKY_CHARS))
+_NAME_PIECE = st.one_of(st.text(max_size=6), st.sampled_from(_TRICKY_PIECES))
 _ID = st.lists(_NAME_PIECE, max_size=3).map("".join).map(lambda s: re.sub("[\r\n\0]", "", s))
 _EVENT_TYPE = st.lists(st.one_of(_NAME_PIECE, st.just("\0")), max_size=3).map(
     lambda parts: re.sub("[\r\n]", "", "".join(parts))
