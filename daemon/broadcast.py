@@ -1,0 +1,62 @@
+"""Latest-snapshot broadcaster: one per task, any number of SSE readers.
+
+A publisher never waits for a reader (trio-util `AsyncValue` semantics): it
+replaces the latest snapshot and wakes whoever waits. A slow reader simply
+skips to the newest snapshot when it next looks, which is fine because every
+progress message is a complete snapshot. A terminal snapshot is the last one
+ever published, so no reader can skip past it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One published task message, encoded for SSE once for all readers."""
+
+    version: int
+    event: str  # progress | complete | error-event
+    payload: Mapping[str, Any] = field(hash=False)
+    sse: bytes = field(repr=False)  # the encoded SSE event, id included
+    terminal: bool = False
+
+
+class Broadcaster:
+    """Holds the latest snapshot of a task and wakes readers when it changes."""
+
+    def __init__(self) -> None:
+        self._latest: Snapshot | None = None
+        self._changed = trio.Event()
+        self.readers = 0  # SSE connections reading this task right now
+
+    @property
+    def latest(self) -> Snapshot | None:
+        return self._latest
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Replace the latest snapshot; never blocks, never awaits a reader."""
+        if self._latest is not None:
+            if self._latest.terminal:
+                raise RuntimeError("a terminal snapshot must be the last one published")
+            if snapshot.version <= self._latest.version:
+                raise ValueError(
+                    f"snapshot versions must rise: {snapshot.version} after {self._latest.version}"
+                )
+        self._latest = snapshot
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_newer(self, version: int | None) -> Snapshot:
+        """The latest snapshot newer than `version` (None: anything), waiting if needed."""
+        while True:
+            latest = self._latest
+            if latest is not None and (version is None or latest.version > version):
+                await trio.lowlevel.checkpoint()  # always a checkpoint, even on the fast path
+                return latest
+            await self._changed.wait()

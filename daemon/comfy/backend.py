@@ -1,0 +1,280 @@
+"""One ComfyUI backend: its HTTP API and the daemon's one WebSocket to it.
+
+Client ids and reconnects (FACTS.md §7). ComfyUI sends a prompt's frames only
+to the socket registered under the prompt's client_id, and two live sockets
+with one client id both go silent. We keep ONE client id per backend (stored
+in the data directory, so a restarted daemon hears the prompts it submitted
+before) and reuse it only after the previous socket is fully closed:
+leaving `open_websocket_url` waits for the close handshake before we
+reconnect. Reusing the id is what lets a reconnected socket pick a running
+prompt's progress up again (ComfyUI even re-sends the running node). If
+ComfyUI did not confirm our close, it may still hold the old socket, so we
+take a fresh client id instead; tasks submitted under the old id then follow
+their prompts through /queue and /history (`Backend.client_generation` tells them).
+
+A socket that stays open but delivers nothing (a "zombie") shows no error, so
+while one of our prompts runs, `silence_timeout` without a frame makes us
+probe ComfyUI over HTTP and replace the socket. After every reconnect,
+`reconnected` fires and each task reconciles through /queue and /history,
+because frames sent while we were away are lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+import trio_websocket
+
+from daemon.comfy.http_api import ComfyHttp
+from daemon.comfy.routing import PromptRouter, Signal
+from protocol import comfy
+from protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    url: str
+    connect_timeout: float = 10.0
+    http_timeout: float = 30.0
+    silence_timeout: float = 30.0
+    reconnect_initial_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+def load_client_id(path: Path | None) -> str:
+    """The backend's client id, kept across restarts when a path is given."""
+    if path is not None:
+        try:
+            stored = path.read_text(encoding="ascii").strip()
+        except OSError:
+            stored = ""
+        if stored:
+            return stored
+    client_id = uuid.uuid4().hex
+    if path is not None:
+        save_client_id(path, client_id)
+    return client_id
+
+
+def save_client_id(path: Path, client_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    temporary.write_text(client_id + "\n", encoding="ascii")
+    temporary.replace(path)
+
+
+class SilentSocket(Exception):
+    """No frame arrived for too long while one of our prompts ran."""
+
+
+class ComfyBackend:
+    """HTTP + WebSocket to one ComfyUI, with reconnects and routing by prompt_id."""
+
+    def __init__(self, settings: BackendSettings, *, client_id_file: Path | None = None) -> None:
+        self.settings = settings
+        self.name = settings.url
+        self.http = ComfyHttp(
+            settings.url, timeout=settings.http_timeout, max_image_bytes=settings.max_image_bytes
+        )
+        self.router = PromptRouter()
+        self._client_id_file = client_id_file
+        self.client_id = load_client_id(client_id_file)
+        self.client_generation = 0  # grows when the client id had to change
+        self.connected = False
+        self.connected_changed = Signal()
+        self.reconnected = Signal()  # fires on every connection after the first
+        self.queue_changed = Signal()  # fires on every `status` frame
+        self.reconnects = 0
+        self.frames_received = 0
+        self.protocol_errors = 0
+        self._consume_scope: trio.CancelScope | None = None
+        self._queue_lock = trio.Lock()
+        self._queue_cache: tuple[float, comfy.QueueSnapshot] | None = None
+
+    # -- state for the rest of the daemon
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            await self.connected_changed.wait()
+
+    def _set_connected(self, value: bool) -> None:
+        if self.connected != value:
+            self.connected = value
+            self.connected_changed.fire()
+
+    def replace_socket(self) -> None:
+        """Close the current socket (cleanly) and open a fresh one."""
+        if self._consume_scope is not None:
+            self._consume_scope.cancel()
+
+    async def read_queue(self, *, max_age: float) -> comfy.QueueSnapshot:
+        """GET /queue, shared: callers within `max_age` seconds get the same reading."""
+        async with self._queue_lock:
+            cached = self._queue_cache
+            if cached is not None and trio.current_time() - cached[0] < max_age:
+                return cached[1]
+            snapshot = await self.http.queue()
+            self._queue_cache = (trio.current_time(), snapshot)
+            return snapshot
+
+    # -- the consumer
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        failures = 0
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
+                failures = 0
+            except (trio_websocket.HandshakeError, OSError) as exc:
+                failures += 1
+                log.warning(
+                    "ComfyUI WebSocket to %s failed to open: %s",
+                    self.name,
+                    _describe(exc),
+                    extra={"backend": self.name},
+                )
+            except trio_websocket.ConnectionClosed as exc:
+                failures += 1
+                log.warning(
+                    "ComfyUI WebSocket to %s closed: %s", self.name, exc.reason,
+                    extra={"backend": self.name},
+                )  # fmt: skip
+            except SilentSocket as exc:
+                log.warning("%s; replacing the socket", exc, extra={"backend": self.name})
+            finally:
+                self._set_connected(False)
+            # The first attempt failed: start anyway; tasks wait for a connection.
+            mark_started()
+            delay = self._backoff(failures)
+            if delay > 0:
+                log.info("reconnecting to %s in %.1f s", self.name, delay)
+            await trio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter (0.5x-1x), capped; none after a clean close."""
+        if failures == 0:
+            return 0.0
+        s = self.settings
+        base = min(s.reconnect_max_delay, s.reconnect_initial_delay * 2 ** (failures - 1))
+        return float(base * random.uniform(0.5, 1.0))
+
+    def _ws_url(self) -> str:
+        base = self.settings.url.rstrip("/")
+        return base.replace("http://", "ws://", 1) + f"/ws?clientId={self.client_id}"
+
+    async def _connect_and_consume(self, *, on_open: Callable[[], None], reconnect: bool) -> None:
+        try:
+            async with trio_websocket.open_websocket_url(
+                self._ws_url(),
+                connect_timeout=self.settings.connect_timeout,
+                disconnect_timeout=self.settings.connect_timeout,
+                max_message_size=MAX_MESSAGE_BYTES,
+                message_queue_size=64,
+            ) as ws:
+                self._set_connected(True)
+                log.info(
+                    "ComfyUI WebSocket open: %s (client id %s)",
+                    self.name,
+                    self.client_id,
+                    extra={"backend": self.name},
+                )
+                if reconnect:
+                    self.reconnects += 1
+                    self.reconnected.fire()
+                on_open()
+                with trio.CancelScope() as scope:
+                    self._consume_scope = scope
+                    await self._consume(ws)
+                self._consume_scope = None
+                self._set_connected(False)
+                log.info("closing the ComfyUI WebSocket to %s to open a fresh one", self.name)
+            # Leaving the block waited for the close handshake: the id is free again.
+        except trio_websocket.DisconnectionTimeout:
+            # ComfyUI did not confirm the close, so it may still hold the old
+            # socket under our id; a new socket with that id would go silent.
+            self._rotate_client_id()
+            raise
+        finally:
+            self._consume_scope = None
+
+    def _rotate_client_id(self) -> None:
+        old = self.client_id
+        self.client_id = uuid.uuid4().hex
+        self.client_generation += 1
+        if self._client_id_file is not None:
+            try:
+                save_client_id(self._client_id_file, self.client_id)
+            except OSError as exc:
+                log.warning("cannot store the new client id: %s", exc)
+        log.warning(
+            "the old socket was not closed cleanly; client id %s -> %s",
+            old,
+            self.client_id,
+            extra={"backend": self.name},
+        )
+
+    async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Read frames until the socket closes or goes silent (raises), or is replaced."""
+        while True:
+            timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
+            with trio.move_on_after(timeout) as idle:
+                frame = await ws.get_message()
+            if idle.cancelled_caught:
+                await self._probe_silence(timeout)
+                continue
+            self.frames_received += 1
+            self._handle_frame(frame)
+
+    async def _probe_silence(self, waited: float) -> None:
+        prompt_id = self.router.running_prompt
+        alive = await self.http.probe()
+        raise SilentSocket(
+            f"no frame from {self.name} for {waited:.0f} s while prompt {prompt_id} runs "
+            f"(HTTP {'answers' if alive else 'does not answer'})"
+        )
+
+    def _handle_frame(self, frame: str | bytes) -> None:
+        try:
+            event = comfy.parse_frame(frame)
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            log.warning("ignoring a bad frame from %s: %s", self.name, exc)
+            return
+        if isinstance(event, comfy.Status):
+            self.queue_changed.fire()
+            return
+        self.router.dispatch(event)
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or type(exc).__name__
+    if cause is not None and str(cause):
+        text = f"{text} ({cause})"
+    return text

@@ -1,0 +1,252 @@
+"""One frozen Config, built from a TOML file, then environment variables, then flags.
+
+Each layer overrides the one before. Every setting is a field below with its
+default and a one-line help text; `comfy-progress serve --print-config` prints
+the effective values and the README's configuration reference lists them.
+Unknown keys and bad values are errors at start-up (`ConfigError`), naming
+where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+ENV_PREFIX: Final = "COMFY_PROGRESS_"
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A configuration value is unknown or invalid; the message says where it came from."""
+
+
+def _setting(default: Any, help: str, **checks: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    # -- where to listen and what to talk to
+    listen: str = _setting(
+        "127.0.0.1:8000", "HOST:PORT the HTTP server binds (ignored under socket activation)"
+    )
+    comfy_url: str = _setting(
+        "", "base URL of ComfyUI, e.g. http://127.0.0.1:8188 (empty: see simulate)"
+    )
+    simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
+    simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
+    data_dir: Path = _setting(
+        Path("data"), "directory for images, the task journal and the client id"
+    )
+    public_dir: Path = _setting(REPO_ROOT / "public", "directory of the browser client served at /")
+    node_modules_dir: Path = _setting(
+        REPO_ROOT / "node_modules", "npm packages served at /vendor/ (Preact, htm)"
+    )
+    log_level: str = _setting(
+        "info", "debug | info | warning | error", choices=("debug", "info", "warning", "error")
+    )
+    # -- tasks and streams
+    heartbeat_interval: float = _setting(
+        30.0, "seconds between SSE `: heartbeat` comments", min=0.01
+    )
+    task_retention: float = _setting(
+        300.0, "seconds a finished task is still served before it is forgotten", min=0.0
+    )
+    backend_wait_timeout: float = _setting(
+        120.0, "seconds a task waits for an unreachable ComfyUI before it fails", min=0.0
+    )
+    sse_retry_ms: int = _setting(2000, "the `retry:` hint sent to SSE clients (ms)", min=0)
+    max_tasks: int = _setting(
+        10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
+    )
+    # -- ComfyUI connection
+    comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
+    comfy_connect_timeout: float = _setting(10.0, "seconds to open ComfyUI's WebSocket", min=0.01)
+    comfy_silence_timeout: float = _setting(
+        30.0,
+        "seconds without a frame while a task runs before the socket is probed and replaced",
+        min=0.01,
+    )
+    reconnect_initial_delay: float = _setting(
+        0.5, "first reconnect delay (s); doubles per failure, with jitter", min=0.0
+    )
+    reconnect_max_delay: float = _setting(30.0, "cap on the reconnect delay (s)", min=0.0)
+    queue_poll_interval: float = _setting(
+        1.0, "minimum seconds between GET /queue reads for queue positions", min=0.01
+    )
+    max_image_bytes: int = _setting(
+        64 * 1024 * 1024, "largest output image fetched from ComfyUI (bytes)", min=1
+    )
+    # -- HTTP server limits
+    max_body_bytes: int = _setting(1024 * 1024, "largest request body (bytes) -> 413", min=1)
+    max_upload_bytes: int = _setting(
+        20 * 1024 * 1024, "largest POST /upload image (bytes) -> 413", min=1
+    )
+    max_header_bytes: int = _setting(16 * 1024, "largest request head (bytes) -> 431", min=1024)
+    header_read_timeout: float = _setting(
+        10.0, "seconds to receive a request head -> 408", min=0.01
+    )
+    body_read_timeout: float = _setting(30.0, "seconds to receive a request body -> 408", min=0.01)
+    keep_alive_timeout: float = _setting(
+        5.0, "seconds an idle keep-alive connection stays open", min=0.01
+    )
+    write_timeout: float = _setting(
+        10.0, "seconds one write to a client may take (slow SSE readers are dropped)", min=0.01
+    )
+    max_connections: int = _setting(
+        10_000, "open client connections at once; beyond it new ones get 503", min=1
+    )
+    shutdown_grace: float = _setting(
+        10.0, "seconds open requests get to finish on SIGTERM", min=0.0
+    )
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8000' -> ('127.0.0.1', 8000); '[::1]:80' works too."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"listen address {value!r} is not HOST:PORT")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"listen port {number} is out of range")
+    return host.strip("[]"), number
+
+
+def _field_type(name: str) -> type:
+    default = FIELDS[name].default
+    return type(default) if not isinstance(default, Path) else Path
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    """Check and convert one value; `raw` is a TOML value or a string from env/flags."""
+    kind = _field_type(name)
+    where = f"{name} (from {source})"
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise ValueError("expected true or false")
+        elif kind is int:
+            if isinstance(raw, bool) or not isinstance(raw, int | str):
+                raise ValueError("expected an integer")
+            value = int(raw)
+        elif kind is float:
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError("expected a number")
+            value = float(raw)
+        elif kind is Path:
+            if not isinstance(raw, str) or not raw:
+                raise ValueError("expected a path")
+            value = Path(raw)
+        else:
+            if not isinstance(raw, str):
+                raise ValueError("expected a string")
+            value = raw
+    except ValueError as exc:
+        raise ConfigError(f"bad value {raw!r} for {where}: {exc}") from None
+    meta = FIELDS[name].metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"bad value {raw!r} for {where}: must be at least {meta['min']}")
+    if "choices" in meta and value not in meta["choices"]:
+        choices = ", ".join(meta["choices"])
+        raise ConfigError(f"bad value {raw!r} for {where}: choose one of {choices}")
+    return value
+
+
+def _check_known(keys: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(set(keys) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
+
+
+def from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _check_known(data, f"config file {path}")
+    return {k: _convert(k, v, f"config file {path}") for k, v in data.items()}
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    # Only our prefix; other variables are none of our business.
+    ours = {k[len(ENV_PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    ours.pop("config", None)  # COMFY_PROGRESS_CONFIG names the file, it is not a setting
+    _check_known(ours, "the environment (COMFY_PROGRESS_*)")
+    return {k: _convert(k, v, f"environment {ENV_PREFIX}{k.upper()}") for k, v in ours.items()}
+
+
+def from_flags(values: Mapping[str, str]) -> dict[str, Any]:
+    _check_known(values, "command-line flags")
+    return {k: _convert(k, v, f"flag --{k.replace('_', '-')}") for k, v in values.items()}
+
+
+def load(
+    *,
+    config_file: Path | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, str],
+) -> Config:
+    """TOML file < environment < flags, validated as a whole."""
+    merged: dict[str, Any] = {}
+    path = config_file
+    if path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(environ[f"{ENV_PREFIX}CONFIG"])
+    if path is not None:
+        merged.update(from_toml(path))
+    merged.update(from_env(environ))
+    merged.update(from_flags(flags))
+    config = Config(**merged)
+    split_host_port(config.listen)
+    if config.comfy_url and not config.comfy_url.startswith("http://"):
+        raise ConfigError(f"comfy_url {config.comfy_url!r} must start with http://")
+    if config.reconnect_max_delay < config.reconnect_initial_delay:
+        raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
+    return config
+
+
+def load_from_process(config_file: Path | None, flags: Mapping[str, str]) -> Config:
+    return load(config_file=config_file, environ=os.environ, flags=flags)
+
+
+def render_toml(config: Config) -> str:
+    """The effective configuration as TOML, with each setting's help as a comment."""
+    lines = []
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        lines.append(f"# {f.metadata['help']}")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            text = f'"{escaped}"'
+        lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"

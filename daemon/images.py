@@ -1,0 +1,78 @@
+"""The image store: finished images on disk, served at /image/{name}.
+
+Names are random (128 bits) rather than derived from the task id, so an image
+URL that gets shared does not hand out the task's id. Files are written to a
+temporary name and renamed, so a crash never leaves half an image under a
+served name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Final
+
+import trio
+
+_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|webp)$")
+_MAGIC: Final = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"RIFF", "webp"),
+)
+
+
+class NotAnImage(Exception):
+    """The bytes are not a PNG, JPEG or WebP image."""
+
+
+def image_suffix(data: bytes) -> str:
+    """The file suffix for an image's bytes, from its magic number."""
+    for magic, suffix in _MAGIC:
+        if data.startswith(magic) and (suffix != "webp" or data[8:12] == b"WEBP"):
+            return suffix
+    raise NotAnImage("not a PNG, JPEG or WebP image")
+
+
+def is_valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+class ImageStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def open(self) -> None:
+        await trio.Path(self.directory).mkdir(parents=True, exist_ok=True)
+
+    async def save(self, data: bytes) -> str:
+        """Store one image; returns its new file name."""
+        name = f"{secrets.token_urlsafe(16)}.{image_suffix(data)}"
+        await trio.to_thread.run_sync(self._write_atomically, name, data)
+        return name
+
+    def _write_atomically(self, name: str, data: bytes) -> None:
+        final = self.directory / name
+        temporary = self.directory / f".{name}.partial"
+        with temporary.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        temporary.replace(final)
+
+    def path_of(self, name: str) -> Path | None:
+        """The file for a served name, or None for names we never hand out."""
+        if not is_valid_name(name):
+            return None
+        return self.directory / name
+
+    async def read(self, name: str) -> bytes | None:
+        path = self.path_of(name)
+        if path is None:
+            return None
+        try:
+            return await trio.Path(path).read_bytes()
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,490 @@
+"""The task registry and the per-task actor.
+
+Each task is one actor: it owns its `TaskState`, feeds it events through the
+pure state machine (`protocol.task.apply`), publishes every new snapshot to
+its broadcaster, and performs the commands the state machine asks for (fetch
+the output images, reconcile through /history). State changes happen only in
+`TaskActor.handle`, which never awaits, so the helper tasks of an actor (the
+frame pump, the queue watcher, the reconnect watcher, output fetching) can
+all call it without locks.
+
+A finished task stays readable for `retention` seconds, then the registry
+forgets it (404 afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+import trio
+
+from daemon.broadcast import Broadcaster, Snapshot
+from daemon.comfy.backend import ComfyBackend
+from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.images import ImageStore, NotAnImage
+from protocol import comfy, task
+from protocol.sse import ServerSentEvent, encode_event
+
+log = logging.getLogger(__name__)
+
+SUBMIT_RETRY_DELAY: Final = 1.0
+CANCEL_CONFIRM_TIMEOUT: Final = 15.0  # how long we wait for execution_interrupted
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettings:
+    retention: float = 300.0
+    backend_wait_timeout: float = 120.0
+    queue_poll_interval: float = 1.0
+    max_tasks: int = 10_000
+
+
+class CancelResult(Enum):
+    CANCELLING = "cancelling"
+    ALREADY_FINISHED = "finished"
+
+
+class TooManyTasks(Exception):
+    """The registry is full; the client should retry later (503)."""
+
+
+def new_task_id(now: float) -> str:
+    """Milliseconds since the epoch, then 128 random bits, URL-safe."""
+    return f"{int(now * 1000):x}-{secrets.token_urlsafe(16)}"
+
+
+def encode_snapshot(message: task.TaskMessage) -> Snapshot:
+    data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
+    sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
+    return Snapshot(
+        version=message.version,
+        event=message.event,
+        payload=message.payload,
+        sse=sse,
+        terminal=message.is_terminal,
+    )
+
+
+class TaskActor:
+    """One task: its state, its broadcaster, and the work it does against ComfyUI."""
+
+    def __init__(
+        self,
+        spec: task.TaskSpec,
+        *,
+        backend: ComfyBackend,
+        images: ImageStore,
+        settings: TaskSettings,
+        wall_clock: Callable[[], float],
+        on_change: Callable[[TaskActor], None] = lambda actor: None,
+    ) -> None:
+        self.backend = backend
+        self.images = images
+        self.settings = settings
+        self.wall_clock = wall_clock
+        self.on_change = on_change
+        self.state = task.new_task(spec, wall_clock())
+        self.broadcaster = Broadcaster()
+        self.finished = trio.Event()
+        self.submitted_generation = backend.client_generation
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._fetching = False
+        self._reconcile_requested = trio.Event()
+        self.broadcaster.publish(encode_snapshot(task.render(self.state, wall_clock())))
+
+    # -- identity and views
+
+    @property
+    def task_id(self) -> str:
+        return self.state.task_id
+
+    @property
+    def prompt_id(self) -> str:
+        return self.state.prompt_id
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        log.log(
+            level,
+            message,
+            *args,
+            extra={
+                "task_id": self.task_id,
+                "prompt_id": self.prompt_id,
+                "backend": self.backend.name,
+            },
+        )
+
+    # -- the one place state changes
+
+    def handle(self, event: task.TaskEvent) -> None:
+        """Apply one event; publish and schedule whatever the state machine says."""
+        if self.state.phase.is_terminal:
+            return
+        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        for effect in effects:
+            if isinstance(effect, task.Publish):
+                self.broadcaster.publish(encode_snapshot(effect.message))
+            elif isinstance(effect, task.FetchOutputs):
+                self._start(self._fetch_outputs, effect.images)
+            elif isinstance(effect, task.Reconcile):
+                self.request_reconcile()
+        if self.state.phase.is_terminal:
+            error = self.state.error
+            if error is None:
+                self._log(logging.INFO, "task completed: %s", ", ".join(self.state.image_files))
+            else:
+                self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
+            self.finished.set()
+            self._scope.cancel()
+        self.on_change(self)
+
+    def _start(self, fn: Callable[..., object], *args: object) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    def request_reconcile(self) -> None:
+        self._reconcile_requested.set()
+
+    # -- lifecycle
+
+    async def run(self) -> None:
+        """Drive the task to a terminal state (or until cancelled)."""
+        inbox = self.backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._pump, inbox)
+                    nursery.start_soon(self._reconcile_loop)
+                    nursery.start_soon(self._watch_backend)
+                    await self._submit()
+                    if not self.state.phase.is_terminal:
+                        nursery.start_soon(self._watch_queue)
+        finally:
+            self._nursery = None
+            self.backend.router.close(self.prompt_id)
+            inbox.close()
+
+    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
+        async for event in inbox:
+            if isinstance(event, task.TaskEvent):  # previews and texts are not task events
+                self.handle(event)
+
+    # -- submitting
+
+    async def _submit(self) -> None:
+        backend = self.backend
+        deadline = trio.current_time() + self.settings.backend_wait_timeout
+        while not self.state.phase.is_terminal:
+            if self.state.cancel_requested:
+                self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
+                return
+            if not backend.is_connected():
+                self.handle(task.BackendWaiting("ComfyUI is not connected"))
+                with trio.move_on_at(deadline):
+                    await backend.wait_connected()
+                if not backend.is_connected():
+                    self._fail_unreachable()
+                    return
+            try:
+                reply = await backend.http.submit(
+                    self.state.spec.graph, client_id=backend.client_id, prompt_id=self.prompt_id
+                )
+            except BackendUnavailable as exc:
+                self._log(logging.WARNING, "submitting failed: %s", exc)
+                # The POST may have arrived even though the answer did not.
+                if await self._already_known():
+                    return
+                if trio.current_time() >= deadline:
+                    self._fail_unreachable()
+                    return
+                self.handle(task.BackendWaiting(str(exc)))
+                await trio.sleep(min(SUBMIT_RETRY_DELAY, max(0.0, deadline - trio.current_time())))
+                continue
+            if isinstance(reply, comfy.PromptRejected):
+                self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
+                self.handle(task.SubmitRejected(reply))
+                return
+            self.submitted_generation = backend.client_generation
+            self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
+            self.handle(task.Submitted(reply.number))
+            return
+
+    async def _already_known(self) -> bool:
+        """After a failed POST: did ComfyUI take the prompt anyway?"""
+        try:
+            snapshot = await self.backend.http.queue()
+            if snapshot.position_of(self.prompt_id) is not None:
+                self.handle(task.Submitted(-1))
+                return True
+            if await self.backend.http.history(self.prompt_id) is not None:
+                self.handle(task.Submitted(-1))
+                self.request_reconcile()
+                return True
+        except BackendUnavailable:
+            pass
+        return False
+
+    def _fail_unreachable(self) -> None:
+        self.handle(
+            task.Failed(
+                "backend_unavailable",
+                "ComfyUI is not reachable",
+                f"waited {self.settings.backend_wait_timeout:g} s for {self.backend.name}",
+            )
+        )
+
+    # -- following the prompt
+
+    async def _watch_queue(self) -> None:
+        """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
+        interval = self.settings.queue_poll_interval
+        while self.state.phase is task.Phase.QUEUED:
+            try:
+                snapshot = await self.backend.read_queue(max_age=interval)
+            except BackendUnavailable:
+                snapshot = None
+            if snapshot is not None:
+                position = snapshot.position_of(self.prompt_id)
+                if position is None:
+                    self.request_reconcile()  # finished already, or gone
+                else:
+                    if position.running:
+                        self.backend.router.note_running(self.prompt_id)
+                    self.handle(task.QueueUpdate(position))
+            await trio.sleep(interval)
+            # Then wait for ComfyUI to say the queue changed (a `status` frame), or
+            # for a slow safety poll in case that frame was lost.
+            with trio.move_on_after(max(interval, 10.0)):
+                await self.backend.queue_changed.wait()
+
+    async def _watch_backend(self) -> None:
+        """Reconcile after each reconnect; fail if ComfyUI stays away too long."""
+        backend = self.backend
+        seen = backend.reconnected.count
+        while True:
+            if backend.reconnected.count != seen:
+                # Frames sent while we were away are lost: ask ComfyUI.
+                seen = backend.reconnected.count
+                self.request_reconcile()
+            if self.state.submitted and not backend.is_connected():
+                with trio.move_on_after(self.settings.backend_wait_timeout):
+                    await backend.wait_connected()
+                if not backend.is_connected():
+                    self.handle(
+                        task.Failed(
+                            "backend_unavailable",
+                            "Lost contact with ComfyUI",
+                            f"{backend.name} was unreachable for "
+                            f"{self.settings.backend_wait_timeout:g} s",
+                        )
+                    )
+                    return
+                continue
+            if self.state.submitted and self.submitted_generation != backend.client_generation:
+                # Submitted under an older client id: no frames reach us; poll.
+                with trio.move_on_after(max(2.0, self.settings.queue_poll_interval * 2)):
+                    await backend.connected_changed.wait()
+                self.request_reconcile()
+                continue
+            await backend.connected_changed.wait()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._reconcile_requested.wait()
+            self._reconcile_requested = trio.Event()
+            if not self.state.submitted:
+                continue
+            try:
+                await self._reconcile()
+            except BackendUnavailable as exc:
+                self._log(logging.WARNING, "cannot reconcile yet: %s", exc)
+                # _watch_backend asks again once ComfyUI is back (or fails the task).
+
+    async def _reconcile(self) -> None:
+        """Ask ComfyUI how the prompt stands: frames may have been lost."""
+        http = self.backend.http
+        entry = await http.history(self.prompt_id)
+        if entry is None:
+            position = (await http.queue()).position_of(self.prompt_id)
+            if position is not None:
+                if position.running:
+                    self.backend.router.note_running(self.prompt_id)
+                self.handle(task.QueueUpdate(position))
+                return
+            # Neither queued nor in history; it may have finished in between.
+            entry = await http.history(self.prompt_id)
+        if entry is not None:
+            self.handle(task.HistoryFound(entry))
+            return
+        if self.state.fetching_outputs:
+            return
+        self._log(logging.WARNING, "ComfyUI has neither queued nor finished the prompt")
+        self.handle(
+            task.Failed(
+                "lost",
+                "The prompt was lost by ComfyUI",
+                "ComfyUI has neither queued nor finished it (was ComfyUI restarted?)",
+            )
+        )
+
+    # -- outputs
+
+    async def _fetch_outputs(self, images: tuple[comfy.ImageRef, ...]) -> None:
+        if self._fetching:
+            return
+        self._fetching = True
+        deadline = trio.current_time() + self.settings.backend_wait_timeout
+        while True:
+            try:
+                files = await self._store_images(images)
+            except OutputMissing as exc:
+                self.handle(
+                    task.Failed("output_unavailable", "The output image is missing", str(exc))
+                )
+                return
+            except NotAnImage as exc:
+                self.handle(
+                    task.Failed("output_unavailable", "ComfyUI sent a broken image", str(exc))
+                )
+                return
+            except BackendUnavailable as exc:
+                if trio.current_time() >= deadline:
+                    self.handle(
+                        task.Failed("output_unavailable", "Could not fetch the image", str(exc))
+                    )
+                    return
+                self._log(logging.WARNING, "fetching the image failed, retrying: %s", exc)
+                await trio.sleep(SUBMIT_RETRY_DELAY)
+                continue
+            self.handle(task.OutputsStored(files))
+            return
+
+    async def _store_images(self, images: tuple[comfy.ImageRef, ...]) -> tuple[str, ...]:
+        if not images:
+            entry = await self.backend.http.history(self.prompt_id)
+            images = entry.images if entry is not None else ()
+        # Saved images ("output") are the result; previews ("temp") only when
+        # the workflow saves nothing.
+        wanted = tuple(i for i in images if i.type == "output") or images
+        files = []
+        for image in wanted:
+            data = await self.backend.http.view(image)
+            files.append(await self.images.save(data))
+        return tuple(files)
+
+    # -- cancel
+
+    def cancel(self) -> CancelResult:
+        """Cancel the task (idempotent). The stream ends with error code "cancelled"."""
+        if self.state.phase.is_terminal:
+            return CancelResult.ALREADY_FINISHED
+        if not self.state.cancel_requested:
+            self._log(logging.INFO, "cancel requested")
+            self.handle(task.CancelRequested())
+            if self.state.submitted:
+                self._start(self._cancel_in_comfyui)
+            # else: _submit sees the flag and ends the task without submitting
+        return CancelResult.CANCELLING
+
+    async def _cancel_in_comfyui(self) -> None:
+        http = self.backend.http
+        for _ in range(3):
+            try:
+                position = (await http.queue()).position_of(self.prompt_id)
+                if position is None:
+                    self.request_reconcile()
+                    return
+                if position.running:
+                    await http.interrupt(self.prompt_id)
+                    # execution_interrupted arrives on the WebSocket; if it does
+                    # not, /history tells.
+                    with trio.move_on_after(CANCEL_CONFIRM_TIMEOUT):
+                        await self.finished.wait()
+                    self.request_reconcile()
+                    return
+                await http.delete_queued(self.prompt_id)
+                after = (await http.queue()).position_of(self.prompt_id)
+                if after is None:
+                    self.handle(task.Cancelled("removed from ComfyUI's queue"))
+                    return
+            except BackendUnavailable as exc:
+                self._log(logging.WARNING, "cancel: ComfyUI unreachable: %s", exc)
+                await trio.sleep(SUBMIT_RETRY_DELAY)
+        self.request_reconcile()
+
+
+class TaskRegistry:
+    """All tasks by id; runs each actor in its own nursery slot, then forgets it."""
+
+    def __init__(
+        self,
+        *,
+        backend: ComfyBackend,
+        images: ImageStore,
+        settings: TaskSettings,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.images = images
+        self.settings = settings
+        self.wall_clock = wall_clock
+        self._tasks: dict[str, TaskActor] = {}
+        self._nursery: trio.Nursery | None = None
+        self.created = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep(math.inf)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def get(self, task_id: str) -> TaskActor | None:
+        return self._tasks.get(task_id)
+
+    def actors(self) -> list[TaskActor]:
+        return list(self._tasks.values())
+
+    def create(self, spec_for: Callable[[str, str, int], task.TaskSpec]) -> TaskActor:
+        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec."""
+        if self._nursery is None:
+            raise RuntimeError("the registry is not running")
+        if len(self._tasks) >= self.settings.max_tasks:
+            raise TooManyTasks(f"{len(self._tasks)} tasks are being tracked; try again later")
+        now = self.wall_clock()
+        task_id = new_task_id(now)
+        prompt_id = f"cp-{secrets.token_hex(16)}"
+        actor = TaskActor(
+            spec_for(task_id, prompt_id, int(now * 1000)),
+            backend=self.backend,
+            images=self.images,
+            settings=self.settings,
+            wall_clock=self.wall_clock,
+        )
+        self._tasks[task_id] = actor
+        self.created += 1
+        self._nursery.start_soon(self._run_actor, actor)
+        return actor
+
+    async def _run_actor(self, actor: TaskActor) -> None:
+        try:
+            await actor.run()
+        except Exception:
+            log.exception("task actor crashed", extra={"task_id": actor.task_id})
+            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+        try:
+            await trio.sleep(self.settings.retention)
+        finally:
+            self._tasks.pop(actor.task_id, None)

@@ -1,0 +1,113 @@
+"""The public JSON API: /generate requests in, the shapes we answer with out.
+
+Validation errors are `RequestError`s naming the field and the rule it broke,
+so the HTTP layer can answer 400 with `{"error": {"message", "details"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from protocol.errors import RequestError
+
+MAX_PROMPT_CHARS: Final = 10_000
+MAX_NAME_CHARS: Final = 200
+MAX_DESCRIPTION_CHARS: Final = 2_000
+MAX_SEED: Final = 2**64 - 1  # ComfyUI's KSampler seed is an unsigned 64-bit int
+DEFAULT_WORKFLOW: Final = "txt2img"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated POST /generate body."""
+
+    prompt: str
+    workflow: str = DEFAULT_WORKFLOW
+    seed: int | None = None  # None: the daemon picks one and reports it back
+    name: str | None = None
+    description: str | None = None
+    # Workflow parameters beyond the common ones (negativePrompt, width, steps...),
+    # checked against the workflow's declaration when the request is bound.
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+COMMON_FIELDS: Final = ("prompt", "workflow", "seed", "name", "description")
+
+
+def _field_error(name: str, rule: str, **details: Any) -> RequestError:
+    return RequestError(f"{name}: {rule}", details={"field": name, **details})
+
+
+def _optional_text(body: Mapping[str, Any], name: str, limit: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _field_error(name, "must be a string")
+    if len(value) > limit:
+        raise _field_error(name, f"must be at most {limit} characters", limit=limit)
+    return value
+
+
+def parse_json_object(raw: bytes, what: str = "request body") -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise RequestError(f"{what} is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"{what} must be a JSON object")
+    return body
+
+
+def parse_generate(raw: bytes, *, extra_fields: frozenset[str] = frozenset()) -> GenerateRequest:
+    """Validate a POST /generate body. `extra_fields` are the workflow parameters we know."""
+    body = parse_json_object(raw)
+    unknown = sorted(set(body) - set(COMMON_FIELDS) - extra_fields)
+    if unknown:
+        allowed = sorted(set(COMMON_FIELDS) | extra_fields)
+        raise RequestError(
+            f"unknown field(s): {', '.join(unknown)}",
+            details={"unknown": unknown, "allowed": allowed},
+        )
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _field_error("prompt", "is required and must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _field_error(
+            "prompt", f"must be at most {MAX_PROMPT_CHARS} characters", limit=MAX_PROMPT_CHARS
+        )
+    workflow = body.get("workflow", DEFAULT_WORKFLOW)
+    if workflow is None:
+        workflow = DEFAULT_WORKFLOW
+    if not isinstance(workflow, str) or not workflow:
+        raise _field_error("workflow", "must be a workflow name")
+    seed = body.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+    ):
+        raise _field_error("seed", f"must be an integer from 0 to {MAX_SEED}", min=0, max=MAX_SEED)
+    return GenerateRequest(
+        prompt=prompt,
+        workflow=workflow,
+        seed=seed,
+        name=_optional_text(body, "name", MAX_NAME_CHARS),
+        description=_optional_text(body, "description", MAX_DESCRIPTION_CHARS),
+        params={k: v for k, v in body.items() if k not in COMMON_FIELDS},
+    )
+
+
+def accepted_reply(task_id: str) -> dict[str, str]:
+    """The 202 answer to POST /generate."""
+    return {
+        "taskId": task_id,
+        "status": "queued",
+        "progressUrl": f"/progress/{task_id}",
+        "statusUrl": f"/tasks/{task_id}",
+    }
+
+
+def error_body(message: str, details: object = None) -> dict[str, Any]:
+    return {"error": {"message": message, "details": details}}
