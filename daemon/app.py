@@ -1,0 +1,166 @@
+"""The composition root: one nursery running every service of the daemon.
+
+    App.run
+      ├── simulator (only with --simulate; a ComfyUI of our own on 127.0.0.1)
+      ├── TaskRegistry.run     (the nursery the task actors live in)
+      ├── ComfyBackend.run     (ComfyUI's WebSocket, reconnects)
+      └── HttpServer.run       (the h11 server; last, so "listening" means ready)
+
+Each service is started with `nursery.start`, so when `run` reports started
+every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
+clients are told to come back (`retry:`), the listener closes, and open
+requests get `shutdown_grace` seconds before the nursery is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from daemon.comfy.backend import BackendSettings, ComfyBackend
+from daemon.config import Config
+from daemon.http.router import Router
+from daemon.http.server import HttpLimits, HttpServer
+from daemon.http.static import StaticFiles
+from daemon.images import ImageStore
+from daemon.routes import Routes
+from daemon.sse_stream import StreamHub
+from daemon.tasks import TaskRegistry, TaskSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Where the running app can be reached."""
+
+    host: str
+    port: int
+    comfy_url: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def http_limits(config: Config) -> HttpLimits:
+    return HttpLimits(
+        max_header_bytes=config.max_header_bytes,
+        max_body_bytes=config.max_body_bytes,
+        header_read_timeout=config.header_read_timeout,
+        body_read_timeout=config.body_read_timeout,
+        keep_alive_timeout=config.keep_alive_timeout,
+        write_timeout=config.write_timeout,
+        max_connections=config.max_connections,
+    )
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.images = ImageStore(config.data_dir / "images")
+        self.static_files = StaticFiles(config.public_dir)
+        self.streams = StreamHub(
+            heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
+        )
+        self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
+        self.registry: TaskRegistry
+        self.router = Router()
+        Routes(self).install(self.router)
+        self.router.mount_static("/", self.static_files)
+        self.server = HttpServer(self.router, http_limits(config))
+        self._cancel_scope = trio.CancelScope()
+
+    async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = self.config
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                comfy_url = config.comfy_url
+                if not comfy_url:
+                    if not config.simulate:
+                        raise ValueError("no ComfyUI URL given and the simulator is off")
+                    comfy_url = await self._start_simulator(nursery)
+                await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+                await self.images.open()
+                self.backend = ComfyBackend(
+                    BackendSettings(
+                        url=comfy_url,
+                        connect_timeout=config.comfy_connect_timeout,
+                        http_timeout=config.comfy_http_timeout,
+                        silence_timeout=config.comfy_silence_timeout,
+                        reconnect_initial_delay=config.reconnect_initial_delay,
+                        reconnect_max_delay=config.reconnect_max_delay,
+                        max_image_bytes=config.max_image_bytes,
+                    ),
+                    client_id_file=config.data_dir / "client-id",
+                )
+                self.registry = TaskRegistry(
+                    backend=self.backend,
+                    images=self.images,
+                    settings=TaskSettings(
+                        retention=config.task_retention,
+                        backend_wait_timeout=config.backend_wait_timeout,
+                        queue_poll_interval=config.queue_poll_interval,
+                        max_tasks=config.max_tasks,
+                    ),
+                )
+                await nursery.start(self.registry.run)
+                await nursery.start(self.backend.run)
+                if listeners is None:
+                    listeners = await trio.open_tcp_listeners(
+                        config.listen_port, host=config.listen_host
+                    )
+                await nursery.start(self.server.run, listeners)
+                sockname = listeners[0].socket.getsockname()
+                bound = Bound(host=sockname[0], port=sockname[1], comfy_url=comfy_url)
+                log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
+                task_status.started(bound)
+
+    async def _start_simulator(self, nursery: trio.Nursery) -> str:
+        from daemon.simulator import ComfySimulator, SimulatorConfig
+
+        simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
+        port: int = await nursery.start(simulator.run, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        log.info("embedded ComfyUI simulator on %s", url)
+        return url
+
+    async def shutdown(self) -> None:
+        """Drain and stop: SSE clients get a retry hint, requests get a grace period."""
+        log.info("shutting down (grace %.1f s)", self.config.shutdown_grace)
+        self.streams.drain()
+        self.server.begin_shutdown(self.config.shutdown_grace)
+        with trio.move_on_after(self.config.shutdown_grace + 1.0):
+            await self.server.closed.wait()
+        self._cancel_scope.cancel()
+
+    def stop_now(self) -> None:
+        self._cancel_scope.cancel()
+
+
+async def serve_until_signalled(
+    app: App, listeners: Sequence[trio.SocketListener] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    await app.shutdown()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await app.run(listeners)
+        nursery.cancel_scope.cancel()

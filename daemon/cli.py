@@ -1,0 +1,123 @@
+"""`comfy-progress serve | simulate-comfy | generate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from daemon import config as config_module
+from daemon.logs import setup_logging
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to bind")
+    p.add_argument(
+        "--comfy-url", metavar="URL", help="ComfyUI base URL, e.g. http://127.0.0.1:8188"
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        default=None,
+        help="use the embedded ComfyUI simulator (the default when no ComfyUI URL is set)",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="images, journal and client id live here")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting (see --print-config), e.g. --set heartbeat_interval=15",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration")
+
+
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("simulate-comfy", help="run only the ComfyUI simulator")
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8188")
+    p.add_argument("--step-time", type=float, default=0.15, help="seconds per sampler step")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comfy-progress", description="Live ComfyUI progress for browsers, over SSE."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _simulate_parser(sub)
+    return parser
+
+
+def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for key, value in (
+        ("listen", args.listen),
+        ("comfy_url", args.comfy_url),
+        ("data_dir", args.data_dir),
+        ("log_level", args.log_level),
+    ):
+        if value is not None:
+            flags[key] = value
+    if args.simulate:
+        flags["simulate"] = "true"
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config_module.ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        flags[key.strip().replace("-", "_")] = value
+    return flags
+
+
+def serve(args: argparse.Namespace) -> int:
+    from daemon.app import App, serve_until_signalled
+
+    try:
+        config = config_module.load_from_process(args.config, _flag_settings(args))
+    except config_module.ConfigError as exc:
+        print(f"comfy-progress: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not config.comfy_url and not config.simulate:
+        # No ComfyUI given: the embedded simulator is the documented default.
+        config = config_module.Config(**{**config.as_dict(), "simulate": True})
+    if args.print_config:
+        print(config_module.render_toml(config), end="")
+        return 0
+    setup_logging(config.log_level)
+    trio.run(serve_until_signalled, App(config))
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from daemon.simulator import run_simulator
+
+    setup_logging(args.log_level)
+    try:
+        host, port = config_module.split_host_port(args.listen)
+    except config_module.ConfigError as exc:
+        print(f"comfy-progress: {exc}", file=sys.stderr)
+        return 2
+    trio.run(run_simulator, host, port, args.step_time)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "simulate-comfy":
+            return simulate(args)
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The daemon's HTTP routes: the public contract of DESIGN.md, on the generic HTTP layer."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import partial
+from typing import TYPE_CHECKING
+
+from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.sse_stream import parse_last_event_id
+from daemon.tasks import CancelResult, TooManyTasks
+from protocol import api, task, workflow
+from protocol.errors import RequestError
+
+if TYPE_CHECKING:
+    from daemon.app import App
+    from daemon.http.router import Router
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),  # nginx: do not buffer this response
+)
+NO_STORE = (("Cache-Control", "no-store"),)
+
+
+def request_error(exc: RequestError) -> Response:
+    return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
+
+
+class Routes:
+    """Request handlers; each reads the app's services and answers."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def install(self, router: Router) -> None:
+        router.add("POST", "/generate", self.generate)
+        router.add("GET", "/progress/{task_id}", self.progress)
+        router.add("GET", "/tasks/{task_id}", self.task_status)
+        router.add("DELETE", "/tasks/{task_id}", self.cancel)
+        router.add("GET", "/image/{name}", self.image)
+        router.add("GET", "/healthz", self.healthz)
+        router.add("GET", "/readyz", self.readyz)
+
+    async def generate(self, request: Request) -> Response:
+        app = self.app
+        try:
+            parsed = api.parse_generate(request.body)
+            seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
+            graph = workflow.bind(parsed, seed=seed, checkpoint=workflow.DEFAULT_CHECKPOINT)
+        except RequestError as exc:
+            return request_error(exc)
+
+        def spec_for(task_id: str, prompt_id: str, uid: int) -> task.TaskSpec:
+            return task.TaskSpec(
+                task_id=task_id,
+                prompt_id=prompt_id,
+                graph=graph,
+                prompt=parsed.prompt,
+                workflow=parsed.workflow,
+                seed=seed,
+                name=parsed.name,
+                description=parsed.description,
+                uid=uid,
+            )
+
+        try:
+            actor = app.registry.create(spec_for)
+        except TooManyTasks as exc:
+            return error_response(503, str(exc), headers=(("Retry-After", "5"),))
+        log.info("task created", extra={"task_id": actor.task_id, "prompt_id": actor.prompt_id})
+        return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
+
+    def _unknown_task(self, task_id: str) -> Response:
+        return error_response(
+            404,
+            "unknown task",
+            {
+                "taskId": task_id,
+                "hint": f"finished tasks are kept for {self.app.config.task_retention:g} s",
+            },
+        )
+
+    async def progress(self, request: Request) -> Response | StreamingResponse:
+        task_id = request.path_params["task_id"]
+        actor = self.app.registry.get(task_id)
+        if actor is None:
+            return self._unknown_task(task_id)
+        last_id = parse_last_event_id(
+            request.headers.get("last-event-id"), request.query.get("lastEventId")
+        )
+        return StreamingResponse(
+            200,
+            SSE_HEADERS,
+            partial(self.app.streams.stream, actor.broadcaster, last_id),
+        )
+
+    async def task_status(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        actor = self.app.registry.get(task_id)
+        if actor is None:
+            return self._unknown_task(task_id)
+        snapshot = actor.broadcaster.latest
+        body = dict(snapshot.payload) if snapshot is not None else {"taskId": task_id}
+        body["version"] = snapshot.version if snapshot is not None else 0
+        return json_response(200, body, headers=NO_STORE)
+
+    async def cancel(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        actor = self.app.registry.get(task_id)
+        if actor is None:
+            return self._unknown_task(task_id)
+        result = actor.cancel()
+        if result is CancelResult.ALREADY_FINISHED:
+            status = actor.state.phase.value
+            return json_response(
+                200,
+                {
+                    "taskId": task_id,
+                    "status": status,
+                    "cancelled": False,
+                    "message": f"the task already {'completed' if status == 'completed' else 'ended'}; "
+                    "nothing to cancel",
+                },
+            )
+        return json_response(
+            202,
+            {
+                "taskId": task_id,
+                "status": "cancelling",
+                "cancelled": True,
+                "message": "cancelling; the progress stream ends with error code 'cancelled'",
+            },
+        )
+
+    async def image(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        path = self.app.images.path_of(name)
+        if path is None:
+            return error_response(404, "no such image")
+        return await self.app.static_files.file_response(request, path, immutable=True)
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"}, headers=NO_STORE)
+
+    async def readyz(self, request: Request) -> Response:
+        backend = self.app.backend
+        body = {"ready": backend.is_connected(), "backend": backend.name}
+        return json_response(200 if backend.is_connected() else 503, body, headers=NO_STORE)
