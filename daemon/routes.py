@@ -123,8 +123,7 @@ class Routes:
                     "taskId": task_id,
                     "status": status,
                     "cancelled": False,
-                    "message": f"the task already {'completed' if status == 'completed' else 'ended'}; "
-                    "nothing to cancel",
+                    "message": f"the task already ended ({status}); nothing to cancel",
                 },
             )
         return json_response(

@@ -61,7 +61,7 @@ def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> 
 def test_errors_name_their_source() -> None:
     with pytest.raises(cfg.ConfigError, match="environment COMFY_PROGRESS_MAX_TASKS"):
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_MAX_TASKS": "many"}, flags={})
-    with pytest.raises(cfg.ConfigError, match="unknown setting.*COMFY_PROGRESS_"):
+    with pytest.raises(cfg.ConfigError, match=r"unknown setting.*COMFY_PROGRESS_"):
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_TYPO": "1"}, flags={})
     with pytest.raises(cfg.ConfigError, match="flag --write-timeout"):
         cfg.load(config_file=None, environ={}, flags={"write_timeout": "x"})
