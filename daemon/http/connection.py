@@ -70,6 +70,11 @@ class H11Connection:
         return bytes(self._cycle_input)
 
     @property
+    def head_size(self) -> int:
+        """Bytes of the request head, valid right after h11 returned the Request."""
+        return len(self._cycle_input) - len(self.h11.trailing_data[0])
+
+    @property
     def has_unread_input(self) -> bool:
         """True when h11 already holds input (pipelined bytes or EOF) to process."""
         data, closed = self.h11.trailing_data

@@ -275,6 +275,9 @@ class HttpServer:
                 return None
             if not isinstance(event, h11.Request):
                 raise RuntimeError(f"expected a request head, got {event!r}")
+            if connection.head_size > limits.max_header_bytes:
+                # h11 only bounds *incomplete* heads; a whole one can arrive in one read.
+                raise _Rejected(431)
             request = self._request_from_head(event, peer)
             limit = self._body_limit_for(request.method, request.target)
             declared = _declared_length(event)
