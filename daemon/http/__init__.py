@@ -4,6 +4,7 @@ This layer knows nothing about ComfyUI, tasks or SSE payloads.
 """
 
 from daemon.http.client import (
+    BodyChunks,
     ClientResponse,
     HttpClientError,
     StreamedResponse,
@@ -32,6 +33,7 @@ from daemon.http.types import (
 )
 
 __all__ = [
+    "BodyChunks",
     "BodyLimitProvider",
     "BodyWriter",
     "ClientGone",

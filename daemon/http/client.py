@@ -198,8 +198,12 @@ async def http_request(
     return ClientResponse(head.status_code, _headers_of(head), b"".join(chunks))
 
 
-class _BodyChunks:
-    """The body of a streamed response, chunk by chunk, as data arrives."""
+class BodyChunks:
+    """The body of a streamed response: an async iterator of chunks as they arrive.
+
+    Iteration ends at the end of the body or when the server closes the
+    connection; :attr:`complete` is True only in the first case.
+    """
 
     def __init__(self, connection: _ClientConnection, method: str, url: str) -> None:
         self._connection = connection
@@ -208,7 +212,7 @@ class _BodyChunks:
         self._ended = False
         self.complete = False
 
-    def __aiter__(self) -> _BodyChunks:
+    def __aiter__(self) -> BodyChunks:
         return self
 
     async def __anext__(self) -> bytes:
@@ -242,7 +246,7 @@ class StreamedResponse:
 
     status: int
     headers: Headers
-    chunks: _BodyChunks
+    chunks: BodyChunks
 
 
 @asynccontextmanager
@@ -270,5 +274,5 @@ async def open_stream(
             await connection.send_request(method, parsed, headers, body)
             head = await connection.read_head()
         yield StreamedResponse(
-            head.status_code, _headers_of(head), _BodyChunks(connection, method, url)
+            head.status_code, _headers_of(head), BodyChunks(connection, method, url)
         )

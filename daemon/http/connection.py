@@ -66,7 +66,7 @@ class H11Connection:
 
     @property
     def cycle_input(self) -> bytes:
-        """Every byte read for the current request (head included) and after it."""
+        """Every byte read for the current request's head, and what came with it."""
         return bytes(self._cycle_input)
 
     @property
@@ -86,7 +86,11 @@ class H11Connection:
             data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        self._cycle_input += data
+        if self.h11.their_state is h11.IDLE:
+            # Only input read while parsing the head is kept: that is all a
+            # takeover needs (only bodiless requests can be taken over), and
+            # it keeps request bodies from being held twice.
+            self._cycle_input += data
         self.h11.receive_data(bytes(data))
 
     async def next_event(self) -> h11.Event:

@@ -24,7 +24,8 @@ class HttpLimits:
     # against Content-Length before reading and while reading chunked bodies.
     max_body_bytes: int = 1 * MiB
     # From connect (first request) or first byte (later requests) to the end
-    # of the headers -> 408.
+    # of the headers -> 408. A connection that sends nothing at all within it
+    # is closed without an answer.
     header_read_timeout: float = 10.0
     # From the end of the headers to the end of the body -> 408.
     body_read_timeout: float = 30.0

@@ -124,6 +124,8 @@ class HttpServer:
         Takes ownership of `listeners` and closes them when accepting stops.
         After :meth:`begin_shutdown`, returns once every connection has ended.
         """
+        if not listeners:
+            raise ValueError("HttpServer.run() needs at least one listener")
         addresses = [_bound_address(listener) for listener in listeners]
         async with trio.open_nursery() as handler_nursery:
             self._handler_nursery = handler_nursery

@@ -9,6 +9,7 @@ import trio.testing
 
 from daemon.http import (
     BodyWriter,
+    HttpLimits,
     HttpServer,
     Request,
     Response,
@@ -192,3 +193,30 @@ async def test_after_shutdown_the_port_refuses_connections(nursery: trio.Nursery
     await running.stopped.wait()
     with pytest.raises(OSError, match=str(running.port)):
         await trio.open_tcp_stream(running.host, running.port)
+
+
+async def test_connection_slots_are_freed_when_connections_end(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = HttpServer(Probes().router(), HttpLimits(max_connections=1))
+    listener = MemoryListener()
+    await run_in_memory(nursery, server, listener)
+    first = await listener.connect()
+    head, _ = await H11Client(first).request("GET", "/")
+    assert head.status_code == 200
+    assert server.active_connections == 1
+
+    overflow = await listener.connect()
+    assert (await read_until_eof(overflow)).startswith(b"HTTP/1.1 503 ")
+    await overflow.aclose()
+
+    await first.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.active_connections == 0
+    head, body = await H11Client(await listener.connect()).request("GET", "/")
+    assert (head.status_code, body) == (200, b"hello")
+
+
+async def test_run_needs_a_listener() -> None:
+    with pytest.raises(ValueError, match="listener"):
+        await HttpServer(Probes().router()).run([])
