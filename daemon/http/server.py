@@ -127,18 +127,22 @@ class HttpServer:
         if not listeners:
             raise ValueError("HttpServer.run() needs at least one listener")
         addresses = [_bound_address(listener) for listener in listeners]
-        async with trio.open_nursery() as handler_nursery:
-            self._handler_nursery = handler_nursery
-            with trio.CancelScope() as accept_scope:
-                self._accept_scope = accept_scope
-                if self._shutdown_deadline is not None:
-                    self._apply_shutdown(self._shutdown_deadline)
-                async with trio.open_nursery() as accept_nursery:
-                    for listener in listeners:
-                        accept_nursery.start_soon(self._accept_loop, listener, handler_nursery)
-                    task_status.started([a for a in addresses if a is not None])
-        self._handler_nursery = None
-        self._accept_scope = None
+        try:
+            # Nesting as in hypercorn's run.py: shutdown cancels the accept
+            # scope at once and gives the handler nursery a deadline.
+            async with trio.open_nursery() as handler_nursery:
+                self._handler_nursery = handler_nursery
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self._shutdown_deadline is not None:
+                        self._apply_shutdown(self._shutdown_deadline)
+                    async with trio.open_nursery() as accept_nursery:
+                        for listener in listeners:
+                            accept_nursery.start_soon(self._accept_loop, listener, handler_nursery)
+                        task_status.started([a for a in addresses if a is not None])
+        finally:
+            self._handler_nursery = None
+            self._accept_scope = None
 
     def begin_shutdown(self, grace: float) -> None:
         """Stop accepting, close idle connections, cancel the rest after `grace` s.
@@ -200,9 +204,11 @@ class HttpServer:
         async with stream:
             try:
                 await connection.send_error(503, _MESSAGES[503])
+                await connection.close_gracefully()
             except ConnectionLost:
-                return
-            await connection.close_gracefully()
+                logger.debug("overflow connection left before its 503")
+            except Exception:
+                logger.exception("answering 503 failed")
 
     # ------------------------------------------------------------ one connection
 
