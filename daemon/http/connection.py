@@ -20,6 +20,9 @@ from daemon.http.limits import HttpLimits, KiB, MiB
 from daemon.http.types import ClientGone, error_response
 
 RECEIVE_SIZE = 64 * KiB
+# Large writes go out in slices, each under its own write_timeout: the timeout
+# then means "no progress for that long", not "the whole body in that long".
+WRITE_SLICE = 64 * KiB
 # While lingering on close, stop reading after this much input.
 _LINGER_MAX_BYTES = 1 * MiB
 # Framing is ours: these headers from a handler are dropped.
@@ -132,7 +135,7 @@ class H11Connection:
     # ------------------------------------------------------------ writing
 
     async def send(self, *events: h11.Event) -> None:
-        """Serialize `events` and write them at once, within ``write_timeout``.
+        """Serialize `events` and write them, each slice within ``write_timeout``.
 
         Raises :class:`ConnectionLost` when the peer is gone or too slow. On any
         failed write (cancellation included) h11 is told with ``send_failed()``,
@@ -140,10 +143,11 @@ class H11Connection:
         """
         if self._broken:
             raise ConnectionLost("connection already failed")
-        data = b"".join(self.h11.send(event) or b"" for event in events)
+        data = memoryview(b"".join(self.h11.send(event) or b"" for event in events))
         try:
-            with trio.fail_after(self._limits.write_timeout):
-                await self.stream.send_all(data)
+            for start in range(0, len(data), WRITE_SLICE):
+                with trio.fail_after(self._limits.write_timeout):
+                    await self.stream.send_all(data[start : start + WRITE_SLICE])
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._mark_send_failed()
             raise ConnectionLost(type(exc).__name__) from None

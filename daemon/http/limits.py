@@ -31,7 +31,8 @@ class HttpLimits:
     body_read_timeout: float = 30.0
     # Idle time between requests on a keep-alive connection; then close quietly.
     keep_alive_timeout: float = 5.0
-    # Each write to the socket (a whole response, or one streamed chunk).
+    # Each write to the socket: a response head, a streamed chunk, or a 64 KiB
+    # slice of a larger body (so a slow but steady reader is not cut off).
     write_timeout: float = 10.0
     # Open connections; beyond it a connection gets a 503 and is closed.
     max_connections: int = 10_000

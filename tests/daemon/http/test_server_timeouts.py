@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import h11
 import pytest
@@ -223,3 +224,33 @@ async def test_stream_write_to_a_peer_that_does_not_read_raises_client_gone(
     await done.wait()
     assert len(outcome) == 1
     assert trio.current_time() - stopped_reading == pytest.approx(3.0)
+
+
+async def test_a_slow_but_steady_reader_gets_a_large_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    body = bytes(range(256)) * 1200  # ~300 KiB: several write slices
+
+    async def big(request: Request) -> Response:
+        return Response(200, [], body)
+
+    router = Router()
+    router.add("GET", "/big", big)
+    server = make_server(router)
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(server.serve_connection, server_end, peer="test"))
+        await client_end.send_all(b"GET /big HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        start = trio.current_time()
+        while True:
+            # 32 KiB a second: each 64 KiB write slice is taken within 2 s,
+            # under write_timeout (3 s).
+            await trio.sleep(1.0)
+            data = await client_end.receive_some(32 * 1024)
+            if not data:
+                break
+            received += data
+        # Far longer than one write_timeout in total, yet nothing timed out.
+        assert trio.current_time() - start > 3 * LIMITS.write_timeout
+    assert bytes(received).endswith(body)
