@@ -435,12 +435,13 @@ class HttpServer:
             try:
                 await stream(writer)
                 finished = True
-            except ClientGone:
-                logger.debug("client left during %s %s", request.method, request.target)
-            except Exception:
-                logger.exception(
-                    "streaming response to %s %s failed", request.method, request.target
-                )
+            except Exception as exc:
+                if _is_client_gone(exc):
+                    logger.debug("client left during %s %s", request.method, request.target)
+                else:
+                    logger.exception(
+                        "streaming response to %s %s failed", request.method, request.target
+                    )
             finally:
                 writer.close()
             nursery.cancel_scope.cancel()
@@ -450,7 +451,8 @@ class HttpServer:
         self, connection: H11Connection, request: Request, takeover: ConnectionTakeover
     ) -> bool:
         if _has_body(request):
-            # Its bytes would be replayed to the new owner as well; refuse.
+            # The body has been read into request.body already: the new owner
+            # could not see the connection's bytes as the client sent them.
             logger.error(
                 "cannot hand over %s %s: only requests without a body can be taken over",
                 request.method,
@@ -463,6 +465,14 @@ class HttpServer:
         except Exception:
             logger.exception("connection takeover for %s %s failed", request.method, request.target)
         return False
+
+
+def _is_client_gone(exc: Exception) -> bool:
+    """ClientGone, alone or as the only kind in a group (from a nursery in the stream)."""
+    if isinstance(exc, ExceptionGroup):
+        _, rest = exc.split(ClientGone)
+        return rest is None
+    return isinstance(exc, ClientGone)
 
 
 async def _cancel_when_peer_leaves(connection: H11Connection, scope: trio.CancelScope) -> None:

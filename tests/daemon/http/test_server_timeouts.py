@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import h11
 import pytest
@@ -254,3 +255,38 @@ async def test_a_slow_but_steady_reader_gets_a_large_body(
         # Far longer than one write_timeout in total, yet nothing timed out.
         assert trio.current_time() - start > 3 * LIMITS.write_timeout
     assert bytes(received).endswith(body)
+
+
+async def test_client_gone_from_a_nursery_in_the_stream_is_not_logged_as_an_error(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ended = trio.Event()
+
+    async def events(writer: BodyWriter) -> None:
+        try:
+            async with trio.open_nursery() as inner:
+
+                async def write_forever() -> None:
+                    while True:
+                        await writer.send(b"tick")
+                        await trio.sleep(1.0)
+
+                inner.start_soon(write_forever)
+        finally:
+            ended.set()
+
+    async def handler(request: Request) -> StreamingResponse:
+        return StreamingResponse(200, [], events)
+
+    router = Router()
+    router.add("GET", "/events", handler)
+    client = H11Client(serve_in_memory(nursery, make_server(router), lockstep=True))
+    with caplog.at_level(logging.DEBUG, logger="daemon.http.server"):
+        await client.send_request("GET", "/events")
+        assert (await client.read_head()).status_code == 200
+        # Stop reading: the next write times out inside the stream's own nursery.
+        await ended.wait()
+    assert any("client left" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
