@@ -100,6 +100,7 @@ class _ClientConnection:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._h11 = h11.Connection(h11.CLIENT)
+        self._received_any = False
 
     @property
     def peer_closed(self) -> bool:
@@ -141,6 +142,7 @@ class _ClientConnection:
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
                 except trio.BrokenResourceError:
                     data = b""
+                self._received_any = self._received_any or bool(data)
                 self._h11.receive_data(bytes(data))
                 continue
             assert isinstance(event, h11.Event)  # a client never sees PAUSED
@@ -148,7 +150,14 @@ class _ClientConnection:
 
     async def read_head(self) -> h11.Response:
         while True:
-            event = await self.next_event()
+            try:
+                event = await self.next_event()
+            except h11.RemoteProtocolError:
+                if self.peer_closed and not self._received_any:
+                    raise h11.RemoteProtocolError(
+                        "the server closed the connection without answering"
+                    ) from None
+                raise
             if isinstance(event, h11.Response):
                 return event
             if not isinstance(event, h11.InformationalResponse):

@@ -125,6 +125,15 @@ async def test_garbage_from_the_server_is_a_protocol_error(nursery: trio.Nursery
         await http_request("GET", url + "/")
 
 
+async def test_server_closing_without_an_answer_is_an_error(nursery: trio.Nursery) -> None:
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+
+    url = await start_raw_server(nursery, hang_up)
+    with pytest.raises(HttpClientError, match="without answering"):
+        await http_request("GET", url + "/")
+
+
 async def test_server_closing_mid_body_is_an_error(nursery: trio.Nursery) -> None:
     async def truncated(stream: trio.SocketStream) -> None:
         await stream.receive_some()
