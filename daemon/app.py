@@ -158,7 +158,7 @@ class App:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
         simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
-        port: int = await nursery.start(simulator.run, "127.0.0.1", 0)
+        port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)
         return url

@@ -2,7 +2,8 @@
 
 Every async test runs under a Trio-clock `fail_after` guard, so a test that
 hangs fails instead of hanging CI (with the autojump clock a deadlock fails at
-once; autojump tests get a day of virtual time). Override the budget with `@pytest.mark.guard(seconds)`.
+once; autojump tests get a day of virtual time).
+Override the budget with `@pytest.mark.guard(seconds)`.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from daemon.simulator import ComfySimulator, SimulatorConfig
 
 from daemon.app import App, Bound
 from daemon.config import Config
 from daemon.http.client import ClientResponse, http_request, open_stream
-from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent, SSEDecoder
 
 
@@ -30,7 +30,11 @@ class Daemon:
         return self.bound.url
 
     async def request(
-        self, method: str, path: str, body: object = None, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> ClientResponse:
         raw = b""
         if body is not None:
@@ -51,7 +55,9 @@ class Daemon:
         headers = () if last_event_id is None else (("Last-Event-ID", str(last_event_id)),)
         decoder = SSEDecoder()
         out: list[ServerSentEvent] = []
-        async with open_stream("GET", f"{self.url}/progress/{task_id}{query}", headers=headers) as r:
+        async with open_stream(
+            "GET", f"{self.url}/progress/{task_id}{query}", headers=headers
+        ) as r:
             assert r.status == 200
             assert r.headers.get("content-type", "").startswith("text/event-stream")
             async for chunk in r.chunks:
@@ -72,11 +78,14 @@ def test_config(tmp_path: Path, **overrides: Any) -> Config:
     return dataclasses.replace(base, **overrides)
 
 
+FAST = SimulatorConfig(step_time=0.01)
+
+
 @asynccontextmanager
 async def running_daemon(
     tmp_path: Path,
     *,
-    simulator: SimulatorConfig | None = SimulatorConfig(step_time=0.01),
+    simulator: SimulatorConfig | None = FAST,
     **overrides: Any,
 ) -> AsyncIterator[Daemon]:
     """The daemon and (unless simulator=None) a simulator, both on ephemeral ports."""
@@ -84,7 +93,7 @@ async def running_daemon(
         sim = None
         if simulator is not None:
             sim = ComfySimulator(simulator)
-            port = await nursery.start(sim.run, "127.0.0.1", 0)
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
             overrides.setdefault("comfy_url", f"http://127.0.0.1:{port}")
         app = App(test_config(tmp_path, **overrides))
         bound = await nursery.start(app.run)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import trio
-
 from daemon.simulator import SimulatorConfig
+
 from tests.daemon.harness import payloads, running_daemon
 
 
@@ -32,7 +32,8 @@ async def test_generate_answers_at_once_and_streams_to_completion(tmp_path: Path
         data = payloads(events)
         steps = [d["progress"]["currentStep"] for d in data]
         assert "Sampling image..." in steps
-        percentages = [d["progress"]["percentage"] for d in data if d["progress"]["currentStep"] == "Sampling image..."]
+        sampling = [d for d in data if d["progress"]["currentStep"] == "Sampling image..."]
+        percentages = [d["progress"]["percentage"] for d in sampling]
         assert percentages == sorted(percentages)
         done = data[-1]
         assert done["status"] == "completed"
@@ -75,7 +76,8 @@ async def test_resume_with_last_event_id(tmp_path: Path) -> None:
 
 
 async def test_failure_at_a_node_is_an_error_event(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, simulator=SimulatorConfig(step_time=0.01, fail_at="VAEDecode")) as daemon:
+    failing = SimulatorConfig(step_time=0.01, fail_at="VAEDecode")
+    async with running_daemon(tmp_path, simulator=failing) as daemon:
         task_id = await daemon.generate()
         events = await daemon.events(task_id)
         assert events[-1].event == "error-event"

@@ -30,10 +30,13 @@ class RecordingWriter:
 
 def snap(version: int, *, terminal: bool = False) -> Snapshot:
     event = "complete" if terminal else "progress"
-    return Snapshot(version, event, {}, f"event: {event}\nid: {version}\ndata: {{}}\n\n".encode(), terminal)
+    sse = f"event: {event}\nid: {version}\ndata: {{}}\n\n".encode()
+    return Snapshot(version, event, {}, sse, terminal)
 
 
-async def test_heartbeat_every_30_seconds_of_silence(autojump_clock: trio.testing.MockClock) -> None:
+async def test_heartbeat_every_30_seconds_of_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     hub = StreamHub(heartbeat_interval=30.0, retry_ms=2000)
     broadcaster = Broadcaster()
     broadcaster.publish(snap(0))
