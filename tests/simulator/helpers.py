@@ -108,7 +108,7 @@ class WsClient:
                 self.frames.append(await self.ws.get_message())
                 self._notify()
         except trio_websocket.ConnectionClosed as exc:
-            self.close_code = exc.reason.code
+            self.close_code = exc.reason.code if exc.reason is not None else None
         finally:
             self.closed.set()
             self._notify()
