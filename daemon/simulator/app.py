@@ -90,10 +90,12 @@ class ComfySimulator:
     def set_step_time(self, seconds: float | None) -> None:
         """Seconds per progress step for every node; None: each node's own pace."""
         self.controls.step_time = seconds
+        self.gate.poke()
 
     def set_slow_factor(self, factor: float) -> None:
         """Multiply every step's duration."""
         self.controls.slow_factor = factor
+        self.gate.poke()
 
     def set_fail_at(self, target: str | None) -> None:
         """Make nodes with this id or class_type raise (execution_error); None: off."""

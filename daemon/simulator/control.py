@@ -7,6 +7,7 @@ sent, each request accepted), so a change applies to a prompt that is running.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class StepGate:
 
     In manual mode every step parks until :meth:`grant` hands out a permit, so a
     test can place an action exactly between two steps of a running prompt.
+    A sleeping step re-reads its duration when poked, so a knob change applies
+    to the step under way, not only to the next one.
     """
 
     def __init__(self, *, manual: bool = False) -> None:
@@ -65,11 +68,21 @@ class StepGate:
         """True while a step waits for a permit."""
         return self._parked > 0
 
-    async def wait(self, seconds: float) -> None:
-        """One step: sleep `seconds`, or take a permit in manual mode."""
-        if not self.manual:
-            await trio.sleep(seconds)
-            return
+    async def wait(self, seconds: Callable[[], float]) -> None:
+        """One step: until `seconds()` have passed since it began, or a permit (manual)."""
+        start = trio.current_time()
+        while True:
+            if self.manual:
+                await self._take_permit()
+                return
+            deadline = start + seconds()
+            if trio.current_time() >= deadline:
+                await trio.lowlevel.checkpoint()
+                return
+            with trio.move_on_at(deadline):
+                await self._lot.park()  # woken early by poke() or set_manual()
+
+    async def _take_permit(self) -> None:
         self._parked += 1
         try:
             while self._waiting():
@@ -92,6 +105,10 @@ class StepGate:
         self.manual = manual
         if not manual:
             self._permits = 0
+        self._lot.unpark_all()
+
+    def poke(self) -> None:
+        """The step duration changed: sleeping steps recompute their deadline."""
         self._lot.unpark_all()
 
 

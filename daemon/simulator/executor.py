@@ -81,8 +81,8 @@ class _RunContext:
         self.config = executor.config
 
     async def step(self, natural_seconds: float) -> None:
-        ex = self._executor
-        await ex.gate.wait(ex.controls.step_seconds(natural_seconds))
+        controls = self._executor.controls
+        await self._executor.gate.wait(lambda: controls.step_seconds(natural_seconds))
 
     def progress(self, value: int, total: int, preview: ImageValue | None = None) -> None:
         self._executor.progress_hook(self.prompt_id, self.node_id, value, total, preview)

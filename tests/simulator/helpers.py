@@ -97,6 +97,7 @@ class WsClient:
     """A WebSocket connection that records every frame it receives."""
 
     ws: trio_websocket.WebSocketConnection
+    stream: trio.abc.Stream
     frames: list[str | bytes] = field(default_factory=list)
     closed: trio.Event = field(default_factory=trio.Event)
     close_code: int | None = None
@@ -110,6 +111,8 @@ class WsClient:
         except trio_websocket.ConnectionClosed as exc:
             self.close_code = exc.reason.code if exc.reason is not None else None
         finally:
+            # trio-websocket leaves the socket open after an abnormal closure.
+            await trio.aclose_forcefully(self.stream)
             self.closed.set()
             self._notify()
 
@@ -162,9 +165,16 @@ async def ws_connect(
 ) -> WsClient:
     """Open a recording WebSocket client; its reader runs in `nursery`."""
     resource = path if client_id is None else f"{path}?clientId={client_id}"
-    ws = await trio_websocket.connect_websocket_url(
-        nursery, f"ws://127.0.0.1:{port}{resource}", extra_headers=headers or []
-    )
-    client = WsClient(ws)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        # trio-websocket waits forever if the connection dies mid-handshake.
+        with trio.fail_after(10):
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, f"127.0.0.1:{port}", resource, extra_headers=headers or []
+            )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    client = WsClient(ws, stream)
     nursery.start_soon(client.pump)
     return client
