@@ -43,10 +43,13 @@ async def http(
     """One request on a fresh connection to 127.0.0.1:port."""
     if body is None:
         body = b"" if json_body is None else json.dumps(json_body).encode()
-    all_headers = [("Host", f"127.0.0.1:{port}"), ("Connection", "close")]
+    headers = headers or []
+    all_headers = [("Connection", "close")]
+    if not any(name.lower() == "host" for name, _ in headers):
+        all_headers.insert(0, ("Host", f"127.0.0.1:{port}"))
     if json_body is not None:
         all_headers.append(("Content-Type", "application/json"))
-    all_headers += headers or []
+    all_headers += headers
     all_headers.append(("Content-Length", str(len(body))))
     try:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
