@@ -32,6 +32,8 @@ class SimulatorConfig:
     )
     # Saved images larger than this many pixels are drawn smaller (memory guard).
     max_render_pixels: int = 2048 * 2048
+    # Generated (output/temp) files kept in memory; the oldest are dropped beyond this.
+    max_stored_files: int = 5000
     max_upload_size: int = 104_857_600
     max_history: int = 10_000
     # Frames buffered per WebSocket before the simulator gives up on a slow reader.

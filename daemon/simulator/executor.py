@@ -183,7 +183,7 @@ class PromptExecutor:
             if len(self._previews) > 64:
                 self._previews.clear()
             rows = image.pattern.rows(width, height)
-            self._previews[key] = encode_png(width, height, rows, level=1)
+            self._previews[key] = encode_png(width, height, rows)
         return self._previews[key]
 
     # ------------------------------------------------------------ one prompt

@@ -33,10 +33,16 @@ def annotated_filepath(name: str) -> tuple[str, str | None]:
 
 
 class FileStore:
-    """In-memory files per folder type, keyed by normalised relative path."""
+    """In-memory files per folder type, keyed by normalised relative path.
 
-    def __init__(self) -> None:
+    Generated files (output/ and temp/) are capped at `max_generated`: the oldest
+    go first, so a long soak cannot grow without bound. Uploads are never evicted.
+    """
+
+    def __init__(self, max_generated: int = 5000) -> None:
         self._files: dict[str, dict[str, bytes]] = {folder: {} for folder in FOLDER_TYPES}
+        self._max_generated = max_generated
+        self._generated: dict[tuple[str, str], None] = {}  # insertion-ordered
 
     def get(self, folder: str, subfolder: str, filename: str) -> bytes | None:
         """The file's bytes, or None (also for paths that escape the folder)."""
@@ -47,11 +53,21 @@ class FileStore:
 
     def put(self, folder: str, subfolder: str, filename: str, data: bytes) -> None:
         """Create or replace a file."""
-        self._files[folder][_relative(subfolder, filename)] = data
+        path = _relative(subfolder, filename)
+        self._files[folder][path] = data
+        if folder == "input":
+            return
+        self._generated.pop((folder, path), None)
+        self._generated[(folder, path)] = None
+        while len(self._generated) > self._max_generated:
+            old_folder, old_path = next(iter(self._generated))
+            del self._generated[(old_folder, old_path)]
+            self._files[old_folder].pop(old_path, None)
 
     def clear(self, folder: str) -> None:
         """Forget every file in one folder (ComfyUI wipes temp/ on start-up)."""
         self._files[folder].clear()
+        self._generated = {k: v for k, v in self._generated.items() if k[0] != folder}
 
     def count(self) -> int:
         """How many files the store holds."""

@@ -173,9 +173,7 @@ def _render(image: ImageValue, index: int, config: SimulatorConfig) -> tuple[int
     return width, height, image.pattern.variant(index).rows(width, height)
 
 
-def save_images(
-    ctx: NodeContext, images: ImageValue, prefix: str, folder: str, level: int
-) -> dict[str, Any]:
+def save_images(ctx: NodeContext, images: ImageValue, prefix: str, folder: str) -> dict[str, Any]:
     """SaveImage/PreviewImage: write `{prefix}_{counter:05}_.png` files, return the UI."""
     subfolder, name = ctx.files.save_path(prefix)
     counter = ctx.files.next_counter(folder, subfolder, name)
@@ -184,7 +182,7 @@ def save_images(
     for index in range(images.batch):
         filename = f"{name.replace('%batch_num%', str(index))}_{counter:05}_.png"
         width, height, rows = _render(images, index, ctx.config)
-        png = encode_png(width, height, rows, text=metadata, level=level)
+        png = encode_png(width, height, rows, text=metadata)
         ctx.files.put(folder, subfolder, filename, png)
         results.append({"filename": filename, "subfolder": subfolder, "type": folder})
         counter += 1
@@ -231,11 +229,11 @@ _PROBE_STEPS = {
 
 
 async def _save_image(ctx: NodeContext, a: dict[str, Any]) -> NodeResult:
-    return NodeResult((), save_images(ctx, a["images"], a["filename_prefix"], "output", 4))
+    return NodeResult((), save_images(ctx, a["images"], a["filename_prefix"], "output"))
 
 
 async def _preview_image(ctx: NodeContext, a: dict[str, Any]) -> NodeResult:
-    return NodeResult((), save_images(ctx, a["images"], "ComfyUI" + ctx.temp_suffix(), "temp", 1))
+    return NodeResult((), save_images(ctx, a["images"], "ComfyUI" + ctx.temp_suffix(), "temp"))
 
 
 async def _checkpoint_loader(ctx: NodeContext, a: dict[str, Any]) -> NodeResult:

@@ -101,6 +101,22 @@ def test_file_store_counters_uploads_and_escapes() -> None:
     assert files.get("input", "..", "a.png") is None
     assert sorted(files.names_in("input")) == ["a (1).png", "a (2).png", "a.png"]
     assert annotated_filepath("x.png [output]") == ("x.png", "output")
+
+
+def test_file_store_drops_the_oldest_generated_files() -> None:
+    files = FileStore(max_generated=2)
+    files.put("input", "", "upload.png", b"u")
+    files.put("output", "", "a.png", b"a")
+    files.put("temp", "", "b.png", b"b")
+    files.put("output", "", "a.png", b"a2")  # replacing refreshes its age
+    files.put("output", "", "c.png", b"c")
+    assert files.get("temp", "", "b.png") is None
+    assert files.get("output", "", "a.png") == b"a2"
+    assert files.get("output", "", "c.png") == b"c"
+    assert files.get("input", "", "upload.png") == b"u"  # uploads are never dropped
+    files.clear("output")
+    files.put("temp", "", "d.png", b"d")
+    assert files.count() == 2
     assert annotated_filepath("x.png") == ("x.png", None)
 
 
