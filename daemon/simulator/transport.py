@@ -5,6 +5,12 @@ with keep-alive. A Takeover result gets the raw stream plus the request bytes
 (head re-serialised from h11's event, then whatever h11 had buffered), which is
 what daemon/http's ConnectionTakeover will provide. `reject(request)` lets the
 simulator reset connections (RST) to play a ComfyUI that is down.
+
+Swapping in daemon/http: wrap SimulatorRoutes.handle in a daemon/http Handler
+that turns its Request into an HttpRequest and the result back into a Response
+(same status, headers, body) or, for a Takeover, a ConnectionTakeover with the
+same handler; for `reject`, answer a ConnectionTakeover whose handler calls
+reset_connection(stream). Hub.run_websocket keeps doing the trio-websocket part.
 """
 
 from __future__ import annotations
@@ -105,6 +111,10 @@ class HttpTransport:
         self, stream: trio.abc.Stream, conn: h11.Connection, event: h11.Request
     ) -> HttpRequest | None:
         body = bytearray()
+        if conn.they_are_waiting_for_100_continue:
+            await stream.send_all(
+                conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+            )
         while True:
             part = await self._next_event(stream, conn)
             if isinstance(part, h11.Data):

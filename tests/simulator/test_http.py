@@ -328,3 +328,27 @@ async def test_object_info_lists_every_node(start_sim: StartSim) -> None:
         assert info["CheckpointLoaderSimple"]["output"] == ["MODEL", "CLIP", "VAE"]
         assert info["LoadImage"]["output_name"] == ["IMAGE", "MASK"]
         assert info["SaveImage"]["output_node"] is True
+
+
+async def test_expect_100_continue_and_keep_alive(start_sim: StartSim) -> None:
+    with trio.fail_after(10):
+        h = await start_sim()
+        stream = await trio.open_tcp_stream("127.0.0.1", h.port)
+        async with stream:
+            body = b'{"prompt": {}}'
+            head = (
+                f"POST /prompt HTTP/1.1\r\nHost: 127.0.0.1:{h.port}\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+            )
+            await stream.send_all(head.encode())
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(4096)
+            assert received.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(
+                body + f"GET /prompt HTTP/1.1\r\nHost: x:{h.port}\r\n\r\n".encode()
+            )
+            while received.count(b"HTTP/1.1 ") < 3 or not received.endswith(b"}}"):
+                received += await stream.receive_some(4096)
+        assert b"HTTP/1.1 400 " in received  # prompt_no_outputs
+        assert received.endswith(b'{"exec_info": {"queue_remaining": 0}}')  # same connection
