@@ -57,10 +57,22 @@ this order; the reply is the state), ``GET /sim/state`` to read them back.
     ComfyUI is "down" for that long: WebSockets are cut and every new request
     is answered with a TCP reset once its head is read. 0 ends it early.
 
-Known gaps vs real ComfyUI: no permessage-deflate; ``/view`` ignores
-``preview=`` and ``channel=``; no ``/internal``, ``/models``, ``/embeddings``,
-``/userdata`` or frontend routes; node ids in ``executed`` lists and sets come
-out in deterministic order where ComfyUI's set order varies.
+Known gaps vs real ComfyUI
+--------------------------
+- No permessage-deflate on the WebSocket.
+- ``/view`` ignores ``preview=`` (webp/jpeg) and ``channel=``: it always sends the file.
+- Previews are PNG (format 2, like the capture's probe node); ComfyUI's own
+  sampler previews would be JPEG, and only with a preview method configured
+  (here: ``SimulatorConfig.sampler_previews``).
+- ``traceback`` lists are the simulator's own frames; ``current_inputs`` holds
+  descriptive strings, not torch reprs.
+- Lists ComfyUI builds from sets (output nodes, ``executed``, ``current_outputs``)
+  come out in a fixed order.
+- No ``/internal``, ``/models``, ``/embeddings``, ``/userdata``, ``/upload/mask``
+  or frontend routes.
+- Files live in memory; beyond ``max_stored_files`` the oldest generated files go.
+- The loopback test of the Origin rule does no DNS lookup (localhost names and
+  IP literals only).
 """
 
 from daemon.simulator.app import ComfySimulator, run_simulator
