@@ -181,6 +181,10 @@ class TaskActor:
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
 
+    def is_done(self) -> bool:
+        """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
+        return self.state.phase.is_terminal
+
     def request_reconcile(self) -> None:
         self._reconcile_requested.set()
 
@@ -203,8 +207,12 @@ class TaskActor:
                         self.request_reconcile()
                     elif not (self.resumed and await self._already_known()):
                         await self._submit()
-                    if not self.state.phase.is_terminal:
-                        nursery.start_soon(self._watch_queue)
+                    if self.is_done():
+                        return
+                    if self.state.cancel_requested:
+                        # Cancelled while the POST was in flight: take it back out.
+                        nursery.start_soon(self._cancel_in_comfyui)
+                    nursery.start_soon(self._watch_queue)
         finally:
             self._nursery = None
             self.backend.router.close(self.prompt_id)

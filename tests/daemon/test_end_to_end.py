@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import trio
-from daemon.simulator import SimulatorConfig
 
+from daemon.simulator import SimulatorConfig
 from tests.daemon.harness import payloads, running_daemon
 
 
@@ -76,8 +76,9 @@ async def test_resume_with_last_event_id(tmp_path: Path) -> None:
 
 
 async def test_failure_at_a_node_is_an_error_event(tmp_path: Path) -> None:
-    failing = SimulatorConfig(step_time=0.01, fail_at="VAEDecode")
-    async with running_daemon(tmp_path, simulator=failing) as daemon:
+    async with running_daemon(tmp_path) as daemon:
+        assert daemon.simulator is not None
+        daemon.simulator.set_fail_at("VAEDecode")
         task_id = await daemon.generate()
         events = await daemon.events(task_id)
         assert events[-1].event == "error-event"
