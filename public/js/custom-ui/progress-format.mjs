@@ -1,0 +1,139 @@
+// What the progress banner shows, computed from the daemon's messages.
+// Pure functions (and one small estimator fed with explicit times), so they
+// are tested in Node without a DOM; progress-banner.mjs only renders them.
+
+/** ComfyUI class_type -> the page's wording for that step (the seed's map, extended). */
+export const NODE_STEP_NAMES = Object.freeze({
+  CheckpointLoaderSimple: "Loading model...",
+  CheckpointLoader: "Loading model...",
+  UNETLoader: "Loading model...",
+  CLIPLoader: "Loading text encoder...",
+  DualCLIPLoader: "Loading text encoder...",
+  VAELoader: "Loading VAE...",
+  LoraLoader: "Loading LoRA...",
+  ControlNetLoader: "Loading ControlNet...",
+  CLIPTextEncode: "Encoding prompt...",
+  EmptyLatentImage: "Preparing latent image...",
+  LoadImage: "Loading image...",
+  LoadImageMask: "Loading mask...",
+  VAEEncode: "Encoding image...",
+  VAEEncodeForInpaint: "Preparing inpainting...",
+  SetLatentNoiseMask: "Preparing inpainting...",
+  KSampler: "Sampling image...",
+  KSamplerAdvanced: "Sampling image...",
+  SamplerCustom: "Sampling image...",
+  SamplerCustomAdvanced: "Sampling image...",
+  ControlNetApply: "Applying ControlNet...",
+  ControlNetApplyAdvanced: "Applying ControlNet...",
+  VAEDecode: "Decoding image...",
+  VAEDecodeTiled: "Decoding image...",
+  ImageScale: "Scaling image...",
+  ImageUpscaleWithModel: "Upscaling image...",
+  SaveImage: "Saving image...",
+  PreviewImage: "Preparing preview...",
+});
+
+// Server step texts that describe the task, not the node it is on: they win
+// over the node's name (a task being cancelled still names its last node).
+const LIFECYCLE_STEPS = new Set(["Cancelling...", "Complete", "Failed"]);
+
+/** The banner's status: queued | running | completed | error. */
+export function statusOf(message) {
+  if (message.status === "completed") return "completed";
+  if (message.status === "error") return "error";
+  return message.phase === "running" ? "running" : "queued";
+}
+
+/**
+ * The step text. A message naming the running node's type uses our wording
+ * for that type; otherwise (queued, waiting, node types we do not know) the
+ * server's `currentStep` is shown as is.
+ */
+export function stepText(message) {
+  const progress = message.progress ?? {};
+  const serverStep = progress.currentStep ?? "";
+  const named = progress.nodeType ? NODE_STEP_NAMES[progress.nodeType] : undefined;
+  if (named && !LIFECYCLE_STEPS.has(serverStep)) return named;
+  return serverStep || "Working...";
+}
+
+/** "9/20" for nodes that count steps (samplers), "" otherwise. */
+export function stepCounter(message) {
+  const { currentValue, maxValue } = message.progress ?? {};
+  if (statusOf(message) !== "running" || !(maxValue > 1)) return "";
+  return `${currentValue}/${maxValue}`;
+}
+
+/**
+ * The bar's percentage, 0..100, whole numbers. The whole graph's progress
+ * (`progress.overall.percentage`) when the daemon sends it, because the
+ * per-node percentage starts over at every node and a bar that jumps back
+ * reads as a bug; the seed's per-node `percentage` otherwise. 100 is kept for
+ * "completed": a running task shows at most 99.
+ */
+export function displayPercentage(message) {
+  const status = statusOf(message);
+  if (status === "completed") return 100;
+  const progress = message.progress ?? {};
+  const overall = progress.overall?.percentage;
+  const raw = typeof overall === "number" ? overall : progress.percentage;
+  if (typeof raw !== "number" || !Number.isFinite(raw)) return 0;
+  return Math.min(99, Math.max(0, Math.floor(raw)));
+}
+
+/** "2 ahead of you in the queue" / "Next in the queue" / "" when not queued. */
+export function queueText(message) {
+  const queue = message.queue;
+  if (!queue || statusOf(message) !== "queued") return "";
+  if (queue.ahead > 0) return `${queue.ahead} ahead of you in the queue`;
+  return "Next in the queue";
+}
+
+/** "about 5 s left", "about 1 min 20 s left"; "" when unknown. */
+export function formatEta(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0) return "";
+  const whole = Math.ceil(seconds);
+  if (whole < 1) return "almost done";
+  if (whole < 60) return `about ${whole} s left`;
+  const minutes = Math.floor(whole / 60);
+  const rest = whole % 60;
+  return rest ? `about ${minutes} min ${rest} s left` : `about ${minutes} min left`;
+}
+
+/**
+ * Time left for the whole task, from the rate the bar has moved since the task
+ * started running (the seed's "estimated time remaining based on progress
+ * rate"). Until that rate exists (first tick, or just after a reload) the
+ * daemon's `etaSeconds` (its estimate for the running node) stands in.
+ */
+export class RateEstimator {
+  constructor() {
+    this._origin = null; // {percentage, atMs}: the first running sample
+  }
+
+  /** Feed one message at time `nowMs`; returns seconds left, or null when unknown. */
+  update(message, nowMs) {
+    const status = statusOf(message);
+    if (status !== "running") {
+      this._origin = null;
+      return null;
+    }
+    const percentage = displayPercentage(message);
+    if (this._origin === null || percentage < this._origin.percentage) {
+      this._origin = { percentage, atMs: nowMs };
+    }
+    const gained = percentage - this._origin.percentage;
+    const elapsedMs = nowMs - this._origin.atMs;
+    if (gained > 0 && elapsedMs > 0) {
+      return ((100 - percentage) * elapsedMs) / gained / 1000;
+    }
+    const serverEta = message.progress?.etaSeconds;
+    return typeof serverEta === "number" ? serverEta : null;
+  }
+}
+
+/** The error text for an error-event (or the client's own give-up message). */
+export function errorText(message) {
+  const error = message.error ?? {};
+  return error.message || "Generation failed";
+}
