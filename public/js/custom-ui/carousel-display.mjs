@@ -1,9 +1,17 @@
 // CarouselDisplay: the generated images, newest first, one shown large.
 // The page hands results in through the seed's `CarouselDisplay.addData(...)`
 // (called on the mounted instance through a ref).
+//
+// Preact 11 passes `ref` to components as an ordinary prop instead of pointing
+// it at the instance, so this class points the ref at itself while mounted.
 
 import { Component } from "preact";
 import { html } from "htm/preact";
+
+function setRef(ref, value) {
+  if (typeof ref === "function") ref(value);
+  else if (ref) ref.current = value;
+}
 
 export class CarouselDisplay extends Component {
   constructor(props) {
@@ -11,6 +19,14 @@ export class CarouselDisplay extends Component {
     this.state = { items: [], index: 0 };
     this.showPrevious = () => this.show(this.state.index - 1);
     this.showNext = () => this.show(this.state.index + 1);
+  }
+
+  componentDidMount() {
+    setRef(this.props.ref, this);
+  }
+
+  componentWillUnmount() {
+    setRef(this.props.ref, null);
   }
 
   /**
