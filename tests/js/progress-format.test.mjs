@@ -121,32 +121,48 @@ describe("ETA", () => {
     assert.equal(formatEta(120), "about 2 min left");
   });
 
-  test("the client estimate comes from the bar's rate since running began", () => {
+  const tick = (value, extra = {}) =>
+    running({ node: "3", nodeType: "KSampler", currentValue: value, maxValue: 20, ...extra });
+
+  test("the client estimate comes from the running node's step rate", () => {
     const eta = new RateEstimator();
-    assert.equal(eta.update(running({ overall: { percentage: 10 } }), 1000), null);
-    // 10 -> 30 in 4 s: 5 %/s; 70 % left -> 14 s.
-    assert.equal(eta.update(running({ overall: { percentage: 30 } }), 5000), 14);
+    assert.equal(eta.update(tick(2), 1000), null);
+    // 2 -> 6 steps in 2 s: 2 steps/s; 14 steps left -> 7 s.
+    assert.equal(eta.update(tick(6), 3000), 7);
   });
 
-  test("the server's etaSeconds stands in until a rate exists", () => {
+  test("the server's etaSeconds stands in until two ticks give a rate", () => {
     const eta = new RateEstimator();
-    const first = running({ overall: { percentage: 40 }, etaSeconds: 7.5 });
-    assert.equal(eta.update(first, 0), 7.5);
-    assert.equal(eta.update(running({ overall: { percentage: 50 }, etaSeconds: 7 }), 2000), 10);
+    assert.equal(eta.update(tick(4, { etaSeconds: 9.5 }), 0), 9.5);
+    assert.equal(eta.update(tick(4, { etaSeconds: 9 }), 500), 9, "no step yet: no rate");
+    assert.equal(eta.update(tick(8, { etaSeconds: 30 }), 4000), 12, "then ours: 1 step/s, 12 left");
   });
 
-  test("leaving the running phase forgets the rate", () => {
+  test("a new node starts a new rate (fast loaders do not skew the sampler's)", () => {
     const eta = new RateEstimator();
-    eta.update(running({ overall: { percentage: 10 } }), 0);
+    eta.update(running({ node: "4", currentValue: 0, maxValue: 1 }), 0);
+    eta.update(running({ node: "4", currentValue: 1, maxValue: 1 }), 10);
+    assert.equal(eta.update(tick(1), 1000), null);
+    assert.equal(eta.update(tick(3), 2000), 8.5);
+  });
+
+  test("steps going back (a restarted node) start a new origin", () => {
+    const eta = new RateEstimator();
+    eta.update(tick(10), 0);
+    assert.equal(eta.update(tick(2), 1000), null);
+    assert.equal(eta.update(tick(4), 3000), 16);
+  });
+
+  test("outside the running phase there is no estimate, and the rate is forgotten", () => {
+    const eta = new RateEstimator();
+    eta.update(tick(2), 0);
     assert.equal(eta.update(queued(null), 1000), null);
-    assert.equal(eta.update(running({ overall: { percentage: 20 } }), 2000), null);
+    assert.equal(eta.update(tick(4), 2000), null, "a fresh origin after leaving running");
   });
 
-  test("a bar that went back (a new task state) starts a new origin", () => {
+  test("nodes without steps give no client rate", () => {
     const eta = new RateEstimator();
-    eta.update(running({ overall: { percentage: 50 } }), 0);
-    assert.equal(eta.update(running({ overall: { percentage: 20 } }), 1000), null);
-    assert.equal(eta.update(running({ overall: { percentage: 60 } }), 5000), 4);
+    assert.equal(eta.update(running({ node: "8", currentValue: 0, maxValue: 0 }), 0), null);
   });
 });
 

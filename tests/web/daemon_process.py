@@ -114,3 +114,5 @@ def running_daemon(data_dir: Path, *settings: str) -> Iterator[DaemonProcess]:
                 process.kill()
                 process.wait()
         reader.join(STOP_TIMEOUT)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -134,7 +134,9 @@ def test_under_a_sub_path_a_lost_stream_resumes_from_the_last_event_id(web: Reco
 
     image = page.locator("img.carousel__image")
     expect(image).to_have_attribute("src", "image/done.png")
-    expect(page.locator(".toast--success")).to_have_text(re.compile("Image ready: Lighthouse"))
+    expect(page.locator(".toast--success .toast__text")).to_have_text(
+        re.compile("Image ready: Lighthouse")
+    )
     expect(banner).to_have_count(0)
 
     streams = origin.hits_for("progress/t-1")

@@ -101,34 +101,40 @@ export function formatEta(seconds) {
 }
 
 /**
- * Time left for the whole task, from the rate the bar has moved since the task
- * started running (the seed's "estimated time remaining based on progress
- * rate"). Until that rate exists (first tick, or just after a reload) the
- * daemon's `etaSeconds` (its estimate for the running node) stands in.
+ * Time left, from the rate of the running node's steps (the seed's "estimated
+ * time remaining based on progress rate"). Only nodes that count steps
+ * (samplers) give a rate, and they take nearly all of a generation's time, so
+ * this stands for the task; the loaders before them finish in a blink and
+ * would make a whole-graph rate wildly optimistic. Until two ticks of one node
+ * give a rate (first tick, a page reloaded mid-way) the daemon's `etaSeconds`,
+ * computed the same way from ComfyUI's own tick times, stands in.
  */
 export class RateEstimator {
   constructor() {
-    this._origin = null; // {percentage, atMs}: the first running sample
+    this._origin = null; // {node, value, atMs}: the first tick seen of the running node
   }
 
-  /** Feed one message at time `nowMs`; returns seconds left, or null when unknown. */
+  /** Feed one message received at `nowMs`; returns seconds left, or null when unknown. */
   update(message, nowMs) {
-    const status = statusOf(message);
-    if (status !== "running") {
+    if (statusOf(message) !== "running") {
       this._origin = null;
       return null;
     }
-    const percentage = displayPercentage(message);
-    if (this._origin === null || percentage < this._origin.percentage) {
-      this._origin = { percentage, atMs: nowMs };
+    const progress = message.progress ?? {};
+    const node = progress.node ?? null;
+    const value = Number(progress.currentValue);
+    const max = Number(progress.maxValue);
+    const serverEta = typeof progress.etaSeconds === "number" ? progress.etaSeconds : null;
+    if (!(max > 0) || !Number.isFinite(value)) return serverEta;
+    const origin = this._origin;
+    if (origin === null || origin.node !== node || value < origin.value) {
+      this._origin = { node, value, atMs: nowMs };
+      return serverEta;
     }
-    const gained = percentage - this._origin.percentage;
-    const elapsedMs = nowMs - this._origin.atMs;
-    if (gained > 0 && elapsedMs > 0) {
-      return ((100 - percentage) * elapsedMs) / gained / 1000;
-    }
-    const serverEta = message.progress?.etaSeconds;
-    return typeof serverEta === "number" ? serverEta : null;
+    const steps = value - origin.value;
+    const elapsedMs = nowMs - origin.atMs;
+    if (steps <= 0 || elapsedMs <= 0) return serverEta;
+    return (Math.max(0, max - value) * elapsedMs) / steps / 1000;
   }
 }
 
