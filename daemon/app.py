@@ -33,6 +33,8 @@ from daemon.tasks import TaskRegistry, TaskSettings
 
 log = logging.getLogger(__name__)
 
+VENDORED_PACKAGES = ("preact", "htm")
+
 
 @dataclass(frozen=True, slots=True)
 class Bound:
@@ -64,7 +66,6 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.images = ImageStore(config.data_dir / "images")
-        self.static_files = StaticFiles(config.public_dir)
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
@@ -72,9 +73,25 @@ class App:
         self.registry: TaskRegistry
         self.router = Router()
         Routes(self).install(self.router)
-        self.router.mount_static("/", self.static_files)
+        self._install_static(config)
         self.server = HttpServer(self.router, http_limits(config))
         self._cancel_scope = trio.CancelScope()
+        self._server_done = trio.Event()
+
+    def _install_static(self, config: Config) -> None:
+        # Image names are random and never reused, so browsers may cache forever.
+        images = StaticFiles(
+            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+        )
+        self.router.add("GET", "/image/{name}", images)
+        # Preact and htm from the local npm install: no CDN, works offline.
+        for package in VENDORED_PACKAGES:
+            files = StaticFiles(
+                config.node_modules_dir / package, cache_control="public, max-age=3600"
+            )
+            self.router.add("GET", f"/vendor/{package}/{{path...}}", files)
+        # Last: everything else is the browser client.
+        self.router.add("GET", "/{path...}", StaticFiles(config.public_dir))
 
     async def run(
         self,
@@ -120,17 +137,28 @@ class App:
                     listeners = await trio.open_tcp_listeners(
                         config.listen_port, host=config.listen_host
                     )
-                await nursery.start(self.server.run, listeners)
+                await nursery.start(self._run_server, listeners)
                 sockname = listeners[0].socket.getsockname()
                 bound = Bound(host=sockname[0], port=sockname[1], comfy_url=comfy_url)
                 log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
                 task_status.started(bound)
 
+    async def _run_server(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self.server.run(listeners, task_status=task_status)
+        finally:
+            self._server_done.set()
+
     async def _start_simulator(self, nursery: trio.Nursery) -> str:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
         simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
-        port: int = await nursery.start(simulator.run, "127.0.0.1", 0)
+        port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)
         return url
@@ -141,7 +169,7 @@ class App:
         self.streams.drain()
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
-            await self.server.closed.wait()
+            await self._server_done.wait()
         self._cancel_scope.cancel()
 
     def stop_now(self) -> None:

@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from daemon.simulator import run_simulator
+    from daemon.simulator import SimulatorConfig, run_simulator
 
     setup_logging(args.log_level)
     try:
@@ -103,7 +103,7 @@ def simulate(args: argparse.Namespace) -> int:
     except config_module.ConfigError as exc:
         print(f"comfy-progress: {exc}", file=sys.stderr)
         return 2
-    trio.run(run_simulator, host, port, args.step_time)
+    trio.run(run_simulator, host, port, SimulatorConfig(step_time=args.step_time))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from functools import partial
@@ -42,7 +43,6 @@ class Routes:
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
-        router.add("GET", "/image/{name}", self.image)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
 
@@ -71,7 +71,8 @@ class Routes:
         try:
             actor = app.registry.create(spec_for)
         except TooManyTasks as exc:
-            return error_response(503, str(exc), headers=(("Retry-After", "5"),))
+            busy = error_response(503, str(exc))
+            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
         log.info("task created", extra={"task_id": actor.task_id, "prompt_id": actor.prompt_id})
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
@@ -105,8 +106,9 @@ class Routes:
         if actor is None:
             return self._unknown_task(task_id)
         snapshot = actor.broadcaster.latest
-        body = dict(snapshot.payload) if snapshot is not None else {"taskId": task_id}
-        body["version"] = snapshot.version if snapshot is not None else 0
+        body: dict[str, object] = {"taskId": task_id}
+        if snapshot is not None:
+            body = {**snapshot.payload, "version": snapshot.version}
         return json_response(200, body, headers=NO_STORE)
 
     async def cancel(self, request: Request) -> Response:
@@ -123,8 +125,7 @@ class Routes:
                     "taskId": task_id,
                     "status": status,
                     "cancelled": False,
-                    "message": f"the task already {'completed' if status == 'completed' else 'ended'}; "
-                    "nothing to cancel",
+                    "message": f"the task already ended ({status}); nothing to cancel",
                 },
             )
         return json_response(
@@ -136,13 +137,6 @@ class Routes:
                 "message": "cancelling; the progress stream ends with error code 'cancelled'",
             },
         )
-
-    async def image(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        path = self.app.images.path_of(name)
-        if path is None:
-            return error_response(404, "no such image")
-        return await self.app.static_files.file_response(request, path, immutable=True)
 
     async def healthz(self, request: Request) -> Response:
         return json_response(200, {"status": "ok"}, headers=NO_STORE)

@@ -30,6 +30,7 @@ from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.images import ImageStore, NotAnImage
+from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
 
@@ -78,28 +79,36 @@ class TaskActor:
 
     def __init__(
         self,
-        spec: task.TaskSpec,
+        state: task.TaskState,
         *,
         backend: ComfyBackend,
         images: ImageStore,
         settings: TaskSettings,
         wall_clock: Callable[[], float],
         on_change: Callable[[TaskActor], None] = lambda actor: None,
+        first_message: task.TaskMessage | None = None,
+        resumed: bool = False,
     ) -> None:
+        """`first_message` defaults to the rendered state (a restored task passes its last)."""
         self.backend = backend
         self.images = images
         self.settings = settings
         self.wall_clock = wall_clock
         self.on_change = on_change
-        self.state = task.new_task(spec, wall_clock())
+        self.state = state
+        self.resumed = resumed
         self.broadcaster = Broadcaster()
         self.finished = trio.Event()
+        if state.phase.is_terminal:
+            self.finished.set()
         self.submitted_generation = backend.client_generation
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._fetching = False
         self._reconcile_requested = trio.Event()
-        self.broadcaster.publish(encode_snapshot(task.render(self.state, wall_clock())))
+        message = first_message or task.render(state, wall_clock())
+        self.broadcaster.publish(encode_snapshot(message))
+        self.last_message = message
 
     # -- identity and views
 
@@ -110,6 +119,26 @@ class TaskActor:
     @property
     def prompt_id(self) -> str:
         return self.state.prompt_id
+
+    def record(self) -> TaskRecord:
+        """This task as the journal keeps it."""
+        state = self.state
+        message = self.last_message
+        return TaskRecord(
+            task_id=state.task_id,
+            prompt_id=state.prompt_id,
+            phase=state.phase.value,
+            version=message.version,
+            submitted=state.submitted,
+            created_at=state.created_at,
+            finished_at=state.finished_at,
+            spec=task.spec_to_json(state.spec),
+            message={
+                "event": message.event,
+                "version": message.version,
+                "payload": message.payload,
+            },
+        )
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(
@@ -132,6 +161,7 @@ class TaskActor:
         self.state, effects = task.apply(self.state, event, self.wall_clock())
         for effect in effects:
             if isinstance(effect, task.Publish):
+                self.last_message = effect.message
                 self.broadcaster.publish(encode_snapshot(effect.message))
             elif isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
@@ -158,6 +188,8 @@ class TaskActor:
 
     async def run(self) -> None:
         """Drive the task to a terminal state (or until cancelled)."""
+        if self.state.phase.is_terminal:
+            return  # restored from the journal: nothing left to do
         inbox = self.backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
         try:
             with self._scope:
@@ -166,7 +198,11 @@ class TaskActor:
                     nursery.start_soon(self._pump, inbox)
                     nursery.start_soon(self._reconcile_loop)
                     nursery.start_soon(self._watch_backend)
-                    await self._submit()
+                    if self.resumed and self.state.submitted:
+                        # Re-attach to the prompt we submitted before the restart.
+                        self.request_reconcile()
+                    elif not (self.resumed and await self._already_known()):
+                        await self._submit()
                     if not self.state.phase.is_terminal:
                         nursery.start_soon(self._watch_queue)
         finally:
@@ -432,15 +468,18 @@ class TaskRegistry:
         backend: ComfyBackend,
         images: ImageStore,
         settings: TaskSettings,
+        journal: Journal | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = backend
         self.images = images
         self.settings = settings
+        self.journal = journal
         self.wall_clock = wall_clock
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self.created = 0
+        self.restored = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -457,6 +496,21 @@ class TaskRegistry:
     def actors(self) -> list[TaskActor]:
         return list(self._tasks.values())
 
+    def _journal_change(self, actor: TaskActor) -> None:
+        if self.journal is not None:
+            self.journal.record(actor.record())
+
+    def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
+        return TaskActor(
+            state,
+            backend=self.backend,
+            images=self.images,
+            settings=self.settings,
+            wall_clock=self.wall_clock,
+            on_change=self._journal_change,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
     def create(self, spec_for: Callable[[str, str, int], task.TaskSpec]) -> TaskActor:
         """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec."""
         if self._nursery is None:
@@ -466,25 +520,76 @@ class TaskRegistry:
         now = self.wall_clock()
         task_id = new_task_id(now)
         prompt_id = f"cp-{secrets.token_hex(16)}"
-        actor = TaskActor(
-            spec_for(task_id, prompt_id, int(now * 1000)),
-            backend=self.backend,
-            images=self.images,
-            settings=self.settings,
-            wall_clock=self.wall_clock,
-        )
-        self._tasks[task_id] = actor
-        self.created += 1
-        self._nursery.start_soon(self._run_actor, actor)
+        spec = spec_for(task_id, prompt_id, int(now * 1000))
+        actor = self._new_actor(task.new_task(spec, now))
+        self._start(actor, self.settings.retention)
         return actor
 
-    async def _run_actor(self, actor: TaskActor) -> None:
+    def restore(self, records: list[TaskRecord]) -> None:
+        """Bring back the journal's tasks: finished ones until their time is up,
+        unfinished ones re-attached to their ComfyUI prompts."""
+        if self._nursery is None:
+            raise RuntimeError("the registry is not running")
+        now = self.wall_clock()
+        for record in records:
+            try:
+                actor = self._restored_actor(record, now)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("cannot restore task %s: %s", record.task_id, exc)
+                continue
+            if actor is None:
+                if self.journal is not None:
+                    self.journal.forget(record.task_id)
+                continue
+            retention = self.settings.retention
+            if record.finished_at is not None:
+                retention = max(0.0, retention - (now - record.finished_at))
+            self._start(actor, retention)
+            self.restored += 1
+
+    def _restored_actor(self, record: TaskRecord, now: float) -> TaskActor | None:
+        spec = task.spec_from_json(record.spec)
+        phase = task.Phase(record.phase)
+        if phase.is_terminal:
+            finished_at = record.finished_at or record.created_at
+            if now - finished_at >= self.settings.retention:
+                return None  # its five minutes are up
+            message = task.TaskMessage(
+                event=record.message["event"],
+                version=int(record.message["version"]),
+                payload=record.message["payload"],
+            )
+            state = task.finished_task(
+                spec, message=message, created_at=record.created_at, finished_at=finished_at
+            )
+            return self._new_actor(state, first_message=message)
+        # Versions go on rising across the restart, so Last-Event-ID stays meaningful.
+        state = task.resumed_task(
+            spec,
+            phase=phase,
+            version=record.version + 1,
+            submitted=record.submitted,
+            created_at=record.created_at,
+        )
+        log.info("resuming task", extra={"task_id": spec.task_id, "prompt_id": spec.prompt_id})
+        return self._new_actor(state, resumed=True)
+
+    def _start(self, actor: TaskActor, retention: float) -> None:
+        assert self._nursery is not None
+        self._tasks[actor.task_id] = actor
+        self.created += 1
+        self._journal_change(actor)
+        self._nursery.start_soon(self._run_actor, actor, retention)
+
+    async def _run_actor(self, actor: TaskActor, retention: float) -> None:
         try:
             await actor.run()
         except Exception:
             log.exception("task actor crashed", extra={"task_id": actor.task_id})
             actor.handle(task.Failed("internal", "Internal error in the daemon"))
-        try:
-            await trio.sleep(self.settings.retention)
-        finally:
-            self._tasks.pop(actor.task_id, None)
+        if not actor.state.phase.is_terminal:
+            return  # cancelled by shutdown: the journal keeps it for the next start
+        await trio.sleep(retention)
+        self._tasks.pop(actor.task_id, None)
+        if self.journal is not None:
+            self.journal.forget(actor.task_id)

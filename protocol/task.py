@@ -136,6 +136,98 @@ def new_task(spec: TaskSpec, now: float) -> TaskState:
     return TaskState(spec=spec, class_types=graph_class_types(spec.graph), created_at=now)
 
 
+def resumed_task(
+    spec: TaskSpec, *, phase: Phase, version: int, submitted: bool, created_at: float
+) -> TaskState:
+    """A task in flight when the daemon stopped; it reconciles with ComfyUI next."""
+    if phase.is_terminal:
+        raise ValueError("a finished task is restored with finished_task()")
+    return TaskState(
+        spec=spec,
+        class_types=graph_class_types(spec.graph),
+        created_at=created_at,
+        phase=phase,
+        version=version,
+        submitted=submitted,
+        step=pg.STEP_QUEUED if submitted else pg.STEP_STARTING,
+        started_at=created_at if phase is Phase.RUNNING else None,
+    )
+
+
+def finished_task(
+    spec: TaskSpec, *, message: TaskMessage, created_at: float, finished_at: float
+) -> TaskState:
+    """A finished task, rebuilt from the last message it published."""
+    payload = message.payload
+    if message.event == EVENT_COMPLETE:
+        urls = payload.get("result", {}).get("imageUrls") or []
+        files = tuple(str(u).rsplit("/", 1)[-1] for u in urls)
+        return TaskState(
+            spec=spec,
+            class_types=graph_class_types(spec.graph),
+            created_at=created_at,
+            phase=Phase.COMPLETED,
+            version=message.version,
+            submitted=True,
+            step=pg.STEP_COMPLETE,
+            image_files=files,
+            overall_percentage=100.0,
+            finished_at=finished_at,
+        )
+    raw = payload.get("error") or {}
+    error = TaskError(
+        code=str(raw.get("code", "internal")),
+        message=str(raw.get("message", "Generation failed")),
+        details=str(raw.get("details", "")),
+        node_id=raw.get("nodeId"),
+        node_type=raw.get("nodeType"),
+        exception_type=raw.get("exceptionType"),
+    )
+    return TaskState(
+        spec=spec,
+        class_types=graph_class_types(spec.graph),
+        created_at=created_at,
+        phase=Phase.ERROR,
+        version=message.version,
+        submitted=True,
+        step=pg.STEP_FAILED,
+        error=error,
+        finished_at=finished_at,
+    )
+
+
+def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
+    return {
+        "taskId": spec.task_id,
+        "promptId": spec.prompt_id,
+        "graph": dict(spec.graph),
+        "prompt": spec.prompt,
+        "workflow": spec.workflow,
+        "seed": spec.seed,
+        "name": spec.name,
+        "description": spec.description,
+        "inpaint": spec.inpaint,
+        "inpaintArea": dict(spec.inpaint_area) if spec.inpaint_area is not None else None,
+        "uid": spec.uid,
+    }
+
+
+def spec_from_json(data: Mapping[str, Any]) -> TaskSpec:
+    return TaskSpec(
+        task_id=data["taskId"],
+        prompt_id=data["promptId"],
+        graph=data["graph"],
+        prompt=data.get("prompt", ""),
+        workflow=data.get("workflow", "txt2img"),
+        seed=data.get("seed"),
+        name=data.get("name"),
+        description=data.get("description"),
+        inpaint=bool(data.get("inpaint", False)),
+        inpaint_area=data.get("inpaintArea"),
+        uid=int(data.get("uid", 0)),
+    )
+
+
 # ---------------------------------------------------------------------------
 # Events from the daemon (ComfyUI's own events come from protocol.comfy)
 

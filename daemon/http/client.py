@@ -1,0 +1,287 @@
+"""A small HTTP/1.1 client over h11 and trio (ComfyUI calls, SSE readers, tests).
+
+One connection per request (``Connection: close``), ``http://`` only. Every
+failure reaches the caller as one :class:`HttpClientError` naming the method
+and URL; trio, h11 and socket exceptions are translated here, at the edge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from daemon.http.limits import KiB, MiB
+from daemon.http.types import Headers
+
+_RECEIVE_SIZE = 64 * KiB
+_USER_AGENT = "comfy-progress"
+# Headers the client owns; callers' values for them are ignored.
+_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+class HttpClientError(Exception):
+    """A request failed: connect error, timeout, protocol error or oversized response."""
+
+    def __init__(self, method: str, url: str, reason: str) -> None:
+        super().__init__(f"{method} {url}: {reason}")
+        self.method = method
+        self.url = url
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClientResponse:
+    """A whole response."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ValueError if it is not JSON)."""
+        return json.loads(self.body)
+
+    def text(self) -> str:
+        """The body decoded as UTF-8 (invalid bytes replaced)."""
+        return self.body.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class _Url:
+    host: str
+    port: int
+    target: str
+    host_header: str
+
+
+def _parse_url(method: str, url: str) -> _Url:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise HttpClientError(method, url, f"invalid URL ({exc})") from None
+    if parts.scheme != "http":
+        raise HttpClientError(method, url, "only http:// URLs are supported")
+    if not parts.hostname:
+        raise HttpClientError(method, url, "the URL has no host")
+    host = parts.hostname
+    shown_host = f"[{host}]" if ":" in host else host
+    host_header = shown_host if port == 80 else f"{shown_host}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Url(host, port, target, host_header)
+
+
+@contextmanager
+def _errors_named(method: str, url: str) -> Iterator[None]:
+    """Translate trio, socket and h11 exceptions into HttpClientError."""
+    try:
+        yield
+    except trio.TooSlowError:
+        raise HttpClientError(method, url, "timed out") from None
+    except OSError as exc:  # connect errors: refused, unreachable, DNS
+        raise HttpClientError(method, url, f"cannot connect ({exc})") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise HttpClientError(method, url, f"connection lost ({exc})") from None
+    except h11.ProtocolError as exc:
+        raise HttpClientError(method, url, f"HTTP protocol error ({exc})") from None
+
+
+class _ClientConnection:
+    """h11 client state over one trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._h11 = h11.Connection(h11.CLIENT)
+        self._received_any = False
+
+    @property
+    def peer_closed(self) -> bool:
+        return self._h11.trailing_data[1]
+
+    async def send_request(
+        self, method: str, url: _Url, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> None:
+        request_headers = [("host", url.host_header)]
+        request_headers += [(k, v) for k, v in headers if k.lower() not in _OWN_HEADERS]
+        if not any(k.lower() == "user-agent" for k, _ in request_headers):
+            request_headers.append(("user-agent", _USER_AGENT))
+        if body or method in _METHODS_WITH_BODY:
+            request_headers.append(("content-length", str(len(body))))
+        request_headers.append(("connection", "close"))
+        events: list[h11.Event] = [
+            h11.Request(
+                method=method,
+                target=url.target,
+                headers=[(k.encode("ascii"), v.encode("latin-1")) for k, v in request_headers],
+            )
+        ]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        data = b"".join(self._h11.send(event) or b"" for event in events)
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError:
+            # The server may have answered early (413, say) and closed while
+            # we were still sending: go on and read that answer.
+            self._h11.send_failed()
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                except trio.BrokenResourceError:
+                    data = b""
+                self._received_any = self._received_any or bool(data)
+                self._h11.receive_data(bytes(data))
+                continue
+            assert isinstance(event, h11.Event)  # a client never sees PAUSED
+            return event
+
+    async def read_head(self) -> h11.Response:
+        while True:
+            try:
+                event = await self.next_event()
+            except h11.RemoteProtocolError:
+                if self.peer_closed and not self._received_any:
+                    raise h11.RemoteProtocolError(
+                        "the server closed the connection without answering"
+                    ) from None
+                raise
+            if isinstance(event, h11.Response):
+                return event
+            if not isinstance(event, h11.InformationalResponse):
+                raise h11.RemoteProtocolError(f"expected a response, got {event!r}")
+
+
+def _headers_of(event: h11.Response) -> Headers:
+    return Headers((k.decode("ascii"), v.decode("latin-1")) for k, v in event.headers)
+
+
+async def http_request(
+    method: str,
+    url: str,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout: float = 30.0,
+    max_response_bytes: int = 16 * MiB,
+) -> ClientResponse:
+    """Send one request on a new connection and read the whole response.
+
+    `timeout` bounds the whole exchange (connect, send, receive). Raises
+    :class:`HttpClientError` on connect failure, timeout, a protocol error,
+    or a body larger than `max_response_bytes`.
+    """
+    method = method.upper()
+    parsed = _parse_url(method, url)
+    with _errors_named(method, url), trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+        async with stream:
+            connection = _ClientConnection(stream)
+            await connection.send_request(method, parsed, headers, body)
+            head = await connection.read_head()
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                event = await connection.next_event()
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > max_response_bytes:
+                        raise HttpClientError(
+                            method, url, f"response body larger than {max_response_bytes} bytes"
+                        )
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    return ClientResponse(head.status_code, _headers_of(head), b"".join(chunks))
+
+
+class BodyChunks:
+    """The body of a streamed response: an async iterator of chunks as they arrive.
+
+    Iteration ends at the end of the body or when the server closes the
+    connection; :attr:`complete` is True only in the first case.
+    """
+
+    def __init__(self, connection: _ClientConnection, method: str, url: str) -> None:
+        self._connection = connection
+        self._method = method
+        self._url = url
+        self._ended = False
+        self.complete = False
+
+    def __aiter__(self) -> BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._ended:
+            try:
+                with _errors_named(self._method, self._url):
+                    event = await self._connection.next_event()
+            except HttpClientError:
+                if not self._connection.peer_closed:
+                    raise
+                # EOF in the middle of the body: the stream just ends.
+                self._ended = True
+                break
+            if isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                self._ended = True
+                self.complete = isinstance(event, h11.EndOfMessage)
+        await trio.lowlevel.checkpoint()
+        raise StopAsyncIteration
+
+
+@dataclass(frozen=True)
+class StreamedResponse:
+    """A response whose body is read as it arrives: ``async for chunk in response.chunks``.
+
+    The iteration ends at the end of the body or when the server closes the
+    connection; ``response.chunks.complete`` tells which (True: whole body).
+    """
+
+    status: int
+    headers: Headers
+    chunks: BodyChunks
+
+
+@asynccontextmanager
+async def open_stream(
+    method: str,
+    url: str,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout_connect: float = 10.0,
+) -> AsyncIterator[StreamedResponse]:
+    """Send a request and yield the response as soon as its head has arrived.
+
+    `timeout_connect` bounds connecting, sending and reading the response
+    head; reading the body has no timeout (wrap it in your own cancel scope).
+    The connection is closed when the ``async with`` block exits.
+    """
+    method = method.upper()
+    parsed = _parse_url(method, url)
+    with _errors_named(method, url), trio.fail_after(timeout_connect):
+        stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+    async with stream:
+        connection = _ClientConnection(stream)
+        with _errors_named(method, url), trio.fail_after(timeout_connect):
+            await connection.send_request(method, parsed, headers, body)
+            head = await connection.read_head()
+        yield StreamedResponse(
+            head.status_code, _headers_of(head), BodyChunks(connection, method, url)
+        )

@@ -1,0 +1,263 @@
+"""I/O adapter: h11 <-> trio, one per connection.
+
+The shape is h11's ``examples/trio-server.py`` (``TrioHTTPWrapper``), with the
+pitfalls handled: NEED_DATA and 100-continue in :meth:`H11Connection.next_event`,
+EOF and connection errors fed to h11 as ``receive_data(b"")``, ``send_failed()``
+on any failed or cancelled write, and errors sent only from IDLE/SEND_RESPONSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+
+import h11
+import trio
+
+from daemon.http.limits import HttpLimits, KiB, MiB
+from daemon.http.types import ClientGone, error_response
+
+RECEIVE_SIZE = 64 * KiB
+# Large writes go out in slices, each under its own write_timeout: the timeout
+# then means "no progress for that long", not "the whole body in that long".
+WRITE_SLICE = 64 * KiB
+# While lingering on close, stop reading after this much input.
+_LINGER_MAX_BYTES = 1 * MiB
+# Framing is ours: these headers from a handler are dropped.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+
+
+class ConnectionLost(Exception):
+    """The peer is gone or did not read a write in time; the connection is dead."""
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of `status` (empty for unknown codes)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class H11Connection:
+    """One server-side HTTP/1.1 connection: an h11 state machine over a trio stream.
+
+    There is one writer per connection: everything is written through
+    :meth:`send`, from one task at a time.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, limits: HttpLimits, *, server_header: str) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._limits = limits
+        self._server_header = server_header
+        # Raw input of the current request cycle, for ConnectionTakeover.
+        self._cycle_input = bytearray()
+        self._broken = False
+
+    # ------------------------------------------------------------ reading
+
+    def begin_cycle(self) -> None:
+        """Start recording the raw bytes of a new request.
+
+        At the start of a cycle h11's unprocessed buffer is exactly the start
+        of the next request (pipelined bytes), so recording begins with it.
+        """
+        self._cycle_input = bytearray(self.h11.trailing_data[0])
+
+    @property
+    def cycle_input(self) -> bytes:
+        """Every byte read for the current request's head, and what came with it."""
+        return bytes(self._cycle_input)
+
+    @property
+    def head_size(self) -> int:
+        """Bytes of the request head, valid right after h11 returned the Request."""
+        return len(self._cycle_input) - len(self.h11.trailing_data[0])
+
+    @property
+    def has_unread_input(self) -> bool:
+        """True when h11 already holds input (pipelined bytes or EOF) to process."""
+        data, closed = self.h11.trailing_data
+        return bool(data) or closed
+
+    async def receive(self) -> None:
+        """Read once from the peer into h11; EOF and connection errors become EOF."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if self.h11.their_state is h11.IDLE:
+            # Only input read while parsing the head is kept: that is all a
+            # takeover needs (only bodiless requests can be taken over), and
+            # it keeps request bodies from being held twice.
+            self._cycle_input += data
+        self.h11.receive_data(bytes(data))
+
+    async def next_event(self) -> h11.Event:
+        """The next event from the peer, reading as needed.
+
+        Sends ``100 Continue`` when the client waits for it before its body.
+        """
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                if self.h11.they_are_waiting_for_100_continue:
+                    await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+                await self.receive()
+            elif event is h11.PAUSED:
+                # The server answers each request before reading the next one,
+                # and start_next_cycle() clears PAUSED; reaching this is a bug.
+                raise RuntimeError("h11 is PAUSED: next_event() called after the request ended")
+            else:
+                assert isinstance(event, h11.Event)
+                return event
+
+    async def wait_until_peer_leaves(self) -> None:
+        """Read and drop input until EOF or a connection error.
+
+        Used while a streaming response runs: the peer sends nothing we need,
+        and its EOF is how we learn that it left.
+        """
+        if self.h11.trailing_data[1]:
+            await trio.lowlevel.checkpoint()
+            return
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+
+    # ------------------------------------------------------------ writing
+
+    async def send(self, *events: h11.Event) -> None:
+        """Serialize `events` and write them, each slice within ``write_timeout``.
+
+        Raises :class:`ConnectionLost` when the peer is gone or too slow. On any
+        failed write (cancellation included) h11 is told with ``send_failed()``,
+        since part of the data may have gone out.
+        """
+        if self._broken:
+            raise ConnectionLost("connection already failed")
+        data = memoryview(b"".join(self.h11.send(event) or b"" for event in events))
+        try:
+            for start in range(0, len(data), WRITE_SLICE):
+                with trio.fail_after(self._limits.write_timeout):
+                    await self.stream.send_all(data[start : start + WRITE_SLICE])
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._mark_send_failed()
+            raise ConnectionLost(type(exc).__name__) from None
+        except BaseException:
+            self._mark_send_failed()
+            raise
+
+    def _mark_send_failed(self) -> None:
+        self._broken = True
+        self.h11.send_failed()
+
+    def response_head(
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
+        close: bool,
+    ) -> h11.Response:
+        """The h11 response head: the handler's headers plus ours.
+
+        Adds Date and Server unless present, sets Content-Length when given
+        (otherwise h11 picks chunked or close-delimited framing), and adds
+        ``Connection: close`` when `close`. Raises ``h11.LocalProtocolError``,
+        ``UnicodeEncodeError`` or ``ValueError`` for headers that cannot be sent.
+        """
+        out: list[tuple[bytes, bytes]] = []
+        seen: set[str] = set()
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _FRAMING_HEADERS or (close and lower == "connection"):
+                continue
+            seen.add(lower)
+            out.append((name.encode("ascii"), value.encode("latin-1")))
+        if "date" not in seen:
+            out.append((b"date", formatdate(usegmt=True).encode("ascii")))
+        if "server" not in seen and self._server_header:
+            out.append((b"server", self._server_header.encode("latin-1")))
+        if content_length is not None:
+            out.append((b"content-length", str(content_length).encode("ascii")))
+        if close:
+            out.append((b"connection", b"close"))
+        return h11.Response(status_code=status, headers=out, reason=reason_phrase(status))
+
+    async def send_error(self, status: int, message: str) -> None:
+        """Answer `status` with the JSON error body and ``Connection: close``.
+
+        Only possible while h11 is IDLE or SEND_RESPONSE on our side (otherwise
+        part of another response is out already); silently skipped then.
+        """
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response = error_response(status, message)
+        head = self.response_head(
+            status, response.headers, content_length=len(response.body), close=True
+        )
+        await self.send(head, h11.Data(data=response.body), h11.EndOfMessage())
+
+    def start_next_cycle(self) -> bool:
+        """Reset h11 for the next request on this connection, if both sides allow it."""
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        try:
+            self.h11.start_next_cycle()
+        except h11.ProtocolError:
+            return False
+        return True
+
+    # ------------------------------------------------------------ closing
+
+    async def close_gracefully(self) -> None:
+        """Half-close, then read and drop what the peer still sends, for a while.
+
+        Closing a socket with unread input makes the kernel send a reset, which
+        can destroy our last response before the client reads it.
+        """
+        with (
+            trio.move_on_after(self._limits.close_linger_timeout),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            drained = 0
+            while drained < _LINGER_MAX_BYTES:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+
+
+class ConnectionBodyWriter:
+    """The :class:`~daemon.http.types.BodyWriter` of a streaming response."""
+
+    def __init__(self, connection: H11Connection) -> None:
+        self._connection = connection
+        self._open = True
+
+    async def send(self, data: bytes) -> None:
+        """Write one chunk; raises ClientGone when the peer is gone or too slow."""
+        if not self._open:
+            raise ClientGone("the response has already ended")
+        if not data:
+            # An empty chunk would end a chunked body; there is nothing to send.
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._connection.send(h11.Data(data=data))
+        except ConnectionLost as exc:
+            raise ClientGone(f"client went away or stopped reading ({exc})") from None
+
+    def close(self) -> None:
+        """Refuse further writes (the stream function has returned)."""
+        self._open = False

@@ -1,0 +1,146 @@
+"""Method + path routing with ``{name}`` segments; itself a Handler.
+
+Patterns are matched segment by segment on the raw path, each segment
+percent-decoded on its own:
+
+- ``{name}`` matches exactly one non-empty segment;
+- ``{name...}`` (last segment only) matches the rest of the path, zero or more
+  segments, joined with ``/`` (for static files);
+- anything else matches the segment literally.
+
+Routes are tried in the order they were added. A path that matches some
+route but not the method gets 405 with ``Allow``; HEAD is served by the GET
+route when there is no HEAD route. Unknown paths get 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from daemon.http.target import BadTarget, path_segments, split_target
+from daemon.http.types import Handler, HandlerResult, Request, error_response
+
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
+
+
+@dataclass(frozen=True)
+class _Segment:
+    text: str  # the literal, or the parameter name
+    is_param: bool
+    is_rest: bool = False
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    pattern: str
+    segments: tuple[_Segment, ...]
+    handler: Handler
+    max_body: int | None
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        params: dict[str, str] = {}
+        for index, segment in enumerate(self.segments):
+            if segment.is_rest:
+                params[segment.text] = "/".join(segments[index:])
+                return params
+            if index >= len(segments):
+                return None
+            value = segments[index]
+            if segment.is_param:
+                if not value:
+                    return None
+                params[segment.text] = value
+            elif value != segment.text:
+                return None
+        return params if len(segments) == len(self.segments) else None
+
+
+def _compile(pattern: str) -> tuple[_Segment, ...]:
+    if not pattern.startswith("/"):
+        raise ValueError(f"route pattern {pattern!r} must start with '/'")
+    compiled: list[_Segment] = []
+    names: set[str] = set()
+    parts = pattern.split("/")[1:]
+    for index, part in enumerate(parts):
+        found = _PARAM.match(part)
+        if found is None:
+            if "{" in part or "}" in part:
+                raise ValueError(f"route pattern {pattern!r}: bad segment {part!r}")
+            compiled.append(_Segment(part, is_param=False))
+            continue
+        name, rest = found.group(1), found.group(2) is not None
+        if name in names:
+            raise ValueError(f"route pattern {pattern!r}: parameter {name!r} used twice")
+        if rest and index != len(parts) - 1:
+            raise ValueError(f"route pattern {pattern!r}: {{{name}...}} must be last")
+        names.add(name)
+        compiled.append(_Segment(name, is_param=True, is_rest=rest))
+    return tuple(compiled)
+
+
+class Router:
+    """Dispatch requests to handlers by method and path pattern.
+
+    A Router is a Handler (``await router(request)``) and tells the server each
+    route's body limit before the body is read (``body_limit_for``).
+    """
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def add(
+        self, method: str, pattern: str, handler: Handler, *, max_body: int | None = None
+    ) -> None:
+        """Route `method` requests matching `pattern` to `handler`.
+
+        `max_body` overrides the server's ``max_body_bytes`` for this route
+        (raise it for uploads, lower it for small JSON bodies).
+        """
+        if max_body is not None and max_body < 0:
+            raise ValueError("max_body must not be negative")
+        self._routes.append(_Route(method.upper(), pattern, _compile(pattern), handler, max_body))
+
+    def body_limit_for(self, method: str, target: str) -> int | None:
+        """The body limit of the route that would serve this request, if it has one."""
+        found = self._find(method, target)
+        return found[0].max_body if isinstance(found, tuple) else None
+
+    async def __call__(self, request: Request) -> HandlerResult:
+        """Serve `request` with the matching route, or answer 404/405."""
+        found = self._find(request.method, request.target)
+        if isinstance(found, tuple):
+            route, params = found
+            routed = dataclasses.replace(request, path_params=MappingProxyType(params))
+            return await route.handler(routed)
+        if found:
+            allowed = ", ".join(found)
+            response = error_response(405, "method not allowed", {"allowed": list(found)})
+            return dataclasses.replace(response, headers=[*response.headers, ("allow", allowed)])
+        return error_response(404, "not found", {"path": request.path})
+
+    def _find(self, method: str, target: str) -> tuple[_Route, dict[str, str]] | list[str]:
+        """The route and its parameters, or the methods allowed on this path (maybe none)."""
+        try:
+            segments = path_segments(split_target(target)[0])
+        except BadTarget:
+            return []
+        matches = [
+            (route, params)
+            for route in self._routes
+            if (params := route.match(segments)) is not None
+        ]
+        for route, params in matches:
+            if route.method == method:
+                return route, params
+        if method == "HEAD":
+            for route, params in matches:
+                if route.method == "GET":
+                    return route, params
+        allowed = {route.method for route, _ in matches}
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        return sorted(allowed)

@@ -1,0 +1,535 @@
+"""HTTP/1.1 server over h11 and trio: accept loop, request cycle, graceful shutdown.
+
+One task per connection runs request/response cycles in the style of h11's
+``examples/trio-server.py``: read a whole request (head under
+``header_read_timeout``, body under ``body_read_timeout`` and the route's size
+limit), call the handler, write the response (each write under
+``write_timeout``), then either start the next cycle (keep-alive, pipelining)
+or close. Streaming responses and connection takeovers run with no request
+timeout at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+from collections.abc import Sequence
+
+import h11
+import trio
+
+from daemon.http.connection import (
+    ConnectionBodyWriter,
+    ConnectionLost,
+    H11Connection,
+)
+from daemon.http.limits import HttpLimits
+from daemon.http.target import BadTarget, decode_path, parse_query, split_target
+from daemon.http.types import (
+    BodyLimitProvider,
+    ClientGone,
+    ConnectionTakeover,
+    Handler,
+    HandlerResult,
+    Headers,
+    Request,
+    Response,
+    StreamBody,
+    StreamingResponse,
+    error_response,
+)
+
+__all__ = ["HttpLimits", "HttpServer"]
+
+logger = logging.getLogger(__name__)
+
+# accept() errors that mean "out of resources for now": wait and retry
+# (the same list as trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_BACKOFF = 0.1
+
+_MESSAGES = {
+    400: "malformed request",
+    408: "request timeout",
+    413: "request body too large",
+    431: "request header fields too large",
+    500: "internal server error",
+    503: "server is at its connection limit",
+}
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+class _Rejected(Exception):
+    """The request cannot be read or served: answer `status` and close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+        self.message = _MESSAGES.get(status, "bad request")
+
+
+class HttpServer:
+    """An HTTP/1.1 server calling one :data:`~daemon.http.types.Handler` per request.
+
+    Start it with ``await nursery.start(server.run, listeners)``; stop it with
+    :meth:`begin_shutdown` (graceful) or by cancelling ``run``.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: HttpLimits | None = None,
+        *,
+        server_header: str = "comfy-progress",
+    ) -> None:
+        self._handler = handler
+        self._limits = limits if limits is not None else HttpLimits()
+        self._server_header = server_header
+        self._active_connections = 0
+        # Cancel scopes of connections waiting for a request: shutdown closes them.
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._shutdown_deadline: float | None = None
+        self._accept_scope: trio.CancelScope | None = None
+        self._handler_nursery: trio.Nursery | None = None
+
+    @property
+    def limits(self) -> HttpLimits:
+        """The limits this server enforces."""
+        return self._limits
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now (rejected overflow connections not included)."""
+        return self._active_connections
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`begin_shutdown` has been called."""
+        return self._shutdown_deadline is not None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(
+        self,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve connections until cancelled or shut down.
+
+        Calls ``task_status.started(addresses)`` once accepting, with the bound
+        ``(host, port)`` of every socket listener (other listeners add nothing).
+        Takes ownership of `listeners` and closes them when accepting stops.
+        After :meth:`begin_shutdown`, returns once every connection has ended.
+        """
+        if not listeners:
+            raise ValueError("HttpServer.run() needs at least one listener")
+        addresses = [_bound_address(listener) for listener in listeners]
+        try:
+            # Nesting as in hypercorn's run.py: shutdown cancels the accept
+            # scope at once and gives the handler nursery a deadline.
+            async with trio.open_nursery() as handler_nursery:
+                self._handler_nursery = handler_nursery
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self._shutdown_deadline is not None:
+                        self._apply_shutdown(self._shutdown_deadline)
+                    async with trio.open_nursery() as accept_nursery:
+                        for listener in listeners:
+                            accept_nursery.start_soon(self._accept_loop, listener, handler_nursery)
+                        task_status.started([a for a in addresses if a is not None])
+        finally:
+            self._handler_nursery = None
+            self._accept_scope = None
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stop accepting, close idle connections, cancel the rest after `grace` s.
+
+        Requests in flight may finish within the grace period (their responses
+        say ``Connection: close``); streams and takeovers still running at the
+        deadline are cancelled. ``run()`` returns when all connections ended.
+        Calling it again can only bring the deadline closer.
+        """
+        deadline = trio.current_time() + grace
+        if self._shutdown_deadline is not None:
+            deadline = min(deadline, self._shutdown_deadline)
+        self._shutdown_deadline = deadline
+        self._apply_shutdown(deadline)
+
+    def _apply_shutdown(self, deadline: float) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        if self._handler_nursery is not None:
+            scope = self._handler_nursery.cancel_scope
+            scope.deadline = min(scope.deadline, deadline)
+        for idle_scope in self._idle_scopes:
+            idle_scope.cancel()
+
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], handler_nursery: trio.Nursery
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.error(
+                        "accept() failed (%s); retrying in %.1f s",
+                        os.strerror(exc.errno or 0),
+                        _ACCEPT_BACKOFF,
+                    )
+                    await trio.sleep(_ACCEPT_BACKOFF)
+                    continue
+                # Counted here, not in the task, so a burst of accepts cannot
+                # overshoot the limit before the tasks start.
+                if self._active_connections >= self._limits.max_connections:
+                    handler_nursery.start_soon(self._reject_overloaded, stream)
+                else:
+                    self._active_connections += 1
+                    handler_nursery.start_soon(self._serve_counted, stream)
+
+    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self.serve_connection(stream, peer=_peer_name(stream))
+        finally:
+            self._active_connections -= 1
+
+    async def _reject_overloaded(self, stream: trio.abc.Stream) -> None:
+        logger.warning("connection limit (%d) reached; answering 503", self._limits.max_connections)
+        connection = H11Connection(stream, self._limits, server_header=self._server_header)
+        async with stream:
+            try:
+                await connection.send_error(503, _MESSAGES[503])
+                await connection.close_gracefully()
+            except ConnectionLost:
+                logger.debug("overflow connection left before its 503")
+            except Exception:
+                logger.exception("answering 503 failed")
+
+    # ------------------------------------------------------------ one connection
+
+    async def serve_connection(self, stream: trio.abc.Stream, *, peer: str = "unknown") -> None:
+        """Serve requests on one connection until it closes; always closes `stream`.
+
+        ``run()`` calls this for every accepted connection; tests call it
+        directly on in-memory streams. Never raises except ``trio.Cancelled``.
+        """
+        connection = H11Connection(stream, self._limits, server_header=self._server_header)
+        try:
+            if await self._serve_requests(connection, peer):
+                await connection.close_gracefully()
+        except Exception:
+            # A bug here must not take the whole server down with it.
+            logger.exception("HTTP connection from %s failed", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_requests(self, connection: H11Connection, peer: str) -> bool:
+        """Run request/response cycles; True when the connection should linger on close."""
+        connected_at = trio.current_time()
+        first = True
+        try:
+            while True:
+                try:
+                    request = await self._read_request(connection, peer, first, connected_at)
+                except _Rejected as rejection:
+                    await connection.send_error(rejection.status, rejection.message)
+                    return True
+                if request is None:
+                    return True
+                first = False
+                result = await self._call_handler(request)
+                if isinstance(result, ConnectionTakeover):
+                    return await self._take_over(connection, request, result)
+                if isinstance(result, StreamingResponse):
+                    return await self._send_streaming(connection, request, result)
+                await self._send_whole(connection, request, result)
+                if not connection.start_next_cycle():
+                    return True
+        except ConnectionLost:
+            return False
+
+    # ------------------------------------------------------------ reading a request
+
+    async def _read_request(
+        self, connection: H11Connection, peer: str, first: bool, connected_at: float
+    ) -> Request | None:
+        """Read one whole request; None when the connection should close quietly.
+
+        Raises :class:`_Rejected` for requests to answer with an error.
+        """
+        connection.begin_cycle()
+        limits = self._limits
+        if first:
+            head_deadline = connected_at + limits.header_read_timeout
+            idle_deadline = head_deadline
+        else:
+            idle_deadline = trio.current_time() + limits.keep_alive_timeout
+        if not connection.has_unread_input and not await self._wait_for_input(
+            connection, idle_deadline
+        ):
+            return None
+        if not first:
+            # Keep-alive requests get their head timeout from their first byte.
+            head_deadline = trio.current_time() + limits.header_read_timeout
+        try:
+            with trio.fail_at(head_deadline):
+                event = await connection.next_event()
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):
+                raise RuntimeError(f"expected a request head, got {event!r}")
+            if connection.head_size > limits.max_header_bytes:
+                # h11 only bounds *incomplete* heads; a whole one can arrive in one read.
+                raise _Rejected(431)
+            request = self._request_from_head(event, peer)
+            limit = self._body_limit_for(request.method, request.target)
+            declared = _declared_length(event)
+            if declared is not None and declared > limit:
+                # Refused before reading (and before 100 Continue is sent).
+                raise _Rejected(413)
+            with trio.fail_after(limits.body_read_timeout):
+                body = await self._read_body(connection, limit)
+        except h11.RemoteProtocolError as exc:
+            logger.debug("bad request from %s: %s", peer, exc)
+            raise _Rejected(exc.error_status_hint) from None
+        except trio.TooSlowError:
+            raise _Rejected(408) from None
+        return dataclasses.replace(request, body=body)
+
+    async def _wait_for_input(self, connection: H11Connection, deadline: float) -> bool:
+        """Wait (idle) for the first bytes of a request; False on timeout or shutdown."""
+        if self.shutting_down:
+            return False
+        with trio.CancelScope(deadline=deadline) as idle_scope:
+            self._idle_scopes.add(idle_scope)
+            try:
+                await connection.receive()
+            finally:
+                self._idle_scopes.discard(idle_scope)
+        return not idle_scope.cancelled_caught
+
+    async def _read_body(self, connection: H11Connection, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await connection.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise _Rejected(413)
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise RuntimeError(f"unexpected {event!r} while reading a request body")
+
+    def _request_from_head(self, event: h11.Request, peer: str) -> Request:
+        # h11 guarantees ASCII for the method, target and header names.
+        target = event.target.decode("ascii")
+        raw_path, raw_query = split_target(target)
+        try:
+            path = decode_path(raw_path)
+        except BadTarget:
+            raise _Rejected(400) from None
+        return Request(
+            method=event.method.decode("ascii"),
+            target=target,
+            path=path,
+            query=parse_query(raw_query),
+            headers=Headers(
+                (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
+            ),
+            body=b"",
+            peer=peer,
+            http_version=event.http_version.decode("ascii"),
+        )
+
+    def _body_limit_for(self, method: str, target: str) -> int:
+        handler: object = self._handler  # the hook is optional: check at run time
+        if isinstance(handler, BodyLimitProvider):
+            limit = handler.body_limit_for(method, target)
+            if limit is not None:
+                return limit
+        return self._limits.max_body_bytes
+
+    # ------------------------------------------------------------ answering
+
+    async def _call_handler(self, request: Request) -> HandlerResult:
+        try:
+            # Typed as object: handlers written without mypy may return anything.
+            result: object = await self._handler(request)
+        except Exception:
+            logger.exception("handler failed for %s %s", request.method, request.target)
+            return error_response(500, _MESSAGES[500])
+        if not isinstance(result, Response | StreamingResponse | ConnectionTakeover):
+            logger.error(
+                "handler for %s %s returned %r, not a response",
+                request.method,
+                request.target,
+                result,
+            )
+            return error_response(500, _MESSAGES[500])
+        return result
+
+    async def _send_whole(
+        self, connection: H11Connection, request: Request, response: Response
+    ) -> None:
+        close = self.shutting_down
+        try:
+            events = _whole_response_events(connection, request, response, close=close)
+        except (h11.LocalProtocolError, ValueError) as exc:
+            # UnicodeEncodeError is a ValueError: a header we cannot encode.
+            logger.error("invalid response to %s %s: %s", request.method, request.target, exc)
+            fallback = error_response(500, _MESSAGES[500])
+            events = _whole_response_events(connection, request, fallback, close=close)
+        await connection.send(*events)
+
+    async def _send_streaming(
+        self, connection: H11Connection, request: Request, response: StreamingResponse
+    ) -> bool:
+        """Send a streaming response; True when it ended normally.
+
+        The connection is closed afterwards rather than reused: while the
+        stream ran, the disconnect watcher consumed (and dropped) whatever the
+        client sent, so h11 no longer knows where the next request starts.
+        SSE clients reconnect per stream anyway.
+        """
+        try:
+            head = connection.response_head(
+                response.status, response.headers, content_length=None, close=True
+            )
+        except (h11.LocalProtocolError, ValueError) as exc:
+            logger.error("invalid response to %s %s: %s", request.method, request.target, exc)
+            await self._send_whole(connection, request, error_response(500, _MESSAGES[500]))
+            return True
+        if request.method == "HEAD" or response.status in _BODYLESS_STATUSES:
+            await connection.send(head, h11.EndOfMessage())
+            return True
+        await connection.send(head)
+        if not await self._run_stream(connection, request, response.stream):
+            return False
+        await connection.send(h11.EndOfMessage())
+        return True
+
+    async def _run_stream(
+        self,
+        connection: H11Connection,
+        request: Request,
+        stream: StreamBody,
+    ) -> bool:
+        """Run a streaming body while watching for the client to leave.
+
+        True when `stream` returned normally. When the client disconnects, the
+        watcher cancels `stream` at once (an SSE subscriber is cleaned up now,
+        not at its next heartbeat).
+        """
+        writer = ConnectionBodyWriter(connection)
+        finished = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
+            try:
+                await stream(writer)
+                finished = True
+            except Exception as exc:
+                if _is_client_gone(exc):
+                    logger.debug("client left during %s %s", request.method, request.target)
+                else:
+                    logger.exception(
+                        "streaming response to %s %s failed", request.method, request.target
+                    )
+            finally:
+                writer.close()
+            nursery.cancel_scope.cancel()
+        return finished
+
+    async def _take_over(
+        self, connection: H11Connection, request: Request, takeover: ConnectionTakeover
+    ) -> bool:
+        if _has_body(request):
+            # The body has been read into request.body already: the new owner
+            # could not see the connection's bytes as the client sent them.
+            logger.error(
+                "cannot hand over %s %s: only requests without a body can be taken over",
+                request.method,
+                request.target,
+            )
+            await self._send_whole(connection, request, error_response(500, _MESSAGES[500]))
+            return True
+        try:
+            await takeover.handler(connection.stream, connection.cycle_input)
+        except Exception:
+            logger.exception("connection takeover for %s %s failed", request.method, request.target)
+        return False
+
+
+def _is_client_gone(exc: Exception) -> bool:
+    """ClientGone, alone or as the only kind in a group (from a nursery in the stream)."""
+    if isinstance(exc, ExceptionGroup):
+        _, rest = exc.split(ClientGone)
+        return rest is None
+    return isinstance(exc, ClientGone)
+
+
+async def _cancel_when_peer_leaves(connection: H11Connection, scope: trio.CancelScope) -> None:
+    await connection.wait_until_peer_leaves()
+    scope.cancel()
+
+
+def _whole_response_events(
+    connection: H11Connection, request: Request, response: Response, *, close: bool
+) -> list[h11.Event]:
+    bodiless = response.status in _BODYLESS_STATUSES
+    head = connection.response_head(
+        response.status,
+        response.headers,
+        content_length=None if bodiless else len(response.body),
+        close=close,
+    )
+    events: list[h11.Event] = [head]
+    if response.body and not bodiless and request.method != "HEAD":
+        events.append(h11.Data(data=response.body))
+    events.append(h11.EndOfMessage())
+    return events
+
+
+def _declared_length(event: h11.Request) -> int | None:
+    for name, value in event.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has validated it
+    return None
+
+
+def _has_body(request: Request) -> bool:
+    if "transfer-encoding" in request.headers:
+        return True
+    return int(request.headers.get("content-length") or 0) > 0
+
+
+def _format_address(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    if not isinstance(stream, trio.SocketStream):
+        return "unknown"
+    try:
+        return _format_address(stream.socket.getpeername())
+    except OSError:
+        return "unknown"
+
+
+def _bound_address(listener: trio.abc.Listener[trio.abc.Stream]) -> tuple[str, int] | None:
+    if not isinstance(listener, trio.SocketListener):
+        return None
+    address = listener.socket.getsockname()
+    if isinstance(address, tuple):
+        return str(address[0]), int(address[1])
+    return None

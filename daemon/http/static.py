@@ -1,0 +1,201 @@
+"""Static files from one directory, safely: a Handler for a ``{path...}`` route.
+
+Usage::
+
+    router.add("GET", "/{path...}", StaticFiles(public_dir))
+    router.add("GET", "/image/{name}", StaticFiles(images_dir, param="name"))
+
+Rules: the requested path must stay inside the root once symlinks are resolved;
+``..``, ``.``-files, empty segments, backslashes and absolute paths are 404, NUL
+is 400; a directory serves its ``index.html``. Responses carry Content-Type,
+ETag, Last-Modified and Cache-Control and honour If-None-Match (then
+If-Modified-Since) with 304. Files are read in a worker thread, up to
+``max_file_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import stat
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+
+import trio
+
+from daemon.http.limits import MiB
+from daemon.http.types import Request, Response, error_response
+
+logger = logging.getLogger(__name__)
+
+# Pinned here so the answer does not depend on the host's /etc/mime.types.
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+    ".woff2": "font/woff2",
+}
+_DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def content_type_for(name: str) -> str:
+    """The Content-Type for a file name, from its suffix."""
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or _DEFAULT_CONTENT_TYPE
+
+
+def safe_parts(relative: str) -> list[str] | None:
+    """The path segments of `relative` if it is a harmless relative path, else None.
+
+    A trailing ``/`` is allowed (a directory). NUL must be rejected by the caller.
+    """
+    if relative == "":
+        return []
+    parts = relative.split("/")
+    if parts[-1] == "":
+        parts.pop()
+    for part in parts:
+        if not part or part.startswith(".") or "\\" in part:
+            return None
+    return parts
+
+
+@dataclass(frozen=True)
+class _Conditions:
+    """The request's cache validators."""
+
+    if_none_match: str | None
+    if_modified_since: str | None
+
+    def not_modified(self, etag: str, mtime: float) -> bool:
+        if self.if_none_match is not None:
+            tags = {tag.strip().removeprefix("W/") for tag in self.if_none_match.split(",")}
+            return "*" in tags or etag in tags
+        if self.if_modified_since is not None:
+            try:
+                since = parsedate_to_datetime(self.if_modified_since).timestamp()
+            except (TypeError, ValueError):
+                return False
+            return int(mtime) <= since
+        return False
+
+
+@dataclass(frozen=True)
+class _Found:
+    content_type: str
+    etag: str
+    mtime: float
+    body: bytes | None  # None when not modified
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class StaticFiles:
+    """A Handler serving files below `root` (read-only, GET/HEAD)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        param: str = "path",
+        cache_control: str | None = "no-cache",
+        index: str = "index.html",
+        max_file_bytes: int = 16 * MiB,
+    ) -> None:
+        """Serve `root`; the relative path comes from the route parameter `param`.
+
+        `cache_control` is sent as is (None: no header). ``"no-cache"`` makes
+        browsers revalidate every time, which ETag makes cheap.
+        """
+        self._root = Path(root)
+        self._param = param
+        self._cache_control = cache_control
+        self._index = index
+        self._max_file_bytes = max_file_bytes
+
+    async def __call__(self, request: Request) -> Response:
+        """Answer with the file, 304, or a JSON 400/404/405."""
+        if request.method not in ("GET", "HEAD"):
+            await trio.lowlevel.checkpoint()
+            return error_response(405, "method not allowed")
+        relative = request.path_params.get(self._param, "")
+        if "\x00" in relative:
+            await trio.lowlevel.checkpoint()
+            return error_response(400, "invalid path")
+        parts = safe_parts(relative)
+        if parts is None:
+            await trio.lowlevel.checkpoint()
+            return error_response(404, "not found", {"path": request.path})
+        conditions = _Conditions(
+            request.headers.get("if-none-match"), request.headers.get("if-modified-since")
+        )
+        try:
+            found = await trio.to_thread.run_sync(self._load, parts, conditions)
+        except _TooLarge:
+            logger.error(
+                "refusing to serve %s: larger than %d bytes", request.path, self._max_file_bytes
+            )
+            return error_response(500, "file too large to serve")
+        if found is None:
+            return error_response(404, "not found", {"path": request.path})
+        headers = [
+            ("etag", found.etag),
+            ("last-modified", formatdate(found.mtime, usegmt=True)),
+        ]
+        if self._cache_control is not None:
+            headers.append(("cache-control", self._cache_control))
+        if found.body is None:
+            return Response(304, headers)
+        headers += [
+            ("content-type", found.content_type),
+            ("x-content-type-options", "nosniff"),
+        ]
+        return Response(200, headers, found.body)
+
+    def _load(self, parts: list[str], conditions: _Conditions) -> _Found | None:
+        """Find, check and read the file (runs in a worker thread)."""
+        root = self._root.resolve()
+        try:
+            path = root.joinpath(*parts).resolve(strict=True)
+            if not path.is_relative_to(root):
+                return None  # a symlink pointing outside the root
+            if path.is_dir():
+                path = (path / self._index).resolve(strict=True)
+                if not path.is_relative_to(root):
+                    return None
+            # O_NONBLOCK: opening a FIFO must not hang the worker thread.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except (OSError, RuntimeError):
+            return None  # missing, unreadable, or a symlink loop
+        with os.fdopen(fd, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            etag = f'"{info.st_size:x}-{info.st_mtime_ns:x}"'
+            if conditions.not_modified(etag, info.st_mtime):
+                return _Found(content_type_for(path.name), etag, info.st_mtime, None)
+            if info.st_size > self._max_file_bytes:
+                raise _TooLarge
+            body = file.read(info.st_size)
+        # mimetypes may read the host's tables on first use: keep it off the loop too.
+        return _Found(content_type_for(path.name), etag, info.st_mtime, body)

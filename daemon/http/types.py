@@ -1,0 +1,171 @@
+"""The values handlers see and return: requests, responses, headers, errors.
+
+Nothing here does I/O. The server (``server.py``) turns h11 events into a
+:class:`Request` and a handler's answer back into h11 events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol, TypeAlias, overload, runtime_checkable
+
+import trio
+
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+
+
+class Headers:
+    """Immutable, case-insensitive, multi-value HTTP headers.
+
+    Iterating yields ``(name, value)`` pairs in their original order; names are
+    kept as given (h11 hands them over lower-cased).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: tuple[tuple[str, str], ...] = tuple(items)
+
+    @overload
+    def get(self, name: str) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str) -> str: ...
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header `name`, or `default` when it is absent."""
+        wanted = name.lower()
+        for key, value in self._items:
+            if key.lower() == wanted:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header `name`, in order (empty when absent)."""
+        wanted = name.lower()
+        return [value for key, value in self._items if key.lower() == wanted]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headers):
+            return NotImplemented
+        return [(k.lower(), v) for k, v in self._items] == [(k.lower(), v) for k, v in other._items]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking API; never a dict key
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._items)!r})"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request, body read in full (bounded by the route's limit)."""
+
+    method: str  # "GET"
+    target: str  # raw request target: "/progress/abc?lastEventId=3"
+    path: str  # percent-decoded path without the query: "/progress/abc"
+    query: Mapping[str, str]  # first value of each query parameter
+    headers: Headers  # case-insensitive: headers.get("last-event-id")
+    body: bytes  # the whole body
+    peer: str  # "127.0.0.1:53412"
+    path_params: Mapping[str, str] = field(default_factory=lambda: _NO_PARAMS)  # by the Router
+    http_version: str = "1.1"  # "1.0" or "1.1"
+
+
+@dataclass(frozen=True)
+class Response:
+    """A whole response. The server sets Content-Length (and drops the body for HEAD)."""
+
+    status: int
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+
+
+class BodyWriter(Protocol):
+    """Where a :class:`StreamingResponse` writes its body, one chunk at a time."""
+
+    async def send(self, data: bytes) -> None:
+        """Write `data` to the client.
+
+        Runs under ``fail_after(limits.write_timeout)``; raises
+        :class:`ClientGone` when the peer is gone or too slow to read.
+        """
+        ...
+
+
+StreamBody: TypeAlias = Callable[[BodyWriter], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamingResponse:
+    """A response whose body is written over time (e.g. Server-Sent Events).
+
+    No Content-Length: h11 uses chunked encoding for HTTP/1.1 peers and a
+    close-delimited body for HTTP/1.0 peers. The server keeps reading the
+    socket while `stream` runs and cancels `stream` as soon as the client goes
+    away (EOF or a connection error). Returning from `stream` ends the body.
+    The connection is closed afterwards. For HEAD the headers are sent and
+    `stream` is never called.
+    """
+
+    status: int
+    headers: Sequence[tuple[str, str]]
+    stream: StreamBody
+
+
+@dataclass(frozen=True)
+class ConnectionTakeover:
+    """Hand the raw connection to `handler` (e.g. for a WebSocket upgrade).
+
+    ``handler(stream, raw_bytes)``: `raw_bytes` are every byte read on this
+    connection for this request (request head included) plus anything read
+    after it, so a WebSocket library can redo the handshake on
+    ``ReplayStream(stream, raw_bytes)``. Only requests without a body may be
+    taken over. The server closes `stream` once `handler` returns.
+    """
+
+    handler: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client went away (or stopped reading) while we were writing to it."""
+
+
+HandlerResult: TypeAlias = Response | StreamingResponse | ConnectionTakeover
+Handler: TypeAlias = Callable[[Request], Awaitable[HandlerResult]]
+
+
+@runtime_checkable
+class BodyLimitProvider(Protocol):
+    """Optional hook on a Handler: the body limit of a request, asked before its body is read.
+
+    ``body_limit_for(method, target)`` gets the request method and the raw
+    request target and returns a byte limit, or None for the server default
+    (``HttpLimits.max_body_bytes``). The Router implements it from ``max_body=``.
+    """
+
+    def body_limit_for(self, method: str, target: str) -> int | None: ...
+
+
+def json_response(status: int, obj: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    """A JSON response (compact UTF-8, ``application/json``)."""
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Response(
+        status=status,
+        headers=[("content-type", "application/json"), *headers],
+        body=body,
+    )
+
+
+def error_response(status: int, message: str, details: Any = None) -> Response:
+    """The one error shape of the API: ``{"error": {"message": ..., "details": ...}}``."""
+    return json_response(status, {"error": {"message": message, "details": details}})

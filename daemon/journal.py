@@ -1,0 +1,215 @@
+"""The task journal: every task in SQLite, so a restarted daemon picks them up again.
+
+SQLite runs in a worker thread (WAL mode; one connection owned by this
+module). Writers never wait: `record()` only remembers the newest row of a
+task and wakes the flusher, which writes the pending rows in one transaction.
+A task that changes ten times between two flushes costs one write. `flush()`
+waits until everything recorded so far is on disk (used at shutdown).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+log = logging.getLogger(__name__)
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    prompt_id   TEXT NOT NULL,
+    phase       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    submitted   INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    finished_at REAL,
+    spec        TEXT NOT NULL,
+    message     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key        TEXT PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One task as the journal keeps it."""
+
+    task_id: str
+    prompt_id: str
+    phase: str
+    version: int
+    submitted: bool
+    created_at: float
+    finished_at: float | None
+    spec: Mapping[str, Any] = field(hash=False)  # protocol.task.spec_to_json
+    message: Mapping[str, Any] = field(hash=False)  # {"event", "version", "payload"}
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._pending: dict[str, TaskRecord | None] = {}  # None: delete
+        self._pending_keys: dict[str, tuple[str, float]] = {}
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._lock = trio.Lock()  # one thread at a time uses the connection
+        self.writes = 0
+
+    # -- setup and reads (at start-up)
+
+    async def open(self) -> None:
+        await trio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def load(self) -> list[TaskRecord]:
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._load_sync)
+
+    def _load_sync(self) -> list[TaskRecord]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
+            " spec, message FROM tasks ORDER BY created_at"
+        ).fetchall()
+        records = []
+        for row in rows:
+            try:
+                records.append(
+                    TaskRecord(
+                        task_id=row[0],
+                        prompt_id=row[1],
+                        phase=row[2],
+                        version=int(row[3]),
+                        submitted=bool(row[4]),
+                        created_at=float(row[5]),
+                        finished_at=None if row[6] is None else float(row[6]),
+                        spec=json.loads(row[7]),
+                        message=json.loads(row[8]),
+                    )
+                )
+            except (ValueError, TypeError) as exc:
+                log.warning("skipping an unreadable journal row for task %s: %s", row[0], exc)
+        return records
+
+    async def load_idempotency_keys(self, newer_than: float) -> dict[str, tuple[str, float]]:
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._load_keys_sync, newer_than)
+
+    def _load_keys_sync(self, newer_than: float) -> dict[str, tuple[str, float]]:
+        assert self._db is not None
+        self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (newer_than,))
+        rows = self._db.execute("SELECT key, task_id, created_at FROM idempotency").fetchall()
+        return {key: (task_id, created) for key, task_id, created in rows}
+
+    # -- writes (from the event loop, never blocking)
+
+    def record(self, record: TaskRecord) -> None:
+        self._pending[record.task_id] = record
+        self._wake()
+
+    def forget(self, task_id: str) -> None:
+        self._pending[task_id] = None
+        self._wake()
+
+    def record_idempotency_key(self, key: str, task_id: str, created_at: float) -> None:
+        self._pending_keys[key] = (task_id, created_at)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: writes pending rows whenever there are some."""
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        while self._pending or self._pending_keys:
+            batch, self._pending = self._pending, {}
+            keys, self._pending_keys = self._pending_keys, {}
+            async with self._lock:
+                try:
+                    await trio.to_thread.run_sync(self._write_sync, batch, keys)
+                except sqlite3.Error as exc:
+                    log.error("journal write failed (%s); will retry", exc)
+                    # Put back what is not superseded, and retry later.
+                    self._pending = {**batch, **self._pending}
+                    self._pending_keys = {**keys, **self._pending_keys}
+                    await trio.sleep(1.0)
+                    continue
+            self.writes += 1
+        self._idle.set()
+
+    def _write_sync(
+        self, batch: dict[str, TaskRecord | None], keys: dict[str, tuple[str, float]]
+    ) -> None:
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for task_id, record in batch.items():
+                if record is None:
+                    db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO tasks (task_id, prompt_id, phase, version, submitted,"
+                    " created_at, finished_at, spec, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.task_id,
+                        record.prompt_id,
+                        record.phase,
+                        record.version,
+                        int(record.submitted),
+                        record.created_at,
+                        record.finished_at,
+                        json.dumps(record.spec),
+                        json.dumps(record.message),
+                    ),
+                )
+            for key, (task_id, created) in keys.items():
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency (key, task_id, created_at)"
+                    " VALUES (?, ?, ?)",
+                    (key, task_id, created),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def flush(self) -> None:
+        """Wait until everything recorded so far is written."""
+        if self._pending or self._pending_keys:
+            self._wake()
+        await self._idle.wait()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(5.0, shield=True):
+            await self.flush()
+        if self._db is not None:
+            db, self._db = self._db, None
+            await trio.to_thread.run_sync(db.close)

@@ -1,0 +1,392 @@
+"""HttpServer end to end on real sockets: routing, keep-alive, pipelining, limits, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import h11
+import pytest
+import trio
+
+from daemon.http import (
+    HttpLimits,
+    Request,
+    Response,
+    Router,
+    error_response,
+    http_request,
+    json_response,
+)
+from tests.daemon.http.helpers import H11Client, header, read_until_eof, start_server
+
+SMALL_BODY_LIMIT = 1024
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def make_app(seen: list[Request] | None = None) -> Router:
+    async def hello(request: Request) -> Response:
+        if seen is not None:
+            seen.append(request)
+        return json_response(
+            200,
+            {
+                "name": request.path_params["name"],
+                "query": dict(request.query),
+                "path": request.path,
+            },
+        )
+
+    async def echo(request: Request) -> Response:
+        if seen is not None:
+            seen.append(request)
+        return Response(200, [("content-type", "application/octet-stream")], request.body)
+
+    async def boom(request: Request) -> Response:
+        raise Boom("secret detail: password=hunter2")
+
+    async def bad_header(request: Request) -> Response:
+        return Response(200, [("x-bad", "line\r\nbreak")], b"x")
+
+    async def not_a_response(request: Request) -> Response:
+        return "nope"  # type: ignore[return-value]
+
+    async def no_content(request: Request) -> Response:
+        return Response(204, [], b"ignored")
+
+    router = Router()
+    router.add("GET", "/hello/{name}", hello)
+    router.add("POST", "/echo", echo)
+    router.add("POST", "/small", echo, max_body=16)
+    router.add("POST", "/large", echo, max_body=4 * SMALL_BODY_LIMIT)
+    router.add("GET", "/boom", boom)
+    router.add("GET", "/bad-header", bad_header)
+    router.add("GET", "/not-a-response", not_a_response)
+    router.add("GET", "/no-content", no_content)
+    return router
+
+
+LIMITS = HttpLimits(max_body_bytes=SMALL_BODY_LIMIT, max_header_bytes=4096)
+
+
+async def test_get_is_routed_with_decoded_params_and_query(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("GET", f"{running.url}/hello/w%C3%B6rld?x=1&x=2&y=")
+    assert response.status == 200
+    assert response.json() == {
+        "name": "wörld",
+        "query": {"x": "1", "y": ""},
+        "path": "/hello/wörld",
+    }
+    assert response.headers.get("content-type") == "application/json"
+    assert response.headers.get("content-length") == str(len(response.body))
+    assert response.headers.get("server") == "comfy-progress"
+    assert response.headers.get("date", "").endswith(" GMT")
+
+
+async def test_unknown_path_is_404_json(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("GET", f"{running.url}/nowhere")
+    assert response.status == 404
+    assert response.json() == {"error": {"message": "not found", "details": {"path": "/nowhere"}}}
+
+
+async def test_known_path_with_other_method_is_405_with_allow(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("DELETE", f"{running.url}/hello/x")
+    assert response.status == 405
+    assert response.headers.get("allow") == "GET, HEAD"
+    assert response.json()["error"]["message"] == "method not allowed"
+
+
+async def test_head_is_served_by_get_without_body_but_with_length(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    get = await http_request("GET", f"{running.url}/hello/x")
+    head = await http_request("HEAD", f"{running.url}/hello/x")
+    assert head.status == 200
+    assert head.body == b""
+    assert head.headers.get("content-length") == str(len(get.body))
+
+
+async def test_204_has_no_body_and_no_length(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        head, body = await H11Client(stream).request("GET", "/no-content")
+    assert head.status_code == 204
+    assert body == b""
+    assert header(head, "content-length") is None
+
+
+async def test_keep_alive_serves_two_requests_on_one_connection(nursery: trio.Nursery) -> None:
+    seen: list[Request] = []
+    running = await start_server(nursery, make_app(seen), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        first, first_body = await client.request("GET", "/hello/one")
+        client.h11.start_next_cycle()
+        second, second_body = await client.request("GET", "/hello/two")
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert json.loads(first_body)["name"] == "one"
+    assert json.loads(second_body)["name"] == "two"
+    assert header(first, "connection") is None
+    assert seen[0].peer == seen[1].peer  # the same connection
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(
+            b"GET /hello/a HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /hello/c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        client = H11Client(stream)
+        bodies = []
+        for _ in range(3):
+            client.pretend_sent()
+            head, body = await client.read_response()
+            assert head.status_code == 200
+            bodies.append(body)
+            if client.h11.our_state is h11.DONE and client.h11.their_state is h11.DONE:
+                client.h11.start_next_cycle()
+        assert json.loads(bodies[0])["name"] == "a"
+        assert bodies[1] == b"hello"
+        assert json.loads(bodies[2])["name"] == "c"
+        assert await read_until_eof(stream) == b""
+
+
+async def test_expect_100_continue_gets_100_before_the_body(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        await client.send(
+            h11.Request(
+                method="POST",
+                target="/echo",
+                headers=[("host", "t"), ("content-length", "4"), ("expect", "100-continue")],
+            )
+        )
+        interim = await client.next_event()
+        assert isinstance(interim, h11.InformationalResponse)
+        assert interim.status_code == 100
+        await client.send(h11.Data(data=b"ping"), h11.EndOfMessage())
+        head, body = await client.read_response()
+    assert head.status_code == 200
+    assert body == b"ping"
+
+
+async def test_expect_100_continue_with_too_large_body_gets_413_and_no_100(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        await client.send(
+            h11.Request(
+                method="POST",
+                target="/echo",
+                headers=[
+                    ("host", "t"),
+                    ("content-length", str(SMALL_BODY_LIMIT + 1)),
+                    ("expect", "100-continue"),
+                ],
+            )
+        )
+        head = await client.next_event()
+        assert isinstance(head, h11.Response)
+        assert head.status_code == 413
+        assert header(head, "connection") == "close"
+
+
+async def test_content_length_over_limit_is_413(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("POST", f"{running.url}/echo", body=b"x" * (SMALL_BODY_LIMIT + 1))
+    assert response.status == 413
+    assert response.json()["error"]["message"] == "request body too large"
+
+
+async def test_large_upload_over_limit_still_sees_its_413(nursery: trio.Nursery) -> None:
+    # The server answers after the head and then reads (and drops) the rest
+    # while closing, so the client's upload completes and it reads the 413
+    # instead of hitting a connection reset.
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("POST", f"{running.url}/echo", body=b"x" * 512 * 1024)
+    assert response.status == 413
+
+
+async def test_body_at_the_limit_is_accepted(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    body = b"x" * SMALL_BODY_LIMIT
+    response = await http_request("POST", f"{running.url}/echo", body=body)
+    assert response.status == 200
+    assert response.body == body
+
+
+async def test_oversized_chunked_body_is_413(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % 600
+            + b"a" * 600
+            + b"\r\n"
+            + b"%x\r\n" % 600
+            + b"b" * 600
+            + b"\r\n0\r\n\r\n"
+        )
+        client = H11Client(stream)
+        head = await client.read_head()
+    assert head.status_code == 413
+
+
+async def test_small_chunked_body_is_read_whole(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        await client.send(
+            h11.Request(
+                method="POST",
+                target="/echo",
+                headers=[("host", "t"), ("transfer-encoding", "chunked")],
+            ),
+            h11.Data(data=b"one "),
+            h11.Data(data=b"two"),
+            h11.EndOfMessage(),
+        )
+        head, body = await client.read_response()
+    assert head.status_code == 200
+    assert body == b"one two"
+
+
+async def test_route_max_body_overrides_the_server_limit(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    big = b"x" * (2 * SMALL_BODY_LIMIT)
+    raised = await http_request("POST", f"{running.url}/large", body=big)
+    assert raised.status == 200
+    assert raised.body == big
+    lowered = await http_request("POST", f"{running.url}/small", body=b"x" * 17)
+    assert lowered.status == 413
+
+
+async def test_huge_headers_are_431(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(
+            b"GET /hello/x HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
+        )
+        head = await H11Client(stream).read_head()
+    assert head.status_code == 431
+
+
+async def test_endless_head_is_431_before_it_ends(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(b"GET /hello/x HTTP/1.1\r\nHost: t\r\n")
+        for _ in range(10):  # never the blank line that ends the head
+            await stream.send_all(b"X-More: " + b"a" * 1000 + b"\r\n")
+        head = await H11Client(stream).read_head()
+    assert head.status_code == 431
+
+
+async def test_garbage_is_400_and_the_connection_closes(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(b"THIS IS NOT HTTP\r\n\r\n")
+        raw = await read_until_eof(stream)
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close" in raw.lower()
+    assert raw.endswith(b'{"error":{"message":"malformed request","details":null}}')
+
+
+async def test_invalid_percent_encoding_in_path_is_400(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("GET", f"{running.url}/hello/%FF%FE")
+    assert response.status == 400
+
+
+async def test_handler_exception_is_500_without_details_and_is_logged(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    with caplog.at_level(logging.ERROR, logger="daemon.http.server"):
+        response = await http_request("GET", f"{running.url}/boom")
+    assert response.status == 500
+    assert response.json() == {"error": {"message": "internal server error", "details": None}}
+    assert b"hunter2" not in response.body
+    assert b"Boom" not in response.body
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "GET /boom" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], Boom)
+
+
+async def test_keep_alive_survives_a_500(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        first, _ = await client.request("GET", "/boom")
+        client.h11.start_next_cycle()
+        second, _ = await client.request("GET", "/hello/x")
+    assert (first.status_code, second.status_code) == (500, 200)
+
+
+@pytest.mark.parametrize("path", ["/bad-header", "/not-a-response"])
+async def test_invalid_handler_results_become_500(nursery: trio.Nursery, path: str) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    response = await http_request("GET", f"{running.url}{path}")
+    assert response.status == 500
+    assert response.json()["error"]["message"] == "internal server error"
+
+
+async def test_connection_close_from_the_client_is_honoured(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        head, _ = await client.request("GET", "/hello/x", [("connection", "close")])
+        assert header(head, "connection") == "close"
+        assert await read_until_eof(stream) == b""
+
+
+async def test_http_1_0_gets_an_answer_and_a_close(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(b"GET /hello/old HTTP/1.0\r\n\r\n")
+        raw = await read_until_eof(stream)
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert raw.endswith(b'"name":"old","query":{},"path":"/hello/old"}')
+
+
+async def test_absolute_form_target_is_routed_by_its_path(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        head, body = await client.request("GET", "http://example/hello/abs?q=1")
+    assert head.status_code == 200
+    assert json.loads(body) == {"name": "abs", "query": {"q": "1"}, "path": "/hello/abs"}
+
+
+async def test_connections_beyond_max_connections_get_503(nursery: trio.Nursery) -> None:
+    running = await start_server(
+        nursery, make_app(), HttpLimits(max_connections=1, max_body_bytes=SMALL_BODY_LIMIT)
+    )
+    async with await running.connect() as first:
+        # One answered request proves the first connection is accepted and counted.
+        client = H11Client(first)
+        head, _ = await client.request("GET", "/hello/x")
+        assert head.status_code == 200
+        assert running.server.active_connections == 1
+        async with await running.connect() as second:
+            raw = await read_until_eof(second)
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"connection limit" in raw
+
+
+async def test_error_response_shape() -> None:
+    response = error_response(422, "bad input", {"field": "prompt"})
+    assert json.loads(response.body) == {
+        "error": {"message": "bad input", "details": {"field": "prompt"}}
+    }
+    await trio.lowlevel.checkpoint()

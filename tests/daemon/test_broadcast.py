@@ -1,0 +1,65 @@
+"""The latest-snapshot broadcaster."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from daemon.broadcast import Broadcaster, Snapshot
+
+
+def snap(version: int, *, terminal: bool = False) -> Snapshot:
+    return Snapshot(version, "progress", {"v": version}, f"id: {version}\n\n".encode(), terminal)
+
+
+async def test_reader_gets_current_then_newer() -> None:
+    b = Broadcaster()
+    b.publish(snap(0))
+    assert (await b.wait_newer(None)).version == 0
+    got: list[int] = []
+
+    async def reader() -> None:
+        got.append((await b.wait_newer(0)).version)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        b.publish(snap(1))
+    assert got == [1]
+
+
+async def test_slow_reader_skips_to_the_latest() -> None:
+    b = Broadcaster()
+    for v in range(5):
+        b.publish(snap(v))
+    assert (await b.wait_newer(1)).version == 4
+
+
+async def test_publishing_never_waits_for_readers() -> None:
+    b = Broadcaster()
+    b.publish(snap(0))
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(b.wait_newer, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.testing.assert_no_checkpoints():
+            b.publish(snap(1))
+
+
+async def test_wait_newer_checkpoints_on_the_fast_path() -> None:
+    b = Broadcaster()
+    b.publish(snap(3))
+    with trio.testing.assert_checkpoints():
+        await b.wait_newer(2)
+
+
+def test_versions_rise_and_terminal_is_last() -> None:
+    b = Broadcaster()
+    b.publish(snap(1))
+    with pytest.raises(ValueError, match="must rise"):
+        b.publish(snap(1))
+    b.publish(snap(2, terminal=True))
+    with pytest.raises(RuntimeError, match="terminal"):
+        b.publish(snap(3))

@@ -1,0 +1,78 @@
+"""Configuration: TOML < environment < flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon import config as cfg
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "comfy-progress.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    config = cfg.load(config_file=None, environ={}, flags={})
+    assert config.listen == "127.0.0.1:8000"
+    assert config.heartbeat_interval == 30.0
+    assert config.task_retention == 300.0
+
+
+def test_each_layer_overrides_the_one_before(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, 'listen = "0.0.0.0:9000"\nheartbeat_interval = 10\nlog_level = "debug"\n'
+    )
+    environ = {"COMFY_PROGRESS_HEARTBEAT_INTERVAL": "20", "COMFY_PROGRESS_LOG_LEVEL": "warning"}
+    config = cfg.load(config_file=path, environ=environ, flags={"log_level": "error"})
+    assert config.listen == "0.0.0.0:9000"  # file only
+    assert config.heartbeat_interval == 20.0  # env beats file
+    assert config.log_level == "error"  # flag beats env
+
+
+def test_config_file_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "task_retention = 5\n")
+    config = cfg.load(config_file=None, environ={"COMFY_PROGRESS_CONFIG": str(path)}, flags={})
+    assert config.task_retention == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nope = 1\n", "unknown setting(s) in config file"),
+        ("heartbeat_interval = -1\n", "must be at least"),
+        ('heartbeat_interval = "soon"\n', "bad value 'soon' for heartbeat_interval"),
+        ("simulate = 3\n", "expected true or false"),
+        ('log_level = "loud"\n', "choose one of"),
+        ("max_body_bytes = 1.5\n", "expected an integer"),
+        ("listen = [\n", "is not valid TOML"),
+        ('listen = "nowhere"\n', "is not HOST:PORT"),
+        ('comfy_url = "ftp://x"\n', "must start with http://"),
+    ],
+)
+def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg.load(config_file=write(tmp_path, text), environ={}, flags={})
+
+
+def test_errors_name_their_source() -> None:
+    with pytest.raises(cfg.ConfigError, match="environment COMFY_PROGRESS_MAX_TASKS"):
+        cfg.load(config_file=None, environ={"COMFY_PROGRESS_MAX_TASKS": "many"}, flags={})
+    with pytest.raises(cfg.ConfigError, match=r"unknown setting.*COMFY_PROGRESS_"):
+        cfg.load(config_file=None, environ={"COMFY_PROGRESS_TYPO": "1"}, flags={})
+    with pytest.raises(cfg.ConfigError, match="flag --write-timeout"):
+        cfg.load(config_file=None, environ={}, flags={"write_timeout": "x"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="cannot read config file"):
+        cfg.load(config_file=tmp_path / "absent.toml", environ={}, flags={})
+
+
+def test_rendered_config_loads_back(tmp_path: Path) -> None:
+    config = cfg.load(config_file=None, environ={}, flags={"heartbeat_interval": "12.5"})
+    again = cfg.load(config_file=write(tmp_path, cfg.render_toml(config)), environ={}, flags={})
+    assert again == config

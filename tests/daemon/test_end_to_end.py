@@ -1,0 +1,172 @@
+"""The daemon end to end: real sockets, the real simulator over HTTP and WebSocket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+from daemon.simulator import SimulatorConfig
+
+from tests.daemon.harness import payloads, running_daemon
+
+
+async def test_generate_answers_at_once_and_streams_to_completion(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        response = await daemon.request("POST", "/generate", {"prompt": "a red fox", "seed": 42})
+        assert response.status == 202
+        body = response.json()
+        assert body["status"] == "queued"
+        task_id = body["taskId"]
+        assert body["progressUrl"] == f"/progress/{task_id}"
+        assert len(task_id) >= 30
+
+        events = await daemon.events(task_id)
+        names = [e.event for e in events]
+        assert names[-1] == "complete"
+        assert set(names[:-1]) == {"progress"}
+        ids = [int(e.id or -1) for e in events]
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)
+
+        data = payloads(events)
+        steps = [d["progress"]["currentStep"] for d in data]
+        assert "Sampling image..." in steps
+        sampling = [d for d in data if d["progress"]["currentStep"] == "Sampling image..."]
+        percentages = [d["progress"]["percentage"] for d in sampling]
+        assert percentages == sorted(percentages)
+        done = data[-1]
+        assert done["status"] == "completed"
+        result = done["result"]
+        assert result["prompt"] == "a red fox"
+        assert result["seed"] == 42
+        assert result["workflow"] == "txt2img"
+        assert result["imageUrl"].startswith("/image/")
+
+        image = await daemon.request("GET", result["imageUrl"])
+        assert image.status == 200
+        assert image.headers.get("content-type") == "image/png"
+        assert image.body.startswith(b"\x89PNG\r\n\x1a\n")
+
+        status = await daemon.request("GET", f"/tasks/{task_id}")
+        assert status.status == 200
+        assert status.json()["status"] == "completed"
+
+
+async def test_a_stream_opened_after_the_end_gets_the_terminal_event(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        first = await daemon.events(task_id)
+        again = await daemon.events(task_id)
+        assert [e.event for e in again] == ["complete"]
+        assert again[0].data == first[-1].data
+
+
+async def test_resume_with_last_event_id(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        events = await daemon.events(task_id)
+        last = int(events[-1].id or 0)
+        # Missed the last event: it comes at once.
+        resumed = await daemon.events(task_id, last_event_id=last - 1)
+        assert [int(e.id or 0) for e in resumed] == [last]
+        # Same through the query parameter a browser can set on its first connection.
+        resumed = await daemon.events(task_id, query=f"?lastEventId={last - 1}")
+        assert [int(e.id or 0) for e in resumed] == [last]
+
+
+async def test_failure_at_a_node_is_an_error_event(tmp_path: Path) -> None:
+    failing = SimulatorConfig(step_time=0.01, fail_at="VAEDecode")
+    async with running_daemon(tmp_path, simulator=failing) as daemon:
+        task_id = await daemon.generate()
+        events = await daemon.events(task_id)
+        assert events[-1].event == "error-event"
+        error = json.loads(events[-1].data)["error"]
+        assert error["code"] == "comfy_error"
+        assert error["nodeType"] == "VAEDecode"
+        assert error["nodeId"] == "8"
+        assert error["message"]
+
+
+async def test_unreachable_comfyui_makes_the_task_wait_then_fail(tmp_path: Path) -> None:
+    # Nothing listens on this port (we bind and close it to find a free one).
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    async with running_daemon(
+        tmp_path,
+        simulator=None,
+        comfy_url=f"http://127.0.0.1:{port}",
+        backend_wait_timeout=0.5,
+    ) as daemon:
+        ready = await daemon.request("GET", "/readyz")
+        assert ready.status == 503
+        task_id = await daemon.generate()
+        data = payloads(await daemon.events(task_id))
+        assert data[0]["progress"]["currentStep"] in ("Starting...", "Waiting for ComfyUI...")
+        assert any(d["progress"]["currentStep"] == "Waiting for ComfyUI..." for d in data)
+        assert data[-1]["status"] == "error"
+        assert data[-1]["error"]["code"] == "backend_unavailable"
+
+
+async def test_health_and_readiness(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        assert (await daemon.request("GET", "/healthz")).status == 200
+        with trio.fail_after(5):
+            while (await daemon.request("GET", "/readyz")).status != 200:
+                await daemon.app.backend.connected_changed.wait()
+
+
+async def test_bad_requests_are_clear(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        cases = [
+            (b"{not json", 400, "not valid JSON"),
+            (b"[]", 400, "must be a JSON object"),
+            (json.dumps({}).encode(), 400, "prompt"),
+            (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+            (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),
+            (json.dumps({"prompt": "x", "promt": "typo"}).encode(), 400, "promt"),
+            (json.dumps({"prompt": "x", "workflow": "nope"}).encode(), 404, "nope"),
+        ]
+        for raw, status, text in cases:
+            response = await daemon.request("POST", "/generate", raw)
+            assert response.status == status, (raw, response.body)
+            error = response.json()["error"]
+            assert text in error["message"] + json.dumps(error.get("details")), (raw, error)
+        too_big = await daemon.request("POST", "/generate", b"x" * (2 * 1024 * 1024))
+        assert too_big.status == 413
+        assert (await daemon.request("GET", "/progress/unknown")).status == 404
+        assert (await daemon.request("GET", "/tasks/unknown")).status == 404
+        assert (await daemon.request("PUT", "/generate", {})).status == 405
+        assert daemon.app.registry.created == 0  # nothing reached ComfyUI
+
+
+async def test_many_subscribers_see_the_same_stream(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        results: list[list[str]] = []
+
+        async def subscribe() -> None:
+            events = await daemon.events(task_id)
+            results.append([e.event or "" for e in events])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(subscribe)
+        assert all(r[-1] == "complete" for r in results)
+
+
+async def test_cancel(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=SimulatorConfig(step_time=0.2)) as daemon:
+        task_id = await daemon.generate()
+        response = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert response.status == 202
+        again = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert again.status == 202  # idempotent
+        events = await daemon.events(task_id)
+        error = json.loads(events[-1].data)["error"]
+        assert error["code"] == "cancelled"
+        finished = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert finished.status == 200
+        assert finished.json()["cancelled"] is False
