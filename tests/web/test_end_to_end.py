@@ -148,4 +148,9 @@ def test_two_generations_run_side_by_side(page: Page) -> None:
     expect(page.locator(".progress-banner")).to_have_count(2)
     expect(page.locator(".carousel__thumbs li")).to_have_count(2, timeout=40_000)
     expect(page.locator(".progress-banner")).to_have_count(0)
+    # Newest first; the carousel steps back to the older one.
     expect(page.locator(".carousel__count")).to_have_text("1 / 2")
+    expect(page.locator(".carousel__title")).to_have_text("Second")
+    page.get_by_role("button", name="Older").click()
+    expect(page.locator(".carousel__count")).to_have_text("2 / 2")
+    expect(page.locator(".carousel__title")).to_have_text("First")

@@ -234,3 +234,33 @@ def test_two_generations_stack_two_banners(web: RecordedPage) -> None:
     assert box_a["y"] == 0
     assert box_b["y"] >= box_a["y"] + box_a["height"]
     assert page.locator(".banner-stack").evaluate("el => getComputedStyle(el).position") == "fixed"
+
+
+def test_a_dismissed_running_task_still_delivers_its_image(web: RecordedPage) -> None:
+    origin = FakeOrigin(BASE)
+    origin.on("POST", "generate", accepted("t-d"))
+    gate = {"open": False}
+
+    def stream() -> Answer:
+        # Until the gate opens, each (re)connection gets the same snapshot and
+        # ends; Chromium reconnects by itself 50 ms later.
+        if not gate["open"]:
+            return sse(("progress", 1, sampling("t-d", 4, 20, 40)), retry_ms=50)
+        return sse(("complete", 2, completed("t-d", "late.png", "Late")))
+
+    origin.on("GET", "progress/t-d", stream)
+    origin.install(web.page)
+    page = web.page
+    page.goto(BASE)
+    submit(web, "a lighthouse", "Late")
+
+    banner = page.locator(".progress-banner")
+    expect(banner.locator(".progress-banner__percent")).to_have_text("40%")
+    banner.get_by_role("button", name="Dismiss").click()
+    expect(banner).to_have_count(0)
+    gate["open"] = True
+
+    # Hidden, but still subscribed: the result lands, and the toast says so.
+    expect(page.locator("img.carousel__image")).to_have_attribute("src", "image/late.png")
+    expect(page.locator(".toast--success .toast__text")).to_have_text("Image ready: Late")
+    expect(banner).to_have_count(0)
