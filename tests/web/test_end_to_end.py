@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Page, expect
 
 from tests.web.browser import ARTIFACTS, RecordedPage
 from tests.web.daemon_process import DaemonProcess, running_daemon
@@ -48,11 +48,6 @@ def generate(page: Page, prompt: str, *, name: str = "", seed: str = "") -> None
     page.get_by_role("button", name="Generate").click()
 
 
-def percent_of(banner: Locator) -> int:
-    text = banner.locator(".progress-banner__percent").inner_text()
-    return int(text.rstrip("%"))
-
-
 def test_generate_shows_live_progress_then_the_image(
     page: Page, web: RecordedPage, daemon: DaemonProcess
 ) -> None:
@@ -70,9 +65,13 @@ def test_generate_shows_live_progress_then_the_image(
     )
     percent = banner.locator(".progress-banner__percent")
     expect(percent).to_have_text(PERCENT_1_TO_99)
-    seen = percent_of(banner)
-    fill_width = banner.locator(".progress-banner__fill").evaluate("el => el.style.width")
-    assert fill_width == f"{seen}%"
+    # Text and bar read in one go: an update cannot land between the two reads.
+    shown = banner.evaluate(
+        "el => [el.querySelector('.progress-banner__percent').textContent,"
+        " el.querySelector('.progress-banner__fill').style.width]"
+    )
+    seen = int(shown[0].rstrip("%"))
+    assert shown[1] == f"{seen}%"
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
 
