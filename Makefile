@@ -4,21 +4,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NPM_STAMP := node_modules/.package-lock.stamp
 
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 
-.PHONY: all setup run test lint typecheck pytest fmt bench soak clean
+.PHONY: all setup run test lint typecheck pytest jstest fmt bench soak clean
 
 all: test
 
-setup: $(STAMP)
+setup: $(STAMP) $(NPM_STAMP)
 
 # Re-install only when the dependency list changes; the package is editable.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The browser client's packages (Preact, htm), served at /vendor/: reinstall
+# when node_modules is missing or package-lock.json changed.
+$(NPM_STAMP): package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 run: setup
@@ -34,11 +41,14 @@ typecheck: setup
 pytest: setup
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+jstest: setup
+	node --test tests/js/
+
+test: lint typecheck pytest jstest
 
 fmt: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,146 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import {
+  ApiError,
+  cancelTask,
+  generateBody,
+  pageRelativeUrl,
+  postGenerate,
+} from "../../public/js/api.mjs";
+import { carouselItems } from "../../public/js/main.mjs";
+
+/** A fetch that answers once with `status` and `body`, recording the request. */
+function fakeFetch(status, body, { statusText = "" } = {}) {
+  const calls = [];
+  const impl = async (url, init) => {
+    calls.push({ url, init });
+    const text = typeof body === "string" ? body : JSON.stringify(body);
+    return new Response(text, { status, statusText });
+  };
+  return { impl, calls };
+}
+
+describe("pageRelativeUrl", () => {
+  test("root-relative daemon URLs become page-relative", () => {
+    assert.equal(pageRelativeUrl("/image/abc.png"), "image/abc.png");
+    assert.equal(pageRelativeUrl("image/abc.png"), "image/abc.png");
+  });
+
+  test("absolute URLs are left alone", () => {
+    assert.equal(pageRelativeUrl("https://cdn.example/x.png"), "https://cdn.example/x.png");
+    assert.equal(pageRelativeUrl("//cdn.example/x.png"), "//cdn.example/x.png");
+    assert.equal(pageRelativeUrl("data:image/png;base64,AA"), "data:image/png;base64,AA");
+  });
+});
+
+describe("generateBody", () => {
+  test("empty optional fields are left out", () => {
+    const body = JSON.parse(generateBody({ prompt: "a cat", workflow: "txt2img", seed: "", name: " " }));
+    assert.deepEqual(body, { prompt: "a cat", workflow: "txt2img" });
+  });
+
+  test("a numeric seed is a JSON number and a name is trimmed", () => {
+    const body = JSON.parse(generateBody({ prompt: "p", seed: " 42 ", name: " Kit " }));
+    assert.deepEqual(body, { prompt: "p", name: "Kit", seed: 42 });
+  });
+
+  test("seeds past 2**53 keep every digit", () => {
+    const text = generateBody({ prompt: "p", seed: "18446744073709551615" });
+    assert.match(text, /"seed":18446744073709551615}$/);
+    assert.doesNotThrow(() => JSON.parse(text));
+    assert.equal(generateBody({ prompt: "p", seed: "007" }), '{"prompt":"p","seed":7}');
+  });
+
+  test("a seed that is not a number goes as typed, for the daemon to refuse", () => {
+    assert.deepEqual(JSON.parse(generateBody({ prompt: "p", seed: "abc" })), { prompt: "p", seed: "abc" });
+  });
+});
+
+describe("postGenerate", () => {
+  const accepted = { taskId: "t1", status: "queued", progressUrl: "/progress/t1", statusUrl: "/tasks/t1" };
+
+  test("POSTs JSON to the page-relative 'generate' and returns the 202 reply", async () => {
+    const { impl, calls } = fakeFetch(202, accepted);
+    const reply = await postGenerate({ prompt: "a cat", seed: "1" }, { fetch: impl });
+    assert.deepEqual(reply, accepted);
+    assert.equal(calls[0].url, "generate");
+    assert.equal(calls[0].init.method, "POST");
+    assert.equal(calls[0].init.headers["Content-Type"], "application/json");
+    assert.deepEqual(JSON.parse(calls[0].init.body), { prompt: "a cat", seed: 1 });
+  });
+
+  test("a 4xx carries the daemon's error message and details", async () => {
+    const { impl } = fakeFetch(400, {
+      error: { message: "seed: must be an integer from 0 to 18446744073709551615", details: { field: "seed" } },
+    });
+    await assert.rejects(postGenerate({ prompt: "p", seed: "x" }, { fetch: impl }), (err) => {
+      assert.ok(err instanceof ApiError);
+      assert.equal(err.status, 400);
+      assert.match(err.message, /^seed: must be an integer/);
+      assert.deepEqual(err.details, { field: "seed" });
+      return true;
+    });
+  });
+
+  test("a non-JSON error page is described by its status", async () => {
+    const { impl } = fakeFetch(502, "<html>bad gateway</html>", { statusText: "Bad Gateway" });
+    await assert.rejects(postGenerate({ prompt: "p" }, { fetch: impl }), {
+      name: "ApiError",
+      message: "The server answered 502 Bad Gateway",
+    });
+  });
+
+  test("a network failure says the server is unreachable", async () => {
+    const impl = async () => {
+      throw new TypeError("Failed to fetch");
+    };
+    await assert.rejects(postGenerate({ prompt: "p" }, { fetch: impl }), {
+      message: "Could not reach the server",
+    });
+  });
+
+  test("a success without a taskId is an error, not a silent no-op", async () => {
+    const { impl } = fakeFetch(202, { status: "queued" });
+    await assert.rejects(postGenerate({ prompt: "p" }, { fetch: impl }), /no task id/);
+  });
+});
+
+test("cancelTask sends DELETE to the page-relative task URL", async () => {
+  const { impl, calls } = fakeFetch(202, { taskId: "a/b", status: "cancelling", cancelled: true });
+  const reply = await cancelTask("a/b", { fetch: impl });
+  assert.equal(calls[0].url, "tasks/a%2Fb");
+  assert.equal(calls[0].init.method, "DELETE");
+  assert.equal(reply.cancelled, true);
+});
+
+describe("carouselItems", () => {
+  const result = {
+    imageUrl: "/image/a.png",
+    imageUrls: ["/image/a.png", "/image/b.png"],
+    prompt: "a cat",
+    seed: 5,
+    name: "Kit",
+    workflow: "txt2img",
+    description: null,
+    uid: 17,
+  };
+
+  test("one page-relative item per image, with the request's fields", () => {
+    const items = carouselItems(result, "t1");
+    assert.deepEqual(
+      items.map((i) => i.image),
+      ["image/a.png", "image/b.png"],
+    );
+    assert.deepEqual(
+      { ...items[0], image: undefined, uid: undefined },
+      { image: undefined, prompt: "a cat", seed: 5, name: "Kit", workflow: "txt2img", description: null, uid: undefined, taskId: "t1" },
+    );
+    assert.notEqual(items[0].uid, items[1].uid, "distinct keys for the carousel");
+  });
+
+  test("the seed's single imageUrl is enough", () => {
+    const items = carouselItems({ imageUrl: "/image/a.png", uid: 1 }, "t1");
+    assert.deepEqual(items.map((i) => [i.image, i.uid]), [["image/a.png", 1]]);
+  });
+});

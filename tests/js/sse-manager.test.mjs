@@ -1,0 +1,347 @@
+import assert from "node:assert/strict";
+import { beforeEach, describe, test } from "node:test";
+
+import {
+  CONNECTION_LOST,
+  SSEManager,
+  backoffDelay,
+  progressUrl,
+  sseManager,
+} from "../../public/js/sse-manager.mjs";
+import { FakeEventSource, FakeTimers, recorder } from "./fakes.mjs";
+
+// Payloads shaped like protocol/task.py `render` output.
+const PROGRESS = {
+  taskId: "t1",
+  status: "in-progress",
+  phase: "running",
+  progress: {
+    percentage: 45,
+    currentStep: "Sampling image...",
+    currentValue: 9,
+    maxValue: 20,
+    overall: { percentage: 63.2, nodesDone: 4, nodesTotal: 7 },
+    etaSeconds: 3.3,
+    node: "3",
+    nodeType: "KSampler",
+  },
+  queue: null,
+  timestamp: "2025-11-25T12:34:56.789Z",
+};
+const COMPLETE = {
+  taskId: "t1",
+  status: "completed",
+  progress: { percentage: 100, currentStep: "Complete", currentValue: 20, maxValue: 20 },
+  result: { imageUrl: "/image/a.png", imageUrls: ["/image/a.png"], prompt: "a cat", seed: 1 },
+  timestamp: "2025-11-25T12:35:30.123Z",
+};
+const ERROR = {
+  taskId: "t1",
+  status: "error",
+  progress: { percentage: 0, currentStep: "Failed", currentValue: 0, maxValue: 0 },
+  error: { message: "CUDA out of memory", details: "RuntimeError in node 3 (KSampler)", code: "comfy_error" },
+  timestamp: "2025-11-25T12:35:30.123Z",
+};
+
+let timers;
+let manager;
+const RANDOM = 0.5;
+
+function makeManager(options = {}) {
+  return new SSEManager({
+    EventSource: FakeEventSource,
+    timers,
+    random: () => RANDOM,
+    logger: { warn: () => {} },
+    ...options,
+  });
+}
+
+beforeEach(() => {
+  FakeEventSource.reset();
+  timers = new FakeTimers();
+  manager = makeManager();
+});
+
+describe("connecting", () => {
+  test("opens one EventSource on a relative URL with the task id escaped", () => {
+    manager.subscribe("a b/c", {});
+    assert.equal(FakeEventSource.instances.length, 1);
+    assert.equal(FakeEventSource.latest.url, "progress/a%20b%2Fc");
+    assert.ok(manager.isSubscribed("a b/c"));
+  });
+
+  test("a base URL prefixes the path", () => {
+    makeManager({ baseUrl: "/app/" }).subscribe("t1", {});
+    assert.equal(FakeEventSource.latest.url, "/app/progress/t1");
+  });
+
+  test("subscribing twice to one task keeps one connection and uses the newer callbacks", () => {
+    const first = recorder();
+    const second = recorder();
+    manager.subscribe("t1", first.callbacks);
+    manager.subscribe("t1", second.callbacks);
+    assert.equal(FakeEventSource.instances.length, 1);
+    FakeEventSource.latest.emit("progress", PROGRESS, "1");
+    assert.equal(first.calls.progress.length, 0);
+    assert.equal(second.calls.progress.length, 1);
+  });
+
+  test("tasks get their own EventSource each", () => {
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", {});
+    assert.deepEqual(
+      FakeEventSource.instances.map((s) => s.url),
+      ["progress/t1", "progress/t2"],
+    );
+  });
+
+  test("the seed's positional callbacks work too", () => {
+    const got = [];
+    manager.subscribe("t1", (d) => got.push(["p", d]), (d) => got.push(["c", d]));
+    FakeEventSource.latest.emit("progress", PROGRESS, "1");
+    FakeEventSource.latest.emit("complete", COMPLETE, "2");
+    assert.deepEqual(got, [["p", PROGRESS], ["c", COMPLETE]]);
+  });
+});
+
+describe("routing", () => {
+  test("progress goes to onProgress, parsed, and keeps the stream open", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    const source = FakeEventSource.latest;
+    source.open();
+    source.emit("progress", PROGRESS, "1");
+    source.emit("progress", { ...PROGRESS, progress: { ...PROGRESS.progress, currentValue: 10 } }, "2");
+    assert.deepEqual(calls.progress[0], PROGRESS);
+    assert.equal(calls.progress[1].progress.currentValue, 10);
+    assert.equal(calls.complete.length + calls.error.length, 0);
+    assert.equal(source.closed, false);
+    assert.ok(manager.isSubscribed("t1"));
+  });
+
+  test("complete goes to onComplete, then the EventSource is closed and forgotten", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    const source = FakeEventSource.latest;
+    source.emit("complete", COMPLETE, "5");
+    assert.deepEqual(calls.complete, [COMPLETE]);
+    assert.equal(source.closed, true);
+    assert.equal(source.listenerCount(), 0);
+    assert.equal(manager.isSubscribed("t1"), false);
+  });
+
+  test("error-event goes to onError with the server's message, then cleanup", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    const source = FakeEventSource.latest;
+    source.emit("error-event", ERROR, "5");
+    assert.equal(calls.error.length, 1);
+    assert.equal(calls.error[0].error.message, "CUDA out of memory");
+    assert.equal(source.closed, true);
+    assert.equal(manager.isSubscribed("t1"), false);
+  });
+
+  test("a terminal callback may subscribe to the same task again", () => {
+    let reopened = false;
+    manager.subscribe("t1", {
+      onComplete: () => {
+        manager.subscribe("t1", {});
+        reopened = true;
+      },
+    });
+    FakeEventSource.latest.emit("complete", COMPLETE, "5");
+    assert.ok(reopened);
+    assert.equal(FakeEventSource.instances.length, 2);
+    assert.ok(manager.isSubscribed("t1"));
+  });
+
+  test("a malformed event is skipped and later events still arrive", () => {
+    const warnings = [];
+    manager = makeManager({ logger: { warn: (msg) => warnings.push(msg) } });
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    FakeEventSource.latest.emit("progress", "{not json", "1");
+    FakeEventSource.latest.emit("progress", PROGRESS, "2");
+    assert.equal(calls.progress.length, 1);
+    assert.equal(calls.error.length, 0);
+    assert.equal(warnings.length, 1);
+  });
+
+  test("events from one task never reach another task's callbacks", () => {
+    const one = recorder();
+    const two = recorder();
+    manager.subscribe("t1", one.callbacks);
+    manager.subscribe("t2", two.callbacks);
+    FakeEventSource.instances[1].emit("progress", { ...PROGRESS, taskId: "t2" }, "1");
+    assert.equal(one.calls.progress.length, 0);
+    assert.equal(two.calls.progress.length, 1);
+  });
+});
+
+describe("unsubscribe", () => {
+  test("closes the EventSource, drops the listeners and silences callbacks", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    const source = FakeEventSource.latest;
+    manager.unsubscribe("t1");
+    assert.equal(source.closed, true);
+    assert.equal(source.listenerCount(), 0);
+    assert.equal(manager.isSubscribed("t1"), false);
+    // A late event dispatched by a browser that had it queued is ignored.
+    manager._handleMessage("t1", { type: "progress", data: JSON.stringify(PROGRESS), lastEventId: "9" });
+    assert.equal(calls.progress.length, 0);
+  });
+
+  test("the function subscribe returns unsubscribes", () => {
+    const off = manager.subscribe("t1", {});
+    off();
+    assert.equal(FakeEventSource.latest.closed, true);
+    assert.equal(manager.isSubscribed("t1"), false);
+  });
+
+  test("cancels a pending reconnect", () => {
+    manager.subscribe("t1", {});
+    FakeEventSource.latest.failClosed();
+    assert.equal(timers.pending.size, 1);
+    manager.unsubscribe("t1");
+    assert.equal(timers.pending.size, 0);
+    timers.advance(60_000);
+    assert.equal(FakeEventSource.instances.length, 1);
+  });
+
+  test("unknown task ids are a no-op", () => {
+    manager.unsubscribe("nope");
+    assert.equal(manager.activeConnections.size, 0);
+  });
+});
+
+describe("reconnecting", () => {
+  test("while the browser retries (CONNECTING) nothing new is opened", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    const source = FakeEventSource.latest;
+    source.failRetrying();
+    source.failRetrying();
+    timers.advance(120_000);
+    assert.equal(FakeEventSource.instances.length, 1);
+    assert.equal(source.closed, false);
+    assert.equal(timers.pending.size, 0);
+    assert.equal(calls.error.length, 0);
+  });
+
+  test("after the browser gives up, one new EventSource resumes from the last id", () => {
+    manager.subscribe("t1", {});
+    const first = FakeEventSource.latest;
+    first.open();
+    first.emit("progress", PROGRESS, "7");
+    first.failClosed();
+    assert.equal(first.closed, true);
+    assert.equal(first.listenerCount(), 0);
+    assert.equal(FakeEventSource.instances.length, 1, "waits before reconnecting");
+    timers.advance(timers.delays[0]);
+    assert.equal(FakeEventSource.instances.length, 2);
+    assert.equal(FakeEventSource.latest.url, "progress/t1?lastEventId=7");
+  });
+
+  test("without any event yet, the reconnect URL has no lastEventId", () => {
+    manager.subscribe("t1", {});
+    FakeEventSource.latest.failClosed();
+    timers.advance(60_000);
+    assert.equal(FakeEventSource.latest.url, "progress/t1");
+  });
+
+  test("the delays double, are capped, and carry the injected jitter", () => {
+    manager = makeManager({ initialDelayMs: 1000, maxDelayMs: 5000, maxAttempts: 10 });
+    manager.subscribe("t1", {});
+    const delays = [];
+    for (let i = 0; i < 5; i++) {
+      FakeEventSource.latest.failClosed();
+      delays.push(timers.delays[0]);
+      timers.advance(timers.delays[0]);
+    }
+    // random() = 0.5: half fixed + a quarter of the capped delay.
+    assert.deepEqual(delays, [750, 1500, 3000, 3750, 3750]);
+  });
+
+  test("jitter spans [half, whole] of the capped delay", () => {
+    const config = { initialDelayMs: 1000, maxDelayMs: 30000 };
+    assert.equal(backoffDelay(1, config, () => 0), 500);
+    assert.equal(backoffDelay(1, config, () => 0.999999), 999.9995);
+    assert.equal(backoffDelay(3, config, () => 0), 2000);
+    assert.equal(backoffDelay(10, config, () => 0), 15000);
+    assert.equal(backoffDelay(10, config, () => 1), 30000);
+  });
+
+  test("a reconnect that opens resets the schedule", () => {
+    manager.subscribe("t1", {});
+    FakeEventSource.latest.failClosed();
+    timers.advance(timers.delays[0]);
+    FakeEventSource.latest.failClosed();
+    assert.equal(timers.delays[0], 1500, "second attempt doubles");
+    timers.advance(timers.delays[0]);
+    FakeEventSource.latest.open();
+    FakeEventSource.latest.failClosed();
+    assert.equal(timers.delays[0], 750, "after an open, back to the first delay");
+  });
+
+  test("the id of the last event wins over older ones when resuming", () => {
+    manager.subscribe("t1", {});
+    const s = FakeEventSource.latest;
+    s.emit("progress", PROGRESS, "3");
+    s.emit("progress", PROGRESS, "4");
+    s.emit("progress", PROGRESS, ""); // no id: what we resume from stays "4"
+    s.failClosed();
+    timers.advance(60_000);
+    assert.equal(FakeEventSource.latest.url, "progress/t1?lastEventId=4");
+  });
+
+  test("gives up after maxAttempts failed reconnects and says so through onError", () => {
+    manager = makeManager({ maxAttempts: 3 });
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    FakeEventSource.latest.failClosed(); // the first connection fails
+    for (let i = 0; i < 3; i++) {
+      timers.advance(timers.delays[0]);
+      FakeEventSource.latest.failClosed();
+    }
+    assert.equal(FakeEventSource.instances.length, 4, "1 connection + 3 reconnects");
+    assert.equal(calls.error.length, 1);
+    const [gaveUp] = calls.error;
+    assert.equal(gaveUp.taskId, "t1");
+    assert.equal(gaveUp.status, "error");
+    assert.equal(gaveUp.error.code, CONNECTION_LOST);
+    assert.match(gaveUp.error.message, /connection/i);
+    assert.match(gaveUp.error.details, /3 reconnect attempts/);
+    assert.equal(manager.isSubscribed("t1"), false);
+    assert.equal(timers.pending.size, 0);
+    timers.advance(600_000);
+    assert.equal(FakeEventSource.instances.length, 4, "nothing after giving up");
+  });
+
+  test("a terminal event after a resume still ends the subscription", () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    FakeEventSource.latest.emit("progress", PROGRESS, "1");
+    FakeEventSource.latest.failClosed();
+    timers.advance(timers.delays[0]);
+    FakeEventSource.latest.open();
+    FakeEventSource.latest.emit("complete", COMPLETE, "2");
+    assert.equal(calls.complete.length, 1);
+    assert.equal(FakeEventSource.latest.closed, true);
+    assert.equal(manager.isSubscribed("t1"), false);
+  });
+});
+
+describe("module", () => {
+  test("progressUrl escapes the last id too", () => {
+    assert.equal(progressUrl("", "t", "1 2"), "progress/t?lastEventId=1%202");
+    assert.equal(progressUrl("", "t", null), "progress/t");
+  });
+
+  test("the singleton is an SSEManager that resolves EventSource lazily", () => {
+    // Node has no EventSource; constructing the singleton must not need one.
+    assert.ok(sseManager instanceof SSEManager);
+    assert.equal(sseManager.activeConnections.size, 0);
+  });
+});
