@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from daemon.simulator import ComfySimulator, SimulatorConfig
 
 from daemon.app import App, Bound
 from daemon.config import Config
 from daemon.http.client import ClientResponse, http_request, open_stream
+from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent, SSEDecoder
 
 
@@ -42,6 +42,10 @@ class Daemon:
             headers = (*headers, ("Content-Type", "application/json"))
         return await http_request(method, self.url + path, headers=headers, body=raw, timeout=10)
 
+    async def request_comfy(self, method: str, path: str) -> ClientResponse:
+        """Ask the ComfyUI (simulator) behind the daemon directly."""
+        return await http_request(method, self.bound.comfy_url + path, timeout=10)
+
     async def generate(self, **fields: Any) -> str:
         response = await self.request("POST", "/generate", {"prompt": "a red fox", **fields})
         assert response.status == 202, response.body
@@ -49,9 +53,17 @@ class Daemon:
         return task_id
 
     async def events(
-        self, task_id: str, *, last_event_id: int | None = None, query: str = ""
+        self,
+        task_id: str,
+        *,
+        last_event_id: int | None = None,
+        query: str = "",
+        first_event: trio.Event | None = None,
     ) -> list[ServerSentEvent]:
-        """Every event of a task's stream, until the server ends it."""
+        """Every event of a task's stream, until the server ends it.
+
+        `first_event` is set once the first event has arrived (the stream is live).
+        """
         headers = () if last_event_id is None else (("Last-Event-ID", str(last_event_id)),)
         decoder = SSEDecoder()
         out: list[ServerSentEvent] = []
@@ -62,6 +74,8 @@ class Daemon:
             assert r.headers.get("content-type", "").startswith("text/event-stream")
             async for chunk in r.chunks:
                 out.extend(decoder.feed(chunk))
+                if out and first_event is not None:
+                    first_event.set()
         return out
 
 
