@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     spec        TEXT NOT NULL,
     message     TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     key         TEXT PRIMARY KEY,
     task_id     TEXT NOT NULL,
@@ -77,6 +81,7 @@ class Journal:
         self._idle.set()
         self._lock = trio.Lock()  # one thread at a time uses the connection
         self.writes = 0
+        self.epoch = 0  # how many times the daemon has started on this journal
 
     # -- setup and reads (at start-up)
 
@@ -89,6 +94,11 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         db.executescript(SCHEMA)
+        # A new epoch per start, written before anything is served: snapshot ids
+        # of restored tasks start above everything an earlier run can have sent.
+        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE name = 'epoch'")
+        self.epoch = int(db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0])
         self._db = db
 
     async def load(self) -> list[TaskRecord]:
