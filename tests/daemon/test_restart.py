@@ -42,7 +42,7 @@ async def generate(url: str) -> str:
 
 
 def sampling(event: ServerSentEvent) -> bool:
-    node_type = json.loads(event.data)["progress"].get("nodeType")
+    node_type: str | None = json.loads(event.data)["progress"].get("nodeType")
     return node_type == "KSampler"
 
 
