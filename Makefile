@@ -46,6 +46,10 @@ jstest: setup
 
 test: lint typecheck pytest jstest
 
+# Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
+bench: setup
+	$(BIN)/python -m bench.bench
+
 # Outside the default run: 200 tasks through WebSocket drops, a ComfyUI
 # restart and a daemon kill -9 (the README shows its output).
 soak: setup

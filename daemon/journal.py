@@ -77,8 +77,10 @@ class Journal:
         self._pending: dict[str, TaskRecord | None] = {}  # None: delete
         self._pending_keys: dict[str, KeyRecord] = {}
         self._wakeup = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
+        # Every record() gets a sequence number; flush() waits for its own.
+        self._recorded = 0
+        self._written = 0
+        self._batch_written = trio.Event()
         self._lock = trio.Lock()  # one thread at a time uses the connection
         self.writes = 0
         self.epoch = 0  # how many times the daemon has started on this journal
@@ -159,7 +161,7 @@ class Journal:
         self._wake()
 
     def _wake(self) -> None:
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._recorded += 1
         self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -174,6 +176,7 @@ class Journal:
         while self._pending or self._pending_keys:
             batch, self._pending = self._pending, {}
             keys, self._pending_keys = self._pending_keys, {}
+            upto = self._recorded
             async with self._lock:
                 try:
                     await trio.to_thread.run_sync(self._write_sync, batch, keys)
@@ -185,7 +188,9 @@ class Journal:
                     await trio.sleep(1.0)
                     continue
             self.writes += 1
-        self._idle.set()
+            self._written = upto
+            self._batch_written.set()
+            self._batch_written = trio.Event()
 
     def _write_sync(self, batch: dict[str, TaskRecord | None], keys: dict[str, KeyRecord]) -> None:
         assert self._db is not None
@@ -223,10 +228,13 @@ class Journal:
             raise
 
     async def flush(self) -> None:
-        """Wait until everything recorded so far is written."""
-        if self._pending or self._pending_keys:
-            self._wake()
-        await self._idle.wait()
+        """Wait until everything recorded before this call is written.
+
+        Later records do not hold us up, so a busy journal cannot starve a flush.
+        """
+        target = self._recorded
+        while self._written < target:
+            await self._batch_written.wait()
 
     async def aclose(self) -> None:
         with trio.move_on_after(5.0, shield=True):

@@ -106,9 +106,12 @@ class TaskActor:
         self._nursery: trio.Nursery | None = None
         self._fetching = False
         self._reconcile_requested = trio.Event()
+        self._reconcile_requested_at = -math.inf
+        self._submitted_at = -math.inf
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
         self.last_message = message
+        self._journalled = self._durable_fields()
 
     # -- identity and views
 
@@ -175,17 +178,27 @@ class TaskActor:
                 self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
             self.finished.set()
             self._scope.cancel()
-        self.on_change(self)
+        durable = self._durable_fields()
+        if durable != self._journalled:
+            # Progress ticks are not journalled: after a restart the task
+            # reconciles with ComfyUI anyway. Phase, submission and the end are.
+            self._journalled = durable
+            self.on_change(self)
 
     def _start(self, fn: Callable[..., object], *args: object) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    def _durable_fields(self) -> tuple[object, ...]:
+        state = self.state
+        return (state.phase, state.submitted, state.cancel_requested, state.fetching_outputs)
 
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
         return self.state.phase.is_terminal
 
     def request_reconcile(self) -> None:
+        self._reconcile_requested_at = trio.current_time()
         self._reconcile_requested.set()
 
     # -- lifecycle
@@ -259,6 +272,7 @@ class TaskActor:
                 self.handle(task.SubmitRejected(reply))
                 return
             self.submitted_generation = backend.client_generation
+            self._submitted_at = trio.current_time()
             self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
             self.handle(task.Submitted(reply.number))
             return
@@ -293,8 +307,10 @@ class TaskActor:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
         interval = self.settings.queue_poll_interval
         while self.state.phase is task.Phase.QUEUED:
+            # A reading older than our submission cannot know our prompt yet.
+            not_before = max(self._submitted_at, trio.current_time() - interval)
             try:
-                snapshot = await self.backend.read_queue(max_age=interval)
+                snapshot = await self.backend.read_queue(not_before=not_before)
             except BackendUnavailable:
                 snapshot = None
             if snapshot is not None:
@@ -359,7 +375,9 @@ class TaskActor:
         http = self.backend.http
         entry = await http.history(self.prompt_id)
         if entry is None:
-            position = (await http.queue()).position_of(self.prompt_id)
+            # Any reading taken after the reason to reconcile will do.
+            queue = await self.backend.read_queue(not_before=self._reconcile_requested_at)
+            position = queue.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
                     self.backend.router.note_running(self.prompt_id)

@@ -123,14 +123,16 @@ class ComfyBackend:
         if self._consume_scope is not None:
             self._consume_scope.cancel()
 
-    async def read_queue(self, *, max_age: float) -> comfy.QueueSnapshot:
-        """GET /queue, shared: callers within `max_age` seconds get the same reading."""
+    async def read_queue(self, *, not_before: float) -> comfy.QueueSnapshot:
+        """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
+        is reused, so many tasks asking at once cost one request."""
         async with self._queue_lock:
             cached = self._queue_cache
-            if cached is not None and trio.current_time() - cached[0] < max_age:
+            if cached is not None and cached[0] >= not_before:
                 return cached[1]
+            taken_at = trio.current_time()
             snapshot = await self.http.queue()
-            self._queue_cache = (trio.current_time(), snapshot)
+            self._queue_cache = (taken_at, snapshot)
             return snapshot
 
     # -- the consumer
