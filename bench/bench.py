@@ -132,8 +132,9 @@ async def sampling_task(url: str, sim: ComfySimulator) -> str:
     probe = Subscriber()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(probe.run, url, task_id)
-        while not sim.waiting_for_step:
-            await trio.sleep(0.01)  # the simulator has no event for "parked"; poll it
+        # The simulator has no event for "a step is parked"; poll it.
+        while not sim.waiting_for_step:  # noqa: ASYNC110
+            await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     return task_id
 

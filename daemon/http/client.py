@@ -174,7 +174,9 @@ async def http_request(
     *,
     headers: Sequence[tuple[str, str]] = (),
     body: bytes = b"",
-    timeout: float = 30.0,
+    # A parameter rather than the caller's cancel scope, so the timeout becomes
+    # an HttpClientError that names the URL, like every other failure here.
+    timeout: float = 30.0,  # noqa: ASYNC109
     max_response_bytes: int = 16 * MiB,
 ) -> ClientResponse:
     """Send one request on a new connection and read the whole response.
