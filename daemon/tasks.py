@@ -29,6 +29,7 @@ import trio
 from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
@@ -488,6 +489,7 @@ class TaskRegistry:
         self._nursery: trio.Nursery | None = None
         self.created = 0
         self.restored = 0
+        self.changed = Signal()  # a task was added, changed state or was forgotten
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -507,6 +509,7 @@ class TaskRegistry:
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:
             self.journal.record(actor.record())
+        self.changed.fire()
 
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
@@ -599,5 +602,6 @@ class TaskRegistry:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)
         self._tasks.pop(actor.task_id, None)
+        self.changed.fire()
         if self.journal is not None:
             self.journal.forget(actor.task_id)
