@@ -276,7 +276,7 @@ def listening_socket() -> socket.socket:
 
 def nginx_binary() -> str:
     """Debian's nginx (nginx-light): /usr/sbin is not on every PATH."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin:/usr/local/sbin")
     if found is None:
         raise AssertionError("nginx is not installed (Debian: nginx-light; .ci/run installs it)")
     return found
