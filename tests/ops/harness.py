@@ -299,8 +299,12 @@ def render_site(*, upstream_port: int, listen_port: int, read_timeout: str) -> s
     site = _substitute(
         site, r"^(\s*server\s+)127\.0\.0\.1:8000;", rf"\g<1>127.0.0.1:{upstream_port};"
     )
-    site = _substitute(site, r"^(\s*)listen\s+80;", rf"\g<1>listen 127.0.0.1:{listen_port};")
-    site = _substitute(site, r"^\s*listen\s+\[::\]:80;\n", "")
+    site = _substitute(
+        site,
+        r"^(\s*)listen\s+80(\s+default_server)?;",
+        rf"\g<1>listen 127.0.0.1:{listen_port}\g<2>;",
+    )
+    site = _substitute(site, r"^\s*listen\s+\[::\]:80\b[^;]*;\n", "")
     site = _substitute(site, r"^(\s*proxy_read_timeout\s+)\S+;", rf"\g<1>{read_timeout};")
     return site
 
