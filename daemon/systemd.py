@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START: Final = 3
 LISTEN_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 STATUS_MIN_INTERVAL: Final = 0.25  # seconds between two STATUS= updates at most
+NOTIFY_TIMEOUT: Final = 5.0  # seconds one message may wait for room in systemd's queue
 
 
 class SocketActivationError(Exception):
@@ -204,13 +205,15 @@ class Systemd:
                 return
             try:
                 # A socket per message, as sd_notify() does: nothing to close
-                # later, and a restarted systemd's new socket is found.
-                with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                    await sock.sendto(message, self.notify_address)
-            except OSError as exc:
+                # later, and a restarted systemd's new socket is found. A full
+                # queue on systemd's side must not hold up a shutdown.
+                with trio.fail_after(NOTIFY_TIMEOUT):
+                    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                        await sock.sendto(message, self.notify_address)
+            except (OSError, trio.TooSlowError) as exc:
                 # A datagram is not worth dying for; say it once, then quietly.
                 level = logging.DEBUG if self._warned else logging.WARNING
-                log.log(level, "sd_notify to %r failed: %s", self.notify_address, exc)
+                log.log(level, "sd_notify to %r failed: %r", self.notify_address, exc)
                 self._warned = True
                 return
         self.sent += 1
