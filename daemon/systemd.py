@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from protocol.task import Phase
+
 if TYPE_CHECKING:
     from daemon.app import App
 
@@ -132,10 +134,10 @@ def status_line(app: App, url: str) -> str:
     """'serving http://...; ComfyUI http://... connected; 2 tasks running, 1 queued'."""
     running = queued = 0
     for actor in app.registry.actors():
-        phase = actor.state.phase.value
-        if phase == "running":
+        phase = actor.state.phase
+        if phase is Phase.RUNNING:
             running += 1
-        elif phase == "queued":
+        elif phase is Phase.QUEUED:
             queued += 1
     backend = app.backend
     comfy = "connected" if backend.is_connected() else "not connected"
