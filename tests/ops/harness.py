@@ -7,9 +7,10 @@
   NOTIFY_SOCKET set, optionally socket-activated on a socket the test owns
   (through `tests.ops.service_exec`); ready when READY=1 arrives. Stopped
   with SIGTERM (then SIGKILL) however the test ends.
-- `run_nginx`: the Debian nginx binary with a throw-away prefix, running
-  the shipped site file (systemd/nginx-comfy-progress.conf) with only its
-  ports, listen address and proxy_read_timeout substituted.
+- `run_nginx` (`nginx_process` for sync tests): the Debian nginx binary with
+  a throw-away prefix, running the shipped site file
+  (systemd/nginx-comfy-progress.conf) with only its ports, listen address and
+  proxy_read_timeout substituted.
 
 Readiness is always an event: a datagram, a line on a pipe. Nothing sleeps.
 """
@@ -26,8 +27,9 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,7 +361,6 @@ def free_port() -> int:
 
 @dataclass
 class NginxProcess:
-    process: trio.Process
     prefix: Path
     port: int
 
@@ -374,6 +375,30 @@ class NginxProcess:
             return "(no error log)"
 
 
+def prepare_nginx(tmp_path: Path, upstream_port: int, read_timeout: str) -> NginxProcess:
+    """Write the prefix (nginx.conf around the rendered site) and check it with `nginx -t`."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    site = prefix / "comfy-progress.conf"
+    site.write_text(
+        render_site(upstream_port=upstream_port, listen_port=port, read_timeout=read_timeout)
+    )
+    (prefix / "nginx.conf").write_text(main_config(prefix, site))
+    checked = subprocess.run(
+        [*nginx_command(prefix), "-t", "-q"], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
+    return NginxProcess(prefix, port)
+
+
+def nginx_command(prefix: Path) -> list[str]:
+    return [nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+
+
+READY_LINE = b"start worker process"  # the master logs it once its sockets listen
+
+
 async def run_nginx(
     tmp_path: Path,
     upstream_port: int,
@@ -383,39 +408,24 @@ async def run_nginx(
 ) -> None:
     """Run nginx until cancelled: `nginx = await nursery.start(run_nginx, tmp_path, port)`.
 
-    Started means listening: the master logs "start worker process" (read
-    from its stderr, which this task keeps draining) after opening its
-    listening sockets. Stopped with SIGTERM, then SIGKILL for its whole
-    process group, however the test ends.
+    Started means listening (READY_LINE on its stderr, which this task keeps
+    draining). Stopped with SIGTERM, then SIGKILL for its whole process
+    group, however the test ends.
     """
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    port = free_port()
-    site = prefix / "comfy-progress.conf"
-    site.write_text(
-        render_site(upstream_port=upstream_port, listen_port=port, read_timeout=read_timeout)
-    )
-    conf = prefix / "nginx.conf"
-    conf.write_text(main_config(prefix, site))
-    binary = nginx_binary()
-    checked = await trio.run_process(
-        [binary, "-t", "-q", "-p", str(prefix), "-c", str(conf)], capture_stderr=True, check=False
-    )
-    assert checked.returncode == 0, checked.stderr.decode(errors="replace")
+    nginx = await trio.to_thread.run_sync(prepare_nginx, tmp_path, upstream_port, read_timeout)
     process = await trio.lowlevel.open_process(
-        [binary, "-p", str(prefix), "-c", str(conf)],
+        nginx_command(nginx.prefix),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group: the workers go with it
     )
-    nginx = NginxProcess(process, prefix, port)
     try:
         assert process.stderr is not None
         seen = b""
         async for chunk in process.stderr:
             seen = (seen + chunk)[-4096:]
-            if b"start worker process" in seen:
+            if READY_LINE in seen:
                 task_status.started(nginx)
                 break
         else:
@@ -426,6 +436,50 @@ async def run_nginx(
     finally:
         with trio.CancelScope(shield=True):
             await _stop_nginx(process)
+
+
+@contextmanager
+def nginx_process(
+    tmp_path: Path, upstream_port: int, read_timeout: str = "90s"
+) -> Iterator[NginxProcess]:
+    """run_nginx for synchronous tests (the Playwright ones): a thread drains stderr."""
+    nginx = prepare_nginx(tmp_path, upstream_port, read_timeout)
+    process = subprocess.Popen(
+        nginx_command(nginx.prefix),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    ready = threading.Event()
+
+    def drain() -> None:
+        assert process.stderr is not None
+        seen = b""
+        for line in process.stderr:
+            seen = (seen + line)[-4096:]
+            if READY_LINE in seen:
+                ready.set()
+        ready.set()  # ended
+
+    reader = threading.Thread(target=drain, name="nginx-stderr", daemon=True)
+    reader.start()
+    try:
+        ready.wait(30)
+        if process.poll() is not None or not ready.is_set():
+            raise AssertionError(f"nginx did not start:\n{nginx.error_log()}")
+        yield nginx
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        reader.join(STOP_TIMEOUT)
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 async def _stop_nginx(process: trio.Process) -> None:
