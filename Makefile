@@ -46,6 +46,11 @@ jstest: setup
 
 test: lint typecheck pytest jstest
 
+# Outside the default run: 200 tasks through WebSocket drops, a ComfyUI
+# restart and a daemon kill -9 (the README shows its output).
+soak: setup
+	$(BIN)/python -m bench.soak --tasks 200
+
 fmt: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .

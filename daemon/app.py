@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ from daemon.config import Config
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
+from daemon.idempotency import KEY_TTL, IdempotencyKeys
 from daemon.images import ImageStore
+from daemon.journal import Journal
 from daemon.routes import Routes
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
@@ -69,6 +72,8 @@ class App:
         self.config = config
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.images = ImageStore(config.data_dir / "images")
+        self.journal = Journal(config.data_dir / "journal.sqlite3")
+        self.idempotency: IdempotencyKeys
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
@@ -112,6 +117,14 @@ class App:
                     comfy_url = await self._start_simulator(nursery)
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
                 await self.images.open()
+                await self.journal.open()
+                records = await self.journal.load()
+                self.idempotency = IdempotencyKeys(
+                    journal=self.journal,
+                    loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
+                    wall_clock=time.time,
+                )
+                await nursery.start(self.journal.run)
                 self.backend = ComfyBackend(
                     BackendSettings(
                         url=comfy_url,
@@ -133,8 +146,12 @@ class App:
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
                     ),
+                    journal=self.journal,
                 )
                 await nursery.start(self.registry.run)
+                self.registry.restore(records)
+                if records:
+                    log.info("restored %d task(s) from the journal", self.registry.restored)
                 await nursery.start(self.backend.run)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
@@ -175,6 +192,8 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
+        # Tasks still running stay in the journal; the next start resumes them.
+        await self.journal.aclose()
         self._cancel_scope.cancel()
 
     def stop_now(self) -> None:

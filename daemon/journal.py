@@ -33,10 +33,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     spec        TEXT NOT NULL,
     message     TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
-    key        TEXT PRIMARY KEY,
-    task_id    TEXT NOT NULL,
-    created_at REAL NOT NULL
+    key         TEXT PRIMARY KEY,
+    task_id     TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    fingerprint TEXT NOT NULL
 );
 """
 
@@ -56,17 +61,27 @@ class TaskRecord:
     message: Mapping[str, Any] = field(hash=False)  # {"event", "version", "payload"}
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What an Idempotency-Key was used for."""
+
+    task_id: str
+    created_at: float
+    fingerprint: str  # a hash of the request body: the same key must mean the same request
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, TaskRecord | None] = {}  # None: delete
-        self._pending_keys: dict[str, tuple[str, float]] = {}
+        self._pending_keys: dict[str, KeyRecord] = {}
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
         self._lock = trio.Lock()  # one thread at a time uses the connection
         self.writes = 0
+        self.epoch = 0  # how many times the daemon has started on this journal
 
     # -- setup and reads (at start-up)
 
@@ -79,6 +94,11 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         db.executescript(SCHEMA)
+        # A new epoch per start, written before anything is served: snapshot ids
+        # of restored tasks start above everything an earlier run can have sent.
+        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE name = 'epoch'")
+        self.epoch = int(db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0])
         self._db = db
 
     async def load(self) -> list[TaskRecord]:
@@ -111,15 +131,18 @@ class Journal:
                 log.warning("skipping an unreadable journal row for task %s: %s", row[0], exc)
         return records
 
-    async def load_idempotency_keys(self, newer_than: float) -> dict[str, tuple[str, float]]:
+    async def load_idempotency_keys(self, newer_than: float) -> dict[str, KeyRecord]:
+        """Keys used since `newer_than` (older ones are deleted)."""
         async with self._lock:
             return await trio.to_thread.run_sync(self._load_keys_sync, newer_than)
 
-    def _load_keys_sync(self, newer_than: float) -> dict[str, tuple[str, float]]:
+    def _load_keys_sync(self, newer_than: float) -> dict[str, KeyRecord]:
         assert self._db is not None
         self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (newer_than,))
-        rows = self._db.execute("SELECT key, task_id, created_at FROM idempotency").fetchall()
-        return {key: (task_id, created) for key, task_id, created in rows}
+        rows = self._db.execute(
+            "SELECT key, task_id, created_at, fingerprint FROM idempotency"
+        ).fetchall()
+        return {row[0]: KeyRecord(row[1], float(row[2]), row[3]) for row in rows}
 
     # -- writes (from the event loop, never blocking)
 
@@ -131,8 +154,8 @@ class Journal:
         self._pending[task_id] = None
         self._wake()
 
-    def record_idempotency_key(self, key: str, task_id: str, created_at: float) -> None:
-        self._pending_keys[key] = (task_id, created_at)
+    def record_idempotency_key(self, key: str, record: KeyRecord) -> None:
+        self._pending_keys[key] = record
         self._wake()
 
     def _wake(self) -> None:
@@ -164,9 +187,7 @@ class Journal:
             self.writes += 1
         self._idle.set()
 
-    def _write_sync(
-        self, batch: dict[str, TaskRecord | None], keys: dict[str, tuple[str, float]]
-    ) -> None:
+    def _write_sync(self, batch: dict[str, TaskRecord | None], keys: dict[str, KeyRecord]) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
@@ -190,11 +211,11 @@ class Journal:
                         json.dumps(record.message),
                     ),
                 )
-            for key, (task_id, created) in keys.items():
+            for key, k in keys.items():
                 db.execute(
-                    "INSERT OR REPLACE INTO idempotency (key, task_id, created_at)"
-                    " VALUES (?, ?, ?)",
-                    (key, task_id, created),
+                    "INSERT OR REPLACE INTO idempotency (key, task_id, created_at, fingerprint)"
+                    " VALUES (?, ?, ?, ?)",
+                    (key, k.task_id, k.created_at, k.fingerprint),
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -8,6 +8,8 @@ import secrets
 from functools import partial
 from typing import TYPE_CHECKING
 
+import trio
+
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
@@ -26,6 +28,7 @@ SSE_HEADERS = (
     ("X-Accel-Buffering", "no"),  # nginx: do not buffer this response
 )
 NO_STORE = (("Cache-Control", "no-store"),)
+JOURNAL_FLUSH_TIMEOUT = 5.0
 
 
 def request_error(exc: RequestError) -> Response:
@@ -48,7 +51,17 @@ class Routes:
 
     async def generate(self, request: Request) -> Response:
         app = self.app
+        key = request.headers.get("idempotency-key")
         try:
+            if key is not None:
+                existing = app.idempotency.lookup(key, request.body)
+                if existing is not None:
+                    # A retry of a request we already took: same task, nothing new.
+                    return json_response(
+                        202,
+                        api.accepted_reply(existing),
+                        headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+                    )
             parsed = api.parse_generate(request.body)
             seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
             graph = workflow.bind(parsed, seed=seed, checkpoint=workflow.DEFAULT_CHECKPOINT)
@@ -73,7 +86,15 @@ class Routes:
         except TooManyTasks as exc:
             busy = error_response(503, str(exc))
             return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+        if key is not None:
+            app.idempotency.remember(key, request.body, actor.task_id)
         log.info("task created", extra={"task_id": actor.task_id, "prompt_id": actor.prompt_id})
+        # The task is in the journal before the client hears of it, so a crash
+        # right after this answer cannot lose it.
+        with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
+            await app.journal.flush()
+        if waited.cancelled_caught:
+            log.error("the journal did not confirm task %s in time", actor.task_id)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
     def _unknown_task(self, task_id: str) -> Response:

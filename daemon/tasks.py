@@ -490,6 +490,11 @@ class TaskRegistry:
         self.created = 0
         self.restored = 0
         self.changed = Signal()  # a task was added, changed state or was forgotten
+        # Snapshot ids of restored tasks must rise above anything sent before the
+        # restart, even when the journal lagged behind the last publish (kill -9):
+        # each start is a new epoch, and a run sends fewer than 2**32 snapshots
+        # per task.
+        self.restored_version_base = (journal.epoch << 32) if journal is not None else 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -574,11 +579,10 @@ class TaskRegistry:
                 spec, message=message, created_at=record.created_at, finished_at=finished_at
             )
             return self._new_actor(state, first_message=message)
-        # Versions go on rising across the restart, so Last-Event-ID stays meaningful.
         state = task.resumed_task(
             spec,
             phase=phase,
-            version=record.version + 1,
+            version=self.restored_version_base,
             submitted=record.submitted,
             created_at=record.created_at,
         )

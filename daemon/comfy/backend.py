@@ -4,13 +4,13 @@ Client ids and reconnects (FACTS.md §7). ComfyUI sends a prompt's frames only
 to the socket registered under the prompt's client_id, and two live sockets
 with one client id both go silent. We keep ONE client id per backend (stored
 in the data directory, so a restarted daemon hears the prompts it submitted
-before) and reuse it only after the previous socket is fully closed:
-leaving `open_websocket_url` waits for the close handshake before we
-reconnect. Reusing the id is what lets a reconnected socket pick a running
-prompt's progress up again (ComfyUI even re-sends the running node). If
-ComfyUI did not confirm our close, it may still hold the old socket, so we
-take a fresh client id instead; tasks submitted under the old id then follow
-their prompts through /queue and /history (`Backend.client_generation` tells them).
+before) and reuse it only after the previous socket is fully closed: we
+finish the close handshake before we reconnect. Reusing the id is what lets
+a reconnected socket pick a running prompt's progress up again (ComfyUI even
+re-sends the running node). If ComfyUI did not confirm our close, it may
+still hold the old socket, so we take a fresh client id instead; tasks
+submitted under the old id then follow their prompts through /queue and
+/history (`client_generation` tells them).
 
 A socket that stays open but delivers nothing (a "zombie") shows no error, so
 while one of our prompts runs, `silence_timeout` without a frame makes us
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,7 +152,13 @@ class ComfyBackend:
             try:
                 await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
                 failures = 0
-            except (trio_websocket.HandshakeError, OSError) as exc:
+            except (
+                trio_websocket.HandshakeError,
+                OSError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ) as exc:
                 failures += 1
                 log.warning(
                     "ComfyUI WebSocket to %s failed to open: %s",
@@ -184,44 +191,76 @@ class ComfyBackend:
         base = min(s.reconnect_max_delay, s.reconnect_initial_delay * 2 ** (failures - 1))
         return float(base * random.uniform(0.5, 1.0))
 
-    def _ws_url(self) -> str:
-        base = self.settings.url.rstrip("/")
-        return base.replace("http://", "ws://", 1) + f"/ws?clientId={self.client_id}"
-
     async def _connect_and_consume(self, *, on_open: Callable[[], None], reconnect: bool) -> None:
+        """One WebSocket session, from connect to close; raises what ended it.
+
+        We open the TCP stream ourselves and hand it to trio-websocket, so we
+        can always close it: after an abnormal closure trio-websocket leaves
+        its socket open.
+        """
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+            try:
+                await self._session(nursery, on_open=on_open, reconnect=reconnect)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _session(
+        self, nursery: trio.Nursery, *, on_open: Callable[[], None], reconnect: bool
+    ) -> None:
+        url = urllib.parse.urlsplit(self.settings.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        resource = f"{url.path.rstrip('/')}/ws?clientId={self.client_id}"
+        timeout = self.settings.connect_timeout
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
         try:
-            async with trio_websocket.open_websocket_url(
-                self._ws_url(),
-                connect_timeout=self.settings.connect_timeout,
-                disconnect_timeout=self.settings.connect_timeout,
-                max_message_size=MAX_MESSAGE_BYTES,
-                message_queue_size=64,
-            ) as ws:
-                self._set_connected(True)
-                log.info(
-                    "ComfyUI WebSocket open: %s (client id %s)",
-                    self.name,
-                    self.client_id,
-                    extra={"backend": self.name},
+            with trio.fail_after(timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    host,
+                    resource,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                    message_queue_size=64,
                 )
-                if reconnect:
-                    self.reconnects += 1
-                    self.reconnected.fire()
-                on_open()
+            self._set_connected(True)
+            log.info(
+                "ComfyUI WebSocket open: %s (client id %s)",
+                self.name,
+                self.client_id,
+                extra={"backend": self.name},
+            )
+            if reconnect:
+                self.reconnects += 1
+                self.reconnected.fire()
+            on_open()
+            silent: SilentSocket | None = None
+            try:
                 with trio.CancelScope() as scope:
                     self._consume_scope = scope
                     await self._consume(ws)
-                self._consume_scope = None
-                self._set_connected(False)
-                log.info("closing the ComfyUI WebSocket to %s to open a fresh one", self.name)
-            # Leaving the block waited for the close handshake: the id is free again.
-        except trio_websocket.DisconnectionTimeout:
-            # ComfyUI did not confirm the close, so it may still hold the old
-            # socket under our id; a new socket with that id would go silent.
-            self._rotate_client_id()
-            raise
+            except SilentSocket as exc:
+                silent = exc
+            self._set_connected(False)
+            # We are the ones leaving: finish the close handshake before the
+            # client id is used again.
+            with trio.move_on_after(timeout) as closing:
+                await ws.aclose()
+            if closing.cancelled_caught:
+                # ComfyUI did not confirm the close, so it may still hold the old
+                # socket under our id; a new socket with that id would go silent.
+                self._rotate_client_id()
+            if silent is not None:
+                raise silent
+            log.info("closed the ComfyUI WebSocket to %s to open a fresh one", self.name)
         finally:
             self._consume_scope = None
+            self._set_connected(False)
+            await trio.aclose_forcefully(stream)
 
     def _rotate_client_id(self) -> None:
         old = self.client_id

@@ -128,6 +128,10 @@ class ComfySimulator:
         """Let `steps` more progress steps run (manual mode)."""
         self.gate.grant(steps)
 
+    async def wait_for_history(self, prompt_id: str) -> None:
+        """Return once the prompt has finished (its history entry exists)."""
+        await self.engine.history.wait_for(prompt_id)
+
     @property
     def waiting_for_step(self) -> bool:
         """True while a step is parked waiting for grant_steps() (manual mode)."""

@@ -6,6 +6,8 @@ import contextlib
 import copy
 from typing import Any
 
+import trio
+
 from daemon.simulator.prompt_queue import QueueItem
 
 
@@ -15,6 +17,7 @@ class History:
     def __init__(self, max_items: int = 10_000) -> None:
         self._max = max_items
         self._entries: dict[str, dict[str, Any]] = {}
+        self._stored = trio.Event()  # set (and replaced) whenever an entry is written
 
     def store(self, item: QueueItem, status: dict[str, Any], result: dict[str, Any]) -> None:
         """Write {prompt, outputs, status, meta} for a finished prompt."""
@@ -23,6 +26,13 @@ class History:
         entry: dict[str, Any] = {"prompt": item.as_json(), "outputs": {}, "status": status}
         entry.update(result)
         self._entries[item.prompt_id] = copy.deepcopy(entry)
+        self._stored.set()
+        self._stored = trio.Event()
+
+    async def wait_for(self, prompt_id: str) -> None:
+        """Return once `prompt_id` has an entry (for tests and the soak's bookkeeping)."""
+        while prompt_id not in self._entries:
+            await self._stored.wait()
 
     def get(self, prompt_id: str) -> dict[str, Any]:
         """`{P: entry}`, or `{}` for an unknown id (never a 404)."""

@@ -1,16 +1,16 @@
-"""A minimal h11-over-trio HTTP/1.1 front for the simulator (stand-in for daemon/http).
+"""A minimal h11-over-trio HTTP/1.1 front for the simulator.
 
 It reads whole requests, hands them to a handler and writes whole responses,
 with keep-alive. A Takeover result gets the raw stream plus the request bytes
-(head re-serialised from h11's event, then whatever h11 had buffered), which is
-what daemon/http's ConnectionTakeover will provide. `reject(request)` lets the
-simulator reset connections (RST) to play a ComfyUI that is down.
+(head re-serialised from h11's event, then whatever h11 had buffered), for the
+WebSocket upgrade. `reject(request)` lets the simulator reset connections
+(RST) to play a ComfyUI that is down.
 
-Swapping in daemon/http: wrap SimulatorRoutes.handle in a daemon/http Handler
-that turns its Request into an HttpRequest and the result back into a Response
-(same status, headers, body) or, for a Takeover, a ConnectionTakeover with the
-same handler; for `reject`, answer a ConnectionTakeover whose handler calls
-reset_connection(stream). Hub.run_websocket keeps doing the trio-websocket part.
+Why not daemon/http: the daemon's HTTP client talks to this server in every
+test, so the two sides are kept apart on purpose, like the simulator and
+protocol/: a misreading of HTTP in daemon/http cannot hide behind the same
+misreading on the other end of the wire. It is also tiny (whole requests,
+whole responses) and has to do what a real server must not (reset on demand).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,10 @@ class Daemon:
             headers = (*headers, ("Content-Type", "application/json"))
         return await http_request(method, self.url + path, headers=headers, body=raw, timeout=10)
 
+    async def request_comfy(self, method: str, path: str) -> ClientResponse:
+        """Ask the ComfyUI (simulator) behind the daemon directly."""
+        return await http_request(method, self.bound.comfy_url + path, timeout=10)
+
     async def generate(self, **fields: Any) -> str:
         response = await self.request("POST", "/generate", {"prompt": "a red fox", **fields})
         assert response.status == 202, response.body
@@ -49,23 +53,50 @@ class Daemon:
         return task_id
 
     async def events(
-        self, task_id: str, *, last_event_id: int | None = None, query: str = ""
+        self,
+        task_id: str,
+        *,
+        last_event_id: int | None = None,
+        query: str = "",
+        first_event: trio.Event | None = None,
     ) -> list[ServerSentEvent]:
         """Every event of a task's stream, until the server ends it."""
-        headers = () if last_event_id is None else (("Last-Event-ID", str(last_event_id)),)
-        decoder = SSEDecoder()
-        out: list[ServerSentEvent] = []
-        async with open_stream(
-            "GET", f"{self.url}/progress/{task_id}{query}", headers=headers
-        ) as r:
-            assert r.status == 200
-            assert r.headers.get("content-type", "").startswith("text/event-stream")
-            async for chunk in r.chunks:
-                out.extend(decoder.feed(chunk))
-        return out
+        return await read_events(
+            self.url, task_id, last_event_id=last_event_id, query=query, first_event=first_event
+        )
 
 
-def test_config(tmp_path: Path, **overrides: Any) -> Config:
+async def read_events(
+    base_url: str,
+    task_id: str,
+    *,
+    last_event_id: int | None = None,
+    query: str = "",
+    first_event: trio.Event | None = None,
+    stop_after: Callable[[ServerSentEvent], bool] | None = None,
+) -> list[ServerSentEvent]:
+    """A task's SSE events until the server ends the stream (or `stop_after` says so).
+
+    `first_event` is set once the first event has arrived (the stream is live).
+    """
+    headers = () if last_event_id is None else (("Last-Event-ID", str(last_event_id)),)
+    decoder = SSEDecoder()
+    out: list[ServerSentEvent] = []
+    url = f"{base_url}/progress/{task_id}{query}"
+    async with open_stream("GET", url, headers=headers) as r:
+        assert r.status == 200
+        assert r.headers.get("content-type", "").startswith("text/event-stream")
+        async for chunk in r.chunks:
+            for event in decoder.feed(chunk):
+                out.append(event)
+                if first_event is not None:
+                    first_event.set()
+                if stop_after is not None and stop_after(event):
+                    return out
+    return out
+
+
+def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
     base = Config(
         listen="127.0.0.1:0",
         data_dir=tmp_path / "data",
@@ -95,7 +126,7 @@ async def running_daemon(
             sim = ComfySimulator(simulator)
             port = await nursery.start(sim.run, ("127.0.0.1", 0))
             overrides.setdefault("comfy_url", f"http://127.0.0.1:{port}")
-        app = App(test_config(tmp_path, **overrides))
+        app = App(daemon_config(tmp_path, **overrides))
         bound = await nursery.start(app.run)
         try:
             yield Daemon(app, bound, sim)

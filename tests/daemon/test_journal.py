@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.journal import Journal, TaskRecord
+from daemon.journal import Journal, KeyRecord, TaskRecord
 
 
 def record(task_id: str, version: int, phase: str = "running") -> TaskRecord:
@@ -66,9 +66,11 @@ async def test_idempotency_keys_expire(tmp_path: Path) -> None:
     await journal.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
-        journal.record_idempotency_key("old", "t1", 100.0)
-        journal.record_idempotency_key("new", "t2", 200.0)
+        journal.record_idempotency_key("old", KeyRecord("t1", 100.0, "a"))
+        journal.record_idempotency_key("new", KeyRecord("t2", 200.0, "b"))
         await journal.flush()
         nursery.cancel_scope.cancel()
-    assert await journal.load_idempotency_keys(newer_than=150.0) == {"new": ("t2", 200.0)}
+    assert await journal.load_idempotency_keys(newer_than=150.0) == {
+        "new": KeyRecord("t2", 200.0, "b")
+    }
     await journal.aclose()

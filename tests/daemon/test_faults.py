@@ -1,0 +1,194 @@
+"""Nothing lost: ComfyUI faults injected in the real simulator, over real sockets.
+
+The simulator runs in manual-step mode so each fault lands at a known point of
+the generation (the sampler's first step); tests wait for states, not time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+
+from daemon.comfy.backend import ComfyBackend
+from daemon.simulator import ComfySimulator
+from daemon.tasks import TaskActor
+from protocol import task
+from tests.daemon.harness import Daemon, payloads, running_daemon
+
+SAMPLER = "3"  # the KSampler node of the built-in txt2img graph
+
+
+async def wait_state(actor: TaskActor, predicate: Callable[[task.TaskState], bool]) -> None:
+    """Wait until the task's state satisfies `predicate` (woken by each publish)."""
+    while not predicate(actor.state):
+        latest = actor.broadcaster.latest
+        await actor.broadcaster.wait_newer(latest.version if latest else None)
+
+
+async def wait_reconnected(backend: ComfyBackend, before: int) -> None:
+    while backend.reconnects <= before:
+        await backend.reconnected.wait()
+
+
+async def wait_disconnected(backend: ComfyBackend) -> None:
+    while backend.is_connected():
+        await backend.connected_changed.wait()
+
+
+async def start_sampling(daemon: Daemon) -> tuple[str, TaskActor, ComfySimulator]:
+    """A task parked at its sampler's first step."""
+    sim = daemon.simulator
+    assert sim is not None
+    sim.set_manual_steps(True)
+    task_id = await daemon.generate()
+    actor = daemon.app.registry.get(task_id)
+    assert actor is not None
+    await wait_state(actor, lambda s: s.current_node == SAMPLER)
+    return task_id, actor, sim
+
+
+async def test_websocket_drop_mid_task_reconnects_and_completes(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id, _, sim = await start_sampling(daemon)
+        backend = daemon.app.backend
+        before = backend.reconnects
+        sim.drop_websockets()
+        await wait_reconnected(backend, before)
+        routed = backend.router.events_routed
+        seen: list[dict[str, Any]] = []
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def follow() -> None:
+                seen.extend(payloads(await daemon.events(task_id, first_event=following)))
+
+            nursery.start_soon(follow)
+            await following.wait()
+            sim.set_step_time(0.02)  # ticks far enough apart for the reader to see them
+            sim.set_manual_steps(False)
+        assert seen[-1]["status"] == "completed"
+        # The same client id came back, so live progress resumed (not just the end):
+        # the 19 remaining ticks arrived as frames and the reader saw several of them.
+        assert backend.router.events_routed - routed >= 19
+        sampled = {
+            d["progress"]["currentValue"]
+            for d in seen
+            if d["status"] == "in-progress" and d["progress"].get("node") == SAMPLER
+        }
+        assert len(sampled) >= 5
+
+
+async def test_prompt_that_finished_while_we_were_away_completes_with_its_image(
+    tmp_path: Path,
+) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id, actor, sim = await start_sampling(daemon)
+        backend = daemon.app.backend
+        before = backend.reconnects
+        sim.reject_connections(3600)  # ComfyUI unreachable: socket cut, reconnects refused
+        await wait_disconnected(backend)
+        sim.grant_steps(1000)
+        await sim.wait_for_history(actor.prompt_id)  # it finished; nobody heard the frames
+        sim.reject_connections(0)
+        await wait_reconnected(backend, before)
+        data = payloads(await daemon.events(task_id))
+        assert data[-1]["status"] == "completed"
+        image = await daemon.request("GET", data[-1]["result"]["imageUrl"])
+        assert image.status == 200
+        assert image.body.startswith(b"\x89PNG")
+
+
+async def test_comfyui_restart_loses_the_prompt_and_says_so(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id, _, sim = await start_sampling(daemon)
+        sim.restart()
+        data = payloads(await daemon.events(task_id))
+        assert data[-1]["status"] == "error"
+        assert data[-1]["error"]["code"] == "lost"
+        assert "lost by ComfyUI" in data[-1]["error"]["message"]
+
+
+async def test_zombie_socket_is_detected_probed_and_replaced(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, comfy_silence_timeout=0.3) as daemon:
+        task_id, _, sim = await start_sampling(daemon)
+        backend = daemon.app.backend
+        before = backend.reconnects
+        # FACTS §7: a second socket with our client id steals the registration and,
+        # once closed, leaves ours open but silent. No error shows anywhere.
+        async with trio_websocket.open_websocket_url(
+            f"{daemon.bound.comfy_url.replace('http', 'ws')}/ws?clientId={backend.client_id}"
+        ) as thief:
+            await thief.get_message()  # its first status frame: registered
+        sim.grant_steps(1000)  # the prompt finishes; our silent socket hears nothing
+        await wait_reconnected(backend, before)  # silence noticed, socket replaced
+        data = payloads(await daemon.events(task_id))
+        assert data[-1]["status"] == "completed"
+
+
+async def test_interrupt_from_elsewhere_is_interrupted(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id, actor, sim = await start_sampling(daemon)
+        await daemon.app.backend.http.interrupt(actor.prompt_id)  # someone else's doing
+        sim.grant_steps(1000)
+        events = await daemon.events(task_id)
+        error = json.loads(events[-1].data)["error"]
+        assert error["code"] == "interrupted"
+        assert error["nodeType"] == "KSampler"
+
+
+async def test_queue_position_while_waiting_behind_another_prompt(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        first, _, sim = await start_sampling(daemon)
+        second = await daemon.generate()
+        actor = daemon.app.registry.get(second)
+        assert actor is not None
+        await wait_state(actor, lambda s: s.queue is not None and s.queue.ahead == 1)
+        status = (await daemon.request("GET", f"/tasks/{second}")).json()
+        assert status["progress"]["currentStep"] == "Queued (1 ahead)"
+        assert status["queue"] == {"position": 2, "ahead": 1}
+        sim.grant_steps(1000)
+        assert payloads(await daemon.events(first))[-1]["status"] == "completed"
+        sim.grant_steps(1000)
+        assert payloads(await daemon.events(second))[-1]["status"] == "completed"
+
+
+async def test_cancel_a_queued_task_removes_it_from_comfyui(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        first, _, sim = await start_sampling(daemon)
+        second = await daemon.generate()
+        actor = daemon.app.registry.get(second)
+        assert actor is not None
+        await wait_state(actor, lambda s: s.queue is not None)
+        response = await daemon.request("DELETE", f"/tasks/{second}")
+        assert response.status == 202
+        data = payloads(await daemon.events(second))
+        assert data[-1]["error"]["code"] == "cancelled"
+        queue = await daemon.app.backend.http.queue()
+        assert actor.prompt_id not in queue.pending
+        sim.grant_steps(1000)
+        assert payloads(await daemon.events(first))[-1]["status"] == "completed"
+        assert await daemon.app.backend.http.history(actor.prompt_id) is None  # never ran
+
+
+async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        body = {"prompt": "a red fox", "seed": 5}
+        key = (("Idempotency-Key", "order-42"),)
+        first = await daemon.request("POST", "/generate", body, headers=key)
+        again = await daemon.request("POST", "/generate", body, headers=key)
+        assert first.status == again.status == 202
+        assert first.json()["taskId"] == again.json()["taskId"]
+        assert again.headers.get("idempotent-replayed") == "true"
+        other = await daemon.request("POST", "/generate", {**body, "seed": 6}, headers=key)
+        assert other.status == 422
+        bad = await daemon.request("POST", "/generate", body, headers=(("Idempotency-Key", ""),))
+        assert bad.status == 400
+        assert daemon.app.registry.created == 1
+        await daemon.events(first.json()["taskId"])
+        history = await daemon.request_comfy("GET", "/history")
+        assert len(history.json()) == 1  # one prompt reached ComfyUI

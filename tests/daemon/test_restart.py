@@ -1,0 +1,142 @@
+"""Daemon restarts: kill -9 and SIGTERM, with the simulator (ComfyUI) living on.
+
+The daemon runs as a real process; the simulator runs in the test, so it
+keeps running prompts while the daemon is down, as a real ComfyUI would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from daemon.http.client import http_request, open_stream
+from daemon.simulator import ComfySimulator, SimulatorConfig
+from protocol.sse import ServerSentEvent
+from tests.daemon.harness import read_events
+from tests.daemon.process import daemon_process
+
+SETTINGS = ("reconnect_initial_delay=0.05", "queue_poll_interval=0.05", "shutdown_grace=2")
+
+
+@asynccontextmanager
+async def simulator() -> AsyncIterator[ComfySimulator]:
+    sim = ComfySimulator(SimulatorConfig(step_time=0.01))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run, ("127.0.0.1", 0))
+        sim.set_manual_steps(True)
+        yield sim
+        nursery.cancel_scope.cancel()
+
+
+async def generate(url: str) -> str:
+    response = await http_request(
+        "POST", f"{url}/generate", body=json.dumps({"prompt": "a red fox"}).encode(), timeout=10
+    )
+    assert response.status == 202, response.body
+    task_id: str = response.json()["taskId"]
+    return task_id
+
+
+def sampling(event: ServerSentEvent) -> bool:
+    node_type: str | None = json.loads(event.data)["progress"].get("nodeType")
+    return node_type == "KSampler"
+
+
+async def test_kill_9_mid_task_then_restart_completes_the_task(tmp_path: Path) -> None:
+    async with simulator() as sim:
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:
+            task_id = await generate(first.url)
+            seen = await read_events(first.url, task_id, stop_after=sampling)
+            first.kill()
+            assert await first.wait() == -9
+        last_id = int(seen[-1].id or 0)
+        sim.grant_steps(5)  # ComfyUI goes on while we are away
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as second:
+            follow = trio.Event()
+            events: list[ServerSentEvent] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reconnect() -> None:
+                    events.extend(
+                        await read_events(
+                            second.url, task_id, last_event_id=last_id, first_event=follow
+                        )
+                    )
+
+                nursery.start_soon(reconnect)
+                await follow.wait()
+                sim.grant_steps(1000)
+            assert all(int(e.id or 0) > last_id for e in events)  # ids kept rising
+            done = json.loads(events[-1].data)
+            assert done["status"] == "completed", done
+            image = await http_request("GET", second.url + done["result"]["imageUrl"], timeout=10)
+            assert image.status == 200
+
+        # Finished tasks are served after a restart too, images included.
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as third:
+            status = await http_request("GET", f"{third.url}/tasks/{task_id}", timeout=10)
+            assert status.json()["status"] == "completed"
+            again = await read_events(third.url, task_id)
+            assert [e.event for e in again] == ["complete"]
+            image = await http_request("GET", third.url + done["result"]["imageUrl"], timeout=10)
+            assert image.status == 200
+            assert image.body.startswith(b"\x89PNG")
+
+
+async def test_task_finished_while_the_daemon_was_dead(tmp_path: Path) -> None:
+    async with simulator() as sim:
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:
+            task_id = await generate(first.url)
+            await read_events(first.url, task_id, stop_after=sampling)
+            first.kill()
+            await first.wait()
+        prompt_id = await only_prompt_id(sim)
+        sim.grant_steps(1000)
+        await sim.wait_for_history(prompt_id)
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as second:
+            events = await read_events(second.url, task_id)
+            assert json.loads(events[-1].data)["status"] == "completed"
+
+
+async def only_prompt_id(sim: ComfySimulator) -> str:
+    queue = await http_request("GET", f"{sim.url}/queue", timeout=10)
+    running = queue.json()["queue_running"]
+    assert len(running) == 1
+    prompt_id: str = running[0][1]
+    return prompt_id
+
+
+async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path) -> None:
+    async with simulator() as sim:
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:
+            task_id = await generate(first.url)
+            raw = bytearray()
+            async with open_stream("GET", f"{first.url}/progress/{task_id}") as stream:
+                async for chunk in stream.chunks:
+                    raw += chunk
+                    if b"KSampler" in raw and not first.exited.is_set():
+                        first.terminate()
+                        break
+                async for chunk in stream.chunks:  # the rest, until the daemon closes it
+                    raw += chunk
+            with trio.fail_after(10):
+                assert await first.wait() == 0, first.log()
+            assert raw.endswith(b"retry: 2000\n\n")  # come back later
+            assert b"event: complete" not in raw
+        # The task was journalled; the next daemon finishes it.
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as second:
+            follow = trio.Event()
+            events: list[ServerSentEvent] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reconnect() -> None:
+                    events.extend(await read_events(second.url, task_id, first_event=follow))
+
+                nursery.start_soon(reconnect)
+                await follow.wait()
+                sim.grant_steps(1000)
+            assert json.loads(events[-1].data)["status"] == "completed"
