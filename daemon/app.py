@@ -4,7 +4,8 @@
       ├── simulator (only with --simulate; a ComfyUI of our own on 127.0.0.1)
       ├── TaskRegistry.run     (the nursery the task actors live in)
       ├── ComfyBackend.run     (ComfyUI's WebSocket, reconnects)
-      └── HttpServer.run       (the h11 server; last, so "listening" means ready)
+      ├── HttpServer.run       (the h11 server, on systemd's sockets if it passed any)
+      └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
 every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
@@ -32,6 +33,7 @@ from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.routes import Routes
 from daemon.sse_stream import StreamHub
+from daemon.systemd import Systemd
 from daemon.tasks import TaskRegistry, TaskSettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,9 @@ def http_limits(config: Config) -> HttpLimits:
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, systemd: Systemd | None = None) -> None:
         self.config = config
+        self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.images = ImageStore(config.data_dir / "images")
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.idempotency: IdempotencyKeys
@@ -151,13 +154,14 @@ class App:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
                 await nursery.start(self.backend.run)
                 if listeners is None:
-                    listeners = await trio.open_tcp_listeners(
+                    listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
                         config.listen_port, host=config.listen_host
                     )
                 await nursery.start(self._run_server, listeners)
                 sockname = listeners[0].socket.getsockname()
                 bound = Bound(host=sockname[0], port=sockname[1], comfy_url=comfy_url)
                 log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
+                await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
                 task_status.started(bound)
 
     async def _run_server(
@@ -183,6 +187,7 @@ class App:
     async def shutdown(self) -> None:
         """Drain and stop: SSE clients get a retry hint, requests get a grace period."""
         log.info("shutting down (grace %.1f s)", self.config.shutdown_grace)
+        await self.systemd.notify_stopping(f"draining {self.streams.open_streams} SSE streams")
         self.streams.drain()
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):

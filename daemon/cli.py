@@ -77,6 +77,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
+    from daemon.systemd import SocketActivationError, Systemd
 
     try:
         config = config_module.load_from_process(args.config, _flag_settings(args))
@@ -90,7 +91,16 @@ def serve(args: argparse.Namespace) -> int:
         print(config_module.render_toml(config), end="")
         return 0
     setup_logging(config.log_level)
-    trio.run(serve_until_signalled, App(config))
+    try:
+        # LISTEN_* leave the environment here, before the app starts anything.
+        systemd = Systemd.from_environ()
+    except SocketActivationError as exc:
+        print(f"comfy-progress: socket activation: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve_until_signalled, App(config, systemd=systemd))
+    finally:
+        systemd.close()
     return 0
 
 

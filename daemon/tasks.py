@@ -29,6 +29,7 @@ import trio
 from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
@@ -506,6 +507,7 @@ class TaskRegistry:
         self._nursery: trio.Nursery | None = None
         self.created = 0
         self.restored = 0
+        self.changed = Signal()  # a task was added, changed state or was forgotten
         # Snapshot ids of restored tasks must rise above anything sent before the
         # restart, even when the journal lagged behind the last publish (kill -9):
         # each start is a new epoch, and a run sends fewer than 2**32 snapshots
@@ -530,6 +532,7 @@ class TaskRegistry:
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:
             self.journal.record(actor.record())
+        self.changed.fire()
 
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
@@ -621,5 +624,6 @@ class TaskRegistry:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)
         self._tasks.pop(actor.task_id, None)
+        self.changed.fire()
         if self.journal is not None:
             self.journal.forget(actor.task_id)
