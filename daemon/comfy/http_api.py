@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from daemon.http.client import ClientResponse, HttpClientError, http_request
-
 from protocol import comfy
 from protocol.errors import ProtocolError
 

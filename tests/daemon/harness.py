@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from daemon.simulator import ComfySimulator, SimulatorConfig
 
 from daemon.app import App, Bound
 from daemon.config import Config
 from daemon.http.client import ClientResponse, http_request, open_stream
+from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent, SSEDecoder
 
 
