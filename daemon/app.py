@@ -18,9 +18,11 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
+from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.config import Config
 from daemon.http.router import Router
@@ -28,8 +30,10 @@ from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.images import ImageStore
 from daemon.routes import Routes
+from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.workflow_files import load_catalog
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,12 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.images = ImageStore(config.data_dir / "images")
+        # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
+        self.workflows = load_catalog(
+            Path(config.workflows_dir) if config.workflows_dir else None,
+            default_checkpoint=config.default_checkpoint,
+        )
+        self.binder = Binder(self.workflows, SourceImages(self.images))
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )

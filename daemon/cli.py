@@ -77,6 +77,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
+    from daemon.workflow_files import WorkflowFileError
 
     try:
         config = config_module.load_from_process(args.config, _flag_settings(args))
@@ -90,7 +91,12 @@ def serve(args: argparse.Namespace) -> int:
         print(config_module.render_toml(config), end="")
         return 0
     setup_logging(config.log_level)
-    trio.run(serve_until_signalled, App(config))
+    try:
+        app = App(config)
+    except WorkflowFileError as exc:
+        print(f"comfy-progress: workflow error: {exc}", file=sys.stderr)
+        return 2
+    trio.run(serve_until_signalled, app)
     return 0
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from functools import partial
 from typing import TYPE_CHECKING
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
-from protocol import api, task, workflow
+from protocol import api
 from protocol.errors import RequestError
 
 if TYPE_CHECKING:
@@ -32,6 +32,11 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
+def comfy_unavailable(exc: ComfyUnavailable) -> Response:
+    busy = error_response(503, str(exc))
+    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+
+
 class Routes:
     """Request handlers; each reads the app's services and answers."""
 
@@ -45,28 +50,17 @@ class Routes:
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
+        router.add("GET", "/workflows", self.workflows)
+        router.add("POST", "/upload", self.upload, max_body=self.app.config.max_upload_bytes)
 
     async def generate(self, request: Request) -> Response:
         app = self.app
         try:
-            parsed = api.parse_generate(request.body)
-            seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
-            graph = workflow.bind(parsed, seed=seed, checkpoint=workflow.DEFAULT_CHECKPOINT)
+            spec_for = await app.binder.prepare(request.body, app.backend.http)
         except RequestError as exc:
             return request_error(exc)
-
-        def spec_for(task_id: str, prompt_id: str, uid: int) -> task.TaskSpec:
-            return task.TaskSpec(
-                task_id=task_id,
-                prompt_id=prompt_id,
-                graph=graph,
-                prompt=parsed.prompt,
-                workflow=parsed.workflow,
-                seed=seed,
-                name=parsed.name,
-                description=parsed.description,
-                uid=uid,
-            )
+        except ComfyUnavailable as exc:
+            return comfy_unavailable(exc)
 
         try:
             actor = app.registry.create(spec_for)
@@ -145,3 +139,19 @@ class Routes:
         backend = self.app.backend
         body = {"ready": backend.is_connected(), "backend": backend.name}
         return json_response(200 if backend.is_connected() else 503, body, headers=NO_STORE)
+
+    async def workflows(self, request: Request) -> Response:
+        return json_response(200, self.app.workflows.to_json())
+
+    async def upload(self, request: Request) -> Response:
+        """An inpainting source image: the raw PNG or JPEG body (see protocol/upload.py)."""
+        try:
+            reply = await self.app.binder.sources.accept_upload(
+                request.headers.get("content-type"), request.body, self.app.backend.http
+            )
+        except RequestError as exc:
+            return request_error(exc)
+        except ComfyUnavailable as exc:
+            return comfy_unavailable(exc)
+        location = str(reply["imageUrl"])
+        return json_response(201, reply, headers=[("Location", location), *NO_STORE])
