@@ -390,9 +390,9 @@ def _bindings(kind: str, raw: Any, graph: Mapping[str, Any], where: str) -> tupl
             raise WorkflowError(f"{at}: node {node!r} is not in the graph")
         inputs = graph[node]["inputs"]
         if not isinstance(name, str) or name not in inputs:
+            has = f"it has: {', '.join(inputs)}" if inputs else "it has no inputs"
             raise WorkflowError(
-                f"{at}: node {node} ({graph[node]['class_type']}) has no input {name!r} "
-                f"(it has: {', '.join(inputs)})"
+                f"{at}: node {node} ({graph[node]['class_type']}) has no input {name!r} ({has})"
             )
         if kind == "image" and part is None:
             part = "name"

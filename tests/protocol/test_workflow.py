@@ -233,6 +233,11 @@ BROKEN_TXT2IMG: list[tuple[Edit, str]] = [
     ),
     (_set(f"{P}.width.bind.0.node", 5), "parameters.width.bind[0]: node 5 is not in the graph"),
     (
+        _set("graph.5.inputs", {}),
+        "parameters.width.bind[0]: node 5 (EmptyLatentImage) has no input 'width' "
+        "(it has no inputs)",
+    ),
+    (
         _set(f"{P}.width.bind.0.input", "w"),
         "parameters.width.bind[0]: node 5 (EmptyLatentImage) has no input 'w' "
         "(it has: width, height, batch_size)",
