@@ -56,8 +56,9 @@ class CheckedRequest:
 def draw_seed(workflow: Workflow, randbelow: Callable[[int], int]) -> int:
     """A random seed within the workflow's seed limits (`randbelow` is secrets.randbelow)."""
     param = workflow.parameters.get(SEED)
-    low = int(param.min) if param is not None and param.min is not None else 0
-    high = int(param.max) if param is not None and param.max is not None else low + 2**64
+    if param is None or param.min is None or param.max is None:
+        return randbelow(DRAWN_SEED_SPAN)
+    low, high = int(param.min), int(param.max)
     return low + randbelow(min(high - low + 1, DRAWN_SEED_SPAN))
 
 
@@ -132,7 +133,7 @@ def _part(param: Parameter, value: Any, part: str | None, source: SourceImage | 
 
 def bind(checked: CheckedRequest, source: SourceImage | None = None) -> dict[str, Any]:
     """The graph to submit: the workflow's graph with every parameter's value in place."""
-    if source is not None:
+    if source is not None:  # the caller checked already; a graph must never get a bad area
         check_source(checked, source.width, source.height)
     graph: dict[str, Any] = copy.deepcopy(dict(checked.workflow.graph))
     for param in checked.workflow.parameters.values():
