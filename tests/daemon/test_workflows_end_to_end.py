@@ -262,6 +262,7 @@ async def test_invalid_requests_never_reach_comfyui(tmp_path: Path) -> None:
         # Stored by the daemon only, so ComfyUI has not seen it (an upload would forward it).
         name = await daemon.app.images.save(picture)
         url = f"/image/{name}"
+        webp = await daemon.app.images.save(b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(8))
         inside = {"x": 0, "y": 0, "width": 8, "height": 8}
         cases: list[tuple[dict[str, Any], int, str, dict[str, Any]]] = [
             ({"width": 100}, 400, "width: must be a multiple of 8", {"multipleOf": 8}),
@@ -288,6 +289,12 @@ async def test_invalid_requests_never_reach_comfyui(tmp_path: Path) -> None:
                 },
                 400,
                 "image: there is no image /image/nothing_here_0123456.png on this daemon",
+                {},
+            ),
+            (
+                {"inpaint": True, "image": f"/image/{webp}", "inpaintArea": inside},
+                400,
+                f"image: /image/{webp} cannot be a source: not a PNG or JPEG image",
                 {},
             ),
             (
