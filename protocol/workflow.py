@@ -443,6 +443,8 @@ def _parameter(
         raise WorkflowError(f"{where}: min {low} is above max {high}")
     multiple = _limit(spec, "multipleOf", where, integer=True)
     max_length = _limit(spec, "maxLength", where, integer=True)
+    if kind == "string" and max_length is None:
+        max_length = DEFAULT_MAX_LENGTH  # every string is bounded, and GET /workflows says so
     for key, value in (("multipleOf", multiple), ("maxLength", max_length)):
         if value is not None and value < 1:
             raise WorkflowError(f"{where}.{key}: must be at least 1")

@@ -79,6 +79,7 @@ def test_to_json_lists_parameters_in_file_order_with_their_limits() -> None:
         "required": True,
         "maxLength": 50,
     }
+    assert by_name["negativePrompt"]["maxLength"] == 10_000  # the default bound, shown
     assert by_name["sampler"]["choices"] == ["euler", "heun"]
     assert by_name["seed"]["required"] is False
     area = {p["name"]: p for p in inpaint().to_json()["parameters"]}["inpaintArea"]
