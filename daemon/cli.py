@@ -78,6 +78,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
     from daemon.systemd import SocketActivationError, Systemd
+    from daemon.workflow_files import WorkflowFileError
 
     try:
         config = config_module.load_from_process(args.config, _flag_settings(args))
@@ -98,7 +99,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"comfy-progress: socket activation: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(serve_until_signalled, App(config, systemd=systemd))
+        app = App(config, systemd=systemd)
+    except WorkflowFileError as exc:
+        systemd.close()
+        print(f"comfy-progress: workflow error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve_until_signalled, app)
     finally:
         systemd.close()
     return 0
