@@ -31,6 +31,14 @@ NO_STORE = (("Cache-Control", "no-store"),)
 JOURNAL_FLUSH_TIMEOUT = 5.0
 
 
+def _is_json(content_type: str | None) -> bool:
+    """application/json (any parameters, or a +json type), or no Content-Type at all."""
+    if content_type is None:
+        return True
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
 def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
@@ -58,6 +66,12 @@ class Routes:
 
     async def generate(self, request: Request) -> Response:
         app = self.app
+        if not _is_json(request.headers.get("content-type")):
+            return error_response(
+                415,
+                "POST /generate takes a JSON body (Content-Type: application/json)",
+                {"contentType": request.headers.get("content-type")},
+            )
         key = request.headers.get("idempotency-key")
         try:
             if key is not None and (replay := self._replayed(key, request.body)) is not None:

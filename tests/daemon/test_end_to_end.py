@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import trio
@@ -171,3 +172,127 @@ async def test_cancel(tmp_path: Path) -> None:
         finished = await daemon.request("DELETE", f"/tasks/{task_id}")
         assert finished.status == 200
         assert finished.json()["cancelled"] is False
+
+
+# ---- the seed's three message formats, field by field
+
+SEED_PROGRESS_KEYS = {"percentage", "currentStep", "currentValue", "maxValue"}
+
+
+def check_common(payload: dict[str, object], task_id: str, status: str) -> None:
+    assert payload["taskId"] == task_id
+    assert payload["status"] == status
+    timestamp = payload["timestamp"]
+    assert isinstance(timestamp, str)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", timestamp), timestamp
+    progress = payload["progress"]
+    assert isinstance(progress, dict)
+    assert set(progress) >= SEED_PROGRESS_KEYS
+    assert isinstance(progress["currentStep"], str)
+    for key in ("percentage", "currentValue", "maxValue"):
+        assert isinstance(progress[key], int | float), key
+
+
+async def test_the_three_message_formats_field_by_field(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate(seed=7, name="Fox", description="A red fox")
+        data = payloads(await daemon.events(task_id))
+        for payload in data[:-1]:
+            check_common(payload, task_id, "in-progress")
+            assert 0 <= payload["progress"]["percentage"] <= 100
+        sampling = [d for d in data if d["progress"]["currentStep"] == "Sampling image..."]
+        assert sampling[-1]["progress"]["maxValue"] == 20
+        done = data[-1]
+        check_common(done, task_id, "completed")
+        assert done["progress"]["percentage"] == 100
+        assert done["progress"]["currentStep"] == "Complete"
+        assert done["progress"]["currentValue"] == done["progress"]["maxValue"] == 20
+        result = done["result"]
+        assert set(result) >= {
+            "imageUrl", "description", "prompt", "seed", "name", "workflow",
+            "inpaint", "inpaintArea", "uid",
+        }  # fmt: skip
+        assert (result["prompt"], result["seed"], result["name"]) == ("a red fox", 7, "Fox")
+        assert (result["description"], result["workflow"]) == ("A red fox", "txt2img")
+        assert (result["inpaint"], result["inpaintArea"]) == (False, None)
+        assert isinstance(result["uid"], int)
+        image = await daemon.request("GET", result["imageUrl"])
+        assert image.body.startswith(b"\x89PNG\r\n\x1a\n")
+
+        assert daemon.simulator is not None
+        daemon.simulator.set_fail_at("KSampler")
+        failed_id = await daemon.generate()
+        failed = payloads(await daemon.events(failed_id))[-1]
+        check_common(failed, failed_id, "error")
+        assert failed["progress"] == {
+            "percentage": 0,
+            "currentStep": "Failed",
+            "currentValue": 0,
+            "maxValue": 0,
+            "overall": failed["progress"]["overall"],
+        }
+        assert isinstance(failed["error"]["message"], str)
+        assert isinstance(failed["error"]["details"], str)
+        assert failed["error"]["nodeType"] == "KSampler"
+
+
+async def test_two_hundred_subscribers_get_live_progress_and_the_end(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        sim = daemon.simulator
+        assert sim is not None
+        sim.set_manual_steps(True)
+        task_id = await daemon.generate()
+        streams: list[list[dict[str, object]]] = []
+        connected = [trio.Event() for _ in range(200)]
+        async with trio.open_nursery() as nursery:
+
+            async def subscribe(ready: trio.Event) -> None:
+                streams.append(payloads(await daemon.events(task_id, first_event=ready)))
+
+            for ready in connected:
+                nursery.start_soon(subscribe, ready)
+            for ready in connected:
+                await ready.wait()
+            sim.set_step_time(0.05)  # live ticks, far enough apart to be seen one by one
+            sim.set_manual_steps(False)
+        assert len(streams) == 200
+        for data in streams:
+            assert data[-1]["status"] == "completed"
+            values = {
+                d["progress"]["currentValue"]
+                for d in data
+                if d["status"] == "in-progress" and d["progress"].get("nodeType") == "KSampler"
+            }
+            assert len(values) >= 10, values  # live progress, not just the newest snapshot
+        # After the end: the terminal event at once, then the stream closes.
+        late = await daemon.events(task_id)
+        assert [e.event for e in late] == ["complete"]
+
+
+async def test_a_workflow_comfyui_rejects_is_an_error_with_its_details(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate(checkpoint="not-installed.safetensors")
+        error = payloads(await daemon.events(task_id))[-1]["error"]
+        assert error["code"] == "rejected"
+        assert error["nodeType"] == "CheckpointLoaderSimple"
+        assert "not-installed.safetensors" in error["details"]
+
+
+async def test_bad_requests_reach_nothing(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        form = await daemon.request(
+            "POST",
+            "/generate",
+            b"prompt=a+fox",
+            headers=(("Content-Type", "application/x-www-form-urlencoded"),),
+        )
+        assert form.status == 415
+        assert "application/json" in form.json()["error"]["message"]
+        for raw in (b"{oops", b'{"seed": 1}', b"x" * (2 * 1024 * 1024)):
+            response = await daemon.request("POST", "/generate", raw)
+            assert 400 <= response.status < 500
+            assert "message" in response.json()["error"]
+        history = await daemon.request_comfy("GET", "/history")
+        queue = await daemon.request_comfy("GET", "/queue")
+        assert history.json() == {}
+        assert queue.json() == {"queue_running": [], "queue_pending": []}
