@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -242,7 +243,7 @@ async def test_two_hundred_subscribers_get_live_progress_and_the_end(tmp_path: P
         assert sim is not None
         sim.set_manual_steps(True)
         task_id = await daemon.generate()
-        streams: list[list[dict[str, object]]] = []
+        streams: list[list[dict[str, Any]]] = []
         connected = [trio.Event() for _ in range(200)]
         async with trio.open_nursery() as nursery:
 
