@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.metrics import MetricsEndpoint
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
 from protocol import api, task, workflow
@@ -48,6 +49,7 @@ class Routes:
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
+        router.add("GET", "/metrics", MetricsEndpoint(self.app))
 
     async def generate(self, request: Request) -> Response:
         app = self.app
