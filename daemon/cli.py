@@ -11,6 +11,7 @@ import trio
 
 from daemon import config as config_module
 from daemon.logs import setup_logging
+from daemon.terminal import command as terminal_command
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _simulate_parser(sub)
+    terminal_command.add_parser(sub)
     return parser
 
 
@@ -124,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "simulate-comfy":
             return simulate(args)
+        if args.command == "generate":
+            return terminal_command.generate(args)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)
