@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,11 +100,25 @@ def serve(args: argparse.Namespace) -> int:
     except SocketActivationError as exc:
         print(f"comfy-progress: socket activation: {exc}", file=sys.stderr)
         return 2
+    status = 0
     try:
         trio.run(serve_until_signalled, App(config, systemd=systemd))
+    except* OSError as group:
+        # A data directory that cannot be made, an address in use: one clear
+        # log line (the traceback rides along in its error= field), exit 1.
+        for error in _leaves(group):
+            logging.getLogger("daemon").error("the daemon stopped: %s", error, exc_info=error)
+        status = 1
     finally:
         systemd.close()
-    return 0
+    return status
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def simulate(args: argparse.Namespace) -> int:

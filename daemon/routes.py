@@ -90,7 +90,14 @@ class Routes:
             return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
-        log.info("task created", extra={"task_id": actor.task_id, "prompt_id": actor.prompt_id})
+        log.info(
+            "task created",
+            extra={
+                "task_id": actor.task_id,
+                "prompt_id": actor.prompt_id,
+                "backend": app.backend.name,
+            },
+        )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
         with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:

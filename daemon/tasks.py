@@ -580,7 +580,12 @@ class TaskRegistry:
             try:
                 actor = self._restored_actor(record, now)
             except (KeyError, ValueError, TypeError) as exc:
-                log.warning("cannot restore task %s: %s", record.task_id, exc)
+                log.warning(
+                    "cannot restore task %s: %s",
+                    record.task_id,
+                    exc,
+                    extra={"task_id": record.task_id},
+                )
                 continue
             if actor is None:
                 if self.journal is not None:
@@ -615,7 +620,14 @@ class TaskRegistry:
             submitted=record.submitted,
             created_at=record.created_at,
         )
-        log.info("resuming task", extra={"task_id": spec.task_id, "prompt_id": spec.prompt_id})
+        log.info(
+            "resuming task",
+            extra={
+                "task_id": spec.task_id,
+                "prompt_id": spec.prompt_id,
+                "backend": self.backend.name,
+            },
+        )
         return self._new_actor(state, resumed=True)
 
     def _start(self, actor: TaskActor, retention: float) -> None:
@@ -629,7 +641,14 @@ class TaskRegistry:
         try:
             await actor.run()
         except Exception:
-            log.exception("task actor crashed", extra={"task_id": actor.task_id})
+            log.exception(
+                "task actor crashed",
+                extra={
+                    "task_id": actor.task_id,
+                    "prompt_id": actor.prompt_id,
+                    "backend": self.backend.name,
+                },
+            )
             actor.handle(task.Failed("internal", "Internal error in the daemon"))
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
