@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_the_formatter_keeps_one_record_on_one_line() -> None:
     try:
         raise ValueError("boom\nline two")
     except ValueError:
-        record.exc_info = __import__("sys").exc_info()
+        record.exc_info = sys.exc_info()
     line = formatter.format(record)
     assert "\n" not in line
     assert "\r" not in line
@@ -80,7 +81,7 @@ def test_the_formatter_keeps_one_record_on_one_line() -> None:
 
 def test_the_level_is_configurable() -> None:
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    saved_handlers, saved_level = root.handlers[:], root.level
     try:
         for level, shown in (("warning", False), ("debug", True)):
             stream = io.StringIO()
@@ -91,8 +92,8 @@ def test_the_level_is_configurable() -> None:
             assert any("a warning line" in line for line in lines)
             assert any("an info line" in line for line in lines) is shown
     finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
 
 
 PROMPT = "PROMPT-SECRET a red fox"
