@@ -10,8 +10,8 @@ Two kinds:
   counters (tasks by state, SSE streams, ComfyUI connection).
 
 `METRICS` lists every metric; the README's metrics table is generated from
-it (`python -m daemon.reference`) and a test checks that /metrics serves
-exactly these families.
+it (`make docs`) and a test checks that /metrics serves exactly these
+families.
 
 Label values are bounded: routes are the router's patterns
 (`/tasks/{task_id}`), never raw paths, and methods outside the usual few are
@@ -21,7 +21,7 @@ counted as `other`, so no client can make the series grow without limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Final
 
@@ -48,7 +48,7 @@ KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH
 OUTCOMES: Final = ("completed", "error", "cancelled")
 # Image generation takes from about a second (a cached or tiny graph) to
 # minutes (large images, a busy GPU, a long queue).
-DURATION_BUCKETS: Final = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+DURATION_BUCKETS: Final[tuple[float, ...]] = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
 def _spec(name: str, kind: MetricType, help: str, *labels: str) -> MetricSpec:
@@ -143,6 +143,11 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
 )
 
 
+HISTOGRAM_BUCKETS: Final[Mapping[str, tuple[float, ...]]] = {
+    GENERATION_DURATION.name: DURATION_BUCKETS,
+}
+
+
 def outcome_of(state: TaskState) -> str:
     if state.phase is Phase.COMPLETED:
         return "completed"
@@ -167,7 +172,7 @@ class DaemonMetrics:
         self.requests = Counter(HTTP_REQUESTS)
         self.rejected = Counter(HTTP_REJECTED)
         self.task_errors = Counter(TASK_ERRORS)
-        self.durations = Histogram(GENERATION_DURATION, DURATION_BUCKETS)
+        self.durations = Histogram(GENERATION_DURATION, HISTOGRAM_BUCKETS[GENERATION_DURATION.name])
         for outcome in OUTCOMES:
             self.durations.declare(outcome)
 
@@ -231,8 +236,3 @@ class MetricsEndpoint:
         body = self.app.metrics.render(self.app).encode("utf-8")
         headers = (("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store"))
         return Response(200, headers, body)
-
-
-def spec_rows(specs: Iterable[MetricSpec] = METRICS) -> Sequence[tuple[str, str, str, str]]:
-    """(name, type, labels, help) per metric, for the README's table."""
-    return [(s.name, s.type, ", ".join(s.labels), s.help) for s in specs]
