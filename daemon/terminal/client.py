@@ -128,7 +128,6 @@ class GenerateClient:
         self.options = options
         self.display = display
         self.out = out
-        self.task_id: str | None = None
         self.finished = False  # the task has ended (its terminal event arrived)
         self.interrupted = False
         # Cancelled by the first Ctrl-C: covers following and downloading, not
@@ -166,7 +165,6 @@ class GenerateClient:
     async def run(self) -> int:
         try:
             task_id = await self.submit()
-            self.task_id = task_id
             self.display.message(f"comfy-progress: task {task_id}")
             if self.interrupted:
                 return await self.cancel(task_id)
@@ -228,11 +226,18 @@ class GenerateClient:
             why = "the stream ended early"
             try:
                 async with open_stream("GET", url, headers=headers) as response:
-                    if response.status == 404:
+                    content_type = response.headers.get("content-type", "")
+                    if 400 <= response.status < 500:
+                        # Asking again will not help (404: the task is unknown,
+                        # e.g. finished and forgotten, or the daemon lost it).
                         message = await streamed_message(response)
-                        raise ClientFailure(f"the daemon does not know task {task_id}: {message}")
+                        raise ClientFailure(
+                            f"cannot follow task {task_id} ({response.status}): {message}"
+                        )
                     if response.status != 200:
                         why = f"the server answered {response.status}"
+                    elif not content_type.startswith("text/event-stream"):
+                        raise ClientFailure(f"{url} is not an event stream ({content_type!r})")
                     else:
                         chunks = response.chunks.__aiter__()
                         while True:
