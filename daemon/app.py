@@ -20,9 +20,11 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
+from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.config import Config
 from daemon.http.router import Router
@@ -33,9 +35,11 @@ from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
 from daemon.routes import Routes
+from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
 from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.workflow_files import load_catalog
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,12 @@ class App:
         self.images = ImageStore(config.data_dir / "images")
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.idempotency: IdempotencyKeys
+        # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
+        self.workflows = load_catalog(
+            Path(config.workflows_dir) if config.workflows_dir else None,
+            default_checkpoint=config.default_checkpoint,
+        )
+        self.binder = Binder(self.workflows, SourceImages(self.images))
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )

@@ -81,6 +81,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
     from daemon.systemd import SocketActivationError, Systemd
+    from daemon.workflow_files import WorkflowFileError
 
     try:
         config = config_module.load_from_process(args.config, _flag_settings(args))
@@ -100,9 +101,15 @@ def serve(args: argparse.Namespace) -> int:
     except SocketActivationError as exc:
         print(f"comfy-progress: socket activation: {exc}", file=sys.stderr)
         return 2
+    try:
+        app = App(config, systemd=systemd)
+    except WorkflowFileError as exc:
+        systemd.close()
+        print(f"comfy-progress: workflow error: {exc}", file=sys.stderr)
+        return 2
     status = 0
     try:
-        trio.run(serve_until_signalled, App(config, systemd=systemd))
+        trio.run(serve_until_signalled, app)
     except* OSError as group:
         # A data directory that cannot be made, an address in use: one clear
         # log line (the traceback rides along in its error= field), exit 1.

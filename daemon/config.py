@@ -48,6 +48,13 @@ class Config:
     node_modules_dir: Path = _setting(
         REPO_ROOT / "node_modules", "npm packages served at /vendor/ (Preact, htm)"
     )
+    workflows_dir: str = _setting(
+        "", "directory of your own workflow files (*.json), added to the shipped ones (empty: none)"
+    )
+    default_checkpoint: str = _setting(
+        "v1-5-pruned-emaonly.safetensors",
+        "checkpoint a workflow uses when neither its file nor the request names one",
+    )
     log_level: str = _setting(
         "info", "debug | info | warning | error", choices=("debug", "info", "warning", "error")
     )

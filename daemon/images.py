@@ -76,3 +76,9 @@ class ImageStore:
             return await trio.Path(path).read_bytes()
         except FileNotFoundError:
             return None
+
+    async def delete(self, name: str) -> None:
+        """Remove a stored image (gone already is fine)."""
+        path = self.path_of(name)
+        if path is not None:
+            await trio.Path(path).unlink(missing_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -12,9 +11,10 @@ import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.metrics import MetricsEndpoint
+from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
-from protocol import api, task, workflow
+from protocol import api
 from protocol.errors import RequestError
 
 if TYPE_CHECKING:
@@ -36,6 +36,11 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
+def comfy_unavailable(exc: ComfyUnavailable) -> Response:
+    busy = error_response(503, str(exc))
+    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+
+
 class Routes:
     """Request handlers; each reads the app's services and answers."""
 
@@ -49,39 +54,24 @@ class Routes:
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
+        router.add("GET", "/workflows", self.workflows)
+        router.add("POST", "/upload", self.upload, max_body=self.app.config.max_upload_bytes)
         router.add("GET", "/metrics", MetricsEndpoint(self.app))
 
     async def generate(self, request: Request) -> Response:
         app = self.app
         key = request.headers.get("idempotency-key")
         try:
-            if key is not None:
-                existing = app.idempotency.lookup(key, request.body)
-                if existing is not None:
-                    # A retry of a request we already took: same task, nothing new.
-                    return json_response(
-                        202,
-                        api.accepted_reply(existing),
-                        headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
-                    )
-            parsed = api.parse_generate(request.body)
-            seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
-            graph = workflow.bind(parsed, seed=seed, checkpoint=workflow.DEFAULT_CHECKPOINT)
+            if key is not None and (replay := self._replayed(key, request.body)) is not None:
+                return replay
+            spec_for = await app.binder.prepare(request.body, app.backend.http)
+            # Checked again: a twin request may have got in while we awaited.
+            if key is not None and (replay := self._replayed(key, request.body)) is not None:
+                return replay
         except RequestError as exc:
             return request_error(exc)
-
-        def spec_for(task_id: str, prompt_id: str, uid: int) -> task.TaskSpec:
-            return task.TaskSpec(
-                task_id=task_id,
-                prompt_id=prompt_id,
-                graph=graph,
-                prompt=parsed.prompt,
-                workflow=parsed.workflow,
-                seed=seed,
-                name=parsed.name,
-                description=parsed.description,
-                uid=uid,
-            )
+        except ComfyUnavailable as exc:
+            return comfy_unavailable(exc)
 
         try:
             actor = app.registry.create(spec_for)
@@ -105,6 +95,17 @@ class Routes:
         if waited.cancelled_caught:
             log.error("the journal did not confirm task %s in time", actor.task_id)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
+
+    def _replayed(self, key: str, body: bytes) -> Response | None:
+        """The answer to a retry of a request we already took (same task, nothing new)."""
+        existing = self.app.idempotency.lookup(key, body)
+        if existing is None:
+            return None
+        return json_response(
+            202,
+            api.accepted_reply(existing),
+            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+        )
 
     def _unknown_task(self, task_id: str) -> Response:
         return error_response(
@@ -175,3 +176,19 @@ class Routes:
         backend = self.app.backend
         body = {"ready": backend.is_connected(), "backend": backend.name}
         return json_response(200 if backend.is_connected() else 503, body, headers=NO_STORE)
+
+    async def workflows(self, request: Request) -> Response:
+        return json_response(200, self.app.workflows.to_json())
+
+    async def upload(self, request: Request) -> Response:
+        """An inpainting source image: the raw PNG or JPEG body (see protocol/upload.py)."""
+        try:
+            reply = await self.app.binder.sources.accept_upload(
+                request.headers.get("content-type"), request.body, self.app.backend.http
+            )
+        except RequestError as exc:
+            return request_error(exc)
+        except ComfyUnavailable as exc:
+            return comfy_unavailable(exc)
+        location = str(reply["imageUrl"])
+        return json_response(201, reply, headers=[("Location", location), *NO_STORE])

@@ -11,13 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from protocol.errors import RequestError
+from protocol.errors import RequestError, field_error
 
 MAX_PROMPT_CHARS: Final = 10_000
 MAX_NAME_CHARS: Final = 200
 MAX_DESCRIPTION_CHARS: Final = 2_000
 MAX_SEED: Final = 2**64 - 1  # ComfyUI's KSampler seed is an unsigned 64-bit int
 DEFAULT_WORKFLOW: Final = "txt2img"
+DEFAULT_INPAINT_WORKFLOW: Final = "inpaint"  # when a request says inpaint but names no workflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +30,13 @@ class GenerateRequest:
     seed: int | None = None  # None: the daemon picks one and reports it back
     name: str | None = None
     description: str | None = None
+    inpaint: bool | None = None  # None: whatever the workflow does
     # Workflow parameters beyond the common ones (negativePrompt, width, steps...),
     # checked against the workflow's declaration when the request is bound.
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
-COMMON_FIELDS: Final = ("prompt", "workflow", "seed", "name", "description")
-
-
-def _field_error(name: str, rule: str, **details: Any) -> RequestError:
-    return RequestError(f"{name}: {rule}", details={"field": name, **details})
+COMMON_FIELDS: Final = ("prompt", "workflow", "seed", "name", "description", "inpaint")
 
 
 def _optional_text(body: Mapping[str, Any], name: str, limit: int) -> str | None:
@@ -46,9 +44,9 @@ def _optional_text(body: Mapping[str, Any], name: str, limit: int) -> str | None
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _field_error(name, "must be a string")
+        raise field_error(name, "must be a string")
     if len(value) > limit:
-        raise _field_error(name, f"must be at most {limit} characters", limit=limit)
+        raise field_error(name, f"must be at most {limit} characters", limit=limit)
     return value
 
 
@@ -74,27 +72,31 @@ def parse_generate(raw: bytes, *, extra_fields: frozenset[str] = frozenset()) ->
         )
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _field_error("prompt", "is required and must be a non-empty string")
+        raise field_error("prompt", "is required and must be a non-empty string")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise _field_error(
+        raise field_error(
             "prompt", f"must be at most {MAX_PROMPT_CHARS} characters", limit=MAX_PROMPT_CHARS
         )
-    workflow = body.get("workflow", DEFAULT_WORKFLOW)
+    inpaint = body.get("inpaint")
+    if inpaint is not None and not isinstance(inpaint, bool):
+        raise field_error("inpaint", "must be true or false")
+    workflow = body.get("workflow")
     if workflow is None:
-        workflow = DEFAULT_WORKFLOW
+        workflow = DEFAULT_INPAINT_WORKFLOW if inpaint else DEFAULT_WORKFLOW
     if not isinstance(workflow, str) or not workflow:
-        raise _field_error("workflow", "must be a workflow name")
+        raise field_error("workflow", "must be a workflow name")
     seed = body.get("seed")
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
     ):
-        raise _field_error("seed", f"must be an integer from 0 to {MAX_SEED}", min=0, max=MAX_SEED)
+        raise field_error("seed", f"must be an integer from 0 to {MAX_SEED}", min=0, max=MAX_SEED)
     return GenerateRequest(
         prompt=prompt,
         workflow=workflow,
         seed=seed,
         name=_optional_text(body, "name", MAX_NAME_CHARS),
         description=_optional_text(body, "description", MAX_DESCRIPTION_CHARS),
+        inpaint=inpaint,
         params={k: v for k, v in body.items() if k not in COMMON_FIELDS},
     )
 

@@ -30,3 +30,8 @@ class RequestError(Exception):
         self.message = message
         self.status_hint = status_hint
         self.details: Mapping[str, Any] = dict(details or {})
+
+
+def field_error(name: str, rule: str, **details: Any) -> RequestError:
+    """A 400 naming the request field and the rule (and limit) it broke."""
+    return RequestError(f"{name}: {rule}", details={"field": name, **details})

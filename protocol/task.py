@@ -159,20 +159,20 @@ def finished_task(
 ) -> TaskState:
     """A finished task, rebuilt from the last message it published."""
     payload = message.payload
+    ended = replace(
+        new_task(spec, created_at),
+        version=message.version,
+        submitted=True,
+        finished_at=finished_at,
+    )
     if message.event == EVENT_COMPLETE:
         urls = payload.get("result", {}).get("imageUrls") or []
-        files = tuple(str(u).rsplit("/", 1)[-1] for u in urls)
-        return TaskState(
-            spec=spec,
-            class_types=graph_class_types(spec.graph),
-            created_at=created_at,
+        return replace(
+            ended,
             phase=Phase.COMPLETED,
-            version=message.version,
-            submitted=True,
             step=pg.STEP_COMPLETE,
-            image_files=files,
+            image_files=tuple(str(u).rsplit("/", 1)[-1] for u in urls),
             overall_percentage=100.0,
-            finished_at=finished_at,
         )
     raw = payload.get("error") or {}
     error = TaskError(
@@ -183,17 +183,7 @@ def finished_task(
         node_type=raw.get("nodeType"),
         exception_type=raw.get("exceptionType"),
     )
-    return TaskState(
-        spec=spec,
-        class_types=graph_class_types(spec.graph),
-        created_at=created_at,
-        phase=Phase.ERROR,
-        version=message.version,
-        submitted=True,
-        step=pg.STEP_FAILED,
-        error=error,
-        finished_at=finished_at,
-    )
+    return replace(ended, phase=Phase.ERROR, step=pg.STEP_FAILED, error=error)
 
 
 def spec_to_json(spec: TaskSpec) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""Workflow files: the shipped ones, the user's directory, and clear start-up errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.workflow_files import SHIPPED_DIR, WorkflowFileError, load_catalog
+from tests.protocol.workflow_samples import CHECKPOINT, txt2img_definition
+
+
+def write(directory: Path, name: str, content: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content), "utf-8")
+    return path
+
+
+def test_the_shipped_workflows() -> None:
+    catalog = load_catalog(None, default_checkpoint="mine.safetensors")
+    assert sorted(catalog.workflows) == ["inpaint", "txt2img"]
+    for workflow in catalog.workflows.values():
+        assert workflow.parameters["checkpoint"].default == "mine.safetensors"
+
+
+def test_user_workflows_are_added_and_may_replace_shipped_ones(tmp_path: Path) -> None:
+    mine = txt2img_definition()
+    mine["description"] = "my own txt2img"
+    write(tmp_path, "txt2img.json", mine)
+    write(tmp_path, "portrait.json", txt2img_definition())
+    write(tmp_path, ".hidden.json", "not even JSON")  # editors' temporary files
+    write(tmp_path, "notes.txt", "not a workflow")
+    catalog = load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+    assert sorted(catalog.workflows) == ["inpaint", "portrait", "txt2img"]
+    assert catalog.workflows["txt2img"].description == "my own txt2img"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "broken.json: is not valid JSON: Expecting property name"),
+        (b"\xff\xfe{}", "broken.json: is not UTF-8 text"),
+        ({"graph": {}}, "broken.json: graph: has no nodes"),
+        (
+            {**txt2img_definition(), "parameters": {"w": {"type": "integer", "min": 1, "max": 2}}},
+            "broken.json: parameters.w.bind: must be a non-empty list",
+        ),
+    ],
+)
+def test_a_broken_file_is_named_with_its_problem(
+    tmp_path: Path, content: object, message: str
+) -> None:
+    path = write(tmp_path, "broken.json", content)
+    with pytest.raises(WorkflowFileError) as caught:
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+    assert str(caught.value).startswith(str(path.parent))
+    assert message in str(caught.value)
+
+
+def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(WorkflowFileError, match="the workflow directory does not exist"):
+        load_catalog(tmp_path / "nope", default_checkpoint=CHECKPOINT)
+
+
+def test_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.json").mkdir()  # matches *.json but cannot be read as a file
+    with pytest.raises(WorkflowFileError, match=r"dir\.json: cannot read it"):
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+
+
+def test_shipped_files_sit_in_the_package() -> None:
+    assert sorted(p.name for p in SHIPPED_DIR.glob("*.json")) == ["inpaint.json", "txt2img.json"]
+
+
+def test_serve_stops_with_the_file_and_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serve() points the root logger at stderr; keep the test run's logging as it is.
+    monkeypatch.setattr("daemon.cli.setup_logging", lambda level: None)
+    path = write(tmp_path / "workflows", "bad.json", {"graph": {"1": {"class_type": "X"}}})
+    code = main(
+        [
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--set",
+            f"workflows_dir={path.parent}",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"comfy-progress: workflow error: {path}: graph.1.inputs: must be a JSON object" in err
