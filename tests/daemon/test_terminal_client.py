@@ -206,3 +206,29 @@ async def _read_terminal(screen: Output, controller: int) -> None:
         await screen.read_all(stream)
     except trio.BrokenResourceError:
         screen.closed = True
+
+
+async def test_workflow_parameters_reach_the_task(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        done = await run_generate(
+            "a red fox",
+            "--server",
+            daemon.url,
+            "--workflow",
+            "txt2img",
+            "--param",
+            "steps=5",
+            "--param",
+            "negativePrompt=blurry, dark",
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        actor = daemon.app.registry.get(only_task(daemon))
+        assert actor is not None
+        graph = json.dumps(actor.state.spec.graph)
+    assert '"steps": 5' in graph
+    assert "blurry, dark" in graph
+    # The sampler ran 5 steps: its last plain line says so.
+    assert "Sampling image... 5/5" in done.stderr.decode()
+    bad = await run_generate("x", "--param", "no-equals-sign")
+    assert bad.returncode == 2
+    assert b"expected NAME=VALUE" in bad.stderr
