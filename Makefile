@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.stamp
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 
-.PHONY: all setup run test lint typecheck pytest jstest fmt bench soak clean
+.PHONY: all setup run test lint typecheck pytest jstest fmt docs bench soak clean
 
 all: test
 
@@ -54,6 +54,10 @@ bench: setup
 # restart and a daemon kill -9 (the README shows its output).
 soak: setup
 	$(BIN)/python -m bench.soak --tasks 200
+
+# The README's configuration and metrics tables, from daemon/config.py and daemon/metrics.py.
+docs: setup
+	$(BIN)/python -m daemon.reference
 
 fmt: setup
 	$(BIN)/ruff format .

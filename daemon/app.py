@@ -33,6 +33,7 @@ from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
 from daemon.images import ImageStore
 from daemon.journal import Journal
+from daemon.metrics import DaemonMetrics
 from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
@@ -89,10 +90,13 @@ class App:
         )
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
-        self.router = Router()
+        self.metrics = DaemonMetrics()
+        self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
-        self.server = HttpServer(self.router, http_limits(config))
+        self.server = HttpServer(
+            self.router, http_limits(config), on_rejected=self.metrics.observe_rejected
+        )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
 
@@ -157,6 +161,7 @@ class App:
                         max_tasks=config.max_tasks,
                     ),
                     journal=self.journal,
+                    on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
                 )
                 await nursery.start(self.registry.run)
                 self.registry.restore(records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import trio
 
 from daemon import config as config_module
 from daemon.logs import setup_logging
+from daemon.terminal import command as terminal_command
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _simulate_parser(sub)
+    terminal_command.add_parser(sub)
     return parser
 
 
@@ -104,11 +107,25 @@ def serve(args: argparse.Namespace) -> int:
         systemd.close()
         print(f"comfy-progress: workflow error: {exc}", file=sys.stderr)
         return 2
+    status = 0
     try:
         trio.run(serve_until_signalled, app)
+    except* OSError as group:
+        # A data directory that cannot be made, an address in use: one clear
+        # log line (the traceback rides along in its error= field), exit 1.
+        for error in _leaves(group):
+            logging.getLogger("daemon").error("the daemon stopped: %s", error, exc_info=error)
+        status = 1
     finally:
         systemd.close()
-    return 0
+    return status
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -131,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "simulate-comfy":
             return simulate(args)
+        if args.command == "generate":
+            return terminal_command.generate(args)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)

@@ -10,8 +10,10 @@ where the value came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -164,6 +166,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
                 raise ValueError("expected a number")
             value = float(raw)
+            if math.isnan(value):
+                raise ValueError("expected a number")
         elif kind is Path:
             if not isinstance(raw, str) or not raw:
                 raise ValueError("expected a path")
@@ -233,6 +237,9 @@ def load(
     split_host_port(config.listen)
     if config.comfy_url and not config.comfy_url.startswith("http://"):
         raise ConfigError(f"comfy_url {config.comfy_url!r} must start with http://")
+    if urllib.parse.urlsplit(config.comfy_url).password is not None:
+        # The daemon would not send it, and the URL is in every log line and metric.
+        raise ConfigError("comfy_url must not carry a user:password")
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     return config

@@ -1,9 +1,18 @@
 """Structured logs: one logfmt line per event on stderr (journald takes it from there).
 
-    level=info logger=daemon.tasks task_id=... prompt_id=... backend=... msg="task completed"
+    time=2026-11-25T12:34:56.789Z level=info logger=daemon.tasks task_id=... prompt_id=...
+        backend=http://127.0.0.1:8188 msg="task completed: Xq3....png"
+
+`time` is UTC, and left out under journald (`JOURNAL_STREAM` set), which
+stamps lines itself. Values are bare when they are plain words, else quoted
+with backslash escapes (backslash, double quote, newline, CR and tab as in
+JSON; other control characters as backslash-u and four hex digits), so every
+record is exactly one line.
 
 Context fields come from `extra={...}`; only the names in `CONTEXT_FIELDS` are
-printed, so nothing else (request bodies, headers) can leak into the logs.
+printed, so nothing else can ride along into the logs. What is never logged,
+at any level: request bodies (a prompt is the user's own words), request
+headers (Authorization, Cookie), image bytes. Ids are: task, prompt, backend.
 """
 
 from __future__ import annotations
@@ -11,17 +20,31 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Final, TextIO
 
 CONTEXT_FIELDS: Final = ("task_id", "prompt_id", "backend", "client", "status", "route")
+
+
+_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    # Other control characters (and the Unicode line separators) could break
+    # the line or fool a terminal: written as \uXXXX, as JSON would.
+    if code < 0x20 or 0x7F <= code < 0xA0 or char in "\u2028\u2029":
+        return f"\\u{code:04x}"
+    return char
 
 
 def _quote(value: object) -> str:
     text = str(value)
     if text and all(c.isalnum() or c in "-_.:/@" for c in text):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+    return '"' + "".join(_escape(c) for c in text) + '"'
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -32,7 +55,8 @@ class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         parts = []
         if self.with_time:
-            parts.append(f"time={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}")
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            parts.append(f"time={stamp}.{int(record.msecs):03d}Z")
         parts.append(f"level={record.levelname.lower()}")
         parts.append(f"logger={record.name}")
         for name in CONTEXT_FIELDS:

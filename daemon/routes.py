@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.metrics import MetricsEndpoint
 from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
@@ -63,6 +64,7 @@ class Routes:
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/workflows", self.workflows)
         router.add("POST", "/upload", self.upload, max_body=self.app.config.max_upload_bytes)
+        router.add("GET", "/metrics", MetricsEndpoint(self.app))
 
     async def generate(self, request: Request) -> Response:
         app = self.app
@@ -92,7 +94,14 @@ class Routes:
             return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
-        log.info("task created", extra={"task_id": actor.task_id, "prompt_id": actor.prompt_id})
+        log.info(
+            "task created",
+            extra={
+                "task_id": actor.task_id,
+                "prompt_id": actor.prompt_id,
+                "backend": app.backend.name,
+            },
+        )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
         with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:

@@ -497,8 +497,12 @@ class TaskRegistry:
         settings: TaskSettings,
         journal: Journal | None = None,
         wall_clock: Callable[[], float] = time.time,
+        on_task_end: Callable[[TaskActor], None] | None = None,
     ) -> None:
+        """`on_task_end(actor)` is called once when a task of this process ends
+        (not for tasks restored from the journal already finished)."""
         self.backend = backend
+        self.on_task_end = on_task_end
         self.images = images
         self.settings = settings
         self.journal = journal
@@ -534,6 +538,13 @@ class TaskRegistry:
             self.journal.record(actor.record())
         self.changed.fire()
 
+    def _actor_changed(self, actor: TaskActor) -> None:
+        self._journal_change(actor)
+        # Actors report only from handle(), which ignores events once the task
+        # has ended: the change that ends a task is reported exactly once.
+        if actor.is_done() and self.on_task_end is not None:
+            self.on_task_end(actor)
+
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
             state,
@@ -541,7 +552,7 @@ class TaskRegistry:
             images=self.images,
             settings=self.settings,
             wall_clock=self.wall_clock,
-            on_change=self._journal_change,
+            on_change=self._actor_changed,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -569,7 +580,12 @@ class TaskRegistry:
             try:
                 actor = self._restored_actor(record, now)
             except (KeyError, ValueError, TypeError) as exc:
-                log.warning("cannot restore task %s: %s", record.task_id, exc)
+                log.warning(
+                    "cannot restore task %s: %s",
+                    record.task_id,
+                    exc,
+                    extra={"task_id": record.task_id},
+                )
                 continue
             if actor is None:
                 if self.journal is not None:
@@ -604,7 +620,14 @@ class TaskRegistry:
             submitted=record.submitted,
             created_at=record.created_at,
         )
-        log.info("resuming task", extra={"task_id": spec.task_id, "prompt_id": spec.prompt_id})
+        log.info(
+            "resuming task",
+            extra={
+                "task_id": spec.task_id,
+                "prompt_id": spec.prompt_id,
+                "backend": self.backend.name,
+            },
+        )
         return self._new_actor(state, resumed=True)
 
     def _start(self, actor: TaskActor, retention: float) -> None:
@@ -618,7 +641,14 @@ class TaskRegistry:
         try:
             await actor.run()
         except Exception:
-            log.exception("task actor crashed", extra={"task_id": actor.task_id})
+            log.exception(
+                "task actor crashed",
+                extra={
+                    "task_id": actor.task_id,
+                    "prompt_id": actor.prompt_id,
+                    "backend": self.backend.name,
+                },
+            )
             actor.handle(task.Failed("internal", "Internal error in the daemon"))
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start

@@ -182,7 +182,9 @@ class ComfyBackend:
             mark_started()
             delay = self._backoff(failures)
             if delay > 0:
-                log.info("reconnecting to %s in %.1f s", self.name, delay)
+                log.info(
+                    "reconnecting to %s in %.1f s", self.name, delay, extra={"backend": self.name}
+                )
             await trio.sleep(delay)
 
     def _backoff(self, failures: int) -> float:
@@ -258,7 +260,11 @@ class ComfyBackend:
                 self._rotate_client_id()
             if silent is not None:
                 raise silent
-            log.info("closed the ComfyUI WebSocket to %s to open a fresh one", self.name)
+            log.info(
+                "closed the ComfyUI WebSocket to %s to open a fresh one",
+                self.name,
+                extra={"backend": self.name},
+            )
         finally:
             self._consume_scope = None
             self._set_connected(False)
@@ -272,7 +278,7 @@ class ComfyBackend:
             try:
                 save_client_id(self._client_id_file, self.client_id)
             except OSError as exc:
-                log.warning("cannot store the new client id: %s", exc)
+                log.warning("cannot store the new client id: %s", exc, extra={"backend": self.name})
         log.warning(
             "the old socket was not closed cleanly; client id %s -> %s",
             old,
@@ -305,7 +311,9 @@ class ComfyBackend:
             event = comfy.parse_frame(frame)
         except ProtocolError as exc:
             self.protocol_errors += 1
-            log.warning("ignoring a bad frame from %s: %s", self.name, exc)
+            log.warning(
+                "ignoring a bad frame from %s: %s", self.name, exc, extra={"backend": self.name}
+            )
             return
         if isinstance(event, comfy.Status):
             self.queue_changed.fire()

@@ -110,6 +110,7 @@ class PromptRouter:
                     "reconcile",
                     prompt_id,
                     type(event).__name__,
+                    extra={"prompt_id": prompt_id},
                 )
                 route.on_overflow()
             except trio.BrokenResourceError:

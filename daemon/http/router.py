@@ -11,17 +11,34 @@ percent-decoded on its own:
 Routes are tried in the order they were added. A path that matches some
 route but not the method gets 405 with ``Allow``; HEAD is served by the GET
 route when there is no HEAD route. Unknown paths get 404.
+
+An optional observer hears of every answer: ``observer(method, pattern,
+status)``, with the matched route's pattern (None for 404/405), so metrics
+can count requests by route without one series per task id.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeAlias
 
 from daemon.http.target import BadTarget, path_segments, split_target
-from daemon.http.types import Handler, HandlerResult, Request, error_response
+from daemon.http.types import (
+    ConnectionTakeover,
+    Handler,
+    HandlerResult,
+    Request,
+    Response,
+    StreamingResponse,
+    error_response,
+)
+
+# (method, route pattern or None when no route matched, status)
+RouteObserver: TypeAlias = Callable[[str, str | None, int], None]
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
 
@@ -89,8 +106,9 @@ class Router:
     route's body limit before the body is read (``body_limit_for``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, observer: RouteObserver | None = None) -> None:
         self._routes: list[_Route] = []
+        self._observer = observer
 
     def add(
         self, method: str, pattern: str, handler: Handler, *, max_body: int | None = None
@@ -115,12 +133,24 @@ class Router:
         if isinstance(found, tuple):
             route, params = found
             routed = dataclasses.replace(request, path_params=MappingProxyType(params))
-            return await route.handler(routed)
+            try:
+                result = await route.handler(routed)
+            except Exception:
+                self._observe(request.method, route.pattern, 500)  # the server answers 500
+                raise
+            self._observe(request.method, route.pattern, _status_of(result))
+            return result
         if found:
             allowed = ", ".join(found)
             response = error_response(405, "method not allowed", {"allowed": list(found)})
+            self._observe(request.method, None, 405)
             return dataclasses.replace(response, headers=[*response.headers, ("allow", allowed)])
+        self._observe(request.method, None, 404)
         return error_response(404, "not found", {"path": request.path})
+
+    def _observe(self, method: str, pattern: str | None, status: int) -> None:
+        if self._observer is not None:
+            self._observer(method, pattern, status)
 
     def _find(self, method: str, target: str) -> tuple[_Route, dict[str, str]] | list[str]:
         """The route and its parameters, or the methods allowed on this path (maybe none)."""
@@ -144,3 +174,11 @@ class Router:
         if "GET" in allowed:
             allowed.add("HEAD")
         return sorted(allowed)
+
+
+def _status_of(result: object) -> int:
+    if isinstance(result, Response | StreamingResponse):
+        return result.status
+    if isinstance(result, ConnectionTakeover):
+        return 101
+    return 500  # not a response: the server answers 500

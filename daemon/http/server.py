@@ -15,7 +15,7 @@ import dataclasses
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h11
 import trio
@@ -83,8 +83,12 @@ class HttpServer:
         limits: HttpLimits | None = None,
         *,
         server_header: str = "comfy-progress",
+        on_rejected: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_rejected(status)` hears of each request answered before it reached
+        the handler (malformed, too slow, too large, or over the connection limit)."""
         self._handler = handler
+        self._on_rejected = on_rejected
         self._limits = limits if limits is not None else HttpLimits()
         self._server_header = server_header
         self._active_connections = 0
@@ -200,6 +204,7 @@ class HttpServer:
 
     async def _reject_overloaded(self, stream: trio.abc.Stream) -> None:
         logger.warning("connection limit (%d) reached; answering 503", self._limits.max_connections)
+        self._report_rejected(503)
         connection = H11Connection(stream, self._limits, server_header=self._server_header)
         async with stream:
             try:
@@ -209,6 +214,10 @@ class HttpServer:
                 logger.debug("overflow connection left before its 503")
             except Exception:
                 logger.exception("answering 503 failed")
+
+    def _report_rejected(self, status: int) -> None:
+        if self._on_rejected is not None:
+            self._on_rejected(status)
 
     # ------------------------------------------------------------ one connection
 
@@ -237,6 +246,7 @@ class HttpServer:
                 try:
                     request = await self._read_request(connection, peer, first, connected_at)
                 except _Rejected as rejection:
+                    self._report_rejected(rejection.status)
                     await connection.send_error(rejection.status, rejection.message)
                     return True
                 if request is None:

@@ -51,6 +51,8 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         ("listen = [\n", "is not valid TOML"),
         ('listen = "nowhere"\n', "is not HOST:PORT"),
         ('comfy_url = "ftp://x"\n', "must start with http://"),
+        ('comfy_url = "http://me:secret@comfy:8188"\n', "must not carry a user:password"),
+        ("heartbeat_interval = nan\n", "expected a number"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:

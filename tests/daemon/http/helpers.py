@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import h11
@@ -31,10 +31,14 @@ class RunningServer:
 
 
 async def start_server(
-    nursery: trio.Nursery, handler: Handler, limits: HttpLimits | None = None
+    nursery: trio.Nursery,
+    handler: Handler,
+    limits: HttpLimits | None = None,
+    *,
+    on_rejected: Callable[[int], None] | None = None,
 ) -> RunningServer:
     """Start `handler` behind an HttpServer on a free port; ready when this returns."""
-    server = HttpServer(handler, limits)
+    server = HttpServer(handler, limits, on_rejected=on_rejected)
     stopped = trio.Event()
 
     async def run(*, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:

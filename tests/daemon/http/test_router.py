@@ -169,3 +169,28 @@ def test_headers_are_case_insensitive_and_multi_valued() -> None:
     assert headers == Headers(
         [("set-cookie", "a=1"), ("Content-Type", "text/plain"), ("SET-COOKIE", "b=2")]
     )
+
+
+async def test_observer_hears_patterns_and_statuses() -> None:
+    heard: list[tuple[str, str | None, int]] = []
+    r = Router(observer=lambda method, pattern, status: heard.append((method, pattern, status)))
+    r.add("GET", "/tasks/{task_id}", tagging("get-task"))
+
+    async def crash(req: Request) -> Response:
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("boom")
+
+    r.add("POST", "/crash", crash)
+    await r(request("GET", "/tasks/abc123"))
+    await r(request("HEAD", "/tasks/abc123"))
+    await r(request("DELETE", "/tasks/abc123"))
+    await r(request("GET", "/nowhere"))
+    with pytest.raises(RuntimeError, match="boom"):
+        await r(request("POST", "/crash"))
+    assert heard == [
+        ("GET", "/tasks/{task_id}", 200),
+        ("HEAD", "/tasks/{task_id}", 200),
+        ("DELETE", None, 405),
+        ("GET", None, 404),
+        ("POST", "/crash", 500),
+    ]

@@ -384,6 +384,27 @@ async def test_connections_beyond_max_connections_get_503(nursery: trio.Nursery)
     assert b"connection limit" in raw
 
 
+async def test_refusals_before_routing_are_reported(nursery: trio.Nursery) -> None:
+    heard: list[int] = []
+    running = await start_server(nursery, make_app(), LIMITS, on_rejected=heard.append)
+    too_big = await http_request("POST", f"{running.url}/echo", body=b"x" * (SMALL_BODY_LIMIT + 1))
+    assert too_big.status == 413
+    async with await running.connect() as garbage:
+        await garbage.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+        assert (await read_until_eof(garbage)).startswith(b"HTTP/1.1 400 ")
+    # A server of its own for the limit: closed connections above may still
+    # be lingering in their slots.
+    limits = HttpLimits(max_connections=1, max_body_bytes=SMALL_BODY_LIMIT)
+    single = await start_server(nursery, make_app(), limits, on_rejected=heard.append)
+    async with await single.connect() as first:
+        head, _ = await H11Client(first).request("GET", "/hello/x")
+        assert head.status_code == 200
+        async with await single.connect() as second:
+            assert (await read_until_eof(second)).startswith(b"HTTP/1.1 503 ")
+    # Routed requests are the router's to report, not the server's.
+    assert heard == [413, 400, 503]
+
+
 async def test_error_response_shape() -> None:
     response = error_response(422, "bad input", {"field": "prompt"})
     assert json.loads(response.body) == {

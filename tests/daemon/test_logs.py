@@ -1,0 +1,189 @@
+"""Structured logs: every line logfmt, ids where they apply, no secrets, level configurable."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.http.client import http_request
+from daemon.logs import LogfmtFormatter, setup_logging
+from daemon.simulator import ComfySimulator
+from tests.daemon.harness import FAST, read_events, running_daemon
+from tests.daemon.process import daemon_process
+
+# key=bare or key="quoted with \" escapes", separated by single spaces, nothing else.
+_PAIR = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"=]+)')
+_ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+LEVELS = {"debug", "info", "warning", "error", "critical"}
+IDS = ("task_id", "prompt_id", "backend")
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """One logfmt line -> fields; fails on anything that is not strictly key=value pairs."""
+    fields: dict[str, str] = {}
+    position = 0
+    while position < len(line):
+        found = _PAIR.match(line, position)
+        assert found is not None, f"not logfmt at {position}: {line!r}"
+        key, raw = found.groups()
+        assert key not in fields, f"{key} twice: {line!r}"
+        # Quoted values use JSON's escapes (\\ \" \n \r \t \uXXXX).
+        fields[key] = json.loads(raw) if raw.startswith('"') else raw
+        position = found.end()
+        if position < len(line):
+            assert line[position] == " ", line
+            position += 1
+    for required in ("level", "logger", "msg"):
+        assert required in fields, f"no {required}: {line!r}"
+    assert fields["level"] in LEVELS, line
+    return fields
+
+
+def test_the_formatter_keeps_one_record_on_one_line() -> None:
+    formatter = LogfmtFormatter(with_time=True)
+    record = logging.LogRecord(
+        "daemon.tasks",
+        logging.WARNING,
+        __file__,
+        1,
+        'odd "text"\r\nwith\ttabs \x1b[31m%s',
+        ("é",),
+        None,
+    )
+    record.task_id = "t-1"
+    record.prompt_id = "cp-2"
+    record.backend = "http://127.0.0.1:8188"
+    record.authorization = "Bearer secret"  # not a context field: never printed
+    try:
+        raise ValueError("boom\nline two")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert "\r" not in line
+    assert "\x1b" not in line
+    fields = parse_logfmt(line)
+    assert _ISO_UTC.fullmatch(fields["time"])
+    assert fields["msg"] == 'odd "text"\r\nwith\ttabs \x1b[31mé'
+    assert fields["task_id"] == "t-1"
+    assert fields["backend"] == "http://127.0.0.1:8188"
+    assert "ValueError: boom\nline two" in fields["error"]
+    assert "secret" not in line
+
+
+def test_the_level_is_configurable() -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        for level, shown in (("warning", False), ("debug", True)):
+            stream = io.StringIO()
+            setup_logging(level, stream=stream)
+            logging.getLogger("daemon.test").info("an info line")
+            logging.getLogger("daemon.test").warning("a warning line")
+            lines = stream.getvalue().splitlines()
+            assert any("a warning line" in line for line in lines)
+            assert any("an info line" in line for line in lines) is shown
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+PROMPT = "PROMPT-SECRET a red fox"
+SECRETS = ("PROMPT-SECRET", "TOKEN-SECRET", "COOKIE-SECRET")
+
+
+async def test_a_daemon_process_logs_each_event_with_its_ids(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        simulator = ComfySimulator(FAST)
+        port = await nursery.start(simulator.run, ("127.0.0.1", 0))
+        backend = f"http://127.0.0.1:{port}"
+        async with daemon_process(tmp_path / "data", backend, "log_level=debug") as daemon:
+            headers = [
+                ("Content-Type", "application/json"),
+                ("Authorization", "Bearer TOKEN-SECRET"),
+                ("Cookie", "session=COOKIE-SECRET"),
+            ]
+            tasks = []
+            for fail in (None, "KSampler"):
+                simulator.set_fail_at(fail)
+                body = json.dumps({"prompt": PROMPT}).encode()
+                answer = await http_request(
+                    "POST", daemon.url + "/generate", headers=headers, body=body
+                )
+                assert answer.status == 202
+                task_id = answer.json()["taskId"]
+                events = await read_events(daemon.url, task_id)
+                assert events[-1].event == ("complete" if fail is None else "error-event")
+                tasks.append(task_id)
+            daemon.terminate()
+            assert await daemon.wait() == 0
+            await daemon.exited.wait()
+            output = daemon.output.decode()
+        nursery.cancel_scope.cancel()
+
+    lines = [parse_logfmt(line) for line in output.splitlines()]
+    if "JOURNAL_STREAM" not in os.environ:
+        assert all(_ISO_UTC.fullmatch(line.get("time", "")) for line in lines)
+    for secret in SECRETS:
+        assert secret not in output
+
+    def one(pattern: str, **match: str) -> dict[str, str]:
+        found = [
+            line
+            for line in lines
+            if re.match(pattern, line["msg"]) and all(line.get(k) == v for k, v in match.items())
+        ]
+        assert len(found) == 1, (pattern, match, output)
+        return found[0]
+
+    done, failed = tasks
+    for task_id in tasks:
+        created = one("task created$", task_id=task_id)
+        prompt_id = created["prompt_id"]
+        assert created["backend"] == backend
+        ids = {"task_id": task_id, "prompt_id": prompt_id, "backend": backend}
+        one("submitted to ", **ids)
+    one("task completed: ", task_id=done, backend=backend)
+    one("task ended in error comfy_error: ", task_id=failed, backend=backend)
+    one("ComfyUI WebSocket open: ", backend=backend)
+    one("received SIGTERM$", logger="daemon.app")
+    one("shutting down", logger="daemon.app")
+    # Every line of the task code names its task, every line of the backend its ComfyUI.
+    for line in lines:
+        if line["logger"] == "daemon.tasks":
+            assert all(key in line for key in IDS), line
+        if line["logger"] == "daemon.comfy.backend":
+            assert line.get("backend") == backend, line
+
+
+async def test_backend_drops_and_reconnects_are_logged_with_the_backend(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_daemon(tmp_path) as daemon:
+        backend = daemon.app.backend
+        while not backend.is_connected():
+            await backend.connected_changed.wait()
+        seen = backend.reconnected.count
+        assert daemon.simulator is not None
+        daemon.simulator.drop_websockets()
+        while backend.reconnected.count == seen:
+            await backend.reconnected.wait()
+    formatter = LogfmtFormatter(with_time=False)
+    ours = [
+        parse_logfmt(formatter.format(record))
+        for record in caplog.records
+        if record.name == "daemon.comfy.backend"
+    ]
+    messages = [line["msg"] for line in ours]
+    assert sum(m.startswith("ComfyUI WebSocket open") for m in messages) == 2, messages
+    assert any(re.match(r"ComfyUI WebSocket to \S+ (closed|failed)", m) for m in messages)
+    assert all(line.get("backend") == backend.name for line in ours), ours

@@ -1,0 +1,234 @@
+"""`comfy-progress generate` as a real process against the daemon and the simulator."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import termios
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from tests.daemon.cli_process import (
+    CLI,
+    CuttingProxy,
+    Output,
+    check_png,
+    run_generate,
+)
+from tests.daemon.harness import Daemon, running_daemon
+
+
+def only_task(daemon: Daemon) -> str:
+    actors = daemon.app.registry.actors()
+    assert len(actors) == 1, actors
+    return actors[0].task_id
+
+
+async def test_success_saves_a_png_and_prints_its_url(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        target = tmp_path / "fox.png"
+        done = await run_generate(
+            "a red fox", "--server", daemon.url, "--output", str(target), "--seed", "42"
+        )
+        stderr = done.stderr.decode()
+        assert done.returncode == 0, stderr
+        urls = done.stdout.decode().splitlines()
+        assert len(urls) == 1
+        assert urls[0].startswith(f"{daemon.url}/image/")
+        served = await daemon.request("GET", urls[0].removeprefix(daemon.url))
+        assert served.status == 200
+        saved = target.read_bytes()
+        assert saved == served.body
+        assert check_png(saved) == (512, 512)
+        # The image through its temporary name only: nothing else is left behind.
+        left = await trio.Path(tmp_path).iterdir()
+        assert sorted(p.name for p in left) == ["data", "fox.png"]
+
+        actor = daemon.app.registry.get(only_task(daemon))
+        assert actor is not None
+        assert actor.state.spec.seed == 42
+        assert actor.state.spec.prompt == "a red fox"
+
+    # stderr is not a terminal: plain lines, no redrawing, and not many of them.
+    assert "\r" not in stderr
+    assert "\x1b" not in stderr
+    lines = stderr.splitlines()
+    assert lines[0] == f"comfy-progress: task {actor.task_id}"
+    assert any(re.fullmatch(r"\[0:\d\d\] Sampling image\.\.\. .*", line) for line in lines)
+    assert "] Complete (100%)" in lines[-2]
+    assert lines[-1] == f"comfy-progress: saved {target}"
+    assert len(lines) <= 16, stderr
+
+
+async def test_a_failed_generation_exits_1_with_the_servers_message(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        assert daemon.simulator is not None
+        daemon.simulator.set_fail_at("KSampler")
+        target = tmp_path / "never.png"
+        done = await run_generate("a red fox", "--server", daemon.url, "--output", str(target))
+        actor = daemon.app.registry.get(only_task(daemon))
+        assert actor is not None
+        error = actor.state.error
+    assert error is not None
+    assert error.code == "comfy_error"
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert done.stdout == b""
+    assert f"comfy-progress: the generation failed: {error.message} [comfy_error]" in stderr
+    assert error.details in stderr
+    assert not target.exists()
+
+
+async def test_a_refused_request_exits_1_with_the_servers_message(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        done = await run_generate("a red fox", "--server", daemon.url, "--seed", "-1")
+        assert daemon.app.registry.created == 0
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert done.stdout == b""
+    assert "comfy-progress: the server refused the request (400): seed: must be an integer" in (
+        stderr
+    )
+
+
+async def test_no_daemon_and_bad_usage(tmp_path: Path) -> None:
+    # A port nobody listens on (bound, then closed).
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    done = await run_generate("a red fox", "--server", f"http://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert b"comfy-progress: cannot reach the daemon" in done.stderr
+    usage = await run_generate("a red fox", "--server", "https://example.invalid")
+    assert usage.returncode == 2
+    assert b"must be an http:// URL" in usage.stderr
+
+
+async def test_ctrl_c_cancels_the_task_and_exits_130(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        sim = daemon.simulator
+        assert sim is not None
+        # A first task parks at its sampler, so the client's task waits queued
+        # behind it: nothing can finish it before the Ctrl-C lands.
+        sim.set_manual_steps(True)
+        blocker = await daemon.generate()
+        process = await trio.lowlevel.open_process(
+            [str(CLI), "generate", "a red fox", "--server", daemon.url],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        stdout, stderr = Output(), Output()
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            nursery.start_soon(stdout.read_all, process.stdout)
+            nursery.start_soon(stderr.read_all, process.stderr)
+            task_id = (await stderr.wait_for(rb"task (\S+)\n")).group(1).decode()
+            await stderr.wait_for(rb"\] Queued")  # following the stream now
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 130, stderr.text()
+
+        ended = await daemon.events(task_id)
+        assert json.loads(ended[-1].data)["error"]["code"] == "cancelled"
+        status = (await daemon.request("GET", f"/tasks/{task_id}")).json()
+        assert status["status"] == "error"
+        assert status["error"]["code"] == "cancelled"
+        blocker_actor = daemon.app.registry.get(blocker)
+        assert blocker_actor is not None
+        assert not blocker_actor.is_done()  # only the client's own task was cancelled
+    assert f"interrupted; cancelling task {task_id}" in stderr.text()
+    assert stdout.data == b""
+
+
+async def test_a_dropped_stream_resumes_with_last_event_id(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, sse_retry_ms=50) as daemon, trio.open_nursery() as nursery:
+        proxy = CuttingProxy(daemon.bound.port)
+        listeners = await nursery.start(partial(trio.serve_tcp, proxy.serve, 0, host="127.0.0.1"))
+        server = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        done = await run_generate("a red fox", "--server", server)
+        nursery.cancel_scope.cancel()
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert done.stdout.decode().startswith(f"{server}/image/")
+    first, second = proxy.progress_heads()
+    assert b"last-event-id" not in first.lower()
+    resumed = re.search(rb"(?im)^last-event-id: (\d+)\r?$", second)
+    assert resumed is not None, second
+    assert int(resumed.group(1)) >= 0
+    assert "reconnecting" in stderr
+
+
+async def test_on_a_terminal_the_bar_is_redrawn_in_place(tmp_path: Path) -> None:
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    screen = Output()
+    async with running_daemon(tmp_path) as daemon:
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        try:
+            process = await trio.lowlevel.open_process(
+                [str(CLI), "generate", "a red fox", "--server", daemon.url],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                env=env,
+            )
+        finally:
+            os.close(terminal)
+        stdout = Output()
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(stdout.read_all, process.stdout)
+            nursery.start_soon(_read_terminal, screen, controller)
+            assert await process.wait() == 0, screen.text()
+    text = screen.text()
+    assert "\r" in text
+    assert "\x1b[K" in text
+    assert re.search(r"Sampling image\.\.\. +\[[█#]+[░-]*\] +\d+%", text), text
+    assert re.search(r"Complete +\[[█#]{20}\] +100%", text), text
+    # Every redrawn line fits the 100 columns, so it never wraps.
+    assert all(len(line) < 100 for line in re.split(r"[\r\n]", text.replace("\x1b[K", "")))
+    assert stdout.text().startswith(f"{daemon.url}/image/")
+
+
+async def _read_terminal(screen: Output, controller: int) -> None:
+    # Reads the pty until the child's side is closed (EIO, as Linux reports it).
+    stream = trio.lowlevel.FdStream(controller)
+    try:
+        await screen.read_all(stream)
+    except trio.BrokenResourceError:
+        screen.closed = True
+
+
+async def test_workflow_parameters_reach_the_task(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        done = await run_generate(
+            "a red fox",
+            "--server",
+            daemon.url,
+            "--workflow",
+            "txt2img",
+            "--param",
+            "steps=5",
+            "--param",
+            "negativePrompt=blurry, dark",
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        actor = daemon.app.registry.get(only_task(daemon))
+        assert actor is not None
+        graph = json.dumps(actor.state.spec.graph)
+    assert '"steps": 5' in graph
+    assert "blurry, dark" in graph
+    # The sampler ran 5 steps: its last plain line says so.
+    assert "Sampling image... 5/5" in done.stderr.decode()
+    bad = await run_generate("x", "--param", "no-equals-sign")
+    assert bad.returncode == 2
+    assert b"expected NAME=VALUE" in bad.stderr
