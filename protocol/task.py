@@ -40,6 +40,7 @@ from protocol.comfy import (
     ImageRef,
     Progress,
     ProgressState,
+    PromptEvent,
     PromptRejected,
     QueuePosition,
     graph_class_types,
@@ -284,15 +285,7 @@ class Failed:
 
 
 TaskEvent: TypeAlias = (
-    ExecutionStart
-    | ExecutionCached
-    | Executing
-    | Progress
-    | ProgressState
-    | Executed
-    | ExecutionSuccess
-    | ExecutionError
-    | ExecutionInterrupted
+    PromptEvent
     | Submitted
     | BackendWaiting
     | SubmitRejected
