@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -752,8 +752,3 @@ def graph_class_types(graph: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(node, Mapping) and isinstance(node.get("class_type"), str):
             out[str(node_id)] = node["class_type"]
     return out
-
-
-def format_images(images: Sequence[ImageRef]) -> list[dict[str, str]]:
-    """ImageRefs back to ComfyUI's JSON shape (for journals and logs)."""
-    return [{"filename": i.filename, "subfolder": i.subfolder, "type": i.type} for i in images]

@@ -479,7 +479,7 @@ def _begin_fetch(state: TaskState, images: tuple[ImageRef, ...]) -> Transition:
         state,
         fetching_outputs=True,
         outputs=images,
-        nodes_done=frozenset(state.class_types) | state.nodes_done,
+        nodes_done=state.nodes_done.union(state.class_types),
         step=pg.STEP_FETCHING_OUTPUT,
         eta=None,
     )
@@ -648,12 +648,17 @@ def apply(state: TaskState, event: TaskEvent, now: float) -> tuple[TaskState, li
 # Rendering: the seed's JSON formats
 
 
+def _nodes_done(state: TaskState) -> int:
+    """How many of this graph's nodes are finished."""
+    return len(state.nodes_done.intersection(state.class_types))
+
+
 def _with_overall(state: TaskState) -> TaskState:
     running_fraction = 0.0
     if state.current_node is not None and state.current_node not in state.nodes_done:
         running_fraction = state.value / state.max if state.max > 0 else 0.0
     total = len(state.class_types)
-    done = len(state.nodes_done & frozenset(state.class_types))
+    done = _nodes_done(state)
     result = pg.overall(state.overall_percentage, done, total, running_fraction)
     return replace(state, overall_percentage=result.percentage)
 
@@ -666,7 +671,7 @@ def _visible(state: TaskState) -> tuple[object, ...]:
         state.value,
         state.max,
         state.overall_percentage,
-        len(state.nodes_done & frozenset(state.class_types)),
+        _nodes_done(state),
         state.queue,
         state.eta,
         state.error,
@@ -708,7 +713,7 @@ def _num(value: float) -> float | int:
 
 
 def _overall_json(state: TaskState) -> dict[str, float | int]:
-    done = len(state.nodes_done & frozenset(state.class_types))
+    done = _nodes_done(state)
     return pg.Overall(state.overall_percentage, done, len(state.class_types)).to_json()
 
 

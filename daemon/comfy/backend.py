@@ -100,7 +100,6 @@ class ComfyBackend:
         self.reconnects = 0
         self.frames_received = 0
         self.protocol_errors = 0
-        self._consume_scope: trio.CancelScope | None = None
         self._queue_lock = trio.Lock()
         self._queue_cache: tuple[float, comfy.QueueSnapshot] | None = None
 
@@ -117,11 +116,6 @@ class ComfyBackend:
         if self.connected != value:
             self.connected = value
             self.connected_changed.fire()
-
-    def replace_socket(self) -> None:
-        """Close the current socket (cleanly) and open a fresh one."""
-        if self._consume_scope is not None:
-            self._consume_scope.cancel()
 
     async def read_queue(self, *, not_before: float) -> comfy.QueueSnapshot:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
@@ -242,31 +236,20 @@ class ComfyBackend:
                 self.reconnects += 1
                 self.reconnected.fire()
             on_open()
-            silent: SilentSocket | None = None
             try:
-                with trio.CancelScope() as scope:
-                    self._consume_scope = scope
-                    await self._consume(ws)
-            except SilentSocket as exc:
-                silent = exc
-            self._set_connected(False)
-            # We are the ones leaving: finish the close handshake before the
-            # client id is used again.
-            with trio.move_on_after(timeout) as closing:
-                await ws.aclose()
-            if closing.cancelled_caught:
-                # ComfyUI did not confirm the close, so it may still hold the old
-                # socket under our id; a new socket with that id would go silent.
-                self._rotate_client_id()
-            if silent is not None:
-                raise silent
-            log.info(
-                "closed the ComfyUI WebSocket to %s to open a fresh one",
-                self.name,
-                extra={"backend": self.name},
-            )
+                await self._consume(ws)  # returns only by raising
+            except SilentSocket:
+                self._set_connected(False)
+                # We are the ones leaving: finish the close handshake before the
+                # client id is used again.
+                with trio.move_on_after(timeout) as closing:
+                    await ws.aclose()
+                if closing.cancelled_caught:
+                    # ComfyUI did not confirm the close, so it may still hold the old
+                    # socket under our id; a new socket with that id would go silent.
+                    self._rotate_client_id()
+                raise
         finally:
-            self._consume_scope = None
             self._set_connected(False)
             await trio.aclose_forcefully(stream)
 
@@ -287,7 +270,7 @@ class ComfyBackend:
         )
 
     async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Read frames until the socket closes or goes silent (raises), or is replaced."""
+        """Read frames until the socket closes or goes silent (both raise)."""
         while True:
             timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
             with trio.move_on_after(timeout) as idle:

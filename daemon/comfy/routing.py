@@ -73,13 +73,6 @@ class PromptRouter:
         if self.running_prompt == prompt_id:
             self.running_prompt = None
 
-    def __contains__(self, prompt_id: str) -> bool:
-        return prompt_id in self._routes
-
-    @property
-    def prompt_ids(self) -> list[str]:
-        return list(self._routes)
-
     def note_running(self, prompt_id: str) -> None:
         """A /queue reading says this prompt of ours runs (we may have missed its start)."""
         if prompt_id in self._routes:
