@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.stamp
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 
-.PHONY: all setup run test lint typecheck pytest jstest fmt docs bench soak clean
+.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench soak clean
 
 all: test
 
@@ -38,13 +38,18 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup test-deps
 	$(BIN)/pytest
 
-jstest: setup
+jstest: setup test-deps
 	node --test tests/js/
 
-test: lint typecheck pytest jstest
+# The Debian packages the tests need (chromium, nginx, systemd, nodejs): apt-get
+# when root, else the exact command and a failure. `make run` does not need them.
+test-deps:
+	scripts/test-deps
+
+test: test-deps lint typecheck pytest jstest
 
 # Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
 bench: setup
