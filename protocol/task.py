@@ -110,6 +110,7 @@ class TaskState:
     current_node: str | None = None
     value: float = 0
     max: float = 0
+    peak_max: float = 0  # the largest max any node reported: the sampler's steps, for `complete`
     nodes_done: frozenset[str] = frozenset()
     overall_percentage: float = 0.0
     queue: QueuePosition | None = None
@@ -374,8 +375,8 @@ def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transit
             code="rejected",
             message="ComfyUI rejected the workflow",
             details=rejection.message,
-            node_id=rejection.node_errors[0].node_id if rejection.node_errors else None,
-            node_type=rejection.node_errors[0].class_type if rejection.node_errors else None,
+            node_id=rejection.node_id,
+            node_type=rejection.class_type or state.class_types.get(rejection.node_id or ""),
         ),
         now,
     )
@@ -418,15 +419,28 @@ def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
         return state, [Reconcile()]
     state = _start(state, now)
     done = state.nodes_done
-    if state.current_node is not None and state.current_node != event.node:
-        done = done | {state.current_node}
+    value, maximum = state.value, state.max
+    if state.current_node != event.node:
+        if state.current_node is not None:
+            done = done | {state.current_node}
+        # A new node starts at 0 of its own max; 0/1 until it reports one (never the
+        # previous node's 20/20 carried over to "Saving image...").
+        value, maximum = 0, 1
     step = (
         pg.STEP_CANCELLING
         if state.cancel_requested
         else pg.step_name(state.class_types.get(event.node))
     )
     return _with_overall(
-        replace(state, current_node=event.node, nodes_done=done, step=step, eta=None)
+        replace(
+            state,
+            current_node=event.node,
+            nodes_done=done,
+            step=step,
+            eta=None,
+            value=value,
+            max=maximum,
+        )
     ), []
 
 
@@ -447,6 +461,7 @@ def _on_progress(state: TaskState, event: Progress, now: float) -> Transition:
             state,
             value=event.value,
             max=event.max,
+            peak_max=max(state.peak_max, event.max),
             current_node=current,
             step=step,
             tick_origin=origin,
@@ -721,14 +736,16 @@ def render(state: TaskState, now: float) -> TaskMessage:
     """The current state as the seed's message (progress, completed or error)."""
     base: dict[str, Any] = {"taskId": state.task_id}
     if state.phase is Phase.COMPLETED:
+        # Always n/n: the sampler's steps, or 1/1 for a run that was wholly cached.
+        steps = _num(state.peak_max) if state.peak_max > 0 else 1
         payload = {
             **base,
             "status": "completed",
             "progress": {
                 "percentage": 100,
                 "currentStep": pg.STEP_COMPLETE,
-                "currentValue": _num(state.max),
-                "maxValue": _num(state.max),
+                "currentValue": steps,
+                "maxValue": steps,
                 "overall": _overall_json(state),
             },
             "result": result_of(state),
