@@ -134,19 +134,21 @@ class ComfyBackend:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
         started = False
+        failures = 0  # failed attempts since the last socket that opened
 
-        def mark_started() -> None:
-            nonlocal started
+        def on_open() -> None:
+            nonlocal started, failures
+            # A socket opened: whatever ends it next starts the backoff afresh.
+            failures = 0
             if not started:
                 started = True
                 task_status.started()
 
-        failures = 0
         attempts = 0
         while True:
             attempts += 1
             try:
-                await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
+                await self._connect_and_consume(on_open=on_open, reconnect=attempts > 1)
                 failures = 0
             except (
                 trio_websocket.HandshakeError,
@@ -173,7 +175,9 @@ class ComfyBackend:
             finally:
                 self._set_connected(False)
             # The first attempt failed: start anyway; tasks wait for a connection.
-            mark_started()
+            if not started:
+                started = True
+                task_status.started()
             delay = self._backoff(failures)
             if delay > 0:
                 log.info(
@@ -305,8 +309,23 @@ class ComfyBackend:
 
 
 def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
+    """One readable line: the error, then the distinct reasons underneath it.
+
+    trio.open_tcp_stream raises "all attempts to connect to H:P failed" from an
+    ExceptionGroup of the same words; the reasons are the group's leaves.
+    """
     text = str(exc) or type(exc).__name__
-    if cause is not None and str(cause):
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = dict.fromkeys(str(leaf) or type(leaf).__name__ for leaf in _leaves(cause))
+        return f"{text}: {'; '.join(reasons)}"
+    if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text} ({cause})"
     return text
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
