@@ -1,5 +1,5 @@
-# comfy-progress: `make run` starts the daemon (with the embedded ComfyUI
-# simulator unless COMFY_URL is set); `make test` runs lint, types and every test.
+# comfy-progress: `make run` starts the daemon (with SIMULATE embedded ComfyUI
+# simulators unless COMFY_URL, a space-separated list, is set); `make test` runs lint, types and every test.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,6 +8,7 @@ NPM_STAMP := node_modules/.package-lock.stamp
 
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
+SIMULATE  ?= 1
 
 .PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench soak clean
 
@@ -29,7 +30,7 @@ $(NPM_STAMP): package-lock.json
 	touch $@
 
 run: setup
-	$(BIN)/comfy-progress serve --listen $(LISTEN) $(if $(COMFY_URL),--comfy-url $(COMFY_URL),--simulate)
+	$(BIN)/comfy-progress serve --listen $(LISTEN) $(if $(COMFY_URL),$(foreach url,$(COMFY_URL),--comfy-url $(url)),--simulate $(SIMULATE))
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,7 +3,8 @@
     App.run
       ├── simulator (only with --simulate; a ComfyUI of our own on 127.0.0.1)
       ├── TaskRegistry.run     (the nursery the task actors live in)
-      ├── ComfyBackend.run     (ComfyUI's WebSocket, reconnects)
+      ├── BackendPool.run      (each ComfyUI's WebSocket and reconnects, what each can run)
+      ├── Dispatcher.run       (the daemon's queue: a backend with room takes the next task)
       ├── HttpServer.run       (the h11 server, on systemd's sockets if it passed any)
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
@@ -26,6 +27,9 @@ import trio
 
 from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
+from daemon.comfy.capabilities import needs_of
+from daemon.comfy.dispatch import Dispatcher
+from daemon.comfy.pool import BackendPool
 from daemon.config import Config
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
@@ -52,7 +56,8 @@ class Bound:
 
     host: str
     port: int
-    comfy_url: str
+    comfy_url: str  # the first backend
+    comfy_urls: tuple[str, ...] = ()  # every backend
 
     @property
     def url(self) -> str:
@@ -88,7 +93,8 @@ class App:
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
-        self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
+        self.pool: BackendPool  # set in run(), once the ComfyUI URLs are known
+        self.dispatcher: Dispatcher
         self.registry: TaskRegistry
         self.metrics = DaemonMetrics()
         self.router = Router(observer=self.metrics.observe_request)
@@ -99,6 +105,11 @@ class App:
         )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
+
+    @property
+    def backend(self) -> ComfyBackend:
+        """The first backend (the only one, without a pool)."""
+        return self.pool.backends[0]
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
@@ -124,11 +135,13 @@ class App:
         config = self.config
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
-                comfy_url = config.comfy_url
-                if not comfy_url:
+                urls = config.backend_urls
+                if not urls:
                     if not config.simulate:
                         raise ValueError("no ComfyUI URL given and the simulator is off")
-                    comfy_url = await self._start_simulator(nursery)
+                    urls = tuple(
+                        [await self._start_simulator(nursery) for _ in range(config.simulators)]
+                    )
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
                 await self.images.open()
                 await self.journal.open()
@@ -139,9 +152,10 @@ class App:
                     wall_clock=time.time,
                 )
                 await nursery.start(self.journal.run)
-                self.backend = ComfyBackend(
+                self.pool = BackendPool.from_urls(
+                    urls,
                     BackendSettings(
-                        url=comfy_url,
+                        url=urls[0],
                         connect_timeout=config.comfy_connect_timeout,
                         http_timeout=config.comfy_http_timeout,
                         silence_timeout=config.comfy_silence_timeout,
@@ -149,16 +163,20 @@ class App:
                         reconnect_max_delay=config.reconnect_max_delay,
                         max_image_bytes=config.max_image_bytes,
                     ),
-                    client_id_file=config.data_dir / "client-id",
+                    data_dir=config.data_dir,
+                    classes=self._workflow_classes(),
                 )
+                self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
                 self.registry = TaskRegistry(
-                    backend=self.backend,
+                    dispatcher=self.dispatcher,
                     images=self.images,
                     settings=TaskSettings(
                         retention=config.task_retention,
                         backend_wait_timeout=config.backend_wait_timeout,
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
+                        backend_lost_after=config.backend_lost_after,
+                        resubmit_lost=config.resubmit_lost,
                     ),
                     journal=self.journal,
                     on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
@@ -167,17 +185,45 @@ class App:
                 self.registry.restore(records)
                 if records:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
-                await nursery.start(self.backend.run)
+                await nursery.start(self.dispatcher.run)
+                await nursery.start(self.pool.run)
+                nursery.start_soon(self._warn_unrunnable_workflows)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
                         config.listen_port, host=config.listen_host
                     )
                 await nursery.start(self._run_server, listeners)
                 sockname = listeners[0].socket.getsockname()
-                bound = Bound(host=sockname[0], port=sockname[1], comfy_url=comfy_url)
-                log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
+                bound = Bound(
+                    host=sockname[0], port=sockname[1], comfy_url=urls[0], comfy_urls=urls
+                )
+                log.info("listening on %s (ComfyUI at %s)", bound.url, ", ".join(urls))
                 await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
                 task_status.started(bound)
+
+    def _workflow_classes(self) -> frozenset[str]:
+        """Every node class some workflow uses: what each backend is asked about."""
+        classes: set[str] = set()
+        for workflow in self.workflows.workflows.values():
+            classes |= needs_of(workflow.graph).classes
+        return frozenset(classes)
+
+    async def _warn_unrunnable_workflows(self) -> None:
+        """Once every backend was read: name each workflow node no backend can run."""
+        await self.pool.wait_all_read()
+        for workflow in self.workflows.workflows.values():
+            for node_id, node in workflow.graph.items():
+                node_class = node.get("class_type") if isinstance(node, dict) else None
+                if not isinstance(node_class, str):
+                    continue
+                if all(node_class in reading.absent for reading in self.pool.capabilities.values()):
+                    log.warning(
+                        "workflow %r (file %s.json): node %s uses class %s, which no backend has",
+                        workflow.name,
+                        workflow.name,
+                        node_id,
+                        node_class,
+                    )
 
     async def _run_server(
         self,

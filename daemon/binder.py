@@ -1,16 +1,15 @@
-"""POST /generate, up to the task: parse, pick the workflow, check, fetch the source, bind.
+"""POST /generate, up to the task: parse, pick the workflow, check, read the source, bind.
 
-Every check (`protocol.api`, `protocol.binding`, the source image's size) runs
-before the only step that reaches ComfyUI, the source image's upload, so a
-request that fails validation leaves ComfyUI untouched.
+Nothing here reaches ComfyUI: an inpainting source is named in the spec and
+uploaded by the task to whichever backend it is dispatched to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
 
-from daemon.comfy.http_api import ComfyHttp
 from daemon.source_images import SourceImages
 from protocol import api, binding
 from protocol.task import TaskSpec
@@ -25,8 +24,8 @@ class Binder:
         self.sources = sources
         self._fields = catalog.parameter_names() - frozenset(api.COMMON_FIELDS)
 
-    async def prepare(self, body: bytes, comfy: ComfyHttp) -> SpecFactory:
-        """The task's spec factory for a /generate body. Raises RequestError, ComfyUnavailable."""
+    async def prepare(self, body: bytes) -> SpecFactory:
+        """The task's spec factory for a /generate body. Raises RequestError."""
         request = api.parse_generate(body, extra_fields=self._fields)
         workflow = self.catalog.get(request.workflow)
         seed = request.seed
@@ -38,11 +37,13 @@ class Binder:
         if image is not None:
             stored = await self.sources.read(checked.values[image.name], field=image.name)
             binding.check_source(checked, stored.info.width, stored.info.height)
-            comfy_name = await self.sources.to_comfy(stored, comfy)
-            source = binding.SourceImage(comfy_name, stored.info.width, stored.info.height)
+            # Bound under our name; the task swaps in the name the backend stores it as.
+            source = binding.SourceImage(stored.name, stored.info.width, stored.info.height)
         graph = binding.bind(checked, source)
+        source_name = source.comfy_name if source is not None else None
 
         def spec_for(task_id: str, prompt_id: str, uid: int) -> TaskSpec:
-            return binding.task_spec(checked, graph, task_id=task_id, prompt_id=prompt_id, uid=uid)
+            spec = binding.task_spec(checked, graph, task_id=task_id, prompt_id=prompt_id, uid=uid)
+            return dataclasses.replace(spec, source_image=source_name)
 
         return spec_for

@@ -20,13 +20,19 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to bind")
     p.add_argument(
-        "--comfy-url", metavar="URL", help="ComfyUI base URL, e.g. http://127.0.0.1:8188"
+        "--comfy-url",
+        metavar="URL",
+        action="append",
+        help="ComfyUI base URL, e.g. http://127.0.0.1:8188; repeat it for a pool of backends",
     )
     p.add_argument(
         "--simulate",
-        action="store_true",
+        metavar="N",
+        nargs="?",
+        type=int,
+        const=1,
         default=None,
-        help="use the embedded ComfyUI simulator (the default when no ComfyUI URL is set)",
+        help="use N embedded ComfyUI simulators (default 1; the default when no URL is set)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="images, journal and client id live here")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -62,14 +68,18 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
     flags: dict[str, str] = {}
     for key, value in (
         ("listen", args.listen),
-        ("comfy_url", args.comfy_url),
         ("data_dir", args.data_dir),
         ("log_level", args.log_level),
     ):
         if value is not None:
             flags[key] = value
-    if args.simulate:
+    if args.comfy_url:
+        # Flags replace the lower layers' URLs as a whole.
+        flags["comfy_url"] = args.comfy_url[0]
+        flags["comfy_urls"] = ",".join(args.comfy_url[1:])
+    if args.simulate is not None:
         flags["simulate"] = "true"
+        flags["simulators"] = str(args.simulate)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -88,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
     except config_module.ConfigError as exc:
         print(f"comfy-progress: configuration error: {exc}", file=sys.stderr)
         return 2
-    if not config.comfy_url and not config.simulate:
+    if not config.backend_urls and not config.simulate:
         # No ComfyUI given: the embedded simulator is the documented default.
         config = config_module.Config(**{**config.as_dict(), "simulate": True})
     if args.print_config:

@@ -39,7 +39,12 @@ class Config:
     comfy_url: str = _setting(
         "", "base URL of ComfyUI, e.g. http://127.0.0.1:8188 (empty: see simulate)"
     )
+    comfy_urls: tuple[str, ...] = _setting(
+        (),
+        "more ComfyUI base URLs, one backend each (TOML list, or comma-separated in env/flags)",
+    )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
+    simulators: int = _setting(1, "with simulate: how many embedded simulators (backends)", min=1)
     simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
     data_dir: Path = _setting(
         Path("data"), "directory for images, the task journal and the client id"
@@ -80,6 +85,22 @@ class Config:
         "seconds without a frame while a task runs before the socket is probed and replaced",
         min=0.01,
     )
+    backend_max_pending: int = _setting(
+        2,
+        "a backend takes a task only while its ComfyUI queue (running + pending, anyone's) "
+        "holds fewer prompts than this",
+        min=1,
+    )
+    backend_lost_after: float = _setting(
+        60.0,
+        "seconds a backend may be away while it runs a task before the task is resubmitted",
+        min=0.0,
+    )
+    resubmit_lost: bool = _setting(
+        True,
+        "resubmit a task its backend lost (restart, or away past backend_lost_after); "
+        "false: it ends with code `lost`",
+    )
     reconnect_initial_delay: float = _setting(
         0.5, "first reconnect delay (s); doubles per failure, with jitter", min=0.0
     )
@@ -114,6 +135,12 @@ class Config:
     )
 
     @property
+    def backend_urls(self) -> tuple[str, ...]:
+        """Every configured ComfyUI, in order, each once (comfy_url first)."""
+        urls = (self.comfy_url, *self.comfy_urls) if self.comfy_url else self.comfy_urls
+        return tuple(dict.fromkeys(u.rstrip("/") for u in urls if u))
+
+    @property
     def listen_host(self) -> str:
         return split_host_port(self.listen)[0]
 
@@ -144,14 +171,25 @@ def _field_type(name: str) -> type:
     return type(default) if not isinstance(default, Path) else Path
 
 
+def _url_list(raw: Any) -> tuple[str, ...]:
+    """A TOML list of strings, or one comma-separated string (env, flags)."""
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return tuple(item.strip() for item in raw if item.strip())
+    raise ValueError("expected a list of URLs")
+
+
 def _convert(name: str, raw: Any, source: str) -> Any:
     """Check and convert one value; `raw` is a TOML value or a string from env/flags."""
     kind = _field_type(name)
     where = f"{name} (from {source})"
     try:
-        if kind is bool:
+        if kind is tuple:
+            value: Any = _url_list(raw)
+        elif kind is bool:
             if isinstance(raw, bool):
-                value: Any = raw
+                value = raw
             elif isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
                 value = True
             elif isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
@@ -235,11 +273,12 @@ def load(
     merged.update(from_flags(flags))
     config = Config(**merged)
     split_host_port(config.listen)
-    if config.comfy_url and not config.comfy_url.startswith("http://"):
-        raise ConfigError(f"comfy_url {config.comfy_url!r} must start with http://")
-    if urllib.parse.urlsplit(config.comfy_url).password is not None:
-        # The daemon would not send it, and the URL is in every log line and metric.
-        raise ConfigError("comfy_url must not carry a user:password")
+    for url in config.backend_urls:
+        if not url.startswith("http://"):
+            raise ConfigError(f"ComfyUI URL {url!r} must start with http://")
+        if urllib.parse.urlsplit(url).password is not None:
+            # The daemon would not send it, and the URL is in every log line and metric.
+            raise ConfigError("a ComfyUI URL must not carry a user:password")
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     return config
@@ -257,6 +296,8 @@ def render_toml(config: Config) -> str:
         lines.append(f"# {f.metadata['help']}")
         if isinstance(value, bool):
             text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = "[" + ", ".join(f'"{item}"' for item in value) + "]"
         elif isinstance(value, int | float):
             text = repr(value)
         else:

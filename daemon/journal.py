@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at  REAL NOT NULL,
     finished_at REAL,
     spec        TEXT NOT NULL,
-    message     TEXT NOT NULL
+    message     TEXT NOT NULL,
+    backend     TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
@@ -44,6 +45,14 @@ CREATE TABLE IF NOT EXISTS idempotency (
     fingerprint TEXT NOT NULL
 );
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Journals written before pools have no backend column: add it (NULL: not dispatched
+    yet, or dispatched to the only backend there was; such a task goes through the queue)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    if "backend" not in columns:
+        db.execute("ALTER TABLE tasks ADD COLUMN backend TEXT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +68,7 @@ class TaskRecord:
     finished_at: float | None
     spec: Mapping[str, Any] = field(hash=False)  # protocol.task.spec_to_json
     message: Mapping[str, Any] = field(hash=False)  # {"event", "version", "payload"}
+    backend: str | None = None  # the backend the task was dispatched to (its URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +106,7 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         db.executescript(SCHEMA)
+        _migrate(db)
         # A new epoch per start, written before anything is served: snapshot ids
         # of restored tasks start above everything an earlier run can have sent.
         db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', 0)")
@@ -111,7 +122,7 @@ class Journal:
         assert self._db is not None
         rows = self._db.execute(
             "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
-            " spec, message FROM tasks ORDER BY created_at"
+            " spec, message, backend FROM tasks ORDER BY created_at"
         ).fetchall()
         records = []
         for row in rows:
@@ -127,6 +138,7 @@ class Journal:
                         finished_at=None if row[6] is None else float(row[6]),
                         spec=json.loads(row[7]),
                         message=json.loads(row[8]),
+                        backend=row[9],
                     )
                 )
             except (ValueError, TypeError) as exc:
@@ -203,7 +215,8 @@ class Journal:
                     continue
                 db.execute(
                     "INSERT OR REPLACE INTO tasks (task_id, prompt_id, phase, version, submitted,"
-                    " created_at, finished_at, spec, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " created_at, finished_at, spec, message, backend)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.task_id,
                         record.prompt_id,
@@ -214,6 +227,7 @@ class Journal:
                         record.finished_at,
                         json.dumps(record.spec),
                         json.dumps(record.message),
+                        record.backend,
                     ),
                 )
             for key, k in keys.items():

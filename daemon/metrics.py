@@ -202,7 +202,7 @@ class DaemonMetrics:
         tasks: dict[LabelValues, float] = {(phase.value,): 0 for phase in Phase}
         for actor in app.registry.actors():
             tasks[(actor.state.phase.value,)] += 1
-        backends = [app.backend]
+        backends = app.pool.backends
         streams = app.streams
         return [
             family_of(BUILD_INFO, {(self.version,): 1}),

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from daemon.backends_view import backends_json
+from daemon.binder import SpecFactory
+from daemon.comfy.capabilities import needs_of
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.metrics import MetricsEndpoint
-from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
 from protocol import api
@@ -44,11 +46,6 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
-def comfy_unavailable(exc: ComfyUnavailable) -> Response:
-    busy = error_response(503, str(exc))
-    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
-
-
 class Routes:
     """Request handlers; each reads the app's services and answers."""
 
@@ -62,6 +59,7 @@ class Routes:
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
+        router.add("GET", "/backends", self.backends)
         router.add("GET", "/workflows", self.workflows)
         router.add("POST", "/upload", self.upload, max_body=self.app.config.max_upload_bytes)
         router.add("GET", "/metrics", MetricsEndpoint(self.app))
@@ -78,14 +76,14 @@ class Routes:
         try:
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
                 return replay
-            spec_for = await app.binder.prepare(request.body, app.backend.http)
+            spec_for = await app.binder.prepare(request.body)
             # Checked again: a twin request may have got in while we awaited.
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
                 return replay
         except RequestError as exc:
             return request_error(exc)
-        except ComfyUnavailable as exc:
-            return comfy_unavailable(exc)
+        if (refusal := self._runnable_nowhere(spec_for)) is not None:
+            return refusal
 
         try:
             actor = app.registry.create(spec_for)
@@ -99,7 +97,6 @@ class Routes:
             extra={
                 "task_id": actor.task_id,
                 "prompt_id": actor.prompt_id,
-                "backend": app.backend.name,
             },
         )
         # The task is in the journal before the client hears of it, so a crash
@@ -109,6 +106,19 @@ class Routes:
         if waited.cancelled_caught:
             log.error("the journal did not confirm task %s in time", actor.task_id)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
+
+    def _runnable_nowhere(self, spec_for: SpecFactory) -> Response | None:
+        """422 when, by their last readings, no backend has what the workflow needs."""
+        graph = spec_for("", "", 0).graph
+        reasons = self.app.pool.why_nowhere(needs_of(graph))
+        if reasons is None:
+            return None
+        missing = sorted(set(reasons.values()))
+        return error_response(
+            422,
+            f"no ComfyUI backend can run this workflow: it lacks {', '.join(missing)}",
+            {"missing": missing, "backends": reasons},
+        )
 
     def _replayed(self, key: str, body: bytes) -> Response | None:
         """The answer to a retry of a request we already took (same task, nothing new)."""
@@ -187,9 +197,19 @@ class Routes:
         return json_response(200, {"status": "ok"}, headers=NO_STORE)
 
     async def readyz(self, request: Request) -> Response:
-        backend = self.app.backend
-        body = {"ready": backend.is_connected(), "backend": backend.name}
-        return json_response(200 if backend.is_connected() else 503, body, headers=NO_STORE)
+        """Ready while at least one backend is connected."""
+        pool = self.app.pool
+        up = [b.name for b in pool.connected()]
+        body = {
+            "ready": bool(up),
+            "backend": pool.backends[0].name,
+            "backendsUp": len(up),
+            "backends": len(pool.backends),
+        }
+        return json_response(200 if up else 503, body, headers=NO_STORE)
+
+    async def backends(self, request: Request) -> Response:
+        return json_response(200, backends_json(self.app), headers=NO_STORE)
 
     async def workflows(self, request: Request) -> Response:
         return json_response(200, self.app.workflows.to_json())
@@ -198,11 +218,9 @@ class Routes:
         """An inpainting source image: the raw PNG or JPEG body (see protocol/upload.py)."""
         try:
             reply = await self.app.binder.sources.accept_upload(
-                request.headers.get("content-type"), request.body, self.app.backend.http
+                request.headers.get("content-type"), request.body
             )
         except RequestError as exc:
             return request_error(exc)
-        except ComfyUnavailable as exc:
-            return comfy_unavailable(exc)
         location = str(reply["imageUrl"])
         return json_response(201, reply, headers=[("Location", location), *NO_STORE])

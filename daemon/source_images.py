@@ -1,27 +1,21 @@
-"""Inpainting source images: uploads in, a request's source out to ComfyUI.
+"""Inpainting source images: uploads in, a request's source read back.
 
 POST /upload keeps the image with the generated ones, so `/image/<name>`
-serves it and a request names it like any generated image, and forwards it
-to ComfyUI's /upload/image at once. When a request names a source, we read
-it from the store and upload it again under the same name: ComfyUI only has
-a generated image as an output (LoadImage reads inputs), and it may have lost
-its input files since the upload.
+serves it and a request names it like any generated image. Nothing goes to
+ComfyUI here: the task uploads its source to the backend it is dispatched to
+(ComfyUI only has a generated image as an output, LoadImage reads inputs, and
+a backend may have lost its input files since).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemon.comfy.http_api import BackendUnavailable, ComfyHttp
 from daemon.images import ImageStore
 from protocol.errors import field_error
 from protocol.imagesize import ImageFormatError, ImageInfo, image_info
 from protocol.task import image_url
 from protocol.upload import check_upload
-
-
-class ComfyUnavailable(Exception):
-    """ComfyUI did not take the image (unreachable or refused); worth retrying later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +31,10 @@ class SourceImages:
     def __init__(self, images: ImageStore) -> None:
         self.images = images
 
-    async def accept_upload(
-        self, content_type: str | None, body: bytes, comfy: ComfyHttp
-    ) -> dict[str, object]:
-        """Check, store and forward an uploaded image; the JSON reply. Raises RequestError."""
+    async def accept_upload(self, content_type: str | None, body: bytes) -> dict[str, object]:
+        """Check and store an uploaded image; the JSON reply. Raises RequestError."""
         info = check_upload(content_type, body)
         name = await self.images.save(body)
-        try:
-            await self.to_comfy(Source(name, body, info), comfy)
-        except ComfyUnavailable:
-            await self.images.delete(name)  # an upload either fully happens or not at all
-            raise
         return {
             "imageUrl": image_url(name),
             "width": info.width,
@@ -65,13 +52,3 @@ class SourceImages:
         except ImageFormatError as exc:
             raise field_error(field, f"{image_url(name)} cannot be a source: {exc}") from None
         return Source(name, data, info)
-
-    async def to_comfy(self, source: Source, comfy: ComfyHttp) -> str:
-        """Upload to ComfyUI's input folder; the name LoadImage takes."""
-        try:
-            reply = await comfy.upload_image(source.name, source.data, source.info.content_type)
-        except BackendUnavailable as exc:
-            raise ComfyUnavailable(f"cannot upload the image to ComfyUI: {exc}") from None
-        subfolder = reply.get("subfolder")
-        name = str(reply["name"])
-        return f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name

@@ -137,12 +137,16 @@ def status_line(app: App, url: str) -> str:
         phase = actor.state.phase
         if phase is Phase.RUNNING:
             running += 1
-        elif phase is Phase.QUEUED:
+        elif phase in (Phase.QUEUED, Phase.REQUEUED, Phase.WAITING):
             queued += 1
-    backend = app.backend
-    comfy = "connected" if backend.is_connected() else "not connected"
+    backends = app.pool.backends
+    if len(backends) == 1:
+        backend = backends[0]
+        comfy = f"{backend.name} {'connected' if backend.is_connected() else 'not connected'}"
+    else:
+        comfy = f"{len(app.pool.connected())} of {len(backends)} backends up"
     return (
-        f"serving {url}; ComfyUI {backend.name} {comfy}; "
+        f"serving {url}; ComfyUI {comfy}; "
         f"{running} task{'s' if running != 1 else ''} running, {queued} queued"
     )
 
@@ -247,7 +251,10 @@ class Systemd:
             await trio.sleep(interval)
 
     async def _report_status(self, app: App, url: str, last: str) -> None:
-        signals = (app.backend.connected_changed, app.registry.changed)
+        signals = (
+            *(backend.connected_changed for backend in app.pool.backends),
+            app.registry.changed,
+        )
         while not self.stopping:
             seen = [signal.count for signal in signals]
             current = status_line(app, url)

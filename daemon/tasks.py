@@ -19,20 +19,24 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
+from daemon.comfy.capabilities import needs_of
+from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
+from protocol.binding import replace_input_value
+from protocol.imagesize import image_info
 from protocol.sse import ServerSentEvent, encode_event
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ class TaskSettings:
     backend_wait_timeout: float = 120.0
     queue_poll_interval: float = 1.0
     max_tasks: int = 10_000
+    backend_lost_after: float = 60.0
+    resubmit_lost: bool = True
 
 
 class CancelResult(Enum):
@@ -56,6 +62,11 @@ class CancelResult(Enum):
 
 class TooManyTasks(Exception):
     """The registry is full; the client should retry later (503)."""
+
+
+def new_prompt_id() -> str:
+    """Ours, so frames can be routed before the POST (ComfyUI takes the id we give)."""
+    return f"cp-{secrets.token_hex(16)}"
 
 
 def new_task_id(now: float) -> str:
@@ -75,37 +86,59 @@ def encode_snapshot(message: task.TaskMessage) -> Snapshot:
     )
 
 
+class Attempt(Enum):
+    """How one attempt on one backend ended, when the task did not."""
+
+    RETURNED = "returned"  # never submitted there: back to the daemon's queue
+    LOST = "lost"  # submitted, and the backend lost it: resubmit
+
+
 class TaskActor:
-    """One task: its state, its broadcaster, and the work it does against ComfyUI."""
+    """One task: its state, its broadcaster, and the work it does against ComfyUI.
+
+    A task runs as attempts: it waits in the daemon's queue until the dispatcher
+    hands it a backend, submits there and follows its prompt. When that backend
+    loses the prompt (a restart, or away past `backend_lost_after`) the task is
+    requeued under a new prompt_id and the next attempt starts, on any backend.
+    """
 
     def __init__(
         self,
         state: task.TaskState,
         *,
-        backend: ComfyBackend,
+        dispatcher: Dispatcher,
         images: ImageStore,
         settings: TaskSettings,
         wall_clock: Callable[[], float],
         on_change: Callable[[TaskActor], None] = lambda actor: None,
         first_message: task.TaskMessage | None = None,
         resumed: bool = False,
+        backend_name: str | None = None,
     ) -> None:
-        """`first_message` defaults to the rendered state (a restored task passes its last)."""
-        self.backend = backend
+        """`first_message` defaults to the rendered state (a restored task passes its last);
+        `backend_name` is the backend a restored task was dispatched to."""
+        self.dispatcher = dispatcher
+        self.pool = dispatcher.pool
         self.images = images
         self.settings = settings
         self.wall_clock = wall_clock
         self.on_change = on_change
         self.state = state
         self.resumed = resumed
+        self.backend_name = backend_name  # where the current attempt runs (journalled)
+        self.backend: ComfyBackend | None = self.pool.get(backend_name)
+        self.attempts = 0
         self.broadcaster = Broadcaster()
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
-        self.submitted_generation = backend.client_generation
+        self.submitted_generation = self.backend.client_generation if self.backend else 0
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._fetching = False
+        self._submitting = False
+        self._lost = trio.Event()
+        self._lost_reason = ""
         self._reconcile_requested = trio.Event()
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
@@ -142,6 +175,7 @@ class TaskActor:
                 "version": message.version,
                 "payload": message.payload,
             },
+            backend=self.backend_name,
         )
 
     def _log(self, level: int, message: str, *args: object) -> None:
@@ -152,7 +186,7 @@ class TaskActor:
             extra={
                 "task_id": self.task_id,
                 "prompt_id": self.prompt_id,
-                "backend": self.backend.name,
+                "backend": self.backend_name or "",
             },
         )
 
@@ -179,10 +213,13 @@ class TaskActor:
                 self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
             self.finished.set()
             self._scope.cancel()
+        self._report()
+
+    def _report(self) -> None:
         durable = self._durable_fields()
         if durable != self._journalled:
             # Progress ticks are not journalled: after a restart the task
-            # reconciles with ComfyUI anyway. Phase, submission and the end are.
+            # reconciles with ComfyUI anyway. Phase, submission, backend and the end are.
             self._journalled = durable
             self.on_change(self)
 
@@ -192,7 +229,14 @@ class TaskActor:
 
     def _durable_fields(self) -> tuple[object, ...]:
         state = self.state
-        return (state.phase, state.submitted, state.cancel_requested, state.fetching_outputs)
+        return (
+            state.phase,
+            state.prompt_id,
+            state.submitted,
+            state.cancel_requested,
+            state.fetching_outputs,
+            self.backend_name,
+        )
 
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
@@ -205,32 +249,142 @@ class TaskActor:
     # -- lifecycle
 
     async def run(self) -> None:
-        """Drive the task to a terminal state (or until cancelled)."""
+        """Drive the task to a terminal state (or until cancelled), attempt by attempt."""
         if self.state.phase.is_terminal:
             return  # restored from the journal: nothing left to do
-        inbox = self.backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
+        resumed = self.resumed
+        with self._scope:
+            if resumed and self.backend_name is not None and self.backend is None:
+                # Dispatched to a backend that is no longer configured.
+                if self.state.submitted:
+                    self._lost_there(f"{self.backend_name} is no longer configured", False)
+                    self._requeue()
+                self._use(None)
+            while not self.is_done():
+                backend, reserved = self.backend, False
+                if backend is None or not resumed:
+                    backend = await self._wait_for_backend()
+                    if backend is None:
+                        return
+                    reserved = True
+                outcome = await self._attempt(backend, resumed=resumed, reserved=reserved)
+                resumed = False
+                self._use(None)
+                if outcome is Attempt.LOST:
+                    self._requeue()
+
+    def _use(self, backend: ComfyBackend | None) -> None:
+        self.backend = backend
+        self.backend_name = backend.name if backend is not None else None
+        self._report()
+
+    def _requeue(self) -> None:
+        if self.is_done():
+            return
+        prompt_id = new_prompt_id()
+        self._log(logging.WARNING, "resubmitting as %s: %s", prompt_id, self._lost_reason)
+        self.handle(task.Requeued(prompt_id, self._lost_reason))
+
+    async def _wait_for_backend(self) -> ComfyBackend | None:
+        """Wait in the daemon's queue for a backend with room (reserved for us)."""
+        ticket = Ticket(
+            self.task_id,
+            needs_of(self.state.spec.graph),
+            on_position=lambda ahead: self.handle(
+                task.QueueUpdate(comfy.QueuePosition(False, ahead))
+            ),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fail_when_unavailable, ticket)
+            backend = await self.dispatcher.take(ticket)
+            nursery.cancel_scope.cancel()
+        if self.is_done():
+            self.dispatcher.release(backend)
+            return None
+        return backend
+
+    async def _fail_when_unavailable(self, ticket: Ticket) -> None:
+        """`backend_wait_timeout` without any backend that could run this task: give up."""
+        while True:
+            if self.dispatcher.runnable_now(ticket.needs):
+                await self.pool.changed.wait()
+                continue
+            reasons = self.pool.why_nowhere(ticket.needs)
+            if reasons is not None and len(reasons) == len(self.pool.backends):
+                # Accepted before the backends were read; now every one says no.
+                missing = ", ".join(sorted(set(reasons.values())))
+                self.handle(
+                    task.Failed(
+                        "rejected",
+                        "No ComfyUI backend can run this workflow",
+                        f"every backend lacks {missing}",
+                    )
+                )
+                return
+            self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
+            with trio.move_on_after(self.settings.backend_wait_timeout):
+                while not self.dispatcher.runnable_now(ticket.needs):
+                    await self.pool.changed.wait()
+            if not self.dispatcher.runnable_now(ticket.needs):
+                self.handle(
+                    task.Failed(
+                        "backend_unavailable",
+                        "ComfyUI is not reachable",
+                        f"waited {self.settings.backend_wait_timeout:g} s for a backend "
+                        f"({', '.join(b.name for b in self.pool.backends)})",
+                    )
+                )
+                return
+
+    async def _attempt(self, backend: ComfyBackend, *, resumed: bool, reserved: bool) -> Attempt:
+        """Submit to `backend` (or re-attach to it) and follow the prompt there."""
+        self.attempts += 1
+        self._use(backend)
+        self._lost = trio.Event()
+        self._reconcile_requested = trio.Event()
+        self.submitted_generation = backend.client_generation
+        inbox = backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._pump, inbox)
-                    nursery.start_soon(self._reconcile_loop)
-                    nursery.start_soon(self._watch_backend)
-                    if self.resumed and self.state.submitted:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pump, inbox)
+                nursery.start_soon(self._reconcile_loop)
+                nursery.start_soon(self._watch_backend)
+                try:
+                    if resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
                         self.request_reconcile()
-                    elif not (self.resumed and await self._already_known()):
-                        await self._submit()
-                    if self.is_done():
-                        return
-                    if self.state.cancel_requested:
-                        # Cancelled while the POST was in flight: take it back out.
-                        nursery.start_soon(self._cancel_in_comfyui)
-                    nursery.start_soon(self._watch_queue)
+                    elif not (resumed and await self._already_known()):
+                        await self._submit(backend)
+                finally:
+                    if reserved:
+                        self.dispatcher.release(backend)
+                if not self.state.submitted:
+                    nursery.cancel_scope.cancel()
+                    return Attempt.RETURNED
+                if self.state.cancel_requested:
+                    # Cancelled while the POST was in flight: take it back out.
+                    nursery.start_soon(self._cancel_in_comfyui)
+                nursery.start_soon(self._watch_queue)
+                await self._lost.wait()
+                nursery.cancel_scope.cancel()
+            return Attempt.LOST
         finally:
             self._nursery = None
-            self.backend.router.close(self.prompt_id)
+            backend.router.close(self.prompt_id)
             inbox.close()
+
+    def _lost_there(self, reason: str, still_there: bool) -> None:
+        """The current attempt's backend lost the prompt: resubmit, or end with `lost`."""
+        if self.is_done() or self.state.fetching_outputs:
+            return
+        if not self.settings.resubmit_lost:
+            self.handle(task.Failed("lost", "The prompt was lost by ComfyUI", reason))
+            return
+        if still_there and self.backend is not None:
+            self.pool.abandon(self.backend, self.prompt_id)
+        self._lost_reason = reason
+        self._lost.set()
 
     async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
         async for event in inbox:
@@ -239,53 +393,63 @@ class TaskActor:
 
     # -- submitting
 
-    async def _submit(self) -> None:
-        backend = self.backend
-        deadline = trio.current_time() + self.settings.backend_wait_timeout
-        while not self.state.phase.is_terminal:
-            if self.state.cancel_requested:
-                self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
-                return
-            if not backend.is_connected():
-                self.handle(task.BackendWaiting("ComfyUI is not connected"))
-                with trio.move_on_at(deadline):
-                    await backend.wait_connected()
-                if not backend.is_connected():
-                    self._fail_unreachable()
-                    return
-            try:
-                reply = await backend.http.submit(
-                    self.state.spec.graph, client_id=backend.client_id, prompt_id=self.prompt_id
-                )
-            except BackendUnavailable as exc:
-                self._log(logging.WARNING, "submitting failed: %s", exc)
-                # The POST may have arrived even though the answer did not.
-                if await self._already_known():
-                    return
-                if trio.current_time() >= deadline:
-                    self._fail_unreachable()
-                    return
-                self.handle(task.BackendWaiting(str(exc)))
-                await trio.sleep(min(SUBMIT_RETRY_DELAY, max(0.0, deadline - trio.current_time())))
-                continue
-            if isinstance(reply, comfy.PromptRejected):
-                self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
-                self.handle(task.SubmitRejected(reply))
-                return
-            self.submitted_generation = backend.client_generation
-            self._submitted_at = trio.current_time()
-            self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
-            self.handle(task.Submitted(reply.number))
+    async def _submit(self, backend: ComfyBackend) -> None:
+        """POST the prompt; leaves the task unsubmitted when this backend cannot take it."""
+        if self.state.cancel_requested:
+            self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
             return
+        if not backend.is_connected():
+            return
+        self._submitting = True
+        try:
+            graph = await self._graph_for(backend)
+            reply = await backend.http.submit(
+                graph, client_id=backend.client_id, prompt_id=self.prompt_id
+            )
+        except BackendUnavailable as exc:
+            self._log(logging.WARNING, "submitting to %s failed: %s", backend.name, exc)
+            # The POST may have arrived even though the answer did not.
+            if not await self._already_known():
+                await trio.sleep(SUBMIT_RETRY_DELAY)  # then back to the queue
+            return
+        finally:
+            self._submitting = False
+        if isinstance(reply, comfy.PromptRejected):
+            self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
+            self.handle(task.SubmitRejected(reply))
+            return
+        backend.note_submitted()
+        self.submitted_generation = backend.client_generation
+        self._submitted_at = trio.current_time()
+        self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
+        self.handle(task.Submitted(reply.number))
+
+    async def _graph_for(self, backend: ComfyBackend) -> Mapping[str, Any]:
+        """The graph to POST there: an inpainting source is uploaded to that backend first."""
+        spec = self.state.spec
+        if spec.source_image is None:
+            return spec.graph
+        data = await self.images.read(spec.source_image)
+        if data is None:
+            raise BackendUnavailable(f"the source image {spec.source_image} is gone")
+        info = image_info(data)
+        reply = await backend.http.upload_image(spec.source_image, data, info.content_type)
+        subfolder = reply.get("subfolder")
+        name = str(reply["name"])
+        comfy_name = f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
+        return replace_input_value(spec.graph, spec.source_image, comfy_name)
 
     async def _already_known(self) -> bool:
         """After a failed POST: did ComfyUI take the prompt anyway?"""
+        backend = self.backend
+        if backend is None:
+            return False
         try:
-            snapshot = await self.backend.http.queue()
+            snapshot = await backend.http.queue()
             if snapshot.position_of(self.prompt_id) is not None:
                 self.handle(task.Submitted(-1))
                 return True
-            if await self.backend.http.history(self.prompt_id) is not None:
+            if await backend.http.history(self.prompt_id) is not None:
                 self.handle(task.Submitted(-1))
                 self.request_reconcile()
                 return True
@@ -293,25 +457,21 @@ class TaskActor:
             pass
         return False
 
-    def _fail_unreachable(self) -> None:
-        self.handle(
-            task.Failed(
-                "backend_unavailable",
-                "ComfyUI is not reachable",
-                f"waited {self.settings.backend_wait_timeout:g} s for {self.backend.name}",
-            )
-        )
-
     # -- following the prompt
 
     async def _watch_queue(self) -> None:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
+        backend = self.backend
+        assert backend is not None
         interval = self.settings.queue_poll_interval
-        while self.state.phase is task.Phase.QUEUED:
+        while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
+            if self.state.phase is task.Phase.WAITING:
+                await backend.connected_changed.wait()
+                continue
             # A reading older than our submission cannot know our prompt yet.
             not_before = max(self._submitted_at, trio.current_time() - interval)
             try:
-                snapshot = await self.backend.read_queue(not_before=not_before)
+                snapshot = await backend.read_queue(not_before=not_before)
             except BackendUnavailable:
                 snapshot = None
             if snapshot is not None:
@@ -320,17 +480,19 @@ class TaskActor:
                     self.request_reconcile()  # finished already, or gone
                 else:
                     if position.running:
-                        self.backend.router.note_running(self.prompt_id)
+                        backend.router.note_running(self.prompt_id)
                     self.handle(task.QueueUpdate(position))
             await trio.sleep(interval)
             # Then wait for ComfyUI to say the queue changed (a `status` frame), or
             # for a slow safety poll in case that frame was lost.
             with trio.move_on_after(max(interval, 10.0)):
-                await self.backend.queue_changed.wait()
+                await backend.queue_changed.wait()
 
     async def _watch_backend(self) -> None:
-        """Reconcile after each reconnect; fail if ComfyUI stays away too long."""
+        """Reconcile after each reconnect; show `waiting` while the backend is away, and
+        give the prompt up when it stays away past `backend_lost_after`."""
         backend = self.backend
+        assert backend is not None
         seen = backend.reconnected.count
         while True:
             if backend.reconnected.count != seen:
@@ -338,16 +500,13 @@ class TaskActor:
                 seen = backend.reconnected.count
                 self.request_reconcile()
             if self.state.submitted and not backend.is_connected():
-                with trio.move_on_after(self.settings.backend_wait_timeout):
+                self.handle(task.BackendLost(f"{backend.name} is not connected"))
+                with trio.move_on_after(self.settings.backend_lost_after):
                     await backend.wait_connected()
                 if not backend.is_connected():
-                    self.handle(
-                        task.Failed(
-                            "backend_unavailable",
-                            "Lost contact with ComfyUI",
-                            f"{backend.name} was unreachable for "
-                            f"{self.settings.backend_wait_timeout:g} s",
-                        )
+                    self._lost_there(
+                        f"{backend.name} was away for {self.settings.backend_lost_after:g} s",
+                        True,
                     )
                     return
                 continue
@@ -369,19 +528,21 @@ class TaskActor:
                 await self._reconcile()
             except BackendUnavailable as exc:
                 self._log(logging.WARNING, "cannot reconcile yet: %s", exc)
-                # _watch_backend asks again once ComfyUI is back (or fails the task).
+                # _watch_backend asks again once ComfyUI is back (or gives the prompt up).
 
     async def _reconcile(self) -> None:
         """Ask ComfyUI how the prompt stands: frames may have been lost."""
-        http = self.backend.http
+        backend = self.backend
+        assert backend is not None
+        http = backend.http
         entry = await http.history(self.prompt_id)
         if entry is None:
             # Any reading taken after the reason to reconcile will do.
-            queue = await self.backend.read_queue(not_before=self._reconcile_requested_at)
+            queue = await backend.read_queue(not_before=self._reconcile_requested_at)
             position = queue.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
-                    self.backend.router.note_running(self.prompt_id)
+                    backend.router.note_running(self.prompt_id)
                 self.handle(task.QueueUpdate(position))
                 return
             # Neither queued nor in history; it may have finished in between.
@@ -392,12 +553,8 @@ class TaskActor:
         if self.state.fetching_outputs:
             return
         self._log(logging.WARNING, "ComfyUI has neither queued nor finished the prompt")
-        self.handle(
-            task.Failed(
-                "lost",
-                "The prompt was lost by ComfyUI",
-                "ComfyUI has neither queued nor finished it (was ComfyUI restarted?)",
-            )
+        self._lost_there(
+            f"{backend.name} has neither queued nor finished it (was ComfyUI restarted?)", False
         )
 
     # -- outputs
@@ -433,15 +590,17 @@ class TaskActor:
             return
 
     async def _store_images(self, images: tuple[comfy.ImageRef, ...]) -> tuple[str, ...]:
+        backend = self.backend
+        assert backend is not None
         if not images:
-            entry = await self.backend.http.history(self.prompt_id)
+            entry = await backend.http.history(self.prompt_id)
             images = entry.images if entry is not None else ()
         # Saved images ("output") are the result; previews ("temp") only when
         # the workflow saves nothing.
         wanted = tuple(i for i in images if i.type == "output") or images
         files = []
         for image in wanted:
-            data = await self.backend.http.view(image)
+            data = await backend.http.view(image)
             files.append(await self.images.save(data))
         return tuple(files)
 
@@ -456,11 +615,20 @@ class TaskActor:
             self.handle(task.CancelRequested())
             if self.state.submitted:
                 self._start(self._cancel_in_comfyui)
-            # else: _submit sees the flag and ends the task without submitting
+            elif not self._submitting:
+                self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
+            # else: the attempt sees the flag once the POST is answered
         return CancelResult.CANCELLING
 
     async def _cancel_in_comfyui(self) -> None:
-        http = self.backend.http
+        backend = self.backend
+        assert backend is not None
+        if not backend.is_connected():
+            # Its backend is away: end the task now, and remove the prompt once it is back.
+            self.pool.abandon(backend, self.prompt_id)
+            self.handle(task.Cancelled(f"{backend.name} is away; the prompt goes when it is back"))
+            return
+        http = backend.http
         for _ in range(3):
             try:
                 position = (await http.queue()).position_of(self.prompt_id)
@@ -492,7 +660,7 @@ class TaskRegistry:
     def __init__(
         self,
         *,
-        backend: ComfyBackend,
+        dispatcher: Dispatcher,
         images: ImageStore,
         settings: TaskSettings,
         journal: Journal | None = None,
@@ -501,7 +669,7 @@ class TaskRegistry:
     ) -> None:
         """`on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
-        self.backend = backend
+        self.dispatcher = dispatcher
         self.on_task_end = on_task_end
         self.images = images
         self.settings = settings
@@ -548,7 +716,7 @@ class TaskRegistry:
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
             state,
-            backend=self.backend,
+            dispatcher=self.dispatcher,
             images=self.images,
             settings=self.settings,
             wall_clock=self.wall_clock,
@@ -564,7 +732,7 @@ class TaskRegistry:
             raise TooManyTasks(f"{len(self._tasks)} tasks are being tracked; try again later")
         now = self.wall_clock()
         task_id = new_task_id(now)
-        prompt_id = f"cp-{secrets.token_hex(16)}"
+        prompt_id = new_prompt_id()
         spec = spec_for(task_id, prompt_id, int(now * 1000))
         actor = self._new_actor(task.new_task(spec, now))
         self._start(actor, self.settings.retention)
@@ -625,10 +793,14 @@ class TaskRegistry:
             extra={
                 "task_id": spec.task_id,
                 "prompt_id": spec.prompt_id,
-                "backend": self.backend.name,
+                "backend": record.backend or "",
             },
         )
-        return self._new_actor(state, resumed=True)
+        backend_name = record.backend
+        if backend_name is None and record.submitted:
+            # A journal from before pools: its one backend is the first one now.
+            backend_name = self.dispatcher.pool.backends[0].name
+        return self._new_actor(state, resumed=True, backend_name=backend_name)
 
     def _start(self, actor: TaskActor, retention: float) -> None:
         assert self._nursery is not None
@@ -646,7 +818,7 @@ class TaskRegistry:
                 extra={
                     "task_id": actor.task_id,
                     "prompt_id": actor.prompt_id,
-                    "backend": self.backend.name,
+                    "backend": actor.backend_name or "",
                 },
             )
             actor.handle(task.Failed("internal", "Internal error in the daemon"))

@@ -162,3 +162,18 @@ def task_spec(
         inpaint_area=area.to_json() if area is not None else None,
         uid=uid,
     )
+
+
+def replace_input_value(graph: Mapping[str, Any], old: str, new: str) -> Mapping[str, Any]:
+    """The graph with every input whose value is `old` set to `new` (a source image's name
+    as the chosen backend stored it); the same graph when nothing changes."""
+    if old == new:
+        return graph
+    out = copy.deepcopy(dict(graph))
+    for node in out.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict):
+            for key, value in inputs.items():
+                if value == old:
+                    inputs[key] = new
+    return out

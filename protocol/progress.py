@@ -50,6 +50,8 @@ NODE_STEP_NAMES: Final[Mapping[str, str]] = {
 STEP_STARTING: Final = "Starting..."
 STEP_QUEUED: Final = "Queued"
 STEP_WAITING_FOR_BACKEND: Final = "Waiting for ComfyUI..."
+STEP_BACKEND_AWAY: Final = "Waiting for ComfyUI to come back..."
+STEP_REQUEUED: Final = "Requeued"
 STEP_FETCHING_OUTPUT: Final = "Saving image..."
 STEP_COMPLETE: Final = "Complete"
 STEP_FAILED: Final = "Failed"
@@ -69,6 +71,11 @@ def step_name(class_type: str | None) -> str:
 def queued_step(ahead: int) -> str:
     """'Queued (2 ahead)' while other prompts run first; 'Queued' when next in line."""
     return f"{STEP_QUEUED} ({ahead} ahead)" if ahead > 0 else STEP_QUEUED
+
+
+def requeued_step(ahead: int) -> str:
+    """'Requeued (2 ahead)': resubmitted after its backend lost it, waiting for a backend."""
+    return f"{STEP_REQUEUED} ({ahead} ahead)" if ahead > 0 else STEP_REQUEUED
 
 
 def percentage(value: float, maximum: float) -> float:

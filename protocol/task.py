@@ -7,6 +7,10 @@ Rule 2: this file does no I/O; `now` (wall-clock seconds) is an argument.
        \\          \\
         `----------`----> error      (a cancel is an error with code "cancelled")
 
+    queued/running --BackendLost--> waiting   (its backend went away; it may come back)
+    waiting --(the backend knows the prompt)--> queued/running
+    any unfinished --Requeued--> requeued --Submitted--> queued   (a new prompt_id)
+
 `apply(state, event, now)` looks up `(state.phase, type(event))` in
 `TRANSITIONS`; a pair that is not in the table changes nothing, which is how
 events of other prompts and events after a terminal state are ignored. When the
@@ -65,11 +69,16 @@ class TaskSpec:
     inpaint: bool = False
     inpaint_area: Mapping[str, int] | None = field(default=None, hash=False)
     uid: int = 0  # creation time in ms, the seed's `uid`
+    # An inpainting source: our image store's name, uploaded to the backend the
+    # task is dispatched to (the graph names it so until then).
+    source_image: str | None = None
 
 
 class Phase(Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"  # submitted, and its backend went away
+    REQUEUED = "requeued"  # its backend lost it: waits for a backend under a new prompt_id
     COMPLETED = "completed"
     ERROR = "error"
 
@@ -201,6 +210,7 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "inpaint": spec.inpaint,
         "inpaintArea": dict(spec.inpaint_area) if spec.inpaint_area is not None else None,
         "uid": spec.uid,
+        "sourceImage": spec.source_image,
     }
 
 
@@ -217,6 +227,7 @@ def spec_from_json(data: Mapping[str, Any]) -> TaskSpec:
         inpaint=bool(data.get("inpaint", False)),
         inpaint_area=data.get("inpaintArea"),
         uid=int(data.get("uid", 0)),
+        source_image=data.get("sourceImage"),
     )
 
 
@@ -235,6 +246,21 @@ class Submitted:
 class BackendWaiting:
     """No ComfyUI is reachable yet; the task waits (and says so)."""
 
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLost:
+    """The backend this task was submitted to went away; it may come back."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """The backend lost the prompt: run the task again from the start as `prompt_id`."""
+
+    prompt_id: str
     reason: str = ""
 
 
@@ -289,6 +315,8 @@ TaskEvent: TypeAlias = (
     PromptEvent
     | Submitted
     | BackendWaiting
+    | BackendLost
+    | Requeued
     | SubmitRejected
     | QueueUpdate
     | HistoryFound
@@ -355,12 +383,28 @@ def _fail(state: TaskState, error: TaskError, now: float) -> Transition:
 
 
 def _on_submitted(state: TaskState, event: Submitted, now: float) -> Transition:
-    step = (
-        pg.STEP_QUEUED
-        if state.step in (pg.STEP_STARTING, pg.STEP_WAITING_FOR_BACKEND)
-        else state.step
-    )
-    return replace(state, submitted=True, step=step), []
+    phase = Phase.QUEUED if state.phase is Phase.REQUEUED else state.phase
+    step = state.step
+    if step in (pg.STEP_STARTING, pg.STEP_WAITING_FOR_BACKEND) or step.startswith(pg.STEP_REQUEUED):
+        step = pg.STEP_QUEUED
+    return replace(state, phase=phase, submitted=True, step=step), []
+
+
+def _on_backend_lost(state: TaskState, event: BackendLost, now: float) -> Transition:
+    return replace(state, phase=Phase.WAITING, step=pg.STEP_BACKEND_AWAY, queue=None, eta=None), []
+
+
+def _on_requeued(state: TaskState, event: Requeued, now: float) -> Transition:
+    """Everything the lost attempt showed starts over; the task keeps its id and seed."""
+    fresh = new_task(replace(state.spec, prompt_id=event.prompt_id), state.created_at)
+    return replace(
+        fresh,
+        phase=Phase.REQUEUED,
+        version=state.version,
+        step=pg.STEP_REQUEUED,
+        cancel_requested=state.cancel_requested,
+        started_at=state.started_at,
+    ), []
 
 
 def _on_backend_waiting(state: TaskState, event: BackendWaiting, now: float) -> Transition:
@@ -389,15 +433,37 @@ def _on_queue_update(state: TaskState, event: QueueUpdate, now: float) -> Transi
     if position.running:
         # We missed execution_start (e.g. while reconnecting): it runs now.
         return _start(state, now), []
-    return replace(state, queue=position, step=pg.queued_step(position.ahead)), []
+    if state.phase is Phase.REQUEUED:
+        step = pg.requeued_step(position.ahead)
+        return replace(state, queue=position, step=step), []
+    if state.cancel_requested:
+        return replace(state, phase=Phase.QUEUED, queue=position), []
+    step = pg.queued_step(position.ahead)
+    return replace(state, phase=Phase.QUEUED, queue=position, step=step), []
+
+
+# The phases a prompt event can start running from.
+_NOT_STARTED: Final = frozenset({Phase.QUEUED, Phase.WAITING, Phase.REQUEUED})
 
 
 def _start(state: TaskState, now: float) -> TaskState:
-    if state.phase is not Phase.QUEUED:
+    if state.phase not in _NOT_STARTED:
         return state
     step = pg.STEP_CANCELLING if state.cancel_requested else pg.STEP_STARTING
+    if state.phase is Phase.WAITING and state.current_node is not None:
+        # Back from a backend that kept running: the node it was on, until frames say more.
+        step = (
+            state.step
+            if state.cancel_requested
+            else pg.step_name(state.class_types.get(state.current_node))
+        )
     return replace(
-        state, phase=Phase.RUNNING, queue=None, started_at=now, submitted=True, step=step
+        state,
+        phase=Phase.RUNNING,
+        queue=None,
+        started_at=state.started_at if state.started_at is not None else now,
+        submitted=True,
+        step=step,
     )
 
 
@@ -627,17 +693,26 @@ _PROMPT_HANDLERS: Final[dict[type, Handler]] = {
     CancelRequested: _on_cancel_requested,
 }
 
+_UNFINISHED: Final = (Phase.QUEUED, Phase.RUNNING, Phase.WAITING, Phase.REQUEUED)
+
 TRANSITIONS: Final[dict[tuple[Phase, type], Handler]] = {
     (Phase.QUEUED, Submitted): _on_submitted,
+    (Phase.REQUEUED, Submitted): _on_submitted,
     (Phase.QUEUED, BackendWaiting): _on_backend_waiting,
+    (Phase.REQUEUED, BackendWaiting): _on_backend_waiting,
     (Phase.QUEUED, SubmitRejected): _on_rejected,
-    (Phase.QUEUED, Cancelled): _on_cancelled,
-    (Phase.QUEUED, Failed): _on_failed,
-    (Phase.RUNNING, Cancelled): _on_cancelled,
-    (Phase.RUNNING, Failed): _on_failed,
+    (Phase.REQUEUED, SubmitRejected): _on_rejected,
+    (Phase.QUEUED, BackendLost): _only_while_not_fetching(_on_backend_lost),
+    (Phase.RUNNING, BackendLost): _only_while_not_fetching(_on_backend_lost),
+    **{(p, Requeued): _only_while_not_fetching(_on_requeued) for p in _UNFINISHED},
+    **{(p, Cancelled): _on_cancelled for p in _UNFINISHED},
+    **{(p, Failed): _on_failed for p in _UNFINISHED},
     (Phase.RUNNING, OutputsStored): _on_outputs_stored,
-    **{(Phase.QUEUED, t): _only_while_not_fetching(h) for t, h in _PROMPT_HANDLERS.items()},
-    **{(Phase.RUNNING, t): _only_while_not_fetching(h) for t, h in _PROMPT_HANDLERS.items()},
+    **{
+        (p, t): _only_while_not_fetching(h)
+        for p in _UNFINISHED
+        for t, h in _PROMPT_HANDLERS.items()
+    },
 }
 
 
@@ -776,7 +851,7 @@ def render(state: TaskState, now: float) -> TaskMessage:
         "overall": _overall_json(state),
         "etaSeconds": state.eta,
     }
-    if state.current_node is not None:
+    if state.current_node is not None and state.phase in (Phase.QUEUED, Phase.RUNNING):
         progress_block["node"] = state.current_node
         progress_block["nodeType"] = state.class_types.get(state.current_node)
     payload = {

@@ -100,6 +100,12 @@ class ComfyBackend:
         self.reconnects = 0
         self.frames_received = 0
         self.protocol_errors = 0
+        # Load, for dispatch: ComfyUI's own count of running + pending prompts (its
+        # last `status` frame), plus our submissions it has not counted yet.
+        self.queue_remaining: int | None = None  # None: no `status` since the socket opened
+        self.unseen_submissions = 0  # POSTed since the last `status` frame
+        self.reserved = 0  # handed a task that is being submitted
+        self.last_error = ""
         self._queue_lock = trio.Lock()
         self._queue_cache: tuple[float, comfy.QueueSnapshot] | None = None
 
@@ -115,7 +121,18 @@ class ComfyBackend:
     def _set_connected(self, value: bool) -> None:
         if self.connected != value:
             self.connected = value
+            if not value:
+                self.queue_remaining = None  # unknown until the next socket's `status`
             self.connected_changed.fire()
+
+    def load(self) -> int:
+        """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
+        return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
+
+    def note_submitted(self) -> None:
+        """We POSTed a prompt; it counts until the next `status` frame does."""
+        self.unseen_submissions += 1
+        self.queue_changed.fire()
 
     async def read_queue(self, *, not_before: float) -> comfy.QueueSnapshot:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
@@ -158,19 +175,22 @@ class ComfyBackend:
                 trio.ClosedResourceError,
             ) as exc:
                 failures += 1
+                self.last_error = _describe(exc)
                 log.warning(
                     "ComfyUI WebSocket to %s failed to open: %s",
                     self.name,
-                    _describe(exc),
+                    self.last_error,
                     extra={"backend": self.name},
                 )
             except trio_websocket.ConnectionClosed as exc:
                 failures += 1
+                self.last_error = f"WebSocket closed: {exc.reason}"
                 log.warning(
                     "ComfyUI WebSocket to %s closed: %s", self.name, exc.reason,
                     extra={"backend": self.name},
                 )  # fmt: skip
             except SilentSocket as exc:
+                self.last_error = str(exc)
                 log.warning("%s; replacing the socket", exc, extra={"backend": self.name})
             finally:
                 self._set_connected(False)
@@ -303,6 +323,8 @@ class ComfyBackend:
             )
             return
         if isinstance(event, comfy.Status):
+            self.queue_remaining = event.queue_remaining
+            self.unseen_submissions = 0
             self.queue_changed.fire()
             return
         self.router.dispatch(event)

@@ -149,6 +149,18 @@ class ComfyHttp:
             raise BackendUnavailable("POST /upload/image: unexpected reply")
         return reply
 
+    async def object_info(self, node_class: str) -> Mapping[str, Any] | None:
+        """GET /object_info/{class}: its definition, or None when ComfyUI has no such node."""
+        path = "/object_info/" + urllib.parse.quote(node_class, safe="")
+        response = await self._call("GET", path)
+        if response.status != 200:
+            raise BackendUnavailable(f"GET {path} answered {response.status}")
+        reply = self._json(response, f"GET {path}")
+        if not isinstance(reply, dict):
+            raise BackendUnavailable(f"GET {path}: unexpected reply")
+        info = reply.get(node_class)
+        return info if isinstance(info, dict) else None
+
     async def probe(self) -> bool:
         """Is ComfyUI answering HTTP at all? (GET /prompt is cheap.)"""
         try:

@@ -104,7 +104,7 @@ async def test_prompt_that_finished_while_we_were_away_completes_with_its_image(
 
 
 async def test_comfyui_restart_loses_the_prompt_and_says_so(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path) as daemon:
+    async with running_daemon(tmp_path, resubmit_lost=False) as daemon:
         task_id, _, sim = await start_sampling(daemon)
         sim.restart()
         data = payloads(await daemon.events(task_id))

@@ -10,6 +10,8 @@ import trio.testing
 
 from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import BackendSettings, ComfyBackend
+from daemon.comfy.dispatch import Dispatcher
+from daemon.comfy.pool import BackendPool
 from daemon.images import ImageStore
 from daemon.journal import TaskRecord
 from daemon.sse_stream import StreamHub
@@ -92,7 +94,7 @@ async def test_finished_tasks_are_forgotten_after_five_minutes(
     epoch = 1_000_000.0
     backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
     registry = TaskRegistry(
-        backend=backend,
+        dispatcher=Dispatcher(BackendPool([backend], classes=()), max_pending=2),
         images=ImageStore(tmp_path),
         settings=TaskSettings(retention=300.0),
         wall_clock=lambda: epoch + trio.current_time(),
