@@ -50,6 +50,13 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p = sub.add_parser("simulate-comfy", help="run only the ComfyUI simulator")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8188")
     p.add_argument("--step-time", type=float, default=0.15, help="seconds per sampler step")
+    p.add_argument(
+        "--hide-node",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="a node class this simulator does not have (repeatable)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -147,7 +154,8 @@ def simulate(args: argparse.Namespace) -> int:
     except config_module.ConfigError as exc:
         print(f"comfy-progress: {exc}", file=sys.stderr)
         return 2
-    trio.run(run_simulator, host, port, SimulatorConfig(step_time=args.step_time))
+    config = SimulatorConfig(step_time=args.step_time, hidden_nodes=tuple(args.hide_node))
+    trio.run(run_simulator, host, port, config)
     return 0
 
 

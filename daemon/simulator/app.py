@@ -33,7 +33,11 @@ class ComfySimulator:
         self.gate = StepGate(manual=self.config.manual_steps)
         rng = random.Random(self.config.seed)
         self.files = FileStore(self.config.max_stored_files)
-        self.catalogue = build_catalogue()
+        self.catalogue = {
+            name: node
+            for name, node in build_catalogue().items()
+            if name not in self.config.hidden_nodes
+        }
         self.hub = Hub(
             self.controls,
             rng,

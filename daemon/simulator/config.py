@@ -30,6 +30,8 @@ class SimulatorConfig:
         "v1-5-pruned-emaonly.safetensors",
         "sd_xl_base_1.0.safetensors",
     )
+    # Node classes this server does not have (a ComfyUI without some custom nodes).
+    hidden_nodes: tuple[str, ...] = ()
     # Saved images larger than this many pixels are drawn smaller (memory guard).
     max_render_pixels: int = 2048 * 2048
     # Generated (output/temp) files kept in memory; the oldest are dropped beyond this.

@@ -134,5 +134,58 @@ async def running_daemon(
             nursery.cancel_scope.cancel()
 
 
+@dataclass
+class Pool:
+    app: App
+    bound: Bound
+    simulators: list[ComfySimulator]
+
+    @property
+    def url(self) -> str:
+        return self.bound.url
+
+    async def request(self, method: str, path: str, body: object = None) -> ClientResponse:
+        raw = b"" if body is None else json.dumps(body).encode()
+        headers = (("Content-Type", "application/json"),) if body is not None else ()
+        return await http_request(method, self.url + path, headers=headers, body=raw, timeout=10)
+
+    async def generate(self, **fields: Any) -> str:
+        response = await self.request("POST", "/generate", {"prompt": "a red fox", **fields})
+        assert response.status == 202, response.body
+        task_id: str = response.json()["taskId"]
+        return task_id
+
+    async def all_read(self) -> None:
+        """Until every backend is connected, read, and its queue known (dispatch may start)."""
+        pool = self.app.pool
+        while not all(pool.takes_work(b) for b in pool.backends):
+            await pool.changed.wait()
+
+
+@asynccontextmanager
+async def running_pool(
+    tmp_path: Path,
+    simulators: list[SimulatorConfig],
+    *,
+    first_urls: tuple[str, ...] = (),
+    **overrides: Any,
+) -> AsyncIterator[Pool]:
+    """The daemon with one backend per simulator config (after `first_urls`, backends
+    running elsewhere), all on ephemeral ports."""
+    async with trio.open_nursery() as nursery:
+        sims = [ComfySimulator(config) for config in simulators]
+        urls = [*first_urls]
+        for sim in sims:
+            urls.append(f"http://127.0.0.1:{await nursery.start(sim.run, ('127.0.0.1', 0))}")
+        overrides.setdefault("comfy_url", urls[0])
+        overrides.setdefault("comfy_urls", tuple(urls[1:]))
+        app = App(daemon_config(tmp_path, **overrides))
+        bound = await nursery.start(app.run)
+        try:
+            yield Pool(app, bound, sims)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 def payloads(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
     return [json.loads(e.data) for e in events]

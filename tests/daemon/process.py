@@ -97,3 +97,60 @@ async def daemon_process(
                     process.kill()
                 await process.wait()
                 await daemon.exited.wait()
+
+
+SIM_LISTENING = re.compile(rb"simulator listening on (http://[0-9.]+:[0-9]+)")
+
+
+@dataclass
+class SimulatorProcess:
+    process: trio.Process
+    url: str = ""
+    output: bytearray = field(default_factory=bytearray)
+
+    def kill(self) -> None:
+        """kill -9: the GPU box loses power."""
+        self.process.kill()
+
+
+async def _read_simulator_output(sim: SimulatorProcess, listening: trio.Event) -> None:
+    stdout = sim.process.stdout
+    assert stdout is not None
+    async with stdout:
+        while chunk := await stdout.receive_some(65536):
+            sim.output += chunk
+            match = SIM_LISTENING.search(sim.output)
+            if match and not listening.is_set():
+                sim.url = match.group(1).decode()
+                listening.set()
+    listening.set()
+
+
+@asynccontextmanager
+async def simulator_process(*args: str) -> AsyncIterator[SimulatorProcess]:
+    """`comfy-progress simulate-comfy` on 127.0.0.1:0 as its own process (for kill -9)."""
+    command = [
+        sys.executable, "-m", "daemon.cli", "simulate-comfy", "--listen", "127.0.0.1:0", *args
+    ]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        command,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    sim = SimulatorProcess(process)
+    listening = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_simulator_output, sim, listening)
+        try:
+            with trio.fail_after(30):
+                await listening.wait()
+            if not sim.url:
+                raise RuntimeError(f"the simulator did not start:\n{sim.output.decode()}")
+            yield sim
+        finally:
+            with trio.move_on_after(10, shield=True):
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()

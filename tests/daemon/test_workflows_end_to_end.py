@@ -208,7 +208,7 @@ async def test_upload_then_inpaint_it(tmp_path: Path) -> None:
         served = await daemon.request("GET", reply["imageUrl"])
         assert served.body == picture
         name = reply["imageUrl"].rsplit("/", 1)[1]
-        assert await comfy_inputs(daemon) == [name]  # forwarded at once
+        assert await comfy_inputs(daemon) == []  # kept here until a task needs it
 
         # An absolute URL works too: it is what a browser's img.src holds.
         area = {"x": 0, "y": 0, "width": 96, "height": 64}
@@ -220,6 +220,7 @@ async def test_upload_then_inpaint_it(tmp_path: Path) -> None:
         graph = await submitted_graph(daemon, task_id)
         assert graph["4"]["inputs"]["image"] == name
         assert graph["5"]["inputs"]["width"] == 96
+        assert await comfy_inputs(daemon) == [name]  # sent by the task, to its backend
 
 
 async def test_uploads_that_are_refused(tmp_path: Path) -> None:
@@ -241,7 +242,7 @@ async def test_uploads_that_are_refused(tmp_path: Path) -> None:
         assert list((tmp_path / "data" / "images").iterdir()) == []
 
 
-async def test_an_upload_comfyui_cannot_take_is_503_and_not_kept(tmp_path: Path) -> None:
+async def test_upload_and_inpaint_are_accepted_while_comfyui_is_down(tmp_path: Path) -> None:
     # Nothing listens on this port (we bind and close it to find a free one).
     probe = trio.socket.socket()
     await probe.bind(("127.0.0.1", 0))
@@ -250,10 +251,13 @@ async def test_an_upload_comfyui_cannot_take_is_503_and_not_kept(tmp_path: Path)
     comfy_url = f"http://127.0.0.1:{port}"
     async with running_daemon(tmp_path, simulator=None, comfy_url=comfy_url) as daemon:
         response = await upload(daemon, encode_png(8, 8, [bytes(3 * 8)] * 8))
-        assert response.status == 503
-        assert response.headers.get("retry-after") == "5"
-        assert "cannot upload the image to ComfyUI" in response.json()["error"]["message"]
-        assert list((tmp_path / "data" / "images").iterdir()) == []
+        assert response.status == 201, response.body
+        area = {"x": 0, "y": 0, "width": 8, "height": 8}
+        task_id = await daemon.generate(
+            workflow="inpaint", image=response.json()["imageUrl"], inpaintArea=area
+        )
+        status = await daemon.request("GET", f"/tasks/{task_id}")
+        assert status.json()["status"] == "in-progress"
 
 
 async def test_invalid_requests_never_reach_comfyui(tmp_path: Path) -> None:

@@ -1,0 +1,200 @@
+"""Several backends: dispatch, capability routing and failover, with real simulators.
+
+Simulators run in manual-step mode where a test needs a task parked at a known
+point; tests wait for states (signals, events), never for time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon.http.client import http_request
+from daemon.simulator import SimulatorConfig
+from daemon.simulator.png import encode_png
+from daemon.tasks import TaskActor
+from protocol import task
+from tests.daemon.harness import FAST, Pool, payloads, read_events, running_pool
+from tests.daemon.process import simulator_process
+
+SAMPLER = "3"  # the KSampler node of the built-in txt2img graph
+MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
+NO_INPAINT = SimulatorConfig(step_time=0.01, hidden_nodes=("VAEEncodeForInpaint",))
+
+
+async def wait_until(pool: Pool, condition: Callable[[], bool]) -> None:
+    """Until `condition()` holds; re-checked on every task or backend change."""
+    app = pool.app
+    while not condition():
+        async with trio.open_nursery() as nursery:
+
+            async def wake(wait: Callable[[], Any]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wake, app.registry.changed.wait)
+            nursery.start_soon(wake, app.pool.changed.wait)
+
+
+async def wait_state(actor: TaskActor, predicate: Callable[[task.TaskState], bool]) -> None:
+    while not predicate(actor.state):
+        latest = actor.broadcaster.latest
+        await actor.broadcaster.wait_newer(latest.version if latest else None)
+
+
+def actor_of(pool: Pool, task_id: str) -> TaskActor:
+    actor = pool.app.registry.get(task_id)
+    assert actor is not None
+    return actor
+
+
+async def queue_of(url: str) -> tuple[int, int]:
+    """(running, pending) in that ComfyUI's queue."""
+    reply = (await http_request("GET", f"{url}/queue", timeout=10)).json()
+    return len(reply["queue_running"]), len(reply["queue_pending"])
+
+
+async def test_dispatch_spreads_work_and_respects_max_pending(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [MANUAL, MANUAL, MANUAL], backend_max_pending=2) as pool:
+        await pool.all_read()
+        task_ids = [await pool.generate(seed=n) for n in range(7)]
+        actors = [actor_of(pool, t) for t in task_ids]
+        await wait_until(pool, lambda: sum(a.state.submitted for a in actors) == 6)
+        # Two per ComfyUI (one running, one next); the seventh waits in our queue.
+        for sim in pool.simulators:
+            assert await queue_of(sim.url) == (1, 1)
+        waiting = [a for a in actors if not a.state.submitted]
+        assert len(waiting) == 1
+        latest = waiting[0].broadcaster.latest
+        assert latest is not None
+        assert latest.payload["queue"] == {"position": 1, "ahead": 0}
+        assert latest.payload["phase"] == "queued"
+        backends = (await pool.request("GET", "/backends")).json()
+        assert [b["tasks"] for b in backends["backends"]] == [2, 2, 2]
+        assert backends["waiting"] == 1
+        for sim in pool.simulators:
+            sim.set_manual_steps(False)
+        for actor in actors:
+            await actor.finished.wait()
+        assert all(a.state.phase is task.Phase.COMPLETED for a in actors)
+        used = {a.backend_name for a in actors}
+        assert used == {sim.url for sim in pool.simulators}
+
+
+async def upload_source(pool: Pool) -> str:
+    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+    response = await http_request(
+        "POST",
+        f"{pool.url}/upload",
+        headers=(("Content-Type", "image/png"),),
+        body=picture,
+        timeout=10,
+    )
+    assert response.status == 201, response.body
+    url: str = response.json()["imageUrl"]
+    return url
+
+
+INPAINT_AREA = {"x": 0, "y": 0, "width": 8, "height": 8}
+
+
+async def test_a_node_class_on_one_backend_only_always_goes_there(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT, FAST]) as pool:
+        await pool.all_read()
+        image = await upload_source(pool)
+        inpaints = [
+            await pool.generate(workflow="inpaint", image=image, inpaintArea=INPAINT_AREA, seed=n)
+            for n in range(3)
+        ]
+        plain = [await pool.generate(seed=n) for n in range(3)]
+        for task_id in inpaints + plain:
+            assert payloads(await read_events(pool.url, task_id))[-1]["status"] == "completed"
+        assert {actor_of(pool, t).backend_name for t in inpaints} == {pool.simulators[2].url}
+        backends = (await pool.request("GET", "/backends")).json()["backends"]
+        assert backends[0]["capabilities"]["missingNodeClasses"] == ["VAEEncodeForInpaint"]
+        assert backends[2]["capabilities"]["missingNodeClasses"] == []
+
+
+async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
+        await pool.all_read()
+        image = await upload_source(pool)
+        response = await pool.request(
+            "POST",
+            "/generate",
+            {"prompt": "a hat", "workflow": "inpaint", "image": image, "inpaintArea": INPAINT_AREA},
+        )
+        assert response.status == 422, response.body
+        error = response.json()["error"]
+        assert "node class VAEEncodeForInpaint" in error["message"]
+        assert set(error["details"]["backends"]) == {s.url for s in pool.simulators}
+        for sim in pool.simulators:
+            assert await queue_of(sim.url) == (0, 0)
+
+
+async def test_a_websocket_cut_shorter_than_lost_after_reconciles_there(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        prompt_id, backend_name = actor.prompt_id, actor.backend_name
+        sim = next(s for s in pool.simulators if s.url == backend_name)
+        sim.reject_connections(3600)  # socket cut, reconnects refused
+        await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+        latest = actor.broadcaster.latest
+        assert latest is not None
+        assert latest.payload["progress"]["currentStep"] == "Waiting for ComfyUI to come back..."
+        assert latest.payload["progress"]["etaSeconds"] is None
+        sim.grant_steps(1000)
+        await sim.wait_for_history(prompt_id)  # it finished while we were away
+        sim.reject_connections(0)
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        assert (actor.prompt_id, actor.backend_name, actor.attempts) == (
+            prompt_id,
+            backend_name,
+            1,
+        )
+
+
+async def test_kill_9_of_a_backend_mid_task_resubmits_to_another(tmp_path: Path) -> None:
+    async with simulator_process("--step-time", "0.01") as doomed:
+        manual = await http_request(
+            "POST",
+            f"{doomed.url}/sim/control",
+            headers=(("Content-Type", "application/json"),),
+            body=json.dumps({"manual_steps": True}).encode(),
+            timeout=10,
+        )
+        assert manual.status == 200
+        async with running_pool(
+            tmp_path, [FAST], first_urls=(doomed.url,), backend_lost_after=0.5
+        ) as pool:
+            # The simulator process is the first backend (ties go to it), the in-test one next.
+            survivor = pool.simulators[0]
+            await pool.all_read()
+            task_id = await pool.generate()
+            actor = actor_of(pool, task_id)
+            await wait_state(actor, lambda s: s.current_node == SAMPLER)
+            assert actor.backend_name == doomed.url
+            seen: list[dict[str, Any]] = []
+            following = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def follow() -> None:
+                    events = await read_events(pool.url, task_id, first_event=following)
+                    seen.extend(payloads(events))
+
+                nursery.start_soon(follow)
+                await following.wait()
+                doomed.kill()
+            phases = [d.get("phase") for d in seen]
+            assert "waiting" in phases  # at once, not a frozen last step
+            # (`requeued` may be skipped by a reader: it lasts until the resubmission.)
+            assert seen[-1]["status"] == "completed"
+            assert (actor.backend_name, actor.attempts) == (survivor.url, 2)
