@@ -162,12 +162,19 @@ class TaskActor:
         """Apply one event; publish and schedule whatever the state machine says."""
         if self.state.phase.is_terminal:
             return
-        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        state, effects = task.apply(self.state, event, self.wall_clock())
+        # Publish before keeping the new state: if its message cannot be sent
+        # (it fails to encode), the task stays as it was and the crash fallback
+        # in TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task
+        # that no stream ever heard of.
         for effect in effects:
             if isinstance(effect, task.Publish):
-                self.last_message = effect.message
                 self.broadcaster.publish(encode_snapshot(effect.message))
-            elif isinstance(effect, task.FetchOutputs):
+                self.last_message = effect.message
+        self.state = state
+        for effect in effects:
+            if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
