@@ -121,7 +121,12 @@ class AccessPolicy:
             if origin is None:
                 raise ValueError(f"allowed_origins: {text!r} is not an http(s) origin")
             self._origins.add(origin)
-        self._hosts = {host.lower() for host in settings.allowed_hosts}
+        self._hosts: set[tuple[str, int | None]] = set()  # a None port: any port
+        for text in settings.allowed_hosts:
+            host = split_host(text)
+            if host is None:
+                raise ValueError(f"allowed_hosts: {text!r} is not a host name")
+            self._hosts.add(host)
         self._tokens = tuple(token.encode() for token in settings.api_tokens)
 
     def body_limit_for(self, method: str, target: str) -> int | None:
@@ -147,7 +152,7 @@ class AccessPolicy:
                     "requests from this origin are not allowed",
                     {"origin": origin_header, "setting": "allowed_origins"},
                 )
-        cors = self._cors_headers(origin_header) if listed else []
+        cors = self._cors_headers(origin_header) if origin_header and listed else []
         if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
             return Response(204, [*cors, *self._preflight_headers(), ("Vary", "Origin")])
         if self._tokens and request.method in NEEDS_TOKEN:
@@ -163,7 +168,7 @@ class AccessPolicy:
         if host is None:
             return False
         name, port = host
-        return name in self._hosts or (port is not None and f"{name}:{port}" in self._hosts)
+        return (name, None) in self._hosts or (port is not None and host in self._hosts)
 
     def _check_token(self, request: Request) -> Response | None:
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
@@ -199,8 +204,7 @@ class AccessPolicy:
         return _with_vary(error_response(status, message, details))
 
     @staticmethod
-    def _cors_headers(origin: str | None) -> list[tuple[str, str]]:
-        assert origin is not None
+    def _cors_headers(origin: str) -> list[tuple[str, str]]:
         return [
             ("Access-Control-Allow-Origin", origin.strip()),
             ("Access-Control-Expose-Headers", EXPOSED_HEADERS),

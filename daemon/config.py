@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from daemon.access import parse_origin, split_host
+
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 
@@ -269,15 +271,13 @@ def load(
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     for origin in list_setting(config.allowed_origins):
-        parts = urllib.parse.urlsplit(origin)
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or parts.path not in ("", "/")
-        ):
+        if parse_origin(origin) is None:
             raise ConfigError(
                 f"allowed_origins: {origin!r} is not an origin like https://app.example:8443"
             )
+    for host in list_setting(config.allowed_hosts):
+        if split_host(host) is None:
+            raise ConfigError(f"allowed_hosts: {host!r} is not a host name like comfy.example")
     return _with_token_file(config)
 
 

@@ -656,7 +656,13 @@ class TaskRegistry:
                     "backend": self.backend.name,
                 },
             )
-            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            # The error message names nothing of the request, so it always
+            # encodes; handle() publishes it before anything else can fail.
+            try:
+                actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            except Exception:
+                # Not into the registry's nursery: that would stop every task.
+                log.exception("could not record the crashed task's end")
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)

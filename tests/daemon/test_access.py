@@ -146,12 +146,14 @@ async def test_behind_a_proxy_the_origin_is_compared_with_host_and_scheme(tmp_pa
 
 
 async def test_allowed_hosts_refuse_other_host_names(tmp_path: Path) -> None:
-    async with running_daemon(tmp_path, allowed_hosts="127.0.0.1, comfy.example") as daemon:
+    hosts = "127.0.0.1, comfy.example [::1]:8000"
+    async with running_daemon(tmp_path, allowed_hosts=hosts) as daemon:
         assert (await daemon.request("GET", "/healthz")).status == 200  # Host: 127.0.0.1:port
-        named = await raw_request(daemon, "GET /healthz HTTP/1.1\r\nHost: comfy.example:8000")
-        assert named.status == 200
+        for host in ("comfy.example:8000", "COMFY.example", "[::1]:8000"):
+            named = await raw_request(daemon, f"GET /healthz HTTP/1.1\r\nHost: {host}")
+            assert named.status == 200, host
         # DNS rebinding: a hostile name that now resolves to us.
-        for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example"):
+        for host in ("attacker.example", "127.0.0.1.attacker.example", "[::1]", "[::1]:80"):
             rebound = await raw_request(daemon, f"GET /healthz HTTP/1.1\r\nHost: {host}")
             assert rebound.status == 421, host
             assert rebound.json()["error"]["details"]["setting"] == "allowed_hosts"
@@ -300,6 +302,9 @@ def test_unreadable_token_file_and_bad_origins_are_configuration_errors(tmp_path
     for origin in ("app.example", "ftp://app.example", "https://app.example/path"):
         with pytest.raises(ConfigError, match="allowed_origins"):
             load(config_file=None, environ={}, flags={"allowed_origins": origin})
+    for host in ("http://comfy.example", "comfy.example:99999", "user@comfy.example"):
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            load(config_file=None, environ={}, flags={"allowed_hosts": host})
 
 
 # ---------------------------------------------------------------- the comparison
