@@ -24,9 +24,10 @@ from pathlib import Path
 
 import trio
 
+from daemon.access import AccessPolicy, AccessSettings
 from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
-from daemon.config import Config
+from daemon.config import Config, list_setting
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
@@ -72,6 +73,14 @@ def http_limits(config: Config) -> HttpLimits:
     )
 
 
+def access_settings(config: Config) -> AccessSettings:
+    return AccessSettings(
+        allowed_origins=tuple(list_setting(config.allowed_origins)),
+        allowed_hosts=tuple(list_setting(config.allowed_hosts)),
+        api_tokens=tuple(list_setting(config.api_tokens)),
+    )
+
+
 class App:
     def __init__(self, config: Config, *, systemd: Systemd | None = None) -> None:
         self.config = config
@@ -94,8 +103,11 @@ class App:
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
+        self.access = AccessPolicy(
+            self.router, access_settings(config), on_refused=self.metrics.observe_rejected
+        )
         self.server = HttpServer(
-            self.router, http_limits(config), on_rejected=self.metrics.observe_rejected
+            self.access, http_limits(config), on_rejected=self.metrics.observe_rejected
         )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()

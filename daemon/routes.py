@@ -33,9 +33,13 @@ JOURNAL_FLUSH_TIMEOUT = 5.0
 
 
 def _is_json(content_type: str | None) -> bool:
-    """application/json (any parameters, or a +json type), or no Content-Type at all."""
+    """application/json (any parameters, or a +json type).
+
+    No Content-Type is refused too: a browser sends such a POST cross-site
+    without asking first (no preflight), JSON needs one.
+    """
     if content_type is None:
-        return True
+        return False
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
 

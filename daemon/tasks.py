@@ -162,12 +162,19 @@ class TaskActor:
         """Apply one event; publish and schedule whatever the state machine says."""
         if self.state.phase.is_terminal:
             return
-        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        state, effects = task.apply(self.state, event, self.wall_clock())
+        # Publish before keeping the new state: if its message cannot be sent
+        # (it fails to encode), the task stays as it was and the crash fallback
+        # in TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task
+        # that no stream ever heard of.
         for effect in effects:
             if isinstance(effect, task.Publish):
-                self.last_message = effect.message
                 self.broadcaster.publish(encode_snapshot(effect.message))
-            elif isinstance(effect, task.FetchOutputs):
+                self.last_message = effect.message
+        self.state = state
+        for effect in effects:
+            if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
@@ -649,7 +656,13 @@ class TaskRegistry:
                     "backend": self.backend.name,
                 },
             )
-            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            # The error message names nothing of the request, so it always
+            # encodes; handle() publishes it before anything else can fail.
+            try:
+                actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            except Exception:
+                # Not into the registry's nursery: that would stop every task.
+                log.exception("could not record the crashed task's end")
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)
