@@ -72,6 +72,17 @@ class Config:
     max_tasks: int = _setting(
         10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
     )
+    preview_max_rate: float = _setting(
+        4.0, "preview announcements per task per second (the newest preview wins)", min=0.01
+    )
+    preview_max_task_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "largest preview image kept for a task (bytes; bigger ones are dropped)",
+        min=1,
+    )
+    preview_max_total_bytes: int = _setting(
+        64 * 1024 * 1024, "memory for all tasks' previews (bytes; the stalest are evicted)", min=1
+    )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
     comfy_connect_timeout: float = _setting(10.0, "seconds to open ComfyUI's WebSocket", min=0.01)
