@@ -200,7 +200,14 @@ class App:
     async def _start_simulator(self, nursery: trio.Nursery) -> str:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
-        simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
+        previews = self.config.simulator_previews
+        simulator = ComfySimulator(
+            SimulatorConfig(
+                step_time=self.config.simulator_step_time,
+                sampler_previews=previews,
+                sampler_progress_text=previews,
+            )
+        )
         port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)

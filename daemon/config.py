@@ -41,6 +41,9 @@ class Config:
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
     simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
+    simulator_previews: bool = _setting(
+        True, "simulator: the sampler sends a JPEG preview and a progress text per step"
+    )
     data_dir: Path = _setting(
         Path("data"), "directory for images, the task journal and the client id"
     )
