@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from daemon.app import App
 
 
-def etag_of(version: int) -> str:
-    return f'"preview-{version}"'
+def etag_of(boot: str, version: int) -> str:
+    return f'"preview-{boot}-{version}"'
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -39,7 +39,7 @@ class PreviewEndpoint:
             return error_response(
                 404, "no preview", {"taskId": task_id, "hint": "previews exist while a task runs"}
             )
-        etag = etag_of(preview.version)
+        etag = etag_of(self.app.previews.boot, preview.version)
         headers = [
             ("ETag", etag),
             ("Cache-Control", "no-cache"),

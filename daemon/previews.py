@@ -10,6 +10,7 @@ version names one image for as long as the task runs.
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ class PreviewStore:
         max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
         max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     ) -> None:
+        # Versions restart with the process (a resumed task's first preview is 1
+        # again): ETags carry this too, so a browser's cached image from before a
+        # restart never revalidates as current.
+        self.boot = secrets.token_hex(4)
         self.max_task_bytes = max_task_bytes
         self.max_total_bytes = max_total_bytes
         self._previews: OrderedDict[str, Preview] = OrderedDict()  # oldest update first

@@ -74,7 +74,7 @@ async def test_type_4_previews_reach_the_task_whose_prompt_they_name(tmp_path: P
         assert response.status == 200
         assert response.headers.get("content-type") == "image/jpeg"
         assert image_info(response.body).format == "jpeg"
-        assert response.headers.get("etag") == '"preview-1"'
+        assert response.headers.get("etag") == f'"preview-{daemon.app.previews.boot}-1"'
         # The queued task got none of them.
         assert (await daemon.request("GET", f"/tasks/{second.task_id}/preview")).status == 404
         assert second.previews.get(second.task_id) is None
@@ -96,11 +96,12 @@ async def test_a_preview_is_revalidated_with_its_etag(tmp_path: Path) -> None:
         actor = await start_task(daemon)
         preview = await step_until_preview(daemon, actor)
         url = daemon.url + preview["url"]
-        etag = '"preview-1"'
+        etag = f'"preview-{daemon.app.previews.boot}-1"'
         again = await http_request("GET", url, headers=[("If-None-Match", etag)])
         assert again.status == 304
         assert again.body == b""
-        other = await http_request("GET", url, headers=[("If-None-Match", '"preview-0"')])
+        # The same version from another daemon process is another image.
+        other = await http_request("GET", url, headers=[("If-None-Match", '"preview-0000-1"')])
         assert other.status == 200
 
 
