@@ -35,6 +35,7 @@ from daemon.idempotency import KEY_TTL, IdempotencyKeys
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
+from daemon.previews import PreviewStore
 from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
@@ -86,6 +87,10 @@ class App:
         self.config = config
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.images = ImageStore(config.data_dir / "images")
+        self.previews = PreviewStore(
+            max_task_bytes=config.preview_max_task_bytes,
+            max_total_bytes=config.preview_max_total_bytes,
+        )
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.idempotency: IdempotencyKeys
         # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
@@ -171,7 +176,9 @@ class App:
                         backend_wait_timeout=config.backend_wait_timeout,
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
+                        preview_max_rate=config.preview_max_rate,
                     ),
+                    previews=self.previews,
                     journal=self.journal,
                     on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
                 )
@@ -205,7 +212,14 @@ class App:
     async def _start_simulator(self, nursery: trio.Nursery) -> str:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
-        simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
+        previews = self.config.simulator_previews
+        simulator = ComfySimulator(
+            SimulatorConfig(
+                step_time=self.config.simulator_step_time,
+                sampler_previews=previews,
+                sampler_progress_text=previews,
+            )
+        )
         port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)

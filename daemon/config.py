@@ -44,6 +44,9 @@ class Config:
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
     simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
+    simulator_previews: bool = _setting(
+        True, "simulator: the sampler sends a JPEG preview and a progress text per step"
+    )
     data_dir: Path = _setting(
         Path("data"), "directory for images, the task journal and the client id"
     )
@@ -74,6 +77,17 @@ class Config:
     sse_retry_ms: int = _setting(2000, "the `retry:` hint sent to SSE clients (ms)", min=0)
     max_tasks: int = _setting(
         10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
+    )
+    preview_max_rate: float = _setting(
+        4.0, "preview announcements per task per second (the newest preview wins)", min=0.01
+    )
+    preview_max_task_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "largest preview image kept for a task (bytes; bigger ones are dropped)",
+        min=1,
+    )
+    preview_max_total_bytes: int = _setting(
+        64 * 1024 * 1024, "memory for all tasks' previews (bytes; the stalest are evicted)", min=1
     )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)

@@ -11,6 +11,7 @@ import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.metrics import MetricsEndpoint
+from daemon.preview_route import PreviewEndpoint
 from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
@@ -64,6 +65,7 @@ class Routes:
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
+        router.add("GET", "/tasks/{task_id}/preview", PreviewEndpoint(self.app))
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/workflows", self.workflows)
