@@ -34,6 +34,8 @@ from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
+from daemon.preview_throttle import PreviewThrottle
+from daemon.previews import PreviewStore
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
@@ -53,6 +55,7 @@ class TaskSettings:
     max_tasks: int = 10_000
     backend_lost_after: float = 60.0
     resubmit_lost: bool = True
+    preview_max_rate: float = 4.0
 
 
 class CancelResult(Enum):
@@ -114,6 +117,7 @@ class TaskActor:
         first_message: task.TaskMessage | None = None,
         resumed: bool = False,
         backend_name: str | None = None,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
         `backend_name` is the backend a restored task was dispatched to."""
@@ -129,6 +133,10 @@ class TaskActor:
         self.backend: ComfyBackend | None = self.pool.get(backend_name)
         self.attempts = 0
         self.broadcaster = Broadcaster()
+        self.previews = previews if previews is not None else PreviewStore()
+        self._preview_throttle = PreviewThrottle(
+            settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
+        )
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -196,12 +204,19 @@ class TaskActor:
         """Apply one event; publish and schedule whatever the state machine says."""
         if self.state.phase.is_terminal:
             return
-        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        state, effects = task.apply(self.state, event, self.wall_clock())
+        # Publish before keeping the new state: if its message cannot be sent
+        # (it fails to encode), the task stays as it was and the crash fallback
+        # in TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task
+        # that no stream ever heard of.
         for effect in effects:
             if isinstance(effect, task.Publish):
-                self.last_message = effect.message
                 self.broadcaster.publish(encode_snapshot(effect.message))
-            elif isinstance(effect, task.FetchOutputs):
+                self.last_message = effect.message
+        self.state = state
+        for effect in effects:
+            if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
@@ -212,6 +227,7 @@ class TaskActor:
             else:
                 self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
             self.finished.set()
+            self.previews.drop(self.task_id)
             self._scope.cancel()
         self._report()
 
@@ -350,6 +366,7 @@ class TaskActor:
                 nursery.start_soon(self._pump, inbox)
                 nursery.start_soon(self._reconcile_loop)
                 nursery.start_soon(self._watch_backend)
+                nursery.start_soon(self._preview_throttle.run)
                 try:
                     if resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
@@ -388,8 +405,18 @@ class TaskActor:
 
     async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
         async for event in inbox:
-            if isinstance(event, task.TaskEvent):  # previews and texts are not task events
+            if isinstance(event, comfy.PreviewImage | comfy.PreviewImageWithMetadata):
+                self._keep_preview(event)
+            elif isinstance(event, task.TaskEvent):
                 self.handle(event)
+
+    def _keep_preview(self, event: comfy.PreviewImage | comfy.PreviewImageWithMetadata) -> None:
+        """Store the image (never in the state or the stream); announce it, throttled."""
+        if self.is_done():
+            return
+        version = self.previews.put(self.task_id, event.media_type, event.image)
+        if version is not None:
+            self._preview_throttle.offer(version)
 
     # -- submitting
 
@@ -666,6 +693,7 @@ class TaskRegistry:
         journal: Journal | None = None,
         wall_clock: Callable[[], float] = time.time,
         on_task_end: Callable[[TaskActor], None] | None = None,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
@@ -675,6 +703,7 @@ class TaskRegistry:
         self.settings = settings
         self.journal = journal
         self.wall_clock = wall_clock
+        self.previews = previews if previews is not None else PreviewStore()
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self.created = 0
@@ -721,6 +750,7 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
+            previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -821,7 +851,14 @@ class TaskRegistry:
                     "backend": actor.backend_name or "",
                 },
             )
-            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            # The error message names nothing of the request, so it always
+            # encodes; handle() publishes it before anything else can fail.
+            try:
+                actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            except Exception:
+                # Not into the registry's nursery: that would stop every task.
+                log.exception("could not record the crashed task's end")
+        self.previews.drop(actor.task_id)
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)

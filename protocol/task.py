@@ -44,6 +44,7 @@ from protocol.comfy import (
     ImageRef,
     Progress,
     ProgressState,
+    ProgressText,
     PromptEvent,
     PromptRejected,
     QueuePosition,
@@ -132,6 +133,8 @@ class TaskState:
     error: TaskError | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    preview_version: int | None = None  # the newest preview announced to subscribers
+    text: tuple[str, str] | None = None  # (node_id, text): a node's newest progress text
 
     @property
     def task_id(self) -> str:
@@ -311,8 +314,17 @@ class Failed:
     details: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class PreviewReady:
+    """A newer preview image is stored for this task (announced at a bounded rate)."""
+
+    version: int
+
+
 TaskEvent: TypeAlias = (
     PromptEvent
+    | ProgressText
+    | PreviewReady
     | Submitted
     | BackendWaiting
     | BackendLost
@@ -542,6 +554,16 @@ def _on_progress_state(state: TaskState, event: ProgressState, now: float) -> Tr
     return _with_overall(replace(state, nodes_done=state.nodes_done | finished)), []
 
 
+def _on_progress_text(state: TaskState, event: ProgressText, now: float) -> Transition:
+    return replace(state, text=(event.node_id, event.text)), []
+
+
+def _on_preview_ready(state: TaskState, event: PreviewReady, now: float) -> Transition:
+    if state.preview_version is not None and event.version <= state.preview_version:
+        return state, []
+    return replace(state, preview_version=event.version), []
+
+
 def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:
     state = _start(state, now)
     known = set(state.outputs)
@@ -684,6 +706,8 @@ _PROMPT_HANDLERS: Final[dict[type, Handler]] = {
     Executing: _on_executing,
     Progress: _on_progress,
     ProgressState: _on_progress_state,
+    ProgressText: _on_progress_text,
+    PreviewReady: _on_preview_ready,
     Executed: _on_executed,
     ExecutionSuccess: _on_success,
     ExecutionError: _on_error,
@@ -766,7 +790,16 @@ def _visible(state: TaskState) -> tuple[object, ...]:
         state.eta,
         state.error,
         state.image_files,
+        state.preview_version,
+        _progress_text(state),
     )
+
+
+def _progress_text(state: TaskState) -> str | None:
+    """The running node's progress text; a text of an earlier node is over."""
+    if state.text is None or state.text[0] != state.current_node:
+        return None
+    return state.text[1]
 
 
 def iso_timestamp(now: float) -> str:
@@ -777,6 +810,11 @@ def iso_timestamp(now: float) -> str:
 
 def image_url(file_name: str) -> str:
     return f"/image/{file_name}"
+
+
+def preview_url(task_id: str, version: int) -> str:
+    """The version in the URL: each preview is its own cacheable resource."""
+    return f"/tasks/{task_id}/preview?v={version}"
 
 
 def result_of(state: TaskState) -> dict[str, Any]:
@@ -854,6 +892,14 @@ def render(state: TaskState, now: float) -> TaskMessage:
     if state.current_node is not None and state.phase in (Phase.QUEUED, Phase.RUNNING):
         progress_block["node"] = state.current_node
         progress_block["nodeType"] = state.class_types.get(state.current_node)
+    text = _progress_text(state)
+    if text is not None:
+        progress_block["text"] = text
+    if state.preview_version is not None:
+        progress_block["preview"] = {
+            "url": preview_url(state.task_id, state.preview_version),
+            "version": state.preview_version,
+        }
     payload = {
         **base,
         "status": "in-progress",

@@ -21,6 +21,7 @@ because frames sent while we were away are lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 import trio
 import trio_websocket
 
+from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
 from daemon.comfy.routing import PromptRouter, Signal
 from protocol import comfy
@@ -41,6 +43,9 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
+# Sent first on every connection (only a first message counts, FACTS §1): previews
+# then arrive as type 4 frames that name their prompt.
+FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,7 @@ class ComfyBackend:
             settings.url, timeout=settings.http_timeout, max_image_bytes=settings.max_image_bytes
         )
         self.router = PromptRouter()
+        self.attribution = PreviewAttribution()
         self._client_id_file = client_id_file
         self.client_id = load_client_id(client_id_file)
         self.client_generation = 0  # grows when the client id had to change
@@ -249,6 +255,7 @@ class ComfyBackend:
                     max_message_size=MAX_MESSAGE_BYTES,
                     message_queue_size=64,
                 )
+            self.attribution.reset()
             self._set_connected(True)
             log.info(
                 "ComfyUI WebSocket open: %s (client id %s)",
@@ -261,6 +268,7 @@ class ComfyBackend:
                 self.reconnected.fire()
             on_open()
             try:
+                await ws.send_message(FEATURE_FLAGS)  # our first message, always
                 await self._consume(ws)  # returns only by raising
             except SilentSocket:
                 self._set_connected(False)
@@ -327,7 +335,17 @@ class ComfyBackend:
             self.unseen_submissions = 0
             self.queue_changed.fire()
             return
-        self.router.dispatch(event)
+        if isinstance(event, comfy.FeatureFlags):
+            log.info(
+                "%s previews: %s",
+                self.name,
+                "with metadata" if event.flags.get("supports_preview_metadata") else "legacy",
+                extra={"backend": self.name},
+            )
+            return
+        prompt_id = self.attribution.prompt_for(event)
+        self.attribution.observe(event, resumed_prompt=self.router.running_prompt)
+        self.router.dispatch(event, prompt_id=prompt_id)
 
 
 def _describe(exc: BaseException) -> str:
