@@ -261,9 +261,11 @@ class BackendLost:
 
 @dataclass(frozen=True, slots=True)
 class Requeued:
-    """The backend lost the prompt: run the task again from the start as `prompt_id`."""
+    """The backend lost the prompt: run the task again from the start as `new_prompt_id`.
 
-    prompt_id: str
+    (Not named `prompt_id`: events carrying one are only for the task that owns it.)"""
+
+    new_prompt_id: str
     reason: str = ""
 
 
@@ -408,7 +410,7 @@ def _on_backend_lost(state: TaskState, event: BackendLost, now: float) -> Transi
 
 def _on_requeued(state: TaskState, event: Requeued, now: float) -> Transition:
     """Everything the lost attempt showed starts over; the task keeps its id and seed."""
-    fresh = new_task(replace(state.spec, prompt_id=event.prompt_id), state.created_at)
+    fresh = new_task(replace(state.spec, prompt_id=event.new_prompt_id), state.created_at)
     return replace(
         fresh,
         phase=Phase.REQUEUED,

@@ -136,6 +136,36 @@ async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
             assert await queue_of(sim.url) == (0, 0)
 
 
+async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        first_prompt, seed = actor.prompt_id, actor.state.spec.seed
+        sim = next(s for s in pool.simulators if s.url == actor.backend_name)
+        sim.restart()  # forgets its queue, as ComfyUI does
+        await wait_state(actor, lambda s: s.prompt_id != first_prompt)
+        assert actor.broadcaster.latest is not None
+        requeued = actor.broadcaster.latest.payload
+        assert requeued["phase"] == "requeued"
+        assert requeued["progress"]["currentStep"].startswith("Requeued")
+        assert requeued["progress"]["overall"]["nodesDone"] == 0  # from the start again
+        for each in pool.simulators:
+            each.set_manual_steps(False)
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        assert data[-1]["result"]["seed"] == seed  # the same seed, under a new prompt_id
+        assert actor.attempts == 2
+        # One image per task: the old prompt is nowhere, the new one ran once.
+        histories = [
+            (await http_request("GET", f"{s.url}/history", timeout=10)).json()
+            for s in pool.simulators
+        ]
+        prompts = [p for history in histories for p in history]
+        assert prompts == [actor.prompt_id]
+
+
 async def test_a_websocket_cut_shorter_than_lost_after_reconciles_there(tmp_path: Path) -> None:
     async with running_pool(tmp_path, [MANUAL, MANUAL]) as pool:
         await pool.all_read()
@@ -195,6 +225,7 @@ async def test_kill_9_of_a_backend_mid_task_resubmits_to_another(tmp_path: Path)
                 doomed.kill()
             phases = [d.get("phase") for d in seen]
             assert "waiting" in phases  # at once, not a frozen last step
-            # (`requeued` may be skipped by a reader: it lasts until the resubmission.)
+            assert "requeued" in phases
+            assert phases.index("waiting") < phases.index("requeued")
             assert seen[-1]["status"] == "completed"
             assert (actor.backend_name, actor.attempts) == (survivor.url, 2)

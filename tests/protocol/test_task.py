@@ -328,3 +328,31 @@ def test_step_names(class_type: str | None, text: str) -> None:
 )
 def test_percentage(value: float, maximum: float, pct: float) -> None:
     assert pg.percentage(value, maximum) == pct
+
+
+def test_a_lost_prompt_is_requeued_under_a_new_prompt_id_and_starts_over() -> None:
+    spec = task.TaskSpec(task_id="t", prompt_id="p1", graph=GRAPH_FOR_REQUEUE, seed=7)
+    state = task.new_task(spec, 0.0)
+    state, _ = task.apply(state, task.Submitted(1), 1.0)
+    state, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p1"), 2.0)
+    state, _ = task.apply(state, comfy.Executing(node="1", prompt_id="p1"), 2.0)
+    state, effects = task.apply(state, task.BackendLost("gone"), 3.0)
+    assert state.phase is task.Phase.WAITING
+    message = effects[0].message  # type: ignore[union-attr]
+    assert message.payload["phase"] == "waiting"
+    assert "nodeType" not in message.payload["progress"]
+    state, effects = task.apply(state, task.Requeued("p2", "restarted"), 4.0)
+    assert (state.phase, state.prompt_id, state.submitted) == (task.Phase.REQUEUED, "p2", False)
+    assert state.spec.seed == 7
+    assert state.nodes_done == frozenset() and state.current_node is None
+    assert effects and effects[0].message.payload["phase"] == "requeued"  # type: ignore[union-attr]
+    # Frames of the old prompt no longer count; the new prompt's do.
+    same, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p1"), 5.0)
+    assert same.phase is task.Phase.REQUEUED
+    state, _ = task.apply(state, task.Submitted(2), 5.0)
+    assert state.phase is task.Phase.QUEUED
+    state, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p2"), 6.0)
+    assert state.phase is task.Phase.RUNNING
+
+
+GRAPH_FOR_REQUEUE = {"1": {"class_type": "KSampler", "inputs": {}}}
