@@ -344,8 +344,10 @@ def test_a_lost_prompt_is_requeued_under_a_new_prompt_id_and_starts_over() -> No
     state, effects = task.apply(state, task.Requeued("p2", "restarted"), 4.0)
     assert (state.phase, state.prompt_id, state.submitted) == (task.Phase.REQUEUED, "p2", False)
     assert state.spec.seed == 7
-    assert state.nodes_done == frozenset() and state.current_node is None
-    assert effects and effects[0].message.payload["phase"] == "requeued"  # type: ignore[union-attr]
+    assert state.nodes_done == frozenset()
+    assert state.current_node is None
+    assert effects
+    assert effects[0].message.payload["phase"] == "requeued"
     # Frames of the old prompt no longer count; the new prompt's do.
     same, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p1"), 5.0)
     assert same.phase is task.Phase.REQUEUED
