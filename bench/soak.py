@@ -3,16 +3,17 @@
     make soak        (or: python -m bench.soak --tasks 200)
 
 What happens, all on 127.0.0.1:
-- the ComfyUI simulator runs in this process; the daemon runs as a real
+- two ComfyUI simulators (`--backends`) run in this process, as the daemon's
+  pool; the daemon runs as a real
   process (so it can be killed), on a fixed port so clients can come back;
 - `--tasks` POST /generate requests, each with an Idempotency-Key (a POST
   whose answer is lost is retried with the same key, as a careful client
   would), and for each task a client that follows /progress like a browser
   does: reconnect with backoff, resume with Last-Event-ID, stop at the
   terminal event;
-- chaos: random WebSocket drops, one simulator restart (ComfyUI forgets its
-  queue: those prompts end in error "lost"), and one kill -9 of the daemon
-  followed by a restart.
+- chaos: random WebSocket drops, one restart of the first simulator (ComfyUI
+  forgets its queue: those tasks are resubmitted), and one kill -9 of the
+  daemon followed by a restart.
 
 It prints the tally; "lost" tasks (the daemon forgot them) and clients that
 saw no terminal event must both be 0, and the exit status says so.
@@ -53,7 +54,7 @@ class Tally:
 
 @dataclass
 class Cluster:
-    sim: ComfySimulator
+    sims: list[ComfySimulator]
     data_dir: Path
     port: int
     daemon: DaemonProcess | None = None
@@ -138,7 +139,7 @@ async def chaos(cluster: Cluster, tasks: int, tally: Tally) -> None:
         done = tally.submitted
         if not restarted and done >= tasks * 0.4:
             print(f"chaos: simulator restart after {done} submissions", file=sys.stderr)
-            cluster.sim.restart()
+            cluster.sims[0].restart()
             restarted = True
         elif not killed and done >= tasks * 0.6 and cluster.daemon is not None:
             print(f"chaos: kill -9 of the daemon after {done} submissions", file=sys.stderr)
@@ -146,13 +147,15 @@ async def chaos(cluster: Cluster, tasks: int, tally: Tally) -> None:
             cluster.daemon.kill()
             killed = True
         else:
-            cluster.sim.drop_websockets()
+            random.choice(cluster.sims).drop_websockets()
 
 
 async def run_daemon(cluster: Cluster, settings: tuple[str, ...], stop: trio.Event) -> None:
     """Keep the daemon running (restart it when it dies) until `stop`."""
     while not stop.is_set():
-        async with daemon_process(cluster.data_dir, cluster.sim.url, *settings) as daemon:
+        urls = [sim.url for sim in cluster.sims]
+        pool = (f"comfy_urls={','.join(urls[1:])}",)
+        async with daemon_process(cluster.data_dir, urls[0], *settings, *pool) as daemon:
             cluster.daemon = daemon
             cluster.up.set()
             async with trio.open_nursery() as nursery:
@@ -167,14 +170,15 @@ async def run_daemon(cluster: Cluster, settings: tuple[str, ...], stop: trio.Eve
         cluster.daemon = None
 
 
-async def soak(tasks: int, rate: float, step_time: float) -> Tally:
+async def soak(tasks: int, rate: float, step_time: float, backends: int) -> Tally:
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="comfy-progress-soak-") as tmp:
-        sim = ComfySimulator(SimulatorConfig(step_time=step_time))
+        sims = [ComfySimulator(SimulatorConfig(step_time=step_time)) for _ in range(backends)]
         async with trio.open_nursery() as nursery:
-            await nursery.start(sim.run, ("127.0.0.1", 0))
+            for sim in sims:
+                await nursery.start(sim.run, ("127.0.0.1", 0))
             port = await free_port()
-            cluster = Cluster(sim=sim, data_dir=Path(tmp), port=port)
+            cluster = Cluster(sims=sims, data_dir=Path(tmp), port=port)
             settings = (
                 f"listen=127.0.0.1:{port}",
                 "reconnect_initial_delay=0.1",
@@ -225,9 +229,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--rate", type=float, default=8.0, help="submissions per second")
     parser.add_argument("--step-time", type=float, default=0.01, help="simulator step time (s)")
+    parser.add_argument("--backends", type=int, default=2, help="simulators in the pool")
     args = parser.parse_args()
     started = time.monotonic()
-    tally = trio.run(soak, args.tasks, args.rate, args.step_time)
+    tally = trio.run(soak, args.tasks, args.rate, args.step_time, args.backends)
     print(report(tally, time.monotonic() - started))
     ok = not tally.lost and not tally.no_terminal and tally.submitted == args.tasks
     return 0 if ok else 1

@@ -338,7 +338,8 @@ def test_a_lost_prompt_is_requeued_under_a_new_prompt_id_and_starts_over() -> No
     state, _ = task.apply(state, comfy.Executing(node="1", prompt_id="p1"), 2.0)
     state, effects = task.apply(state, task.BackendLost("gone"), 3.0)
     assert state.phase is task.Phase.WAITING
-    message = effects[0].message  # type: ignore[union-attr]
+    assert isinstance(effects[0], task.Publish)
+    message = effects[0].message
     assert message.payload["phase"] == "waiting"
     assert "nodeType" not in message.payload["progress"]
     state, effects = task.apply(state, task.Requeued("p2", "restarted"), 4.0)
@@ -346,7 +347,7 @@ def test_a_lost_prompt_is_requeued_under_a_new_prompt_id_and_starts_over() -> No
     assert state.spec.seed == 7
     assert state.nodes_done == frozenset()
     assert state.current_node is None
-    assert effects
+    assert isinstance(effects[0], task.Publish)
     assert effects[0].message.payload["phase"] == "requeued"
     # Frames of the old prompt no longer count; the new prompt's do.
     same, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p1"), 5.0)
