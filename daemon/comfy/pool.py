@@ -120,6 +120,10 @@ class BackendPool:
         """The daemon gave up on this prompt there: remove it when the backend is back."""
         self._abandoned[backend.name].add(prompt_id)
 
+    def abandoned(self, backend: ComfyBackend) -> frozenset[str]:
+        """Prompts still to remove from this backend."""
+        return frozenset(self._abandoned[backend.name])
+
     # -- the services
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -229,3 +229,52 @@ async def test_kill_9_of_a_backend_mid_task_resubmits_to_another(tmp_path: Path)
             assert phases.index("waiting") < phases.index("requeued")
             assert seen[-1]["status"] == "completed"
             assert (actor.backend_name, actor.attempts) == (survivor.url, 2)
+
+
+async def test_a_backend_back_with_the_abandoned_attempt_has_it_interrupted(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(
+        tmp_path, [MANUAL, FAST], backend_lost_after=0.3, comfy_connect_timeout=1
+    ) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        away, old_prompt = pool.simulators[0], actor.prompt_id
+        assert actor.backend_name == away.url
+        away.reject_connections(3600)  # gone, but still running the prompt
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        assert actor.backend_name == pool.simulators[1].url
+        assert pool.app.pool.abandoned(pool.app.pool.backends[0]) == {old_prompt}
+        away.reject_connections(0)
+        await wait_until(pool, lambda: not pool.app.pool.abandoned(pool.app.pool.backends[0]))
+        away.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+        await away.wait_for_history(old_prompt)
+        history = await http_request("GET", f"{away.url}/history/{old_prompt}", timeout=10)
+        status = history.json()[old_prompt]["status"]
+        assert status["completed"] is False
+        assert any(m[0] == "execution_interrupted" for m in status["messages"])
+        assert await queue_of(away.url) == (0, 0)
+        assert len(data[-1]["result"]["imageUrls"]) == 1
+
+
+async def test_cancel_while_the_backend_is_away_ends_the_task_at_once(tmp_path: Path) -> None:
+    async with running_pool(tmp_path, [MANUAL]) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        sim, prompt_id = pool.simulators[0], actor.prompt_id
+        sim.reject_connections(3600)
+        await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+        response = await pool.request("DELETE", f"/tasks/{task_id}")
+        assert response.status == 202
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["error"]["code"] == "cancelled"
+        sim.reject_connections(0)
+        await wait_until(pool, lambda: not pool.app.pool.abandoned(pool.app.pool.backends[0]))
+        sim.grant_steps(1000)
+        await sim.wait_for_history(prompt_id)  # interrupted once the backend was back
+        assert await queue_of(sim.url) == (0, 0)
