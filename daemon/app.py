@@ -16,6 +16,7 @@ requests get `shutdown_grace` seconds before the nursery is cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -41,6 +42,8 @@ from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
 from daemon.previews import PreviewStore
 from daemon.routes import Routes
+from daemon.shared.images import SharedImageRoute, SharedImageStore
+from daemon.shared.service import SharedService
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
@@ -91,7 +94,21 @@ class App:
     def __init__(self, config: Config, *, systemd: Systemd | None = None) -> None:
         self.config = config
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
-        self.images = ImageStore(config.data_dir / "images")
+        self.shared: SharedService | None = None
+        if config.shared:
+            import coredis
+
+            self.redis: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis_url)
+            self.shared = SharedService(config, self.redis)
+            # Any daemon serves any task's images: local disk, then Redis' copy.
+            self.images: ImageStore = SharedImageStore(
+                config.data_dir / "images",
+                self.redis,
+                config.redis_prefix,
+                ttl=config.task_retention + 60,
+            )
+        else:
+            self.images = ImageStore(config.data_dir / "images")
         self.previews = PreviewStore(
             max_task_bytes=config.preview_max_task_bytes,
             max_total_bytes=config.preview_max_total_bytes,
@@ -133,7 +150,10 @@ class App:
         images = StaticFiles(
             self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
         )
-        self.router.add("GET", "/image/{name}", images)
+        if isinstance(self.images, SharedImageStore):
+            self.router.add("GET", "/image/{name}", SharedImageRoute(self.images, images))
+        else:
+            self.router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
         for package in VENDORED_PACKAGES:
             files = StaticFiles(
@@ -149,76 +169,103 @@ class App:
         *,
         task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        config = self.config
         with self._cancel_scope:
-            async with trio.open_nursery() as nursery:
-                urls = config.backend_urls
-                if not urls:
-                    if not config.simulate:
-                        raise ValueError("no ComfyUI URL given and the simulator is off")
-                    urls = tuple(
-                        [await self._start_simulator(nursery) for _ in range(config.simulators)]
-                    )
-                await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-                await self.images.open()
-                await self.journal.open()
-                records = await self.journal.load()
-                self.idempotency = IdempotencyKeys(
-                    journal=self.journal,
-                    loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
-                    wall_clock=time.time,
+            async with contextlib.AsyncExitStack() as stack:
+                if self.shared is not None:
+                    await stack.enter_async_context(self.redis)
+                await self._run(listeners, task_status=task_status)
+
+    async def _run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None,
+        *,
+        task_status: trio.TaskStatus[Bound],
+    ) -> None:
+        config = self.config
+        shared = self.shared
+        async with trio.open_nursery() as nursery:
+            urls = config.backend_urls
+            if not urls and (shared is None or config.simulate):
+                if not config.simulate:
+                    raise ValueError("no ComfyUI URL given and the simulator is off")
+                urls = tuple(
+                    [await self._start_simulator(nursery) for _ in range(config.simulators)]
                 )
-                await nursery.start(self.journal.run)
-                self.pool = BackendPool.from_urls(
-                    urls,
-                    BackendSettings(
-                        url=urls[0],
-                        connect_timeout=config.comfy_connect_timeout,
-                        http_timeout=config.comfy_http_timeout,
-                        silence_timeout=config.comfy_silence_timeout,
-                        reconnect_initial_delay=config.reconnect_initial_delay,
-                        reconnect_max_delay=config.reconnect_max_delay,
-                        max_image_bytes=config.max_image_bytes,
-                    ),
-                    data_dir=config.data_dir,
-                    classes=self._workflow_classes(),
-                )
-                self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
-                self.registry = TaskRegistry(
-                    dispatcher=self.dispatcher,
-                    images=self.images,
-                    settings=TaskSettings(
-                        retention=config.task_retention,
-                        backend_wait_timeout=config.backend_wait_timeout,
-                        queue_poll_interval=config.queue_poll_interval,
-                        max_tasks=config.max_tasks,
-                        backend_lost_after=config.backend_lost_after,
-                        resubmit_lost=config.resubmit_lost,
-                        preview_max_rate=config.preview_max_rate,
-                    ),
-                    previews=self.previews,
-                    journal=self.journal,
-                    on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
-                )
-                await nursery.start(self.registry.run)
+            await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+            await self.images.open()
+            await self.journal.open()
+            records = await self.journal.load()
+            self.idempotency = IdempotencyKeys(
+                journal=self.journal,
+                loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
+                wall_clock=time.time,
+            )
+            await nursery.start(self.journal.run)
+            self.pool = BackendPool.from_urls(
+                urls,
+                BackendSettings(
+                    url=urls[0] if urls else "",
+                    connect_timeout=config.comfy_connect_timeout,
+                    http_timeout=config.comfy_http_timeout,
+                    silence_timeout=config.comfy_silence_timeout,
+                    reconnect_initial_delay=config.reconnect_initial_delay,
+                    reconnect_max_delay=config.reconnect_max_delay,
+                    max_image_bytes=config.max_image_bytes,
+                ),
+                data_dir=config.data_dir,
+                classes=self._workflow_classes(),
+                allow_empty=shared is not None,
+            )
+            self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
+            self.registry = TaskRegistry(
+                dispatcher=self.dispatcher,
+                images=self.images,
+                settings=TaskSettings(
+                    retention=config.task_retention,
+                    backend_wait_timeout=config.backend_wait_timeout,
+                    queue_poll_interval=config.queue_poll_interval,
+                    max_tasks=config.max_tasks,
+                    backend_lost_after=config.backend_lost_after,
+                    resubmit_lost=config.resubmit_lost,
+                    preview_max_rate=config.preview_max_rate,
+                ),
+                previews=self.previews,
+                # Shared: Redis is the journal (another daemon may run our tasks now).
+                journal=self.journal if shared is None else None,
+                on_publish=shared.mirror.changed if shared is not None else None,
+                on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
+            )
+            await nursery.start(self.registry.run)
+            if shared is None:
                 self.registry.restore(records)
-                if records:
-                    log.info("restored %d task(s) from the journal", self.registry.restored)
-                await nursery.start(self.dispatcher.run)
-                await nursery.start(self.pool.run)
-                nursery.start_soon(self._warn_unrunnable_workflows)
-                if listeners is None:
-                    listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
-                        config.listen_port, host=config.listen_host
-                    )
-                await nursery.start(self._run_server, listeners)
-                sockname = listeners[0].socket.getsockname()
-                bound = Bound(
-                    host=sockname[0], port=sockname[1], comfy_url=urls[0], comfy_urls=urls
+            if records and shared is None:
+                log.info("restored %d task(s) from the journal", self.registry.restored)
+            await nursery.start(self.dispatcher.run)
+            await nursery.start(self.pool.run)
+            nursery.start_soon(self._warn_unrunnable_workflows)
+            if shared is not None:
+                await nursery.start(shared.run, self.registry, self.dispatcher)
+                if not shared.serves_http:
+                    log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
+                    await nursery.start(self.systemd.run, self, "(worker)")
+                    task_status.started(Bound("", 0, urls[0] if urls else "", urls))
+                    return
+            if listeners is None:
+                listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
+                    config.listen_port, host=config.listen_host
                 )
-                log.info("listening on %s (ComfyUI at %s)", bound.url, ", ".join(urls))
-                await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
-                task_status.started(bound)
+            await nursery.start(self._run_server, listeners)
+            sockname = listeners[0].socket.getsockname()
+            bound = Bound(
+                host=sockname[0],
+                port=sockname[1],
+                comfy_url=urls[0] if urls else "",
+                comfy_urls=urls,
+            )
+            where = ", ".join(urls) if urls else "none: a front of the shared queue"
+            log.info("listening on %s (ComfyUI at %s)", bound.url, where)
+            await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
+            task_status.started(bound)
 
     def _workflow_classes(self) -> frozenset[str]:
         """Every node class some workflow uses: what each backend is asked about."""

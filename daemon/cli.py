@@ -105,8 +105,9 @@ def serve(args: argparse.Namespace) -> int:
     except config_module.ConfigError as exc:
         print(f"comfy-progress: configuration error: {exc}", file=sys.stderr)
         return 2
-    if not config.backend_urls and not config.simulate:
-        # No ComfyUI given: the embedded simulator is the documented default.
+    if not config.backend_urls and not config.simulate and not config.shared:
+        # No ComfyUI given: the embedded simulator is the documented default
+        # (with redis_url a daemon has only the backends it is given).
         config = config_module.Config(**{**config.as_dict(), "simulate": True})
     if args.print_config:
         print(config_module.render_toml(config), end="")

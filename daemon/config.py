@@ -150,6 +150,25 @@ class Config:
     shutdown_grace: float = _setting(
         10.0, "seconds open requests get to finish on SIGTERM", min=0.0
     )
+    # -- several daemons sharing state (daemon/shared/)
+    redis_url: str = _setting(
+        "",
+        "redis://HOST:PORT/DB shared by several daemons (empty: one process, in-memory state"
+        " and the SQLite journal)",
+    )
+    role: str = _setting(
+        "both",
+        "with redis_url: front (HTTP only), worker (takes work only) or both",
+        choices=("front", "worker", "both"),
+    )
+    redis_prefix: str = _setting(
+        "comfy-progress", "with redis_url: the prefix of every Redis key this service uses"
+    )
+    lease_timeout: float = _setting(
+        15.0,
+        "with redis_url: seconds a worker may stay silent before another claims its tasks",
+        min=0.5,
+    )
     # -- who may call (daemon/access.py)
     allowed_origins: str = _setting(
         "",
@@ -174,6 +193,11 @@ class Config:
         """Every configured ComfyUI, in order, each once (comfy_url first)."""
         urls = (self.comfy_url, *self.comfy_urls) if self.comfy_url else self.comfy_urls
         return tuple(dict.fromkeys(u.rstrip("/") for u in urls if u))
+
+    @property
+    def shared(self) -> bool:
+        """Several daemons share their tasks through Redis."""
+        return bool(self.redis_url)
 
     @property
     def listen_host(self) -> str:

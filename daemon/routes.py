@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
+from coredis.exceptions import RedisError
 
 from daemon.backends_view import backends_json
 from daemon.binder import SpecFactory
 from daemon.comfy.capabilities import needs_of
-from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.http.types import (
+    BodyWriter,
+    Request,
+    Response,
+    StreamingResponse,
+    error_response,
+    json_response,
+)
 from daemon.metrics import MetricsEndpoint
 from daemon.preview_route import PreviewEndpoint
 from daemon.sse_stream import parse_last_event_id
-from daemon.tasks import CancelResult, TooManyTasks
+from daemon.tasks import CancelResult, TooManyTasks, new_prompt_id, new_task_id
 from protocol import api
 from protocol.errors import RequestError
 
@@ -90,6 +99,8 @@ class Routes:
             return request_error(exc)
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
+        if app.shared is not None:
+            return await self._submit_shared(spec_for, key, request.body)
 
         try:
             actor = app.registry.create(spec_for)
@@ -113,8 +124,27 @@ class Routes:
             log.error("the journal did not confirm task %s in time", actor.task_id)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
+    async def _submit_shared(self, spec_for: SpecFactory, key: str | None, body: bytes) -> Response:
+        """Into Redis' queue: any worker takes it, any daemon answers for it."""
+        shared = self.app.shared
+        assert shared is not None
+        now = time.time()
+        spec = spec_for(new_task_id(now), new_prompt_id(), int(now * 1000))
+        try:
+            await shared.submit(spec, now)
+        except RedisError as exc:
+            log.error("cannot queue a task in Redis: %s", exc)
+            busy = error_response(503, "the shared task store is unreachable; try again")
+            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+        if key is not None:
+            self.app.idempotency.remember(key, body, spec.task_id)
+        log.info("task queued in Redis", extra={"task_id": spec.task_id})
+        return json_response(202, api.accepted_reply(spec.task_id), headers=NO_STORE)
+
     def _runnable_nowhere(self, spec_for: SpecFactory) -> Response | None:
         """422 when, by their last readings, no backend has what the workflow needs."""
+        if not self.app.pool.backends:
+            return None  # a front: the workers' capabilities are theirs to check
         graph = spec_for("", "", 0).graph
         reasons = self.app.pool.why_nowhere(needs_of(graph))
         if reasons is None:
@@ -150,20 +180,45 @@ class Routes:
     async def progress(self, request: Request) -> Response | StreamingResponse:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
-        if actor is None:
-            return self._unknown_task(task_id)
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )
+        if actor is None and self.app.shared is not None:
+            return await self._shared_progress(task_id, last_id)
+        if actor is None:
+            return self._unknown_task(task_id)
         return StreamingResponse(
             200,
             SSE_HEADERS,
             partial(self.app.streams.stream, actor.broadcaster, last_id),
         )
 
+    async def _shared_progress(
+        self, task_id: str, last_id: int | None
+    ) -> Response | StreamingResponse:
+        """Any task, from its Redis stream (one reader per daemon, fanned out here)."""
+        shared = self.app.shared
+        assert shared is not None
+        first = await shared.latest(task_id)
+        if first is None:
+            return self._unknown_task(task_id)
+
+        async def stream(writer: BodyWriter) -> None:
+            async with shared.watcher.watching(task_id, first) as broadcaster:
+                await self.app.streams.stream(broadcaster, last_id, writer)
+
+        return StreamingResponse(200, SSE_HEADERS, stream)
+
     async def task_status(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
+        if actor is None and self.app.shared is not None:
+            snapshot = await self.app.shared.latest(task_id)
+            if snapshot is None:
+                return self._unknown_task(task_id)
+            return json_response(
+                200, {**snapshot.payload, "version": snapshot.version}, headers=NO_STORE
+            )
         if actor is None:
             return self._unknown_task(task_id)
         snapshot = actor.broadcaster.latest
@@ -175,20 +230,34 @@ class Routes:
     async def cancel(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
+        if actor is None and self.app.shared is not None:
+            shared = await self.app.shared.cancel(task_id, time.time())
+            if shared is None:
+                return self._unknown_task(task_id)
+            if shared.finished:
+                return self._already_ended(task_id, shared.record.phase)
+            return self._cancelling(task_id)
         if actor is None:
             return self._unknown_task(task_id)
         result = actor.cancel()
         if result is CancelResult.ALREADY_FINISHED:
-            status = actor.state.phase.value
-            return json_response(
-                200,
-                {
-                    "taskId": task_id,
-                    "status": status,
-                    "cancelled": False,
-                    "message": f"the task already ended ({status}); nothing to cancel",
-                },
-            )
+            return self._already_ended(task_id, actor.state.phase.value)
+        return self._cancelling(task_id)
+
+    @staticmethod
+    def _already_ended(task_id: str, status: str) -> Response:
+        return json_response(
+            200,
+            {
+                "taskId": task_id,
+                "status": status,
+                "cancelled": False,
+                "message": f"the task already ended ({status}); nothing to cancel",
+            },
+        )
+
+    @staticmethod
+    def _cancelling(task_id: str) -> Response:
         return json_response(
             202,
             {
@@ -203,8 +272,13 @@ class Routes:
         return json_response(200, {"status": "ok"}, headers=NO_STORE)
 
     async def readyz(self, request: Request) -> Response:
-        """Ready while at least one backend is connected."""
+        """Ready while at least one backend is connected (a front: while Redis answers)."""
         pool = self.app.pool
+        if not pool.backends and self.app.shared is not None:
+            ready = await self.app.shared.ready()
+            return json_response(
+                200 if ready else 503, {"ready": ready, "redis": ready}, headers=NO_STORE
+            )
         up = [b.name for b in pool.connected()]
         body = {
             "ready": bool(up),

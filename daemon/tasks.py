@@ -114,6 +114,7 @@ class TaskActor:
         settings: TaskSettings,
         wall_clock: Callable[[], float],
         on_change: Callable[[TaskActor], None] = lambda actor: None,
+        on_publish: Callable[[TaskActor], None] = lambda actor: None,
         first_message: task.TaskMessage | None = None,
         resumed: bool = False,
         backend_name: str | None = None,
@@ -127,6 +128,8 @@ class TaskActor:
         self.settings = settings
         self.wall_clock = wall_clock
         self.on_change = on_change
+        self.on_publish = on_publish
+        self.moved = False  # another daemon took the task over (shared mode): forget ours
         self.state = state
         self.resumed = resumed
         self.backend_name = backend_name  # where the current attempt runs (journalled)
@@ -215,6 +218,8 @@ class TaskActor:
                 self.broadcaster.publish(encode_snapshot(effect.message))
                 self.last_message = effect.message
         self.state = state
+        if effects:
+            self.on_publish(self)
         for effect in effects:
             if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
@@ -257,6 +262,11 @@ class TaskActor:
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
         return self.state.phase.is_terminal
+
+    def stop(self) -> None:
+        """Stop driving the task without ending it: another daemon holds it now."""
+        self.moved = True
+        self._scope.cancel()
 
     def request_reconcile(self) -> None:
         self._reconcile_requested_at = trio.current_time()
@@ -694,8 +704,10 @@ class TaskRegistry:
         wall_clock: Callable[[], float] = time.time,
         on_task_end: Callable[[TaskActor], None] | None = None,
         previews: PreviewStore | None = None,
+        on_publish: Callable[[TaskActor], None] | None = None,
     ) -> None:
-        """`on_task_end(actor)` is called once when a task of this process ends
+        """`on_publish(actor)` hears of every actor's change (the shared mirror);
+        `on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
         self.dispatcher = dispatcher
         self.on_task_end = on_task_end
@@ -704,6 +716,7 @@ class TaskRegistry:
         self.journal = journal
         self.wall_clock = wall_clock
         self.previews = previews if previews is not None else PreviewStore()
+        self.on_publish = on_publish
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self.created = 0
@@ -737,6 +750,8 @@ class TaskRegistry:
 
     def _actor_changed(self, actor: TaskActor) -> None:
         self._journal_change(actor)
+        if self.on_publish is not None:
+            self.on_publish(actor)
         # Actors report only from handle(), which ignores events once the task
         # has ended: the change that ends a task is reported exactly once.
         if actor.is_done() and self.on_task_end is not None:
@@ -750,6 +765,7 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
+            on_publish=self.on_publish or (lambda actor: None),
             previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -765,6 +781,17 @@ class TaskRegistry:
         prompt_id = new_prompt_id()
         spec = spec_for(task_id, prompt_id, int(now * 1000))
         actor = self._new_actor(task.new_task(spec, now))
+        self._start(actor, self.settings.retention)
+        return actor
+
+    def adopt(
+        self, state: task.TaskState, *, resumed: bool = False, backend_name: str | None = None
+    ) -> TaskActor:
+        """Run a task another daemon created (taken from the shared queue, or claimed
+        after its worker's lease expired); `state.version` is the stream's newest."""
+        if self._nursery is None:
+            raise RuntimeError("the registry is not running")
+        actor = self._new_actor(state, resumed=resumed, backend_name=backend_name)
         self._start(actor, self.settings.retention)
         return actor
 
@@ -859,6 +886,10 @@ class TaskRegistry:
                 # Not into the registry's nursery: that would stop every task.
                 log.exception("could not record the crashed task's end")
         self.previews.drop(actor.task_id)
+        if actor.moved:
+            self._tasks.pop(actor.task_id, None)
+            self.changed.fire()
+            return
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)

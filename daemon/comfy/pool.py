@@ -50,8 +50,15 @@ def adopt_legacy_client_id(data_dir: Path, url: str) -> None:
 class BackendPool:
     """The configured backends, in order, and what they can run."""
 
-    def __init__(self, backends: Sequence[ComfyBackend], *, classes: Iterable[str]) -> None:
-        if not backends:
+    def __init__(
+        self,
+        backends: Sequence[ComfyBackend],
+        *,
+        classes: Iterable[str],
+        allow_empty: bool = False,
+    ) -> None:
+        """`allow_empty`: a front daemon of the shared queue runs no backend of its own."""
+        if not backends and not allow_empty:
             raise ValueError("a pool needs at least one backend")
         self.backends = list(backends)
         self.classes = frozenset(classes)  # every node class a workflow uses
@@ -68,6 +75,7 @@ class BackendPool:
         *,
         data_dir: Path | None,
         classes: Iterable[str],
+        allow_empty: bool = False,
     ) -> BackendPool:
         backends = []
         for index, url in enumerate(urls):
@@ -78,7 +86,7 @@ class BackendPool:
                 id_file = client_id_file(data_dir, url)
             backend_settings = dataclasses.replace(settings, url=url)
             backends.append(ComfyBackend(backend_settings, client_id_file=id_file))
-        return cls(backends, classes=classes)
+        return cls(backends, classes=classes, allow_empty=allow_empty)
 
     # -- views
 

@@ -15,6 +15,7 @@ import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"listening on (http://\S+) ")
+WORKER_READY = re.compile(rb"worker (ready)")  # role=worker serves no HTTP
 
 
 @dataclass
@@ -38,13 +39,15 @@ class DaemonProcess:
         return self.output[-6000:].decode(errors="replace")
 
 
-async def _read_output(daemon: DaemonProcess, listening: trio.Event) -> None:
+async def _read_output(
+    daemon: DaemonProcess, listening: trio.Event, ready: re.Pattern[bytes] = LISTENING
+) -> None:
     stdout = daemon.process.stdout
     assert stdout is not None
     async with stdout:
         while chunk := await stdout.receive_some(65536):
             daemon.output += chunk
-            match = LISTENING.search(daemon.output)
+            match = ready.search(daemon.output)
             if match and not listening.is_set():
                 daemon.url = match.group(1).decode()
                 listening.set()
@@ -54,9 +57,11 @@ async def _read_output(daemon: DaemonProcess, listening: trio.Event) -> None:
 
 @asynccontextmanager
 async def daemon_process(
-    data_dir: Path, comfy_url: str, *settings: str
+    data_dir: Path, comfy_url: str | None, *settings: str, worker: bool = False
 ) -> AsyncIterator[DaemonProcess]:
-    """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url`; `settings` are KEY=VALUE."""
+    """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url` (None: no backend, a
+    front of the shared queue); `settings` are KEY=VALUE. `worker`: role=worker, which
+    serves no HTTP: ready when it says so (its `url` is "ready")."""
     command = [
         sys.executable,
         "-m",
@@ -64,8 +69,7 @@ async def daemon_process(
         "serve",
         "--listen",
         "127.0.0.1:0",
-        "--comfy-url",
-        comfy_url,
+        *(("--comfy-url", comfy_url) if comfy_url is not None else ()),
         "--data-dir",
         str(data_dir),
         *(arg for setting in settings for arg in ("--set", setting)),
@@ -80,12 +84,12 @@ async def daemon_process(
     daemon = DaemonProcess(process)
     listening = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_output, daemon, listening)
+        nursery.start_soon(_read_output, daemon, listening, WORKER_READY if worker else LISTENING)
         try:
-            with trio.fail_after(30):
+            with trio.move_on_after(30):
                 await listening.wait()
             if not daemon.url:
-                raise RuntimeError(f"the daemon did not start:\n{daemon.log()}")
+                raise RuntimeError(f"the daemon did not start (in 30 s):\n{daemon.log()}")
             yield daemon
         finally:
             with trio.move_on_after(20, shield=True):

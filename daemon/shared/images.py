@@ -1,0 +1,81 @@
+"""Images every daemon can serve: written to the local disk and to Redis.
+
+A result image is fetched from ComfyUI by the worker that ran the task, an
+inpainting source is uploaded to whichever front took the POST: each is also
+SET in Redis with an expiry (the task retention plus a margin), so any daemon
+serves it, also after the daemon that stored it died. Reads try the local file
+first and keep what they fetched from Redis. Limits: Redis holds every image
+of the retention window in memory (at 1-2 MB per image, 1,000 tasks an hour
+with a 5-minute retention is ~150 MB); images larger than `max_image_bytes`
+never get here. For more, a shared filesystem or an object store would be the
+next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import coredis
+import trio
+from coredis.exceptions import RedisError
+
+from daemon.http.static import StaticFiles
+from daemon.http.types import Request, Response
+from daemon.images import ImageStore
+
+log = logging.getLogger(__name__)
+
+
+class SharedImageStore(ImageStore):
+    def __init__(
+        self, directory: Path, redis: coredis.Redis[bytes], prefix: str, *, ttl: float
+    ) -> None:
+        super().__init__(directory)
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = max(1, int(ttl))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:image:{name}"
+
+    async def save(self, data: bytes) -> str:
+        name = await super().save(data)
+        await self.redis.set(self._key(name), data, ex=self.ttl)
+        return name
+
+    async def read(self, name: str) -> bytes | None:
+        data = await super().read(name)
+        if data is not None or self.path_of(name) is None:
+            return data
+        try:
+            return await self.redis.get(self._key(name))
+        except RedisError as exc:
+            log.warning("cannot read image %s from Redis: %s", name, exc)
+            return None
+
+    async def fetch_to_disk(self, name: str) -> None:
+        """Make a served name a local file when only Redis has it (then StaticFiles
+        serves it with its usual ETag and caching headers)."""
+        path = self.path_of(name)
+        if path is None or await trio.Path(path).exists():
+            return
+        try:
+            data = await self.redis.get(self._key(name))
+        except RedisError as exc:
+            log.warning("cannot read image %s from Redis: %s", name, exc)
+            return
+        if data is not None:
+            await trio.to_thread.run_sync(self._write_atomically, name, data)
+
+
+class SharedImageRoute:
+    """GET /image/{name} on any daemon: the local file, else Redis' copy."""
+
+    def __init__(self, store: SharedImageStore, files: StaticFiles) -> None:
+        self.store = store
+        self.files = files
+
+    async def __call__(self, request: Request) -> Response:
+        await self.store.fetch_to_disk(request.path_params["name"])
+        return await self.files(request)

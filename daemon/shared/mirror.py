@@ -1,0 +1,100 @@
+"""Copies this daemon's task actors to Redis: their snapshots and their records.
+
+Actors never await Redis: they mark themselves dirty, and one writer task
+sends the newest snapshot and record of each dirty task. Like a slow SSE
+reader, the writer skips intermediate progress snapshots when Redis is slower
+than the actor (the stream holds latest-snapshot semantics anyway); the
+terminal snapshot is the last one any actor publishes, so it is always sent.
+While Redis is away the writer keeps the dirty set and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+from coredis.exceptions import RedisError
+
+from daemon.shared.store import SharedRecord, SharedStore, StaleWrite
+from protocol import task
+
+if TYPE_CHECKING:
+    from daemon.tasks import TaskActor
+
+log = logging.getLogger(__name__)
+
+RETRY_INITIAL = 0.1
+RETRY_MAX = 5.0
+
+
+class TaskMirror:
+    def __init__(
+        self,
+        store: SharedStore,
+        *,
+        daemon_id: str,
+        on_finished: Callable[[str], None] = lambda task_id: None,
+    ) -> None:
+        self.store = store
+        self.daemon_id = daemon_id
+        self.on_finished = on_finished
+        self._dirty: dict[str, tuple[TaskActor, int]] = {}  # task id -> (actor, its mark)
+        self._marks = 0
+        self._written: dict[str, int] = {}  # task id -> newest version in Redis
+        self._wake = trio.Event()
+        self.stale = 0
+
+    def adopt(self, task_id: str, version: int) -> None:
+        """This daemon now runs the task, whose stream already holds `version`."""
+        self._written[task_id] = version
+
+    def changed(self, actor: TaskActor) -> None:
+        """An actor published or changed what its record holds (never awaits)."""
+        self._marks += 1
+        self._dirty[actor.task_id] = (actor, self._marks)
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        delay = RETRY_INITIAL
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._dirty:
+                task_id, (actor, mark) = next(iter(self._dirty.items()))
+                try:
+                    await self._write(actor)
+                except RedisError as exc:
+                    log.warning("cannot write task %s to Redis (retrying): %s", task_id, exc)
+                    await trio.sleep(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+                    continue
+                delay = RETRY_INITIAL
+                # Marked again while we wrote? Then it stays dirty for another round.
+                if self._dirty.get(task_id, (None, 0))[1] == mark:
+                    del self._dirty[task_id]
+
+    async def _write(self, actor: TaskActor) -> None:
+        message = actor.last_message
+        record = actor.record()
+        task_id = actor.task_id
+        if message.version > self._written.get(task_id, 0):
+            try:
+                await self.store.append(task_id, message)
+            except StaleWrite:
+                # Another daemon claimed the task and wrote past us: it is theirs now.
+                self.stale += 1
+                log.warning("task %s moved to another daemon; stopping our copy", task_id)
+                self._written.pop(task_id, None)
+                actor.stop()
+                return
+            self._written[task_id] = message.version
+        # A backend's name is its URL: what a claimer compares with its own.
+        finished = task.Phase(record.phase).is_terminal
+        holder = None if finished else self.daemon_id
+        await self.store.save(SharedRecord(record, holder=holder, backend_url=record.backend))
+        if finished:
+            self._written.pop(task_id, None)
+            self.on_finished(task_id)

@@ -1,0 +1,133 @@
+"""The shared mode's services for one daemon, composed from its configuration.
+
+    front   serves HTTP: submits to the shared queue, answers any task from Redis
+    worker  takes work for its backends, mirrors its tasks to Redis
+    both    (default) the two
+
+Every role runs the stream watcher: a front for its SSE readers, a worker for
+its inbox (cancels of the tasks it holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import coredis
+import trio
+from coredis.exceptions import RedisError
+
+from daemon.broadcast import Snapshot
+from daemon.shared.mirror import TaskMirror
+from daemon.shared.store import SharedRecord, SharedStore, record_of
+from daemon.shared.watch import StreamWatcher
+from daemon.shared.worker import SharedWorker
+from protocol import task
+
+if TYPE_CHECKING:
+    from daemon.comfy.dispatch import Dispatcher
+    from daemon.config import Config
+    from daemon.tasks import TaskRegistry
+
+log = logging.getLogger(__name__)
+
+
+def new_daemon_id() -> str:
+    """Unique per process start: the consumer name of its leases, the key of its inbox."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class SharedService:
+    def __init__(self, config: Config, redis: coredis.Redis[bytes]) -> None:
+        self.config = config
+        self.redis = redis
+        self.daemon_id = new_daemon_id()
+        self.store = SharedStore(redis, config.redis_prefix, retention=config.task_retention)
+        self.takes_work = config.role != "front"
+        self.serves_http = config.role != "worker"
+        self.worker: SharedWorker | None = None
+        self.mirror = TaskMirror(self.store, daemon_id=self.daemon_id, on_finished=self._finished)
+        self.watcher = StreamWatcher(self.store, daemon_id=self.daemon_id, on_message=self._message)
+
+    def _finished(self, task_id: str) -> None:
+        if self.worker is not None:
+            self.worker.finished(task_id)
+
+    def _message(self, fields: dict[str, str]) -> None:
+        if fields.get("kind") == "cancel" and self.worker is not None:
+            self.worker.cancel(fields.get("task", ""))
+
+    async def run(
+        self,
+        registry: TaskRegistry,
+        dispatcher: Dispatcher,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.mirror.run)
+            await nursery.start(self.watcher.run)
+            if self.takes_work and dispatcher.pool.backends:
+                self.worker = SharedWorker(
+                    self.store,
+                    self.mirror,
+                    daemon_id=self.daemon_id,
+                    registry=registry,
+                    dispatcher=dispatcher,
+                    lease_timeout=self.config.lease_timeout,
+                )
+                await nursery.start(self.worker.run)
+            log.info(
+                "sharing tasks through Redis as %s (role %s)", self.daemon_id, self.config.role
+            )
+            task_status.started()
+
+    # -- what the routes ask of any task
+
+    async def submit(self, spec: task.TaskSpec, now: float) -> None:
+        """A new task into the shared queue (version 1: stream ids start at 1-0)."""
+        state = replace(task.new_task(spec, now), version=1)
+        await self.store.submit(state, task.render(state, now))
+
+    async def latest(self, task_id: str) -> Snapshot | None:
+        return await self.store.latest(task_id)
+
+    async def cancel(self, task_id: str, now: float) -> SharedRecord | None:
+        """Cancel a task held anywhere; None when unknown. The returned record says
+        whether it had ended already."""
+        shared = await self.store.load(task_id)
+        latest = await self.store.latest(task_id)
+        if shared is None or latest is None or shared.finished or latest.terminal:
+            return shared
+        if await self.store.take_waiting(task_id):
+            # Not yet taken by any worker, and now no worker will: end it here.
+            record = shared.record
+            state = replace(
+                task.new_task(task.spec_from_json(record.spec), record.created_at),
+                version=latest.version,
+            )
+            state, effects = task.apply(state, task.CancelRequested(), now)
+            state, more = task.apply(
+                state, task.Cancelled("cancelled before it reached ComfyUI"), now
+            )
+            message = next(
+                e.message for e in reversed([*effects, *more]) if isinstance(e, task.Publish)
+            )
+            await self.store.append(task_id, message)
+            await self.store.save(SharedRecord(record_of(state, message, backend=None)))
+            return shared
+        await self.store.request_cancel(
+            task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60
+        )
+        return shared
+
+    async def ready(self) -> bool:
+        try:
+            await self.redis.ping()
+        except RedisError:
+            return False
+        return True

@@ -1,0 +1,215 @@
+"""The Redis layout of the shared service, and the few operations on it.
+
+{p}:task:{id}      JSON: the task's record (spec, phase, backend, holder)
+{p}:events:{id}    Stream of the task's snapshots, entry id `<version>-0`, trimmed:
+                   SSE ids mean the same on every daemon, and a stale writer's
+                   older version is refused by Redis itself
+{p}:queue          Stream of new task ids; consumer group `workers`: an entry
+                   pending for a consumer is that worker's lease
+{p}:waiting        sorted set of task ids not yet taken (positions, counts, and
+                   the atomic hand-over between a cancel and a take: ZREM wins once)
+{p}:cancel:{id}    a cancel asked while a worker held the task (for a claimer)
+{p}:inbox:{daemon} Stream each daemon reads: cancels for its tasks, wake-ups
+{p}:image:{name}   an image's bytes, expiring with the retention
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+import coredis
+from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
+
+from daemon.broadcast import Snapshot
+from daemon.journal import TaskRecord
+from daemon.tasks import encode_snapshot
+from protocol import task
+
+log = logging.getLogger(__name__)
+
+GROUP: Final = "workers"
+STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not a history
+RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
+
+
+class StaleWrite(Exception):
+    """Redis refused a snapshot older than the stream's newest: another daemon holds the task."""
+
+
+def entry_id(version: int) -> str:
+    return f"{version}-0"
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def version_of(identifier: bytes | str) -> int:
+    return int(text(identifier).split("-", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class SharedRecord:
+    """A task's record in Redis: the journal's record plus who holds it where."""
+
+    record: TaskRecord
+    holder: str | None = None  # the daemon id of the worker running it
+    backend_url: str | None = None  # the ComfyUI the current attempt was submitted to
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "record": dataclasses.asdict(self.record),
+                "holder": self.holder,
+                "backendUrl": self.backend_url,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SharedRecord:
+        data = json.loads(raw)
+        return cls(TaskRecord(**data["record"]), data.get("holder"), data.get("backendUrl"))
+
+    @property
+    def finished(self) -> bool:
+        return task.Phase(self.record.phase).is_terminal
+
+
+def snapshot_from_entry(identifier: bytes | str, fields: Any) -> Snapshot:
+    message = task.TaskMessage(
+        event=fields[b"e"].decode(),
+        version=version_of(identifier),
+        payload=json.loads(fields[b"p"]),
+    )
+    return encode_snapshot(message)
+
+
+class SharedStore:
+    def __init__(self, redis: coredis.Redis[bytes], prefix: str, *, retention: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.retention = retention
+
+    # -- key names
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def events_key(self, task_id: str) -> str:
+        return f"{self.prefix}:events:{task_id}"
+
+    def task_of_events_key(self, key: bytes | str) -> str:
+        return text(key).removeprefix(f"{self.prefix}:events:")
+
+    @property
+    def queue_key(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def waiting_key(self) -> str:
+        return f"{self.prefix}:waiting"
+
+    def cancel_key(self, task_id: str) -> str:
+        return f"{self.prefix}:cancel:{task_id}"
+
+    def inbox_key(self, daemon_id: str) -> str:
+        return f"{self.prefix}:inbox:{daemon_id}"
+
+    def image_key(self, name: str) -> str:
+        return f"{self.prefix}:image:{name}"
+
+    # -- setup
+
+    async def ensure_queue(self) -> None:
+        with contextlib.suppress(StreamDuplicateConsumerGroupError):  # another daemon made it
+            await self.redis.xgroup_create(self.queue_key, GROUP, identifier="0", mkstream=True)
+
+    # -- tasks
+
+    async def load(self, task_id: str) -> SharedRecord | None:
+        raw = await self.redis.get(self.task_key(task_id))
+        return SharedRecord.from_json(raw) if raw is not None else None
+
+    async def latest(self, task_id: str) -> Snapshot | None:
+        entries = await self.redis.xrevrange(self.events_key(task_id), count=1)
+        if not entries:
+            return None
+        return snapshot_from_entry(entries[0].identifier, entries[0].field_values)
+
+    async def save(self, shared: SharedRecord) -> None:
+        ttl = int(self.retention) + 1 if shared.finished else RUNNING_TTL
+        await self.redis.set(self.task_key(shared.record.task_id), shared.to_json(), ex=ttl)
+
+    async def append(self, task_id: str, message: task.TaskMessage) -> None:
+        """XADD with the explicit id `<version>-0`; StaleWrite when a newer one is there."""
+        key = self.events_key(task_id)
+        fields = {"e": message.event, "p": json.dumps(message.payload, separators=(",", ":"))}
+        try:
+            await self.redis.xadd(
+                key,
+                fields,
+                identifier=entry_id(message.version),
+                trim_strategy=coredis.PureToken.MAXLEN,
+                threshold=STREAM_LENGTH,
+            )
+        except ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                raise StaleWrite(f"{task_id} version {message.version}") from None
+            raise
+        ttl = int(self.retention) + 1 if message.is_terminal else RUNNING_TTL
+        await self.redis.expire(key, ttl)
+
+    async def submit(self, state: task.TaskState, message: task.TaskMessage) -> None:
+        """A new task: its record, its first snapshot, and its place in the queue."""
+        record = record_of(state, message, backend=None)
+        await self.save(SharedRecord(record))
+        await self.append(state.task_id, message)
+        await self.redis.zadd(self.waiting_key, {state.task_id: state.created_at})
+        await self.redis.xadd(self.queue_key, {"task": state.task_id})
+
+    async def waiting_count(self) -> int:
+        return await self.redis.zcard(self.waiting_key)
+
+    async def take_waiting(self, task_id: str) -> bool:
+        """Out of the waiting set; True for exactly one caller (a taker or a cancel)."""
+        return bool(await self.redis.zrem(self.waiting_key, [task_id]))
+
+    async def request_cancel(self, task_id: str, holder: str | None, ttl: float) -> None:
+        await self.redis.set(self.cancel_key(task_id), b"1", ex=max(1, int(ttl)))
+        if holder is not None:
+            await self.send(holder, {"kind": "cancel", "task": task_id})
+
+    async def cancel_requested(self, task_id: str) -> bool:
+        return bool(await self.redis.exists([self.cancel_key(task_id)]))
+
+    async def send(self, daemon_id: str, fields: dict[str, str]) -> None:
+        key = self.inbox_key(daemon_id)
+        await self.redis.xadd(
+            key,
+            fields,
+            trim_strategy=coredis.PureToken.MAXLEN,
+            trim_operator=coredis.PureToken.APPROXIMATELY,
+            threshold=1000,
+        )
+        await self.redis.expire(key, RUNNING_TTL)
+
+
+def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:
+    return TaskRecord(
+        task_id=state.task_id,
+        prompt_id=state.prompt_id,
+        phase=state.phase.value,
+        version=message.version,
+        submitted=state.submitted,
+        created_at=state.created_at,
+        finished_at=state.finished_at,
+        spec=task.spec_to_json(state.spec),
+        message={"event": message.event, "version": message.version, "payload": message.payload},
+        backend=backend,
+    )

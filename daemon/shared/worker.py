@@ -1,0 +1,256 @@
+"""A worker's side of the shared queue: take work when a backend has room, hold
+a lease on it, and claim the tasks of workers whose leases expired.
+
+The queue is a Redis Stream with one consumer group; an entry pending for a
+consumer is that worker's lease. The worker keeps its leases fresh (XCLAIM by
+itself, which resets the entry's idle time, only while the entry is still its
+own: a Lua script checks the owner first). A worker that stops doing so (kill -9,
+a partition) leaves entries idle; after `lease_timeout` another worker's
+XAUTOCLAIM takes them and runs them as restored tasks: when it reaches the same
+ComfyUI it re-attaches to the prompt there (/history), otherwise the task is
+resubmitted (or ends `lost` with `resubmit_lost` off), as after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
+
+import trio
+from coredis.exceptions import RedisError
+
+from daemon.shared.mirror import TaskMirror
+from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
+from protocol import task
+
+if TYPE_CHECKING:
+    from daemon.comfy.dispatch import Dispatcher
+    from daemon.tasks import TaskActor, TaskRegistry
+
+log = logging.getLogger(__name__)
+
+TAKE_BLOCK_MS: Final = 2000
+RETRY_DELAY: Final = 1.0
+GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
+
+# Refresh the leases that are still ours (KEYS[1] the queue, ARGV[1] us, then entry ids).
+REFRESH_LEASES: Final = """
+local mine = {}
+for i = 2, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[1] then
+    redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[i], 'JUSTID')
+    table.insert(mine, ARGV[i])
+  end
+end
+return mine
+"""
+
+
+class SharedWorker:
+    def __init__(
+        self,
+        store: SharedStore,
+        mirror: TaskMirror,
+        *,
+        daemon_id: str,
+        registry: TaskRegistry,
+        dispatcher: Dispatcher,
+        lease_timeout: float,
+    ) -> None:
+        self.store = store
+        self.mirror = mirror
+        self.daemon_id = daemon_id
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.pool = dispatcher.pool
+        self.lease_timeout = lease_timeout
+        self._held: dict[str, str] = {}  # task id -> its queue entry id
+        self.taken = 0
+        self.claimed = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def finished(self, task_id: str) -> None:
+        """The mirror wrote a task's end: give its queue entry back (XACK, XDEL)."""
+        entry = self._held.pop(task_id, None)
+        if entry is not None and self._nursery is not None:
+            self._nursery.start_soon(self._done, entry)
+
+    def cancel(self, task_id: str) -> None:
+        actor = self.registry.get(task_id)
+        if actor is not None:
+            actor.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._retrying(self.store.ensure_queue)
+            nursery.start_soon(self._take_loop)
+            nursery.start_soon(self._lease_loop)
+            task_status.started()
+
+    _nursery: trio.Nursery | None = None
+
+    async def _retrying(self, operation: object) -> None:
+        while True:
+            try:
+                await operation()  # type: ignore[operator]
+                return
+            except RedisError as exc:
+                log.warning("Redis: %s (retrying)", exc)
+                await trio.sleep(RETRY_DELAY)
+
+    async def _done(self, entry: str) -> None:
+        try:
+            await self.store.redis.xack(self.store.queue_key, GROUP, [entry])
+            await self.store.redis.xdel(self.store.queue_key, [entry])
+        except RedisError as exc:
+            log.warning("cannot acknowledge queue entry %s: %s", entry, exc)
+
+    # -- room: the pool's dispatch rule
+
+    def has_room(self) -> bool:
+        if len(self.dispatcher):
+            return False  # a task of ours already waits for a backend
+        return any(
+            self.pool.takes_work(b) and b.load() < self.dispatcher.max_pending
+            for b in self.pool.backends
+        )
+
+    async def _wait_for_room(self) -> None:
+        while not self.has_room():
+            with trio.move_on_after(1.0):
+                await self.pool.changed.wait()
+
+    async def _wait_dispatched(self, actor: TaskActor) -> None:
+        """Until the task holds a backend (or waits for one, or ended): then look for room."""
+        while actor.backend is None and not actor.is_done() and not len(self.dispatcher):
+            with trio.move_on_after(0.5):
+                await self.registry.changed.wait()
+
+    # -- taking and claiming
+
+    async def _take_loop(self) -> None:
+        while True:
+            await self._wait_for_room()
+            try:
+                actor = await self._take_one()
+            except RedisError as exc:
+                log.warning("taking work from Redis failed (retrying): %s", exc)
+                await trio.sleep(RETRY_DELAY)
+                continue
+            if actor is not None:
+                await self._wait_dispatched(actor)
+
+    async def _take_one(self) -> TaskActor | None:
+        # Expired leases first: those tasks waited longest.
+        reply = await self.store.redis.xautoclaim(
+            self.store.queue_key,
+            GROUP,
+            self.daemon_id,
+            int(self.lease_timeout * 1000),
+            "0-0",
+            count=1,
+        )
+        claimed = reply[1]
+        if claimed:
+            entry = claimed[0]
+            return await self._adopt(text(entry.identifier), entry.field_values, claimed=True)
+        taken = await self.store.redis.xreadgroup(
+            GROUP,
+            self.daemon_id,
+            {self.store.queue_key: ">"},
+            count=1,
+            block=TAKE_BLOCK_MS,
+        )
+        for entries in (taken or {}).values():
+            for entry in entries:
+                return await self._adopt(text(entry.identifier), entry.field_values, claimed=False)
+        return None
+
+    async def _adopt(self, entry: str, fields: object, *, claimed: bool) -> TaskActor | None:
+        task_id = fields[b"task"].decode()  # type: ignore[index]
+        if not claimed and not await self.store.take_waiting(task_id):
+            await self._done(entry)  # cancelled while it waited
+            return None
+        shared = await self.store.load(task_id)
+        latest = await self.store.latest(task_id)
+        if shared is None or latest is None or shared.finished or latest.terminal:
+            await self._done(entry)  # expired, or ended before its worker acknowledged it
+            return None
+        if self.registry.get(task_id) is not None:
+            await self._done(entry)
+            return None
+        actor = self._actor_for(shared, latest.version, claimed=claimed)
+        self._held[task_id] = entry
+        self.mirror.adopt(task_id, latest.version)
+        self.mirror.changed(actor)  # the record names us as the holder now
+        if claimed:
+            self.claimed += 1
+            log.info(
+                "claimed task from %s (lease expired)",
+                shared.holder or "a worker",
+                extra={"task_id": task_id, "backend": shared.backend_url or ""},
+            )
+        else:
+            self.taken += 1
+        if await self.store.cancel_requested(task_id):
+            actor.cancel()
+        return actor
+
+    def _actor_for(self, shared: SharedRecord, version: int, *, claimed: bool) -> TaskActor:
+        record = shared.record
+        spec = task.spec_from_json(record.spec)
+        phase = task.Phase(record.phase)
+        if not claimed or not record.submitted:
+            # Not yet submitted anywhere: a fresh start, through our dispatcher.
+            state = replace(
+                task.new_task(spec, record.created_at),
+                version=version,
+                cancel_requested=False,
+            )
+            return self.registry.adopt(state)
+        state = task.resumed_task(
+            spec,
+            phase=phase,
+            version=version,
+            submitted=record.submitted,
+            created_at=record.created_at,
+        )
+        # Ours when we reach the same ComfyUI (re-attach, reconcile through /history);
+        # else a name no backend has: the task resubmits (or ends `lost`).
+        url = shared.backend_url
+        name = url if self.pool.get(url) is not None else f"{GONE_BACKEND}{url}"
+        return self.registry.adopt(state, resumed=True, backend_name=name)
+
+    # -- leases
+
+    async def _lease_loop(self) -> None:
+        interval = self.lease_timeout / 4
+        while True:
+            await trio.sleep(interval)
+            if not self._held:
+                continue
+            entries = dict(self._held)
+            try:
+                mine = await self.store.redis.eval(
+                    REFRESH_LEASES,
+                    keys=[self.store.queue_key],
+                    args=[self.daemon_id, *entries.values()],
+                )
+            except RedisError as exc:
+                log.warning("cannot refresh leases: %s", exc)
+                continue
+            still = {m.decode() if isinstance(m, bytes) else str(m) for m in mine or ()}  # type: ignore[union-attr]
+            for task_id, entry in entries.items():
+                if entry not in still and self._held.get(task_id) == entry:
+                    # Another worker claimed it while we were silent: it is theirs.
+                    del self._held[task_id]
+                    actor = self.registry.get(task_id)
+                    if actor is not None and not actor.is_done():
+                        log.warning("lost the lease on task %s; stopping our copy", task_id)
+                        actor.stop()

@@ -1,0 +1,236 @@
+"""Several daemons sharing tasks through a real redis-server (issue 14).
+
+Daemons are real processes (fronts serve HTTP, workers take work); the simulators
+run in the test (manual steps where the test needs a task to stay mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon.http.client import http_request
+from daemon.simulator import ComfySimulator, SimulatorConfig
+from protocol.sse import ServerSentEvent
+from tests.daemon.harness import read_events
+from tests.daemon.process import DaemonProcess, daemon_process
+from tests.daemon.redis_server import redis_server
+from tests.daemon.test_restart import generate, sampling
+
+SETTINGS = (
+    "reconnect_initial_delay=0.05",
+    "queue_poll_interval=0.05",
+    "shutdown_grace=2",
+    "lease_timeout=1",
+    "backend_lost_after=1",
+)
+
+
+@asynccontextmanager
+async def simulator(*, manual: bool) -> AsyncIterator[ComfySimulator]:
+    sim = ComfySimulator(SimulatorConfig(step_time=0.01))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run, ("127.0.0.1", 0))
+        sim.set_manual_steps(manual)
+        yield sim
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def front(tmp_path: Path, name: str, redis_url: str) -> AsyncIterator[DaemonProcess]:
+    settings = (*SETTINGS, f"redis_url={redis_url}", "role=front")
+    async with daemon_process(tmp_path / name, None, *settings) as daemon:
+        yield daemon
+
+
+@asynccontextmanager
+async def worker(
+    tmp_path: Path, name: str, redis_url: str, *comfy_urls: str, extra: tuple[str, ...] = ()
+) -> AsyncIterator[DaemonProcess]:
+    settings = (*SETTINGS, f"redis_url={redis_url}", "role=worker", *extra)
+    if len(comfy_urls) > 1:
+        settings = (*settings, f"comfy_urls={','.join(comfy_urls[1:])}")
+    async with daemon_process(tmp_path / name, comfy_urls[0], *settings, worker=True) as daemon:
+        yield daemon
+
+
+def last(events: list[ServerSentEvent]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(events[-1].data)
+    return data
+
+
+async def history_ids(sim: ComfySimulator) -> list[str]:
+    reply = await http_request("GET", f"{sim.url}/history", timeout=10)
+    return list(reply.json())
+
+
+async def test_a_front_that_never_saw_a_task_answers_for_it_and_serves_its_image(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=False) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        task_id = await generate(first.url)
+        events = await read_events(second.url, task_id)
+        done = last(events)
+        assert done["status"] == "completed", done
+        status = await http_request("GET", f"{second.url}/tasks/{task_id}", timeout=10)
+        assert status.status == 200
+        assert status.json()["status"] == "completed"
+        assert status.json()["version"] == int(events[-1].id or 0)
+        for daemon in (second, first):
+            image = await http_request("GET", daemon.url + done["result"]["imageUrl"], timeout=10)
+            assert image.status == 200
+            assert image.body.startswith(b"\x89PNG")
+        unknown = await http_request("GET", f"{second.url}/tasks/no-such-task", timeout=10)
+        assert unknown.status == 404
+
+
+async def test_a_stream_whose_front_died_resumes_on_another_with_last_event_id(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as doomed,
+        front(tmp_path, "f2", redis.url) as survivor,
+    ):
+        task_id = await generate(doomed.url)
+        seen = await read_events(doomed.url, task_id, stop_after=sampling)
+        doomed.kill()
+        assert await doomed.wait() == -9
+        last_id = int(seen[-1].id or 0)
+        following = trio.Event()
+        resumed: list[ServerSentEvent] = []
+        async with trio.open_nursery() as nursery:
+
+            async def follow() -> None:
+                resumed.extend(
+                    await read_events(
+                        survivor.url, task_id, last_event_id=last_id, first_event=following
+                    )
+                )
+
+            nursery.start_soon(follow)
+            await following.wait()
+            sim.grant_steps(1000)
+        assert all(int(e.id or 0) > last_id for e in resumed)  # nothing seen twice
+        assert last(resumed)["status"] == "completed"
+
+
+async def test_kill_9_of_a_worker_mid_task_another_resubmits_it_and_completes(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            async with worker(tmp_path, "w2", redis.url, other_sim.url):
+                doomed.kill()
+                assert await doomed.wait() == -9
+                rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        phases = [json.loads(e.data).get("phase") for e in rest]
+        assert "requeued" in phases  # the other worker cannot reach the first ComfyUI
+        assert last(rest)["status"] == "completed"
+        assert len(await history_ids(other_sim)) == 1
+
+
+async def test_kill_9_of_a_worker_another_on_the_same_comfyui_reattaches_to_the_prompt(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, sim.url) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            doomed.kill()
+            assert await doomed.wait() == -9
+        sim.grant_steps(1000)  # ComfyUI finishes the prompt while no worker follows it
+        async with worker(tmp_path, "w2", redis.url, sim.url):
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed"
+        assert len(await history_ids(sim)) == 1  # reconciled through /history, not resubmitted
+
+
+async def test_kill_9_of_a_worker_with_resubmission_off_ends_the_task_lost(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        off = ("resubmit_lost=false",)
+        async with worker(tmp_path, "w1", redis.url, lost_sim.url, extra=off) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            async with worker(tmp_path, "w2", redis.url, other_sim.url, extra=off):
+                doomed.kill()
+                assert await doomed.wait() == -9
+                rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "error"
+        assert last(rest)["error"]["code"] == "lost"
+        assert await history_ids(other_sim) == []
+
+
+async def test_cancel_on_any_front_reaches_the_worker_that_holds_the_task(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        task_id = await generate(first.url)
+        seen = await read_events(first.url, task_id, stop_after=sampling)
+        cancel = await http_request("DELETE", f"{second.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 202
+        # ComfyUI sees an interrupt at its next progress tick: let one run once it is
+        # asked (the simulator has no signal for the POST /interrupt arriving; look).
+        while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        sim.grant_steps(1)
+        rest = await read_events(first.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "error"
+        assert last(rest)["error"]["code"] == "cancelled"
+        again = await http_request("DELETE", f"{second.url}/tasks/{task_id}", timeout=10)
+        assert again.status == 200
+        assert again.json()["cancelled"] is False
+
+
+async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        task_id = await generate(entry.url)  # no worker yet
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 202
+        events = await read_events(entry.url, task_id)
+        assert last(events)["error"]["code"] == "cancelled"
+        async with simulator(manual=False) as sim, worker(tmp_path, "w", redis.url, sim.url):
+            # The worker skips it; a task posted after it is the first it runs.
+            later = await generate(entry.url)
+            assert last(await read_events(entry.url, later))["status"] == "completed"
+            assert len(await history_ids(sim)) == 1
