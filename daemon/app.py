@@ -108,6 +108,7 @@ class App:
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
         self.pool: BackendPool  # set in run(), once the ComfyUI URLs are known
+        self.workflows_checked = trio.Event()  # against every backend's first reading
         self.dispatcher: Dispatcher
         self.registry: TaskRegistry
         self.metrics = DaemonMetrics()
@@ -243,6 +244,7 @@ class App:
                         node_id,
                         node_class,
                     )
+        self.workflows_checked.set()
 
     async def _run_server(
         self,

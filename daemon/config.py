@@ -44,7 +44,7 @@ class Config:
     )
     comfy_urls: tuple[str, ...] = _setting(
         (),
-        "more ComfyUI base URLs, one backend each (TOML list, or comma-separated in env/flags)",
+        "more ComfyUI base URLs, one backend each (a TOML list, or comma-separated)",
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
     simulators: int = _setting(1, "with simulate: how many embedded simulators (backends)", min=1)
@@ -207,9 +207,9 @@ def _field_type(name: str) -> type:
 
 
 def _url_list(raw: Any) -> tuple[str, ...]:
-    """A TOML list of strings, or one comma-separated string (env, flags)."""
+    """A TOML list of strings, or one comma- or space-separated string (env, flags)."""
     if isinstance(raw, str):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return tuple(list_setting(raw))
     if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
         return tuple(item.strip() for item in raw if item.strip())
     raise ValueError("expected a list of URLs")
