@@ -8,9 +8,11 @@
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
-every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
-clients are told to come back (`retry:`), the listener closes, and open
-requests get `shutdown_grace` seconds before the nursery is cancelled.
+every service is up (hypercorn `run.py` style). `shutdown()` drains, in
+order: SSE clients are told to come back (`retry:`), the listener closes and
+open requests get `shutdown_grace` seconds; then the task actors stop (their
+last journal records made), then the journal is flushed and closed, and only
+then is the nursery cancelled.
 """
 
 from __future__ import annotations
@@ -207,7 +209,12 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
-        # Tasks still running stay in the journal; the next start resumes them.
+        # Then the tasks, so none records while the journal closes. Tasks still
+        # running stay in the journal; the next start resumes them.
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            with trio.move_on_after(self.config.shutdown_grace + 1.0):
+                await registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 

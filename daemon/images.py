@@ -24,6 +24,10 @@ _MAGIC: Final = (
 )
 
 
+class StorageError(Exception):
+    """The image directory cannot take the file (missing, not a directory, full, read-only)."""
+
+
 class NotAnImage(Exception):
     """The bytes are not a PNG, JPEG or WebP image."""
 
@@ -50,17 +54,26 @@ class ImageStore:
     async def save(self, data: bytes) -> str:
         """Store one image; returns its new file name."""
         name = f"{secrets.token_urlsafe(16)}.{image_suffix(data)}"
-        await trio.to_thread.run_sync(self._write_atomically, name, data)
+        try:
+            await trio.to_thread.run_sync(self._write_atomically, name, data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot store an image in {self.directory}: {exc.strerror or exc}"
+            ) from exc
         return name
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         final = self.directory / name
         temporary = self.directory / f".{name}.partial"
-        with temporary.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        temporary.replace(final)
+        try:
+            with temporary.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            temporary.replace(final)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a full disk leaves no half file behind
+            raise
 
     def path_of(self, name: str) -> Path | None:
         """The file for a served name, or None for names we never hand out."""

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.images import StorageError
+from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
 from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
@@ -44,9 +46,14 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
+def unavailable(reason: str, retry_after: int = 5) -> Response:
+    """503 with the reason and a Retry-After."""
+    busy = error_response(503, reason)
+    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
+
+
 def comfy_unavailable(exc: ComfyUnavailable) -> Response:
-    busy = error_response(503, str(exc))
-    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+    return unavailable(str(exc))
 
 
 class Routes:
@@ -87,11 +94,12 @@ class Routes:
         except ComfyUnavailable as exc:
             return comfy_unavailable(exc)
 
+        if app.journal.failure is not None:
+            return unavailable(app.journal.failure)
         try:
             actor = app.registry.create(spec_for)
         except TooManyTasks as exc:
-            busy = error_response(503, str(exc))
-            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+            return unavailable(str(exc))
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
         log.info(
@@ -104,10 +112,19 @@ class Routes:
         )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
-        with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
-            await app.journal.flush()
-        if waited.cancelled_caught:
-            log.error("the journal did not confirm task %s in time", actor.task_id)
+        problem = None
+        try:
+            with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
+                await app.journal.flush()
+            if waited.cancelled_caught:
+                problem = f"the journal did not confirm the task within {JOURNAL_FLUSH_TIMEOUT:g} s"
+        except JournalUnavailable as exc:
+            problem = str(exc)
+        if problem is not None:
+            # Never accept what a restart would lose: take the task back.
+            log.error("refusing task %s: %s", actor.task_id, problem)
+            actor.cancel()
+            return unavailable(problem)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
     def _replayed(self, key: str, body: bytes) -> Response | None:
@@ -204,5 +221,8 @@ class Routes:
             return request_error(exc)
         except ComfyUnavailable as exc:
             return comfy_unavailable(exc)
+        except StorageError as exc:
+            log.error("upload refused: %s", exc)
+            return unavailable(str(exc))
         location = str(reply["imageUrl"])
         return json_response(201, reply, headers=[("Location", location), *NO_STORE])

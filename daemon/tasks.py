@@ -30,7 +30,7 @@ from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
-from daemon.images import ImageStore, NotAnImage
+from daemon.images import ImageStore, NotAnImage, StorageError
 from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
@@ -420,6 +420,10 @@ class TaskActor:
                     task.Failed("output_unavailable", "ComfyUI sent a broken image", str(exc))
                 )
                 return
+            except StorageError as exc:
+                self._log(logging.ERROR, "cannot store the output image: %s", exc)
+                self.handle(task.Failed("storage", "The daemon cannot store the image", str(exc)))
+                return
             except BackendUnavailable as exc:
                 if trio.current_time() >= deadline:
                     self.handle(
@@ -509,6 +513,7 @@ class TaskRegistry:
         self.wall_clock = wall_clock
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
         self.created = 0
         self.restored = 0
         self.changed = Signal()  # a task was added, changed state or was forgotten
@@ -519,10 +524,22 @@ class TaskRegistry:
         self.restored_version_base = (journal.epoch << 32) if journal is not None else 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep(math.inf)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep(math.inf)
+        finally:
+            self._nursery = None
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Cancel every actor and wait until they have all ended (their last
+        journal records are made by then). Unfinished tasks stay in the journal."""
+        if self._nursery is None:
+            return
+        self._nursery.cancel_scope.cancel()
+        await self._stopped.wait()
 
     def __len__(self) -> int:
         return len(self._tasks)
