@@ -59,6 +59,7 @@ _MESSAGES = {
     503: "server is at its connection limit",
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
+_JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger bodies are put together in a worker thread
 
 
 class _Rejected(Exception):
@@ -334,6 +335,9 @@ class HttpServer:
                     raise _Rejected(413)
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
+                if size > _JOIN_ON_LOOP_BYTES:
+                    # Joining 20 MiB costs ~14 ms (fresh pages); bytes.join drops the GIL.
+                    return await trio.to_thread.run_sync(b"".join, chunks)
                 return b"".join(chunks)
             else:
                 raise RuntimeError(f"unexpected {event!r} while reading a request body")
