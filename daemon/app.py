@@ -161,6 +161,8 @@ class App:
                         backend_wait_timeout=config.backend_wait_timeout,
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
+                        max_queued=config.max_queued_tasks,
+                        max_queued_per_client=config.max_queued_tasks_per_client,
                     ),
                     journal=self.journal,
                     on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from daemon.clients import parse_networks
+
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 
@@ -71,6 +73,20 @@ class Config:
     sse_retry_ms: int = _setting(2000, "the `retry:` hint sent to SSE clients (ms)", min=0)
     max_tasks: int = _setting(
         10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
+    )
+    max_queued_tasks: int = _setting(
+        1000,
+        "unfinished tasks (waiting or running) at once; beyond it /generate answers 429",
+        min=1,
+    )
+    max_queued_tasks_per_client: int = _setting(
+        0,
+        "unfinished tasks per client (its API token, else its address); beyond it 429 (0: no limit)",
+        min=0,
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "comma-separated proxy addresses/networks whose X-Forwarded-For/X-Real-IP name the client",
     )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
@@ -240,6 +256,10 @@ def load(
     if urllib.parse.urlsplit(config.comfy_url).password is not None:
         # The daemon would not send it, and the URL is in every log line and metric.
         raise ConfigError("comfy_url must not carry a user:password")
+    try:
+        parse_networks(config.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for trusted_proxies: {exc}") from None
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     return config

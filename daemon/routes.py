@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from daemon.clients import client_key, parse_networks
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.images import StorageError
 from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
 from daemon.source_images import ComfyUnavailable
 from daemon.sse_stream import parse_last_event_id
-from daemon.tasks import CancelResult, TooManyTasks
+from daemon.tasks import CancelResult, QueueFull, TooManyTasks
 from protocol import api
 from protocol.errors import RequestError
 
@@ -32,6 +33,7 @@ SSE_HEADERS = (
 )
 NO_STORE = (("Cache-Control", "no-store"),)
 JOURNAL_FLUSH_TIMEOUT = 5.0
+QUEUE_FULL_RETRY_AFTER = 10  # seconds; a queued task takes at least that long to make room
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -52,6 +54,13 @@ def unavailable(reason: str, retry_after: int = 5) -> Response:
     return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
 
 
+def too_many(reason: str) -> Response:
+    """429 with the reason and a Retry-After."""
+    busy = error_response(429, reason)
+    retry = ("Retry-After", str(QUEUE_FULL_RETRY_AFTER))
+    return dataclasses.replace(busy, headers=[*busy.headers, retry])
+
+
 def comfy_unavailable(exc: ComfyUnavailable) -> Response:
     return unavailable(str(exc))
 
@@ -61,6 +70,7 @@ class Routes:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self.trusted_proxies = parse_networks(app.config.trusted_proxies)
 
     def install(self, router: Router) -> None:
         router.add("POST", "/generate", self.generate)
@@ -96,10 +106,13 @@ class Routes:
 
         if app.journal.failure is not None:
             return unavailable(app.journal.failure)
+        client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
-            actor = app.registry.create(spec_for)
+            actor = app.registry.create(spec_for, client=client)
         except TooManyTasks as exc:
             return unavailable(str(exc))
+        except QueueFull as exc:
+            return too_many(str(exc))
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
         log.info(
