@@ -33,6 +33,7 @@ from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.image_retention import ImageJanitor, RetentionPolicy
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
@@ -92,6 +93,7 @@ class App:
         )
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
+        self.image_janitor: ImageJanitor
         self.metrics = DaemonMetrics()
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
@@ -104,8 +106,12 @@ class App:
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
+        # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
-            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+            self.images.directory,
+            param="name",
+            cache_control="public, max-age=31536000, immutable",
+            max_file_bytes=config.max_image_bytes,
         )
         self.router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
@@ -168,9 +174,18 @@ class App:
                     on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
                 )
                 await nursery.start(self.registry.run)
+                self.image_janitor = ImageJanitor(
+                    self.images,
+                    RetentionPolicy(
+                        retention=config.image_retention, max_bytes=config.max_image_store_bytes
+                    ),
+                    in_use=self.registry.images_in_use,
+                )
                 self.registry.restore(records)
                 if records:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
+                # After the restore, so the restored tasks' images count as in use.
+                await nursery.start(self.image_janitor.run)
                 await nursery.start(self.backend.run)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(

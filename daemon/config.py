@@ -104,7 +104,17 @@ class Config:
         1.0, "minimum seconds between GET /queue reads for queue positions", min=0.01
     )
     max_image_bytes: int = _setting(
-        64 * 1024 * 1024, "largest output image fetched from ComfyUI (bytes)", min=1
+        64 * 1024 * 1024, "largest image fetched from ComfyUI or served at /image (bytes)", min=1
+    )
+    image_retention: float = _setting(
+        7 * 24 * 3600.0,
+        "seconds an image is kept (0: no age limit); images of tasks still held are kept",
+        min=0.0,
+    )
+    max_image_store_bytes: int = _setting(
+        2 * 1024**3,
+        "the image store's size budget; beyond it the oldest images go (0: no limit)",
+        min=0,
     )
     # -- HTTP server limits
     max_body_bytes: int = _setting(1024 * 1024, "largest request body (bytes) -> 413", min=1)
@@ -260,6 +270,9 @@ def load(
         parse_networks(config.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"bad value for trusted_proxies: {exc}") from None
+    if config.max_upload_bytes > config.max_image_bytes:
+        # Every image the daemon takes must be one it can serve.
+        raise ConfigError("max_upload_bytes must be at most max_image_bytes")
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     return config

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
+
+from daemon.comfy.routing import Signal
 
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|webp)$")
 _MAGIC: Final = (
@@ -44,9 +47,22 @@ def is_valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def image_names_in(graph: Mapping[str, Any]) -> frozenset[str]:
+    """Names of our images a ComfyUI graph refers to (a LoadImage source, by its input)."""
+    names = set()
+    for node in graph.values():
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        if isinstance(inputs, Mapping):
+            for value in inputs.values():
+                if isinstance(value, str) and is_valid_name(value.rsplit("/", 1)[-1]):
+                    names.add(value.rsplit("/", 1)[-1])
+    return frozenset(names)
+
+
 class ImageStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.saved = Signal()  # fires after every save (the retention janitor listens)
 
     async def open(self) -> None:
         await trio.Path(self.directory).mkdir(parents=True, exist_ok=True)
@@ -60,6 +76,7 @@ class ImageStore:
             raise StorageError(
                 f"cannot store an image in {self.directory}: {exc.strerror or exc}"
             ) from exc
+        self.saved.fire()
         return name
 
     def _write_atomically(self, name: str, data: bytes) -> None:

@@ -30,7 +30,7 @@ from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
-from daemon.images import ImageStore, NotAnImage, StorageError
+from daemon.images import ImageStore, NotAnImage, StorageError, image_names_in
 from daemon.journal import Journal, TaskRecord
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
@@ -105,6 +105,8 @@ class TaskActor:
         self.state = state
         self.resumed = resumed
         self.broadcaster = Broadcaster()
+        # Our images the task reads (an inpainting source): kept while the task is.
+        self.source_images = image_names_in(state.spec.graph)
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -560,6 +562,14 @@ class TaskRegistry:
 
     def actors(self) -> list[TaskActor]:
         return list(self._tasks.values())
+
+    def images_in_use(self) -> set[str]:
+        """Images no retention may delete: sources and results of the tasks held."""
+        names: set[str] = set()
+        for actor in self._tasks.values():
+            names.update(actor.source_images)
+            names.update(actor.state.image_files)
+        return names
 
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:

@@ -415,7 +415,10 @@ class HttpServer:
         """
         try:
             head = connection.response_head(
-                response.status, response.headers, content_length=None, close=True
+                response.status,
+                response.headers,
+                content_length=response.content_length,
+                close=True,
             )
         except (h11.LocalProtocolError, ValueError) as exc:
             logger.error("invalid response to %s %s: %s", request.method, request.target, exc)
