@@ -27,6 +27,7 @@ _OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connec
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 _JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger response bodies are joined in a worker thread
+_SEND_SLICE_BYTES = 256 * 1024
 
 
 class HttpClientError(Exception):
@@ -133,8 +134,11 @@ class _ClientConnection:
         parts.append(self._h11.send(h11.EndOfMessage()) or b"")
         try:
             for part in parts:
-                if part:
-                    await self._stream.send_all(part)
+                with memoryview(part) as view:
+                    # In slices: one send of megabytes into a roomy loopback buffer
+                    # would be one long step of the event loop.
+                    for start in range(0, len(view), _SEND_SLICE_BYTES):
+                        await self._stream.send_all(view[start : start + _SEND_SLICE_BYTES])
         except trio.BrokenResourceError:
             # The server may have answered early (413, say) and closed while
             # we were still sending: go on and read that answer.
