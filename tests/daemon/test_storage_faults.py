@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ async def make_journal_read_only(journal: Journal) -> None:
     async with journal._lock:  # a fault below the unit: no write can succeed now
         assert journal._db is not None
         journal._db.execute("PRAGMA query_only=ON")
+
+
+async def fill_journals_disk(journal: Journal) -> None:
+    """The disk is full: no new page. SQLite then rolls the transaction back itself."""
+    async with journal._lock:
+        assert journal._db is not None
+        pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+        journal._db.execute(f"PRAGMA max_page_count={pages}")
 
 
 async def test_a_task_whose_image_cannot_be_stored_ends_with_storage(tmp_path: Path) -> None:
@@ -73,23 +82,34 @@ async def test_journal_does_not_use_a_shared_memory_file(tmp_path: Path) -> None
     await journal.aclose()
 
 
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (make_journal_read_only, "attempt to write a readonly database"),
+        # Used to be logged as "cannot rollback - no transaction is active".
+        (fill_journals_disk, "database or disk is full"),
+    ],
+)
 async def test_flush_raises_with_sqlites_reason_when_the_journal_cannot_write(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    fault: Callable[[Journal], Awaitable[None]],
+    reason: str,
 ) -> None:
     journal = Journal(tmp_path / "j.sqlite3")
     await journal.open()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(journal.run)
-            await make_journal_read_only(journal)
-            journal.record(record("a", 1))
-            with pytest.raises(JournalUnavailable, match="readonly database"):
+            await fault(journal)
+            journal.record(record("a", 1, big=True))
+            with pytest.raises(JournalUnavailable, match=reason):
                 await journal.flush()
             assert journal.failure is not None
             nursery.cancel_scope.cancel()
     await journal.aclose()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any("readonly database" in message for message in errors)
+    assert any(reason in message for message in errors)
     assert not any("cannot rollback" in r.getMessage() for r in caplog.records)
 
 
