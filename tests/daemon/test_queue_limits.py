@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from daemon.clients import client_address, client_key, parse_networks
+from daemon.comfy.backend import QUEUE_READ_SPACING, BackendSettings, ComfyBackend
 from daemon.config import ConfigError, load
 from daemon.http.client import ClientResponse
 from daemon.http.types import Headers
@@ -132,3 +133,10 @@ async def test_a_flood_of_new_tasks_shares_queue_readings(tmp_path: Path) -> Non
 
 def shows_position(event: ServerSentEvent) -> bool:
     return json.loads(event.data).get("queue") is not None
+
+
+def test_a_costly_queue_is_read_less_often() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
+    assert backend.queue_read_spacing(1.0) == 1.0
+    backend.queue_read_cost = 0.25  # a queue of thousands of prompts: megabytes to read
+    assert backend.queue_read_spacing(1.0) == 0.25 * QUEUE_READ_SPACING
