@@ -96,7 +96,7 @@ async def _clients(
         )  # fmt: skip
         reply = response.json()
         message = reply.get("error", {}).get("message", "")
-        answers.append(f"{name}: {response.status} {message[:100]}")
+        answers.append(f"{name}: {response.status} {message[:120]}")
         return str(reply.get("imageUrl", ""))
 
     async with trio.open_nursery() as nursery:
