@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.stamp
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 
-.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench soak clean
+.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench bench-loop soak clean
 
 all: test
 
@@ -54,6 +54,10 @@ test: test-deps lint typecheck pytest jstest
 # Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
 bench: setup
 	$(BIN)/python -m bench.bench
+
+# The event loop's longest steps (CPU) while hostile 20 MiB images are uploaded.
+bench-loop: setup
+	$(BIN)/python -m bench.loop_steps
 
 # Outside the default run: 200 tasks through WebSocket drops, a ComfyUI
 # restart and a daemon kill -9 (the README shows its output).

@@ -8,9 +8,11 @@
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
-every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
-clients are told to come back (`retry:`), the listener closes, and open
-requests get `shutdown_grace` seconds before the nursery is cancelled.
+every service is up (hypercorn `run.py` style). `shutdown()` drains, in
+order: SSE clients are told to come back (`retry:`), the listener closes and
+open requests get `shutdown_grace` seconds; then the task actors stop (their
+last journal records made), then the journal is flushed and closed, and only
+then is the nursery cancelled.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.image_retention import ImageJanitor, RetentionPolicy
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
@@ -104,6 +107,7 @@ class App:
         )
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
+        self.image_janitor: ImageJanitor
         self.metrics = DaemonMetrics()
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
@@ -119,8 +123,12 @@ class App:
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
+        # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
-            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+            self.images.directory,
+            param="name",
+            cache_control="public, max-age=31536000, immutable",
+            max_file_bytes=config.max_image_bytes,
         )
         self.router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
@@ -177,15 +185,26 @@ class App:
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
                         preview_max_rate=config.preview_max_rate,
+                        max_queued=config.max_queued_tasks,
+                        max_queued_per_client=config.max_queued_tasks_per_client,
                     ),
                     previews=self.previews,
                     journal=self.journal,
                     on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
                 )
                 await nursery.start(self.registry.run)
+                self.image_janitor = ImageJanitor(
+                    self.images,
+                    RetentionPolicy(
+                        retention=config.image_retention, max_bytes=config.max_image_store_bytes
+                    ),
+                    in_use=self.registry.images_in_use,
+                )
                 self.registry.restore(records)
                 if records:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
+                # After the restore, so the restored tasks' images count as in use.
+                await nursery.start(self.image_janitor.run)
                 await nursery.start(self.backend.run)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
@@ -233,7 +252,12 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
-        # Tasks still running stay in the journal; the next start resumes them.
+        # Then the tasks, so none records while the journal closes. Tasks still
+        # running stay in the journal; the next start resumes them.
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            with trio.move_on_after(self.config.shutdown_grace + 1.0):
+                await registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 

@@ -59,6 +59,7 @@ _MESSAGES = {
     503: "server is at its connection limit",
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
+_JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger bodies are put together in a worker thread
 
 
 class _Rejected(Exception):
@@ -258,6 +259,11 @@ class HttpServer:
                 if isinstance(result, StreamingResponse):
                     return await self._send_streaming(connection, request, result)
                 await self._send_whole(connection, request, result)
+                if len(request.body) > _JOIN_ON_LOOP_BYTES:
+                    # Freeing megabytes costs milliseconds (munmap): not on the loop.
+                    last_reference = [request]
+                    del request
+                    await trio.to_thread.run_sync(last_reference.clear)
                 if not connection.start_next_cycle():
                     return True
         except ConnectionLost:
@@ -334,6 +340,9 @@ class HttpServer:
                     raise _Rejected(413)
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
+                if size > _JOIN_ON_LOOP_BYTES:
+                    # Joining 20 MiB costs ~14 ms (fresh pages); bytes.join drops the GIL.
+                    return await trio.to_thread.run_sync(b"".join, chunks)
                 return b"".join(chunks)
             else:
                 raise RuntimeError(f"unexpected {event!r} while reading a request body")
@@ -411,7 +420,10 @@ class HttpServer:
         """
         try:
             head = connection.response_head(
-                response.status, response.headers, content_length=None, close=True
+                response.status,
+                response.headers,
+                content_length=response.content_length,
+                close=True,
             )
         except (h11.LocalProtocolError, ValueError) as exc:
             logger.error("invalid response to %s %s: %s", request.method, request.target, exc)
