@@ -12,10 +12,10 @@ import trio
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.metrics import MetricsEndpoint
 from daemon.source_images import ComfyUnavailable
-from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, TooManyTasks
 from protocol import api
 from protocol.errors import RequestError
+from protocol.sse import parse_last_event_id
 
 if TYPE_CHECKING:
     from daemon.app import App
@@ -136,6 +136,7 @@ class Routes:
         actor = self.app.registry.get(task_id)
         if actor is None:
             return self._unknown_task(task_id)
+        # The header first, then the query (EventSource cannot set headers on its first try).
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )
