@@ -115,10 +115,18 @@ class Routes:
         existing = self.app.idempotency.lookup(key, body)
         if existing is None:
             return None
-        return json_response(
-            202,
-            api.accepted_reply(existing),
-            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+        replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
+        if self.app.registry.get(existing) is not None:
+            return json_response(202, api.accepted_reply(existing), headers=replayed)
+        # The task has ended and been forgotten since: say how it ended.
+        outcome = self.app.idempotency.outcome(key)
+        if outcome is not None:
+            return json_response(200, outcome, headers=replayed)
+        return error_response(
+            410,
+            "the task made with this Idempotency-Key has ended and is forgotten; "
+            "its outcome is unknown (it ended before the daemon restarted)",
+            {"field": "Idempotency-Key", "taskId": existing},
         )
 
     def _unknown_task(self, task_id: str) -> Response:
