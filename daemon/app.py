@@ -91,7 +91,7 @@ class App:
         )
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
-        self.metrics = DaemonMetrics()
+        self.metrics = DaemonMetrics(self)
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)

@@ -56,6 +56,7 @@ _MESSAGES = {
     413: "request body too large",
     431: "request header fields too large",
     500: "internal server error",
+    501: "transfer coding not implemented (only chunked)",
     503: "server is at its connection limit",
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
