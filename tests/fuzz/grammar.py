@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -193,6 +195,21 @@ GOOD_BODIES: tuple[object, ...] = (
     {"prompt": "fox", "seed": -1},
     {"prompt": "fox", "seed": 2**64},
 )
+
+
+def _png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\x00" + b"\x80" * 3 * width for _ in range(height)))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+VALID_PNG = _png(16, 16)
 PNG_HEAD = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00"
 )
@@ -264,8 +281,10 @@ def headers(src: Source, body_type: str) -> list[bytes]:
         lines.append(b"Host: " + host)
     if chance(src, 8):
         lines.append(b"Host: second.example")
-    if body_type or chance(src, 10):
-        lines.append(b"Content-Type: " + _bytes(src.choice((body_type, *CONTENT_TYPES))))
+    if body_type and not chance(src, 20):
+        lines.append(b"Content-Type: " + _bytes(body_type))
+    elif body_type or chance(src, 10):
+        lines.append(b"Content-Type: " + _bytes(src.choice(CONTENT_TYPES)))
     if chance(src, 15):
         lines.append(b"Last-Event-ID: " + _bytes(src.choice(LAST_EVENT_IDS)))
     if chance(src, 10):
@@ -312,8 +331,10 @@ def _odd_header(src: Source) -> bytes:
     return src.raw(20)
 
 
-def body(src: Source) -> tuple[bytes, str]:
+def body(src: Source, route: str) -> tuple[bytes, str]:
     """A body and the Content-Type it claims to be (may be "")."""
+    if route == "/upload" and chance(src, 50):
+        return VALID_PNG, "image/png"
     kind = src.integer(0, 9)
     if kind <= 3:
         value = src.choice(GOOD_BODIES[:2] if chance(src, 50) else GOOD_BODIES)
@@ -322,6 +343,8 @@ def body(src: Source) -> tuple[bytes, str]:
         text = json.dumps(src.choice(GOOD_BODIES))
         cut = src.integer(0, len(text))
         return text[:cut].encode() + src.raw(8), "application/json"
+    if kind == 5 and chance(src, 30):
+        return VALID_PNG, src.choice(("image/png", "image/png", "image/jpeg", ""))
     if kind == 5:
         return src.choice((PNG_HEAD, JPEG_HEAD)) + src.raw(200), src.choice(("image/png", ""))
     if kind == 6:
@@ -405,7 +428,7 @@ def request(src: Source, ctx: Context) -> FuzzRequest:
     else:
         verb = src.choice(SENSIBLE_METHODS.get(route, ("GET", "GET", "HEAD"))).encode()
     wants_body = verb == b"POST" or chance(src, 10)
-    payload, body_type = body(src) if wants_body else (b"", "")
+    payload, body_type = body(src, route) if wants_body else (b"", "")
     frame_headers, after_head = framing(src, payload)
     version = src.choice(ODD_VERSIONS) if chance(src, 4) else src.choice(VERSIONS)
     line = verb + b" " + target(src, ctx, route) + (b" " + version.encode() if version else b"")

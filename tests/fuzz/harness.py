@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fuzz.grammar import Context, FuzzRequest
+from tests.fuzz.grammar import VALID_PNG, Context, FuzzRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,7 @@ _LISTENING = re.compile(r"listening on (http://\S+) ")
 @dataclass
 class Exchange:
     statuses: list[int]
+    received: bytes = b""
     held: bool = False  # neither answered nor closed within ANSWER_BOUND
     reset: bool = False  # the server closed while we were still sending, or reset
 
@@ -82,6 +83,7 @@ def exchange(address: tuple[str, int], request: FuzzRequest) -> Exchange:
             if not data:
                 break
             received += data
+    result.received = bytes(received)
     result.statuses = [int(code) for code in _STATUS_LINE.findall(received)]
     return result
 
@@ -98,6 +100,14 @@ def problems(request: FuzzRequest, result: Exchange) -> list[str]:
     # when the server cut our sending short.
     if not result.statuses and not result.reset and not result.held and request.raw.strip():
         found.append("closed without an answer")
+    head, _, after = result.received.partition(b"\r\n\r\n")
+    request_head = request.raw.partition(b"\r\n\r\n")[0].lower()
+    if request.raw.startswith(b"HEAD ") and after and not after.startswith(b"HTTP/1."):
+        found.append("a body in the answer to HEAD")
+    # RFC 9112 section 6.1: after a request framed both ways, close.
+    both = b"\ncontent-length:" in request_head and b"\ntransfer-encoding:" in request_head
+    if both and head and b"\r\nconnection: close" not in head.lower():
+        found.append("Content-Length with Transfer-Encoding, but the connection stays open")
     return found
 
 
@@ -135,7 +145,8 @@ def fuzz_daemon(data_dir: Path) -> Iterator[FuzzDaemon]:
     """`comfy-progress serve --simulate` with short timeouts; two tasks run to completion."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"{data_dir.name}-daemon.log"
-    settings = {**TIMEOUTS, "simulator_step_time": 0.001, "max_tasks": 200}
+    # A low max_tasks: the fuzzer's tasks soon fill it, and POSTs see 503 too.
+    settings = {**TIMEOUTS, "simulator_step_time": 0.001, "max_tasks": 50}
     command = [
         sys.executable,
         "-m",
@@ -156,7 +167,7 @@ def fuzz_daemon(data_dir: Path) -> Iterator[FuzzDaemon]:
         url = _wait_listening(process, log_path)
         host, port = url.removeprefix("http://").rsplit(":", 1)
         address = (host, int(port))
-        context = Context(task_ids=_finished_tasks(address, 2))
+        context = Context(task_ids=_finished_tasks(address, 2), image_names=(_upload(address),))
         yield FuzzDaemon(process, address, DaemonLog(log_path), context)
     finally:
         if process.poll() is None:
@@ -195,11 +206,23 @@ def _finished_tasks(address: tuple[str, int], count: int) -> tuple[str, ...]:
     return tuple(ids)
 
 
-def _call(address: tuple[str, int], method: str, path: str, body: object = None) -> dict[str, str]:
+def _upload(address: tuple[str, int]) -> str:
+    answer = _call(address, "POST", "/upload", VALID_PNG, content_type="image/png")
+    return answer["imageUrl"].rsplit("/", 1)[1]
+
+
+def _call(
+    address: tuple[str, int],
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    content_type: str = "application/json",
+) -> dict[str, str]:
     connection = http.client.HTTPConnection(*address, timeout=10)
     try:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload else {}
+        payload = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type} if payload else {}
         connection.request(method, path, body=payload, headers=headers)
         response = connection.getresponse()
         data: dict[str, str] = json.loads(response.read())
