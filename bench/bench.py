@@ -56,7 +56,11 @@ def rss_kib(pid: int) -> int:
 
 async def post_generate(url: str) -> str:
     response = await http_request(
-        "POST", f"{url}/generate", body=json.dumps({"prompt": "bench"}).encode(), timeout=30
+        "POST",
+        f"{url}/generate",
+        headers=[("Content-Type", "application/json")],
+        body=json.dumps({"prompt": "bench"}).encode(),
+        timeout=30,
     )
     assert response.status == 202, response.body
     task_id: str = response.json()["taskId"]

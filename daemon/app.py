@@ -24,9 +24,10 @@ from pathlib import Path
 
 import trio
 
+from daemon.access import AccessPolicy, AccessSettings
 from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
-from daemon.config import Config
+from daemon.config import Config, list_setting
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
@@ -34,6 +35,7 @@ from daemon.idempotency import KEY_TTL, IdempotencyKeys
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
+from daemon.previews import PreviewStore
 from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
@@ -73,11 +75,23 @@ def http_limits(config: Config) -> HttpLimits:
     )
 
 
+def access_settings(config: Config) -> AccessSettings:
+    return AccessSettings(
+        allowed_origins=tuple(list_setting(config.allowed_origins)),
+        allowed_hosts=tuple(list_setting(config.allowed_hosts)),
+        api_tokens=tuple(list_setting(config.api_tokens)),
+    )
+
+
 class App:
     def __init__(self, config: Config, *, systemd: Systemd | None = None) -> None:
         self.config = config
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.images = ImageStore(config.data_dir / "images")
+        self.previews = PreviewStore(
+            max_task_bytes=config.preview_max_task_bytes,
+            max_total_bytes=config.preview_max_total_bytes,
+        )
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.idempotency: IdempotencyKeys
         # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
@@ -95,8 +109,11 @@ class App:
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
+        self.access = AccessPolicy(
+            self.router, access_settings(config), on_refused=self.metrics.observe_rejected
+        )
         self.server = HttpServer(
-            self.router, http_limits(config), on_rejected=self.metrics.observe_rejected
+            self.access, http_limits(config), on_rejected=self.metrics.observe_rejected
         )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
@@ -160,7 +177,9 @@ class App:
                         backend_wait_timeout=config.backend_wait_timeout,
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
+                        preview_max_rate=config.preview_max_rate,
                     ),
+                    previews=self.previews,
                     journal=self.journal,
                     on_task_end=self._task_ended,
                 )
@@ -199,7 +218,14 @@ class App:
     async def _start_simulator(self, nursery: trio.Nursery) -> str:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
-        simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
+        previews = self.config.simulator_previews
+        simulator = ComfySimulator(
+            SimulatorConfig(
+                step_time=self.config.simulator_step_time,
+                sampler_previews=previews,
+                sampler_progress_text=previews,
+            )
+        )
         port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)

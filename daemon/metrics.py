@@ -74,8 +74,9 @@ HTTP_REQUESTS = _spec(
 HTTP_REJECTED = _spec(
     "http_rejected_total",
     "counter",
-    "requests the HTTP server refused before routing, by status: 400 malformed, 408 too slow, "
-    "413 body too large, 431 head too large, 501 unknown transfer coding, 503 connection limit",
+    "requests the HTTP server refused before routing, by status: 400 malformed, 401 no valid "
+    "API token, 403 origin not allowed, 408 too slow, 413 body too large, 421 host not allowed, "
+    "431 head too large, 501 unknown transfer coding, 503 connection limit",
     "status",
 )
 HTTP_CONNECTIONS = _spec("http_connections", "gauge", "client connections open now")

@@ -11,6 +11,7 @@ import trio
 
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
 from daemon.metrics import MetricsEndpoint
+from daemon.preview_route import PreviewEndpoint
 from daemon.source_images import ComfyUnavailable
 from daemon.tasks import CancelResult, TooManyTasks
 from protocol import api
@@ -33,9 +34,13 @@ JOURNAL_FLUSH_TIMEOUT = 5.0
 
 
 def _is_json(content_type: str | None) -> bool:
-    """application/json (any parameters, or a +json type), or no Content-Type at all."""
+    """application/json (any parameters, or a +json type).
+
+    No Content-Type is refused too: a browser sends such a POST cross-site
+    without asking first (no preflight), JSON needs one.
+    """
     if content_type is None:
-        return True
+        return False
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
 
@@ -60,6 +65,7 @@ class Routes:
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
+        router.add("GET", "/tasks/{task_id}/preview", PreviewEndpoint(self.app))
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/workflows", self.workflows)

@@ -32,6 +32,8 @@ from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
+from daemon.preview_throttle import PreviewThrottle
+from daemon.previews import PreviewStore
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
 
@@ -47,6 +49,7 @@ class TaskSettings:
     backend_wait_timeout: float = 120.0
     queue_poll_interval: float = 1.0
     max_tasks: int = 10_000
+    preview_max_rate: float = 4.0
 
 
 class CancelResult(Enum):
@@ -89,6 +92,7 @@ class TaskActor:
         on_change: Callable[[TaskActor], None] = lambda actor: None,
         first_message: task.TaskMessage | None = None,
         resumed: bool = False,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last)."""
         self.backend = backend
@@ -99,6 +103,10 @@ class TaskActor:
         self.state = state
         self.resumed = resumed
         self.broadcaster = Broadcaster()
+        self.previews = previews if previews is not None else PreviewStore()
+        self._preview_throttle = PreviewThrottle(
+            settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
+        )
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -162,12 +170,19 @@ class TaskActor:
         """Apply one event; publish and schedule whatever the state machine says."""
         if self.state.phase.is_terminal:
             return
-        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        state, effects = task.apply(self.state, event, self.wall_clock())
+        # Publish before keeping the new state: if its message cannot be sent
+        # (it fails to encode), the task stays as it was and the crash fallback
+        # in TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task
+        # that no stream ever heard of.
         for effect in effects:
             if isinstance(effect, task.Publish):
-                self.last_message = effect.message
                 self.broadcaster.publish(encode_snapshot(effect.message))
-            elif isinstance(effect, task.FetchOutputs):
+                self.last_message = effect.message
+        self.state = state
+        for effect in effects:
+            if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
@@ -178,6 +193,7 @@ class TaskActor:
             else:
                 self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
             self.finished.set()
+            self.previews.drop(self.task_id)
             self._scope.cancel()
         durable = self._durable_fields()
         if durable != self._journalled:
@@ -216,6 +232,7 @@ class TaskActor:
                     nursery.start_soon(self._pump, inbox)
                     nursery.start_soon(self._reconcile_loop)
                     nursery.start_soon(self._watch_backend)
+                    nursery.start_soon(self._preview_throttle.run)
                     if self.resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
                         self.request_reconcile()
@@ -234,8 +251,18 @@ class TaskActor:
 
     async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
         async for event in inbox:
-            if isinstance(event, task.TaskEvent):  # previews and texts are not task events
+            if isinstance(event, comfy.PreviewImage | comfy.PreviewImageWithMetadata):
+                self._keep_preview(event)
+            elif isinstance(event, task.TaskEvent):
                 self.handle(event)
+
+    def _keep_preview(self, event: comfy.PreviewImage | comfy.PreviewImageWithMetadata) -> None:
+        """Store the image (never in the state or the stream); announce it, throttled."""
+        if self.is_done():
+            return
+        version = self.previews.put(self.task_id, event.media_type, event.image)
+        if version is not None:
+            self._preview_throttle.offer(version)
 
     # -- submitting
 
@@ -498,6 +525,7 @@ class TaskRegistry:
         journal: Journal | None = None,
         wall_clock: Callable[[], float] = time.time,
         on_task_end: Callable[[TaskActor], None] | None = None,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
@@ -507,6 +535,7 @@ class TaskRegistry:
         self.settings = settings
         self.journal = journal
         self.wall_clock = wall_clock
+        self.previews = previews if previews is not None else PreviewStore()
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self.created = 0
@@ -553,6 +582,7 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
+            previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -649,7 +679,14 @@ class TaskRegistry:
                     "backend": self.backend.name,
                 },
             )
-            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            # The error message names nothing of the request, so it always
+            # encodes; handle() publishes it before anything else can fail.
+            try:
+                actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            except Exception:
+                # Not into the registry's nursery: that would stop every task.
+                log.exception("could not record the crashed task's end")
+        self.previews.drop(actor.task_id)
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)

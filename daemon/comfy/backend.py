@@ -21,6 +21,7 @@ because frames sent while we were away are lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 import trio
 import trio_websocket
 
+from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
 from daemon.comfy.routing import PromptRouter, Signal
 from protocol import comfy
@@ -41,6 +43,9 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
+# Sent first on every connection (only a first message counts, FACTS §1): previews
+# then arrive as type 4 frames that name their prompt.
+FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,7 @@ class ComfyBackend:
             settings.url, timeout=settings.http_timeout, max_image_bytes=settings.max_image_bytes
         )
         self.router = PromptRouter()
+        self.attribution = PreviewAttribution()
         self._client_id_file = client_id_file
         self.client_id = load_client_id(client_id_file)
         self.client_generation = 0  # grows when the client id had to change
@@ -134,19 +140,21 @@ class ComfyBackend:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
         started = False
+        failures = 0  # failed attempts since the last socket that opened
 
-        def mark_started() -> None:
-            nonlocal started
+        def on_open() -> None:
+            nonlocal started, failures
+            # A socket opened: whatever ends it next starts the backoff afresh.
+            failures = 0
             if not started:
                 started = True
                 task_status.started()
 
-        failures = 0
         attempts = 0
         while True:
             attempts += 1
             try:
-                await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
+                await self._connect_and_consume(on_open=on_open, reconnect=attempts > 1)
                 failures = 0
             except (
                 trio_websocket.HandshakeError,
@@ -173,7 +181,9 @@ class ComfyBackend:
             finally:
                 self._set_connected(False)
             # The first attempt failed: start anyway; tasks wait for a connection.
-            mark_started()
+            if not started:
+                started = True
+                task_status.started()
             delay = self._backoff(failures)
             if delay > 0:
                 log.info(
@@ -225,6 +235,7 @@ class ComfyBackend:
                     max_message_size=MAX_MESSAGE_BYTES,
                     message_queue_size=64,
                 )
+            self.attribution.reset()
             self._set_connected(True)
             log.info(
                 "ComfyUI WebSocket open: %s (client id %s)",
@@ -237,6 +248,7 @@ class ComfyBackend:
                 self.reconnected.fire()
             on_open()
             try:
+                await ws.send_message(FEATURE_FLAGS)  # our first message, always
                 await self._consume(ws)  # returns only by raising
             except SilentSocket:
                 self._set_connected(False)
@@ -301,12 +313,37 @@ class ComfyBackend:
         if isinstance(event, comfy.Status):
             self.queue_changed.fire()
             return
-        self.router.dispatch(event)
+        if isinstance(event, comfy.FeatureFlags):
+            log.info(
+                "%s previews: %s",
+                self.name,
+                "with metadata" if event.flags.get("supports_preview_metadata") else "legacy",
+                extra={"backend": self.name},
+            )
+            return
+        prompt_id = self.attribution.prompt_for(event)
+        self.attribution.observe(event, resumed_prompt=self.router.running_prompt)
+        self.router.dispatch(event, prompt_id=prompt_id)
 
 
 def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
+    """One readable line: the error, then the distinct reasons underneath it.
+
+    trio.open_tcp_stream raises "all attempts to connect to H:P failed" from an
+    ExceptionGroup of the same words; the reasons are the group's leaves.
+    """
     text = str(exc) or type(exc).__name__
-    if cause is not None and str(cause):
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = dict.fromkeys(str(leaf) or type(leaf).__name__ for leaf in _leaves(cause))
+        return f"{text}: {'; '.join(reasons)}"
+    if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text} ({cause})"
     return text
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

@@ -39,6 +39,7 @@ class ComfySimulator:
             rng,
             server_features=server_features(self.config),
             queue_size=self.config.client_queue_size,
+            feature_flags=self.config.preview_metadata,
         )
         self.engine = SimulatorEngine(
             config=self.config,
@@ -136,6 +137,11 @@ class ComfySimulator:
     def waiting_for_step(self) -> bool:
         """True while a step is parked waiting for grant_steps() (manual mode)."""
         return self.gate.parked
+
+    @property
+    def encoding_previews(self) -> int:
+        """Previews being encoded in worker threads right now (work in progress)."""
+        return self.engine.executor.encoding
 
     def running_progress(self) -> dict[str, dict[str, Any]]:
         """{node_id: {"state", "value", "max"}} of the running prompt ({} when idle)."""

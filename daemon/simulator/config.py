@@ -25,6 +25,15 @@ class SimulatorConfig:
     preview_size: int = 512
     # Real ComfyUI sends sampler previews only with a preview method configured.
     sampler_previews: bool = False
+    # The sampler previews' format: "jpeg" (ComfyUI's default) or "png". The probe
+    # node PreviewProgress always sends PNG, as the capture's did.
+    preview_format: str = "jpeg"
+    # False: a ComfyUI from before feature flags; it neither answers `feature_flags`
+    # nor sends type 4 previews (always type 1, without a prompt id).
+    preview_metadata: bool = True
+    # The sampler also sends a progress text ("step 3/20") per step, like some
+    # custom samplers do (ComfyUI's own KSampler sends none).
+    sampler_progress_text: bool = False
     # The checkpoint names CheckpointLoaderSimple offers (its combo list).
     checkpoints: tuple[str, ...] = (
         "v1-5-pruned-emaonly.safetensors",

@@ -327,3 +327,17 @@ async def test_bad_requests_reach_nothing(tmp_path: Path) -> None:
         queue = await daemon.request_comfy("GET", "/queue")
         assert history.json() == {}
         assert queue.json() == {"queue_running": [], "queue_pending": []}
+
+
+async def test_invalid_unicode_is_refused_at_the_door(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        for raw, field in (
+            (b'{"prompt":"fox","description":"\\ud800"}', "description"),
+            (b'{"prompt":"fox","description":"\xed\xa0\x80"}', "description"),
+            (b'{"prompt":"fox","name":"\\ud800"}', "name"),
+            (b'{"prompt":"\\ud800"}', "prompt"),
+        ):
+            response = await daemon.request("POST", "/generate", raw)
+            assert response.status == 400, (raw, response.body)
+            assert response.json()["error"]["details"]["field"] == field
+        assert daemon.app.registry.created == 0

@@ -6,6 +6,7 @@ the generation (the sampler's first step); tests wait for states, not time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -192,6 +193,40 @@ async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
         await daemon.events(first.json()["taskId"])
         history = await daemon.request_comfy("GET", "/history")
         assert len(history.json()) == 1  # one prompt reached ComfyUI
+
+
+async def test_an_actor_crash_ends_every_stream_with_internal(tmp_path: Path) -> None:
+    # A ComfyUI node fails with a message holding a lone surrogate (a file name
+    # decoded with surrogateescape, say); ComfyUI sends it as "\udcff". The
+    # error message cannot be encoded for the stream, so the actor crashes at
+    # the very transition that ends the task.
+    async with running_daemon(tmp_path) as daemon:
+        sim = daemon.simulator
+        assert sim is not None
+        save = sim.catalogue["SaveImage"]
+
+        async def broken_save(ctx: Any, inputs: dict[str, Any]) -> Any:
+            raise OSError("cannot write /out/caf\udcff.png")
+
+        sim.catalogue["SaveImage"] = dataclasses.replace(save, run=broken_save)
+        task_id = await daemon.generate()
+        with trio.fail_after(30):  # a hang guard: on the old code the streams never end
+            async with trio.open_nursery() as nursery:
+                streams: list[list[dict[str, Any]]] = []
+
+                async def follow() -> None:
+                    streams.append(payloads(await daemon.events(task_id)))
+
+                for _ in range(3):
+                    nursery.start_soon(follow)
+        for seen in streams:
+            assert seen[-1]["status"] == "error"
+            assert seen[-1]["error"]["code"] == "internal"
+        status = await daemon.request("GET", f"/tasks/{task_id}")
+        assert status.json()["error"]["code"] == "internal"
+        cancel = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert cancel.json()["status"] == "error"
+        assert cancel.json()["cancelled"] is False
 
 
 async def wait_forgotten(daemon: Daemon, task_id: str) -> None:

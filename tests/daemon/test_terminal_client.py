@@ -98,6 +98,21 @@ async def test_a_refused_request_exits_1_with_the_servers_message(tmp_path: Path
     )
 
 
+async def test_the_api_token_comes_from_the_environment(tmp_path: Path) -> None:
+    token = "terminal-token-0123456789"
+    async with running_daemon(tmp_path, api_tokens=token) as daemon:
+        refused = await run_generate("a red fox", "--server", daemon.url)
+        assert daemon.app.registry.created == 0
+        done = await run_generate(
+            "a red fox", "--server", daemon.url, env={"COMFY_PROGRESS_API_TOKEN": token}
+        )
+    assert refused.returncode == 1
+    assert b"needs an API token" in refused.stderr
+    assert b"COMFY_PROGRESS_API_TOKEN" in refused.stderr
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().startswith(daemon.url + "/image/")
+
+
 async def test_no_daemon_and_bad_usage(tmp_path: Path) -> None:
     # A port nobody listens on (bound, then closed).
     probe = trio.socket.socket()
