@@ -43,8 +43,9 @@ from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
-from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.tasks import TaskActor, TaskRegistry, TaskSettings
 from daemon.workflow_files import load_catalog
+from protocol.task import render
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class App:
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
         self.image_janitor: ImageJanitor
-        self.metrics = DaemonMetrics()
+        self.metrics = DaemonMetrics(self)
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
@@ -190,7 +191,7 @@ class App:
                     ),
                     previews=self.previews,
                     journal=self.journal,
-                    on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
+                    on_task_end=self._task_ended,
                 )
                 await nursery.start(self.registry.run)
                 self.image_janitor = ImageJanitor(
@@ -216,6 +217,11 @@ class App:
                 log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
                 await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
                 task_status.started(bound)
+
+    def _task_ended(self, actor: TaskActor) -> None:
+        self.metrics.observe_task_end(actor.state)
+        ended_at = actor.state.finished_at or time.time()
+        self.idempotency.settle(actor.task_id, render(actor.state, ended_at).payload)
 
     async def _run_server(
         self,

@@ -16,10 +16,10 @@ from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
 from daemon.preview_route import PreviewEndpoint
 from daemon.source_images import ComfyUnavailable
-from daemon.sse_stream import parse_last_event_id
 from daemon.tasks import CancelResult, QueueFull, TooManyTasks
 from protocol import api
 from protocol.errors import RequestError
+from protocol.sse import parse_last_event_id
 
 if TYPE_CHECKING:
     from daemon.app import App
@@ -151,10 +151,18 @@ class Routes:
         existing = self.app.idempotency.lookup(key, body)
         if existing is None:
             return None
-        return json_response(
-            202,
-            api.accepted_reply(existing),
-            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+        replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
+        if self.app.registry.get(existing) is not None:
+            return json_response(202, api.accepted_reply(existing), headers=replayed)
+        # The task has ended and been forgotten since: say how it ended.
+        outcome = self.app.idempotency.outcome(key)
+        if outcome is not None:
+            return json_response(200, outcome, headers=replayed)
+        return error_response(
+            410,
+            "the task made with this Idempotency-Key has ended and is forgotten; "
+            "its outcome is unknown (it ended before the daemon restarted)",
+            {"field": "Idempotency-Key", "taskId": existing},
         )
 
     def _unknown_task(self, task_id: str) -> Response:
@@ -172,6 +180,7 @@ class Routes:
         actor = self.app.registry.get(task_id)
         if actor is None:
             return self._unknown_task(task_id)
+        # The header first, then the query (EventSource cannot set headers on its first try).
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )

@@ -56,6 +56,7 @@ _MESSAGES = {
     413: "request body too large",
     431: "request header fields too large",
     500: "internal server error",
+    501: "transfer coding not implemented (only chunked)",
     503: "server is at its connection limit",
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
@@ -398,7 +399,9 @@ class HttpServer:
     async def _send_whole(
         self, connection: H11Connection, request: Request, response: Response
     ) -> None:
-        close = self.shutting_down
+        # RFC 9112 section 6.1: after a request framed by both Content-Length and
+        # Transfer-Encoding, close (a proxy in front may have framed it otherwise).
+        close = self.shutting_down or _has_ambiguous_framing(request)
         try:
             events = _whole_response_events(connection, request, response, close=close)
         except (h11.LocalProtocolError, ValueError) as exc:
@@ -524,6 +527,10 @@ def _declared_length(event: h11.Request) -> int | None:
         if name == b"content-length":
             return int(value)  # h11 has validated it
     return None
+
+
+def _has_ambiguous_framing(request: Request) -> bool:
+    return "transfer-encoding" in request.headers and "content-length" in request.headers
 
 
 def _has_body(request: Request) -> bool:
