@@ -147,6 +147,18 @@ class App:
         *,
         task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        try:
+            await self._run(listeners, task_status=task_status)
+        finally:
+            # Cancelled from outside rather than `shutdown()`: still release the journal.
+            await self.journal.close_abandoned()
+
+    async def _run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         config = self.config
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:

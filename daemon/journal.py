@@ -276,6 +276,28 @@ class Journal:
                 raise JournalUnavailable(f"the journal {self.path} is closed")
             await self._batch_written.wait()
 
+    async def close_abandoned(self) -> None:
+        """Close after the daemon was cancelled without `aclose`: write what is pending
+        once, directly, then release the file (its lock is exclusive, so a daemon
+        started next in the same process could not open it otherwise)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_flushers()
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if self._db is None:
+                    return
+                batch, self._pending = self._pending, {}
+                keys, self._pending_keys = self._pending_keys, {}
+                if batch or keys:
+                    try:
+                        await trio.to_thread.run_sync(self._write_sync, batch, keys)
+                    except sqlite3.Error as exc:
+                        log.error("closing the journal with unwritten changes: %s", exc)
+                db, self._db = self._db, None
+                await trio.to_thread.run_sync(db.close)
+
     async def aclose(self) -> None:
         """Write what is pending (5 s at most), then close; later records are dropped.
 
