@@ -9,9 +9,11 @@
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
-every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
-clients are told to come back (`retry:`), the listener closes, and open
-requests get `shutdown_grace` seconds before the nursery is cancelled.
+every service is up (hypercorn `run.py` style). `shutdown()` drains, in
+order: SSE clients are told to come back (`retry:`), the listener closes and
+open requests get `shutdown_grace` seconds; then the task actors stop (their
+last journal records made), then the journal is flushed and closed, and only
+then is the nursery cancelled.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.image_retention import ImageJanitor, RetentionPolicy
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
@@ -44,8 +47,9 @@ from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
-from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.tasks import TaskActor, TaskRegistry, TaskSettings
 from daemon.workflow_files import load_catalog
+from protocol.task import render
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,8 @@ class App:
         self.workflows_checked = trio.Event()  # against every backend's first reading
         self.dispatcher: Dispatcher
         self.registry: TaskRegistry
-        self.metrics = DaemonMetrics()
+        self.image_janitor: ImageJanitor
+        self.metrics = DaemonMetrics(self)
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
@@ -131,8 +136,12 @@ class App:
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
+        # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
-            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+            self.images.directory,
+            param="name",
+            cache_control="public, max-age=31536000, immutable",
+            max_file_bytes=config.max_image_bytes,
         )
         self.router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
@@ -145,6 +154,18 @@ class App:
         self.router.add("GET", "/{path...}", StaticFiles(config.public_dir))
 
     async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self._run(listeners, task_status=task_status)
+        finally:
+            # Cancelled from outside rather than `shutdown()`: still release the journal.
+            await self.journal.close_abandoned()
+
+    async def _run(
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
         *,
@@ -196,15 +217,26 @@ class App:
                         backend_lost_after=config.backend_lost_after,
                         resubmit_lost=config.resubmit_lost,
                         preview_max_rate=config.preview_max_rate,
+                        max_queued=config.max_queued_tasks,
+                        max_queued_per_client=config.max_queued_tasks_per_client,
                     ),
                     previews=self.previews,
                     journal=self.journal,
-                    on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
+                    on_task_end=self._task_ended,
                 )
                 await nursery.start(self.registry.run)
+                self.image_janitor = ImageJanitor(
+                    self.images,
+                    RetentionPolicy(
+                        retention=config.image_retention, max_bytes=config.max_image_store_bytes
+                    ),
+                    in_use=self.registry.images_in_use,
+                )
                 self.registry.restore(records)
                 if records:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
+                # After the restore, so the restored tasks' images count as in use.
+                await nursery.start(self.image_janitor.run)
                 await nursery.start(self.dispatcher.run)
                 await nursery.start(self.pool.run)
                 nursery.start_soon(self._warn_unrunnable_workflows)
@@ -246,6 +278,11 @@ class App:
                     )
         self.workflows_checked.set()
 
+    def _task_ended(self, actor: TaskActor) -> None:
+        self.metrics.observe_task_end(actor.state)
+        ended_at = actor.state.finished_at or time.time()
+        self.idempotency.settle(actor.task_id, render(actor.state, ended_at).payload)
+
     async def _run_server(
         self,
         listeners: Sequence[trio.SocketListener],
@@ -281,7 +318,12 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
-        # Tasks still running stay in the journal; the next start resumes them.
+        # Then the tasks, so none records while the journal closes. Tasks still
+        # running stay in the journal; the next start resumes them.
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            with trio.move_on_after(self.config.shutdown_grace + 1.0):
+                await registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 
