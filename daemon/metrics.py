@@ -83,7 +83,7 @@ HTTP_CONNECTIONS = _spec("http_connections", "gauge", "client connections open n
 TASKS = _spec(
     "tasks",
     "gauge",
-    "tasks the daemon tracks now, by state (queued, running, completed, error); "
+    "tasks the daemon tracks now, by state (queued, running, waiting, requeued, completed, error); "
     "finished tasks stay for task_retention seconds",
     "state",
 )
@@ -111,6 +111,13 @@ SSE_HEARTBEATS = _spec(
 )
 BACKEND_UP = _spec(
     "backend_up", "gauge", "1 while the WebSocket to this ComfyUI is open, else 0", "backend"
+)
+BACKEND_LOAD = _spec(
+    "backend_load",
+    "gauge",
+    "prompts in this ComfyUI's queue (running + pending, anyone's) as dispatch counts them; "
+    "it takes a task while this is below backend_max_pending",
+    "backend",
 )
 BACKEND_RECONNECTS = _spec(
     "backend_reconnects_total",
@@ -141,6 +148,7 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
     SSE_EVENTS,
     SSE_HEARTBEATS,
     BACKEND_UP,
+    BACKEND_LOAD,
     BACKEND_RECONNECTS,
     BACKEND_FRAMES,
     BACKEND_PROTOCOL_ERRORS,
@@ -218,6 +226,7 @@ class DaemonMetrics:
             SSE_EVENTS: lambda: {(): app.streams.events_sent},
             SSE_HEARTBEATS: lambda: {(): app.streams.heartbeats_sent},
             BACKEND_UP: lambda: {(b.name,): int(b.is_connected()) for b in backends()},
+            BACKEND_LOAD: lambda: {(b.name,): b.load() for b in backends()},
             BACKEND_RECONNECTS: lambda: {(b.name,): b.reconnects for b in backends()},
             BACKEND_FRAMES: lambda: {(b.name,): b.frames_received for b in backends()},
             BACKEND_PROTOCOL_ERRORS: lambda: {(b.name,): b.protocol_errors for b in backends()},
