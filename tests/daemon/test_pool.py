@@ -319,3 +319,20 @@ async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path
         task_id = await pool.generate()
         assert payloads(await read_events(pool.url, task_id))[-1]["status"] == "completed"
         assert actor_of(pool, task_id).backend_name == live.name
+
+
+async def test_without_resubmit_a_backend_away_past_lost_after_ends_the_task_lost(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(
+        tmp_path, [MANUAL, FAST], backend_lost_after=0.3, resubmit_lost=False
+    ) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        pool.simulators[0].reject_connections(3600)
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["error"]["code"] == "lost"
+        assert "was away for 0.3 s" in data[-1]["error"]["details"]
+        assert actor.attempts == 1
