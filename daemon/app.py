@@ -9,9 +9,11 @@
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
-every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
-clients are told to come back (`retry:`), the listener closes, and open
-requests get `shutdown_grace` seconds before the nursery is cancelled.
+every service is up (hypercorn `run.py` style). `shutdown()` drains, in
+order: SSE clients are told to come back (`retry:`), the listener closes and
+open requests get `shutdown_grace` seconds; then the task actors stop (their
+last journal records made), then the journal is flushed and closed, and only
+then is the nursery cancelled.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.image_retention import ImageJanitor, RetentionPolicy
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
@@ -47,8 +50,9 @@ from daemon.shared.service import SharedService
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
-from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.tasks import TaskActor, TaskRegistry, TaskSettings
 from daemon.workflow_files import load_catalog
+from protocol.task import render
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ class App:
                 config.data_dir / "images",
                 self.redis,
                 config.redis_prefix,
-                ttl=config.task_retention + 60,
+                ttl=config.image_retention,
             )
         else:
             self.images = ImageStore(config.data_dir / "images")
@@ -125,9 +129,11 @@ class App:
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
         self.pool: BackendPool  # set in run(), once the ComfyUI URLs are known
+        self.workflows_checked = trio.Event()  # against every backend's first reading
         self.dispatcher: Dispatcher
         self.registry: TaskRegistry
-        self.metrics = DaemonMetrics()
+        self.image_janitor: ImageJanitor
+        self.metrics = DaemonMetrics(self)
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
@@ -147,8 +153,12 @@ class App:
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
+        # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
-            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+            self.images.directory,
+            param="name",
+            cache_control="public, max-age=31536000, immutable",
+            max_file_bytes=config.max_image_bytes,
         )
         if isinstance(self.images, SharedImageStore):
             self.router.add("GET", "/image/{name}", SharedImageRoute(self.images, images))
@@ -169,103 +179,118 @@ class App:
         *,
         task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        with self._cancel_scope:
+        try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.shared is not None:
                     await stack.enter_async_context(self.redis)
                 await self._run(listeners, task_status=task_status)
+        finally:
+            # Cancelled from outside rather than `shutdown()`: still release the journal.
+            await self.journal.close_abandoned()
 
     async def _run(
         self,
-        listeners: Sequence[trio.SocketListener] | None,
+        listeners: Sequence[trio.SocketListener] | None = None,
         *,
-        task_status: trio.TaskStatus[Bound],
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         config = self.config
         shared = self.shared
-        async with trio.open_nursery() as nursery:
-            urls = config.backend_urls
-            if not urls and (shared is None or config.simulate):
-                if not config.simulate:
-                    raise ValueError("no ComfyUI URL given and the simulator is off")
-                urls = tuple(
-                    [await self._start_simulator(nursery) for _ in range(config.simulators)]
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                urls = config.backend_urls
+                if not urls and (shared is None or config.simulate):
+                    if not config.simulate:
+                        raise ValueError("no ComfyUI URL given and the simulator is off")
+                    urls = tuple(
+                        [await self._start_simulator(nursery) for _ in range(config.simulators)]
+                    )
+                await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+                await self.images.open()
+                await self.journal.open()
+                records = await self.journal.load()
+                self.idempotency = IdempotencyKeys(
+                    journal=self.journal,
+                    loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
+                    wall_clock=time.time,
                 )
-            await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-            await self.images.open()
-            await self.journal.open()
-            records = await self.journal.load()
-            self.idempotency = IdempotencyKeys(
-                journal=self.journal,
-                loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
-                wall_clock=time.time,
-            )
-            await nursery.start(self.journal.run)
-            self.pool = BackendPool.from_urls(
-                urls,
-                BackendSettings(
-                    url=urls[0] if urls else "",
-                    connect_timeout=config.comfy_connect_timeout,
-                    http_timeout=config.comfy_http_timeout,
-                    silence_timeout=config.comfy_silence_timeout,
-                    reconnect_initial_delay=config.reconnect_initial_delay,
-                    reconnect_max_delay=config.reconnect_max_delay,
-                    max_image_bytes=config.max_image_bytes,
-                ),
-                data_dir=config.data_dir,
-                classes=self._workflow_classes(),
-                allow_empty=shared is not None,
-            )
-            self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
-            self.registry = TaskRegistry(
-                dispatcher=self.dispatcher,
-                images=self.images,
-                settings=TaskSettings(
-                    retention=config.task_retention,
-                    backend_wait_timeout=config.backend_wait_timeout,
-                    queue_poll_interval=config.queue_poll_interval,
-                    max_tasks=config.max_tasks,
-                    backend_lost_after=config.backend_lost_after,
-                    resubmit_lost=config.resubmit_lost,
-                    preview_max_rate=config.preview_max_rate,
-                ),
-                previews=self.previews,
-                # Shared: Redis is the journal (another daemon may run our tasks now).
-                journal=self.journal if shared is None else None,
-                on_publish=shared.mirror.changed if shared is not None else None,
-                on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
-            )
-            await nursery.start(self.registry.run)
-            if shared is None:
-                self.registry.restore(records)
-            if records and shared is None:
-                log.info("restored %d task(s) from the journal", self.registry.restored)
-            await nursery.start(self.dispatcher.run)
-            await nursery.start(self.pool.run)
-            nursery.start_soon(self._warn_unrunnable_workflows)
-            if shared is not None:
-                await nursery.start(shared.run, self.registry, self.dispatcher)
-                if not shared.serves_http:
-                    log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
-                    await nursery.start(self.systemd.run, self, "(worker)")
-                    task_status.started(Bound("", 0, urls[0] if urls else "", urls))
-                    return
-            if listeners is None:
-                listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
-                    config.listen_port, host=config.listen_host
+                await nursery.start(self.journal.run)
+                self.pool = BackendPool.from_urls(
+                    urls,
+                    BackendSettings(
+                        url=urls[0] if urls else "",
+                        connect_timeout=config.comfy_connect_timeout,
+                        http_timeout=config.comfy_http_timeout,
+                        silence_timeout=config.comfy_silence_timeout,
+                        reconnect_initial_delay=config.reconnect_initial_delay,
+                        reconnect_max_delay=config.reconnect_max_delay,
+                        max_image_bytes=config.max_image_bytes,
+                    ),
+                    data_dir=config.data_dir,
+                    classes=self._workflow_classes(),
+                    allow_empty=shared is not None,
                 )
-            await nursery.start(self._run_server, listeners)
-            sockname = listeners[0].socket.getsockname()
-            bound = Bound(
-                host=sockname[0],
-                port=sockname[1],
-                comfy_url=urls[0] if urls else "",
-                comfy_urls=urls,
-            )
-            where = ", ".join(urls) if urls else "none: a front of the shared queue"
-            log.info("listening on %s (ComfyUI at %s)", bound.url, where)
-            await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
-            task_status.started(bound)
+                self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
+                self.registry = TaskRegistry(
+                    dispatcher=self.dispatcher,
+                    images=self.images,
+                    settings=TaskSettings(
+                        retention=config.task_retention,
+                        backend_wait_timeout=config.backend_wait_timeout,
+                        queue_poll_interval=config.queue_poll_interval,
+                        max_tasks=config.max_tasks,
+                        backend_lost_after=config.backend_lost_after,
+                        resubmit_lost=config.resubmit_lost,
+                        preview_max_rate=config.preview_max_rate,
+                        max_queued=config.max_queued_tasks,
+                        max_queued_per_client=config.max_queued_tasks_per_client,
+                    ),
+                    previews=self.previews,
+                    # Shared: Redis is the journal (another daemon may run our tasks now).
+                    journal=self.journal if shared is None else None,
+                    on_publish=shared.mirror.changed if shared is not None else None,
+                    on_task_end=self._task_ended,
+                )
+                await nursery.start(self.registry.run)
+                self.image_janitor = ImageJanitor(
+                    self.images,
+                    RetentionPolicy(
+                        retention=config.image_retention, max_bytes=config.max_image_store_bytes
+                    ),
+                    in_use=self.registry.images_in_use,
+                )
+                if shared is None:
+                    self.registry.restore(records)
+                if records and shared is None:
+                    log.info("restored %d task(s) from the journal", self.registry.restored)
+                # After the restore, so the restored tasks' images count as in use.
+                await nursery.start(self.image_janitor.run)
+                await nursery.start(self.dispatcher.run)
+                await nursery.start(self.pool.run)
+                nursery.start_soon(self._warn_unrunnable_workflows)
+                if shared is not None:
+                    await nursery.start(shared.run, self.registry, self.dispatcher)
+                    if not shared.serves_http:
+                        log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
+                        await nursery.start(self.systemd.run, self, "(worker)")
+                        task_status.started(Bound("", 0, urls[0] if urls else "", urls))
+                        return
+                if listeners is None:
+                    listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
+                        config.listen_port, host=config.listen_host
+                    )
+                await nursery.start(self._run_server, listeners)
+                sockname = listeners[0].socket.getsockname()
+                bound = Bound(
+                    host=sockname[0],
+                    port=sockname[1],
+                    comfy_url=urls[0] if urls else "",
+                    comfy_urls=urls,
+                )
+                where = ", ".join(urls) if urls else "none: a front of the shared queue"
+                log.info("listening on %s (ComfyUI at %s)", bound.url, where)
+                await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
+                task_status.started(bound)
 
     def _workflow_classes(self) -> frozenset[str]:
         """Every node class some workflow uses: what each backend is asked about."""
@@ -290,6 +315,12 @@ class App:
                         node_id,
                         node_class,
                     )
+        self.workflows_checked.set()
+
+    def _task_ended(self, actor: TaskActor) -> None:
+        self.metrics.observe_task_end(actor.state)
+        ended_at = actor.state.finished_at or time.time()
+        self.idempotency.settle(actor.task_id, render(actor.state, ended_at).payload)
 
     async def _run_server(
         self,
@@ -326,7 +357,12 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
-        # Tasks still running stay in the journal; the next start resumes them.
+        # Then the tasks, so none records while the journal closes. Tasks still
+        # running stay in the journal; the next start resumes them.
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            with trio.move_on_after(self.config.shutdown_grace + 1.0):
+                await registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 

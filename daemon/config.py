@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from daemon.access import parse_origin, split_host
+from daemon.clients import parse_networks
 
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ class Config:
     )
     comfy_urls: tuple[str, ...] = _setting(
         (),
-        "more ComfyUI base URLs, one backend each (TOML list, or comma-separated in env/flags)",
+        "more ComfyUI base URLs, one backend each (a TOML list, or comma-separated)",
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
     simulators: int = _setting(1, "with simulate: how many embedded simulators (backends)", min=1)
@@ -94,6 +95,20 @@ class Config:
     preview_max_total_bytes: int = _setting(
         64 * 1024 * 1024, "memory for all tasks' previews (bytes; the stalest are evicted)", min=1
     )
+    max_queued_tasks: int = _setting(
+        1000,
+        "unfinished tasks (waiting or running) at once; beyond it /generate answers 429",
+        min=1,
+    )
+    max_queued_tasks_per_client: int = _setting(
+        0,
+        "unfinished tasks per client (its API token, else its address); beyond it 429 (0: no limit)",
+        min=0,
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "comma-separated proxy addresses/networks whose X-Forwarded-For/X-Real-IP name the client",
+    )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
     comfy_connect_timeout: float = _setting(10.0, "seconds to open ComfyUI's WebSocket", min=0.01)
@@ -126,7 +141,17 @@ class Config:
         1.0, "minimum seconds between GET /queue reads for queue positions", min=0.01
     )
     max_image_bytes: int = _setting(
-        64 * 1024 * 1024, "largest output image fetched from ComfyUI (bytes)", min=1
+        64 * 1024 * 1024, "largest image fetched from ComfyUI or served at /image (bytes)", min=1
+    )
+    image_retention: float = _setting(
+        7 * 24 * 3600.0,
+        "seconds an image is kept (0: no age limit); images of tasks still held are kept",
+        min=0.0,
+    )
+    max_image_store_bytes: int = _setting(
+        2 * 1024**3,
+        "the image store's size budget; beyond it the oldest images go (0: no limit)",
+        min=0,
     )
     # -- HTTP server limits
     max_body_bytes: int = _setting(1024 * 1024, "largest request body (bytes) -> 413", min=1)
@@ -231,9 +256,9 @@ def _field_type(name: str) -> type:
 
 
 def _url_list(raw: Any) -> tuple[str, ...]:
-    """A TOML list of strings, or one comma-separated string (env, flags)."""
+    """A TOML list of strings, or one comma- or space-separated string (env, flags)."""
     if isinstance(raw, str):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return tuple(list_setting(raw))
     if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
         return tuple(item.strip() for item in raw if item.strip())
     raise ValueError("expected a list of URLs")
@@ -345,6 +370,13 @@ def load(
         if urllib.parse.urlsplit(url).password is not None:
             # The daemon would not send it, and the URL is in every log line and metric.
             raise ConfigError("a ComfyUI URL must not carry a user:password")
+    try:
+        parse_networks(config.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for trusted_proxies: {exc}") from None
+    if config.max_upload_bytes > config.max_image_bytes:
+        # Every image the daemon takes must be one it can serve.
+        raise ConfigError("max_upload_bytes must be at most max_image_bytes")
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
     for origin in list_setting(config.allowed_origins):

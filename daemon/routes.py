@@ -13,6 +13,7 @@ from coredis.exceptions import RedisError
 
 from daemon.backends_view import backends_json
 from daemon.binder import SpecFactory
+from daemon.clients import client_key, parse_networks
 from daemon.comfy.capabilities import needs_of
 from daemon.http.types import (
     BodyWriter,
@@ -22,12 +23,14 @@ from daemon.http.types import (
     error_response,
     json_response,
 )
+from daemon.images import StorageError
+from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
 from daemon.preview_route import PreviewEndpoint
-from daemon.sse_stream import parse_last_event_id
-from daemon.tasks import CancelResult, TooManyTasks, new_prompt_id, new_task_id
+from daemon.tasks import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
 from protocol import api
 from protocol.errors import RequestError
+from protocol.sse import parse_last_event_id
 
 if TYPE_CHECKING:
     from daemon.app import App
@@ -42,6 +45,7 @@ SSE_HEADERS = (
 )
 NO_STORE = (("Cache-Control", "no-store"),)
 JOURNAL_FLUSH_TIMEOUT = 5.0
+QUEUE_FULL_RETRY_AFTER = 10  # seconds; a queued task takes at least that long to make room
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -60,11 +64,25 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
+def unavailable(reason: str, retry_after: int = 5) -> Response:
+    """503 with the reason and a Retry-After."""
+    busy = error_response(503, reason)
+    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
+
+
+def too_many(reason: str) -> Response:
+    """429 with the reason and a Retry-After."""
+    busy = error_response(429, reason)
+    retry = ("Retry-After", str(QUEUE_FULL_RETRY_AFTER))
+    return dataclasses.replace(busy, headers=[*busy.headers, retry])
+
+
 class Routes:
     """Request handlers; each reads the app's services and answers."""
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self.trusted_proxies = parse_networks(app.config.trusted_proxies)
 
     def install(self, router: Router) -> None:
         router.add("POST", "/generate", self.generate)
@@ -102,11 +120,15 @@ class Routes:
         if app.shared is not None:
             return await self._submit_shared(spec_for, key, request.body)
 
+        if app.journal.failure is not None:
+            return unavailable(app.journal.failure)
+        client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
-            actor = app.registry.create(spec_for)
+            actor = app.registry.create(spec_for, client=client)
         except TooManyTasks as exc:
-            busy = error_response(503, str(exc))
-            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+            return unavailable(str(exc))
+        except QueueFull as exc:
+            return too_many(str(exc))
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
         log.info(
@@ -118,10 +140,19 @@ class Routes:
         )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
-        with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
-            await app.journal.flush()
-        if waited.cancelled_caught:
-            log.error("the journal did not confirm task %s in time", actor.task_id)
+        problem = None
+        try:
+            with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
+                await app.journal.flush()
+            if waited.cancelled_caught:
+                problem = f"the journal did not confirm the task within {JOURNAL_FLUSH_TIMEOUT:g} s"
+        except JournalUnavailable as exc:
+            problem = str(exc)
+        if problem is not None:
+            # Never accept what a restart would lose: take the task back.
+            log.error("refusing task %s: %s", actor.task_id, problem)
+            actor.cancel()
+            return unavailable(problem)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
     async def _submit_shared(self, spec_for: SpecFactory, key: str | None, body: bytes) -> Response:
@@ -131,11 +162,17 @@ class Routes:
         now = time.time()
         spec = spec_for(new_task_id(now), new_prompt_id(), int(now * 1000))
         try:
+            # max_queued_tasks counts the whole service's queue, not this daemon's.
+            unfinished = await shared.store.unfinished_count()
+            if unfinished >= self.app.config.max_queued_tasks:
+                return too_many(
+                    f"{unfinished} tasks are waiting or running (the most the service "
+                    "takes); try again later"
+                )
             await shared.submit(spec, now)
         except RedisError as exc:
             log.error("cannot queue a task in Redis: %s", exc)
-            busy = error_response(503, "the shared task store is unreachable; try again")
-            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+            return unavailable("the shared task store is unreachable; try again")
         if key is not None:
             self.app.idempotency.remember(key, body, spec.task_id)
         log.info("task queued in Redis", extra={"task_id": spec.task_id})
@@ -161,10 +198,18 @@ class Routes:
         existing = self.app.idempotency.lookup(key, body)
         if existing is None:
             return None
-        return json_response(
-            202,
-            api.accepted_reply(existing),
-            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+        replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
+        if self.app.registry.get(existing) is not None:
+            return json_response(202, api.accepted_reply(existing), headers=replayed)
+        # The task has ended and been forgotten since: say how it ended.
+        outcome = self.app.idempotency.outcome(key)
+        if outcome is not None:
+            return json_response(200, outcome, headers=replayed)
+        return error_response(
+            410,
+            "the task made with this Idempotency-Key has ended and is forgotten; "
+            "its outcome is unknown (it ended before the daemon restarted)",
+            {"field": "Idempotency-Key", "taskId": existing},
         )
 
     def _unknown_task(self, task_id: str) -> Response:
@@ -180,6 +225,7 @@ class Routes:
     async def progress(self, request: Request) -> Response | StreamingResponse:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
+        # The header first, then the query (EventSource cannot set headers on its first try).
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )
@@ -302,5 +348,8 @@ class Routes:
             )
         except RequestError as exc:
             return request_error(exc)
+        except StorageError as exc:
+            log.error("upload refused: %s", exc)
+            return unavailable(str(exc))
         location = str(reply["imageUrl"])
         return json_response(201, reply, headers=[("Location", location), *NO_STORE])

@@ -18,14 +18,6 @@ from protocol.sse import encode_comment, encode_retry
 HEARTBEAT = encode_comment("heartbeat")
 
 
-def parse_last_event_id(header: str | None, query: str | None) -> int | None:
-    """The version a reconnecting client already has (header first, then ?lastEventId=)."""
-    for raw in (header, query):
-        if raw is not None and raw.strip().isdigit():
-            return int(raw.strip())
-    return None
-
-
 class StreamHub:
     """Tracks open SSE streams so shutdown can tell each one to come back later."""
 

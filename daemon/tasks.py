@@ -32,7 +32,7 @@ from daemon.comfy.capabilities import needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
-from daemon.images import ImageStore, NotAnImage
+from daemon.images import ImageStore, NotAnImage, StorageError, image_names_in
 from daemon.journal import Journal, TaskRecord
 from daemon.preview_throttle import PreviewThrottle
 from daemon.previews import PreviewStore
@@ -56,6 +56,8 @@ class TaskSettings:
     backend_lost_after: float = 60.0
     resubmit_lost: bool = True
     preview_max_rate: float = 4.0
+    max_queued: int = 1000  # unfinished tasks at once
+    max_queued_per_client: int = 0  # 0: no per-client limit
 
 
 class CancelResult(Enum):
@@ -70,6 +72,10 @@ class TooManyTasks(Exception):
 def new_prompt_id() -> str:
     """Ours, so frames can be routed before the POST (ComfyUI takes the id we give)."""
     return f"cp-{secrets.token_hex(16)}"
+
+
+class QueueFull(Exception):
+    """Too many unfinished tasks, in all or for this client; retry later (429)."""
 
 
 def new_task_id(now: float) -> str:
@@ -140,6 +146,8 @@ class TaskActor:
         self._preview_throttle = PreviewThrottle(
             settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
         )
+        # Our images the task reads (an inpainting source): kept while the task is.
+        self.source_images = image_names_in(state.spec.graph)
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -500,21 +508,23 @@ class TaskActor:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
         backend = self.backend
         assert backend is not None
-        interval = self.settings.queue_poll_interval
         while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
+            interval = backend.queue_read_spacing(self.settings.queue_poll_interval)
             if self.state.phase is task.Phase.WAITING:
                 await backend.connected_changed.wait()
                 continue
-            # A reading older than our submission cannot know our prompt yet.
-            not_before = max(self._submitted_at, trio.current_time() - interval)
+            # Any recent reading will do, even one from before our submission: a
+            # flood of new tasks must not cost a reading of a long queue each.
             try:
-                snapshot = await backend.read_queue(not_before=not_before)
+                reading = await backend.read_queue(not_before=trio.current_time() - interval)
             except BackendUnavailable:
-                snapshot = None
-            if snapshot is not None:
-                position = snapshot.position_of(self.prompt_id)
+                reading = None
+            if reading is not None:
+                position = reading.snapshot.position_of(self.prompt_id)
                 if position is None:
-                    self.request_reconcile()  # finished already, or gone
+                    if reading.taken_at >= self._submitted_at:
+                        self.request_reconcile()  # finished already, or gone
+                    # else: taken before our submission; the next reading will say
                 else:
                     if position.running:
                         backend.router.note_running(self.prompt_id)
@@ -575,8 +585,8 @@ class TaskActor:
         entry = await http.history(self.prompt_id)
         if entry is None:
             # Any reading taken after the reason to reconcile will do.
-            queue = await backend.read_queue(not_before=self._reconcile_requested_at)
-            position = queue.position_of(self.prompt_id)
+            reading = await backend.read_queue(not_before=self._reconcile_requested_at)
+            position = reading.snapshot.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
                     backend.router.note_running(self.prompt_id)
@@ -613,6 +623,10 @@ class TaskActor:
                 self.handle(
                     task.Failed("output_unavailable", "ComfyUI sent a broken image", str(exc))
                 )
+                return
+            except StorageError as exc:
+                self._log(logging.ERROR, "cannot store the output image: %s", exc)
+                self.handle(task.Failed("storage", "The daemon cannot store the image", str(exc)))
                 return
             except BackendUnavailable as exc:
                 if trio.current_time() >= deadline:
@@ -719,6 +733,10 @@ class TaskRegistry:
         self.on_publish = on_publish
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        # Unfinished tasks -> the client key they count against (None: no client).
+        self._unfinished: dict[str, str | None] = {}
+        self._unfinished_by_client: dict[str, int] = {}
         self.created = 0
         self.restored = 0
         self.changed = Signal()  # a task was added, changed state or was forgotten
@@ -729,10 +747,22 @@ class TaskRegistry:
         self.restored_version_base = (journal.epoch << 32) if journal is not None else 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep(math.inf)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep(math.inf)
+        finally:
+            self._nursery = None
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Cancel every actor and wait until they have all ended (their last
+        journal records are made by then). Unfinished tasks stay in the journal."""
+        if self._nursery is None:
+            return
+        self._nursery.cancel_scope.cancel()
+        await self._stopped.wait()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -743,12 +773,52 @@ class TaskRegistry:
     def actors(self) -> list[TaskActor]:
         return list(self._tasks.values())
 
+    def images_in_use(self) -> set[str]:
+        """Images no retention may delete: sources and results of the tasks held."""
+        names: set[str] = set()
+        for actor in self._tasks.values():
+            names.update(actor.source_images)
+            names.update(actor.state.image_files)
+        return names
+
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:
             self.journal.record(actor.record())
         self.changed.fire()
 
+    @property
+    def unfinished(self) -> int:
+        """Tasks waiting or running (what max_queued bounds)."""
+        return len(self._unfinished)
+
+    def _settle(self, task_id: str) -> None:
+        if task_id not in self._unfinished:
+            return
+        client = self._unfinished.pop(task_id)
+        if client is not None:
+            left = self._unfinished_by_client[client] - 1
+            if left:
+                self._unfinished_by_client[client] = left
+            else:
+                del self._unfinished_by_client[client]
+
+    def _check_room(self, client: str | None) -> None:
+        settings = self.settings
+        if len(self._unfinished) >= settings.max_queued:
+            raise QueueFull(
+                f"{len(self._unfinished)} tasks are waiting or running (the most the daemon "
+                "takes); try again later"
+            )
+        limit = settings.max_queued_per_client
+        if client is not None and limit and self._unfinished_by_client.get(client, 0) >= limit:
+            raise QueueFull(
+                f"you have {limit} unfinished tasks, the most one client may have; "
+                "try again when one has ended"
+            )
+
     def _actor_changed(self, actor: TaskActor) -> None:
+        if actor.is_done():
+            self._settle(actor.task_id)
         self._journal_change(actor)
         if self.on_publish is not None:
             self.on_publish(actor)
@@ -770,18 +840,25 @@ class TaskRegistry:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def create(self, spec_for: Callable[[str, str, int], task.TaskSpec]) -> TaskActor:
-        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec."""
+    def create(
+        self, spec_for: Callable[[str, str, int], task.TaskSpec], *, client: str | None = None
+    ) -> TaskActor:
+        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec.
+
+        `client` is the key a per-client limit counts by (see daemon/clients.py).
+        Raises TooManyTasks or QueueFull when there is no room.
+        """
         if self._nursery is None:
             raise RuntimeError("the registry is not running")
         if len(self._tasks) >= self.settings.max_tasks:
             raise TooManyTasks(f"{len(self._tasks)} tasks are being tracked; try again later")
+        self._check_room(client)
         now = self.wall_clock()
         task_id = new_task_id(now)
         prompt_id = new_prompt_id()
         spec = spec_for(task_id, prompt_id, int(now * 1000))
         actor = self._new_actor(task.new_task(spec, now))
-        self._start(actor, self.settings.retention)
+        self._start(actor, self.settings.retention, client=client)
         return actor
 
     def adopt(
@@ -859,9 +936,13 @@ class TaskRegistry:
             backend_name = self.dispatcher.pool.backends[0].name
         return self._new_actor(state, resumed=True, backend_name=backend_name)
 
-    def _start(self, actor: TaskActor, retention: float) -> None:
+    def _start(self, actor: TaskActor, retention: float, *, client: str | None = None) -> None:
         assert self._nursery is not None
         self._tasks[actor.task_id] = actor
+        if not actor.is_done():
+            self._unfinished[actor.task_id] = client
+            if client is not None:
+                self._unfinished_by_client[client] = self._unfinished_by_client.get(client, 0) + 1
         self.created += 1
         self._journal_change(actor)
         self._nursery.start_soon(self._run_actor, actor, retention)
@@ -888,6 +969,7 @@ class TaskRegistry:
         self.previews.drop(actor.task_id)
         if actor.moved:
             self._tasks.pop(actor.task_id, None)
+            self._settle(actor.task_id)
             self.changed.fire()
             return
         if not actor.state.phase.is_terminal:

@@ -715,16 +715,25 @@ def _node_order(node_id: str) -> tuple[int, int | str]:
 class QueueSnapshot:
     running: tuple[str, ...]  # prompt ids
     pending: tuple[str, ...]  # prompt ids in the order ComfyUI will run them
+    # prompt id -> place, made in one pass over both lists when first asked:
+    # thousands of queued tasks each asking must not cost a scan each.
+    _places: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def position_of(self, prompt_id: str) -> QueuePosition | None:
         """Where a prompt stands, or None when it is in neither list."""
-        if prompt_id in self.running:
-            return QueuePosition(running=True, ahead=0)
-        try:
-            index = self.pending.index(prompt_id)
-        except ValueError:
+        places = self._places
+        if places is None:
+            places = {prompt_id: -1 for prompt_id in self.running}
+            ahead = len(self.running)
+            for index, pending_id in enumerate(self.pending):
+                places.setdefault(pending_id, ahead + index)
+            object.__setattr__(self, "_places", places)
+        place = places.get(prompt_id)
+        if place is None:
             return None
-        return QueuePosition(running=False, ahead=len(self.running) + index)
+        if place < 0:
+            return QueuePosition(running=True, ahead=0)
+        return QueuePosition(running=False, ahead=place)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks 
 # Sent first on every connection (only a first message counts, FACTS §1): previews
 # then arrive as type 4 frames that name their prompt.
 FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+QUEUE_READ_SPACING = 20  # wait 20x as long as a /queue reading took before the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,14 @@ def save_client_id(path: Path, client_id: str) -> None:
     temporary.replace(path)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueReading:
+    """One GET /queue answer and when (Trio time) it was asked for."""
+
+    taken_at: float
+    snapshot: comfy.QueueSnapshot
+
+
 class SilentSocket(Exception):
     """No frame arrived for too long while one of our prompts ran."""
 
@@ -113,7 +122,9 @@ class ComfyBackend:
         self.reserved = 0  # handed a task that is being submitted
         self.last_error = ""
         self._queue_lock = trio.Lock()
-        self._queue_cache: tuple[float, comfy.QueueSnapshot] | None = None
+        self._queue_cache: QueueReading | None = None
+        self.queue_reads = 0
+        self.queue_read_cost = 0.0  # seconds the last GET /queue took (fetch and parse)
 
     # -- state for the rest of the daemon
 
@@ -140,17 +151,25 @@ class ComfyBackend:
         self.unseen_submissions += 1
         self.queue_changed.fire()
 
-    async def read_queue(self, *, not_before: float) -> comfy.QueueSnapshot:
+    async def read_queue(self, *, not_before: float) -> QueueReading:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
         is reused, so many tasks asking at once cost one request."""
         async with self._queue_lock:
             cached = self._queue_cache
-            if cached is not None and cached[0] >= not_before:
-                return cached[1]
+            if cached is not None and cached.taken_at >= not_before:
+                return cached
             taken_at = trio.current_time()
             snapshot = await self.http.queue()
-            self._queue_cache = (taken_at, snapshot)
-            return snapshot
+            self.queue_reads += 1
+            self.queue_read_cost = trio.current_time() - taken_at
+            self._queue_cache = QueueReading(taken_at, snapshot)
+            return self._queue_cache
+
+    def queue_read_spacing(self, minimum: float) -> float:
+        """Seconds between two /queue readings: at least `minimum`, and more for
+        a queue so long that reading it is costly (thousands of prompts are
+        megabytes): reading takes at most 1/QUEUE_READ_SPACING of the time."""
+        return max(minimum, self.queue_read_cost * QUEUE_READ_SPACING)
 
     # -- the consumer
 

@@ -120,6 +120,9 @@ class StreamingResponse:
     status: int
     headers: Sequence[tuple[str, str]]
     stream: StreamBody
+    # Known in advance (a file): sent as Content-Length instead of chunked framing;
+    # `stream` must then write exactly that many bytes.
+    content_length: int | None = None
 
 
 @dataclass(frozen=True)

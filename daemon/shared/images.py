@@ -2,13 +2,13 @@
 
 A result image is fetched from ComfyUI by the worker that ran the task, an
 inpainting source is uploaded to whichever front took the POST: each is also
-SET in Redis with an expiry (the task retention plus a margin), so any daemon
+SET in Redis with an expiry (`image_retention`, as the local files), so any daemon
 serves it, also after the daemon that stored it died. Reads try the local file
 first and keep what they fetched from Redis. Limits: Redis holds every image
-of the retention window in memory (at 1-2 MB per image, 1,000 tasks an hour
-with a 5-minute retention is ~150 MB); images larger than `max_image_bytes`
-never get here. For more, a shared filesystem or an object store would be the
-next step.
+of the retention window in memory: ~0.5-2 MB per image, so 1,000 images a day
+kept for the default week is some GB; lower `image_retention` in shared mode.
+Images larger than `max_image_bytes` never get here. For more, a shared
+filesystem or an object store would be the next step.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.http.static import StaticFiles
-from daemon.http.types import Request, Response
+from daemon.http.types import Request, Response, StreamingResponse
 from daemon.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class SharedImageStore(ImageStore):
         super().__init__(directory)
         self.redis = redis
         self.prefix = prefix
-        self.ttl = max(1, int(ttl))
+        self.ttl = max(1, int(ttl)) if ttl > 0 else None  # 0: no age limit
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:image:{name}"
@@ -76,6 +76,6 @@ class SharedImageRoute:
         self.store = store
         self.files = files
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, request: Request) -> Response | StreamingResponse:
         await self.store.fetch_to_disk(request.path_params["name"])
         return await self.files(request)

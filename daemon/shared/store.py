@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import coredis
 from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
+from coredis.response.types import StreamPending
 
 from daemon.broadcast import Snapshot
 from daemon.journal import TaskRecord
@@ -175,6 +176,12 @@ class SharedStore:
 
     async def waiting_count(self) -> int:
         return await self.redis.zcard(self.waiting_key)
+
+    async def unfinished_count(self) -> int:
+        """Tasks waiting in the queue or held by a worker, over the whole service."""
+        pending = await self.redis.xpending(self.queue_key, GROUP)
+        held = pending.pending if isinstance(pending, StreamPending) else len(pending)
+        return await self.waiting_count() + held
 
     async def take_waiting(self, task_id: str) -> bool:
         """Out of the waiting set; True for exactly one caller (a taker or a cancel)."""

@@ -75,7 +75,8 @@ Known gaps vs real ComfyUI
   come out in a fixed order.
 - No ``/internal``, ``/models``, ``/embeddings``, ``/userdata``, ``/upload/mask``
   or frontend routes.
-- Files live in memory; beyond ``max_stored_files`` the oldest generated files go.
+- Files live in memory; beyond ``max_stored_files`` the oldest generated files go,
+  beyond ``max_input_bytes`` the oldest uploads.
 - The loopback test of the Origin rule does no DNS lookup (localhost names and
   IP literals only).
 """

@@ -32,7 +32,7 @@ class ComfySimulator:
         self.controls = SimulatorControls.from_config(self.config)
         self.gate = StepGate(manual=self.config.manual_steps)
         rng = random.Random(self.config.seed)
-        self.files = FileStore(self.config.max_stored_files)
+        self.files = FileStore(self.config.max_stored_files, self.config.max_input_bytes)
         self.catalogue = {
             name: node
             for name, node in build_catalogue().items()

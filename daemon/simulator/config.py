@@ -45,6 +45,8 @@ class SimulatorConfig:
     max_render_pixels: int = 2048 * 2048
     # Generated (output/temp) files kept in memory; the oldest are dropped beyond this.
     max_stored_files: int = 5000
+    # Uploaded (input) files kept in memory, in bytes; the oldest are dropped beyond this.
+    max_input_bytes: int = 256 * 1024 * 1024
     max_upload_size: int = 104_857_600
     max_history: int = 10_000
     # Frames buffered per WebSocket before the simulator gives up on a slow reader.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -55,13 +57,24 @@ async def _read_output(
     listening.set()
 
 
+def _limit_open_files(limits: tuple[int, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
 @asynccontextmanager
 async def daemon_process(
-    data_dir: Path, comfy_url: str | None, *settings: str, worker: bool = False
+    data_dir: Path,
+    comfy_url: str | None,
+    *settings: str,
+    open_files: tuple[int, int] | None = None,
+    worker: bool = False,
 ) -> AsyncIterator[DaemonProcess]:
     """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url` (None: no backend, a
-    front of the shared queue); `settings` are KEY=VALUE. `worker`: role=worker, which
-    serves no HTTP: ready when it says so (its `url` is "ready")."""
+    front of the shared queue); `settings` are KEY=VALUE.
+
+    `open_files` is the (soft, hard) RLIMIT_NOFILE the daemon starts with. `worker`:
+    role=worker, which serves no HTTP: ready when it says so (its `url` is "ready").
+    """
     command = [
         sys.executable,
         "-m",
@@ -80,6 +93,7 @@ async def daemon_process(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
     )
     daemon = DaemonProcess(process)
     listening = trio.Event()

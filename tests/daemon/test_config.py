@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon import config as cfg
+from daemon.cli import _flag_settings, build_parser
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -78,3 +79,31 @@ def test_rendered_config_loads_back(tmp_path: Path) -> None:
     config = cfg.load(config_file=None, environ={}, flags={"heartbeat_interval": "12.5"})
     again = cfg.load(config_file=write(tmp_path, cfg.render_toml(config)), environ={}, flags={})
     assert again == config
+
+
+def test_several_comfyui_urls_from_each_layer(tmp_path: Path) -> None:
+    path = write(tmp_path, 'comfy_url = "http://a:1"\ncomfy_urls = ["http://b:2/", "http://a:1"]\n')
+    config = cfg.load(config_file=path, environ={}, flags={})
+    assert config.backend_urls == ("http://a:1", "http://b:2")  # in order, each once
+    environ = {"COMFY_PROGRESS_COMFY_URLS": "http://c:3, http://d:4"}
+    config = cfg.load(config_file=path, environ=environ, flags={})
+    assert config.backend_urls == ("http://a:1", "http://c:3", "http://d:4")
+    with pytest.raises(cfg.ConfigError, match="must start with http://"):
+        cfg.load(config_file=None, environ={"COMFY_PROGRESS_COMFY_URLS": "ftp://x"}, flags={})
+    with pytest.raises(cfg.ConfigError, match="expected a list of URLs"):
+        cfg.load(config_file=write(tmp_path, "comfy_urls = 3\n"), environ={}, flags={})
+
+
+def test_repeated_comfy_url_flags_and_simulate_n() -> None:
+
+    args = build_parser().parse_args(
+        ["serve", "--comfy-url", "http://a:1", "--comfy-url", "http://b:2"]
+    )
+    config = cfg.load(config_file=None, environ={}, flags=_flag_settings(args))
+    assert config.backend_urls == ("http://a:1", "http://b:2")
+    args = build_parser().parse_args(["serve", "--simulate", "3"])
+    config = cfg.load(config_file=None, environ={}, flags=_flag_settings(args))
+    assert (config.simulate, config.simulators) == (True, 3)
+    args = build_parser().parse_args(["serve", "--simulate"])
+    config = cfg.load(config_file=None, environ={}, flags=_flag_settings(args))
+    assert (config.simulate, config.simulators) == (True, 1)

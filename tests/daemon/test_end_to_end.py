@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from daemon.http.client import open_stream
 from daemon.simulator import SimulatorConfig
+from protocol.sse import SSEDecoder
 from tests.daemon.harness import payloads, running_daemon
 
 
@@ -75,6 +78,33 @@ async def test_resume_with_last_event_id(tmp_path: Path) -> None:
         # Same through the query parameter a browser can set on its first connection.
         resumed = await daemon.events(task_id, query=f"?lastEventId={last - 1}")
         assert [int(e.id or 0) for e in resumed] == [last]
+
+
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [
+        ("1\u00b2", ""),  # the byte 0xB2 read as Latin-1: a digit to str.isdigit()
+        ("\u00b2", ""),
+        ("9" * 5000, ""),  # more digits than int() converts
+        ("", "?lastEventId=1%C2%B2"),
+        ("", "?lastEventId=%E2%91%A0"),  # CIRCLED DIGIT ONE
+        ("", "?lastEventId=" + "7" * 5000),
+    ],
+)
+async def test_a_last_event_id_that_is_not_ascii_digits_is_ignored(
+    tmp_path: Path, header: str, query: str
+) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        fresh = await daemon.events(task_id)
+        headers = (("Last-Event-ID", header),) if header else ()
+        decoder = SSEDecoder()
+        url = f"{daemon.url}/progress/{task_id}{query}"
+        async with open_stream("GET", url, headers=headers) as response:
+            assert response.status == 200
+            events = [e async for chunk in response.chunks for e in decoder.feed(chunk)]
+        # Treated as no id at all: the stream starts from the current snapshot.
+        assert [e.data for e in events] == [fresh[-1].data]
 
 
 async def test_failure_at_a_node_is_an_error_event(tmp_path: Path) -> None:

@@ -227,3 +227,35 @@ async def test_an_actor_crash_ends_every_stream_with_internal(tmp_path: Path) ->
         cancel = await daemon.request("DELETE", f"/tasks/{task_id}")
         assert cancel.json()["status"] == "error"
         assert cancel.json()["cancelled"] is False
+
+
+async def wait_forgotten(daemon: Daemon, task_id: str) -> None:
+    while daemon.app.registry.get(task_id) is not None:
+        await daemon.app.registry.changed.wait()
+
+
+async def test_idempotency_key_replayed_after_its_task_was_forgotten(tmp_path: Path) -> None:
+    body = {"prompt": "a red fox", "seed": 5}
+    key = (("Idempotency-Key", "order-43"),)
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        first = await daemon.request("POST", "/generate", body, headers=key)
+        assert first.status == 202
+        task_id = first.json()["taskId"]
+        final = payloads(await daemon.events(task_id))[-1]
+        await wait_forgotten(daemon, task_id)
+        assert (await daemon.request("GET", f"/tasks/{task_id}")).status == 404
+        # Not "queued" with a taskId that 404s: the outcome the key led to.
+        again = await daemon.request("POST", "/generate", body, headers=key)
+        assert again.status == 200
+        assert again.headers.get("idempotent-replayed") == "true"
+        outcome = again.json()
+        assert outcome["taskId"] == task_id
+        assert outcome["status"] == "completed"
+        assert outcome["result"] == final["result"]
+        assert daemon.app.registry.created == 1
+    # After a restart the key is still known (journal), its outcome is not: 410.
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        gone = await daemon.request("POST", "/generate", body, headers=key)
+        assert gone.status == 410
+        assert gone.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
+        assert daemon.app.registry.created == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from pathlib import Path
 
 import trio
@@ -9,7 +11,8 @@ import trio
 from daemon.journal import Journal, KeyRecord, TaskRecord
 
 
-def record(task_id: str, version: int, phase: str = "running") -> TaskRecord:
+def record(task_id: str, version: int, phase: str = "running", *, big: bool = False) -> TaskRecord:
+    """`big`: a row that needs new pages (a prompt of 64 KiB)."""
     return TaskRecord(
         task_id=task_id,
         prompt_id=f"p-{task_id}",
@@ -18,7 +21,12 @@ def record(task_id: str, version: int, phase: str = "running") -> TaskRecord:
         submitted=True,
         created_at=1.0,
         finished_at=None if phase == "running" else 2.0,
-        spec={"taskId": task_id, "promptId": f"p-{task_id}", "graph": {}},
+        spec={
+            "taskId": task_id,
+            "promptId": f"p-{task_id}",
+            "graph": {},
+            "prompt": "x" * 65536 if big else "",
+        },
         message={"event": "progress", "version": version, "payload": {"taskId": task_id}},
     )
 
@@ -74,3 +82,36 @@ async def test_idempotency_keys_expire(tmp_path: Path) -> None:
         "new": KeyRecord("t2", 200.0, "b")
     }
     await journal.aclose()
+
+
+async def test_a_journal_from_before_pools_is_read_and_gains_the_backend_column(
+    tmp_path: Path,
+) -> None:
+
+    path = tmp_path / "journal.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, prompt_id TEXT NOT NULL,"
+        " phase TEXT NOT NULL, version INTEGER NOT NULL, submitted INTEGER NOT NULL,"
+        " created_at REAL NOT NULL, finished_at REAL, spec TEXT NOT NULL, message TEXT NOT NULL);"
+        "INSERT INTO tasks VALUES ('old', 'p-old', 'running', 3, 1, 1.0, NULL,"
+        ' \'{"taskId": "old", "promptId": "p-old", "graph": {}}\','
+        ' \'{"event": "progress", "version": 3, "payload": {}}\');'
+    )
+    old.commit()
+    old.close()
+    journal = Journal(path)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        (loaded,) = await journal.load()
+        assert (loaded.task_id, loaded.submitted, loaded.backend) == ("old", True, None)
+        journal.record(dataclasses.replace(record("new", 1), backend="http://gpu2:8188"))
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+    reopened = Journal(path)
+    await reopened.open()
+    backends = {r.task_id: r.backend for r in await reopened.load()}
+    assert backends == {"old": None, "new": "http://gpu2:8188"}
+    await reopened.aclose()

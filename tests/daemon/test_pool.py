@@ -7,15 +7,18 @@ point; tests wait for states (signals, events), never for time.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from daemon.http.client import http_request
 from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
+from daemon.systemd import status_line
 from daemon.tasks import TaskActor
 from protocol import task
 from tests.daemon.harness import FAST, Pool, payloads, read_events, running_pool
@@ -278,3 +281,58 @@ async def test_cancel_while_the_backend_is_away_ends_the_task_at_once(tmp_path: 
         sim.grant_steps(1000)
         await sim.wait_for_history(prompt_id)  # interrupted once the backend was back
         assert await queue_of(sim.url) == (0, 0)
+
+
+async def test_a_workflow_class_no_backend_has_is_logged_at_first_contact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
+        await pool.app.workflows_checked.wait()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "workflow 'inpaint'" in w and "uses class VAEEncodeForInpaint" in w for w in warnings
+    ), warnings
+
+
+async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path) -> None:
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there
+    async with running_pool(tmp_path, [FAST], first_urls=(dead,)) as pool:
+        live = pool.app.pool.backends[1]
+        while not pool.app.pool.takes_work(live):
+            await pool.app.pool.changed.wait()
+        ready = await pool.request("GET", "/readyz")
+        assert ready.status == 200
+        assert (ready.json()["backendsUp"], ready.json()["backends"]) == (1, 2)
+        metrics = (await pool.request("GET", "/metrics")).body.decode()
+        assert f'comfy_progress_backend_up{{backend="{dead}"}} 0' in metrics
+        assert f'comfy_progress_backend_up{{backend="{live.name}"}} 1' in metrics
+        assert f'comfy_progress_backend_load{{backend="{live.name}"}} 0' in metrics
+        assert "1 of 2 backends up" in status_line(pool.app, pool.url)
+        backends = (await pool.request("GET", "/backends")).json()["backends"]
+        assert backends[0]["connected"] is False
+        assert "refused" in backends[0]["lastError"].lower()
+        assert backends[0]["capabilities"] is None
+        # Work goes to the backend that is up.
+        task_id = await pool.generate()
+        assert payloads(await read_events(pool.url, task_id))[-1]["status"] == "completed"
+        assert actor_of(pool, task_id).backend_name == live.name
+
+
+async def test_without_resubmit_a_backend_away_past_lost_after_ends_the_task_lost(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(
+        tmp_path, [MANUAL, FAST], backend_lost_after=0.3, resubmit_lost=False
+    ) as pool:
+        await pool.all_read()
+        task_id = await pool.generate()
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        pool.simulators[0].reject_connections(3600)
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["error"]["code"] == "lost"
+        assert "was away for 0.3 s" in data[-1]["error"]["details"]
+        assert actor.attempts == 1
