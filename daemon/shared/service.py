@@ -68,6 +68,13 @@ class SharedService:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        while True:  # the queue and its group, before the first POST or take
+            try:
+                await self.store.ensure_queue()
+                break
+            except RedisError as exc:
+                log.warning("Redis is not reachable yet (%s); retrying", exc)
+                await trio.sleep(1.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.mirror.run)
             await nursery.start(self.watcher.run)

@@ -88,21 +88,11 @@ class SharedWorker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._retrying(self.store.ensure_queue)
             nursery.start_soon(self._take_loop)
             nursery.start_soon(self._lease_loop)
             task_status.started()
 
     _nursery: trio.Nursery | None = None
-
-    async def _retrying(self, operation: object) -> None:
-        while True:
-            try:
-                await operation()  # type: ignore[operator]
-                return
-            except RedisError as exc:
-                log.warning("Redis: %s (retrying)", exc)
-                await trio.sleep(RETRY_DELAY)
 
     async def _done(self, entry: str) -> None:
         try:
