@@ -46,7 +46,7 @@ from daemon.metrics import DaemonMetrics
 from daemon.previews import PreviewStore
 from daemon.routes import Routes
 from daemon.shared.images import SharedImageRoute, SharedImageStore
-from daemon.shared.service import SharedService
+from daemon.shared.service import SharedService, new_daemon_id
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
@@ -102,8 +102,12 @@ class App:
         if config.shared:
             import coredis
 
-            self.redis: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis_url)
-            self.shared = SharedService(config, self.redis)
+            daemon_id = new_daemon_id()
+            # Named, so CLIENT LIST shows which daemon holds which connection.
+            self.redis: coredis.Redis[bytes] = coredis.Redis.from_url(
+                config.redis_url, client_name=daemon_id
+            )
+            self.shared = SharedService(config, self.redis, daemon_id)
             # Any daemon serves any task's images: local disk, then Redis' copy.
             self.images: ImageStore = SharedImageStore(
                 config.data_dir / "images",

@@ -245,7 +245,8 @@ class Routes:
         """Any task, from its Redis stream (one reader per daemon, fanned out here)."""
         shared = self.app.shared
         assert shared is not None
-        first = await shared.latest(task_id)
+        # A task this daemon already reads costs Redis nothing more per viewer.
+        first = shared.watcher.current(task_id) or await shared.latest(task_id)
         if first is None:
             return self._unknown_task(task_id)
 
@@ -258,8 +259,8 @@ class Routes:
     async def task_status(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
-        if actor is None and self.app.shared is not None:
-            snapshot = await self.app.shared.latest(task_id)
+        if actor is None and (shared := self.app.shared) is not None:
+            snapshot = shared.watcher.current(task_id) or await shared.latest(task_id)
             if snapshot is None:
                 return self._unknown_task(task_id)
             return json_response(

@@ -42,10 +42,10 @@ def new_daemon_id() -> str:
 
 
 class SharedService:
-    def __init__(self, config: Config, redis: coredis.Redis[bytes]) -> None:
+    def __init__(self, config: Config, redis: coredis.Redis[bytes], daemon_id: str) -> None:
         self.config = config
         self.redis = redis
-        self.daemon_id = new_daemon_id()
+        self.daemon_id = daemon_id
         self.store = SharedStore(redis, config.redis_prefix, retention=config.task_retention)
         self.takes_work = config.role != "front"
         self.serves_http = config.role != "worker"

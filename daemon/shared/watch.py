@@ -59,6 +59,11 @@ class StreamWatcher:
     def watched(self) -> int:
         return len(self._watched)
 
+    def current(self, task_id: str) -> Snapshot | None:
+        """The newest snapshot of a task this daemon already reads (None: not watched)."""
+        watch = self._watched.get(task_id)
+        return watch.broadcaster.latest if watch is not None else None
+
     @asynccontextmanager
     async def watching(self, task_id: str, first: Snapshot) -> AsyncIterator[Broadcaster]:
         """A local broadcaster of the task's stream, while the caller needs it."""
