@@ -27,6 +27,8 @@ from daemon.images import StorageError
 from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
 from daemon.preview_route import PreviewEndpoint
+from daemon.shared.capabilities import why_nowhere
+from daemon.shared.store import published_capabilities
 from daemon.tasks import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
 from protocol import api
 from protocol.errors import RequestError
@@ -162,6 +164,10 @@ class Routes:
         now = time.time()
         spec = spec_for(new_task_id(now), new_prompt_id(), int(now * 1000))
         try:
+            # What the workers published they can run: the pool's 422, service-wide.
+            readings = await published_capabilities(shared.store)
+            if (reasons := why_nowhere(readings, needs_of(spec.graph))) is not None:
+                return self._refused(reasons)
             # max_queued_tasks counts the whole service's queue, not this daemon's.
             unfinished = await shared.store.unfinished_count()
             if unfinished >= self.app.config.max_queued_tasks:
@@ -186,6 +192,10 @@ class Routes:
         reasons = self.app.pool.why_nowhere(needs_of(graph))
         if reasons is None:
             return None
+        return self._refused(reasons)
+
+    @staticmethod
+    def _refused(reasons: dict[str, str]) -> Response:
         missing = sorted(set(reasons.values()))
         return error_response(
             422,

@@ -27,7 +27,9 @@ from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
 from coredis.response.types import StreamPending
 
 from daemon.broadcast import Snapshot
+from daemon.comfy.capabilities import Capabilities
 from daemon.journal import TaskRecord
+from daemon.shared.capabilities import capabilities_from_json
 from daemon.tasks import encode_snapshot
 from protocol import task
 
@@ -125,6 +127,9 @@ class SharedStore:
     def image_key(self, name: str) -> str:
         return f"{self.prefix}:image:{name}"
 
+    def capabilities_key(self, daemon_id: str) -> str:
+        return f"{self.prefix}:caps:{daemon_id}"
+
     # -- setup
 
     async def ensure_queue(self) -> None:
@@ -174,6 +179,11 @@ class SharedStore:
         await self.redis.zadd(self.waiting_key, {state.task_id: state.created_at})
         await self.redis.xadd(self.queue_key, {"task": state.task_id})
 
+    async def requeue(self, task_id: str, created_at: float) -> None:
+        """Back into the queue (a worker that cannot run it took it)."""
+        await self.redis.zadd(self.waiting_key, {task_id: created_at})
+        await self.redis.xadd(self.queue_key, {"task": task_id})
+
     async def waiting_count(self) -> int:
         return await self.redis.zcard(self.waiting_key)
 
@@ -205,6 +215,19 @@ class SharedStore:
             threshold=1000,
         )
         await self.redis.expire(key, RUNNING_TTL)
+
+
+async def published_capabilities(store: SharedStore) -> dict[str, Capabilities]:
+    """Every live worker's backends' readings, named `daemon/backend`."""
+    out: dict[str, Capabilities] = {}
+    async for key in store.redis.scan_iter(match=store.capabilities_key("*")):
+        raw = await store.redis.get(key)
+        if raw is None:
+            continue  # expired between the scan and the read
+        daemon_id = text(key).rsplit(":", 1)[-1]
+        for backend, reading in capabilities_from_json(raw).items():
+            out[f"{daemon_id}/{backend}"] = reading
+    return out
 
 
 def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:

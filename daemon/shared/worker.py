@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Final
 import trio
 from coredis.exceptions import RedisError
 
+from daemon.comfy.capabilities import needs_of
+from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
 from protocol import task
@@ -69,6 +71,7 @@ class SharedWorker:
         self._held: dict[str, str] = {}  # task id -> its queue entry id
         self.taken = 0
         self.claimed = 0
+        self.bounced = 0
 
     @property
     def held(self) -> int:
@@ -127,6 +130,7 @@ class SharedWorker:
     async def _take_loop(self) -> None:
         while True:
             await self._wait_for_room()
+            bounced = self.bounced
             try:
                 actor = await self._take_one()
             except RedisError as exc:
@@ -135,6 +139,8 @@ class SharedWorker:
                 continue
             if actor is not None:
                 await self._wait_dispatched(actor)
+            elif self.bounced != bounced:
+                await trio.sleep(RETRY_DELAY)  # not ours to run: let another worker take it
 
     async def _take_one(self) -> TaskActor | None:
         # Expired leases first: those tasks waited longest.
@@ -172,6 +178,12 @@ class SharedWorker:
         if shared is None or latest is None or shared.finished or latest.terminal:
             await self._done(entry)  # expired, or ended before its worker acknowledged it
             return None
+        if not claimed and self._runs_nowhere_here(shared):
+            # Another worker's backends may have what this workflow needs: back in line.
+            await self.store.requeue(task_id, shared.record.created_at)
+            await self._done(entry)
+            self.bounced += 1
+            return None
         if self.registry.get(task_id) is not None:
             await self._done(entry)
             return None
@@ -191,6 +203,11 @@ class SharedWorker:
         if await self.store.cancel_requested(task_id):
             actor.cancel()
         return actor
+
+    def _runs_nowhere_here(self, shared: SharedRecord) -> bool:
+        needs = needs_of(shared.record.spec["graph"])
+        reasons = self.pool.why_nowhere(needs)
+        return reasons is not None and len(reasons) == len(self.pool.backends)
 
     def _actor_for(self, shared: SharedRecord, version: int, *, claimed: bool) -> TaskActor:
         record = shared.record
@@ -222,25 +239,39 @@ class SharedWorker:
     async def _lease_loop(self) -> None:
         interval = self.lease_timeout / 4
         while True:
-            await trio.sleep(interval)
-            if not self._held:
-                continue
-            entries = dict(self._held)
             try:
-                mine = await self.store.redis.eval(
-                    REFRESH_LEASES,
-                    keys=[self.store.queue_key],
-                    args=[self.daemon_id, *entries.values()],
-                )
+                await self._publish_capabilities()
             except RedisError as exc:
-                log.warning("cannot refresh leases: %s", exc)
-                continue
-            still = {m.decode() if isinstance(m, bytes) else str(m) for m in mine or ()}  # type: ignore[union-attr]
-            for task_id, entry in entries.items():
-                if entry not in still and self._held.get(task_id) == entry:
-                    # Another worker claimed it while we were silent: it is theirs.
-                    del self._held[task_id]
-                    actor = self.registry.get(task_id)
-                    if actor is not None and not actor.is_done():
-                        log.warning("lost the lease on task %s; stopping our copy", task_id)
-                        actor.stop()
+                log.warning("cannot publish what our backends can run: %s", exc)
+            await trio.sleep(interval)
+            if self._held:
+                await self._refresh_leases()
+
+    async def _publish_capabilities(self) -> None:
+        if self.pool.capabilities:
+            await self.store.redis.set(
+                self.store.capabilities_key(self.daemon_id),
+                capabilities_to_json(self.pool.capabilities),
+                ex=int(self.lease_timeout * 3) + 1,
+            )
+
+    async def _refresh_leases(self) -> None:
+        entries = dict(self._held)
+        try:
+            mine = await self.store.redis.eval(
+                REFRESH_LEASES,
+                keys=[self.store.queue_key],
+                args=[self.daemon_id, *entries.values()],
+            )
+        except RedisError as exc:
+            log.warning("cannot refresh leases: %s", exc)
+            return
+        still = {m.decode() if isinstance(m, bytes) else str(m) for m in mine or ()}  # type: ignore[union-attr]
+        for task_id, entry in entries.items():
+            if entry not in still and self._held.get(task_id) == entry:
+                # Another worker claimed it while we were silent: it is theirs.
+                del self._held[task_id]
+                actor = self.registry.get(task_id)
+                if actor is not None and not actor.is_done():
+                    log.warning("lost the lease on task %s; stopping our copy", task_id)
+                    actor.stop()

@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import coredis
 import trio
 
 from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
+from daemon.simulator.png import encode_png
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
@@ -32,8 +34,8 @@ SETTINGS = (
 
 
 @asynccontextmanager
-async def simulator(*, manual: bool) -> AsyncIterator[ComfySimulator]:
-    sim = ComfySimulator(SimulatorConfig(step_time=0.01))
+async def simulator(*, manual: bool, hidden: tuple[str, ...] = ()) -> AsyncIterator[ComfySimulator]:
+    sim = ComfySimulator(SimulatorConfig(step_time=0.01, hidden_nodes=hidden))
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.run, ("127.0.0.1", 0))
         sim.set_manual_steps(manual)
@@ -234,3 +236,68 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path:
             later = await generate(entry.url)
             assert last(await read_events(entry.url, later))["status"] == "completed"
             assert len(await history_ids(sim)) == 1
+
+
+async def published_workers(redis_url: str) -> int:
+    client = coredis.Redis.from_url(redis_url)
+    async with client:
+        return len([key async for key in client.scan_iter(match="comfy-progress:caps:*")])
+
+
+async def until_published(redis_url: str, workers: int) -> None:
+    """Across a process boundary there is no signal to wait on: ask until they are there."""
+    while True:
+        if await published_workers(redis_url) >= workers:
+            return
+        await trio.sleep(0.05)
+
+
+async def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    response = await http_request(
+        "POST",
+        f"{url}/generate",
+        headers=[("Content-Type", "application/json")],
+        body=json.dumps(body).encode(),
+        timeout=10,
+    )
+    return response.status, response.json()
+
+
+async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_worker(
+    tmp_path: Path,
+) -> None:
+    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=False, hidden=("VAEEncodeForInpaint",)) as plain_sim,
+        simulator(manual=False) as full_sim,
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        upload = await http_request(
+            "POST",
+            f"{first.url}/upload",
+            headers=(("Content-Type", "image/png"),),
+            body=picture,
+            timeout=10,
+        )
+        assert upload.status == 201
+        inpaint = {
+            "prompt": "a hat",
+            "workflow": "inpaint",
+            "image": upload.json()["imageUrl"],
+            "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
+        }
+        async with worker(tmp_path, "w1", redis.url, plain_sim.url):
+            await until_published(redis.url, 1)
+            status, reply = await post(second.url, inpaint)
+            assert status == 422, reply
+            assert "node class VAEEncodeForInpaint" in reply["error"]["message"]
+            async with worker(tmp_path, "w2", redis.url, full_sim.url):
+                await until_published(redis.url, 2)
+                status, reply = await post(second.url, inpaint)  # the upload went to f1
+                assert status == 202, reply
+                events = await read_events(first.url, reply["taskId"])
+        assert last(events)["status"] == "completed"
+        assert len(await history_ids(full_sim)) == 1
+        assert await history_ids(plain_sim) == []
