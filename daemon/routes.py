@@ -175,12 +175,26 @@ class Routes:
                     f"{unfinished} tasks are waiting or running (the most the service "
                     "takes); try again later"
                 )
-            await shared.submit(spec, now)
+            if key is not None:
+                existing = await shared.idempotency.claim(key, body, spec.task_id)
+                if existing is not None:  # a retry, maybe at another front
+                    return json_response(
+                        202,
+                        api.accepted_reply(existing),
+                        headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+                    )
+            try:
+                await shared.submit(spec, now)
+            except RedisError:
+                if key is not None:
+                    with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT):
+                        await shared.idempotency.release(key)
+                raise
+        except RequestError as exc:
+            return request_error(exc)
         except RedisError as exc:
             log.error("cannot queue a task in Redis: %s", exc)
             return unavailable("the shared task store is unreachable; try again")
-        if key is not None:
-            self.app.idempotency.remember(key, body, spec.task_id)
         log.info("task queued in Redis", extra={"task_id": spec.task_id})
         return json_response(202, api.accepted_reply(spec.task_id), headers=NO_STORE)
 

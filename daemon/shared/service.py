@@ -22,6 +22,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.broadcast import Snapshot
+from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import SharedRecord, SharedStore, record_of
 from daemon.shared.watch import StreamWatcher
@@ -47,6 +48,7 @@ class SharedService:
         self.redis = redis
         self.daemon_id = daemon_id
         self.store = SharedStore(redis, config.redis_prefix, retention=config.task_retention)
+        self.idempotency = SharedIdempotencyKeys(redis, config.redis_prefix)
         self.takes_work = config.role != "front"
         self.serves_http = config.role != "worker"
         self.worker: SharedWorker | None = None

@@ -301,3 +301,40 @@ async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_
         assert last(events)["status"] == "completed"
         assert len(await history_ids(full_sim)) == 1
         assert await history_ids(plain_sim) == []
+
+
+async def test_an_idempotency_key_retried_at_another_front_is_the_same_task(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=False) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+        headers = [("Content-Type", "application/json"), ("Idempotency-Key", "retry-1")]
+        replies: list[Any] = []
+        async with trio.open_nursery() as nursery:  # twins at both fronts at once
+
+            async def send(url: str) -> None:
+                replies.append(
+                    await http_request(
+                        "POST", f"{url}/generate", headers=headers, body=body, timeout=10
+                    )
+                )
+
+            for daemon in (first, second, first, second):
+                nursery.start_soon(send, daemon.url)
+        assert [r.status for r in replies] == [202] * 4
+        assert len({r.json()["taskId"] for r in replies}) == 1
+        assert sum(r.headers.get("idempotent-replayed") == "true" for r in replies) == 3
+        other = json.dumps({"prompt": "a blue fox", "seed": 7}).encode()
+        misused = await http_request(
+            "POST", f"{second.url}/generate", headers=headers, body=other, timeout=10
+        )
+        assert misused.status == 422
+        task_id = replies[0].json()["taskId"]
+        assert last(await read_events(second.url, task_id))["status"] == "completed"
+        assert len(await history_ids(sim)) == 1

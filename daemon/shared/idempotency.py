@@ -1,0 +1,48 @@
+"""Idempotency keys shared by every daemon: the first POST with a key claims it with
+SET NX (expiring after KEY_TTL); a retry of that POST on any daemon gets the same task.
+
+The claim comes before the task is queued, so two twins arriving at two fronts at
+once make one task: the loser of the SET NX answers with the winner's task.
+"""
+
+from __future__ import annotations
+
+import json
+
+import coredis
+
+from daemon.idempotency import KEY_TTL, fingerprint
+from protocol.errors import RequestError
+
+
+class SharedIdempotencyKeys:
+    def __init__(self, redis: coredis.Redis[bytes], prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:idempotency:{fingerprint(key.encode())}"
+
+    async def claim(self, key: str, body: bytes, task_id: str) -> str | None:
+        """Claim `key` for `task_id`; the task it already made if another request had it
+        (RequestError 422 when that request had another body)."""
+        value = json.dumps({"taskId": task_id, "fingerprint": fingerprint(body)}).encode()
+        if await self.redis.set(
+            self._key(key), value, ex=int(KEY_TTL), condition=coredis.PureToken.NX
+        ):
+            return None
+        raw = await self.redis.get(self._key(key))
+        if raw is None:  # expired in between: ours now
+            return await self.claim(key, body, task_id)
+        existing = json.loads(raw)
+        if existing["fingerprint"] != fingerprint(body):
+            raise RequestError(
+                "this Idempotency-Key was already used with a different request",
+                status_hint=422,
+                details={"field": "Idempotency-Key", "taskId": existing["taskId"]},
+            )
+        return str(existing["taskId"])
+
+    async def release(self, key: str) -> None:
+        """The claimed task was never queued: the key is free again."""
+        await self.redis.delete([self._key(key)])
