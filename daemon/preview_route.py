@@ -34,12 +34,28 @@ class PreviewEndpoint:
     async def __call__(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
         actor = self.app.registry.get(task_id)
+        if actor is None and self.app.shared is not None:
+            return await self._shared(request, task_id)
         preview = self.app.previews.get(task_id) if actor is not None else None
         if actor is None or actor.is_done() or preview is None:
             return error_response(
                 404, "no preview", {"taskId": task_id, "hint": "previews exist while a task runs"}
             )
         etag = etag_of(self.app.previews.boot, preview.version)
+        return self._answer(request, etag, preview.media_type, preview.data)
+
+    async def _shared(self, request: Request, task_id: str) -> Response:
+        """A task another daemon runs: the preview its worker put in Redis."""
+        assert self.app.shared is not None
+        preview = await self.app.shared.store.load_preview(task_id)
+        if preview is None:
+            return error_response(
+                404, "no preview", {"taskId": task_id, "hint": "previews exist while a task runs"}
+            )
+        return self._answer(request, preview.etag, preview.media_type, preview.data)
+
+    @staticmethod
+    def _answer(request: Request, etag: str, media_type: str, data: bytes) -> Response:
         headers = [
             ("ETag", etag),
             ("Cache-Control", "no-cache"),
@@ -47,4 +63,4 @@ class PreviewEndpoint:
         ]
         if _matches(request.headers.get("if-none-match"), etag):
             return Response(304, headers)
-        return Response(200, [("Content-Type", preview.media_type), *headers], preview.data)
+        return Response(200, [("Content-Type", media_type), *headers], data)

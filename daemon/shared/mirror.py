@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.shared.store import SharedRecord, SharedStore, StaleWrite
+from daemon.preview_route import etag_of
+from daemon.shared.store import SharedPreview, SharedRecord, SharedStore, StaleWrite
 from protocol import task
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class TaskMirror:
         self._dirty: dict[str, tuple[TaskActor, int]] = {}  # task id -> (actor, its mark)
         self._marks = 0
         self._written: dict[str, int] = {}  # task id -> newest version in Redis
+        self._previews: dict[str, int] = {}  # task id -> preview version in Redis
         self._wake = trio.Event()
         self.stale = 0
 
@@ -80,6 +82,8 @@ class TaskMirror:
         message = actor.last_message
         record = actor.record()
         task_id = actor.task_id
+        # The preview first: a viewer fetches it as soon as a snapshot announces it.
+        await self._write_preview(actor, finished=message.is_terminal)
         if message.version > self._written.get(task_id, 0):
             try:
                 await self.store.append(task_id, message)
@@ -98,3 +102,20 @@ class TaskMirror:
         if finished:
             self._written.pop(task_id, None)
             self.on_finished(task_id)
+
+    async def _write_preview(self, actor: TaskActor, *, finished: bool) -> None:
+        """The newest preview a snapshot announced, for every daemon's preview route."""
+        task_id = actor.task_id
+        if finished:
+            if self._previews.pop(task_id, None) is not None:
+                await self.store.drop_preview(task_id)
+            return
+        version = actor.state.preview_version
+        preview = actor.previews.get(task_id)
+        if version is None or preview is None or self._previews.get(task_id) == preview.version:
+            return
+        etag = etag_of(actor.previews.boot, preview.version)
+        await self.store.save_preview(
+            task_id, SharedPreview(preview.media_type, etag, preview.data)
+        )
+        self._previews[task_id] = preview.version

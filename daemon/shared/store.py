@@ -10,7 +10,10 @@
                    the atomic hand-over between a cancel and a take: ZREM wins once)
 {p}:cancel:{id}    a cancel asked while a worker held the task (for a claimer)
 {p}:inbox:{daemon} Stream each daemon reads: cancels for its tasks, wake-ups
-{p}:image:{name}   an image's bytes, expiring with the retention
+{p}:image:{name}   an image's bytes, expiring with the image retention
+{p}:preview:{id}   a running task's newest preview (type, ETag, bytes)
+{p}:caps:{daemon}  what a worker's backends can run (expires unless refreshed)
+{p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 GROUP: Final = "workers"
 STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not a history
 RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
+PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
 
 
 class StaleWrite(Exception):
@@ -54,6 +58,13 @@ def text(value: bytes | str) -> str:
 
 def version_of(identifier: bytes | str) -> int:
     return int(text(identifier).split("-", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPreview:
+    media_type: str
+    etag: str  # names the worker's preview store and the version: never reused
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,9 @@ class SharedStore:
     def image_key(self, name: str) -> str:
         return f"{self.prefix}:image:{name}"
 
+    def preview_key(self, task_id: str) -> str:
+        return f"{self.prefix}:preview:{task_id}"
+
     def capabilities_key(self, daemon_id: str) -> str:
         return f"{self.prefix}:caps:{daemon_id}"
 
@@ -170,6 +184,21 @@ class SharedStore:
             raise
         ttl = int(self.retention) + 1 if message.is_terminal else RUNNING_TTL
         await self.redis.expire(key, ttl)
+
+    async def save_preview(self, task_id: str, preview: SharedPreview) -> None:
+        key = self.preview_key(task_id)
+        fields = {"type": preview.media_type, "etag": preview.etag, "data": preview.data}
+        await self.redis.hset(key, fields)  # type: ignore[arg-type]
+        await self.redis.expire(key, PREVIEW_TTL)
+
+    async def load_preview(self, task_id: str) -> SharedPreview | None:
+        fields = await self.redis.hgetall(self.preview_key(task_id))
+        if not fields or b"data" not in fields:
+            return None
+        return SharedPreview(text(fields[b"type"]), text(fields[b"etag"]), fields[b"data"])
+
+    async def drop_preview(self, task_id: str) -> None:
+        await self.redis.delete([self.preview_key(task_id)])
 
     async def submit(self, state: task.TaskState, message: task.TaskMessage) -> None:
         """A new task: its record, its first snapshot, and its place in the queue."""

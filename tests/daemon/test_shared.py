@@ -34,8 +34,11 @@ SETTINGS = (
 
 
 @asynccontextmanager
-async def simulator(*, manual: bool, hidden: tuple[str, ...] = ()) -> AsyncIterator[ComfySimulator]:
-    sim = ComfySimulator(SimulatorConfig(step_time=0.01, hidden_nodes=hidden))
+async def simulator(
+    *, manual: bool, hidden: tuple[str, ...] = (), previews: bool = False
+) -> AsyncIterator[ComfySimulator]:
+    config = SimulatorConfig(step_time=0.01, hidden_nodes=hidden, sampler_previews=previews)
+    sim = ComfySimulator(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.run, ("127.0.0.1", 0))
         sim.set_manual_steps(manual)
@@ -338,3 +341,44 @@ async def test_an_idempotency_key_retried_at_another_front_is_the_same_task(
         task_id = replies[0].json()["taskId"]
         assert last(await read_events(second.url, task_id))["status"] == "completed"
         assert len(await history_ids(sim)) == 1
+
+
+def has_preview(event: ServerSentEvent) -> bool:
+    return "preview" in json.loads(event.data)["progress"]
+
+
+async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True, previews=True) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        task_id = await generate(first.url)
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def grant_once_running() -> None:
+                await following.wait()
+                sim.grant_steps(1)  # one sampler step: one preview
+
+            nursery.start_soon(grant_once_running)
+            seen = await read_events(
+                first.url, task_id, first_event=following, stop_after=has_preview
+            )
+        url = json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        preview = await http_request("GET", second.url + url, timeout=10)
+        assert preview.status == 200
+        assert preview.headers.get("content-type") == "image/jpeg"
+        assert preview.body.startswith(b"\xff\xd8")
+        etag = preview.headers.get("etag") or ""
+        again = await http_request(
+            "GET", second.url + url, headers=[("If-None-Match", etag)], timeout=10
+        )
+        assert again.status == 304
+        sim.grant_steps(1000)
+        done = await read_events(second.url, task_id)
+        assert last(done)["status"] == "completed"
+        gone = await http_request("GET", second.url + url, timeout=10)
+        assert gone.status == 404
