@@ -10,7 +10,7 @@ LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 SIMULATE  ?= 1
 
-.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench bench-loop soak fuzz clean
+.PHONY: all setup test-deps run cluster test lint typecheck pytest jstest fmt docs bench bench-loop soak fuzz clean
 
 all: test
 
@@ -31,6 +31,11 @@ $(NPM_STAMP): package-lock.json
 
 run: setup
 	$(BIN)/comfy-progress serve --listen $(LISTEN) $(if $(COMFY_URL),$(foreach url,$(COMFY_URL),--comfy-url $(url)),--simulate $(SIMULATE))
+
+# Several daemons sharing Redis: redis-server, two fronts behind nginx, two workers,
+# two simulators; prints the URL (README: Several daemons). Needs redis-server, nginx.
+cluster: setup test-deps
+	$(BIN)/python scripts/cluster.py --port $(or $(CLUSTER_PORT),8080)
 
 lint: setup
 	$(BIN)/ruff check .

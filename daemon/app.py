@@ -275,6 +275,7 @@ class App:
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
                     if not shared.serves_http:
+                        self._server_done.set()  # no server: nothing to drain at shutdown
                         log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
                         await nursery.start(self.systemd.run, self, "(worker)")
                         task_status.started(Bound("", 0, urls[0] if urls else "", urls))
