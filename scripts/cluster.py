@@ -119,7 +119,7 @@ class Cluster:
         site = re.sub(r"^\s*server\s+127\.0\.0\.1:8000;\n", servers, site, flags=re.M)
         site = re.sub(
             r"^(\s*)listen\s+80 default_server;", rf"\1listen 127.0.0.1:{port};", site, flags=re.M
-        )  # noqa: E501
+        )
         site = re.sub(r"^\s*listen\s+\[::\]:80[^;]*;\n", "", site, flags=re.M)
         prefix = self.directory / "nginx"
         prefix.mkdir()
