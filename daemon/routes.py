@@ -287,9 +287,13 @@ class Routes:
             snapshot = shared.watcher.current(task_id) or await shared.latest(task_id)
             if snapshot is None:
                 return self._unknown_task(task_id)
-            return json_response(
-                200, {**snapshot.payload, "version": snapshot.version}, headers=NO_STORE
-            )
+            found = {**snapshot.payload, "version": snapshot.version}
+            if found.get("phase") == "queued" and found.get("queue") is None:
+                # Not taken by a worker yet: its place in the service's queue.
+                ahead = await shared.store.ahead_of(task_id)
+                if ahead is not None:
+                    found["queue"] = {"position": ahead + 1, "ahead": ahead}
+            return json_response(200, found, headers=NO_STORE)
         if actor is None:
             return self._unknown_task(task_id)
         snapshot = actor.broadcaster.latest

@@ -216,6 +216,11 @@ class SharedStore:
     async def waiting_count(self) -> int:
         return await self.redis.zcard(self.waiting_key)
 
+    async def ahead_of(self, task_id: str) -> int | None:
+        """Tasks before this one in the shared queue (None: not waiting there)."""
+        rank = await self.redis.zrank(self.waiting_key, task_id)
+        return rank if isinstance(rank, int) else None
+
     async def unfinished_count(self) -> int:
         """Tasks waiting in the queue or held by a worker, over the whole service."""
         pending = await self.redis.xpending(self.queue_key, GROUP)

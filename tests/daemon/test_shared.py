@@ -230,15 +230,19 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path:
         front(tmp_path, "f", redis.url) as entry,
     ):
         task_id = await generate(entry.url)  # no worker yet
+        behind = await generate(entry.url)
+        status = (await http_request("GET", f"{entry.url}/tasks/{behind}", timeout=10)).json()
+        assert status["queue"] == {"position": 2, "ahead": 1}  # the service's queue
         cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
         assert cancel.status == 202
         events = await read_events(entry.url, task_id)
         assert last(events)["error"]["code"] == "cancelled"
         async with simulator(manual=False) as sim, worker(tmp_path, "w", redis.url, sim.url):
-            # The worker skips it; a task posted after it is the first it runs.
+            # The worker skips it and runs the two others.
             later = await generate(entry.url)
-            assert last(await read_events(entry.url, later))["status"] == "completed"
-            assert len(await history_ids(sim)) == 1
+            for waited in (behind, later):
+                assert last(await read_events(entry.url, waited))["status"] == "completed"
+            assert len(await history_ids(sim)) == 2
 
 
 async def published_workers(redis_url: str) -> int:
