@@ -11,6 +11,8 @@ simulator and the load run in this process, all on 127.0.0.1. Three figures:
    SSE write -> client parse).
 3. Fan-out: N SSE subscribers on one task; per step, the time until the last
    of them has the event; and the daemon's memory per open stream.
+4. Relay latency again in shared mode (redis-server, a worker daemon and a
+   front daemon): what the Redis hop adds to figure 2.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from daemon.http.client import http_request, open_stream
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import SSEDecoder
 from tests.daemon.process import DaemonProcess, daemon_process
+from tests.daemon.redis_server import redis_server
 
 SAMPLER_STEPS = 20  # the built-in txt2img graph's KSampler
 SETTINGS = ("log_level=info", "max_connections=20000", "queue_poll_interval=1")
@@ -205,8 +208,21 @@ async def bench(requests: int, concurrency: int, relay_tasks: int, clients: int)
                 results.append(await bench_generate(daemon.url, sim, requests, concurrency))
                 results.append(await bench_relay(daemon.url, sim, relay_tasks))
                 results.append(await bench_fanout(daemon, sim, clients))
+            results.append(await bench_relay_shared(Path(tmp), sim, relay_tasks))
             nursery.cancel_scope.cancel()
     return results
+
+
+async def bench_relay_shared(tmp: Path, sim: ComfySimulator, tasks: int) -> str:
+    """The relay figure again with Redis between: worker -> Redis Stream -> front."""
+    async with redis_server(tmp / "redis") as redis:
+        shared = (*SETTINGS, f"redis_url={redis.url}")
+        async with (
+            daemon_process(tmp / "worker", sim.url, *shared, "role=worker", worker=True),
+            daemon_process(tmp / "front", None, *shared, "role=front") as front,
+        ):
+            figure = await bench_relay(front.url, sim, tasks)
+    return figure.replace("relay,", "relay through Redis (worker -> Redis -> front),", 1)
 
 
 def main() -> int:
