@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TAKE_BLOCK_MS: Final = 2000
 RETRY_DELAY: Final = 1.0
+HAND_BACK_TIMEOUT: Final = 2.0
 GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
 
 # Refresh the leases that are still ours (KEYS[1] the queue, ARGV[1] us, then entry ids).
@@ -89,11 +90,35 @@ class SharedWorker:
             actor.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._take_loop)
-            nursery.start_soon(self._lease_loop)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._take_loop)
+                nursery.start_soon(self._lease_loop)
+                task_status.started()
+        finally:
+            with trio.move_on_after(HAND_BACK_TIMEOUT, shield=True):
+                await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        """Stopping (SIGTERM): our unfinished tasks' entries get an idle time past the
+        lease, so another worker claims them now rather than after `lease_timeout`."""
+        if not self._held:
+            return
+        try:
+            await self.store.redis.xclaim(
+                self.store.queue_key,
+                GROUP,
+                self.daemon_id,
+                0,
+                list(self._held.values()),
+                idle=int(self.lease_timeout * 1000) + 1000,
+                justid=True,
+            )
+        except RedisError as exc:
+            log.warning("cannot hand our tasks back: %s", exc)
+            return
+        log.info("handed %d task(s) back to the shared queue", len(self._held))
 
     _nursery: trio.Nursery | None = None
 

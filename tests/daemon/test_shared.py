@@ -386,3 +386,44 @@ async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path)
         assert last(done)["status"] == "completed"
         gone = await http_request("GET", second.url + url, timeout=10)
         assert gone.status == 404
+
+
+async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as busy_sim,
+        simulator(manual=False) as idle_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, busy_sim.url),
+    ):
+        task_id = await generate(entry.url)
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        async with worker(tmp_path, "w2", redis.url, idle_sim.url):
+            # Several leases long, with an idle worker that would claim an expired one.
+            await trio.sleep(4)
+            busy_sim.grant_steps(1000)
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        phases = {json.loads(e.data).get("phase") for e in rest}
+        assert "requeued" not in phases
+        assert last(rest)["status"] == "completed"
+        assert await history_ids(idle_sim) == []
+        assert len(await history_ids(busy_sim)) == 1
+
+
+async def test_a_worker_stopped_with_sigterm_hands_its_task_over_at_once(tmp_path: Path) -> None:
+    long_lease = ("lease_timeout=600",)  # a claim after the lease would outlast the test
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as stopped_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, stopped_sim.url, extra=long_lease) as first:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            async with worker(tmp_path, "w2", redis.url, other_sim.url, extra=long_lease):
+                first.terminate()
+                assert await first.wait() == 0
+                rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed"
+        assert len(await history_ids(other_sim)) == 1
