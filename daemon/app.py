@@ -203,6 +203,9 @@ class App:
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 urls = config.backend_urls
+                worker_only = shared is not None and config.role == "worker"
+                if worker_only and not urls and not config.simulate:
+                    raise ValueError("role=worker needs a backend: --comfy-url or --simulate")
                 if not urls and (shared is None or config.simulate):
                     if not config.simulate:
                         raise ValueError("no ComfyUI URL given and the simulator is off")

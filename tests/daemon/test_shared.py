@@ -427,3 +427,25 @@ async def test_a_worker_stopped_with_sigterm_hands_its_task_over_at_once(tmp_pat
                 rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["status"] == "completed"
         assert len(await history_ids(other_sim)) == 1
+
+
+async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_it(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            doomed.kill()
+            assert await doomed.wait() == -9
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 202  # its holder is gone: the claimer gets the cancel
+        async with worker(tmp_path, "w2", redis.url, other_sim.url):
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["error"]["code"] == "cancelled"
+        assert await history_ids(other_sim) == []
