@@ -22,7 +22,7 @@ from pathlib import Path
 from daemon import config as config_module
 from tests.ops.harness import SITE_FILE, SYSTEMD_DIR
 
-UNITS = ("comfy-progress.service", "comfy-progress.socket")
+UNITS = ("comfy-progress.service", "comfy-progress.socket", "comfy-progress-worker.service")
 INSTALL_DIR = Path("/opt/comfy-progress")
 HOST_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 
