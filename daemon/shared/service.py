@@ -24,6 +24,7 @@ from coredis.exceptions import RedisError
 from daemon.broadcast import Snapshot
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
+from daemon.shared.positions import QueuePositions
 from daemon.shared.store import SharedRecord, SharedStore, record_of
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
@@ -54,6 +55,9 @@ class SharedService:
         self.worker: SharedWorker | None = None
         self.mirror = TaskMirror(self.store, daemon_id=self.daemon_id, on_finished=self._finished)
         self.watcher = StreamWatcher(self.store, daemon_id=self.daemon_id, on_message=self._message)
+        self.positions = QueuePositions(
+            self.store, self.watcher, interval=max(0.05, config.queue_poll_interval)
+        )
 
     def _finished(self, task_id: str) -> None:
         if self.worker is not None:
@@ -80,6 +84,8 @@ class SharedService:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.mirror.run)
             await nursery.start(self.watcher.run)
+            if self.serves_http:
+                await nursery.start(self.positions.run)
             if self.takes_work and dispatcher.pool.backends:
                 self.worker = SharedWorker(
                     self.store,
@@ -113,7 +119,9 @@ class SharedService:
         if shared is None or latest is None or shared.finished or latest.terminal:
             return shared
         if await self.store.take_waiting(task_id):
-            # Not yet taken by any worker, and now no worker will: end it here.
+            # Not yet taken by any worker, and now no worker will: end it here. (Read
+            # the newest version again: a front may have added a queue position.)
+            latest = await self.store.latest(task_id) or latest
             record = shared.record
             state = replace(
                 task.new_task(task.spec_from_json(record.spec), record.created_at),

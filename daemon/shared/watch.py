@@ -59,6 +59,14 @@ class StreamWatcher:
     def watched(self) -> int:
         return len(self._watched)
 
+    def snapshots(self) -> list[tuple[str, Snapshot]]:
+        """The newest snapshot of every task this daemon reads now."""
+        return [
+            (task_id, latest)
+            for task_id, watch in self._watched.items()
+            if (latest := watch.broadcaster.latest) is not None
+        ]
+
     def current(self, task_id: str) -> Snapshot | None:
         """The newest snapshot of a task this daemon already reads (None: not watched)."""
         watch = self._watched.get(task_id)

@@ -449,3 +449,35 @@ async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_
             rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["error"]["code"] == "cancelled"
         assert await history_ids(other_sim) == []
+
+
+def queue_of(event: ServerSentEvent) -> Any:
+    return json.loads(event.data).get("queue")
+
+
+async def test_a_waiting_task_s_stream_shows_its_place_in_the_service_s_queue(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        ahead = [await generate(first.url) for _ in range(2)]  # no worker yet
+        task_id = await generate(second.url)
+        events = await read_events(first.url, task_id, stop_after=lambda e: queue_of(e) is not None)
+        assert queue_of(events[-1]) == {"position": 3, "ahead": 2}
+        cancel = await http_request("DELETE", f"{second.url}/tasks/{ahead[0]}", timeout=10)
+        assert cancel.status == 202
+        events = await read_events(
+            second.url,
+            task_id,
+            last_event_id=int(events[-1].id or 0),
+            stop_after=lambda e: queue_of(e) == {"position": 2, "ahead": 1},
+        )
+        ids = [int(e.id or 0) for e in events]
+        assert ids == sorted(set(ids))
+        async with simulator(manual=False) as sim, worker(tmp_path, "w", redis.url, sim.url):
+            done = await read_events(first.url, task_id, last_event_id=ids[-1])
+            assert last(done)["status"] == "completed"
+            assert len(await history_ids(sim)) == 2
