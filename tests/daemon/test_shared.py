@@ -7,6 +7,7 @@ run in the test (manual steps where the test needs a task to stay mid-run).
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,8 +48,10 @@ async def simulator(
 
 
 @asynccontextmanager
-async def front(tmp_path: Path, name: str, redis_url: str) -> AsyncIterator[DaemonProcess]:
-    settings = (*SETTINGS, f"redis_url={redis_url}", "role=front")
+async def front(
+    tmp_path: Path, name: str, redis_url: str, *extra: str
+) -> AsyncIterator[DaemonProcess]:
+    settings = (*SETTINGS, f"redis_url={redis_url}", "role=front", *extra)
     async with daemon_process(tmp_path / name, None, *settings) as daemon:
         yield daemon
 
@@ -481,3 +484,54 @@ async def test_a_waiting_task_s_stream_shows_its_place_in_the_service_s_queue(
             done = await read_events(first.url, task_id, last_event_id=ids[-1])
             assert last(done)["status"] == "completed"
             assert len(await history_ids(sim)) == 2
+
+
+async def test_max_queued_tasks_counts_the_whole_service_s_queue(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f1", redis.url, "max_queued_tasks=2") as first,
+        front(tmp_path, "f2", redis.url, "max_queued_tasks=2") as second,
+    ):
+        await generate(first.url)
+        await generate(second.url)
+        refused = await http_request(
+            "POST",
+            f"{first.url}/generate",
+            headers=[("Content-Type", "application/json")],
+            body=json.dumps({"prompt": "a third fox"}).encode(),
+            timeout=10,
+        )
+        assert refused.status == 429
+        assert refused.headers.get("retry-after") is not None
+
+
+async def until_logged(daemon: DaemonProcess, text: bytes) -> None:
+    """Across a process boundary there is no signal to wait on: read its log until then."""
+    while True:
+        if text in daemon.output:
+            return
+        await trio.sleep(0.05)
+
+
+async def test_a_stale_worker_s_writes_are_refused_and_it_stops_its_copy(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as first_sim,
+        simulator(manual=False) as second_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, first_sim.url) as stale,
+    ):
+        task_id = await generate(entry.url)
+        await read_events(entry.url, task_id, stop_after=sampling)
+        async with worker(tmp_path, "w2", redis.url, second_sim.url):
+            stale.process.send_signal(signal.SIGSTOP)  # frozen past its lease
+            try:
+                done = await read_events(entry.url, task_id)
+            finally:
+                stale.process.send_signal(signal.SIGCONT)
+            assert last(done)["status"] == "completed"
+            first_sim.grant_steps(1000)  # the stale copy goes on, and writes
+            await until_logged(stale, b"stopping our copy")
+            status = await http_request("GET", f"{entry.url}/tasks/{task_id}", timeout=10)
+            assert status.json()["status"] == "completed"
+            assert status.json()["version"] == int(done[-1].id or 0)  # nothing overwritten
