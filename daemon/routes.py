@@ -364,7 +364,19 @@ class Routes:
         return json_response(200 if up else 503, body, headers=NO_STORE)
 
     async def backends(self, request: Request) -> Response:
-        return json_response(200, backends_json(self.app), headers=NO_STORE)
+        body = backends_json(self.app)
+        if (shared := self.app.shared) is not None:
+            # The whole service: every live worker's backends, and its queue.
+            try:
+                readings = await published_capabilities(shared.store)
+                body["service"] = {
+                    "waiting": await shared.store.waiting_count(),
+                    "unfinished": await shared.store.unfinished_count(),
+                    "backends": {name: r.to_json() for name, r in sorted(readings.items())},
+                }
+            except RedisError as exc:
+                body["service"] = {"error": f"Redis: {exc}"}
+        return json_response(200, body, headers=NO_STORE)
 
     async def workflows(self, request: Request) -> Response:
         return json_response(200, self.app.workflows.to_json())

@@ -300,6 +300,10 @@ async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_
         }
         async with worker(tmp_path, "w1", redis.url, plain_sim.url):
             await until_published(redis.url, 1)
+            service = (await http_request("GET", f"{second.url}/backends", timeout=10)).json()
+            [(name, reading)] = service["service"]["backends"].items()
+            assert name.endswith(f"/{plain_sim.url}")  # daemon id / backend
+            assert reading["missingNodeClasses"] == ["VAEEncodeForInpaint"]
             status, reply = await post(second.url, inpaint)
             assert status == 422, reply
             assert "node class VAEEncodeForInpaint" in reply["error"]["message"]
