@@ -70,6 +70,7 @@ class SharedWorker:
         self.pool = dispatcher.pool
         self.lease_timeout = lease_timeout
         self._held: dict[str, str] = {}  # task id -> its queue entry id
+        self._nursery: trio.Nursery | None = None
         self.taken = 0
         self.claimed = 0
         self.bounced = 0
@@ -119,8 +120,6 @@ class SharedWorker:
             log.warning("cannot hand our tasks back: %s", exc)
             return
         log.info("handed %d task(s) back to the shared queue", len(self._held))
-
-    _nursery: trio.Nursery | None = None
 
     async def _done(self, entry: str) -> None:
         try:
