@@ -53,7 +53,7 @@ test: test-deps lint typecheck pytest jstest
 
 # Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
 bench: setup
-	$(BIN)/python -m bench.bench
+	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 
 # Outside the default run: 200 tasks through WebSocket drops, a ComfyUI
 # restart and a daemon kill -9 (the README shows its output).
