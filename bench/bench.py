@@ -36,6 +36,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -201,13 +202,51 @@ def ms_summary(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
+def summarise_profile(path: Path, top: int = 15) -> list[str]:
+    """The functions that held the CPU most (self time), from py-spy's raw output."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return [f"{count / total:6.1%}  {leaf}" for leaf, count in ranked]
+
+
 @dataclass
 class Bench:
     daemon: Daemon
     comfy: Address
     sampler: CpuSampler
+    profile_dir: Path | None = None
     next_task: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def profiling(self, name: str) -> Iterator[None]:
+        """py-spy on the daemon while the block runs (with --profile)."""
+        if self.profile_dir is None:
+            yield
+            return
+        path = self.profile_dir / f"{name.replace(' ', '_')}.txt"
+        spy = subprocess.Popen(
+            [Path(sys.executable).parent / "py-spy", "record", "--pid", str(self.daemon.pid),
+             "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
+        print(f"  profile of {name} ({path}), self time:")
+        for line in summarise_profile(path):
+            print(f"    {line}")
 
     def create_tasks(self, count: int) -> list[tuple[str, int]]:
         tasks = []
@@ -265,6 +304,7 @@ class Bench:
         created = self.create_tasks(tasks)
         workers = self.open_streams(created, per_task)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self.profiling(name))
             probes = stack.enter_context(self.probing()) if probe else None
             for _, pipe in workers:
                 pipe.send(("go",))
@@ -384,13 +424,14 @@ class Bench:
                 for i in range(workers)
             ],
         )
-        cpu0 = self.daemon.cpu_seconds()
-        for _, pipe in pool:
-            pipe.send(("go",))
-        outcomes = []
-        for process, pipe in pool:
-            outcomes.append(pipe.recv())
-            process.join()
+        with self.profiling("generate"):
+            cpu0 = self.daemon.cpu_seconds()
+            for _, pipe in pool:
+                pipe.send(("go",))
+            outcomes = []
+            for process, pipe in pool:
+                outcomes.append(pipe.recv())
+                process.join()
         cpu = self.daemon.cpu_seconds() - cpu0
         latencies = [x for o in outcomes for x in o[3]]
         wall = max(o[2] for o in outcomes)
@@ -464,7 +505,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ):
         sampler = CpuSampler(daemon)
         sampler.start()
-        bench = Bench(daemon, comfy, sampler)
+        profile_dir = Path(args.profile) if args.profile else None
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        bench = Bench(daemon, comfy, sampler, profile_dir)
         stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
             "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
             "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
@@ -490,6 +534,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these")
     parser.add_argument("--scale", type=float, default=1.0, help="subscribers/requests x this")
     parser.add_argument("--no-halve", action="store_true", help="skip the halved reruns")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon per scenario into DIR")
     parser.add_argument("--json", default="artifacts/bench.json", help="where the rows go")
     args = parser.parse_args()
     results = run(args)

@@ -1,21 +1,46 @@
-"""One SSE connection reading one task: the current snapshot, then each newer one.
+"""SSE streams: every connection reading a task, fed by one fan-out loop.
 
-One writer per connection: the heartbeat is written by the same loop that
-writes events (a `move_on_after` around the wait), so the heartbeat timer lives
-and dies with the connection and two writes never overlap.
+Fan-out is the daemon's hot path (one ComfyUI step, a thousand readers), so
+it costs one task switch per publish, not per reader: when a task publishes,
+the hub's fan-out loop writes the snapshot's bytes, framed once per body
+framing (`Snapshot.chunk`, or `.sse` when close-delimited), to each reader's
+socket with one non-blocking write, yielding to the event loop every
+`YIELD_EVERY` writes. A reader whose socket took only part of a chunk (or
+none) becomes *busy*: its own task waits for writability, finishes that
+chunk, then writes the newest snapshot. A reader never gets a backlog, only
+the latest state, and the terminal snapshot is the last one published, so
+nobody skips it. A reader that stays unwritable for the write timeout is cut
+off.
+
+Heartbeats come from one hub loop that sleeps until the earliest deadline:
+each stream gets `: heartbeat` `heartbeat_interval` s after its last write.
+
+Readers whose connection offers no socket (in-memory streams in tests) take
+the same route through their own task and `BodyWriter.send`.
+
+A stream's own task sleeps while the fan-out loop serves it; with the
+server's disconnect watcher that is all an idle stream costs.
 """
 
 from __future__ import annotations
 
-import math
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from daemon.broadcast import Broadcaster
-from daemon.http.types import BodyWriter
+from daemon.broadcast import Broadcaster, Snapshot
+from daemon.http.connection import SocketSink
+from daemon.http.types import BodyWriter, ClientGone
 from protocol.sse import encode_comment, encode_retry
 
+log = logging.getLogger(__name__)
+
 HEARTBEAT = encode_comment("heartbeat")
+HEARTBEAT_CHUNK = b"%x\r\n%b\r\n" % (len(HEARTBEAT), HEARTBEAT)
+YIELD_EVERY = 1000  # writes between the fan-out loop's checkpoints
 
 
 def parse_last_event_id(header: str | None, query: str | None) -> int | None:
@@ -26,8 +51,128 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
     return None
 
 
+class _Subscriber:
+    """One stream's place in the hub: what it has, and whether its task must act."""
+
+    __slots__ = (
+        "active",
+        "broadcaster",
+        "busy",
+        "done",
+        "failure",
+        "heartbeat_due",
+        "hub",
+        "last_write",
+        "pending",
+        "pending_snapshot",
+        "sink",
+        "version",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        broadcaster: Broadcaster,
+        version: int | None,
+        sink: SocketSink | None,
+    ) -> None:
+        self.hub = hub
+        self.broadcaster = broadcaster
+        self.version = -1 if version is None else version
+        self.sink = sink
+        self.active = True  # attached to the hub (False: never touch the socket again)
+        self.busy = False  # its own task is writing: the loops leave it alone
+        self.done = False  # the terminal snapshot is out
+        self.failure: ClientGone | None = None
+        self.heartbeat_due = False
+        self.last_write = trio.current_time()
+        self.pending: memoryview | None = None  # the unwritten rest of a chunk
+        self.pending_snapshot: Snapshot | None = None  # None: the chunk is a heartbeat
+        self.wake = trio.Event()
+
+    def _hand_over(self) -> None:
+        self.busy = True
+        self.wake.set()
+
+    def offer(self, snapshot: Snapshot, now: float) -> None:
+        """Write `snapshot` now if the socket takes it (the fan-out loop's call)."""
+        if self.busy or snapshot.version <= self.version:
+            return
+        if self.sink is None:
+            self._hand_over()
+        else:
+            self._write(snapshot.chunk if self.sink.chunked else snapshot.sse, snapshot, now)
+
+    def heartbeat(self, now: float) -> None:
+        if self.busy:
+            return
+        if self.sink is None:
+            self.heartbeat_due = True
+            self._hand_over()
+        else:
+            self._write(HEARTBEAT_CHUNK if self.sink.chunked else HEARTBEAT, None, now)
+
+    def _write(self, data: bytes, snapshot: Snapshot | None, now: float) -> None:
+        assert self.sink is not None
+        try:
+            taken = self.sink.write_nowait(data)
+        except ClientGone as exc:
+            self.failure = exc
+            self._hand_over()
+            return
+        if taken:
+            self.last_write = now
+        if taken == len(data):
+            self._written(snapshot)
+        else:
+            self.pending = memoryview(data)[taken:]
+            self.pending_snapshot = snapshot
+            self._hand_over()
+
+    def _written(self, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            self.hub.heartbeats_sent += 1
+            return
+        self.version = snapshot.version
+        self.hub.events_sent += 1
+        if snapshot.terminal:
+            self.done = True
+            self._hand_over()
+
+    async def finish_pending(self) -> None:
+        """Write the rest of a chunk the socket took only in part, waiting as needed."""
+        assert self.sink is not None
+        while self.pending is not None:
+            await self.sink.wait_writable()
+            taken = self.sink.write_nowait(self.pending)
+            if taken:
+                self.last_write = trio.current_time()
+            if taken == len(self.pending):
+                self.pending = None
+                self._written(self.pending_snapshot)
+            else:
+                self.pending = self.pending[taken:]
+
+    async def write_through(self, writer: BodyWriter) -> None:
+        """Without a socket: write the newest snapshot (and a due heartbeat) via `writer`."""
+        while not self.done:
+            latest = self.broadcaster.latest
+            if latest is not None and latest.version > self.version:
+                await writer.send(latest.sse)
+                self.last_write = trio.current_time()
+                self._written(latest)
+            elif self.heartbeat_due:
+                self.heartbeat_due = False
+                await writer.send(HEARTBEAT)
+                self.last_write = trio.current_time()
+                self._written(None)
+            else:
+                return
+
+
 class StreamHub:
-    """Tracks open SSE streams so shutdown can tell each one to come back later."""
+    """All open SSE streams: the fan-out and heartbeat loops, and shutdown's drain."""
 
     def __init__(self, *, heartbeat_interval: float, retry_ms: int) -> None:
         self.heartbeat_interval = heartbeat_interval
@@ -36,6 +181,13 @@ class StreamHub:
         self._scopes: set[trio.CancelScope] = set()
         self.events_sent = 0
         self.heartbeats_sent = 0
+        self._subscribers: dict[Broadcaster, dict[_Subscriber, None]] = {}
+        self._dirty: dict[Broadcaster, None] = {}  # published since the loop last looked
+        self._fanout_wake = trio.Event()
+        self._heartbeats: list[tuple[float, int, _Subscriber]] = []  # a heap by deadline
+        self._heartbeat_added = trio.Event()
+        self._sequence = itertools.count()
+        self._loops_started = False
 
     @property
     def open_streams(self) -> int:
@@ -55,35 +207,144 @@ class StreamHub:
         if last_event_id is not None and latest is not None and last_event_id > latest.version:
             # An id from the future (e.g. our journal was lost): start over.
             last_event_id = None
+        self._start_loops()
         broadcaster.readers += 1
+        subscriber: _Subscriber | None = None
         try:
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
                 if self.draining:
                     scope.cancel()
-                await self._pump(broadcaster, last_event_id, writer)
+                # Pace the browser's automatic reconnects.
+                await writer.send(encode_retry(self.retry_ms))
+                sink_of: Callable[[], SocketSink | None] | None = getattr(
+                    writer, "socket_sink", None
+                )
+                sink = sink_of() if sink_of is not None else None
+                subscriber = _Subscriber(self, broadcaster, last_event_id, sink)
+                self._attach(subscriber)
+                try:
+                    await self._serve(subscriber, writer)
+                finally:
+                    self._detach(subscriber)
             if scope.cancelled_caught and self.draining:
                 with trio.move_on_after(1.0):
+                    if subscriber is not None and subscriber.pending is not None:
+                        await subscriber.finish_pending()
                     await writer.send(encode_retry(self.retry_ms))
         finally:
             self._scopes.discard(scope)
             broadcaster.readers -= 1
 
-    async def _pump(
-        self, broadcaster: Broadcaster, version: int | None, writer: BodyWriter
-    ) -> None:
-        # Pace the browser's automatic reconnects.
-        await writer.send(encode_retry(self.retry_ms))
+    async def _serve(self, subscriber: _Subscriber, writer: BodyWriter) -> None:
+        """The stream's own task: asleep unless the loops handed it work."""
+        latest = subscriber.broadcaster.latest
+        if latest is not None:
+            subscriber.offer(latest, trio.current_time())
         while True:
-            snapshot = None
-            with trio.move_on_after(self.heartbeat_interval or math.inf):
-                snapshot = await broadcaster.wait_newer(version)
-            if snapshot is None:
-                await writer.send(HEARTBEAT)
-                self.heartbeats_sent += 1
-                continue
-            await writer.send(snapshot.sse)
-            self.events_sent += 1
-            version = snapshot.version
-            if snapshot.terminal:
+            await subscriber.wake.wait()
+            subscriber.wake = trio.Event()
+            if subscriber.failure is not None:
+                raise subscriber.failure
+            if subscriber.sink is None:
+                await subscriber.write_through(writer)
+            else:
+                await subscriber.finish_pending()
+            if subscriber.done:
                 return
+            subscriber.busy = False
+            latest = subscriber.broadcaster.latest
+            if latest is not None:
+                subscriber.offer(latest, trio.current_time())  # may hand it back to us
+
+    # ------------------------------------------------------------ the hub's loops
+
+    def _attach(self, subscriber: _Subscriber) -> None:
+        broadcaster = subscriber.broadcaster
+        readers = self._subscribers.get(broadcaster)
+        if readers is None:
+            readers = self._subscribers[broadcaster] = {}
+            broadcaster.watchers.append(self._published)
+        readers[subscriber] = None
+        if self.heartbeat_interval > 0:
+            deadline = subscriber.last_write + self.heartbeat_interval
+            heapq.heappush(self._heartbeats, (deadline, next(self._sequence), subscriber))
+            self._heartbeat_added.set()
+
+    def _detach(self, subscriber: _Subscriber) -> None:
+        # Before the connection closes its socket: the fd may be reused at once.
+        subscriber.active = False
+        broadcaster = subscriber.broadcaster
+        readers = self._subscribers.get(broadcaster)
+        if readers is None:
+            return
+        readers.pop(subscriber, None)
+        if not readers:
+            del self._subscribers[broadcaster]
+            broadcaster.watchers.remove(self._published)
+
+    def _published(self, broadcaster: Broadcaster) -> None:
+        self._dirty[broadcaster] = None
+        self._fanout_wake.set()
+
+    def _start_loops(self) -> None:
+        if not self._loops_started:
+            self._loops_started = True
+            trio.lowlevel.spawn_system_task(self._forever, self._fan_out, name="sse fan-out")
+            trio.lowlevel.spawn_system_task(self._forever, self._beat, name="sse heartbeats")
+
+    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
+        # A system task must not raise: a bug in one round is logged, the loop goes on.
+        while True:
+            try:
+                await loop()
+            except Exception:
+                log.exception("SSE hub loop failed; continuing")
+                await trio.sleep(0.1)
+
+    async def _fan_out(self) -> None:
+        """Write each newly published snapshot to every reader that can take it now."""
+        while True:
+            await self._fanout_wake.wait()
+            self._fanout_wake = trio.Event()
+            writes = 0
+            while self._dirty:
+                broadcaster = next(iter(self._dirty))
+                del self._dirty[broadcaster]
+                readers = self._subscribers.get(broadcaster)
+                snapshot = broadcaster.latest
+                if not readers or snapshot is None:
+                    continue
+                now = trio.current_time()
+                for subscriber in list(readers):
+                    if subscriber.active and subscriber.version < snapshot.version:
+                        subscriber.offer(snapshot, now)
+                        writes += 1
+                        if writes >= YIELD_EVERY:
+                            writes = 0
+                            await trio.lowlevel.checkpoint()
+                            now = trio.current_time()
+                            snapshot = broadcaster.latest
+                            assert snapshot is not None
+
+    async def _beat(self) -> None:
+        """Sleep until the earliest heartbeat deadline; beat the streams that are due."""
+        heap = self._heartbeats
+        interval = self.heartbeat_interval
+        while True:
+            if not heap:
+                await self._heartbeat_added.wait()
+                self._heartbeat_added = trio.Event()
+                continue
+            # New streams are due `interval` from now, never before the earliest.
+            await trio.sleep_until(heap[0][0])
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, subscriber = heapq.heappop(heap)
+                if not subscriber.active or subscriber.done:
+                    continue
+                due = subscriber.last_write + interval
+                if due <= now:
+                    subscriber.heartbeat(now)
+                    due = now + interval
+                heapq.heappush(heap, (due, next(self._sequence), subscriber))

@@ -32,6 +32,7 @@ from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
 from daemon.images import ImageStore, NotAnImage
 from daemon.journal import Journal, TaskRecord
+from daemon.publish_pacer import PublishPacer
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
 
@@ -109,6 +110,11 @@ class TaskActor:
         self._reconcile_requested = trio.Event()
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
+        # While the pump holds (it is applying a batch of frames, or the pacer
+        # says wait), messages wait in _unpublished: only the newest goes out.
+        self._holding = False
+        self._unpublished: task.TaskMessage | None = None
+        self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
         self.last_message = message
@@ -166,11 +172,13 @@ class TaskActor:
         for effect in effects:
             if isinstance(effect, task.Publish):
                 self.last_message = effect.message
-                self.broadcaster.publish(encode_snapshot(effect.message))
+                self._unpublished = effect.message
             elif isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
+        if not self._holding or self.state.phase.is_terminal:
+            self._flush()  # the end is never held back
         if self.state.phase.is_terminal:
             error = self.state.error
             if error is None:
@@ -232,10 +240,46 @@ class TaskActor:
             self.backend.router.close(self.prompt_id)
             inbox.close()
 
-    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
-        async for event in inbox:
+    def _flush(self) -> None:
+        """Publish the newest message not published yet, if any."""
+        message, self._unpublished = self._unpublished, None
+        if message is not None:
+            self.broadcaster.publish(encode_snapshot(message))
+            self._pacer.published(trio.current_time())
+
+    def _take_waiting(
+        self, first: comfy.ComfyEvent, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]
+    ) -> None:
+        """Apply `first` and every frame already waiting behind it."""
+        event = first
+        while True:
             if isinstance(event, task.TaskEvent):  # previews and texts are not task events
                 self.handle(event)
+            try:
+                event = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
+        # Coalesce at the source: apply every waiting frame, then publish once,
+        # and no faster than the pacer allows (a burst becomes a few publishes).
+        try:
+            async for first in inbox:
+                self._holding = True
+                self._take_waiting(first, inbox)
+                while self._unpublished is not None:
+                    delay = self._pacer.delay(trio.current_time())
+                    if delay <= 0:
+                        break
+                    with trio.move_on_after(delay):
+                        self._take_waiting(await inbox.receive(), inbox)
+                self._holding = False
+                self._flush()
+        except trio.EndOfChannel:
+            pass
+        finally:
+            self._holding = False
+            self._flush()
 
     # -- submitting
 

@@ -9,6 +9,7 @@ on any failed or cancelled write, and errors sent only from IDLE/SEND_RESPONSE.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
@@ -56,6 +57,9 @@ class H11Connection:
         # Raw input of the current request cycle, for ConnectionTakeover.
         self._cycle_input = bytearray()
         self._broken = False
+        # How the current response's body is framed: chunked (HTTP/1.1 peers)
+        # or close-delimited (HTTP/1.0); set when its head is sent.
+        self.chunked_body = False
 
     # ------------------------------------------------------------ reading
 
@@ -143,7 +147,10 @@ class H11Connection:
         """
         if self._broken:
             raise ConnectionLost("connection already failed")
-        data = memoryview(b"".join(self.h11.send(event) or b"" for event in events))
+        parts = [self.h11.send(event) or b"" for event in events]
+        if isinstance(events[0], h11.Response):
+            self.chunked_body = b"\r\ntransfer-encoding: chunked\r\n" in parts[0].lower()
+        data = memoryview(b"".join(parts))
         try:
             for start in range(0, len(data), WRITE_SLICE):
                 with trio.fail_after(self._limits.write_timeout):
@@ -238,12 +245,66 @@ class H11Connection:
                 drained += len(data)
 
 
+class SocketSink:
+    """Non-blocking writes of pre-framed body bytes straight to a connection's socket.
+
+    The fast path of a streaming response: a publisher writes the same bytes to
+    many sockets without a task switch per socket. The bytes must already
+    carry the body's framing (`chunked`); h11 does not see them, which is fine
+    because neither framing counts body bytes. The caller keeps the one-writer
+    rule: a write that was taken only in part must be finished before
+    anything else is written.
+    """
+
+    def __init__(self, connection: H11Connection, socket: trio.socket.SocketType) -> None:
+        self._connection = connection
+        self._socket = socket
+        self._fd = socket.fileno()
+        self.chunked = connection.chunked_body
+        self.write_timeout = connection._limits.write_timeout
+
+    def frame(self, data: bytes) -> bytes:
+        """`data` as one piece of this body (a chunk, or as is when close-delimited)."""
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+
+    def write_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now; how many bytes it took (0: none).
+
+        Raises ClientGone when the connection is broken.
+        """
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._connection._mark_send_failed()
+            raise ClientGone(f"client went away ({exc.strerror})") from None
+
+    async def wait_writable(self) -> None:
+        """Until the socket can take more; ClientGone after `write_timeout` without."""
+        try:
+            with trio.fail_after(self.write_timeout):
+                await trio.lowlevel.wait_writable(self._socket)
+        except trio.TooSlowError:
+            self._connection._mark_send_failed()
+            raise ClientGone("client stopped reading") from None
+        except trio.ClosedResourceError:
+            raise ClientGone("connection closed") from None
+
+
 class ConnectionBodyWriter:
     """The :class:`~daemon.http.types.BodyWriter` of a streaming response."""
 
     def __init__(self, connection: H11Connection) -> None:
         self._connection = connection
         self._open = True
+
+    def socket_sink(self) -> SocketSink | None:
+        """The fast path to the socket, when the connection is a plain TCP socket."""
+        stream = self._connection.stream
+        if not self._open or not isinstance(stream, trio.SocketStream):
+            return None
+        return SocketSink(self._connection, stream.socket)
 
     async def send(self, data: bytes) -> None:
         """Write one chunk; raises ClientGone when the peer is gone or too slow."""
