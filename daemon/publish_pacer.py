@@ -33,7 +33,8 @@ class PublishPacer:
     def delay(self, now: float) -> float:
         """Seconds until the next publish may go out (0: now)."""
         self._refill(now)
-        return max(0.0, (1.0 - self._tokens) / self.rate)
+        missing = 1.0 - self._tokens
+        return missing / self.rate if missing > 1e-9 else 0.0  # 1e-9: float rounding
 
     def published(self, now: float) -> None:
         """A publish went out at `now` (allowed or not: a terminal one always goes)."""
