@@ -10,6 +10,8 @@ progress frame, and the load client (bench/load.py: worker processes on raw
 non-blocking sockets). Per scenario it prints one row and writes them all as
 JSON (artifacts/bench.json):
 
+- floor            a plain os.write loop to 1,000 loopback sockets: the machine's
+                   floor for CPU per subscriber-event, right now
 - latency          20 tasks x 5 subscribers, 400 frames/s in all
 - fanout           4 tasks one after another, 1,000 subscribers each, 50 steps at 50/s
 - fanout_parallel  the same 4 tasks at once
@@ -413,6 +415,43 @@ class Bench:
             pipe.recv()
             process.join()
 
+    def floor(self, streams: int = 1000, rounds: int = 50) -> None:
+        """What a plain loop pays per os.write of a 250-byte chunk to a loopback
+        socket right now: the machine's floor for CPU per subscriber-event."""
+        chunk = b"%x\r\n%b\r\n" % (250, b"x" * 250)
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(streams)
+            port = listener.getsockname()[1]
+            context = multiprocessing.get_context("fork")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=load.floor_reader,
+                args=(child, port, streams, streams * rounds * len(chunk)),
+                daemon=True,
+            )
+            process.start()
+            accepted = [listener.accept()[0] for _ in range(streams)]
+            parent.recv()
+            fds = [sock.fileno() for sock in accepted]
+            cpu = 0.0
+            for _ in range(rounds):
+                start = time.process_time()
+                for fd in fds:
+                    os.write(fd, chunk)
+                cpu += time.process_time() - start
+                time.sleep(0.02)
+            parent.recv()
+            process.join()
+            for sock in accepted:
+                sock.close()
+        row = {
+            "scenario": "floor",
+            "shape": f"plain os.write loop, {streams} loopback sockets x {rounds}",
+            "cpu_us_per_write": round(cpu / (streams * rounds) * 1e6, 2),
+        }
+        self.report(row)
+
     def generate(self, requests: int, in_flight: int, workers: int = 2) -> None:
         share = requests // workers
         first = self.next_task
@@ -453,6 +492,8 @@ class Bench:
 
 def format_row(row: dict[str, Any]) -> str:
     name = row["scenario"]
+    if name == "floor":
+        return f"{name:<24} {row['shape']}: {row['cpu_us_per_write']} us CPU per write"
     if name == "idle":
         probe = row["new_requests"]
         return (
@@ -488,7 +529,7 @@ def format_row(row: dict[str, Any]) -> str:
     return text
 
 
-SCENARIOS = ("latency", "fanout", "fanout_parallel", "burst", "idle", "generate")
+SCENARIOS = ("floor", "latency", "fanout", "fanout_parallel", "burst", "idle", "generate")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -515,6 +556,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
             "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
         }
+        if "floor" in only:
+            bench.floor()
         for name, (tasks, per_task, spec, probe) in stream_scenarios.items():
             if name not in only:
                 continue

@@ -308,3 +308,24 @@ def probe_worker(conn: Connection, address: tuple[str, int], interval: float) ->
             samples.append(None)
     conn.recv()
     conn.send(("done", samples))
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def floor_reader(conn: Connection, port: int, streams: int, expected: int) -> None:
+    """Connect `streams` sockets to 127.0.0.1:`port` and read `expected` bytes in all."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+    poller = select.epoll()
+    by_fd = {}
+    for sock in socks:
+        sock.setblocking(False)
+        poller.register(sock, select.EPOLLIN)
+        by_fd[sock.fileno()] = sock
+    conn.send(("ready", streams))
+    got = 0
+    while got < expected:
+        for fd, _ in poller.poll(1.0):
+            with contextlib.suppress(BlockingIOError):
+                got += len(by_fd[fd].recv(262144))
+    conn.send(("done",))

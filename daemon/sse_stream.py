@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -58,8 +59,10 @@ class _Subscriber:
         "active",
         "broadcaster",
         "busy",
+        "chunked",
         "done",
         "failure",
+        "fd",
         "heartbeat_due",
         "hub",
         "last_write",
@@ -81,6 +84,9 @@ class _Subscriber:
         self.broadcaster = broadcaster
         self.version = -1 if version is None else version
         self.sink = sink
+        # Copied from the sink for the fan-out loop, which writes to fd itself.
+        self.fd = sink.fd if sink is not None else -1
+        self.chunked = sink.chunked if sink is not None else False
         self.active = True  # attached to the hub (False: never touch the socket again)
         self.busy = False  # its own task is writing: the loops leave it alone
         self.done = False  # the terminal snapshot is out
@@ -102,7 +108,7 @@ class _Subscriber:
         if self.sink is None:
             self._hand_over()
         else:
-            self._write(snapshot.chunk if self.sink.chunked else snapshot.sse, snapshot, now)
+            self._write(snapshot.chunk if self.chunked else snapshot.sse, snapshot, now)
 
     def heartbeat(self, now: float) -> None:
         if self.busy:
@@ -111,24 +117,32 @@ class _Subscriber:
             self.heartbeat_due = True
             self._hand_over()
         else:
-            self._write(HEARTBEAT_CHUNK if self.sink.chunked else HEARTBEAT, None, now)
+            self._write(HEARTBEAT_CHUNK if self.chunked else HEARTBEAT, None, now)
 
     def _write(self, data: bytes, snapshot: Snapshot | None, now: float) -> None:
         assert self.sink is not None
         try:
             taken = self.sink.write_nowait(data)
         except ClientGone as exc:
-            self.failure = exc
-            self._hand_over()
+            self.fail(exc)
             return
-        if taken:
-            self.last_write = now
         if taken == len(data):
+            self.last_write = now
             self._written(snapshot)
         else:
-            self.pending = memoryview(data)[taken:]
-            self.pending_snapshot = snapshot
-            self._hand_over()
+            self.partial(data, taken, snapshot, now)
+
+    def fail(self, exc: ClientGone) -> None:
+        self.failure = exc
+        self._hand_over()
+
+    def partial(self, data: bytes, taken: int, snapshot: Snapshot | None, now: float) -> None:
+        """The socket took `taken` bytes of `data`: our task writes the rest."""
+        if taken:
+            self.last_write = now
+        self.pending = memoryview(data)[taken:]
+        self.pending_snapshot = snapshot
+        self._hand_over()
 
     def _written(self, snapshot: Snapshot | None) -> None:
         if snapshot is None:
@@ -307,25 +321,56 @@ class StreamHub:
         while True:
             await self._fanout_wake.wait()
             self._fanout_wake = trio.Event()
-            writes = 0
             while self._dirty:
                 broadcaster = next(iter(self._dirty))
                 del self._dirty[broadcaster]
                 readers = self._subscribers.get(broadcaster)
-                snapshot = broadcaster.latest
-                if not readers or snapshot is None:
-                    continue
+                if readers:
+                    await self._write_all(broadcaster, list(readers))
+
+    async def _write_all(self, broadcaster: Broadcaster, readers: list[_Subscriber]) -> None:
+        # The hot loop: per reader one os.write of bytes framed once, nothing else
+        # unless the socket cannot take them (then the reader's own task goes on).
+        write = os.write
+        snapshot = broadcaster.latest
+        assert snapshot is not None
+        writes = 0
+        sent = 0
+        now = trio.current_time()
+        for subscriber in readers:
+            if subscriber.busy or not subscriber.active or subscriber.version >= snapshot.version:
+                continue
+            if subscriber.fd < 0:
+                subscriber.offer(snapshot, now)
+                continue
+            data = snapshot.chunk if subscriber.chunked else snapshot.sse
+            try:
+                taken = write(subscriber.fd, data)
+            except BlockingIOError:
+                taken = 0
+            except OSError as exc:
+                assert subscriber.sink is not None
+                subscriber.fail(subscriber.sink.failed(exc))
+                continue
+            if taken == len(data):
+                subscriber.last_write = now
+                subscriber.version = snapshot.version
+                sent += 1
+                if snapshot.terminal:
+                    subscriber.done = True
+                    subscriber._hand_over()
+            else:
+                subscriber.partial(data, taken, snapshot, now)
+            writes += 1
+            if writes >= YIELD_EVERY:
+                writes = 0
+                self.events_sent += sent
+                sent = 0
+                await trio.lowlevel.checkpoint()
                 now = trio.current_time()
-                for subscriber in list(readers):
-                    if subscriber.active and subscriber.version < snapshot.version:
-                        subscriber.offer(snapshot, now)
-                        writes += 1
-                        if writes >= YIELD_EVERY:
-                            writes = 0
-                            await trio.lowlevel.checkpoint()
-                            now = trio.current_time()
-                            snapshot = broadcaster.latest
-                            assert snapshot is not None
+                snapshot = broadcaster.latest
+                assert snapshot is not None
+        self.events_sent += sent
 
     async def _beat(self) -> None:
         """Sleep until the earliest heartbeat deadline; beat the streams that are due."""

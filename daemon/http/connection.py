@@ -259,7 +259,7 @@ class SocketSink:
     def __init__(self, connection: H11Connection, socket: trio.socket.SocketType) -> None:
         self._connection = connection
         self._socket = socket
-        self._fd = socket.fileno()
+        self.fd = socket.fileno()  # for os.write in a publisher's loop (see `failed`)
         self.chunked = connection.chunked_body
         self.write_timeout = connection._limits.write_timeout
 
@@ -273,12 +273,16 @@ class SocketSink:
         Raises ClientGone when the connection is broken.
         """
         try:
-            return os.write(self._fd, data)
+            return os.write(self.fd, data)
         except BlockingIOError:
             return 0
         except OSError as exc:
-            self._connection._mark_send_failed()
-            raise ClientGone(f"client went away ({exc.strerror})") from None
+            raise self.failed(exc) from None
+
+    def failed(self, exc: OSError) -> ClientGone:
+        """A write to `fd` failed with `exc`: the connection is dead; what to raise."""
+        self._connection._mark_send_failed()
+        return ClientGone(f"client went away ({exc.strerror})")
 
     async def wait_writable(self) -> None:
         """Until the socket can take more; ClientGone after `write_timeout` without."""
