@@ -141,6 +141,12 @@ class ComfyBackend:
                 started = True
                 task_status.started()
 
+        try:
+            await self._reconnect_forever(mark_started)
+        finally:
+            self.http.pool.close()
+
+    async def _reconnect_forever(self, mark_started: Callable[[], None]) -> None:
         failures = 0
         attempts = 0
         while True:

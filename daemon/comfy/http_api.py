@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from daemon.http.client import ClientResponse, HttpClientError, http_request
+from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -36,6 +36,8 @@ class ComfyHttp:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
+        # One call per task and more (submit, /queue, /history, /view): keep-alive.
+        self.pool = ConnectionPool()
 
     async def _call(
         self,
@@ -52,7 +54,7 @@ class ComfyHttp:
             headers = (*headers, ("Content-Type", "application/json"))
         url = self.base_url + path
         try:
-            response = await http_request(
+            response = await self.pool.request(
                 method,
                 url,
                 headers=headers,
