@@ -18,8 +18,9 @@ each stream gets `: heartbeat` `heartbeat_interval` s after its last write.
 Readers whose connection offers no socket (in-memory streams in tests) take
 the same route through their own task and `BodyWriter.send`.
 
-A stream's own task sleeps while the fan-out loop serves it; with the
-server's disconnect watcher that is all an idle stream costs.
+An idle stream costs one sleeping task: it waits for the client to leave
+(reading and dropping its input), and the loops wake it by cancelling that
+wait when they need it to write.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class _Subscriber:
         "last_write",
         "pending",
         "pending_snapshot",
+        "scope",
         "sink",
         "version",
-        "wake",
     )
 
     def __init__(
@@ -95,11 +96,14 @@ class _Subscriber:
         self.last_write = trio.current_time()
         self.pending: memoryview | None = None  # the unwritten rest of a chunk
         self.pending_snapshot: Snapshot | None = None  # None: the chunk is a heartbeat
-        self.wake = trio.Event()
+        # The scope its task sleeps in; cancelling it wakes the task (no Event,
+        # no second task: the same wait notices the client leaving).
+        self.scope: trio.CancelScope | None = None
 
     def _hand_over(self) -> None:
         self.busy = True
-        self.wake.set()
+        if self.scope is not None:
+            self.scope.cancel()
 
     def offer(self, snapshot: Snapshot, now: float) -> None:
         """Write `snapshot` now if the socket takes it (the fan-out loop's call)."""
@@ -192,7 +196,7 @@ class StreamHub:
         self.heartbeat_interval = heartbeat_interval
         self.retry_ms = retry_ms
         self.draining = False
-        self._scopes: set[trio.CancelScope] = set()
+        self._open = 0
         self.events_sent = 0
         self.heartbeats_sent = 0
         self._subscribers: dict[Broadcaster, dict[_Subscriber, None]] = {}
@@ -205,13 +209,19 @@ class StreamHub:
 
     @property
     def open_streams(self) -> int:
-        return len(self._scopes)
+        return self._open
+
+    def is_draining(self) -> bool:
+        """A method, so type checkers re-read it after an await."""
+        return self.draining
 
     def drain(self) -> None:
         """End every stream with a `retry:` hint (SIGTERM); new streams end at once."""
         self.draining = True
-        for scope in list(self._scopes):
-            scope.cancel()
+        for readers in self._subscribers.values():
+            for subscriber in readers:
+                if subscriber.scope is not None:
+                    subscriber.scope.cancel()
 
     async def stream(
         self, broadcaster: Broadcaster, last_event_id: int | None, writer: BodyWriter
@@ -223,53 +233,65 @@ class StreamHub:
             last_event_id = None
         self._start_loops()
         broadcaster.readers += 1
-        subscriber: _Subscriber | None = None
+        self._open += 1
         try:
-            with trio.CancelScope() as scope:
-                self._scopes.add(scope)
-                if self.draining:
-                    scope.cancel()
-                # Pace the browser's automatic reconnects.
-                await writer.send(encode_retry(self.retry_ms))
-                sink_of: Callable[[], SocketSink | None] | None = getattr(
-                    writer, "socket_sink", None
-                )
-                sink = sink_of() if sink_of is not None else None
-                subscriber = _Subscriber(self, broadcaster, last_event_id, sink)
-                self._attach(subscriber)
-                try:
-                    await self._serve(subscriber, writer)
-                finally:
-                    self._detach(subscriber)
-            if scope.cancelled_caught and self.draining:
+            # Pace the browser's automatic reconnects (and, when draining, the return).
+            await writer.send(encode_retry(self.retry_ms))
+            if self.draining:
+                return
+            sink_of: Callable[[], SocketSink | None] | None = getattr(writer, "socket_sink", None)
+            subscriber = _Subscriber(self, broadcaster, last_event_id, sink_of and sink_of())
+            self._attach(subscriber)
+            try:
+                await self._serve(subscriber, writer)
+            finally:
+                self._detach(subscriber)
+            if self.is_draining() and not subscriber.done:
                 with trio.move_on_after(1.0):
-                    if subscriber is not None and subscriber.pending is not None:
+                    if subscriber.pending is not None:
                         await subscriber.finish_pending()
                     await writer.send(encode_retry(self.retry_ms))
         finally:
-            self._scopes.discard(scope)
+            self._open -= 1
             broadcaster.readers -= 1
 
     async def _serve(self, subscriber: _Subscriber, writer: BodyWriter) -> None:
-        """The stream's own task: asleep unless the loops handed it work."""
+        """The stream's own task: asleep unless the loops hand it work, the client
+        leaves, or we drain. One cancel scope serves all three (it is all an idle
+        stream holds besides its task)."""
+        wait_for_peer: Callable[[], Awaitable[None]] | None = getattr(
+            writer, "wait_until_peer_leaves", None
+        )
         latest = subscriber.broadcaster.latest
         if latest is not None:
             subscriber.offer(latest, trio.current_time())
         while True:
-            await subscriber.wake.wait()
-            subscriber.wake = trio.Event()
-            if subscriber.failure is not None:
-                raise subscriber.failure
-            if subscriber.sink is None:
-                await subscriber.write_through(writer)
-            else:
-                await subscriber.finish_pending()
-            if subscriber.done:
+            with trio.CancelScope() as scope:
+                subscriber.scope = scope
+                if self.draining:
+                    scope.cancel()
+                if not subscriber.busy:
+                    if wait_for_peer is None:
+                        await trio.sleep_forever()
+                    await wait_for_peer()
+                    raise ClientGone("client went away")
+                # The loops handed us work: the socket was full, or it failed,
+                # or the end is out, or (no socket) something is to be written.
+                if subscriber.failure is not None:
+                    raise subscriber.failure
+                if subscriber.sink is None:
+                    await subscriber.write_through(writer)
+                else:
+                    await subscriber.finish_pending()
+                if subscriber.done:
+                    return
+                subscriber.busy = False
+                latest = subscriber.broadcaster.latest
+                if latest is not None:
+                    subscriber.offer(latest, trio.current_time())  # may hand it back
+            subscriber.scope = None
+            if self.draining:
                 return
-            subscriber.busy = False
-            latest = subscriber.broadcaster.latest
-            if latest is not None:
-                subscriber.offer(latest, trio.current_time())  # may hand it back to us
 
     # ------------------------------------------------------------ the hub's loops
 

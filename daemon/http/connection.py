@@ -128,6 +128,18 @@ class H11Connection:
         if self.h11.trailing_data[1]:
             await trio.lowlevel.checkpoint()
             return
+        if isinstance(self.stream, trio.SocketStream):
+            # Straight at the socket: a long-lived stream's wait holds fewer frames.
+            socket = self.stream.socket
+            while True:
+                await trio.lowlevel.wait_readable(socket)
+                try:
+                    if not os.read(socket.fileno(), RECEIVE_SIZE):
+                        return
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -302,6 +314,10 @@ class ConnectionBodyWriter:
     def __init__(self, connection: H11Connection) -> None:
         self._connection = connection
         self._open = True
+
+    async def wait_until_peer_leaves(self) -> None:
+        """Read and drop the client's input until it leaves (for `watches_peer` streams)."""
+        await self._connection.wait_until_peer_leaves()
 
     def socket_sink(self) -> SocketSink | None:
         """The fast path to the socket, when the connection is a plain TCP socket."""

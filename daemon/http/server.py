@@ -421,7 +421,7 @@ class HttpServer:
             await connection.send(head, h11.EndOfMessage())
             return True
         await connection.send(head)
-        if not await self._run_stream(connection, request, response.stream):
+        if not await self._run_stream(connection, request, response):
             return False
         await connection.send(h11.EndOfMessage())
         return True
@@ -430,30 +430,20 @@ class HttpServer:
         self,
         connection: H11Connection,
         request: Request,
-        stream: StreamBody,
+        response: StreamingResponse,
     ) -> bool:
         """Run a streaming body while watching for the client to leave.
 
-        True when `stream` returned normally. When the client disconnects, the
-        watcher cancels `stream` at once (an SSE subscriber is cleaned up now,
-        not at its next heartbeat).
+        True when the body returned normally. When the client disconnects, the
+        watcher cancels the body at once (an SSE subscriber is cleaned up now,
+        not at its next heartbeat); a `watches_peer` body does that itself.
         """
         writer = ConnectionBodyWriter(connection)
-        finished = False
+        if response.watches_peer:
+            return await _call_stream(request, response.stream, writer)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
-            try:
-                await stream(writer)
-                finished = True
-            except Exception as exc:
-                if _is_client_gone(exc):
-                    logger.debug("client left during %s %s", request.method, request.target)
-                else:
-                    logger.exception(
-                        "streaming response to %s %s failed", request.method, request.target
-                    )
-            finally:
-                writer.close()
+            finished = await _call_stream(request, response.stream, writer)
             nursery.cancel_scope.cancel()
         return finished
 
@@ -475,6 +465,21 @@ class HttpServer:
         except Exception:
             logger.exception("connection takeover for %s %s failed", request.method, request.target)
         return False
+
+
+async def _call_stream(request: Request, stream: StreamBody, writer: ConnectionBodyWriter) -> bool:
+    """Run a streaming body; True when it returned normally."""
+    try:
+        await stream(writer)
+        return True
+    except Exception as exc:
+        if _is_client_gone(exc):
+            logger.debug("client left during %s %s", request.method, request.target)
+        else:
+            logger.exception("streaming response to %s %s failed", request.method, request.target)
+        return False
+    finally:
+        writer.close()
 
 
 def _is_client_gone(exc: Exception) -> bool:

@@ -120,6 +120,10 @@ class StreamingResponse:
     status: int
     headers: Sequence[tuple[str, str]]
     stream: StreamBody
+    # True: `stream` notices the client leaving itself, through the writer's
+    # `wait_until_peer_leaves()`, and the server runs no watcher task beside it
+    # (a long-lived stream then costs one task, not two).
+    watches_peer: bool = False
 
 
 @dataclass(frozen=True)

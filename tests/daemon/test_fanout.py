@@ -53,6 +53,7 @@ class Feed:
             status=200,
             headers=HEADERS,
             stream=functools.partial(self.hub.stream, self.broadcaster, last_id),
+            watches_peer=True,
         )
 
     def publish(self, version: int, **kwargs: object) -> None:
@@ -226,3 +227,18 @@ async def test_a_quiet_fast_path_stream_gets_heartbeats() -> None:
             raw += await stream.receive_some(65536)
         await stream.aclose()
     assert feed.hub.heartbeats_sent >= 3
+
+
+async def test_a_reader_that_leaves_is_let_go_at_once() -> None:
+    async with serving(heartbeat=3600.0) as (feed, server):
+        streams = [await server.connect() for _ in range(3)]
+        for stream in streams:
+            await stream.send_all(b"GET /progress HTTP/1.1\r\nHost: t\r\n\r\n")
+        await feed.wait_for_readers(3)
+        await streams[0].aclose()
+        # No write would tell (no heartbeat for an hour): its own wait notices.
+        while feed.broadcaster.readers > 2:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+        assert feed.hub.open_streams == 2
+        for stream in streams[1:]:
+            await stream.aclose()
