@@ -265,11 +265,9 @@ class StreamHub:
         latest = subscriber.broadcaster.latest
         if latest is not None:
             subscriber.offer(latest, trio.current_time())
-        while True:
+        while not self.draining:
             with trio.CancelScope() as scope:
                 subscriber.scope = scope
-                if self.draining:
-                    scope.cancel()
                 if not subscriber.busy:
                     if wait_for_peer is None:
                         await trio.sleep_forever()
@@ -290,8 +288,6 @@ class StreamHub:
                 if latest is not None:
                     subscriber.offer(latest, trio.current_time())  # may hand it back
             subscriber.scope = None
-            if self.draining:
-                return
 
     # ------------------------------------------------------------ the hub's loops
 

@@ -49,6 +49,16 @@ class H11Connection:
     :meth:`send`, from one task at a time.
     """
 
+    __slots__ = (
+        "_broken",
+        "_cycle_input",
+        "_limits",
+        "_server_header",
+        "chunked_body",
+        "h11",
+        "stream",
+    )
+
     def __init__(self, stream: trio.abc.Stream, limits: HttpLimits, *, server_header: str) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
@@ -70,6 +80,10 @@ class H11Connection:
         of the next request (pipelined bytes), so recording begins with it.
         """
         self._cycle_input = bytearray(self.h11.trailing_data[0])
+
+    def forget_cycle_input(self) -> None:
+        """Drop the recorded request bytes (the response will not hand the connection over)."""
+        self._cycle_input = bytearray()
 
     @property
     def cycle_input(self) -> bytes:
@@ -268,6 +282,8 @@ class SocketSink:
     anything else is written.
     """
 
+    __slots__ = ("_connection", "_socket", "chunked", "fd", "write_timeout")
+
     def __init__(self, connection: H11Connection, socket: trio.socket.SocketType) -> None:
         self._connection = connection
         self._socket = socket
@@ -311,13 +327,15 @@ class SocketSink:
 class ConnectionBodyWriter:
     """The :class:`~daemon.http.types.BodyWriter` of a streaming response."""
 
+    __slots__ = ("_connection", "_open", "wait_until_peer_leaves")
+
     def __init__(self, connection: H11Connection) -> None:
         self._connection = connection
         self._open = True
-
-    async def wait_until_peer_leaves(self) -> None:
-        """Read and drop the client's input until it leaves (for `watches_peer` streams)."""
-        await self._connection.wait_until_peer_leaves()
+        # Read and drop the client's input until it leaves (for `watches_peer`
+        # streams); the connection's own method, so a waiting stream holds one
+        # frame less.
+        self.wait_until_peer_leaves = connection.wait_until_peer_leaves
 
     def socket_sink(self) -> SocketSink | None:
         """The fast path to the socket, when the connection is a plain TCP socket."""

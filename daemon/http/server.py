@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -194,13 +195,11 @@ class HttpServer:
                     handler_nursery.start_soon(self._reject_overloaded, stream)
                 else:
                     self._active_connections += 1
-                    handler_nursery.start_soon(self._serve_counted, stream)
-
-    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
-        try:
-            await self.serve_connection(stream, peer=_peer_name(stream))
-        finally:
-            self._active_connections -= 1
+                    handler_nursery.start_soon(
+                        functools.partial(
+                            self.serve_connection, stream, peer=_peer_name(stream), counted=True
+                        )
+                    )
 
     async def _reject_overloaded(self, stream: trio.abc.Stream) -> None:
         logger.warning("connection limit (%d) reached; answering 503", self._limits.max_connections)
@@ -221,11 +220,14 @@ class HttpServer:
 
     # ------------------------------------------------------------ one connection
 
-    async def serve_connection(self, stream: trio.abc.Stream, *, peer: str = "unknown") -> None:
+    async def serve_connection(
+        self, stream: trio.abc.Stream, *, peer: str = "unknown", counted: bool = False
+    ) -> None:
         """Serve requests on one connection until it closes; always closes `stream`.
 
-        ``run()`` calls this for every accepted connection; tests call it
-        directly on in-memory streams. Never raises except ``trio.Cancelled``.
+        ``run()`` calls this for every accepted connection (`counted`: it is in
+        ``active_connections``); tests call it directly on in-memory streams.
+        Never raises except ``trio.Cancelled``.
         """
         connection = H11Connection(stream, self._limits, server_header=self._server_header)
         try:
@@ -235,6 +237,8 @@ class HttpServer:
             # A bug here must not take the whole server down with it.
             logger.exception("HTTP connection from %s failed", peer)
         finally:
+            if counted:
+                self._active_connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve_requests(self, connection: H11Connection, peer: str) -> bool:
@@ -256,6 +260,9 @@ class HttpServer:
                 if isinstance(result, ConnectionTakeover):
                     return await self._take_over(connection, request, result)
                 if isinstance(result, StreamingResponse):
+                    # A stream may stay open for hours: keep only the request line.
+                    request = _request_line(request)
+                    connection.forget_cycle_input()
                     return await self._send_streaming(connection, request, result)
                 await self._send_whole(connection, request, result)
                 if not connection.start_next_cycle():
@@ -421,6 +428,7 @@ class HttpServer:
             await connection.send(head, h11.EndOfMessage())
             return True
         await connection.send(head)
+        del head  # not held for the stream's lifetime
         if not await self._run_stream(connection, request, response):
             return False
         await connection.send(h11.EndOfMessage())
@@ -440,7 +448,15 @@ class HttpServer:
         """
         writer = ConnectionBodyWriter(connection)
         if response.watches_peer:
-            return await _call_stream(request, response.stream, writer)
+            # No watcher task beside it (and, for long-lived streams, no extra frame).
+            try:
+                await response.stream(writer)
+                return True
+            except Exception as exc:  # noqa: BLE001 - logged there
+                _log_stream_failure(request, exc)
+                return False
+            finally:
+                writer.close()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
             finished = await _call_stream(request, response.stream, writer)
@@ -472,14 +488,23 @@ async def _call_stream(request: Request, stream: StreamBody, writer: ConnectionB
     try:
         await stream(writer)
         return True
-    except Exception as exc:
-        if _is_client_gone(exc):
-            logger.debug("client left during %s %s", request.method, request.target)
-        else:
-            logger.exception("streaming response to %s %s failed", request.method, request.target)
+    except Exception as exc:  # noqa: BLE001 - logged there
+        _log_stream_failure(request, exc)
         return False
     finally:
         writer.close()
+
+
+def _log_stream_failure(request: Request, exc: Exception) -> None:
+    if _is_client_gone(exc):
+        logger.debug("client left during %s %s", request.method, request.target)
+    else:
+        logger.exception("streaming response to %s %s failed", request.method, request.target)
+
+
+def _request_line(request: Request) -> Request:
+    """`request` without its headers, query and body (what a long stream keeps of it)."""
+    return dataclasses.replace(request, headers=Headers(()), query={}, body=b"")
 
 
 def _is_client_gone(exc: Exception) -> bool:

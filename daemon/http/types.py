@@ -66,7 +66,7 @@ class Headers:
         return f"Headers({list(self._items)!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One HTTP request, body read in full (bounded by the route's limit)."""
 
@@ -105,7 +105,7 @@ class BodyWriter(Protocol):
 StreamBody: TypeAlias = Callable[[BodyWriter], Awaitable[None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamingResponse:
     """A response whose body is written over time (e.g. Server-Sent Events).
 
