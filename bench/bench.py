@@ -17,6 +17,7 @@ JSON (artifacts/bench.json):
 - fanout_parallel  the same 4 tasks at once
 - burst            1 task, 100 subscribers, 5,000 frames within 30 ms
 - idle             5,000 open streams: the daemon's RSS growth per stream
+- soak_10k         10,000 streams on one task, 20 steps/s for 60 s (counts only)
 - generate         POST /generate, 2,000 requests, 50 in flight, keep-alive, held queued
 - new requests     GET /healthz on a new connection every 20 ms while the streams of
                    fanout_parallel and idle are open
@@ -291,20 +292,35 @@ class Bench:
             process.join()
 
     def open_streams(
-        self, tasks: list[tuple[str, int]], per_task: int
+        self, tasks: list[tuple[str, int]], per_task: int, keep_from: int = 0
     ) -> list[tuple[Any, Connection]]:
         subscriptions = [task for task in tasks for _ in range(per_task)]
         shares = [subscriptions[i::WORKERS] for i in range(WORKERS)]
         return self.start_workers(
-            load.subscriber_worker, [(self.daemon.address, share) for share in shares if share]
+            load.subscriber_worker,
+            [(self.daemon.address, share, keep_from) for share in shares if share],
         )
 
     def streams(
-        self, name: str, tasks: int, per_task: int, spec: dict[str, Any], *, probe: bool = False
+        self,
+        name: str,
+        tasks: int,
+        per_task: int,
+        spec: dict[str, Any],
+        *,
+        probe: bool = False,
+        light: bool = False,
     ) -> dict[str, Any]:
-        """Open `per_task` streams on each of `tasks` new tasks, play them, measure."""
+        """Open `per_task` streams on each of `tasks` new tasks, play them, measure.
+
+        With `light`, only the counts and the last progress state are recorded
+        per subscriber (latency then covers the last frame only)."""
+        steps = spec["steps"]
         created = self.create_tasks(tasks)
-        workers = self.open_streams(created, per_task)
+        time.sleep(0.5)  # let the daemon settle after the new tasks
+        rss_before = self.daemon.rss_kib()
+        workers = self.open_streams(created, per_task, keep_from=steps if light else 0)
+        rss_open = self.daemon.rss_kib()
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.profiling(name))
             probes = stack.enter_context(self.probing()) if probe else None
@@ -321,7 +337,6 @@ class Bench:
                     pipe.send(("stop",))
                 outcomes.append(pipe.recv())
                 process.join()
-        steps = spec["steps"]
         latencies: list[float] = []
         freshness: list[float] = []
         seen: list[float] = []
@@ -329,9 +344,9 @@ class Bench:
         complete = 0
         last_terminal = 0.0
         for _, _, _, results in outcomes:
-            for task, events, terminal, terminal_at in results:
+            for task, events, terminal, terminal_at, count in results:
                 sent = stamps[task]
-                delivered += len(events)
+                delivered += count
                 complete += terminal == "complete"
                 if terminal_at is not None:
                     last_terminal = max(last_terminal, terminal_at)
@@ -345,7 +360,8 @@ class Bench:
                         fresh = arrival - sent[-1]
                 if fresh is not None:
                     freshness.append(fresh)
-                seen.append(len(values) / steps)
+                progress_events = count - (terminal is not None)
+                seen.append((progress_events if light else len(values)) / steps)
         subscribers = tasks * per_task
         first_frame = min(v[0] for v in stamps.values())
         window = max(last_terminal - first_frame, 1e-9)
@@ -363,6 +379,7 @@ class Bench:
             "min_seen_share": round(min(seen, default=0.0), 3),
             "below_90pct": sum(1 for s in seen if s < 0.9),
             "events_per_s": round(delivered / window),
+            "kib_per_open_stream": round((rss_open - rss_before) / subscribers, 2),
             "daemon_cpu_s": round(cpu, 3),
             "cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 2),
             "client_cpu": round(client_load, 2),
@@ -520,6 +537,7 @@ def format_row(row: dict[str, Any]) -> str:
         f"{row['cpu_us_per_event']} us/event; client CPU {row['client_cpu']}"
         + (" (client-saturated)" if row["client_saturated"] else "")
     )
+    text += f"; RSS +{row['kib_per_open_stream']} KiB per open stream"
     if "new_requests" in row:
         probe = row["new_requests"]
         text += (
@@ -529,7 +547,9 @@ def format_row(row: dict[str, Any]) -> str:
     return text
 
 
-SCENARIOS = ("floor", "latency", "fanout", "fanout_parallel", "burst", "idle", "generate")
+SCENARIOS = (
+    "floor", "latency", "fanout", "fanout_parallel", "burst", "idle", "soak_10k", "generate",
+)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -566,6 +586,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 bench.streams(f"{name} (halved)", tasks, per_task // 2, spec, probe=probe)
         if "idle" in only:
             bench.idle(n(5000))
+        if "soak_10k" in only:
+            # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
+            # with `complete`; counts only (a full record would not fit the client).
+            spec = {"steps": 1200, "rate": 20}
+            bench.streams("soak_10k", 1, n(10_000), spec, probe=True, light=True)
         if "generate" in only:
             bench.generate(n(2000), 50)
         sampler.stop.set()

@@ -37,6 +37,8 @@ class Stream:
     sse: bytearray = field(default_factory=bytearray)
     chunked: bool = True
     events: list[tuple[int, float]] = field(default_factory=list)  # (value, arrival)
+    count: int = 0  # events received
+    keep_from: int = 0  # keep only events with a value this high (long runs: memory)
     first: float | None = None
     terminal: str | None = None
     terminal_at: float | None = None
@@ -89,12 +91,13 @@ class Stream:
             if self.first is None:
                 self.first = now
             name = kind.group(1)
-            if name == b"progress":
-                self.events.append((int(value.group(1)) if value else -1, now))
-            else:
+            number = int(value.group(1)) if value else -1
+            self.count += 1
+            if name != b"progress":
                 self.terminal = name.decode()
                 self.terminal_at = now
-                self.events.append((int(value.group(1)) if value else -1, now))
+            if number >= self.keep_from or name != b"progress":
+                self.events.append((number, now))
         del sse[:pos]
 
 
@@ -108,11 +111,15 @@ def _connect(address: tuple[str, int]) -> socket.socket:
 
 
 def subscriber_worker(
-    conn: Connection, address: tuple[str, int], subscriptions: list[tuple[str, int]]
+    conn: Connection,
+    address: tuple[str, int],
+    subscriptions: list[tuple[str, int]],
+    keep_from: int = 0,
 ) -> None:
     """Open one stream per (task id, task number); report ("ready", ...) once each
     holds its first event, then wait for ("go",), then record until every stream
-    ended (or ("stop",)), and report ("done", cpu, wall, results)."""
+    ended (or ("stop",)), and report ("done", cpu, wall, results). Events with a
+    value below `keep_from` are only counted."""
     poller = select.epoll()
     streams: dict[int, Stream] = {}
     host = f"{address[0]}:{address[1]}"
@@ -125,7 +132,7 @@ def subscriber_worker(
                 f"GET /progress/{task_id} HTTP/1.1\r\nHost: {host}\r\n"
                 "Accept: text/event-stream\r\n\r\n"
             ).encode()
-            stream = Stream(task, _connect(address), request)
+            stream = Stream(task, _connect(address), request, keep_from=keep_from)
             streams[stream.sock.fileno()] = stream
             poller.register(stream.sock, select.EPOLLOUT | select.EPOLLIN)
         _pump(poller, streams, 0.05)
@@ -137,6 +144,7 @@ def subscriber_worker(
     if message[0] == "go":
         for stream in streams.values():
             stream.events.clear()
+            stream.count = 0
         cpu0, wall0 = time.process_time(), time.monotonic()
         unfinished = sum(1 for s in streams.values() if s.terminal is None and not s.closed)
         while unfinished > 0:
@@ -147,7 +155,7 @@ def subscriber_worker(
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     else:
         cpu, wall = 0.0, 0.0
-    results = [(s.task, s.events, s.terminal, s.terminal_at) for s in streams.values()]
+    results = [(s.task, s.events, s.terminal, s.terminal_at, s.count) for s in streams.values()]
     for stream in streams.values():
         stream.sock.close()
     conn.send(("done", cpu, wall, results))
