@@ -267,6 +267,9 @@ class FakeComfy:
                 await trio.sleep_until(start + i * interval)
                 stamps.append(time.monotonic())
                 await socket.send(data)
+        # Real ComfyUI decodes and saves the image after the sampler's last step:
+        # the end frames come a moment later, not in the same breath.
+        await trio.sleep(spec.get("tail", 0.05))
         prompt.done = True
         image = self.image(prompt)
         await socket.send(
