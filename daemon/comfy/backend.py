@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-import trio_websocket
 
 from daemon.comfy.http_api import ComfyHttp
 from daemon.comfy.routing import PromptRouter, Signal
+from daemon.comfy.websocket import ComfySocket, HandshakeFailed, WebSocketClosed
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -155,7 +155,7 @@ class ComfyBackend:
                 await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
                 failures = 0
             except (
-                trio_websocket.HandshakeError,
+                HandshakeFailed,
                 OSError,
                 trio.TooSlowError,
                 trio.BrokenResourceError,
@@ -168,7 +168,7 @@ class ComfyBackend:
                     _describe(exc),
                     extra={"backend": self.name},
                 )
-            except trio_websocket.ConnectionClosed as exc:
+            except WebSocketClosed as exc:
                 failures += 1
                 log.warning(
                     "ComfyUI WebSocket to %s closed: %s", self.name, exc.reason,
@@ -198,23 +198,8 @@ class ComfyBackend:
     async def _connect_and_consume(self, *, on_open: Callable[[], None], reconnect: bool) -> None:
         """One WebSocket session, from connect to close; raises what ended it.
 
-        We open the TCP stream ourselves and hand it to trio-websocket, so we
-        can always close it: after an abnormal closure trio-websocket leaves
-        its socket open.
+        We open the TCP stream ourselves, so we always close it.
         """
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:  # trio-websocket's reader task
-            try:
-                await self._session(nursery, on_open=on_open, reconnect=reconnect)
-            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-
-    async def _session(
-        self, nursery: trio.Nursery, *, on_open: Callable[[], None], reconnect: bool
-    ) -> None:
         url = urllib.parse.urlsplit(self.settings.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         resource = f"{url.path.rstrip('/')}/ws?clientId={self.client_id}"
@@ -222,15 +207,9 @@ class ComfyBackend:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(host, port)
         try:
+            ws = ComfySocket(stream, max_message_bytes=MAX_MESSAGE_BYTES)
             with trio.fail_after(timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
-                    stream,
-                    host,
-                    resource,
-                    max_message_size=MAX_MESSAGE_BYTES,
-                    message_queue_size=64,
-                )
+                await ws.open(f"{host}:{port}", resource)
             self._set_connected(True)
             log.info(
                 "ComfyUI WebSocket open: %s (client id %s)",
@@ -275,17 +254,23 @@ class ComfyBackend:
             extra={"backend": self.name},
         )
 
-    async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Read frames until the socket closes or goes silent (both raise)."""
+    async def _consume(self, ws: ComfySocket) -> None:
+        """Read frames until the socket closes or goes silent (both raise).
+
+        Every frame of one read is routed before the next checkpoint, so a
+        task's actor finds them all waiting and publishes once.
+        """
         while True:
             timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
+            frames: list[str | bytes] = []
             with trio.move_on_after(timeout) as idle:
-                frame = await ws.get_message()
+                frames = await ws.messages()
             if idle.cancelled_caught:
                 await self._probe_silence(timeout)
                 continue
-            self.frames_received += 1
-            self._handle_frame(frame)
+            self.frames_received += len(frames)
+            for frame in frames:
+                self._handle_frame(frame)
 
     async def _probe_silence(self, waited: float) -> None:
         prompt_id = self.router.running_prompt
