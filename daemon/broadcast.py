@@ -25,11 +25,13 @@ class Snapshot:
     payload: Mapping[str, Any] = field(hash=False)
     sse: bytes = field(repr=False)  # the encoded SSE event, id included
     terminal: bool = False
-    # The same bytes as one HTTP/1.1 chunk, framed once for every chunked reader.
+    # The same bytes as one HTTP/1.1 chunk, framed once for every chunked reader;
+    # a terminal snapshot's chunk ends the chunked body too (the last-chunk).
     chunk: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "chunk", b"%x\r\n%b\r\n" % (len(self.sse), self.sse))
+        chunk = b"%x\r\n%b\r\n" % (len(self.sse), self.sse)
+        object.__setattr__(self, "chunk", chunk + b"0\r\n\r\n" if self.terminal else chunk)
 
 
 class Broadcaster:

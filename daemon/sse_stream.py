@@ -156,6 +156,8 @@ class _Subscriber:
         self.hub.events_sent += 1
         if snapshot.terminal:
             self.done = True
+            if self.sink is not None and self.chunked:
+                self.sink.body_ended()  # Snapshot.chunk of a terminal one ends the body
             self._hand_over()
 
     async def finish_pending(self) -> None:
@@ -250,7 +252,8 @@ class StreamHub:
                 with trio.move_on_after(1.0):
                     if subscriber.pending is not None:
                         await subscriber.finish_pending()
-                    await writer.send(encode_retry(self.retry_ms))
+                    if not subscriber.done:  # (a finished chunk may have been the end)
+                        await writer.send(encode_retry(self.retry_ms))
         finally:
             self._open -= 1
             broadcaster.readers -= 1
@@ -272,6 +275,8 @@ class StreamHub:
                     if wait_for_peer is None:
                         await trio.sleep_forever()
                     await wait_for_peer()
+                    if subscriber.done:
+                        return  # the end is out and the read side shut (see _write_all)
                     raise ClientGone("client went away")
                 # The loops handed us work: the socket was full, or it failed,
                 # or the end is out, or (no socket) something is to be written.
@@ -376,7 +381,13 @@ class StreamHub:
                 sent += 1
                 if snapshot.terminal:
                     subscriber.done = True
-                    subscriber._hand_over()
+                    sink = subscriber.sink
+                    assert sink is not None
+                    if subscriber.chunked:
+                        sink.body_ended()  # Snapshot.chunk of a terminal one ends the body
+                    # Its task waits for the client to leave: the read side's
+                    # end wakes it more cheaply than a cancellation.
+                    sink.stop_reading()
             else:
                 subscriber.partial(data, taken, snapshot, now)
             writes += 1
@@ -386,8 +397,8 @@ class StreamHub:
                 sent = 0
                 await trio.lowlevel.checkpoint()
                 now = trio.current_time()
-                snapshot = broadcaster.latest
-                assert snapshot is not None
+                # The round goes on with the same snapshot: everyone gets each
+                # step while the loop keeps up; a newer one is the next round's.
         self.events_sent += sent
 
     async def _beat(self) -> None:

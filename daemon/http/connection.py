@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket as stdlib_socket
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
@@ -54,6 +55,7 @@ class H11Connection:
         "_cycle_input",
         "_limits",
         "_server_header",
+        "body_ended_by_sink",
         "chunked_body",
         "h11",
         "stream",
@@ -70,6 +72,8 @@ class H11Connection:
         # How the current response's body is framed: chunked (HTTP/1.1 peers)
         # or close-delimited (HTTP/1.0); set when its head is sent.
         self.chunked_body = False
+        # A SocketSink wrote the body's end itself (see SocketSink.body_ended).
+        self.body_ended_by_sink = False
 
     # ------------------------------------------------------------ reading
 
@@ -306,6 +310,17 @@ class SocketSink:
             return 0
         except OSError as exc:
             raise self.failed(exc) from None
+
+    def body_ended(self) -> None:
+        """The bytes written included the end of the body (a chunked body's
+        last-chunk): the server then only tells h11, and writes nothing more."""
+        self._connection.body_ended_by_sink = True
+
+    def stop_reading(self) -> None:
+        """Shut the socket's read side: a task waiting for the client to leave
+        wakes at once (cheaper than cancelling it), e.g. when the body is done."""
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(stdlib_socket.SHUT_RD)
 
     def failed(self, exc: OSError) -> ClientGone:
         """A write to `fd` failed with `exc`: the connection is dead; what to raise."""

@@ -431,7 +431,10 @@ class HttpServer:
         del head  # not held for the stream's lifetime
         if not await self._run_stream(connection, request, response):
             return False
-        await connection.send(h11.EndOfMessage())
+        if connection.body_ended_by_sink:
+            connection.h11.send(h11.EndOfMessage())  # its bytes went out with the last write
+        else:
+            await connection.send(h11.EndOfMessage())
         return True
 
     async def _run_stream(

@@ -83,6 +83,7 @@ async def read_events(url: str, headers: tuple[tuple[str, str], ...] = ()) -> li
     async with open_stream("GET", url, headers=headers) as response:
         async for chunk in response.chunks:
             events.extend(decoder.feed(chunk))
+        assert response.chunks.complete, "the chunked body ended properly (last-chunk)"
     return events
 
 
