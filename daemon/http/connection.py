@@ -9,8 +9,11 @@ on any failed or cancelled write, and errors sent only from IDLE/SEND_RESPONSE.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket as stdlib_socket
+import sys
+import termios
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
@@ -58,6 +61,7 @@ class H11Connection:
         "body_ended_by_sink",
         "chunked_body",
         "h11",
+        "read_side_shut",
         "stream",
     )
 
@@ -72,8 +76,10 @@ class H11Connection:
         # How the current response's body is framed: chunked (HTTP/1.1 peers)
         # or close-delimited (HTTP/1.0); set when its head is sent.
         self.chunked_body = False
-        # A SocketSink wrote the body's end itself (see SocketSink.body_ended).
+        # A SocketSink wrote the body's end itself (see SocketSink.body_ended),
+        # and shut the socket's read side (SocketSink.stop_reading).
         self.body_ended_by_sink = False
+        self.read_side_shut = False
 
     # ------------------------------------------------------------ reading
 
@@ -261,6 +267,11 @@ class H11Connection:
         Closing a socket with unread input makes the kernel send a reset, which
         can destroy our last response before the client reads it.
         """
+        if self.read_side_shut and _unread_bytes(self.stream) == 0:
+            # A SocketSink ended the body and shut reading: nothing to drain, and
+            # a close now sends our FIN after the data (no reset).
+            await trio.lowlevel.checkpoint()
+            return
         with (
             trio.move_on_after(self._limits.close_linger_timeout),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
@@ -273,6 +284,17 @@ class H11Connection:
                 if not data:
                     break
                 drained += len(data)
+
+
+def _unread_bytes(stream: trio.abc.Stream) -> int:
+    """Bytes waiting in a socket's receive queue (-1: unknown)."""
+    if not isinstance(stream, trio.SocketStream):
+        return -1
+    try:
+        buffer = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return -1
+    return int.from_bytes(buffer, sys.byteorder, signed=True)
 
 
 class SocketSink:
@@ -321,6 +343,7 @@ class SocketSink:
         wakes at once (cheaper than cancelling it), e.g. when the body is done."""
         with contextlib.suppress(OSError):
             self._socket.shutdown(stdlib_socket.SHUT_RD)
+            self._connection.read_side_shut = True
 
     def failed(self, exc: OSError) -> ClientGone:
         """A write to `fd` failed with `exc`: the connection is dead; what to raise."""
