@@ -244,8 +244,28 @@ class StreamHub:
             sink_of: Callable[[], SocketSink | None] | None = getattr(writer, "socket_sink", None)
             subscriber = _Subscriber(self, broadcaster, last_event_id, sink_of and sink_of())
             self._attach(subscriber)
+            wait_for_peer: Callable[[], Awaitable[None]] | None = getattr(
+                writer, "wait_until_peer_leaves", None
+            )
             try:
-                await self._serve(subscriber, writer)
+                # The stream's own task, inline (one frame less for hours): asleep
+                # unless the loops hand it work, the client leaves, or we drain.
+                # One cancel scope serves all three.
+                latest = broadcaster.latest
+                if latest is not None:
+                    subscriber.offer(latest, trio.current_time())
+                while not subscriber.done and not self.is_draining():
+                    with trio.CancelScope() as scope:
+                        subscriber.scope = scope
+                        if not subscriber.busy:
+                            if wait_for_peer is None:
+                                await trio.sleep_forever()
+                            await wait_for_peer()
+                            if not subscriber.done:  # (done: the end is out, reading shut)
+                                raise ClientGone("client went away")
+                        else:
+                            await self._work(subscriber, writer)
+                    subscriber.scope = None
             finally:
                 self._detach(subscriber)
             if self.is_draining() and not subscriber.done:
@@ -258,41 +278,21 @@ class StreamHub:
             self._open -= 1
             broadcaster.readers -= 1
 
-    async def _serve(self, subscriber: _Subscriber, writer: BodyWriter) -> None:
-        """The stream's own task: asleep unless the loops hand it work, the client
-        leaves, or we drain. One cancel scope serves all three (it is all an idle
-        stream holds besides its task)."""
-        wait_for_peer: Callable[[], Awaitable[None]] | None = getattr(
-            writer, "wait_until_peer_leaves", None
-        )
+    async def _work(self, subscriber: _Subscriber, writer: BodyWriter) -> None:
+        """What the loops handed a stream's task: the socket was full, or it
+        failed, or the end is out, or (no socket) something is to be written."""
+        if subscriber.failure is not None:
+            raise subscriber.failure
+        if subscriber.sink is None:
+            await subscriber.write_through(writer)
+        else:
+            await subscriber.finish_pending()
+        if subscriber.done:
+            return
+        subscriber.busy = False
         latest = subscriber.broadcaster.latest
         if latest is not None:
-            subscriber.offer(latest, trio.current_time())
-        while not self.draining:
-            with trio.CancelScope() as scope:
-                subscriber.scope = scope
-                if not subscriber.busy:
-                    if wait_for_peer is None:
-                        await trio.sleep_forever()
-                    await wait_for_peer()
-                    if subscriber.done:
-                        return  # the end is out and the read side shut (see _write_all)
-                    raise ClientGone("client went away")
-                # The loops handed us work: the socket was full, or it failed,
-                # or the end is out, or (no socket) something is to be written.
-                if subscriber.failure is not None:
-                    raise subscriber.failure
-                if subscriber.sink is None:
-                    await subscriber.write_through(writer)
-                else:
-                    await subscriber.finish_pending()
-                if subscriber.done:
-                    return
-                subscriber.busy = False
-                latest = subscriber.broadcaster.latest
-                if latest is not None:
-                    subscriber.offer(latest, trio.current_time())  # may hand it back
-            subscriber.scope = None
+            subscriber.offer(latest, trio.current_time())  # may hand it back
 
     # ------------------------------------------------------------ the hub's loops
 

@@ -16,7 +16,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import h11
 import trio
@@ -429,7 +430,18 @@ class HttpServer:
             return True
         await connection.send(head)
         del head  # not held for the stream's lifetime
-        if not await self._run_stream(connection, request, response):
+        writer = ConnectionBodyWriter(connection)
+        if response.watches_peer:
+            # The body notices the client leaving itself: no watcher task beside
+            # it, and (inline here) no extra frame for a stream open for hours.
+            try:
+                await response.stream(writer)
+            except Exception as exc:  # noqa: BLE001 - logged there
+                _log_stream_failure(request, exc)
+                return False
+            finally:
+                writer.close()
+        elif not await self._run_watched(connection, request, response.stream, writer):
             return False
         if connection.body_ended_by_sink:
             connection.h11.send(h11.EndOfMessage())  # its bytes went out with the last write
@@ -437,32 +449,21 @@ class HttpServer:
             await connection.send(h11.EndOfMessage())
         return True
 
-    async def _run_stream(
+    async def _run_watched(
         self,
         connection: H11Connection,
         request: Request,
-        response: StreamingResponse,
+        stream: StreamBody,
+        writer: ConnectionBodyWriter,
     ) -> bool:
         """Run a streaming body while watching for the client to leave.
 
         True when the body returned normally. When the client disconnects, the
-        watcher cancels the body at once (an SSE subscriber is cleaned up now,
-        not at its next heartbeat); a `watches_peer` body does that itself.
+        watcher cancels the body at once.
         """
-        writer = ConnectionBodyWriter(connection)
-        if response.watches_peer:
-            # No watcher task beside it (and, for long-lived streams, no extra frame).
-            try:
-                await response.stream(writer)
-                return True
-            except Exception as exc:  # noqa: BLE001 - logged there
-                _log_stream_failure(request, exc)
-                return False
-            finally:
-                writer.close()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
-            finished = await _call_stream(request, response.stream, writer)
+            finished = await _call_stream(request, stream, writer)
             nursery.cancel_scope.cancel()
         return finished
 
@@ -505,9 +506,15 @@ def _log_stream_failure(request: Request, exc: Exception) -> None:
         logger.exception("streaming response to %s %s failed", request.method, request.target)
 
 
+_NO_HEADERS = Headers(())
+_NO_QUERY: Mapping[str, str] = MappingProxyType({})
+
+
 def _request_line(request: Request) -> Request:
-    """`request` without its headers, query and body (what a long stream keeps of it)."""
-    return dataclasses.replace(request, headers=Headers(()), query={}, body=b"")
+    """Method and target only: what a long stream keeps of its request (for logs)."""
+    return dataclasses.replace(
+        request, path="", headers=_NO_HEADERS, query=_NO_QUERY, body=b"", path_params=_NO_QUERY
+    )
 
 
 def _is_client_gone(exc: Exception) -> bool:
