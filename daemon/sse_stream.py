@@ -321,8 +321,15 @@ class StreamHub:
             broadcaster.watchers.remove(self._published)
 
     def _published(self, broadcaster: Broadcaster) -> None:
-        self._dirty[broadcaster] = None
-        self._fanout_wake.set()
+        readers = self._subscribers.get(broadcaster)
+        latest = broadcaster.latest
+        if readers and latest is not None and len(readers) <= YIELD_EVERY:
+            # Few readers: the publisher writes them itself, now (no task switch;
+            # a round the loop has under way skips readers that have it).
+            self._write_batch(latest, list(readers))
+        else:
+            self._dirty[broadcaster] = None
+            self._fanout_wake.set()
 
     def _start_loops(self) -> None:
         if not self._loops_started:
@@ -352,12 +359,20 @@ class StreamHub:
                     await self._write_all(broadcaster, list(readers))
 
     async def _write_all(self, broadcaster: Broadcaster, readers: list[_Subscriber]) -> None:
+        """One round: the snapshot to every reader, a checkpoint every YIELD_EVERY."""
+        snapshot = broadcaster.latest
+        assert snapshot is not None
+        for start in range(0, len(readers), YIELD_EVERY):
+            if start:
+                await trio.lowlevel.checkpoint()
+            # The round goes on with the same snapshot: everyone gets each step
+            # while the loop keeps up; a newer one is the next round's.
+            self._write_batch(snapshot, readers[start : start + YIELD_EVERY])
+
+    def _write_batch(self, snapshot: Snapshot, readers: list[_Subscriber]) -> None:
         # The hot loop: per reader one os.write of bytes framed once, nothing else
         # unless the socket cannot take them (then the reader's own task goes on).
         write = os.write
-        snapshot = broadcaster.latest
-        assert snapshot is not None
-        writes = 0
         sent = 0
         now = trio.current_time()
         for subscriber in readers:
@@ -390,15 +405,6 @@ class StreamHub:
                     sink.stop_reading()
             else:
                 subscriber.partial(data, taken, snapshot, now)
-            writes += 1
-            if writes >= YIELD_EVERY:
-                writes = 0
-                self.events_sent += sent
-                sent = 0
-                await trio.lowlevel.checkpoint()
-                now = trio.current_time()
-                # The round goes on with the same snapshot: everyone gets each
-                # step while the loop keeps up; a newer one is the next round's.
         self.events_sent += sent
 
     async def _beat(self) -> None:
