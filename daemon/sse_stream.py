@@ -1,16 +1,17 @@
-"""SSE streams: every connection reading a task, fed by one fan-out loop.
+"""SSE streams: every connection reading a task, written by its publisher.
 
 Fan-out is the daemon's hot path (one ComfyUI step, a thousand readers), so
-it costs one task switch per publish, not per reader: when a task publishes,
-the hub's fan-out loop writes the snapshot's bytes, framed once per body
-framing (`Snapshot.chunk`, or `.sse` when close-delimited), to each reader's
-socket with one non-blocking write, yielding to the event loop every
-`YIELD_EVERY` writes. A reader whose socket took only part of a chunk (or
-none) becomes *busy*: its own task waits for writability, finishes that
-chunk, then writes the newest snapshot. A reader never gets a backlog, only
-the latest state, and the terminal snapshot is the last one published, so
-nobody skips it. A reader that stays unwritable for the write timeout is cut
-off.
+it costs at most one task switch per publish, not one per reader: a publish
+is written, framed once per body framing (`Snapshot.chunk`, or `.sse` when
+close-delimited), to each reader's socket with one non-blocking write: by
+the publisher itself for up to `YIELD_EVERY` readers, else by the hub's
+fan-out loop, which yields to the event loop every `YIELD_EVERY` writes. A
+reader whose socket took only part of a chunk (or none) becomes *busy*: its
+own task waits for writability, finishes that chunk, then writes the newest
+snapshot. A reader never gets a backlog, only the latest state, and the
+terminal snapshot is the last one published, so nobody skips it (its chunk
+also ends the chunked body). A reader that stays unwritable for the write
+timeout is cut off.
 
 Heartbeats come from one hub loop that sleeps until the earliest deadline:
 each stream gets `: heartbeat` `heartbeat_interval` s after its last write.
@@ -19,8 +20,9 @@ Readers whose connection offers no socket (in-memory streams in tests) take
 the same route through their own task and `BodyWriter.send`.
 
 An idle stream costs one sleeping task: it waits for the client to leave
-(reading and dropping its input), and the loops wake it by cancelling that
-wait when they need it to write.
+(reading and dropping its input); the hub wakes it by cancelling that wait
+when it must write, or, once the end is out, by shutting the socket's read
+side (cheaper for a thousand streams ending at once).
 """
 
 from __future__ import annotations
