@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import h11
+import pytest
 import trio
 import trio.lowlevel
 
+from daemon import sse_stream
 from daemon.broadcast import Broadcaster, Snapshot
 from daemon.http import HttpLimits
 from daemon.http.client import open_stream
@@ -87,7 +89,17 @@ async def read_events(url: str, headers: tuple[tuple[str, str], ...] = ()) -> li
     return events
 
 
-async def test_every_reader_sees_rising_ids_and_ends_with_the_terminal_event() -> None:
+@pytest.mark.parametrize(
+    "slice_size",
+    [
+        250,  # 30 readers: the publisher writes them itself
+        7,  # the fan-out loop, in slices of 7 writes with checkpoints between
+    ],
+)
+async def test_every_reader_sees_rising_ids_and_ends_with_the_terminal_event(
+    monkeypatch: pytest.MonkeyPatch, slice_size: int
+) -> None:
+    monkeypatch.setattr(sse_stream, "YIELD_EVERY", slice_size)
     async with serving() as (feed, server):
         results: list[list[ServerSentEvent]] = []
 
