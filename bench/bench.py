@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import multiprocessing
 import os
@@ -46,196 +45,31 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from bench import load
+from bench.figures import format_row, ms_summary, summarise_profile
+from bench.processes import (
+    Address,
+    CpuSampler,
+    Daemon,
+    daemon_process,
+    fake_comfy,
+    machine_busy,
+    machine_ticks,
+    request,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 4
 SATURATED = 0.8
 # Every core busy (the daemon, the load, the fake and whatever else runs here):
 # then the clients read late and latency is the machine's, not the daemon's.
 MACHINE_SATURATED = 0.9
-DAEMON_SETTINGS = (
-    "log_level=info",
-    "max_connections=30000",
-    "max_tasks=20000",
-    "queue_poll_interval=1",
-)
-Address = tuple[str, int]
-
-
-# ---------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def request(
-    address: Address, method: str, path: str, body: object = None, timeout: float = 120
-) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(*address, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def wait_until_up(address: Address, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited early:\n{log.read_text(errors='replace')[-3000:]}")
-        with contextlib.suppress(OSError):
-            if request(address, "GET", "/healthz", timeout=2)[0] == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"did not come up:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@contextlib.contextmanager
-def fake_comfy() -> Iterator[Address]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_comfy"], cwd=REPO_ROOT, stdout=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        yield ("127.0.0.1", int(line.rsplit(" ", 1)[1]))
-    finally:
-        process.terminate()
-        process.wait()
-
-
-@dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    address: Address
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # utime and stime are fields 14 and 15 (1-based); fields[0] here is field 3.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-
-@contextlib.contextmanager
-def daemon_process(data_dir: Path, comfy: Address) -> Iterator[Daemon]:
-    port = free_port()
-    log = data_dir / "daemon.log"
-    command = [
-        sys.executable, "-m", "daemon.cli", "serve",
-        "--listen", f"127.0.0.1:{port}",
-        "--comfy-url", f"http://{comfy[0]}:{comfy[1]}",
-        "--data-dir", str(data_dir),
-        *(arg for setting in DAEMON_SETTINGS for arg in ("--set", setting)),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        address = ("127.0.0.1", port)
-        wait_until_up(address, process, log)
-        while json.loads(request(address, "GET", "/readyz")[1])["ready"] is not True:
-            time.sleep(0.05)
-        yield Daemon(process, address)
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs so far, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def machine_busy(since: tuple[int, int]) -> float:
-    """The share of all CPUs busy since `since` (machine_ticks())."""
-    busy, total = machine_ticks()
-    return (busy - since[0]) / max(1, total - since[1])
-
-
-class CpuSampler(threading.Thread):
-    """Samples the daemon's CPU seconds every 5 ms, to read them at any past moment."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        super().__init__(daemon=True)
-        self._daemon = daemon
-        self.samples: list[tuple[float, float]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.005):
-            self.samples.append((time.monotonic(), self._daemon.cpu_seconds()))
-
-    def at(self, moment: float) -> float:
-        """The CPU seconds used by `moment` (the last sample taken at or before it)."""
-        value = self.samples[0][1]
-        for when, cpu in self.samples:
-            if when > moment:
-                break
-            value = cpu
-        return value
-
-
-# ---------------------------------------------------------------- figures
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def ms_summary(samples: Sequence[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(percentile(samples, 0.50) * 1000, 2),
-        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
-        "max_ms": round(max(samples, default=float("nan")) * 1000, 2),
-    }
-
-
-def summarise_profile(path: Path, top: int = 15) -> list[str]:
-    """The functions that held the CPU most (self time), from py-spy's raw output."""
-    own: dict[str, int] = {}
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        leaf = stack.rsplit(";", 1)[-1]
-        own[leaf] = own.get(leaf, 0) + int(count)
-        total += int(count)
-    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
-    return [f"{count / total:6.1%}  {leaf}" for leaf, count in ranked]
 
 
 @dataclass
@@ -530,48 +364,6 @@ class Bench:
             "client_saturated": client_load > SATURATED,
         }
         self.report(row)
-
-
-def format_row(row: dict[str, Any]) -> str:
-    name = row["scenario"]
-    if name == "floor":
-        return f"{name:<24} {row['shape']}: {row['cpu_us_per_write']} us CPU per write"
-    if name == "idle":
-        probe = row["new_requests"]
-        return (
-            f"{name:<24} {row['shape']}: RSS {row['rss_before_kib'] / 1024:.1f} -> "
-            f"{row['rss_after_kib'] / 1024:.1f} MiB, {row['kib_per_stream']} KiB per stream; "
-            f"new request p50 {probe['p50_ms']} ms p99 {probe['p99_ms']} ms "
-            f"({probe['count']} probes, {probe['failed']} failed)"
-        )
-    if name == "generate":
-        lat = row["latency"]
-        return (
-            f"{name:<24} {row['shape']}: {row['req_per_s']} req/s, p50 {lat['p50_ms']} ms "
-            f"p99 {lat['p99_ms']} ms max {lat['max_ms']} ms, {row['failed']} failed; "
-            f"daemon {row['cpu_us_per_request']} us CPU per request; client CPU {row['client_cpu']}"
-            + (" (client-saturated)" if row["client_saturated"] else "")
-        )
-    lat, fresh = row["latency"], row["freshness"]
-    text = (
-        f"{name:<24} {row['shape']}: latency p50 {lat['p50_ms']} p99 {lat['p99_ms']} "
-        f"max {lat['max_ms']} ms; freshness p50 {fresh['p50_ms']} p99 {fresh['p99_ms']} "
-        f"max {fresh['max_ms']} ms; delivered {row['delivered']}/{row['expected']} "
-        f"({row['events_per_s']}/s), {row['completed']}/{row['subscribers']} complete, "
-        f"min seen {row['min_seen_share']:.0%}; daemon {row['daemon_cpu_s']} s CPU = "
-        f"{row['cpu_us_per_event']} us/event; client CPU {row['client_cpu']}"
-        + (" (client-saturated)" if row["client_saturated"] else "")
-        + f"; machine {row['machine_busy']:.0%} busy"
-        + (" (machine-saturated)" if row["machine_saturated"] else "")
-    )
-    text += f"; RSS +{row['kib_per_open_stream']} KiB per open stream"
-    if "new_requests" in row:
-        probe = row["new_requests"]
-        text += (
-            f"; new request p50 {probe['p50_ms']} p99 {probe['p99_ms']} ms "
-            f"({probe['failed']}/{probe['count']} failed)"
-        )
-    return text
 
 
 SCENARIOS = (
