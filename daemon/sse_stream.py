@@ -27,6 +27,7 @@ side (cheaper for a thousand streams ending at once).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -210,6 +211,9 @@ class StreamHub:
         self._heartbeat_added = trio.Event()
         self._sequence = itertools.count()
         self._loops_started = False
+        # Streams whose end is out, waiting for their task to be woken (in slices).
+        self._to_end: collections.deque[SocketSink] = collections.deque()
+        self._ender_wake = trio.Event()
 
     @property
     def open_streams(self) -> int:
@@ -338,6 +342,7 @@ class StreamHub:
             self._loops_started = True
             trio.lowlevel.spawn_system_task(self._forever, self._fan_out, name="sse fan-out")
             trio.lowlevel.spawn_system_task(self._forever, self._beat, name="sse heartbeats")
+            trio.lowlevel.spawn_system_task(self._forever, self._end, name="sse stream ends")
 
     async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
         # A system task must not raise: a bug in one round is logged, the loop goes on.
@@ -376,6 +381,7 @@ class StreamHub:
         # unless the socket cannot take them (then the reader's own task goes on).
         write = os.write
         sent = 0
+        ending = False
         now = trio.current_time()
         for subscriber in readers:
             if subscriber.busy or not subscriber.active or subscriber.version >= snapshot.version:
@@ -402,12 +408,29 @@ class StreamHub:
                     assert sink is not None
                     if subscriber.chunked:
                         sink.body_ended()  # Snapshot.chunk of a terminal one ends the body
-                    # Its task waits for the client to leave: the read side's
-                    # end wakes it more cheaply than a cancellation.
-                    sink.stop_reading()
+                    self._to_end.append(sink)
+                    ending = True
             else:
                 subscriber.partial(data, taken, snapshot, now)
         self.events_sent += sent
+        if ending:
+            self._ender_wake.set()
+
+    async def _end(self) -> None:
+        """Wake the tasks of streams whose end is out, YIELD_EVERY per scheduler round.
+
+        Each then closes its connection; a thousand doing that in one round
+        would hold up everything else (a new request, the next task's steps).
+        Shutting a socket's read side wakes its waiting task more cheaply than
+        a cancellation.
+        """
+        while True:
+            await self._ender_wake.wait()
+            self._ender_wake = trio.Event()
+            while self._to_end:
+                for _ in range(min(YIELD_EVERY, len(self._to_end))):
+                    self._to_end.popleft().stop_reading()
+                await trio.lowlevel.checkpoint()
 
     async def _beat(self) -> None:
         """Sleep until the earliest heartbeat deadline; beat the streams that are due."""
