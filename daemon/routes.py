@@ -199,6 +199,7 @@ class Routes:
             200,
             SSE_HEADERS,
             partial(self.app.streams.stream, actor.broadcaster, last_id),
+            watches_peer=True,  # the hub's stream notices the client leaving
         )
 
     async def task_status(self, request: Request) -> Response:
