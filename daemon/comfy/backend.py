@@ -41,6 +41,7 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
+QUEUE_READ_SPACING = 0.1  # seconds between two GET /queue readings, at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,12 @@ class ComfyBackend:
             cached = self._queue_cache
             if cached is not None and cached[0] >= not_before:
                 return cached[1]
+            if cached is not None:
+                # Tasks created in a stream each want a reading newer than their
+                # submission; reading (and parsing) the whole queue for each one
+                # would cost O(queue) per task. Space readings out: whoever asks
+                # meanwhile shares the next one.
+                await trio.sleep_until(cached[0] + QUEUE_READ_SPACING)
             taken_at = trio.current_time()
             snapshot = await self.http.queue()
             self._queue_cache = (taken_at, snapshot)
