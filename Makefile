@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.stamp
 LISTEN    ?= 127.0.0.1:8000
 COMFY_URL ?=
 
-.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench soak clean
+.PHONY: all setup test-deps run test lint typecheck pytest jstest fmt docs bench bench-loop soak fuzz clean
 
 all: test
 
@@ -55,10 +55,19 @@ test: test-deps lint typecheck pytest jstest
 bench: setup
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 
+# The event loop's longest steps (CPU) while hostile 20 MiB images are uploaded.
+bench-loop: setup
+	$(BIN)/python -m bench.loop_steps
+
 # Outside the default run: 200 tasks through WebSocket drops, a ComfyUI
 # restart and a daemon kill -9 (the README shows its output).
 soak: setup
 	$(BIN)/python -m bench.soak --tasks 200
+
+# 100,000 hostile HTTP requests (the grammar of tests/fuzz/) against a daemon
+# process: no crash, no logged error, no 500, every connection answered in time.
+fuzz: setup
+	$(BIN)/python -m bench.fuzz --requests 100000
 
 # The README's configuration and metrics tables, from daemon/config.py and daemon/metrics.py.
 docs: setup

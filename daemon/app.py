@@ -8,9 +8,11 @@
       └── Systemd.run          (last: READY=1, STATUS=, WATCHDOG=1; no-op outside systemd)
 
 Each service is started with `nursery.start`, so when `run` reports started
-every service is up (hypercorn `run.py` style). `shutdown()` drains: SSE
-clients are told to come back (`retry:`), the listener closes, and open
-requests get `shutdown_grace` seconds before the nursery is cancelled.
+every service is up (hypercorn `run.py` style). `shutdown()` drains, in
+order: SSE clients are told to come back (`retry:`), the listener closes and
+open requests get `shutdown_grace` seconds; then the task actors stop (their
+last journal records made), then the journal is flushed and closed, and only
+then is the nursery cancelled.
 """
 
 from __future__ import annotations
@@ -24,22 +26,26 @@ from pathlib import Path
 
 import trio
 
+from daemon.access import AccessPolicy, AccessSettings
 from daemon.binder import Binder
 from daemon.comfy.backend import BackendSettings, ComfyBackend
-from daemon.config import Config
+from daemon.config import Config, list_setting
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
 from daemon.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.image_retention import ImageJanitor, RetentionPolicy
 from daemon.images import ImageStore
 from daemon.journal import Journal
 from daemon.metrics import DaemonMetrics
+from daemon.previews import PreviewStore
 from daemon.routes import Routes
 from daemon.source_images import SourceImages
 from daemon.sse_stream import StreamHub
 from daemon.systemd import Systemd
-from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.tasks import TaskActor, TaskRegistry, TaskSettings
 from daemon.workflow_files import load_catalog
+from protocol.task import render
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +78,23 @@ def http_limits(config: Config) -> HttpLimits:
     )
 
 
+def access_settings(config: Config) -> AccessSettings:
+    return AccessSettings(
+        allowed_origins=tuple(list_setting(config.allowed_origins)),
+        allowed_hosts=tuple(list_setting(config.allowed_hosts)),
+        api_tokens=tuple(list_setting(config.api_tokens)),
+    )
+
+
 class App:
     def __init__(self, config: Config, *, systemd: Systemd | None = None) -> None:
         self.config = config
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.images = ImageStore(config.data_dir / "images")
+        self.previews = PreviewStore(
+            max_task_bytes=config.preview_max_task_bytes,
+            max_total_bytes=config.preview_max_total_bytes,
+        )
         self.journal = Journal(config.data_dir / "journal.sqlite3")
         self.idempotency: IdempotencyKeys
         # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
@@ -90,20 +108,28 @@ class App:
         )
         self.backend: ComfyBackend  # set in run(), once the ComfyUI URL is known
         self.registry: TaskRegistry
-        self.metrics = DaemonMetrics()
+        self.image_janitor: ImageJanitor
+        self.metrics = DaemonMetrics(self)
         self.router = Router(observer=self.metrics.observe_request)
         Routes(self).install(self.router)
         self._install_static(config)
+        self.access = AccessPolicy(
+            self.router, access_settings(config), on_refused=self.metrics.observe_rejected
+        )
         self.server = HttpServer(
-            self.router, http_limits(config), on_rejected=self.metrics.observe_rejected
+            self.access, http_limits(config), on_rejected=self.metrics.observe_rejected
         )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
 
     def _install_static(self, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
+        # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
-            self.images.directory, param="name", cache_control="public, max-age=31536000, immutable"
+            self.images.directory,
+            param="name",
+            cache_control="public, max-age=31536000, immutable",
+            max_file_bytes=config.max_image_bytes,
         )
         self.router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
@@ -116,6 +142,18 @@ class App:
         self.router.add("GET", "/{path...}", StaticFiles(config.public_dir))
 
     async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self._run(listeners, task_status=task_status)
+        finally:
+            # Cancelled from outside rather than `shutdown()`: still release the journal.
+            await self.journal.close_abandoned()
+
+    async def _run(
         self,
         listeners: Sequence[trio.SocketListener] | None = None,
         *,
@@ -159,14 +197,27 @@ class App:
                         backend_wait_timeout=config.backend_wait_timeout,
                         queue_poll_interval=config.queue_poll_interval,
                         max_tasks=config.max_tasks,
+                        preview_max_rate=config.preview_max_rate,
+                        max_queued=config.max_queued_tasks,
+                        max_queued_per_client=config.max_queued_tasks_per_client,
                     ),
+                    previews=self.previews,
                     journal=self.journal,
-                    on_task_end=lambda actor: self.metrics.observe_task_end(actor.state),
+                    on_task_end=self._task_ended,
                 )
                 await nursery.start(self.registry.run)
+                self.image_janitor = ImageJanitor(
+                    self.images,
+                    RetentionPolicy(
+                        retention=config.image_retention, max_bytes=config.max_image_store_bytes
+                    ),
+                    in_use=self.registry.images_in_use,
+                )
                 self.registry.restore(records)
                 if records:
                     log.info("restored %d task(s) from the journal", self.registry.restored)
+                # After the restore, so the restored tasks' images count as in use.
+                await nursery.start(self.image_janitor.run)
                 await nursery.start(self.backend.run)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
@@ -178,6 +229,11 @@ class App:
                 log.info("listening on %s (ComfyUI at %s)", bound.url, comfy_url)
                 await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
                 task_status.started(bound)
+
+    def _task_ended(self, actor: TaskActor) -> None:
+        self.metrics.observe_task_end(actor.state)
+        ended_at = actor.state.finished_at or time.time()
+        self.idempotency.settle(actor.task_id, render(actor.state, ended_at).payload)
 
     async def _run_server(
         self,
@@ -193,7 +249,14 @@ class App:
     async def _start_simulator(self, nursery: trio.Nursery) -> str:
         from daemon.simulator import ComfySimulator, SimulatorConfig
 
-        simulator = ComfySimulator(SimulatorConfig(step_time=self.config.simulator_step_time))
+        previews = self.config.simulator_previews
+        simulator = ComfySimulator(
+            SimulatorConfig(
+                step_time=self.config.simulator_step_time,
+                sampler_previews=previews,
+                sampler_progress_text=previews,
+            )
+        )
         port: int = await nursery.start(simulator.run, ("127.0.0.1", 0))
         url = f"http://127.0.0.1:{port}"
         log.info("embedded ComfyUI simulator on %s", url)
@@ -207,7 +270,12 @@ class App:
         self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
-        # Tasks still running stay in the journal; the next start resumes them.
+        # Then the tasks, so none records while the journal closes. Tasks still
+        # running stay in the journal; the next start resumes them.
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            with trio.move_on_after(self.config.shutdown_grace + 1.0):
+                await registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from daemon import config as config_module
+from daemon.file_limit import fit_max_connections
 from daemon.logs import setup_logging
 from daemon.terminal import command as terminal_command
 
@@ -95,6 +96,9 @@ def serve(args: argparse.Namespace) -> int:
         print(config_module.render_toml(config), end="")
         return 0
     setup_logging(config.log_level)
+    fitted = fit_max_connections(config.max_connections)
+    if fitted != config.max_connections:
+        config = config_module.Config(**{**config.as_dict(), "max_connections": fitted})
     try:
         # LISTEN_* leave the environment here, before the app starts anything.
         systemd = Systemd.from_environ()

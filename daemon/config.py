@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
+
+from daemon.access import parse_origin, split_host
+from daemon.clients import parse_networks
 
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -41,6 +45,9 @@ class Config:
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
     simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
+    simulator_previews: bool = _setting(
+        True, "simulator: the sampler sends a JPEG preview and a progress text per step"
+    )
     data_dir: Path = _setting(
         Path("data"), "directory for images, the task journal and the client id"
     )
@@ -72,6 +79,31 @@ class Config:
     max_tasks: int = _setting(
         10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
     )
+    preview_max_rate: float = _setting(
+        4.0, "preview announcements per task per second (the newest preview wins)", min=0.01
+    )
+    preview_max_task_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "largest preview image kept for a task (bytes; bigger ones are dropped)",
+        min=1,
+    )
+    preview_max_total_bytes: int = _setting(
+        64 * 1024 * 1024, "memory for all tasks' previews (bytes; the stalest are evicted)", min=1
+    )
+    max_queued_tasks: int = _setting(
+        1000,
+        "unfinished tasks (waiting or running) at once; beyond it /generate answers 429",
+        min=1,
+    )
+    max_queued_tasks_per_client: int = _setting(
+        0,
+        "unfinished tasks per client (its API token, else its address); beyond it 429 (0: no limit)",
+        min=0,
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "comma-separated proxy addresses/networks whose X-Forwarded-For/X-Real-IP name the client",
+    )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
     comfy_connect_timeout: float = _setting(10.0, "seconds to open ComfyUI's WebSocket", min=0.01)
@@ -88,7 +120,17 @@ class Config:
         1.0, "minimum seconds between GET /queue reads for queue positions", min=0.01
     )
     max_image_bytes: int = _setting(
-        64 * 1024 * 1024, "largest output image fetched from ComfyUI (bytes)", min=1
+        64 * 1024 * 1024, "largest image fetched from ComfyUI or served at /image (bytes)", min=1
+    )
+    image_retention: float = _setting(
+        7 * 24 * 3600.0,
+        "seconds an image is kept (0: no age limit); images of tasks still held are kept",
+        min=0.0,
+    )
+    max_image_store_bytes: int = _setting(
+        2 * 1024**3,
+        "the image store's size budget; beyond it the oldest images go (0: no limit)",
+        min=0,
     )
     # -- HTTP server limits
     max_body_bytes: int = _setting(1024 * 1024, "largest request body (bytes) -> 413", min=1)
@@ -111,6 +153,24 @@ class Config:
     )
     shutdown_grace: float = _setting(
         10.0, "seconds open requests get to finish on SIGTERM", min=0.0
+    )
+    # -- who may call (daemon/access.py)
+    allowed_origins: str = _setting(
+        "",
+        "origins (scheme://host[:port]) whose pages may call the API, besides the daemon's own;"
+        " space- or comma-separated",
+    )
+    allowed_hosts: str = _setting(
+        "", "Host header names (or name:port) the daemon answers to (empty: any) -> 421"
+    )
+    api_tokens: str = _setting(
+        "",
+        "bearer tokens POST and DELETE need, space- or comma-separated (empty: none);"
+        " from the environment or the config file, never a flag",
+        secret=True,
+    )
+    api_tokens_file: str = _setting(
+        "", "file with one API token per line (# comments), added to api_tokens"
     )
 
     @property
@@ -215,6 +275,13 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def from_flags(values: Mapping[str, str]) -> dict[str, Any]:
     _check_known(values, "command-line flags")
+    secrets_given = sorted(k for k in values if FIELDS[k].metadata.get("secret"))
+    if secrets_given:
+        # A command line is readable by every user of the machine (ps, /proc).
+        raise ConfigError(
+            f"{', '.join(secrets_given)} cannot be set on the command line (other users"
+            f" can read it): use {ENV_PREFIX}API_TOKENS, the config file, or api_tokens_file"
+        )
     return {k: _convert(k, v, f"flag --{k.replace('_', '-')}") for k, v in values.items()}
 
 
@@ -240,9 +307,56 @@ def load(
     if urllib.parse.urlsplit(config.comfy_url).password is not None:
         # The daemon would not send it, and the URL is in every log line and metric.
         raise ConfigError("comfy_url must not carry a user:password")
+    try:
+        parse_networks(config.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for trusted_proxies: {exc}") from None
+    if config.max_upload_bytes > config.max_image_bytes:
+        # Every image the daemon takes must be one it can serve.
+        raise ConfigError("max_upload_bytes must be at most max_image_bytes")
     if config.reconnect_max_delay < config.reconnect_initial_delay:
         raise ConfigError("reconnect_max_delay must be at least reconnect_initial_delay")
-    return config
+    for origin in list_setting(config.allowed_origins):
+        if parse_origin(origin) is None:
+            raise ConfigError(
+                f"allowed_origins: {origin!r} is not an origin like https://app.example:8443"
+            )
+    for host in list_setting(config.allowed_hosts):
+        if split_host(host) is None:
+            raise ConfigError(f"allowed_hosts: {host!r} is not a host name like comfy.example")
+    return _with_token_file(config)
+
+
+MIN_TOKEN_CHARS: Final = 16
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token
+
+
+def _with_token_file(config: Config) -> Config:
+    """api_tokens plus the tokens of api_tokens_file, each checked."""
+    tokens = list_setting(config.api_tokens)
+    if config.api_tokens_file:
+        path = Path(config.api_tokens_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read api_tokens_file {path}: {exc}") from None
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                tokens.append(line)
+    for index, token in enumerate(tokens, 1):
+        # The token itself is never put into a message.
+        if not _TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"API token #{index} must be at least {MIN_TOKEN_CHARS} characters of"
+                " A-Z a-z 0-9 . _ ~ + / = - (try: openssl rand -hex 32)"
+            )
+    return dataclasses.replace(config, api_tokens=" ".join(tokens))
+
+
+def list_setting(value: str) -> list[str]:
+    """'a, b c' -> ['a', 'b', 'c']: list settings are space- or comma-separated."""
+    return [item for item in re.split(r"[\s,]+", value) if item]
 
 
 def load_from_process(config_file: Path | None, flags: Mapping[str, str]) -> Config:
@@ -255,6 +369,9 @@ def render_toml(config: Config) -> str:
     for name, f in FIELDS.items():
         value = getattr(config, name)
         lines.append(f"# {f.metadata['help']}")
+        if f.metadata.get("secret") and value:
+            lines.append(f"# {name} is set (not shown)")
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, int | float):

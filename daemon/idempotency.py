@@ -4,6 +4,12 @@ A client that retries a POST whose answer it never got (a dropped connection,
 a proxy timeout) sends the same key and gets the taskId of the first attempt;
 nothing new is submitted. A key reused with a different body is a client bug
 and gets 422, as in the IETF httpapi Idempotency-Key draft.
+
+A task is kept for `task_retention` seconds after it ends, the key for 24
+hours: so each key also remembers how its task ended (in memory), and a
+retry after the task was forgotten gets that outcome instead of a taskId that
+404s. Only when the outcome is unknown too (the task ended before a restart)
+is the answer 410 Gone.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from daemon.journal import Journal, KeyRecord
 from protocol.errors import RequestError
@@ -35,6 +41,9 @@ class IdempotencyKeys:
         self._journal = journal
         self._keys = dict(loaded)
         self._clock = wall_clock
+        self._key_of_task = {record.task_id: key for key, record in self._keys.items()}
+        # The final snapshot payload of each key's task, once it ended in this process.
+        self._outcomes: dict[str, Mapping[str, Any]] = {}
 
     def lookup(self, key: str, body: bytes) -> str | None:
         """The task this key already made, None for a new key; RequestError if misused."""
@@ -54,9 +63,20 @@ class IdempotencyKeys:
             )
         return record.task_id
 
+    def outcome(self, key: str) -> Mapping[str, Any] | None:
+        """How the task of `key` ended, when it ended in this process."""
+        return self._outcomes.get(key)
+
+    def settle(self, task_id: str, outcome: Mapping[str, Any]) -> None:
+        """Keep how `task_id` ended with its key (if a key made it), for later retries."""
+        key = self._key_of_task.get(task_id)
+        if key is not None:
+            self._outcomes[key] = outcome
+
     def remember(self, key: str, body: bytes, task_id: str) -> None:
         record = KeyRecord(task_id, self._clock(), fingerprint(body))
         self._keys[key] = record
+        self._key_of_task[task_id] = key
         if self._journal is not None:
             self._journal.record_idempotency_key(key, record)
         self._expire()
@@ -64,4 +84,6 @@ class IdempotencyKeys:
     def _expire(self) -> None:
         cutoff = self._clock() - KEY_TTL
         for key in [k for k, r in self._keys.items() if r.created_at < cutoff]:
-            del self._keys[key]
+            record = self._keys.pop(key)
+            self._key_of_task.pop(record.task_id, None)
+            self._outcomes.pop(key, None)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
+
+from daemon.comfy.routing import Signal
 
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|webp)$")
 _MAGIC: Final = (
@@ -22,6 +25,10 @@ _MAGIC: Final = (
     (b"\xff\xd8\xff", "jpg"),
     (b"RIFF", "webp"),
 )
+
+
+class StorageError(Exception):
+    """The image directory cannot take the file (missing, not a directory, full, read-only)."""
 
 
 class NotAnImage(Exception):
@@ -40,9 +47,22 @@ def is_valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def image_names_in(graph: Mapping[str, Any]) -> frozenset[str]:
+    """Names of our images a ComfyUI graph refers to (a LoadImage source, by its input)."""
+    names = set()
+    for node in graph.values():
+        inputs = node.get("inputs") if isinstance(node, Mapping) else None
+        if isinstance(inputs, Mapping):
+            for value in inputs.values():
+                if isinstance(value, str) and is_valid_name(value.rsplit("/", 1)[-1]):
+                    names.add(value.rsplit("/", 1)[-1])
+    return frozenset(names)
+
+
 class ImageStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.saved = Signal()  # fires after every save (the retention janitor listens)
 
     async def open(self) -> None:
         await trio.Path(self.directory).mkdir(parents=True, exist_ok=True)
@@ -50,17 +70,27 @@ class ImageStore:
     async def save(self, data: bytes) -> str:
         """Store one image; returns its new file name."""
         name = f"{secrets.token_urlsafe(16)}.{image_suffix(data)}"
-        await trio.to_thread.run_sync(self._write_atomically, name, data)
+        try:
+            await trio.to_thread.run_sync(self._write_atomically, name, data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot store an image in {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        self.saved.fire()
         return name
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         final = self.directory / name
         temporary = self.directory / f".{name}.partial"
-        with temporary.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        temporary.replace(final)
+        try:
+            with temporary.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            temporary.replace(final)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a full disk leaves no half file behind
+            raise
 
     def path_of(self, name: str) -> Path | None:
         """The file for a served name, or None for names we never hand out."""

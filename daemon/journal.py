@@ -1,10 +1,14 @@
 """The task journal: every task in SQLite, so a restarted daemon picks them up again.
 
 SQLite runs in a worker thread (WAL mode; one connection owned by this
-module). Writers never wait: `record()` only remembers the newest row of a
-task and wakes the flusher, which writes the pending rows in one transaction.
+module, in exclusive locking mode: the WAL index lives in our heap instead of
+a shared-memory `-shm` file, so a broken `-shm` cannot SIGBUS the process).
+Writers never wait: `record()` only remembers the newest row of a task and
+wakes the flusher, which writes the pending rows in one transaction.
 A task that changes ten times between two flushes costs one write. `flush()`
-waits until everything recorded so far is on disk (used at shutdown).
+waits until everything recorded so far is on disk, or raises
+`JournalUnavailable` with SQLite's own reason when the write failed (POST
+/generate answers 503 then: nothing is accepted that is not journalled).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 
+class JournalUnavailable(Exception):
+    """The journal cannot write (disk full, read-only, I/O error); the message says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """One task as the journal keeps it."""
@@ -82,6 +90,9 @@ class Journal:
         self._written = 0
         self._batch_written = trio.Event()
         self._lock = trio.Lock()  # one thread at a time uses the connection
+        # The newest failed write: (the last record() it covered, SQLite's reason).
+        self._failure: tuple[int, str] | None = None
+        self._closed = False
         self.writes = 0
         self.epoch = 0  # how many times the daemon has started on this journal
 
@@ -93,6 +104,8 @@ class Journal:
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Before WAL: with an exclusive lock SQLite keeps the WAL index in memory (no -shm).
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         db.executescript(SCHEMA)
@@ -164,24 +177,34 @@ class Journal:
         self._recorded += 1
         self._wakeup.set()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed, while the journal cannot write; None when healthy."""
+        return None if self._failure is None else self._failure[1]
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The flusher: writes pending rows whenever there are some."""
+        """The flusher: writes pending rows whenever there are some, until closed."""
         task_status.started()
-        while True:
+        while not self._closed:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             await self._flush_pending()
 
     async def _flush_pending(self) -> None:
-        while self._pending or self._pending_keys:
+        while (self._pending or self._pending_keys) and not self._closed:
             batch, self._pending = self._pending, {}
             keys, self._pending_keys = self._pending_keys, {}
             upto = self._recorded
             async with self._lock:
+                if self._db is None:
+                    return  # closed while we waited for the lock
                 try:
                     await trio.to_thread.run_sync(self._write_sync, batch, keys)
                 except sqlite3.Error as exc:
-                    log.error("journal write failed (%s); will retry", exc)
+                    reason = f"cannot write the journal {self.path}: {exc}"
+                    log.error("%s; will retry", reason)
+                    self._failure = (upto, reason)
+                    self._wake_flushers()
                     # Put back what is not superseded, and retry later.
                     self._pending = {**batch, **self._pending}
                     self._pending_keys = {**keys, **self._pending_keys}
@@ -189,8 +212,12 @@ class Journal:
                     continue
             self.writes += 1
             self._written = upto
-            self._batch_written.set()
-            self._batch_written = trio.Event()
+            self._failure = None
+            self._wake_flushers()
+
+    def _wake_flushers(self) -> None:
+        self._batch_written.set()
+        self._batch_written = trio.Event()
 
     def _write_sync(self, batch: dict[str, TaskRecord | None], keys: dict[str, KeyRecord]) -> None:
         assert self._db is not None
@@ -224,21 +251,68 @@ class Journal:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # A failed COMMIT (disk full, read-only) may have ended the transaction
+            # already; a blind ROLLBACK would replace the real error with
+            # "cannot rollback - no transaction is active".
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.warning("journal rollback failed too: %s", exc)
             raise
 
     async def flush(self) -> None:
         """Wait until everything recorded before this call is written.
 
-        Later records do not hold us up, so a busy journal cannot starve a flush.
+        Raises JournalUnavailable when a write that covered it failed (the
+        flusher keeps retrying; a later flush may succeed). Later records do
+        not hold us up, so a busy journal cannot starve a flush.
         """
         target = self._recorded
         while self._written < target:
+            if self._failure is not None and self._failure[0] >= target:
+                raise JournalUnavailable(self._failure[1])
+            if self._closed:
+                raise JournalUnavailable(f"the journal {self.path} is closed")
             await self._batch_written.wait()
 
+    async def close_abandoned(self) -> None:
+        """Close after the daemon was cancelled without `aclose`: write what is pending
+        once, directly, then release the file (its lock is exclusive, so a daemon
+        started next in the same process could not open it otherwise)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_flushers()
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if self._db is None:
+                    return
+                batch, self._pending = self._pending, {}
+                keys, self._pending_keys = self._pending_keys, {}
+                if batch or keys:
+                    try:
+                        await trio.to_thread.run_sync(self._write_sync, batch, keys)
+                    except sqlite3.Error as exc:
+                        log.error("closing the journal with unwritten changes: %s", exc)
+                db, self._db = self._db, None
+                await trio.to_thread.run_sync(db.close)
+
     async def aclose(self) -> None:
+        """Write what is pending (5 s at most), then close; later records are dropped.
+
+        Call it once nothing records any more (App.shutdown stops the tasks first).
+        """
         with trio.move_on_after(5.0, shield=True):
-            await self.flush()
-        if self._db is not None:
-            db, self._db = self._db, None
-            await trio.to_thread.run_sync(db.close)
+            try:
+                await self.flush()
+            except JournalUnavailable as exc:
+                log.error("closing the journal with unwritten changes: %s", exc)
+        self._closed = True
+        self._wakeup.set()  # the flusher sees _closed and returns
+        self._wake_flushers()
+        with trio.CancelScope(shield=True):
+            async with self._lock:  # never close under a write in progress
+                if self._db is not None:
+                    db, self._db = self._db, None
+                    await trio.to_thread.run_sync(db.close)

@@ -21,26 +21,29 @@ counted as `other`, so no client can make the series grow without limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
 from daemon.http.types import Request, Response
 from daemon.prometheus import (
     CONTENT_TYPE,
-    Counter,
-    Family,
-    Histogram,
     LabelValues,
     MetricSpec,
     MetricType,
-    family_of,
-    render,
+    ScrapeCollector,
+    counter,
+    exposition,
+    histogram,
 )
 from protocol.task import Phase, TaskState
 
 if TYPE_CHECKING:
     from daemon.app import App
+    from daemon.comfy.backend import ComfyBackend
 
 PREFIX: Final = "comfy_progress_"
 UNMATCHED_ROUTE: Final = "unmatched"  # 404s and 405s: no pattern to name
@@ -71,8 +74,9 @@ HTTP_REQUESTS = _spec(
 HTTP_REJECTED = _spec(
     "http_rejected_total",
     "counter",
-    "requests the HTTP server refused before routing, by status: 400 malformed, 408 too slow, "
-    "413 body too large, 431 head too large, 503 connection limit",
+    "requests the HTTP server refused before routing, by status: 400 malformed, 401 no valid "
+    "API token, 403 origin not allowed, 408 too slow, 413 body too large, 421 host not allowed, "
+    "431 head too large, 501 unknown transfer coding, 503 connection limit",
     "status",
 )
 HTTP_CONNECTIONS = _spec("http_connections", "gauge", "client connections open now")
@@ -164,66 +168,83 @@ def _version() -> str:
 
 
 class DaemonMetrics:
-    """The counted metrics and their hooks; `render(app)` adds what is read at scrape time."""
+    """The daemon's metrics in a registry of its own: counted through hooks, or read at scrape.
 
-    def __init__(self, *, started_at: float | None = None) -> None:
+    Families are registered in `METRICS` order, so /metrics lists them in
+    the order of the README's table.
+    """
+
+    def __init__(self, app: App, *, started_at: float | None = None) -> None:
+        """`app` is read only at scrape time (its services may start later)."""
+        self.app = app
         self.started_at = time.time() if started_at is None else started_at
         self.version = _version()
-        self.requests = Counter(HTTP_REQUESTS)
-        self.rejected = Counter(HTTP_REJECTED)
-        self.task_errors = Counter(TASK_ERRORS)
-        self.durations = Histogram(GENERATION_DURATION, HISTOGRAM_BUCKETS[GENERATION_DURATION.name])
+        self.requests = counter(HTTP_REQUESTS)
+        self.rejected = counter(HTTP_REJECTED)
+        self.task_errors = counter(TASK_ERRORS)
+        self.durations = histogram(GENERATION_DURATION, HISTOGRAM_BUCKETS[GENERATION_DURATION.name])
         for outcome in OUTCOMES:
-            self.durations.declare(outcome)
+            self.durations.labels(outcome)  # shown (all zeros) before the first one ends
+        counted: dict[MetricSpec, Collector] = {
+            HTTP_REQUESTS: self.requests,
+            HTTP_REJECTED: self.rejected,
+            TASK_ERRORS: self.task_errors,
+            GENERATION_DURATION: self.durations,
+        }
+        read_at_scrape = self._scrape_readers()
+        self.registry = CollectorRegistry()
+        for spec in METRICS:
+            collector = counted.get(spec) or ScrapeCollector(spec, read_at_scrape[spec])
+            self.registry.register(collector)
+
+    def _scrape_readers(self) -> dict[MetricSpec, Callable[[], Mapping[LabelValues, float]]]:
+        app = self.app
+
+        def backends() -> list[ComfyBackend]:
+            return [app.backend]
+
+        def tasks() -> dict[LabelValues, float]:
+            counts: dict[LabelValues, float] = {(phase.value,): 0 for phase in Phase}
+            for actor in app.registry.actors():
+                counts[(actor.state.phase.value,)] += 1
+            return counts
+
+        return {
+            BUILD_INFO: lambda: {(self.version,): 1},
+            START_TIME: lambda: {(): self.started_at},
+            HTTP_CONNECTIONS: lambda: {(): app.server.active_connections},
+            TASKS: tasks,
+            SSE_SUBSCRIBERS: lambda: {(): app.streams.open_streams},
+            SSE_EVENTS: lambda: {(): app.streams.events_sent},
+            SSE_HEARTBEATS: lambda: {(): app.streams.heartbeats_sent},
+            BACKEND_UP: lambda: {(b.name,): int(b.is_connected()) for b in backends()},
+            BACKEND_RECONNECTS: lambda: {(b.name,): b.reconnects for b in backends()},
+            BACKEND_FRAMES: lambda: {(b.name,): b.frames_received for b in backends()},
+            BACKEND_PROTOCOL_ERRORS: lambda: {(b.name,): b.protocol_errors for b in backends()},
+        }
 
     # -- hooks
 
     def observe_request(self, method: str, route: str | None, status: int) -> None:
         """Router observer: one routed request and the status it was answered with."""
         shown = method if method in KNOWN_METHODS else "other"
-        self.requests.inc(shown, route or UNMATCHED_ROUTE, str(status))
+        self.requests.labels(shown, route or UNMATCHED_ROUTE, str(status)).inc()
 
     def observe_rejected(self, status: int) -> None:
         """HttpServer hook: a request answered before it reached the router."""
-        self.rejected.inc(str(status))
+        self.rejected.labels(str(status)).inc()
 
     def observe_task_end(self, state: TaskState) -> None:
         """A task reached completed or error in this process."""
         finished_at = state.finished_at if state.finished_at is not None else time.time()
         # Wall-clock times: a clock step must not make a duration negative.
         duration = max(0.0, finished_at - state.created_at)
-        self.durations.observe(duration, outcome_of(state))
+        self.durations.labels(outcome_of(state)).observe(duration)
         if state.error is not None:
-            self.task_errors.inc(state.error.code)
+            self.task_errors.labels(state.error.code).inc()
 
-    # -- exposition
-
-    def families(self, app: App) -> list[Family]:
-        tasks: dict[LabelValues, float] = {(phase.value,): 0 for phase in Phase}
-        for actor in app.registry.actors():
-            tasks[(actor.state.phase.value,)] += 1
-        backends = [app.backend]
-        streams = app.streams
-        return [
-            family_of(BUILD_INFO, {(self.version,): 1}),
-            family_of(START_TIME, {(): self.started_at}),
-            self.requests.family(),
-            self.rejected.family(),
-            family_of(HTTP_CONNECTIONS, {(): app.server.active_connections}),
-            family_of(TASKS, tasks),
-            self.durations.family(),
-            self.task_errors.family(),
-            family_of(SSE_SUBSCRIBERS, {(): streams.open_streams}),
-            family_of(SSE_EVENTS, {(): streams.events_sent}),
-            family_of(SSE_HEARTBEATS, {(): streams.heartbeats_sent}),
-            family_of(BACKEND_UP, {(b.name,): int(b.is_connected()) for b in backends}),
-            family_of(BACKEND_RECONNECTS, {(b.name,): b.reconnects for b in backends}),
-            family_of(BACKEND_FRAMES, {(b.name,): b.frames_received for b in backends}),
-            family_of(BACKEND_PROTOCOL_ERRORS, {(b.name,): b.protocol_errors for b in backends}),
-        ]
-
-    def render(self, app: App) -> str:
-        return render(self.families(app))
+    def render(self) -> bytes:
+        return exposition(self.registry)
 
 
 class MetricsEndpoint:
@@ -233,6 +254,6 @@ class MetricsEndpoint:
         self.app = app
 
     async def __call__(self, request: Request) -> Response:
-        body = self.app.metrics.render(self.app).encode("utf-8")
+        body = self.app.metrics.render()
         headers = (("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store"))
         return Response(200, headers, body)

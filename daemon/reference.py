@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from daemon import config, metrics
-from daemon.prometheus import format_value
 
 README: Final = config.REPO_ROOT / "README.md"
 _BLOCK = re.compile(
@@ -104,7 +103,7 @@ def metrics_table() -> str:
         meaning = spec.help
         buckets = metrics.HISTOGRAM_BUCKETS.get(spec.name)
         if buckets is not None:
-            shown = ", ".join(format_value(b) for b in buckets)
+            shown = ", ".join(f"{bound:g}" for bound in buckets)
             meaning += f"; buckets {shown}, +Inf; series `_bucket`, `_sum`, `_count`"
         labels = ", ".join(f"`{label}`" for label in spec.labels) or "none"
         rows.append((f"`{spec.name}`", spec.type, labels, meaning))

@@ -9,13 +9,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from daemon.clients import client_key, parse_networks
 from daemon.http.types import Request, Response, StreamingResponse, error_response, json_response
+from daemon.images import StorageError
+from daemon.journal import JournalUnavailable
 from daemon.metrics import MetricsEndpoint
+from daemon.preview_route import PreviewEndpoint
 from daemon.source_images import ComfyUnavailable
-from daemon.sse_stream import parse_last_event_id
-from daemon.tasks import CancelResult, TooManyTasks
+from daemon.tasks import CancelResult, QueueFull, TooManyTasks
 from protocol import api
 from protocol.errors import RequestError
+from protocol.sse import parse_last_event_id
 
 if TYPE_CHECKING:
     from daemon.app import App
@@ -30,12 +34,17 @@ SSE_HEADERS = (
 )
 NO_STORE = (("Cache-Control", "no-store"),)
 JOURNAL_FLUSH_TIMEOUT = 5.0
+QUEUE_FULL_RETRY_AFTER = 10  # seconds; a queued task takes at least that long to make room
 
 
 def _is_json(content_type: str | None) -> bool:
-    """application/json (any parameters, or a +json type), or no Content-Type at all."""
+    """application/json (any parameters, or a +json type).
+
+    No Content-Type is refused too: a browser sends such a POST cross-site
+    without asking first (no preflight), JSON needs one.
+    """
     if content_type is None:
-        return True
+        return False
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
 
@@ -44,9 +53,21 @@ def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
 
 
+def unavailable(reason: str, retry_after: int = 5) -> Response:
+    """503 with the reason and a Retry-After."""
+    busy = error_response(503, reason)
+    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
+
+
+def too_many(reason: str) -> Response:
+    """429 with the reason and a Retry-After."""
+    busy = error_response(429, reason)
+    retry = ("Retry-After", str(QUEUE_FULL_RETRY_AFTER))
+    return dataclasses.replace(busy, headers=[*busy.headers, retry])
+
+
 def comfy_unavailable(exc: ComfyUnavailable) -> Response:
-    busy = error_response(503, str(exc))
-    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+    return unavailable(str(exc))
 
 
 class Routes:
@@ -54,12 +75,14 @@ class Routes:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self.trusted_proxies = parse_networks(app.config.trusted_proxies)
 
     def install(self, router: Router) -> None:
         router.add("POST", "/generate", self.generate)
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
+        router.add("GET", "/tasks/{task_id}/preview", PreviewEndpoint(self.app))
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/workflows", self.workflows)
@@ -87,11 +110,15 @@ class Routes:
         except ComfyUnavailable as exc:
             return comfy_unavailable(exc)
 
+        if app.journal.failure is not None:
+            return unavailable(app.journal.failure)
+        client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
-            actor = app.registry.create(spec_for)
+            actor = app.registry.create(spec_for, client=client)
         except TooManyTasks as exc:
-            busy = error_response(503, str(exc))
-            return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", "5")])
+            return unavailable(str(exc))
+        except QueueFull as exc:
+            return too_many(str(exc))
         if key is not None:
             app.idempotency.remember(key, request.body, actor.task_id)
         log.info(
@@ -104,10 +131,19 @@ class Routes:
         )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
-        with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
-            await app.journal.flush()
-        if waited.cancelled_caught:
-            log.error("the journal did not confirm task %s in time", actor.task_id)
+        problem = None
+        try:
+            with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
+                await app.journal.flush()
+            if waited.cancelled_caught:
+                problem = f"the journal did not confirm the task within {JOURNAL_FLUSH_TIMEOUT:g} s"
+        except JournalUnavailable as exc:
+            problem = str(exc)
+        if problem is not None:
+            # Never accept what a restart would lose: take the task back.
+            log.error("refusing task %s: %s", actor.task_id, problem)
+            actor.cancel()
+            return unavailable(problem)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 
     def _replayed(self, key: str, body: bytes) -> Response | None:
@@ -115,10 +151,18 @@ class Routes:
         existing = self.app.idempotency.lookup(key, body)
         if existing is None:
             return None
-        return json_response(
-            202,
-            api.accepted_reply(existing),
-            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+        replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
+        if self.app.registry.get(existing) is not None:
+            return json_response(202, api.accepted_reply(existing), headers=replayed)
+        # The task has ended and been forgotten since: say how it ended.
+        outcome = self.app.idempotency.outcome(key)
+        if outcome is not None:
+            return json_response(200, outcome, headers=replayed)
+        return error_response(
+            410,
+            "the task made with this Idempotency-Key has ended and is forgotten; "
+            "its outcome is unknown (it ended before the daemon restarted)",
+            {"field": "Idempotency-Key", "taskId": existing},
         )
 
     def _unknown_task(self, task_id: str) -> Response:
@@ -136,6 +180,7 @@ class Routes:
         actor = self.app.registry.get(task_id)
         if actor is None:
             return self._unknown_task(task_id)
+        # The header first, then the query (EventSource cannot set headers on its first try).
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )
@@ -205,5 +250,8 @@ class Routes:
             return request_error(exc)
         except ComfyUnavailable as exc:
             return comfy_unavailable(exc)
+        except StorageError as exc:
+            log.error("upload refused: %s", exc)
+            return unavailable(str(exc))
         location = str(reply["imageUrl"])
         return json_response(201, reply, headers=[("Location", location), *NO_STORE])

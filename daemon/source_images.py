@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from daemon.comfy.http_api import BackendUnavailable, ComfyHttp
 from daemon.images import ImageStore
 from protocol.errors import field_error
@@ -41,7 +43,9 @@ class SourceImages:
         self, content_type: str | None, body: bytes, comfy: ComfyHttp
     ) -> dict[str, object]:
         """Check, store and forward an uploaded image; the JSON reply. Raises RequestError."""
-        info = check_upload(content_type, body)
+        # Off the event loop: reading a header is bounded, but still up to
+        # MAX_HEADER_STEPS of Python work on a 20 MiB body.
+        info = await trio.to_thread.run_sync(check_upload, content_type, body)
         name = await self.images.save(body)
         try:
             await self.to_comfy(Source(name, body, info), comfy)
@@ -61,7 +65,7 @@ class SourceImages:
         if data is None:
             raise field_error(field, f"there is no image {image_url(name)} on this daemon")
         try:
-            info = image_info(data)
+            info = await trio.to_thread.run_sync(image_info, data)
         except ImageFormatError as exc:
             raise field_error(field, f"{image_url(name)} cannot be a source: {exc}") from None
         return Source(name, data, info)

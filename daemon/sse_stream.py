@@ -48,14 +48,6 @@ HEARTBEAT_CHUNK = b"%x\r\n%b\r\n" % (len(HEARTBEAT), HEARTBEAT)
 YIELD_EVERY = 250  # writes between checkpoints: a new request waits ~1 slice per step
 
 
-def parse_last_event_id(header: str | None, query: str | None) -> int | None:
-    """The version a reconnecting client already has (header first, then ?lastEventId=)."""
-    for raw in (header, query):
-        if raw is not None and raw.strip().isdigit():
-            return int(raw.strip())
-    return None
-
-
 class _Subscriber:
     """One stream's place in the hub: what it has, and whether its task must act."""
 

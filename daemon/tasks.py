@@ -30,8 +30,10 @@ from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
-from daemon.images import ImageStore, NotAnImage
+from daemon.images import ImageStore, NotAnImage, StorageError, image_names_in
 from daemon.journal import Journal, TaskRecord
+from daemon.preview_throttle import PreviewThrottle
+from daemon.previews import PreviewStore
 from daemon.publish_pacer import PublishPacer
 from protocol import comfy, task
 from protocol.sse import ServerSentEvent, encode_event
@@ -48,6 +50,9 @@ class TaskSettings:
     backend_wait_timeout: float = 120.0
     queue_poll_interval: float = 1.0
     max_tasks: int = 10_000
+    preview_max_rate: float = 4.0
+    max_queued: int = 1000  # unfinished tasks at once
+    max_queued_per_client: int = 0  # 0: no per-client limit
 
 
 class CancelResult(Enum):
@@ -57,6 +62,10 @@ class CancelResult(Enum):
 
 class TooManyTasks(Exception):
     """The registry is full; the client should retry later (503)."""
+
+
+class QueueFull(Exception):
+    """Too many unfinished tasks, in all or for this client; retry later (429)."""
 
 
 def new_task_id(now: float) -> str:
@@ -90,6 +99,7 @@ class TaskActor:
         on_change: Callable[[TaskActor], None] = lambda actor: None,
         first_message: task.TaskMessage | None = None,
         resumed: bool = False,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last)."""
         self.backend = backend
@@ -100,6 +110,12 @@ class TaskActor:
         self.state = state
         self.resumed = resumed
         self.broadcaster = Broadcaster()
+        self.previews = previews if previews is not None else PreviewStore()
+        self._preview_throttle = PreviewThrottle(
+            settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
+        )
+        # Our images the task reads (an inpainting source): kept while the task is.
+        self.source_images = image_names_in(state.spec.graph)
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -113,7 +129,7 @@ class TaskActor:
         # While the pump holds (it is applying a batch of frames, or the pacer
         # says wait), messages wait in _unpublished: only the newest goes out.
         self._holding = False
-        self._unpublished: task.TaskMessage | None = None
+        self._unpublished: Snapshot | None = None
         self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
@@ -168,12 +184,19 @@ class TaskActor:
         """Apply one event; publish and schedule whatever the state machine says."""
         if self.state.phase.is_terminal:
             return
-        self.state, effects = task.apply(self.state, event, self.wall_clock())
+        state, effects = task.apply(self.state, event, self.wall_clock())
+        # Encode before keeping the new state: if its message cannot be encoded,
+        # the task stays as it was and the crash fallback in
+        # TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task that
+        # no stream ever heard of. (Publishing itself may wait for the pump.)
         for effect in effects:
             if isinstance(effect, task.Publish):
+                self._unpublished = encode_snapshot(effect.message)
                 self.last_message = effect.message
-                self._unpublished = effect.message
-            elif isinstance(effect, task.FetchOutputs):
+        self.state = state
+        for effect in effects:
+            if isinstance(effect, task.FetchOutputs):
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
@@ -186,6 +209,7 @@ class TaskActor:
             else:
                 self._log(logging.INFO, "task ended in error %s: %s", error.code, error.message)
             self.finished.set()
+            self.previews.drop(self.task_id)
             self._scope.cancel()
         durable = self._durable_fields()
         if durable != self._journalled:
@@ -224,6 +248,7 @@ class TaskActor:
                     nursery.start_soon(self._pump, inbox)
                     nursery.start_soon(self._reconcile_loop)
                     nursery.start_soon(self._watch_backend)
+                    nursery.start_soon(self._preview_throttle.run)
                     if self.resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
                         self.request_reconcile()
@@ -241,10 +266,10 @@ class TaskActor:
             inbox.close()
 
     def _flush(self) -> None:
-        """Publish the newest message not published yet, if any."""
-        message, self._unpublished = self._unpublished, None
-        if message is not None:
-            self.broadcaster.publish(encode_snapshot(message))
+        """Publish the newest snapshot not published yet, if any."""
+        snapshot, self._unpublished = self._unpublished, None
+        if snapshot is not None:
+            self.broadcaster.publish(snapshot)
             self._pacer.published(trio.current_time())
 
     def _take_waiting(
@@ -253,7 +278,9 @@ class TaskActor:
         """Apply `first` and every frame already waiting behind it."""
         event = first
         while True:
-            if isinstance(event, task.TaskEvent):  # previews and texts are not task events
+            if isinstance(event, comfy.PreviewImage | comfy.PreviewImageWithMetadata):
+                self._keep_preview(event)
+            elif isinstance(event, task.TaskEvent):
                 self.handle(event)
             try:
                 event = inbox.receive_nowait()
@@ -280,6 +307,14 @@ class TaskActor:
         finally:
             self._holding = False
             self._flush()
+
+    def _keep_preview(self, event: comfy.PreviewImage | comfy.PreviewImageWithMetadata) -> None:
+        """Store the image (never in the state or the stream); announce it, throttled."""
+        if self.is_done():
+            return
+        version = self.previews.put(self.task_id, event.media_type, event.image)
+        if version is not None:
+            self._preview_throttle.offer(version)
 
     # -- submitting
 
@@ -350,18 +385,20 @@ class TaskActor:
 
     async def _watch_queue(self) -> None:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
-        interval = self.settings.queue_poll_interval
         while self.state.phase is task.Phase.QUEUED:
-            # A reading older than our submission cannot know our prompt yet.
-            not_before = max(self._submitted_at, trio.current_time() - interval)
+            interval = self.backend.queue_read_spacing(self.settings.queue_poll_interval)
+            # Any recent reading will do, even one from before our submission: a
+            # flood of new tasks must not cost a reading of a long queue each.
             try:
-                snapshot = await self.backend.read_queue(not_before=not_before)
+                reading = await self.backend.read_queue(not_before=trio.current_time() - interval)
             except BackendUnavailable:
-                snapshot = None
-            if snapshot is not None:
-                position = snapshot.position_of(self.prompt_id)
+                reading = None
+            if reading is not None:
+                position = reading.snapshot.position_of(self.prompt_id)
                 if position is None:
-                    self.request_reconcile()  # finished already, or gone
+                    if reading.taken_at >= self._submitted_at:
+                        self.request_reconcile()  # finished already, or gone
+                    # else: taken before our submission; the next reading will say
                 else:
                     if position.running:
                         self.backend.router.note_running(self.prompt_id)
@@ -421,8 +458,8 @@ class TaskActor:
         entry = await http.history(self.prompt_id)
         if entry is None:
             # Any reading taken after the reason to reconcile will do.
-            queue = await self.backend.read_queue(not_before=self._reconcile_requested_at)
-            position = queue.position_of(self.prompt_id)
+            reading = await self.backend.read_queue(not_before=self._reconcile_requested_at)
+            position = reading.snapshot.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
                     self.backend.router.note_running(self.prompt_id)
@@ -463,6 +500,10 @@ class TaskActor:
                 self.handle(
                     task.Failed("output_unavailable", "ComfyUI sent a broken image", str(exc))
                 )
+                return
+            except StorageError as exc:
+                self._log(logging.ERROR, "cannot store the output image: %s", exc)
+                self.handle(task.Failed("storage", "The daemon cannot store the image", str(exc)))
                 return
             except BackendUnavailable as exc:
                 if trio.current_time() >= deadline:
@@ -542,6 +583,7 @@ class TaskRegistry:
         journal: Journal | None = None,
         wall_clock: Callable[[], float] = time.time,
         on_task_end: Callable[[TaskActor], None] | None = None,
+        previews: PreviewStore | None = None,
     ) -> None:
         """`on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
@@ -551,8 +593,13 @@ class TaskRegistry:
         self.settings = settings
         self.journal = journal
         self.wall_clock = wall_clock
+        self.previews = previews if previews is not None else PreviewStore()
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        # Unfinished tasks -> the client key they count against (None: no client).
+        self._unfinished: dict[str, str | None] = {}
+        self._unfinished_by_client: dict[str, int] = {}
         self.created = 0
         self.restored = 0
         self.changed = Signal()  # a task was added, changed state or was forgotten
@@ -563,10 +610,22 @@ class TaskRegistry:
         self.restored_version_base = (journal.epoch << 32) if journal is not None else 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep(math.inf)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep(math.inf)
+        finally:
+            self._nursery = None
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Cancel every actor and wait until they have all ended (their last
+        journal records are made by then). Unfinished tasks stay in the journal."""
+        if self._nursery is None:
+            return
+        self._nursery.cancel_scope.cancel()
+        await self._stopped.wait()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -577,12 +636,52 @@ class TaskRegistry:
     def actors(self) -> list[TaskActor]:
         return list(self._tasks.values())
 
+    def images_in_use(self) -> set[str]:
+        """Images no retention may delete: sources and results of the tasks held."""
+        names: set[str] = set()
+        for actor in self._tasks.values():
+            names.update(actor.source_images)
+            names.update(actor.state.image_files)
+        return names
+
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:
             self.journal.record(actor.record())
         self.changed.fire()
 
+    @property
+    def unfinished(self) -> int:
+        """Tasks waiting or running (what max_queued bounds)."""
+        return len(self._unfinished)
+
+    def _settle(self, task_id: str) -> None:
+        if task_id not in self._unfinished:
+            return
+        client = self._unfinished.pop(task_id)
+        if client is not None:
+            left = self._unfinished_by_client[client] - 1
+            if left:
+                self._unfinished_by_client[client] = left
+            else:
+                del self._unfinished_by_client[client]
+
+    def _check_room(self, client: str | None) -> None:
+        settings = self.settings
+        if len(self._unfinished) >= settings.max_queued:
+            raise QueueFull(
+                f"{len(self._unfinished)} tasks are waiting or running (the most the daemon "
+                "takes); try again later"
+            )
+        limit = settings.max_queued_per_client
+        if client is not None and limit and self._unfinished_by_client.get(client, 0) >= limit:
+            raise QueueFull(
+                f"you have {limit} unfinished tasks, the most one client may have; "
+                "try again when one has ended"
+            )
+
     def _actor_changed(self, actor: TaskActor) -> None:
+        if actor.is_done():
+            self._settle(actor.task_id)
         self._journal_change(actor)
         # Actors report only from handle(), which ignores events once the task
         # has ended: the change that ends a task is reported exactly once.
@@ -597,21 +696,29 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
+            previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def create(self, spec_for: Callable[[str, str, int], task.TaskSpec]) -> TaskActor:
-        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec."""
+    def create(
+        self, spec_for: Callable[[str, str, int], task.TaskSpec], *, client: str | None = None
+    ) -> TaskActor:
+        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec.
+
+        `client` is the key a per-client limit counts by (see daemon/clients.py).
+        Raises TooManyTasks or QueueFull when there is no room.
+        """
         if self._nursery is None:
             raise RuntimeError("the registry is not running")
         if len(self._tasks) >= self.settings.max_tasks:
             raise TooManyTasks(f"{len(self._tasks)} tasks are being tracked; try again later")
+        self._check_room(client)
         now = self.wall_clock()
         task_id = new_task_id(now)
         prompt_id = f"cp-{secrets.token_hex(16)}"
         spec = spec_for(task_id, prompt_id, int(now * 1000))
         actor = self._new_actor(task.new_task(spec, now))
-        self._start(actor, self.settings.retention)
+        self._start(actor, self.settings.retention, client=client)
         return actor
 
     def restore(self, records: list[TaskRecord]) -> None:
@@ -674,9 +781,13 @@ class TaskRegistry:
         )
         return self._new_actor(state, resumed=True)
 
-    def _start(self, actor: TaskActor, retention: float) -> None:
+    def _start(self, actor: TaskActor, retention: float, *, client: str | None = None) -> None:
         assert self._nursery is not None
         self._tasks[actor.task_id] = actor
+        if not actor.is_done():
+            self._unfinished[actor.task_id] = client
+            if client is not None:
+                self._unfinished_by_client[client] = self._unfinished_by_client.get(client, 0) + 1
         self.created += 1
         self._journal_change(actor)
         self._nursery.start_soon(self._run_actor, actor, retention)
@@ -693,7 +804,14 @@ class TaskRegistry:
                     "backend": self.backend.name,
                 },
             )
-            actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            # The error message names nothing of the request, so it always
+            # encodes; handle() publishes it before anything else can fail.
+            try:
+                actor.handle(task.Failed("internal", "Internal error in the daemon"))
+            except Exception:
+                # Not into the registry's nursery: that would stop every task.
+                log.exception("could not record the crashed task's end")
+        self.previews.drop(actor.task_id)
         if not actor.state.phase.is_terminal:
             return  # cancelled by shutdown: the journal keeps it for the next start
         await trio.sleep(retention)

@@ -50,13 +50,54 @@ def _optional_text(body: Mapping[str, Any], name: str, limit: int) -> str | None
     return value
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _bad_text_in(value: Any) -> bool:
+    """Does this JSON value hold a string (or key) that is not valid Unicode?"""
+    pending = [value]  # a stack, not recursion: nesting may be as deep as the parser allowed
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _printable_name(key: str) -> str:
+    # A field name may itself hold the surrogate; the error must still encode.
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def parse_json_object(raw: bytes, what: str = "request body") -> dict[str, Any]:
+    """A JSON object whose every string is valid Unicode.
+
+    JSON allows lone surrogates (`"\\ud800"`) and Python's decoder lets the raw
+    bytes ED A0 80 through as one too; such text cannot be encoded as UTF-8
+    later (in a snapshot, the journal, ComfyUI's request), so it is refused here,
+    naming the field that holds it.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise RequestError(f"{what} is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError(f"{what} must be a JSON object")
+    for key, value in body.items():
+        if _has_lone_surrogate(key) or _bad_text_in(value):
+            raise field_error(_printable_name(key), "is not valid Unicode (a lone surrogate)")
     return body
 
 

@@ -9,6 +9,7 @@ else), so one bad frame can never crash the consumer loop.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -560,6 +561,16 @@ class PromptRejected:
     message: str  # one readable sentence for people
     node_errors: tuple[NodeError, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    named_node: str | None = None  # a node the error itself names ("Node ID '#2'")
+
+    @property
+    def node_id(self) -> str | None:
+        """The node to blame: the first with errors, else the one the error names."""
+        return self.node_errors[0].node_id if self.node_errors else self.named_node
+
+    @property
+    def class_type(self) -> str | None:
+        return self.node_errors[0].class_type if self.node_errors else None
 
     @property
     def details(self) -> dict[str, Any]:
@@ -619,12 +630,19 @@ def parse_prompt_reply(status: int, body: bytes | str) -> PromptAccepted | Promp
     for e in node_errors:
         who = f"{e.class_type} (node {e.node_id})" if e.class_type else f"node {e.node_id}"
         parts.append(f"{who}: {'; '.join(e.messages)}")
+    named = _NAMED_NODE.fullmatch(details.strip()) if details else None
     return PromptRejected(
         error_type=error.opt_str("type") or "unknown",
         message=". ".join(parts),
         node_errors=tuple(node_errors),
         raw=raw,
+        named_node=named.group(1) if named else None,
     )
+
+
+# An unknown class_type is an `invalid_prompt` with no node_errors whose details
+# name the node: "Node ID '#2'" (FACTS.md, POST /prompt 400 replies).
+_NAMED_NODE = re.compile(r"Node ID '#([^']{1,64})'")
 
 
 # ---------------------------------------------------------------------------
@@ -697,16 +715,25 @@ def _node_order(node_id: str) -> tuple[int, int | str]:
 class QueueSnapshot:
     running: tuple[str, ...]  # prompt ids
     pending: tuple[str, ...]  # prompt ids in the order ComfyUI will run them
+    # prompt id -> place, made in one pass over both lists when first asked:
+    # thousands of queued tasks each asking must not cost a scan each.
+    _places: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def position_of(self, prompt_id: str) -> QueuePosition | None:
         """Where a prompt stands, or None when it is in neither list."""
-        if prompt_id in self.running:
-            return QueuePosition(running=True, ahead=0)
-        try:
-            index = self.pending.index(prompt_id)
-        except ValueError:
+        places = self._places
+        if places is None:
+            places = {prompt_id: -1 for prompt_id in self.running}
+            ahead = len(self.running)
+            for index, pending_id in enumerate(self.pending):
+                places.setdefault(pending_id, ahead + index)
+            object.__setattr__(self, "_places", places)
+        place = places.get(prompt_id)
+        if place is None:
             return None
-        return QueuePosition(running=False, ahead=len(self.running) + index)
+        if place < 0:
+            return QueuePosition(running=True, ahead=0)
+        return QueuePosition(running=False, ahead=place)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,10 @@ _STANDALONE_MARKERS: Final = frozenset({0x01, *range(0xD0, 0xD8)})
 _SOS: Final = 0xDA
 _EOI: Final = 0xD9
 _APP1: Final = 0xE1
+# The most chunks, segments and fill bytes a header may take (see _Budget).
+MAX_HEADER_STEPS: Final = 10_000
+# EXIF directories hold tens of entries; more counts as malformed (no rotation).
+MAX_EXIF_ENTRIES: Final = 1_000
 
 
 class ImageFormatError(ValueError):
@@ -59,21 +63,44 @@ def _oriented(fmt: str, width: int, height: int, orientation: int) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
+class _Budget:
+    """Header reading gives up after a fixed amount of work, whatever the file holds.
+
+    A hostile file can be millions of empty JPEG segments, fill bytes or empty
+    PNG chunks; each costs one step, and real files need a few hundred at most
+    (a 20 MiB PNG cut in libpng's 8 KiB IDAT chunks is about 2,600).
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_HEADER_STEPS
+
+    def spend(self, steps: int, fmt: str) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise ImageFormatError(
+                f"{fmt} header too long: gave up after {MAX_HEADER_STEPS} chunks, segments "
+                "or fill bytes"
+            )
+
+
 def _png(data: bytes) -> ImageInfo:
     # Chunks: length (4), type (4), data (length), CRC (4). IHDR comes first.
     pos = len(PNG_SIGNATURE)
     if data[pos + 4 : pos + 8] != b"IHDR" or len(data) < pos + 8 + 13:
         raise ImageFormatError("PNG without an IHDR header")
-    width, height = struct.unpack(">II", data[pos + 8 : pos + 16])
+    width, height = struct.unpack_from(">II", data, pos + 8)
     orientation = 1
+    budget = _Budget()
     while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        budget.spend(1, "PNG")
+        (length,) = struct.unpack_from(">I", data, pos)
         kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        if len(body) < length:
+        if pos + 8 + length > len(data):
             raise ImageFormatError(f"PNG truncated in its {kind.decode('latin-1')} chunk")
         if kind == b"eXIf":
-            orientation = exif_orientation(body)
+            orientation = exif_orientation(data[pos + 8 : pos + 8 + length])
         if kind == b"IEND":
             break
         pos += 12 + length
@@ -90,11 +117,17 @@ def _jpeg(data: bytes) -> ImageInfo:
     size: tuple[int, int] | None = None
     orientation = 1
     exif_seen = False  # PIL reads the first EXIF block only
+    budget = _Budget()
     while True:
+        budget.spend(1, "JPEG")
         if pos >= len(data) or data[pos] != 0xFF:
             raise ImageFormatError(f"JPEG marker expected at byte {pos}")
+        fill_start = pos
         while pos < len(data) and data[pos] == 0xFF:  # fill bytes
             pos += 1
+            if pos - fill_start > budget.left:
+                budget.spend(pos - fill_start, "JPEG")
+        budget.spend(pos - fill_start - 1, "JPEG")
         if pos >= len(data):
             raise ImageFormatError("JPEG truncated in a marker")
         marker = data[pos]
@@ -105,18 +138,21 @@ def _jpeg(data: bytes) -> ImageInfo:
             break
         if pos + 2 > len(data):
             raise ImageFormatError("JPEG truncated in a segment length")
-        (length,) = struct.unpack(">H", data[pos : pos + 2])
-        segment = data[pos + 2 : pos + length]
-        if length < 2 or len(segment) < length - 2:
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2 or pos + length > len(data):
             raise ImageFormatError(f"JPEG truncated in segment 0x{marker:02X}")
         if marker in _SOF_MARKERS and size is None:
-            if len(segment) < 5:
+            if length < 2 + 5:
                 raise ImageFormatError("JPEG frame header too short")
-            height, width = struct.unpack(">HH", segment[1:5])
+            height, width = struct.unpack_from(">HH", data, pos + 3)
             size = (width, height)
-        elif marker == _APP1 and segment.startswith(b"Exif\x00\x00") and not exif_seen:
+        elif (
+            marker == _APP1
+            and data.startswith(b"Exif\x00\x00", pos + 2, pos + length)
+            and not exif_seen
+        ):
             exif_seen = True
-            orientation = exif_orientation(segment[6:])
+            orientation = exif_orientation(data[pos + 8 : pos + length])
         pos += length
     if size is None:
         raise ImageFormatError("JPEG without a frame header before its image data")
@@ -132,6 +168,8 @@ def exif_orientation(tiff: bytes) -> int:
     if magic != 42 or ifd + 2 > len(tiff):
         return 1
     (count,) = struct.unpack(endian + "H", tiff[ifd : ifd + 2])
+    if count > MAX_EXIF_ENTRIES:
+        return 1
     for index in range(count):
         entry = tiff[ifd + 2 + 12 * index : ifd + 14 + 12 * index]
         if len(entry) < 12:

@@ -38,6 +38,7 @@ __all__ = [
     "encode_comment",
     "encode_event",
     "encode_retry",
+    "parse_last_event_id",
 ]
 
 # spec: end-of-line = ( cr lf / cr / lf ). Nothing else ends a line: not U+2028,
@@ -156,6 +157,28 @@ def encode_retry(ms: int) -> bytes:
     """
     _check_retry(ms)
     return f"retry: {ms}\n\n".encode("ascii")
+
+
+# Our event ids are versions below 2**64: plain ASCII decimal, at most 20 digits.
+# Anything else (`1²`, `①`, 5,000 digits) is not an id we sent.
+_LAST_EVENT_ID = re.compile(r"[0-9]{1,20}")
+
+
+def parse_last_event_id(*candidates: str | None) -> int | None:
+    """The first candidate that is an event id we could have sent, as an int.
+
+    For a reconnecting client's ``Last-Event-ID`` header, then its
+    ``?lastEventId=`` query parameter. Spaces and tabs around the value are
+    allowed; any other value is ignored (the client then gets the stream from
+    its current snapshot), never an error.
+    """
+    for raw in candidates:
+        if raw is None:
+            continue
+        value = raw.strip(" \t")
+        if _LAST_EVENT_ID.fullmatch(value):
+            return int(value)
+    return None
 
 
 class SSEDecoder:

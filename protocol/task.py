@@ -40,6 +40,7 @@ from protocol.comfy import (
     ImageRef,
     Progress,
     ProgressState,
+    ProgressText,
     PromptEvent,
     PromptRejected,
     QueuePosition,
@@ -110,6 +111,7 @@ class TaskState:
     current_node: str | None = None
     value: float = 0
     max: float = 0
+    peak_max: float = 0  # the largest max any node reported: the sampler's steps, for `complete`
     nodes_done: frozenset[str] = frozenset()
     overall_percentage: float = 0.0
     queue: QueuePosition | None = None
@@ -122,6 +124,8 @@ class TaskState:
     error: TaskError | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    preview_version: int | None = None  # the newest preview announced to subscribers
+    text: tuple[str, str] | None = None  # (node_id, text): a node's newest progress text
 
     @property
     def task_id(self) -> str:
@@ -284,8 +288,17 @@ class Failed:
     details: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class PreviewReady:
+    """A newer preview image is stored for this task (announced at a bounded rate)."""
+
+    version: int
+
+
 TaskEvent: TypeAlias = (
     PromptEvent
+    | ProgressText
+    | PreviewReady
     | Submitted
     | BackendWaiting
     | SubmitRejected
@@ -374,8 +387,8 @@ def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transit
             code="rejected",
             message="ComfyUI rejected the workflow",
             details=rejection.message,
-            node_id=rejection.node_errors[0].node_id if rejection.node_errors else None,
-            node_type=rejection.node_errors[0].class_type if rejection.node_errors else None,
+            node_id=rejection.node_id,
+            node_type=rejection.class_type or state.class_types.get(rejection.node_id or ""),
         ),
         now,
     )
@@ -418,15 +431,28 @@ def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
         return state, [Reconcile()]
     state = _start(state, now)
     done = state.nodes_done
-    if state.current_node is not None and state.current_node != event.node:
-        done = done | {state.current_node}
+    value, maximum = state.value, state.max
+    if state.current_node != event.node:
+        if state.current_node is not None:
+            done = done | {state.current_node}
+        # A new node starts at 0 of its own max; 0/1 until it reports one (never the
+        # previous node's 20/20 carried over to "Saving image...").
+        value, maximum = 0, 1
     step = (
         pg.STEP_CANCELLING
         if state.cancel_requested
         else pg.step_name(state.class_types.get(event.node))
     )
     return _with_overall(
-        replace(state, current_node=event.node, nodes_done=done, step=step, eta=None)
+        replace(
+            state,
+            current_node=event.node,
+            nodes_done=done,
+            step=step,
+            eta=None,
+            value=value,
+            max=maximum,
+        )
     ), []
 
 
@@ -447,6 +473,7 @@ def _on_progress(state: TaskState, event: Progress, now: float) -> Transition:
             state,
             value=event.value,
             max=event.max,
+            peak_max=max(state.peak_max, event.max),
             current_node=current,
             step=step,
             tick_origin=origin,
@@ -459,6 +486,16 @@ def _on_progress_state(state: TaskState, event: ProgressState, now: float) -> Tr
     state = _start(state, now)
     finished = frozenset(n.node_id for n in event.nodes if n.state == "finished")
     return _with_overall(replace(state, nodes_done=state.nodes_done | finished)), []
+
+
+def _on_progress_text(state: TaskState, event: ProgressText, now: float) -> Transition:
+    return replace(state, text=(event.node_id, event.text)), []
+
+
+def _on_preview_ready(state: TaskState, event: PreviewReady, now: float) -> Transition:
+    if state.preview_version is not None and event.version <= state.preview_version:
+        return state, []
+    return replace(state, preview_version=event.version), []
 
 
 def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:
@@ -603,6 +640,8 @@ _PROMPT_HANDLERS: Final[dict[type, Handler]] = {
     Executing: _on_executing,
     Progress: _on_progress,
     ProgressState: _on_progress_state,
+    ProgressText: _on_progress_text,
+    PreviewReady: _on_preview_ready,
     Executed: _on_executed,
     ExecutionSuccess: _on_success,
     ExecutionError: _on_error,
@@ -676,7 +715,16 @@ def _visible(state: TaskState) -> tuple[object, ...]:
         state.eta,
         state.error,
         state.image_files,
+        state.preview_version,
+        _progress_text(state),
     )
+
+
+def _progress_text(state: TaskState) -> str | None:
+    """The running node's progress text; a text of an earlier node is over."""
+    if state.text is None or state.text[0] != state.current_node:
+        return None
+    return state.text[1]
 
 
 def iso_timestamp(now: float) -> str:
@@ -687,6 +735,11 @@ def iso_timestamp(now: float) -> str:
 
 def image_url(file_name: str) -> str:
     return f"/image/{file_name}"
+
+
+def preview_url(task_id: str, version: int) -> str:
+    """The version in the URL: each preview is its own cacheable resource."""
+    return f"/tasks/{task_id}/preview?v={version}"
 
 
 def result_of(state: TaskState) -> dict[str, Any]:
@@ -721,14 +774,16 @@ def render(state: TaskState, now: float) -> TaskMessage:
     """The current state as the seed's message (progress, completed or error)."""
     base: dict[str, Any] = {"taskId": state.task_id}
     if state.phase is Phase.COMPLETED:
+        # Always n/n: the sampler's steps, or 1/1 for a run that was wholly cached.
+        steps = _num(state.peak_max) if state.peak_max > 0 else 1
         payload = {
             **base,
             "status": "completed",
             "progress": {
                 "percentage": 100,
                 "currentStep": pg.STEP_COMPLETE,
-                "currentValue": _num(state.max),
-                "maxValue": _num(state.max),
+                "currentValue": steps,
+                "maxValue": steps,
                 "overall": _overall_json(state),
             },
             "result": result_of(state),
@@ -762,6 +817,14 @@ def render(state: TaskState, now: float) -> TaskMessage:
     if state.current_node is not None:
         progress_block["node"] = state.current_node
         progress_block["nodeType"] = state.class_types.get(state.current_node)
+    text = _progress_text(state)
+    if text is not None:
+        progress_block["text"] = text
+    if state.preview_version is not None:
+        progress_block["preview"] = {
+            "url": preview_url(state.task_id, state.preview_version),
+            "version": state.preview_version,
+        }
     payload = {
         **base,
         "status": "in-progress",

@@ -21,6 +21,7 @@ because frames sent while we were away are lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -31,17 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+import trio_websocket
 
+from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
 from daemon.comfy.routing import PromptRouter, Signal
-from daemon.comfy.websocket import ComfySocket, HandshakeFailed, WebSocketClosed
 from protocol import comfy
 from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
-QUEUE_READ_SPACING = 0.1  # seconds between two GET /queue readings, at least
+# Sent first on every connection (only a first message counts, FACTS §1): previews
+# then arrive as type 4 frames that name their prompt.
+FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+QUEUE_READ_SPACING = 20  # wait 20x as long as a /queue reading took before the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,14 @@ def save_client_id(path: Path, client_id: str) -> None:
     temporary.replace(path)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueReading:
+    """One GET /queue answer and when (Trio time) it was asked for."""
+
+    taken_at: float
+    snapshot: comfy.QueueSnapshot
+
+
 class SilentSocket(Exception):
     """No frame arrived for too long while one of our prompts ran."""
 
@@ -91,6 +104,7 @@ class ComfyBackend:
             settings.url, timeout=settings.http_timeout, max_image_bytes=settings.max_image_bytes
         )
         self.router = PromptRouter()
+        self.attribution = PreviewAttribution()
         self._client_id_file = client_id_file
         self.client_id = load_client_id(client_id_file)
         self.client_generation = 0  # grows when the client id had to change
@@ -102,7 +116,9 @@ class ComfyBackend:
         self.frames_received = 0
         self.protocol_errors = 0
         self._queue_lock = trio.Lock()
-        self._queue_cache: tuple[float, comfy.QueueSnapshot] | None = None
+        self._queue_cache: QueueReading | None = None
+        self.queue_reads = 0
+        self.queue_read_cost = 0.0  # seconds the last GET /queue took (fetch and parse)
 
     # -- state for the rest of the daemon
 
@@ -118,51 +134,55 @@ class ComfyBackend:
             self.connected = value
             self.connected_changed.fire()
 
-    async def read_queue(self, *, not_before: float) -> comfy.QueueSnapshot:
+    async def read_queue(self, *, not_before: float) -> QueueReading:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
         is reused, so many tasks asking at once cost one request."""
         async with self._queue_lock:
             cached = self._queue_cache
-            if cached is not None and cached[0] >= not_before:
-                return cached[1]
-            if cached is not None:
-                # Tasks created in a stream each want a reading newer than their
-                # submission; reading (and parsing) the whole queue for each one
-                # would cost O(queue) per task. Space readings out: whoever asks
-                # meanwhile shares the next one.
-                await trio.sleep_until(cached[0] + QUEUE_READ_SPACING)
+            if cached is not None and cached.taken_at >= not_before:
+                return cached
             taken_at = trio.current_time()
             snapshot = await self.http.queue()
-            self._queue_cache = (taken_at, snapshot)
-            return snapshot
+            self.queue_reads += 1
+            self.queue_read_cost = trio.current_time() - taken_at
+            self._queue_cache = QueueReading(taken_at, snapshot)
+            return self._queue_cache
+
+    def queue_read_spacing(self, minimum: float) -> float:
+        """Seconds between two /queue readings: at least `minimum`, and more for
+        a queue so long that reading it is costly (thousands of prompts are
+        megabytes): reading takes at most 1/QUEUE_READ_SPACING of the time."""
+        return max(minimum, self.queue_read_cost * QUEUE_READ_SPACING)
 
     # -- the consumer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
-        started = False
+        try:
+            await self._reconnect_forever(task_status)
+        finally:
+            self.http.pool.close()  # the kept-alive HTTP connections to ComfyUI
 
-        def mark_started() -> None:
-            nonlocal started
+    async def _reconnect_forever(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        failures = 0  # failed attempts since the last socket that opened
+
+        def on_open() -> None:
+            nonlocal started, failures
+            # A socket opened: whatever ends it next starts the backoff afresh.
+            failures = 0
             if not started:
                 started = True
                 task_status.started()
 
-        try:
-            await self._reconnect_forever(mark_started)
-        finally:
-            self.http.pool.close()
-
-    async def _reconnect_forever(self, mark_started: Callable[[], None]) -> None:
-        failures = 0
         attempts = 0
         while True:
             attempts += 1
             try:
-                await self._connect_and_consume(on_open=mark_started, reconnect=attempts > 1)
+                await self._connect_and_consume(on_open=on_open, reconnect=attempts > 1)
                 failures = 0
             except (
-                HandshakeFailed,
+                trio_websocket.HandshakeError,
                 OSError,
                 trio.TooSlowError,
                 trio.BrokenResourceError,
@@ -175,7 +195,7 @@ class ComfyBackend:
                     _describe(exc),
                     extra={"backend": self.name},
                 )
-            except WebSocketClosed as exc:
+            except trio_websocket.ConnectionClosed as exc:
                 failures += 1
                 log.warning(
                     "ComfyUI WebSocket to %s closed: %s", self.name, exc.reason,
@@ -186,7 +206,9 @@ class ComfyBackend:
             finally:
                 self._set_connected(False)
             # The first attempt failed: start anyway; tasks wait for a connection.
-            mark_started()
+            if not started:
+                started = True
+                task_status.started()
             delay = self._backoff(failures)
             if delay > 0:
                 log.info(
@@ -205,8 +227,23 @@ class ComfyBackend:
     async def _connect_and_consume(self, *, on_open: Callable[[], None], reconnect: bool) -> None:
         """One WebSocket session, from connect to close; raises what ended it.
 
-        We open the TCP stream ourselves, so we always close it.
+        We open the TCP stream ourselves and hand it to trio-websocket, so we
+        can always close it: after an abnormal closure trio-websocket leaves
+        its socket open.
         """
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+            try:
+                await self._session(nursery, on_open=on_open, reconnect=reconnect)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _session(
+        self, nursery: trio.Nursery, *, on_open: Callable[[], None], reconnect: bool
+    ) -> None:
         url = urllib.parse.urlsplit(self.settings.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         resource = f"{url.path.rstrip('/')}/ws?clientId={self.client_id}"
@@ -214,9 +251,16 @@ class ComfyBackend:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(host, port)
         try:
-            ws = ComfySocket(stream, max_message_bytes=MAX_MESSAGE_BYTES)
             with trio.fail_after(timeout):
-                await ws.open(f"{host}:{port}", resource)
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    host,
+                    resource,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                    message_queue_size=64,
+                )
+            self.attribution.reset()
             self._set_connected(True)
             log.info(
                 "ComfyUI WebSocket open: %s (client id %s)",
@@ -229,6 +273,7 @@ class ComfyBackend:
                 self.reconnected.fire()
             on_open()
             try:
+                await ws.send_message(FEATURE_FLAGS)  # our first message, always
                 await self._consume(ws)  # returns only by raising
             except SilentSocket:
                 self._set_connected(False)
@@ -261,23 +306,17 @@ class ComfyBackend:
             extra={"backend": self.name},
         )
 
-    async def _consume(self, ws: ComfySocket) -> None:
-        """Read frames until the socket closes or goes silent (both raise).
-
-        Every frame of one read is routed before the next checkpoint, so a
-        task's actor finds them all waiting and publishes once.
-        """
+    async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Read frames until the socket closes or goes silent (both raise)."""
         while True:
             timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
-            frames: list[str | bytes] = []
             with trio.move_on_after(timeout) as idle:
-                frames = await ws.messages()
+                frame = await ws.get_message()
             if idle.cancelled_caught:
                 await self._probe_silence(timeout)
                 continue
-            self.frames_received += len(frames)
-            for frame in frames:
-                self._handle_frame(frame)
+            self.frames_received += 1
+            self._handle_frame(frame)
 
     async def _probe_silence(self, waited: float) -> None:
         prompt_id = self.router.running_prompt
@@ -299,12 +338,37 @@ class ComfyBackend:
         if isinstance(event, comfy.Status):
             self.queue_changed.fire()
             return
-        self.router.dispatch(event)
+        if isinstance(event, comfy.FeatureFlags):
+            log.info(
+                "%s previews: %s",
+                self.name,
+                "with metadata" if event.flags.get("supports_preview_metadata") else "legacy",
+                extra={"backend": self.name},
+            )
+            return
+        prompt_id = self.attribution.prompt_for(event)
+        self.attribution.observe(event, resumed_prompt=self.router.running_prompt)
+        self.router.dispatch(event, prompt_id=prompt_id)
 
 
 def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
+    """One readable line: the error, then the distinct reasons underneath it.
+
+    trio.open_tcp_stream raises "all attempts to connect to H:P failed" from an
+    ExceptionGroup of the same words; the reasons are the group's leaves.
+    """
     text = str(exc) or type(exc).__name__
-    if cause is not None and str(cause):
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = dict.fromkeys(str(leaf) or type(leaf).__name__ for leaf in _leaves(cause))
+        return f"{text}: {'; '.join(reasons)}"
+    if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text} ({cause})"
     return text
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

@@ -14,6 +14,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+import trio
+
 from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError
 from protocol import comfy
 from protocol.errors import ProtocolError
@@ -125,25 +127,31 @@ class ComfyHttp:
         """POST /upload/image (multipart); returns ComfyUI's {name, subfolder, type}."""
         boundary = "comfy-progress-" + secrets.token_hex(12)
         safe_name = name.replace('"', "").replace("\r", "").replace("\n", "")
-        body = (
+        parts = [
             (
                 f"--{boundary}\r\n"
                 f'Content-Disposition: form-data; name="image"; filename="{safe_name}"\r\n'
                 f"Content-Type: {content_type}\r\n\r\n"
-            ).encode()
-            + data
-            + (
+            ).encode(),
+            data,
+            (
                 f"\r\n--{boundary}\r\n"
                 'Content-Disposition: form-data; name="overwrite"\r\n\r\n'
                 f"true\r\n--{boundary}--\r\n"
-            ).encode()
-        )
+            ).encode(),
+        ]
+        # Copying a 20 MiB image takes over 10 ms; bytes.join does it without the GIL.
+        body = await trio.to_thread.run_sync(b"".join, parts)
         response = await self._call(
             "POST",
             "/upload/image",
             body=body,
             headers=(("Content-Type", f"multipart/form-data; boundary={boundary}"),),
         )
+        # Freeing the copy costs milliseconds (munmap): not on the loop either.
+        last_reference = [body]
+        del body
+        await trio.to_thread.run_sync(last_reference.clear)
         if response.status != 200:
             raise BackendUnavailable(f"POST /upload/image answered {response.status}")
         reply = self._json(response, "POST /upload/image")

@@ -82,9 +82,13 @@ class PromptRouter:
     def ours_running(self) -> bool:
         return self.running_prompt is not None and self.running_prompt in self._routes
 
-    def dispatch(self, event: comfy.ComfyEvent) -> None:
-        """Hand one event to its task, never blocking."""
-        prompt_id = comfy.prompt_id_of(event)
+    def dispatch(self, event: comfy.ComfyEvent, *, prompt_id: str | None = None) -> None:
+        """Hand one event to its task, never blocking.
+
+        `prompt_id` names the owner of an event that does not carry one (a
+        preview or progress text, attributed by the backend).
+        """
+        prompt_id = prompt_id or comfy.prompt_id_of(event)
         if isinstance(event, comfy.ExecutionStart):
             self.running_prompt = prompt_id
         elif isinstance(event, comfy.Executing) and prompt_id is None and event.node is not None:

@@ -57,6 +57,7 @@ class H11Connection:
         "_broken",
         "_cycle_input",
         "_limits",
+        "_request_method",
         "_server_header",
         "body_ended_by_sink",
         "chunked_body",
@@ -72,6 +73,8 @@ class H11Connection:
         self._server_header = server_header
         # Raw input of the current request cycle, for ConnectionTakeover.
         self._cycle_input = bytearray()
+        # The method of the current request once h11 has parsed its head.
+        self._request_method: bytes | None = None
         self._broken = False
         # How the current response's body is framed: chunked (HTTP/1.1 peers)
         # or close-delimited (HTTP/1.0); set when its head is sent.
@@ -90,6 +93,7 @@ class H11Connection:
         of the next request (pipelined bytes), so recording begins with it.
         """
         self._cycle_input = bytearray(self.h11.trailing_data[0])
+        self._request_method = None
 
     def forget_cycle_input(self) -> None:
         """Drop the recorded request bytes (the response will not hand the connection over)."""
@@ -141,6 +145,8 @@ class H11Connection:
                 raise RuntimeError("h11 is PAUSED: next_event() called after the request ended")
             else:
                 assert isinstance(event, h11.Event)
+                if isinstance(event, h11.Request):
+                    self._request_method = event.method
                 return event
 
     async def wait_until_peer_leaves(self) -> None:
@@ -244,10 +250,23 @@ class H11Connection:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         response = error_response(status, message)
+        if self._answering_head():
+            # No body for a HEAD. When h11 has not parsed the head it does not
+            # know it is a HEAD: no length then either (the close ends it).
+            length = len(response.body) if self._request_method is not None else None
+            head = self.response_head(status, response.headers, content_length=length, close=True)
+            await self.send(head, h11.EndOfMessage())
+            return
         head = self.response_head(
             status, response.headers, content_length=len(response.body), close=True
         )
         await self.send(head, h11.Data(data=response.body), h11.EndOfMessage())
+
+    def _answering_head(self) -> bool:
+        """True when the request being answered is a HEAD (parsed, or only begun)."""
+        if self._request_method is not None:
+            return self._request_method == b"HEAD"
+        return bytes(self._cycle_input[:64]).lstrip(b"\r\n").startswith(b"HEAD ")
 
     def start_next_cycle(self) -> bool:
         """Reset h11 for the next request on this connection, if both sides allow it."""

@@ -10,7 +10,9 @@ Rules: the requested path must stay inside the root once symlinks are resolved;
 is 400; a directory serves its ``index.html``. Responses carry Content-Type,
 ETag, Last-Modified and Cache-Control and honour If-None-Match (then
 If-Modified-Since) with 304. Files are read in a worker thread, up to
-``max_file_bytes``.
+``max_file_bytes``; those above STREAM_ABOVE_BYTES are streamed in slices
+rather than held in memory (many slow readers of a large image cost a slice
+each, not the file each).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import os
 import stat
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
 from daemon.http.limits import MiB
-from daemon.http.types import Request, Response, error_response
+from daemon.http.types import BodyWriter, Request, Response, StreamingResponse, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,9 @@ _CONTENT_TYPES = {
     ".woff2": "font/woff2",
 }
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Files above this size are streamed from disk, SLICE_BYTES at a time.
+STREAM_ABOVE_BYTES = 256 * 1024
+SLICE_BYTES = 64 * 1024
 
 
 def content_type_for(name: str) -> str:
@@ -103,7 +110,10 @@ class _Found:
     content_type: str
     etag: str
     mtime: float
-    body: bytes | None  # None when not modified
+    body: bytes | None  # None when not modified, or when the file is streamed
+    path: Path | None = None  # a large file, streamed from disk in slices
+    size: int = 0
+    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino): the file we checked
 
 
 class _TooLarge(Exception):
@@ -133,7 +143,7 @@ class StaticFiles:
         self._index = index
         self._max_file_bytes = max_file_bytes
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, request: Request) -> Response | StreamingResponse:
         """Answer with the file, 304, or a JSON 400/404/405."""
         if request.method not in ("GET", "HEAD"):
             await trio.lowlevel.checkpoint()
@@ -164,13 +174,17 @@ class StaticFiles:
         ]
         if self._cache_control is not None:
             headers.append(("cache-control", self._cache_control))
-        if found.body is None:
+        if found.body is None and found.path is None:
             return Response(304, headers)
         headers += [
             ("content-type", found.content_type),
             ("x-content-type-options", "nosniff"),
         ]
-        return Response(200, headers, found.body)
+        if found.path is not None:
+            return StreamingResponse(
+                200, headers, partial(_stream_file, found), content_length=found.size
+            )
+        return Response(200, headers, found.body or b"")
 
     def _load(self, parts: list[str], conditions: _Conditions) -> _Found | None:
         """Find, check and read the file (runs in a worker thread)."""
@@ -196,6 +210,50 @@ class StaticFiles:
                 return _Found(content_type_for(path.name), etag, info.st_mtime, None)
             if info.st_size > self._max_file_bytes:
                 raise _TooLarge
+            content_type = content_type_for(path.name)
+            if info.st_size > STREAM_ABOVE_BYTES:
+                # Large files are not held in memory: the response reads them in slices.
+                return _Found(
+                    content_type,
+                    etag,
+                    info.st_mtime,
+                    None,
+                    path=path,
+                    size=info.st_size,
+                    identity=(info.st_dev, info.st_ino),
+                )
             body = file.read(info.st_size)
         # mimetypes may read the host's tables on first use: keep it off the loop too.
-        return _Found(content_type_for(path.name), etag, info.st_mtime, body)
+        return _Found(content_type, etag, info.st_mtime, body)
+
+
+async def _stream_file(found: _Found, writer: BodyWriter) -> None:
+    """Write a checked file in SLICE_BYTES slices, each read in a worker thread.
+
+    The file is opened here, not when it was checked, so a response that is
+    never streamed (HEAD, a client gone) holds no descriptor. A file replaced
+    or shortened in between ends the response early (the client sees a short
+    body and a closed connection), never with other bytes.
+    """
+    assert found.path is not None
+    file = await trio.to_thread.run_sync(_open_same_file, found)
+    try:
+        left = found.size
+        while left > 0:
+            data = await trio.to_thread.run_sync(file.read, min(SLICE_BYTES, left))
+            if not data:
+                raise OSError(f"{found.path} became shorter while it was sent")
+            left -= len(data)
+            await writer.send(data)
+    finally:
+        file.close()
+
+
+def _open_same_file(found: _Found) -> BinaryIO:
+    assert found.path is not None
+    file = open(found.path, "rb")  # noqa: SIM115 - closed by _stream_file
+    info = os.fstat(file.fileno())
+    if (info.st_dev, info.st_ino) != found.identity:
+        file.close()
+        raise OSError(f"{found.path} was replaced while it was sent")
+    return file

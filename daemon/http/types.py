@@ -120,6 +120,9 @@ class StreamingResponse:
     status: int
     headers: Sequence[tuple[str, str]]
     stream: StreamBody
+    # Known in advance (a file): sent as Content-Length instead of chunked framing;
+    # `stream` must then write exactly that many bytes.
+    content_length: int | None = None
     # True: `stream` notices the client leaving itself, through the writer's
     # `wait_until_peer_leaves()`, and the server runs no watcher task beside it
     # (a long-lived stream then costs one task, not two).

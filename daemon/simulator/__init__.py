@@ -61,16 +61,22 @@ Known gaps vs real ComfyUI
 --------------------------
 - No permessage-deflate on the WebSocket.
 - ``/view`` ignores ``preview=`` (webp/jpeg) and ``channel=``: it always sends the file.
-- Previews are PNG (format 2, like the capture's probe node); ComfyUI's own
-  sampler previews would be JPEG, and only with a preview method configured
-  (here: ``SimulatorConfig.sampler_previews``).
+- Sampler previews (only with ``SimulatorConfig.sampler_previews``, as ComfyUI
+  sends them only with a preview method configured) are JPEG by default
+  (``preview_format="png"`` for PNG), drawn block-flat like a latent preview
+  (``jpeg.py``), encoded in a worker thread; the probe node's are PNG, like the
+  capture's. Type 4 goes to a socket that sent ``supports_preview_metadata``,
+  type 1 otherwise; ``preview_metadata=False`` is a ComfyUI from before feature
+  flags (no answer, always type 1). ``sampler_progress_text`` adds a type 3
+  text per sampler step, which ComfyUI's own KSampler does not send.
 - ``traceback`` lists are the simulator's own frames; ``current_inputs`` holds
   descriptive strings, not torch reprs.
 - Lists ComfyUI builds from sets (output nodes, ``executed``, ``current_outputs``)
   come out in a fixed order.
 - No ``/internal``, ``/models``, ``/embeddings``, ``/userdata``, ``/upload/mask``
   or frontend routes.
-- Files live in memory; beyond ``max_stored_files`` the oldest generated files go.
+- Files live in memory; beyond ``max_stored_files`` the oldest generated files go,
+  beyond ``max_input_bytes`` the oldest uploads.
 - The loopback test of the Origin rule does no DNS lookup (localhost names and
   IP literals only).
 """

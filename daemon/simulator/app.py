@@ -32,13 +32,14 @@ class ComfySimulator:
         self.controls = SimulatorControls.from_config(self.config)
         self.gate = StepGate(manual=self.config.manual_steps)
         rng = random.Random(self.config.seed)
-        self.files = FileStore(self.config.max_stored_files)
+        self.files = FileStore(self.config.max_stored_files, self.config.max_input_bytes)
         self.catalogue = build_catalogue()
         self.hub = Hub(
             self.controls,
             rng,
             server_features=server_features(self.config),
             queue_size=self.config.client_queue_size,
+            feature_flags=self.config.preview_metadata,
         )
         self.engine = SimulatorEngine(
             config=self.config,
@@ -136,6 +137,11 @@ class ComfySimulator:
     def waiting_for_step(self) -> bool:
         """True while a step is parked waiting for grant_steps() (manual mode)."""
         return self.gate.parked
+
+    @property
+    def encoding_previews(self) -> int:
+        """Previews being encoded in worker threads right now (work in progress)."""
+        return self.engine.executor.encoding
 
     def running_progress(self) -> dict[str, dict[str, Any]]:
         """{node_id: {"state", "value", "max"}} of the running prompt ({} when idle)."""

@@ -25,6 +25,15 @@ class SimulatorConfig:
     preview_size: int = 512
     # Real ComfyUI sends sampler previews only with a preview method configured.
     sampler_previews: bool = False
+    # The sampler previews' format: "jpeg" (ComfyUI's default) or "png". The probe
+    # node PreviewProgress always sends PNG, as the capture's did.
+    preview_format: str = "jpeg"
+    # False: a ComfyUI from before feature flags; it neither answers `feature_flags`
+    # nor sends type 4 previews (always type 1, without a prompt id).
+    preview_metadata: bool = True
+    # The sampler also sends a progress text ("step 3/20") per step, like some
+    # custom samplers do (ComfyUI's own KSampler sends none).
+    sampler_progress_text: bool = False
     # The checkpoint names CheckpointLoaderSimple offers (its combo list).
     checkpoints: tuple[str, ...] = (
         "v1-5-pruned-emaonly.safetensors",
@@ -34,6 +43,8 @@ class SimulatorConfig:
     max_render_pixels: int = 2048 * 2048
     # Generated (output/temp) files kept in memory; the oldest are dropped beyond this.
     max_stored_files: int = 5000
+    # Uploaded (input) files kept in memory, in bytes; the oldest are dropped beyond this.
+    max_input_bytes: int = 256 * 1024 * 1024
     max_upload_size: int = 104_857_600
     max_history: int = 10_000
     # Frames buffered per WebSocket before the simulator gives up on a slow reader.

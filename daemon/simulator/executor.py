@@ -24,11 +24,14 @@ from daemon.simulator.config import SimulatorConfig
 from daemon.simulator.control import SimulatorControls, StepGate
 from daemon.simulator.files import FileStore
 from daemon.simulator.frames import (
+    PNG_FORMAT,
+    EncodedPreview,
     preview_frame,
     preview_with_metadata_frame,
     progress_text_frame,
 )
 from daemon.simulator.graph import CacheEntry, ExecutionList, OutputCache, is_link, signatures
+from daemon.simulator.jpeg import encode_jpeg
 from daemon.simulator.nodes import NodeDef, NodeEnv, NodeResult
 from daemon.simulator.png import encode_png
 from daemon.simulator.progress import ProgressRegistry
@@ -84,8 +87,11 @@ class _RunContext:
         controls = self._executor.controls
         await self._executor.gate.wait(lambda: controls.step_seconds(natural_seconds))
 
-    def progress(self, value: int, total: int, preview: ImageValue | None = None) -> None:
+    def progress(self, value: int, total: int, preview: EncodedPreview | None = None) -> None:
         self._executor.progress_hook(self.prompt_id, self.node_id, value, total, preview)
+
+    async def encode_preview(self, image: ImageValue, image_format: int) -> EncodedPreview:
+        return await self._executor.encode_preview(image, image_format)
 
     def progress_text(self, text: str) -> None:
         # send_progress_text passes no sid, so every socket gets it (s8 bystander).
@@ -124,7 +130,8 @@ class PromptExecutor:
         # ComfyUI keeps node objects per (id, class) while prompts keep using them;
         # PreviewImage's random "_temp_xxxxx" lives there (s8 reused "sulmo").
         self._objects: dict[tuple[str, str], str] = {}
-        self._previews: dict[tuple[Hashable, int, int], bytes] = {}
+        self._previews: dict[tuple[Hashable, int, int, int], EncodedPreview] = {}
+        self.encoding = 0  # previews in worker threads; a thread looks "blocked" to Trio
 
     def reset(self) -> None:
         """Forget caches and per-node objects (restart)."""
@@ -145,7 +152,7 @@ class PromptExecutor:
     # ------------------------------------------------------------ progress hook
 
     def progress_hook(
-        self, prompt_id: str, node_id: str, value: int, total: int, preview: ImageValue | None
+        self, prompt_id: str, node_id: str, value: int, total: int, preview: EncodedPreview | None
     ) -> None:
         """main.py's hook: interrupt check, progress_state (+type 4), progress, type 1."""
         value = min(value, total)
@@ -154,36 +161,42 @@ class PromptExecutor:
             raise Interrupted()
         hub = self.hub
         client_id = hub.client_id
-        png = self._preview_png(preview) if preview is not None else None
         assert self.progress is not None
         self.progress.update(node_id, value, total)
-        with_metadata = hub.supports_preview_metadata(client_id)
-        if png is not None and with_metadata:
+        with_metadata = self.config.preview_metadata and hub.supports_preview_metadata(client_id)
+        if preview is not None and with_metadata:
             metadata = {
                 "node_id": node_id,
                 "prompt_id": prompt_id,
                 "display_node_id": node_id,
                 "parent_node_id": None,
                 "real_node_id": node_id,
-                "image_type": "image/png",
+                "image_type": preview.media_type,
             }
-            hub.send_binary(preview_with_metadata_frame(png, metadata), client_id)
+            hub.send_binary(preview_with_metadata_frame(preview.data, metadata), client_id)
         progress = {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id}
         hub.send_json("progress", progress, client_id)
-        if png is not None and not with_metadata:
-            hub.send_binary(preview_frame(png), client_id)
+        if preview is not None and not with_metadata:
+            hub.send_binary(preview_frame(preview.data, preview.image_format), client_id)
 
-    def _preview_png(self, image: ImageValue) -> bytes:
+    async def encode_preview(self, image: ImageValue, image_format: int) -> EncodedPreview:
         # Fit into preview_size, upscaling too (a 64x64 image arrived as 512x512).
         size = self.config.preview_size
         scale = min(size / image.width, size / image.height)
         width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-        key = (image.pattern, width, height)
+        key = (image.pattern, width, height, image_format)
         if key not in self._previews:
+            # Drawing and encoding take milliseconds: a worker thread, not the event loop.
+            self.encoding += 1
+            try:
+                encoded = await trio.to_thread.run_sync(
+                    _encode_preview, image, width, height, image_format
+                )
+            finally:
+                self.encoding -= 1
             if len(self._previews) > 64:
                 self._previews.clear()
-            rows = image.pattern.rows(width, height)
-            self._previews[key] = encode_png(width, height, rows)
+            self._previews[key] = encoded
         return self._previews[key]
 
     # ------------------------------------------------------------ one prompt
@@ -361,3 +374,12 @@ class _PromptRun:
         progress.finish(node_id)
         self.executed.append(node_id)
         return None
+
+
+def _encode_preview(
+    image: ImageValue, width: int, height: int, image_format: int
+) -> EncodedPreview:
+    rows = image.pattern.rows(width, height)
+    if image_format == PNG_FORMAT:
+        return EncodedPreview(image_format, encode_png(width, height, rows))
+    return EncodedPreview(image_format, encode_jpeg(width, height, rows))

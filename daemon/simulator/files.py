@@ -36,13 +36,17 @@ class FileStore:
     """In-memory files per folder type, keyed by normalised relative path.
 
     Generated files (output/ and temp/) are capped at `max_generated`: the oldest
-    go first, so a long soak cannot grow without bound. Uploads are never evicted.
+    go first, so a long soak cannot grow without bound. Uploads (input/) are
+    capped at `max_input_bytes` in all, the oldest first (the newest is always
+    kept), so a daemon forwarding every upload cannot fill our memory either.
     """
 
-    def __init__(self, max_generated: int = 5000) -> None:
+    def __init__(self, max_generated: int = 5000, max_input_bytes: int = 256 * 1024**2) -> None:
         self._files: dict[str, dict[str, bytes]] = {folder: {} for folder in FOLDER_TYPES}
         self._max_generated = max_generated
         self._generated: dict[tuple[str, str], None] = {}  # insertion-ordered
+        self._max_input_bytes = max_input_bytes
+        self.input_bytes = 0
 
     def get(self, folder: str, subfolder: str, filename: str) -> bytes | None:
         """The file's bytes, or None (also for paths that escape the folder)."""
@@ -54,9 +58,10 @@ class FileStore:
     def put(self, folder: str, subfolder: str, filename: str, data: bytes) -> None:
         """Create or replace a file."""
         path = _relative(subfolder, filename)
-        self._files[folder][path] = data
         if folder == "input":
+            self._put_input(path, data)
             return
+        self._files[folder][path] = data
         self._generated.pop((folder, path), None)
         self._generated[(folder, path)] = None
         while len(self._generated) > self._max_generated:
@@ -64,9 +69,20 @@ class FileStore:
             del self._generated[(old_folder, old_path)]
             self._files[old_folder].pop(old_path, None)
 
+    def _put_input(self, path: str, data: bytes) -> None:
+        inputs = self._files["input"]
+        old = inputs.pop(path, None)  # re-inserted: the newest again
+        self.input_bytes += len(data) - (len(old) if old is not None else 0)
+        inputs[path] = data
+        while self.input_bytes > self._max_input_bytes and len(inputs) > 1:
+            oldest = next(iter(inputs))
+            self.input_bytes -= len(inputs.pop(oldest))
+
     def clear(self, folder: str) -> None:
         """Forget every file in one folder (ComfyUI wipes temp/ on start-up)."""
         self._files[folder].clear()
+        if folder == "input":
+            self.input_bytes = 0
         self._generated = {k: v for k, v in self._generated.items() if k[0] != folder}
 
     def count(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from daemon.simulator.config import SimulatorConfig
 from daemon.simulator.files import FileStore, annotated_filepath
+from daemon.simulator.frames import JPEG_FORMAT, PNG_FORMAT, EncodedPreview
 from daemon.simulator.png import encode_png, png_size
 from daemon.simulator.values import (
     ConditioningValue,
@@ -86,8 +87,11 @@ class NodeContext(Protocol):
     async def step(self, natural_seconds: float) -> None:
         """Wait one progress step (scaled by the knobs, or gated in manual mode)."""
 
-    def progress(self, value: int, total: int, preview: ImageValue | None = None) -> None:
+    def progress(self, value: int, total: int, preview: EncodedPreview | None = None) -> None:
         """Report a progress tick (ComfyUI's progress-bar hook); may raise Interrupted."""
+
+    async def encode_preview(self, image: ImageValue, image_format: int) -> EncodedPreview:
+        """The image as a preview (fitted into preview_size), encoded off the event loop."""
 
     def progress_text(self, text: str) -> None:
         """Send a binary type-3 progress text for this node."""
@@ -214,7 +218,7 @@ async def _preview_progress(ctx: NodeContext, a: dict[str, Any]) -> NodeResult:
     for i in range(1, steps + 1):
         await ctx.step(a["delay"])
         ctx.progress_text(f"probe step {i}/{steps}")
-        ctx.progress(i, steps, preview=a["image"])
+        ctx.progress(i, steps, preview=await ctx.encode_preview(a["image"], PNG_FORMAT))
     return NodeResult((a["image"],))
 
 
@@ -271,7 +275,11 @@ async def _ksampler(ctx: NodeContext, a: dict[str, Any]) -> NodeResult:
         await ctx.step(ctx.config.sampler_step_time)
         preview = None
         if ctx.config.sampler_previews:
-            preview = ImageValue(latent.width, latent.height, 1, final.variant(steps - i))
+            picture = ImageValue(latent.width, latent.height, 1, final.variant(steps - i))
+            image_format = PNG_FORMAT if ctx.config.preview_format == "png" else JPEG_FORMAT
+            preview = await ctx.encode_preview(picture, image_format)
+        if ctx.config.sampler_progress_text:
+            ctx.progress_text(f"step {i}/{steps}")
         ctx.progress(i, steps, preview)
     result = LatentValue(latent.width, latent.height, latent.batch, final, latent.noise_mask)
     return NodeResult((result,))

@@ -83,11 +83,13 @@ class Hub:
         *,
         server_features: dict[str, Any],
         queue_size: int = 10_000,
+        feature_flags: bool = True,
     ) -> None:
         self._controls = controls
         self._rng = rng
         self._features = server_features
         self._queue_size = queue_size
+        self._feature_flags = feature_flags  # False: a ComfyUI from before feature flags
         self.sockets: dict[str, _Socket] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
         self._live: set[_Socket] = set()
@@ -221,7 +223,8 @@ class Hub:
             except ValueError:
                 continue  # ComfyUI logs and ignores it; the next one may still be "first"
             try:
-                if first_message and data.get("type") == "feature_flags":
+                negotiating = first_message and self._feature_flags
+                if negotiating and data.get("type") == "feature_flags":
                     self.metadata[sid]["feature_flags"] = data.get("data", {})
                     self.send_json("feature_flags", dict(self._features), sid)
                 first_message = False

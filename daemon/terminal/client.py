@@ -51,6 +51,8 @@ MAX_RECONNECTS: Final = 10
 STREAM_IDLE_TIMEOUT: Final = 90.0
 MAX_ERROR_BODY: Final = 64 * 1024
 TERMINAL_EVENTS: Final = frozenset({"complete", "error-event"})
+# Never a flag: other users can read a command line.
+TOKEN_VARIABLE: Final = "COMFY_PROGRESS_API_TOKEN"
 
 
 class ClientFailure(Exception):
@@ -69,6 +71,10 @@ class Options:
     workflow: str | None = None
     seed: int | None = None
     params: Mapping[str, Any] | None = None
+    token: str | None = None  # the daemon's API token, for POST and DELETE
+
+    def auth_headers(self) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {self.token}")] if self.token else []
 
     def url(self, path: str) -> str:
         """A daemon path as a URL; the server URL may carry a prefix (behind a proxy)."""
@@ -196,12 +202,20 @@ class GenerateClient:
             response = await http_request(
                 "POST",
                 url,
-                headers=[("Content-Type", "application/json"), ("Accept", "application/json")],
+                headers=[
+                    ("Content-Type", "application/json"),
+                    ("Accept", "application/json"),
+                    *self.options.auth_headers(),
+                ],
                 body=self.options.request_body(),
                 timeout=REQUEST_TIMEOUT,
             )
         except HttpClientError as exc:
             raise ClientFailure(f"cannot reach the daemon: {exc}") from None
+        if response.status == 401:
+            raise ClientFailure(
+                f"the server needs an API token ({server_message(response)}): set {TOKEN_VARIABLE}"
+            )
         if response.status != 202:
             raise ClientFailure(
                 f"the server refused the request ({response.status}): {server_message(response)}"
@@ -314,7 +328,10 @@ class GenerateClient:
         self.display.message(f"comfy-progress: interrupted; cancelling task {task_id}")
         try:
             response = await http_request(
-                "DELETE", self.options.url(f"/tasks/{task_id}"), timeout=REQUEST_TIMEOUT
+                "DELETE",
+                self.options.url(f"/tasks/{task_id}"),
+                headers=self.options.auth_headers(),
+                timeout=REQUEST_TIMEOUT,
             )
         except HttpClientError as exc:
             self.display.message(f"comfy-progress: could not cancel the task: {exc}")

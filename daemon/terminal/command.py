@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from daemon.terminal.client import EXIT_USAGE, GenerateClient, Options
+from daemon.terminal.client import EXIT_USAGE, TOKEN_VARIABLE, GenerateClient, Options
 from daemon.terminal.display import Display
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "generate",
         help="generate one image from the terminal, with a live progress bar",
         description="Submit PROMPT to a running daemon, show its progress on stderr, print "
-        "the image URL on stdout. Ctrl-C cancels the task. Exit status: 0 done, 1 failed "
+        "the image URL on stdout. Ctrl-C cancels the task. A daemon with api_tokens needs "
+        "one in the environment: COMFY_PROGRESS_API_TOKEN. Exit status: 0 done, 1 failed "
         "(the server's message on stderr), 2 bad usage, 130 interrupted.",
     )
     p.add_argument("prompt", help="what to draw, e.g. 'a red fox'")
@@ -74,6 +76,7 @@ def generate(args: argparse.Namespace) -> int:
         workflow=args.workflow,
         seed=args.seed,
         params=params,
+        token=os.environ.get(TOKEN_VARIABLE) or None,
     )
 
     async def main() -> int:

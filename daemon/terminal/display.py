@@ -10,6 +10,10 @@ Anywhere else (a log file, a pipe, CI) redrawing makes a mess, so it prints
 plain lines instead, and few of them: one when the step changes and one each
 time the running node passes another quarter of its steps.
 
+A node's own progress text (`progress.text`, e.g. a sampler's "step 3/20 ·
+denoising") follows the step count, control characters removed (it comes from
+ComfyUI's nodes and must not move the cursor or recolour the terminal).
+
 The bar shows `progress.overall.percentage` when the daemon sends it (the
 per-node `percentage` starts again at every node), held below 100 until the
 task completes. The ETA is the daemon's `progress.etaSeconds` when it has
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
@@ -29,6 +34,7 @@ from protocol.progress import TickOrigin, eta_seconds
 BAR_WIDTH: Final = 20
 PLAIN_MILESTONE: Final = 25.0  # plain mode: a line per this many percent of a node
 DEFAULT_COLUMNS: Final = 80
+MAX_TEXT: Final = 120  # characters of a node's progress text shown
 
 
 def format_duration(seconds: float, *, round_up: bool = False) -> str:
@@ -45,6 +51,13 @@ def bar(percentage: float, *, unicode: bool, width: int = BAR_WIDTH) -> str:
     filled = round(max(0.0, min(100.0, percentage)) / 100 * width)
     full, empty = ("█", "░") if unicode else ("#", "-")
     return "[" + full * filled + empty * (width - filled) + "]"
+
+
+def printable(text: str) -> str:
+    """The text without control characters (escape sequences, newlines), shortened."""
+    kept = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in text)
+    kept = " ".join(kept.split())
+    return kept if len(kept) <= MAX_TEXT else kept[: MAX_TEXT - 1] + "…"
 
 
 def _number(value: object) -> float | None:
@@ -65,6 +78,7 @@ class Progress:
     overall: float | None
     eta: float | None
     node: str | None
+    text: str | None = None  # the running node's progress text
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Progress:
@@ -75,6 +89,7 @@ class Progress:
             _number(overall_block.get("percentage")) if isinstance(overall_block, Mapping) else None
         )
         node = block.get("node")
+        text = block.get("text")
         return cls(
             status=str(payload.get("status", "in-progress")),
             step=str(block.get("currentStep") or "Working..."),
@@ -84,6 +99,7 @@ class Progress:
             overall=overall,
             eta=_number(block.get("etaSeconds")),
             node=str(node) if node is not None else None,
+            text=printable(text) or None if isinstance(text, str) else None,
         )
 
     @property
@@ -207,6 +223,8 @@ class Display:
         ]
         if self._shows_count(progress):
             parts.append(f"{progress.value:.0f}/{progress.maximum:.0f}")
+        if progress.text and progress.status == "in-progress":
+            parts.append(progress.text)
         remaining = self.remaining()
         if remaining is not None and progress.status == "in-progress":
             parts.append(f"ETA {format_duration(remaining, round_up=True)}")
@@ -245,4 +263,6 @@ class Display:
         remaining = self.remaining()
         if remaining is not None and not terminal:
             text += f" ETA {format_duration(remaining, round_up=True)}"
+        if progress.text and not terminal:
+            text += f" · {progress.text}"
         self.message(text)

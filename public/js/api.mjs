@@ -68,17 +68,82 @@ async function send(fetchImpl, url, init) {
   }
 }
 
+const TOKEN_KEY = "comfy-progress.apiToken";
+const MAX_TOKEN_PROMPTS = 3;
+
+/**
+ * Where the page keeps the API token: this browser's localStorage. The daemon
+ * never puts a token into the page it serves (every visitor would get it);
+ * the user types it in once, when the daemon first answers 401.
+ */
+export const browserTokenStore = {
+  get() {
+    try {
+      return globalThis.localStorage?.getItem(TOKEN_KEY) || null;
+    } catch {
+      return null; // storage disabled (privacy settings): ask each time
+    }
+  },
+  set(token) {
+    try {
+      if (token) globalThis.localStorage?.setItem(TOKEN_KEY, token);
+      else globalThis.localStorage?.removeItem(TOKEN_KEY);
+    } catch {
+      // storage disabled: the token lives only as long as this request
+    }
+  },
+};
+
+/** Ask the user for a token (null: they cancelled). */
+export function promptForToken(rejected) {
+  const message = rejected
+    ? "The server did not accept that API token. Enter a valid one:"
+    : "This server needs an API token. Enter it (this browser keeps it):";
+  return globalThis.prompt?.(message) ?? null;
+}
+
+/**
+ * `fetch` with the stored token as `Authorization: Bearer`. On a 401 the user
+ * is asked for a token and the request is sent again; a token is stored once
+ * the daemon accepted it. When the user cancels, the 401 is the answer.
+ */
+async function sendAuthorized(
+  fetchImpl,
+  url,
+  init,
+  { tokens = browserTokenStore, askToken = promptForToken } = {},
+) {
+  let token = tokens.get();
+  let entered = false;
+  for (let asked = 0; ; asked++) {
+    const headers = { ...init.headers };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await send(fetchImpl, url, { ...init, headers });
+    if (response.status !== 401) {
+      if (entered) tokens.set(token);
+      return response;
+    }
+    if (token && !entered) tokens.set(null); // the stored one is no longer valid
+    if (asked >= MAX_TOKEN_PROMPTS) return response;
+    const answer = (askToken(Boolean(token)) ?? "").trim();
+    if (!answer) return response;
+    token = answer;
+    entered = true;
+  }
+}
+
 /**
  * Start a generation. Resolves with the daemon's 202 answer
  * ({taskId, status: "queued", progressUrl, statusUrl}) as soon as the task is
  * accepted; progress then comes over SSE. Rejects with an ApiError.
  */
-export async function postGenerate(fields, { fetch: fetchImpl = globalThis.fetch } = {}) {
-  const response = await send(fetchImpl, "generate", {
+export async function postGenerate(fields, { fetch: fetchImpl = globalThis.fetch, ...auth } = {}) {
+  const init = {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "application/json" },
     body: generateBody(fields),
-  });
+  };
+  const response = await sendAuthorized(fetchImpl, "generate", init, auth);
   if (!response.ok) throw await errorFrom(response);
   const reply = await response.json();
   if (!reply || typeof reply.taskId !== "string" || reply.taskId === "") {
@@ -90,11 +155,9 @@ export async function postGenerate(fields, { fetch: fetchImpl = globalThis.fetch
 }
 
 /** Ask the daemon to cancel a task; the progress stream then ends with an error-event. */
-export async function cancelTask(taskId, { fetch: fetchImpl = globalThis.fetch } = {}) {
-  const response = await send(fetchImpl, `tasks/${encodeURIComponent(taskId)}`, {
-    method: "DELETE",
-    headers: { Accept: "application/json" },
-  });
+export async function cancelTask(taskId, { fetch: fetchImpl = globalThis.fetch, ...auth } = {}) {
+  const init = { method: "DELETE", headers: { Accept: "application/json" } };
+  const response = await sendAuthorized(fetchImpl, `tasks/${encodeURIComponent(taskId)}`, init, auth);
   if (!response.ok) throw await errorFrom(response);
   return response.json();
 }

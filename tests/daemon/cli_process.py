@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,14 @@ import trio
 CLI = Path(sys.executable).parent / "comfy-progress"
 
 
-async def run_generate(*args: str) -> subprocess.CompletedProcess[bytes]:
+async def run_generate(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """`env`: variables added to the test's own environment."""
     assert CLI.exists(), f"{CLI} is missing: run `make setup`"
     return await trio.run_process(
         [str(CLI), "generate", *args],
+        env={**os.environ, **env} if env is not None else None,
         stdin=b"",
         capture_stdout=True,
         capture_stderr=True,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -52,11 +54,18 @@ async def _read_output(daemon: DaemonProcess, listening: trio.Event) -> None:
     listening.set()
 
 
+def _limit_open_files(limits: tuple[int, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
 @asynccontextmanager
 async def daemon_process(
-    data_dir: Path, comfy_url: str, *settings: str
+    data_dir: Path, comfy_url: str, *settings: str, open_files: tuple[int, int] | None = None
 ) -> AsyncIterator[DaemonProcess]:
-    """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url`; `settings` are KEY=VALUE."""
+    """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url`; `settings` are KEY=VALUE.
+
+    `open_files` is the (soft, hard) RLIMIT_NOFILE the daemon starts with.
+    """
     command = [
         sys.executable,
         "-m",
@@ -76,6 +85,7 @@ async def daemon_process(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
     )
     daemon = DaemonProcess(process)
     listening = trio.Event()

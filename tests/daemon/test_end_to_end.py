@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from daemon.http.client import open_stream
 from daemon.simulator import SimulatorConfig
+from protocol.sse import SSEDecoder
 from tests.daemon.harness import payloads, running_daemon
 
 
@@ -75,6 +78,33 @@ async def test_resume_with_last_event_id(tmp_path: Path) -> None:
         # Same through the query parameter a browser can set on its first connection.
         resumed = await daemon.events(task_id, query=f"?lastEventId={last - 1}")
         assert [int(e.id or 0) for e in resumed] == [last]
+
+
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [
+        ("1\u00b2", ""),  # the byte 0xB2 read as Latin-1: a digit to str.isdigit()
+        ("\u00b2", ""),
+        ("9" * 5000, ""),  # more digits than int() converts
+        ("", "?lastEventId=1%C2%B2"),
+        ("", "?lastEventId=%E2%91%A0"),  # CIRCLED DIGIT ONE
+        ("", "?lastEventId=" + "7" * 5000),
+    ],
+)
+async def test_a_last_event_id_that_is_not_ascii_digits_is_ignored(
+    tmp_path: Path, header: str, query: str
+) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        fresh = await daemon.events(task_id)
+        headers = (("Last-Event-ID", header),) if header else ()
+        decoder = SSEDecoder()
+        url = f"{daemon.url}/progress/{task_id}{query}"
+        async with open_stream("GET", url, headers=headers) as response:
+            assert response.status == 200
+            events = [e async for chunk in response.chunks for e in decoder.feed(chunk)]
+        # Treated as no id at all: the stream starts from the current snapshot.
+        assert [e.data for e in events] == [fresh[-1].data]
 
 
 async def test_failure_at_a_node_is_an_error_event(tmp_path: Path) -> None:
@@ -297,3 +327,17 @@ async def test_bad_requests_reach_nothing(tmp_path: Path) -> None:
         queue = await daemon.request_comfy("GET", "/queue")
         assert history.json() == {}
         assert queue.json() == {"queue_running": [], "queue_pending": []}
+
+
+async def test_invalid_unicode_is_refused_at_the_door(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        for raw, field in (
+            (b'{"prompt":"fox","description":"\\ud800"}', "description"),
+            (b'{"prompt":"fox","description":"\xed\xa0\x80"}', "description"),
+            (b'{"prompt":"fox","name":"\\ud800"}', "name"),
+            (b'{"prompt":"\\ud800"}', "prompt"),
+        ):
+            response = await daemon.request("POST", "/generate", raw)
+            assert response.status == 400, (raw, response.body)
+            assert response.json()["error"]["details"]["field"] == field
+        assert daemon.app.registry.created == 0

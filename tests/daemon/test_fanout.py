@@ -24,8 +24,8 @@ from daemon.broadcast import Broadcaster, Snapshot
 from daemon.http import HttpLimits
 from daemon.http.client import open_stream
 from daemon.http.types import Request, Response, StreamingResponse
-from daemon.sse_stream import HEARTBEAT, StreamHub, parse_last_event_id
-from protocol.sse import ServerSentEvent, SSEDecoder, encode_event
+from daemon.sse_stream import HEARTBEAT, StreamHub
+from protocol.sse import ServerSentEvent, SSEDecoder, encode_event, parse_last_event_id
 from tests.daemon.http.helpers import RunningServer, start_server
 
 HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]

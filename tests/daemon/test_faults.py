@@ -6,6 +6,7 @@ the generation (the sampler's first step); tests wait for states, not time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,69 @@ async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
         await daemon.events(first.json()["taskId"])
         history = await daemon.request_comfy("GET", "/history")
         assert len(history.json()) == 1  # one prompt reached ComfyUI
+
+
+async def test_an_actor_crash_ends_every_stream_with_internal(tmp_path: Path) -> None:
+    # A ComfyUI node fails with a message holding a lone surrogate (a file name
+    # decoded with surrogateescape, say); ComfyUI sends it as "\udcff". The
+    # error message cannot be encoded for the stream, so the actor crashes at
+    # the very transition that ends the task.
+    async with running_daemon(tmp_path) as daemon:
+        sim = daemon.simulator
+        assert sim is not None
+        save = sim.catalogue["SaveImage"]
+
+        async def broken_save(ctx: Any, inputs: dict[str, Any]) -> Any:
+            raise OSError("cannot write /out/caf\udcff.png")
+
+        sim.catalogue["SaveImage"] = dataclasses.replace(save, run=broken_save)
+        task_id = await daemon.generate()
+        with trio.fail_after(30):  # a hang guard: on the old code the streams never end
+            async with trio.open_nursery() as nursery:
+                streams: list[list[dict[str, Any]]] = []
+
+                async def follow() -> None:
+                    streams.append(payloads(await daemon.events(task_id)))
+
+                for _ in range(3):
+                    nursery.start_soon(follow)
+        for seen in streams:
+            assert seen[-1]["status"] == "error"
+            assert seen[-1]["error"]["code"] == "internal"
+        status = await daemon.request("GET", f"/tasks/{task_id}")
+        assert status.json()["error"]["code"] == "internal"
+        cancel = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert cancel.json()["status"] == "error"
+        assert cancel.json()["cancelled"] is False
+
+
+async def wait_forgotten(daemon: Daemon, task_id: str) -> None:
+    while daemon.app.registry.get(task_id) is not None:
+        await daemon.app.registry.changed.wait()
+
+
+async def test_idempotency_key_replayed_after_its_task_was_forgotten(tmp_path: Path) -> None:
+    body = {"prompt": "a red fox", "seed": 5}
+    key = (("Idempotency-Key", "order-43"),)
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        first = await daemon.request("POST", "/generate", body, headers=key)
+        assert first.status == 202
+        task_id = first.json()["taskId"]
+        final = payloads(await daemon.events(task_id))[-1]
+        await wait_forgotten(daemon, task_id)
+        assert (await daemon.request("GET", f"/tasks/{task_id}")).status == 404
+        # Not "queued" with a taskId that 404s: the outcome the key led to.
+        again = await daemon.request("POST", "/generate", body, headers=key)
+        assert again.status == 200
+        assert again.headers.get("idempotent-replayed") == "true"
+        outcome = again.json()
+        assert outcome["taskId"] == task_id
+        assert outcome["status"] == "completed"
+        assert outcome["result"] == final["result"]
+        assert daemon.app.registry.created == 1
+    # After a restart the key is still known (journal), its outcome is not: 410.
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        gone = await daemon.request("POST", "/generate", body, headers=key)
+        assert gone.status == 410
+        assert gone.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
+        assert daemon.app.registry.created == 0

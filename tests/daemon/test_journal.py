@@ -9,7 +9,8 @@ import trio
 from daemon.journal import Journal, KeyRecord, TaskRecord
 
 
-def record(task_id: str, version: int, phase: str = "running") -> TaskRecord:
+def record(task_id: str, version: int, phase: str = "running", *, big: bool = False) -> TaskRecord:
+    """`big`: a row that needs new pages (a prompt of 64 KiB)."""
     return TaskRecord(
         task_id=task_id,
         prompt_id=f"p-{task_id}",
@@ -18,7 +19,12 @@ def record(task_id: str, version: int, phase: str = "running") -> TaskRecord:
         submitted=True,
         created_at=1.0,
         finished_at=None if phase == "running" else 2.0,
-        spec={"taskId": task_id, "promptId": f"p-{task_id}", "graph": {}},
+        spec={
+            "taskId": task_id,
+            "promptId": f"p-{task_id}",
+            "graph": {},
+            "prompt": "x" * 65536 if big else "",
+        },
         message={"event": "progress", "version": version, "payload": {"taskId": task_id}},
     )
 

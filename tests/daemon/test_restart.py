@@ -34,7 +34,11 @@ async def simulator() -> AsyncIterator[ComfySimulator]:
 
 async def generate(url: str) -> str:
     response = await http_request(
-        "POST", f"{url}/generate", body=json.dumps({"prompt": "a red fox"}).encode(), timeout=10
+        "POST",
+        f"{url}/generate",
+        headers=[("Content-Type", "application/json")],
+        body=json.dumps({"prompt": "a red fox"}).encode(),
+        timeout=10,
     )
     assert response.status == 202, response.body
     task_id: str = response.json()["taskId"]

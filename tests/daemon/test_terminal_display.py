@@ -138,3 +138,18 @@ def test_a_terminal_gets_one_line_redrawn_and_notes_inside_it() -> None:
     assert second.startswith("Sampling image...   [############--------]   60%  4/20")
     assert second.endswith("\x1b[K")
     assert rest.endswith("(reconnecting)\x1b[K\ncomfy-progress: something\n")
+
+
+def test_the_nodes_progress_text_follows_the_count_without_control_characters() -> None:
+    clock = Clock()
+    out = io.StringIO()
+    display = Display(out, tty=True, clock=clock)
+    payload = message("Sampling image...", 3, 20)
+    payload["progress"]["text"] = "step 3/20\x1b[31m\nred"
+    display.update(payload)
+    assert "3/20  step 3/20 [31m red  (0:00)" in display.line()
+    assert "\x1b[31m" not in out.getvalue()
+    plain = io.StringIO()
+    lines = Display(plain, tty=False, clock=clock)
+    lines.update(payload)
+    assert plain.getvalue().rstrip("\n").endswith(" · step 3/20 [31m red")

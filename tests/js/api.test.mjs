@@ -114,6 +114,92 @@ test("cancelTask sends DELETE to the page-relative task URL", async () => {
   assert.equal(reply.cancelled, true);
 });
 
+describe("API tokens", () => {
+  const accepted = { taskId: "t1", status: "queued", progressUrl: "/progress/t1", statusUrl: "/tasks/t1" };
+  const unauthorized = { error: { message: "this daemon needs an API token", details: null } };
+
+  /** A fetch answering each request in turn, recording each request's Authorization. */
+  function scriptedFetch(...answers) {
+    const seen = [];
+    const impl = async (_url, init) => {
+      seen.push(init.headers.Authorization ?? null);
+      const [status, body] = answers.length > 1 ? answers.shift() : answers[0];
+      return new Response(JSON.stringify(body), { status });
+    };
+    return { impl, seen };
+  }
+
+  function memoryStore(token = null) {
+    return {
+      token,
+      get() {
+        return this.token;
+      },
+      set(value) {
+        this.token = value;
+      },
+    };
+  }
+
+  test("a 401 asks for a token, retries with it, and keeps it once accepted", async () => {
+    const { impl, seen } = scriptedFetch([401, unauthorized], [202, accepted]);
+    const tokens = memoryStore();
+    const asked = [];
+    const askToken = (rejected) => {
+      asked.push(rejected);
+      return " s3cret-token ";
+    };
+    const reply = await postGenerate({ prompt: "p" }, { fetch: impl, tokens, askToken });
+    assert.equal(reply.taskId, "t1");
+    assert.deepEqual(seen, [null, "Bearer s3cret-token"]);
+    assert.deepEqual(asked, [false]);
+    assert.equal(tokens.token, "s3cret-token");
+  });
+
+  test("a stored token is sent without asking", async () => {
+    const { impl, seen } = scriptedFetch([202, { taskId: "t1", status: "cancelling", cancelled: true }]);
+    const askToken = () => assert.fail("asked although a token was stored");
+    await cancelTask("t1", { fetch: impl, tokens: memoryStore("kept"), askToken });
+    assert.deepEqual(seen, ["Bearer kept"]);
+  });
+
+  test("a rejected stored token is dropped and the user asked again", async () => {
+    const { impl, seen } = scriptedFetch([401, unauthorized], [202, accepted]);
+    const tokens = memoryStore("old");
+    const asked = [];
+    const askToken = (rejected) => {
+      asked.push(rejected);
+      return "new";
+    };
+    await postGenerate({ prompt: "p" }, { fetch: impl, tokens, askToken });
+    assert.deepEqual(seen, ["Bearer old", "Bearer new"]);
+    assert.deepEqual(asked, [true]);
+    assert.equal(tokens.token, "new");
+  });
+
+  test("cancelling the question leaves the 401 as the error, and nothing stored", async () => {
+    const { impl, seen } = scriptedFetch([401, unauthorized]);
+    const tokens = memoryStore();
+    await assert.rejects(postGenerate({ prompt: "p" }, { fetch: impl, tokens, askToken: () => null }), {
+      name: "ApiError",
+      status: 401,
+      message: "this daemon needs an API token",
+    });
+    assert.deepEqual(seen, [null]);
+    assert.equal(tokens.token, null);
+  });
+
+  test("wrong tokens are asked for a bounded number of times", async () => {
+    const { impl, seen } = scriptedFetch([401, unauthorized]);
+    const tokens = memoryStore();
+    await assert.rejects(postGenerate({ prompt: "p" }, { fetch: impl, tokens, askToken: () => "wrong" }), {
+      status: 401,
+    });
+    assert.equal(seen.length, 4);
+    assert.equal(tokens.token, null);
+  });
+});
+
 describe("carouselItems", () => {
   const result = {
     imageUrl: "/image/a.png",

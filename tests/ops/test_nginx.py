@@ -123,6 +123,39 @@ async def test_the_page_and_its_api_work_under_the_sub_path(
         assert image.body.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+async def test_the_page_s_own_origin_is_recognised_through_the_proxy(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # The daemon knows its own page by comparing Origin with the Host the
+    # proxy passes on: the site must pass the port too (nginx listens on an
+    # arbitrary one here).
+    async with running_daemon(
+        tmp_path, "--simulate", "--set", "simulator_step_time=0.01"
+    ) as daemon:
+        nginx = await start_nginx(nursery, tmp_path, daemon)
+        base = nginx.url + SUB_PATH
+        body = json.dumps({"prompt": "a fox behind nginx"}).encode()
+        for origin, status in (
+            (nginx.url, 202),
+            (f"http://127.0.0.1:{port_of(daemon.url)}", 403),  # the daemon's, not the page's
+            ("http://evil.example", 403),
+        ):
+            answer = await http_request(
+                "POST",
+                f"{base}generate",
+                headers=[("Content-Type", "application/json"), ("Origin", origin)],
+                body=body,
+                timeout=10,
+            )
+            assert answer.status == status, (origin, answer.body)
+        task_id = (await generate(base.rstrip("/")))["taskId"]
+        for origin, status in ((nginx.url, 200), ("http://evil.example", 403)):
+            read = await http_request(
+                "GET", f"{base}tasks/{task_id}", headers=[("Origin", origin)], timeout=10
+            )
+            assert read.status == status, origin
+
+
 # ---------------------------------------------------------------- SSE through nginx
 
 

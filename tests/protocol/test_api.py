@@ -56,3 +56,29 @@ def test_bad_common_fields(body: dict[str, Any], message: str) -> None:
         parse(**body)
     assert caught.value.message == message
     assert caught.value.status_hint == 400
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"prompt":"fox","description":"\\ud800"}', "description"),
+        (b'{"prompt":"fox","name":"a\\udfffb"}', "name"),
+        (b'{"prompt":"fox \\ud800"}', "prompt"),
+        (b'{"prompt":"fox","workflow":"\\udc80"}', "workflow"),
+        (b'{"prompt":"fox","width":["ok",{"x":"\\ud83d"}]}', "width"),
+        (b'{"prompt":"fox","description":"\xed\xa0\x80"}', "description"),  # raw bytes
+        (b'{"prompt":"fox","\\ud800":1}', "\\ud800"),  # in a field's name
+    ],
+)
+def test_lone_surrogates_are_refused_naming_the_field(raw: bytes, field: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_generate(raw, extra_fields=frozenset({"width"}))
+    assert caught.value.status_hint == 400
+    assert caught.value.details["field"] == field
+    assert "Unicode" in caught.value.message
+    caught.value.message.encode("utf-8")  # the answer itself must encode
+
+
+def test_paired_surrogates_are_text() -> None:
+    parsed = parse_generate(b'{"prompt":"fox \\ud83e\\udd8a"}')
+    assert parsed.prompt == "fox \U0001f98a"

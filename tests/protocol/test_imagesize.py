@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.imagesize import ImageFormatError, ImageInfo, exif_orientation, image_info
+from protocol.imagesize import (
+    MAX_EXIF_ENTRIES,
+    MAX_HEADER_STEPS,
+    ImageFormatError,
+    ImageInfo,
+    exif_orientation,
+    image_info,
+)
 from tests.protocol.images import jpeg, jpeg_segment, png, png_chunk, tiff_orientation
 
 DHT = jpeg_segment(0xC4, b"\x00" + b"\x00" * 16)  # a Huffman table: C4 is not a frame header
@@ -101,3 +108,42 @@ def test_a_png_the_simulator_draws() -> None:
 
     data = encode_png(96, 64, [bytes((10, 200, 30)) * 96] * 64, text={"prompt": "{}"})
     assert image_info(data) == ImageInfo("png", 96, 64)
+
+
+# A hostile header: the reader gives up after a fixed amount of work, so no
+# upload can keep the daemon busy (a 20 MiB JPEG of empty comments took 6.6 s).
+EMPTY_COMMENT = b"\xff\xfe\x00\x02"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        jpeg(64, 64, before_sof=EMPTY_COMMENT * (MAX_HEADER_STEPS + 1)),
+        jpeg(64, 64, before_sof=b"\xff" * (MAX_HEADER_STEPS + 1) + b"\x01"),
+        jpeg(64, 64, before_sof=(b"\xff" * 50 + b"\x01") * (MAX_HEADER_STEPS // 50)),
+        png(64, 64).replace(
+            png_chunk(b"IEND", b""),
+            png_chunk(b"tEXt", b"") * (MAX_HEADER_STEPS + 1) + png_chunk(b"IEND", b""),
+        ),
+    ],
+    ids=["empty-jpeg-segments", "fill-bytes", "fill-byte-runs", "empty-png-chunks"],
+)
+def test_a_header_that_takes_too_much_work_is_refused(data: bytes) -> None:
+    with pytest.raises(ImageFormatError, match=f"gave up after {MAX_HEADER_STEPS}"):
+        image_info(data)
+
+
+def test_many_idat_chunks_of_a_large_png_are_fine() -> None:
+    idat = png_chunk(b"IDAT", b"\0" * 8192)
+    data = png(64, 64).replace(
+        png_chunk(b"IEND", b""), idat * (MAX_HEADER_STEPS // 2) + png_chunk(b"IEND", b"")
+    )
+    assert image_info(data) == ImageInfo("png", 64, 64)
+
+
+def test_an_exif_block_with_too_many_entries_counts_as_no_rotation() -> None:
+    tiff = tiff_orientation(6)
+    entries = b"\0" * 12 * MAX_EXIF_ENTRIES
+    crowded = tiff[:8] + (MAX_EXIF_ENTRIES + 1).to_bytes(2, "little") + tiff[10:22] + entries
+    assert exif_orientation(crowded) == 1
+    assert exif_orientation(tiff) == 6

@@ -37,6 +37,7 @@ from protocol.sse import (
     encode_comment,
     encode_event,
     encode_retry,
+    parse_last_event_id,
 )
 
 # ---------------------------------------------------------------- helpers
@@ -642,3 +643,31 @@ def test_decoder_is_total_and_chunking_invariant(raw: bytes, data: st.DataObject
     for chunks in ([raw], bytewise(raw), split_at(raw, cuts)):
         events, decoder = decode_chunks(chunks)
         assert (events, decoder.last_event_id, decoder.retry) == expected
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"),
+    [
+        (("42", None), 42),
+        ((" 7\t", None), 7),
+        ((None, "3"), 3),
+        (("x", "3"), 3),  # a bad header falls back to the query
+        (("9" * 20, None), int("9" * 20)),
+        (("1\u00b2", None), None),
+        (("\u2460", None), None),
+        (("\u0663", None), None),  # ARABIC-INDIC DIGIT THREE
+        (("9" * 21, None), None),
+        (("-1", "+2"), None),
+        (("", None), None),
+        ((None, None), None),
+    ],
+)
+def test_last_event_id_is_ascii_digits_of_bounded_length(
+    candidates: tuple[str | None, str | None], expected: int | None
+) -> None:
+    assert parse_last_event_id(*candidates) == expected
+
+
+@given(st.text())
+def test_last_event_id_parsing_never_raises(text: str) -> None:
+    parse_last_event_id(text, text)

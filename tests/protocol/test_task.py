@@ -142,6 +142,59 @@ def test_success_fetches_outputs_then_completes_with_the_seed_result() -> None:
     }
 
 
+def test_a_new_node_starts_at_zero_of_its_own_max() -> None:
+    state, _ = run(fresh(), *RUNNING, comfy.Progress("P", "3", 20, 20))
+    state, effects = run(state, comfy.Executing("8", "P"))
+    progress = published(effects)[-1].payload["progress"]
+    assert (progress["currentStep"], progress["currentValue"], progress["maxValue"]) == (
+        "Decoding image...",
+        0,
+        1,
+    )
+    assert progress["percentage"] == 0
+    # overall: the sampler's node is finished, the decoder has done nothing yet.
+    assert progress["overall"]["nodesDone"] == 1
+    state, effects = run(state, comfy.Executing("9", "P"))
+    progress = published(effects)[-1].payload["progress"]
+    assert (progress["currentStep"], progress["currentValue"], progress["maxValue"]) == (
+        "Saving image...",
+        0,
+        1,
+    )
+
+
+def test_complete_reports_the_samplers_steps_and_never_zero_of_zero() -> None:
+    state, _ = run(fresh(), *RUNNING, comfy.Progress("P", "3", 20, 20), comfy.Executing("9", "P"))
+    state, _ = run(state, comfy.Executed("P", "9", "9", {}, (IMG,)), comfy.ExecutionSuccess("P"))
+    _, effects = run(state, task.OutputsStored(("T-a.png",)))
+    progress = published(effects)[-1].payload["progress"]
+    assert (progress["currentValue"], progress["maxValue"]) == (20, 20)
+    # A wholly cached run: no node ever reported progress.
+    state, _ = run(
+        fresh(),
+        task.Submitted(1),
+        comfy.ExecutionStart("P"),
+        comfy.ExecutionCached("P", tuple(GRAPH)),
+        comfy.Executed("P", "9", "9", {}, (IMG,)),
+        comfy.ExecutionSuccess("P"),
+    )
+    _, effects = run(state, task.OutputsStored(("T-a.png",)))
+    progress = published(effects)[-1].payload["progress"]
+    assert (progress["currentValue"], progress["maxValue"]) == (1, 1)
+
+
+def test_a_rejection_without_node_errors_names_the_node_from_its_details() -> None:
+    reply = comfy.parse_prompt_reply(
+        400,
+        b'{"error": {"type": "invalid_prompt", "message": "Cannot execute because node X '
+        b'does not exist.", "details": "Node ID \'#3\'", "extra_info": {}}, "node_errors": {}}',
+    )
+    assert isinstance(reply, comfy.PromptRejected)
+    state, _ = run(fresh(), task.SubmitRejected(reply))
+    assert state.error is not None
+    assert (state.error.node_id, state.error.node_type) == ("3", "KSampler")
+
+
 def test_success_without_images_is_an_error() -> None:
     state, _ = run(fresh(), *RUNNING, comfy.ExecutionSuccess("P"), task.OutputsStored(()))
     assert state.error is not None

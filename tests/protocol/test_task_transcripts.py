@@ -40,12 +40,17 @@ EXPECTED: dict[tuple[str, str], Outcome] = {
     ("s1_success", "submit"): Completed(("probe_00001_.png",)),
     ("s2_cached", "submit_same_graph"): Completed(("probe_00001_.png",)),
     ("s3_invalid", "missing_required_input"): REJECTED_AT_2,
-    ("s3_invalid", "unknown_class_type"): REJECTED,
+    # ComfyUI sends no node_errors here; its details name the node ("Node ID '#2'").
+    ("s3_invalid", "unknown_class_type"): Failed(
+        "rejected", "ComfyUI rejected the workflow", "2", "NoSuchNodeType"
+    ),
     ("s3_invalid", "value_below_min"): REJECTED_AT_2,
     ("s3_invalid", "value_wrong_type"): REJECTED_AT_2,
     ("s3_invalid", "link_to_missing_node"): REJECTED_AT_2,
     ("s3_invalid", "no_output_node"): REJECTED,
-    ("s3_invalid", "missing_class_type_key"): REJECTED,
+    ("s3_invalid", "missing_class_type_key"): Failed(
+        "rejected", "ComfyUI rejected the workflow", "2", None
+    ),
     ("s3_invalid", "empty_prompt_object"): REJECTED,
     ("s4_runtime_error", "submit_failing"): Failed(
         "comfy_error", "probe failure", "2", "FailingNode"

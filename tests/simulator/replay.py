@@ -90,8 +90,14 @@ class Replayer:
     # ------------------------------------------------------------ driving
 
     async def quiesce(self) -> None:
-        """Until every task (server and clients) is blocked: all frames delivered."""
+        """Until every task (server and clients) is blocked: all frames delivered.
+
+        A preview encoded in a worker thread leaves its task blocked but busy.
+        """
         await trio.testing.wait_all_tasks_blocked(0.0005)
+        while self.sim.encoding_previews:
+            await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked(0.0005)
 
     async def advance(self, done: Callable[[], bool], waiting_for: str) -> None:
         """Grant steps one at a time, each after everything settled, until `done()`."""

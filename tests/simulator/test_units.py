@@ -113,11 +113,28 @@ def test_file_store_drops_the_oldest_generated_files() -> None:
     assert files.get("temp", "", "b.png") is None
     assert files.get("output", "", "a.png") == b"a2"
     assert files.get("output", "", "c.png") == b"c"
-    assert files.get("input", "", "upload.png") == b"u"  # uploads are never dropped
+    assert files.get("input", "", "upload.png") == b"u"  # uploads have their own budget
     files.clear("output")
     files.put("temp", "", "d.png", b"d")
     assert files.count() == 2
     assert annotated_filepath("x.png") == ("x.png", None)
+
+
+def test_file_store_keeps_uploads_within_their_byte_budget() -> None:
+    """The embedded simulator kept every upload the daemon forwarded, forever."""
+    files = FileStore(max_input_bytes=10)
+    files.upload("input", "", "a.png", b"aaaa", overwrite=True)
+    files.upload("input", "", "b.png", b"bbbb", overwrite=True)
+    files.upload("input", "", "a.png", b"AAAA", overwrite=True)  # replaced: the newest again
+    files.upload("input", "", "c.png", b"cccc", overwrite=True)
+    assert files.get("input", "", "b.png") is None  # the oldest went
+    assert files.get("input", "", "a.png") == b"AAAA"
+    assert files.get("input", "", "c.png") == b"cccc"
+    assert files.input_bytes == 8
+    files.upload("input", "", "huge.png", b"x" * 50, overwrite=True)
+    assert files.names_in("input") == ["huge.png"]  # the newest stays, even alone over budget
+    files.clear("input")
+    assert files.input_bytes == 0
 
 
 def test_multipart_parser() -> None:

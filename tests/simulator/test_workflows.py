@@ -11,10 +11,12 @@ import trio
 
 from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
+from protocol.imagesize import ImageInfo, image_info
 from tests.simulator.conftest import Harness
 from tests.simulator.helpers import Binary
 
 StartSim = Callable[..., Awaitable[Harness]]
+FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
 
 def txt2img(
@@ -118,7 +120,9 @@ async def test_images_are_deterministic_across_simulators(start_sim: StartSim) -
 
 async def test_sampler_previews_follow_the_legacy_and_metadata_orders(start_sim: StartSim) -> None:
     with trio.fail_after(10):
-        config = SimulatorConfig(step_time=0.0, sampler_previews=True, preview_size=128, seed=2)
+        config = SimulatorConfig(
+            step_time=0.0, sampler_previews=True, preview_size=128, seed=2, preview_format="png"
+        )
         h = await start_sim(config)
         legacy = await h.connect("legacy")
         prompt_id = await h.submit(txt2img(steps=2, width=256, height=128), "legacy")
@@ -141,6 +145,54 @@ async def test_sampler_previews_follow_the_legacy_and_metadata_orders(start_sim:
         first = types.index("progress")
         assert types[first - 2 : first + 1] == ["progress_state", "binary:4", "progress"]
         assert "binary:1" not in types
+
+
+async def test_sampler_previews_are_jpeg_by_default_with_their_type_in_the_metadata(
+    start_sim: StartSim,
+) -> None:
+    with trio.fail_after(10):
+        config = SimulatorConfig(
+            step_time=0.0, sampler_previews=True, sampler_progress_text=True, seed=3
+        )
+        h = await start_sim(config)
+        flagged = await h.connect("flagged")
+        await flagged.ws.send_message(json.dumps(FEATURE_FLAGS))
+        await flagged.wait_for("feature_flags")
+        prompt_id = await h.submit(txt2img(steps=3, width=256, height=128), "flagged")
+        await flagged.wait_for("executing", node=None, prompt_id=prompt_id)
+        binaries = [Binary.parse(f) for f in flagged.frames if isinstance(f, bytes)]
+        texts = [b.payload[b.second_u32 :].decode() for b in binaries if b.event_type == 3]
+        assert texts == ["step 1/3", "step 2/3", "step 3/3"]
+        previews = [b for b in binaries if b.event_type == 4]
+        assert len(previews) == 3
+        for preview in previews:
+            metadata = json.loads(preview.payload[: preview.second_u32])
+            assert metadata["image_type"] == "image/jpeg"
+            assert metadata["prompt_id"] == prompt_id
+            image = preview.payload[preview.second_u32 :]
+            assert image_info(image) == ImageInfo("jpeg", 512, 256)  # fitted into 512
+        # Each step shows the picture a step further on.
+        assert len({p.payload for p in previews}) == 3
+
+
+async def test_legacy_mode_ignores_the_feature_flag_and_sends_type_1_jpeg(
+    start_sim: StartSim,
+) -> None:
+    with trio.fail_after(10):
+        config = SimulatorConfig(
+            step_time=0.0, sampler_previews=True, preview_metadata=False, seed=4
+        )
+        h = await start_sim(config)
+        client = await h.connect("old")
+        await client.ws.send_message(json.dumps(FEATURE_FLAGS))
+        prompt_id = await h.submit(txt2img(steps=2, width=64, height=64), "old")
+        await client.wait_for("executing", node=None, prompt_id=prompt_id)
+        types = client.types()
+        assert "feature_flags" not in types  # an old ComfyUI does not answer
+        assert "binary:4" not in types
+        previews = [Binary.parse(f) for f in client.frames if isinstance(f, bytes)]
+        assert [(p.event_type, p.second_u32) for p in previews] == [(1, 1), (1, 1)]  # JPEG
+        assert image_info(previews[0].payload) == ImageInfo("jpeg", 512, 512)
 
 
 async def test_inpainting_with_an_uploaded_image(start_sim: StartSim) -> None:

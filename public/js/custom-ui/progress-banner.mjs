@@ -21,6 +21,9 @@
 import { Component } from "preact";
 import { html } from "htm/preact";
 
+import { pageRelativeUrl } from "../api.mjs";
+import { PreviewThumbnail } from "./preview-thumbnail.mjs";
+
 import {
   NODE_STEP_NAMES,
   RateEstimator,
@@ -143,6 +146,7 @@ export class ProgressBanner extends Component {
     const { status, percentage } = state;
     const active = status === "queued" || status === "running";
     const details = [state.queue, state.eta].filter(Boolean).join(" · ");
+    const previewUrl = active ? state.progress?.preview?.url : null;
     return html`
       <section
         class=${`progress-banner progress-banner--${status}`}
@@ -151,6 +155,10 @@ export class ProgressBanner extends Component {
         aria-label=${label ? `Progress of ${label}` : "Generation progress"}
       >
         <div class="progress-banner__row">
+          <${PreviewThumbnail}
+            url=${previewUrl ? pageRelativeUrl(previewUrl) : null}
+            alt=${label ? `Live preview of ${label}` : "Live preview"}
+          />
           ${label ? html`<span class="progress-banner__label">${label}</span>` : null}
           <span class="progress-banner__step" aria-live="polite">${state.message}</span>
           ${state.counter

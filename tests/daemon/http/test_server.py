@@ -411,3 +411,63 @@ async def test_error_response_shape() -> None:
         "error": {"message": "bad input", "details": {"field": "prompt"}}
     }
     await trio.lowlevel.checkpoint()
+
+
+def _split_raw_response(raw: bytes) -> tuple[bytes, bytes]:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, raw
+    return head, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"HEAD /%ff HTTP/1.1\r\nHost: t\r\n\r\n", 400, id="bad-target"),
+        pytest.param(
+            b"HEAD /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 52428800\r\n\r\n",
+            413,
+            id="body-too-large",
+        ),
+        pytest.param(
+            b"HEAD /hello/x HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n",
+            431,
+            id="whole-head-too-large",
+        ),
+        pytest.param(
+            b"HEAD /hello/x HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 8000,
+            431,
+            id="endless-head",
+        ),
+    ],
+)
+async def test_head_refused_before_routing_gets_its_status_without_a_body(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    with caplog.at_level(logging.DEBUG):
+        async with await running.connect() as stream:
+            await stream.send_all(request_bytes)
+            raw = await read_until_eof(stream)
+    head, body = _split_raw_response(raw)
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"connection: close" in head.lower()
+    assert body == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_both_content_length_and_transfer_encoding_close_after_the_answer(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            # A smuggled second request: never answered.
+            b"GET /hello/smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        raw = await read_until_eof(stream)
+    head, body = _split_raw_response(raw)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in head.lower()
+    assert body == b"abc"  # and nothing after it: the connection closed

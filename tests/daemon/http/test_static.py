@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 import trio
 
 from daemon.http import Router, StaticFiles, content_type_for, http_request
-from daemon.http.static import safe_parts
+from daemon.http.static import SLICE_BYTES, STREAM_ABOVE_BYTES, safe_parts
+from daemon.http.types import Headers, Request, StreamingResponse
 from tests.daemon.http.helpers import H11Client, RunningServer, start_server
 
 FILES = {
@@ -220,3 +222,45 @@ def test_content_types_are_pinned() -> None:
 )
 def test_safe_parts(relative: str, parts: list[str] | None) -> None:
     assert safe_parts(relative) == parts
+
+
+class RecordingWriter:
+    """A BodyWriter that keeps what it is given, slice by slice."""
+
+    def __init__(self) -> None:
+        self.slices: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        self.slices.append(data)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_large_file_is_streamed_in_slices_not_held_in_memory(tmp_path: Path) -> None:
+    """Each GET of a large image used to hold the file (twice) until the client read it."""
+    content = os.urandom(STREAM_ABOVE_BYTES * 3 + 17)
+    (tmp_path / "large.png").write_bytes(content)
+    files = StaticFiles(tmp_path, max_file_bytes=len(content))
+    request = Request("GET", "/large.png", "/large.png", {}, Headers(), b"", "test:1")
+    response = await files(dataclasses.replace(request, path_params={"path": "large.png"}))
+    assert isinstance(response, StreamingResponse)
+    assert response.content_length == len(content)
+    writer = RecordingWriter()
+    await response.stream(writer)
+    assert max(len(s) for s in writer.slices) <= SLICE_BYTES
+    assert b"".join(writer.slices) == content
+
+
+async def test_a_large_file_over_a_real_connection(nursery: trio.Nursery, tmp_path: Path) -> None:
+    content = os.urandom(STREAM_ABOVE_BYTES * 5)
+    (tmp_path / "large.png").write_bytes(content)
+    router = Router()
+    router.add("GET", "/{path...}", StaticFiles(tmp_path, max_file_bytes=len(content)))
+    running = await start_server(nursery, router)
+    response = await http_request("GET", running.url + "/large.png", timeout=10)
+    head = await http_request("HEAD", running.url + "/large.png", timeout=10)
+    assert response.status == 200
+    assert response.body == content
+    assert response.headers.get("content-length") == str(len(content))
+    assert head.status == 200
+    assert head.headers.get("content-length") == str(len(content))
+    assert head.body == b""

@@ -1,0 +1,62 @@
+"""The backend's reconnect loop against a real WebSocket server, on Trio's autojump clock."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from daemon.comfy.backend import BackendSettings, ComfyBackend, _describe
+
+INITIAL_DELAY = 0.5
+
+
+async def test_each_drop_after_a_good_connection_waits_the_initial_delay_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    opened_at: list[float] = []
+    enough = trio.Event()
+
+    async def accept_then_close(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        opened_at.append(trio.current_time())
+        if len(opened_at) == 6:
+            enough.set()
+        await ws.aclose()  # ComfyUI went away right after a healthy connect
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            trio_websocket.serve_websocket, accept_then_close, "127.0.0.1", 0, None
+        )
+        port = server.port
+        backend = ComfyBackend(
+            BackendSettings(
+                url=f"http://127.0.0.1:{port}",
+                reconnect_initial_delay=INITIAL_DELAY,
+                reconnect_max_delay=30.0,
+            )
+        )
+        nursery.start_soon(backend.run)
+        await enough.wait()
+        nursery.cancel_scope.cancel()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(opened_at)]
+    # Without the reset the waits doubled: 0.5, 1, 2, 4, 8 s (times 0.5-1 jitter).
+    assert gaps, opened_at
+    assert all(gap <= INITIAL_DELAY + 0.01 for gap in gaps), gaps
+    assert backend.reconnects == 5
+
+
+async def test_a_refused_connect_is_described_once_with_its_reason() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(OSError, match="all attempts") as caught:
+        await trio.open_tcp_stream("127.0.0.1", port)
+    text = _describe(caught.value)
+    assert text.count("all attempts") == 1, text
+    assert "sub-exception" not in text
+    assert "refused" in text.lower()

@@ -1,0 +1,175 @@
+"""Live previews end to end: the real daemon, the real simulator, real sockets.
+
+The simulator runs in manual-step mode, so each sampler step happens when the
+test grants it and every wait below is for an event, not for time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon.http.client import http_request
+from daemon.simulator import SimulatorConfig
+from daemon.tasks import TaskActor
+from protocol.imagesize import image_info
+from tests.daemon.harness import Daemon, running_daemon
+from tests.simulator.helpers import ws_connect
+from tests.simulator.test_workflows import txt2img
+
+MANUAL = SimulatorConfig(
+    manual_steps=True, sampler_previews=True, sampler_progress_text=True, preview_size=128
+)
+LEGACY = SimulatorConfig(
+    manual_steps=True, sampler_previews=True, preview_metadata=False, preview_size=128
+)
+Payload = dict[str, Any]
+
+
+async def snapshot_where(actor: TaskActor, wanted: Callable[[Payload], bool]) -> Payload:
+    """The first snapshot (the latest one included) that satisfies `wanted`."""
+    version: int | None = None
+    while True:
+        snapshot = await actor.broadcaster.wait_newer(version)
+        if wanted(dict(snapshot.payload)):
+            return dict(snapshot.payload)
+        version = snapshot.version
+
+
+def preview_of(payload: Payload) -> Payload | None:
+    preview: Payload | None = payload.get("progress", {}).get("preview")
+    return preview
+
+
+async def start_task(daemon: Daemon, **fields: Any) -> TaskActor:
+    task_id = await daemon.generate(steps=3, **fields)
+    actor = daemon.app.registry.get(task_id)
+    assert actor is not None
+    return actor
+
+
+async def step_until_preview(daemon: Daemon, actor: TaskActor) -> Payload:
+    assert daemon.simulator is not None
+    daemon.simulator.grant_steps(1)
+    payload = await snapshot_where(actor, lambda p: preview_of(p) is not None)
+    preview = preview_of(payload)
+    assert preview is not None
+    return preview
+
+
+async def test_type_4_previews_reach_the_task_whose_prompt_they_name(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon:
+        assert daemon.simulator is not None
+        first = await start_task(daemon, seed=1)
+        second = await start_task(daemon, seed=2)
+        preview = await step_until_preview(daemon, first)
+        # The daemon asked for metadata on connect, so ComfyUI sent type 4 frames.
+        assert daemon.simulator.hub.supports_preview_metadata(daemon.app.backend.client_id)
+        assert preview == {"url": f"/tasks/{first.task_id}/preview?v=1", "version": 1}
+        response = await daemon.request("GET", preview["url"])
+        assert response.status == 200
+        assert response.headers.get("content-type") == "image/jpeg"
+        assert image_info(response.body).format == "jpeg"
+        assert response.headers.get("etag") == f'"preview-{daemon.app.previews.boot}-1"'
+        # The queued task got none of them.
+        assert (await daemon.request("GET", f"/tasks/{second.task_id}/preview")).status == 404
+        assert second.previews.get(second.task_id) is None
+
+        daemon.simulator.grant_steps(2)
+        await first.finished.wait()
+        assert (await daemon.request("GET", preview["url"])).status == 404  # ended: dropped
+        assert daemon.app.previews.get(first.task_id) is None
+
+        preview = await step_until_preview(daemon, second)
+        assert preview["url"] == f"/tasks/{second.task_id}/preview?v=1"
+        assert (await daemon.request("GET", preview["url"])).status == 200
+        daemon.simulator.grant_steps(100)
+        await second.finished.wait()
+
+
+async def test_a_preview_is_revalidated_with_its_etag(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon:
+        actor = await start_task(daemon)
+        preview = await step_until_preview(daemon, actor)
+        url = daemon.url + preview["url"]
+        etag = f'"preview-{daemon.app.previews.boot}-1"'
+        again = await http_request("GET", url, headers=[("If-None-Match", etag)])
+        assert again.status == 304
+        assert again.body == b""
+        # The same version from another daemon process is another image.
+        other = await http_request("GET", url, headers=[("If-None-Match", '"preview-0000-1"')])
+        assert other.status == 200
+
+
+async def test_legacy_type_1_previews_belong_to_the_running_prompt(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=LEGACY) as daemon:
+        assert daemon.simulator is not None
+        actor = await start_task(daemon)
+        preview = await step_until_preview(daemon, actor)
+        assert not daemon.simulator.hub.supports_preview_metadata(daemon.app.backend.client_id)
+        response = await daemon.request("GET", preview["url"])
+        assert response.status == 200
+        assert response.headers.get("content-type") == "image/jpeg"
+        daemon.simulator.grant_steps(1)
+        payload = await snapshot_where(actor, lambda p: (preview_of(p) or {}).get("version") == 2)
+        assert payload["progress"]["currentValue"] == 2
+        daemon.simulator.grant_steps(100)
+        await actor.finished.wait()
+
+
+async def test_progress_text_of_another_clients_prompt_is_not_ours(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon, trio.open_nursery() as nursery:
+        simulator = daemon.simulator
+        assert simulator is not None
+        port = int(daemon.bound.comfy_url.rsplit(":", 1)[1])
+        # Someone else's prompt runs first; ComfyUI broadcasts its progress texts.
+        stranger = await ws_connect(nursery, port, "stranger")
+        body = json.dumps(
+            {"prompt": txt2img(steps=2, width=64, height=64), "client_id": "stranger"}
+        )
+        submitted = await http_request(
+            "POST", daemon.bound.comfy_url + "/prompt", body=body.encode()
+        )
+        foreign = submitted.json()["prompt_id"]
+        ours = await start_task(daemon)
+        simulator.grant_steps(2)
+        await stranger.wait_for("executing", node=None, prompt_id=foreign)
+        texts = [f for f in stranger.frames if isinstance(f, bytes) and f[3] == 3]
+        assert len(texts) == 2  # the texts were sent, to every socket
+        # Our prompt's execution_start follows them on the daemon's socket: by the
+        # time our task runs, the daemon has seen both texts.
+        await snapshot_where(ours, lambda p: p.get("phase") == "running")
+        assert ours.state.text is None
+        # Our own texts are ours.
+        simulator.grant_steps(1)
+        payload = await snapshot_where(ours, lambda p: "text" in p["progress"])
+        assert payload["progress"]["text"] == "step 1/3"
+        simulator.grant_steps(100)
+        await ours.finished.wait()
+        await stranger.ws.aclose()
+
+
+async def test_a_preview_over_the_per_task_limit_is_not_kept(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL, preview_max_task_bytes=100) as daemon:
+        assert daemon.simulator is not None
+        actor = await start_task(daemon)
+        daemon.simulator.grant_steps(1)
+        await snapshot_where(actor, lambda p: p["progress"].get("currentValue") == 1)
+        daemon.simulator.grant_steps(1)
+        payload = await snapshot_where(actor, lambda p: p["progress"].get("currentValue") == 2)
+        assert preview_of(payload) is None
+        assert daemon.app.previews.refused >= 1
+        assert (await daemon.request("GET", f"/tasks/{actor.task_id}/preview")).status == 404
+        daemon.simulator.grant_steps(100)
+        await actor.finished.wait()
+
+
+async def test_preview_of_an_unknown_task_is_404(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon:
+        response = await daemon.request("GET", "/tasks/nope/preview")
+        assert response.status == 404
+        assert response.json()["error"]["message"] == "no preview"

@@ -1,0 +1,142 @@
+"""Queue flood: max_queued_tasks, the per-client limit, and who a client is."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.clients import client_address, client_key, parse_networks
+from daemon.comfy.backend import QUEUE_READ_SPACING, BackendSettings, ComfyBackend
+from daemon.config import ConfigError, load
+from daemon.http.client import ClientResponse
+from daemon.http.types import Headers
+from daemon.simulator import SimulatorConfig
+from protocol.sse import ServerSentEvent
+from tests.daemon.harness import Daemon, read_events, running_daemon
+
+HELD = SimulatorConfig(step_time=0.01, manual_steps=True)  # prompts wait for grant_steps()
+PROXIES = parse_networks("10.0.0.0/8, ::1")
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        # Not a trusted proxy: its headers say nothing.
+        ("198.51.100.7:5000", [("x-forwarded-for", "203.0.113.1")], "198.51.100.7"),
+        ("198.51.100.7:5000", [("x-real-ip", "203.0.113.1")], "198.51.100.7"),
+        # A trusted proxy: the rightmost address that is not one of ours.
+        ("10.0.0.2:5000", [("x-forwarded-for", "1.1.1.1, 203.0.113.1, 10.0.0.3")], "203.0.113.1"),
+        (
+            "10.0.0.2:5000",
+            [("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")],
+            "2.2.2.2",
+        ),
+        ("10.0.0.2:5000", [("x-real-ip", "203.0.113.9")], "203.0.113.9"),
+        ("[::1]:5000", [("x-forwarded-for", "2001:db8::5")], "2001:db8::5"),
+        # Nothing usable: the proxy itself.
+        ("10.0.0.2:5000", [("x-forwarded-for", "bogus")], "10.0.0.2"),
+        ("10.0.0.2:5000", [], "10.0.0.2"),
+    ],
+)
+def test_client_address(peer: str, headers: list[tuple[str, str]], expected: str) -> None:
+    assert client_address(Headers(headers), peer, PROXIES) == expected
+
+
+def test_a_token_is_the_client_whatever_the_address() -> None:
+    one = client_key(Headers([("authorization", "Bearer s3cret")]), "1.2.3.4:1", PROXIES)
+    two = client_key(Headers([("authorization", "bearer s3cret")]), "5.6.7.8:1", PROXIES)
+    other = client_key(Headers([("authorization", "Bearer other")]), "1.2.3.4:1", PROXIES)
+    assert one == two != other
+    assert "s3cret" not in one
+    assert client_key(Headers([]), "1.2.3.4:1", PROXIES) == "address:1.2.3.4"
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    with pytest.raises(ConfigError, match="nginx"):
+        load(config_file=None, environ={}, flags={"trusted_proxies": "127.0.0.1, nginx"})
+
+
+async def post(daemon: Daemon, *headers: tuple[str, str]) -> ClientResponse:
+    return await daemon.request("POST", "/generate", {"prompt": "a red fox"}, headers=headers)
+
+
+async def test_past_max_queued_tasks_generate_answers_429(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path, simulator=HELD, max_queued_tasks=2) as daemon:
+            accepted = [await post(daemon) for _ in range(2)]
+            refused = await post(daemon)
+            # A task that ends (the queued one, cancelled) makes room again.
+            second = accepted[1].json()["taskId"]
+            assert (await daemon.request("DELETE", f"/tasks/{second}")).status == 202
+            actor = daemon.app.registry.get(second)
+            assert actor is not None
+            await actor.finished.wait()
+            again = await post(daemon)
+    assert [r.status for r in accepted] == [202, 202]
+    assert refused.status == 429, refused.body
+    assert refused.headers.get("retry-after") == "10"
+    assert "2 tasks are waiting or running" in refused.json()["error"]["message"]
+    assert again.status == 202, again.body
+
+
+async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Path) -> None:
+    token_a = ("Authorization", "Bearer token-a")
+    token_b = ("Authorization", "Bearer token-b")
+    with trio.fail_after(20):
+        async with running_daemon(
+            tmp_path,
+            simulator=HELD,
+            max_queued_tasks_per_client=1,
+            trusted_proxies="127.0.0.1",
+        ) as daemon:
+            statuses = {
+                "token a": await post(daemon, token_a),
+                "token a again": await post(daemon, token_a),
+                "token b": await post(daemon, token_b),
+                "address": await post(daemon),
+                "address again": await post(daemon),
+                # We are 127.0.0.1, a trusted proxy here: the header names the client.
+                "proxied client": await post(daemon, ("X-Forwarded-For", "203.0.113.1")),
+                "proxied again": await post(daemon, ("X-Forwarded-For", "203.0.113.1")),
+            }
+    assert {name: r.status for name, r in statuses.items()} == {
+        "token a": 202,
+        "token a again": 429,
+        "token b": 202,
+        "address": 202,
+        "address again": 429,
+        "proxied client": 202,
+        "proxied again": 429,
+    }
+    assert "the most one client may have" in statuses["token a again"].json()["error"]["message"]
+
+
+async def test_a_flood_of_new_tasks_shares_queue_readings(tmp_path: Path) -> None:
+    """Each new task used to force a fresh GET /queue (megabytes with thousands queued)."""
+    tasks = 20
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, simulator=HELD, queue_poll_interval=1.0) as daemon:
+            ids = [await daemon.generate() for _ in range(tasks)]
+            async with trio.open_nursery() as nursery:
+                for task_id in ids[1:]:  # the first one runs; the others wait in line
+                    nursery.start_soon(
+                        partial(read_events, daemon.url, task_id, stop_after=shows_position)
+                    )
+            reads = daemon.app.backend.queue_reads
+    # One reading per second at most, not one per task.
+    assert reads < tasks // 2, reads
+
+
+def shows_position(event: ServerSentEvent) -> bool:
+    return json.loads(event.data).get("queue") is not None
+
+
+def test_a_costly_queue_is_read_less_often() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
+    assert backend.queue_read_spacing(1.0) == 1.0
+    backend.queue_read_cost = 0.25  # a queue of thousands of prompts: megabytes to read
+    assert backend.queue_read_spacing(1.0) == 0.25 * QUEUE_READ_SPACING

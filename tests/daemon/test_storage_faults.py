@@ -1,0 +1,133 @@
+"""Storage faults are reported, not hidden: the image directory and the journal.
+
+Tests run as root, where chmod stops nothing, so faults are made otherwise:
+the image directory is replaced by a file, and the journal's connection is
+switched to read-only (`PRAGMA query_only`), which fails every write the way
+a read-only or broken disk does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.journal import Journal, JournalUnavailable
+from tests.daemon.harness import Daemon, payloads, running_daemon
+from tests.daemon.test_journal import record
+from tests.protocol.images import png
+
+
+def break_image_directory(daemon: Daemon) -> Path:
+    directory = daemon.app.images.directory
+    shutil.rmtree(directory)
+    directory.write_bytes(b"not a directory any more")
+    return directory
+
+
+async def make_journal_read_only(journal: Journal) -> None:
+    async with journal._lock:  # a fault below the unit: no write can succeed now
+        assert journal._db is not None
+        journal._db.execute("PRAGMA query_only=ON")
+
+
+async def fill_journals_disk(journal: Journal) -> None:
+    """The disk is full: no new page. SQLite then rolls the transaction back itself."""
+    async with journal._lock:
+        assert journal._db is not None
+        pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+        journal._db.execute(f"PRAGMA max_page_count={pages}")
+
+
+async def test_a_task_whose_image_cannot_be_stored_ends_with_storage(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path) as daemon:
+            directory = break_image_directory(daemon)
+            task_id = await daemon.generate()
+            last = payloads(await daemon.events(task_id))[-1]
+    assert last["status"] == "error"
+    assert last["error"]["code"] == "storage"
+    assert str(directory) in last["error"]["details"]
+
+
+async def test_upload_answers_503_with_the_reason_when_images_cannot_be_stored(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path) as daemon:
+            directory = break_image_directory(daemon)
+            response = await daemon.request(
+                "POST", "/upload", png(8, 8), headers=(("Content-Type", "image/png"),)
+            )
+    assert response.status == 503, response.body
+    message = response.json()["error"]["message"]
+    assert str(directory) in message
+    assert "Not a directory" in message
+
+
+async def test_journal_does_not_use_a_shared_memory_file(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        journal.record(record("a", 1))
+        await journal.flush()
+        assert not (tmp_path / "j.sqlite3-shm").exists()
+        assert (tmp_path / "j.sqlite3-wal").exists()  # still WAL
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (make_journal_read_only, "attempt to write a readonly database"),
+        # Used to be logged as "cannot rollback - no transaction is active".
+        (fill_journals_disk, "database or disk is full"),
+    ],
+)
+async def test_flush_raises_with_sqlites_reason_when_the_journal_cannot_write(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    fault: Callable[[Journal], Awaitable[None]],
+    reason: str,
+) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    await journal.open()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run)
+            await fault(journal)
+            journal.record(record("a", 1, big=True))
+            with pytest.raises(JournalUnavailable, match=reason):
+                await journal.flush()
+            assert journal.failure is not None
+            nursery.cancel_scope.cancel()
+    await journal.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(reason in message for message in errors)
+    assert not any("cannot rollback" in r.getMessage() for r in caplog.records)
+
+
+async def test_generate_answers_503_when_the_journal_cannot_write(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path) as daemon:
+            await make_journal_read_only(daemon.app.journal)
+            first = await daemon.request("POST", "/generate", {"prompt": "a red fox"})
+            second = await daemon.request("POST", "/generate", {"prompt": "a red fox"})
+            # The refused task does not run on: it was taken back.
+            refused = daemon.app.registry.actors()
+            for actor in refused:
+                await actor.finished.wait()
+    for response in (first, second):
+        assert response.status == 503, response.body
+        assert "readonly database" in response.json()["error"]["message"]
+        assert response.headers.get("retry-after") == "5"
+    assert len(refused) == 1  # the second was refused before a task was made
+    error = refused[0].state.error
+    assert error is not None
+    assert error.code == "cancelled"
