@@ -14,11 +14,15 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def ms_summary(samples: Sequence[float]) -> dict[str, float]:
+def ms_summary(samples: Sequence[float]) -> dict[str, float | None]:
+    """p50, p99 and max in ms; None without samples (e.g. every subscriber
+    skipped the last step: latency then has nothing to say)."""
+    if not samples:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
     return {
         "p50_ms": round(percentile(samples, 0.50) * 1000, 2),
         "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
-        "max_ms": round(max(samples, default=float("nan")) * 1000, 2),
+        "max_ms": round(max(samples) * 1000, 2),
     }
 
 

@@ -20,6 +20,8 @@ DAEMON_SETTINGS = (
     "log_level=info",
     "max_connections=30000",
     "max_tasks=20000",
+    # The generate scenario holds 2,000 prompts queued at once.
+    "max_queued_tasks=20000",
     "queue_poll_interval=1",
 )
 Address = tuple[str, int]
