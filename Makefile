@@ -59,7 +59,7 @@ test: test-deps lint typecheck pytest jstest
 
 # Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
 bench: setup
-	$(BIN)/python -m bench.bench
+	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 
 # The event loop's longest steps (CPU) while hostile 20 MiB images are uploaded.
 bench-loop: setup

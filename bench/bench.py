@@ -1,239 +1,435 @@
-"""Benchmarks: how fast the daemon answers, relays and fans out.
+"""Benchmarks: how fast the daemon relays and fans out, and what it costs.
 
-    make bench        (or: python -m bench.bench)
+    make bench                                   # every scenario, ~5 minutes
+    make bench BENCH_ARGS="--only fanout --scale 0.25"
 
-The daemon runs as its own process (so its CPU and memory are its own); the
-simulator and the load run in this process, all on 127.0.0.1. Three figures:
+Three processes (plus the load client's workers), all on 127.0.0.1: the
+daemon (`comfy-progress serve`), a fake ComfyUI (bench/fake_comfy.py) that
+holds prompts queued until told to play them and reports when it wrote each
+progress frame, and the load client (bench/load.py: worker processes on raw
+non-blocking sockets). Per scenario it prints one row and writes them all as
+JSON (artifacts/bench.json):
 
-1. POST /generate latency (202 answered, task journalled) at a concurrency.
-2. Relay latency: the simulator releases one sampler step -> the SSE client
-   holds the new progress event (ComfyUI WS frame -> parse -> state machine ->
-   SSE write -> client parse).
-3. Fan-out: N SSE subscribers on one task; per step, the time until the last
-   of them has the event; and the daemon's memory per open stream.
-4. Relay latency again in shared mode (redis-server, a worker daemon and a
-   front daemon): what the Redis hop adds to figure 2.
+- floor            a plain os.write loop to 1,000 loopback sockets: the machine's
+                   floor for CPU per subscriber-event, right now
+- latency          20 tasks x 5 subscribers, 400 frames/s in all
+- fanout           4 tasks one after another, 1,000 subscribers each, 50 steps at 50/s
+- fanout_parallel  the same 4 tasks at once
+- burst            1 task, 100 subscribers, 5,000 frames within 30 ms
+- idle             5,000 open streams: the daemon's RSS growth per stream
+- soak_10k         10,000 streams on one task, 20 steps/s for 60 s (counts only)
+- generate         POST /generate, 2,000 requests, 50 in flight, keep-alive, held queued
+- new requests     GET /healthz on a new connection every 20 ms while the streams of
+                   fanout_parallel and idle are open
+
+Latency is "frame written by ComfyUI -> subscriber holds it"; freshness is,
+per subscriber, "ComfyUI's last progress frame -> the subscriber holds that
+state (or a newer one)". The daemon's CPU (/proc/<pid>/stat) is counted from
+the first progress frame to the last terminal event, every connection open,
+and divided by the subscriber-events delivered. A figure taken while a load
+worker used more than 80 % of a core is marked `client-saturated`, and the
+scenario is run again with half the subscribers; so is one taken while every
+core of the machine was more than 90 % busy (`machine-saturated`: then the
+load client reads late, and latency is the machine's rather than the daemon's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import statistics
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-import trio
+from bench import load
+from bench.figures import format_row, ms_summary, summarise_profile
+from bench.processes import (
+    Address,
+    CpuSampler,
+    Daemon,
+    daemon_process,
+    fake_comfy,
+    machine_busy,
+    machine_ticks,
+    request,
+)
 
-from daemon.http.client import http_request, open_stream
-from daemon.simulator import ComfySimulator, SimulatorConfig
-from protocol.sse import SSEDecoder
-from tests.daemon.process import DaemonProcess, daemon_process
-from tests.daemon.redis_server import redis_server
-
-SAMPLER_STEPS = 20  # the built-in txt2img graph's KSampler
-SETTINGS = ("log_level=info", "max_connections=20000", "queue_poll_interval=1")
-
-
-def percentiles(samples: Sequence[float]) -> str:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    return (
-        f"p50 {at(0.50):7.2f} ms   p95 {at(0.95):7.2f} ms   p99 {at(0.99):7.2f} ms   "
-        f"max {ordered[-1] * 1000:7.2f} ms   (n={len(ordered)})"
-    )
+WORKERS = 4
+SATURATED = 0.8
+# Every core busy (the daemon, the load, the fake and whatever else runs here):
+# then the clients read late and latency is the machine's, not the daemon's.
+MACHINE_SATURATED = 0.9
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+@dataclass
+class Bench:
+    daemon: Daemon
+    comfy: Address
+    sampler: CpuSampler
+    profile_dir: Path | None = None
+    next_task: int = 0
+    results: list[dict[str, Any]] = field(default_factory=list)
 
-
-async def post_generate(url: str) -> str:
-    response = await http_request(
-        "POST",
-        f"{url}/generate",
-        headers=[("Content-Type", "application/json")],
-        body=json.dumps({"prompt": "bench"}).encode(),
-        timeout=30,
-    )
-    assert response.status == 202, response.body
-    task_id: str = response.json()["taskId"]
-    return task_id
-
-
-async def bench_generate(url: str, sim: ComfySimulator, requests: int, concurrency: int) -> str:
-    # The GPU is busy: prompts queue up in ComfyUI while we submit (as in real use,
-    # where a generation takes seconds); then they are let through.
-    sim.set_manual_steps(True)
-    samples: list[float] = []
-    limiter = trio.CapacityLimiter(concurrency)
-
-    async def one() -> None:
-        async with limiter:
-            start = time.perf_counter()
-            await post_generate(url)
-            samples.append(time.perf_counter() - start)
-
-    started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(requests):
-            nursery.start_soon(one)
-    elapsed = time.perf_counter() - started
-    await wait_idle(sim)
-    return (
-        f"POST /generate, {requests} requests, concurrency {concurrency}: "
-        f"{requests / elapsed:.0f} req/s\n    {percentiles(samples)}"
-    )
-
-
-class Subscriber:
-    """One SSE connection that timestamps each event's arrival."""
-
-    def __init__(self) -> None:
-        self.arrivals: dict[int, float] = {}
-        self.changed = trio.Event()
-
-    async def run(self, url: str, task_id: str, ready: trio.Event | None = None) -> None:
-        decoder = SSEDecoder()
-        async with open_stream("GET", f"{url}/progress/{task_id}", timeout_connect=60) as r:
-            async for chunk in r.chunks:
-                now = time.perf_counter()
-                for event in decoder.feed(chunk):
-                    value = json.loads(event.data)["progress"]["currentValue"]
-                    self.arrivals.setdefault(int(value), now)
-                    if ready is not None:
-                        ready.set()
-                self.changed.set()
-                self.changed = trio.Event()
-
-    async def wait_for(self, value: int) -> float:
-        while value not in self.arrivals:
-            await self.changed.wait()
-        return self.arrivals[value]
-
-
-async def wait_idle(sim: ComfySimulator) -> None:
-    """Until the simulator runs nothing and has nothing queued."""
-    sim.set_manual_steps(False)
-    while True:
-        queue = (await http_request("GET", f"{sim.url}/queue")).json()
-        if not queue["queue_running"] and not queue["queue_pending"]:
+    @contextlib.contextmanager
+    def profiling(self, name: str) -> Iterator[None]:
+        """py-spy on the daemon while the block runs (with --profile)."""
+        if self.profile_dir is None:
+            yield
             return
-        await trio.sleep(0.05)
+        path = self.profile_dir / f"{name.replace(' ', '_')}.txt"
+        spy = subprocess.Popen(
+            [Path(sys.executable).parent / "py-spy", "record", "--pid", str(self.daemon.pid),
+             "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
+        print(f"  profile of {name} ({path}), self time:")
+        for line in summarise_profile(path):
+            print(f"    {line}")
+
+    def create_tasks(self, count: int) -> list[tuple[str, int]]:
+        tasks = []
+        for _ in range(count):
+            number = self.next_task
+            self.next_task += 1
+            status, body = request(
+                self.daemon.address, "POST", "/generate", {"prompt": f"bench-{number}"}
+            )
+            assert status == 202, body
+            tasks.append((json.loads(body)["taskId"], number))
+        return tasks
+
+    def start_workers(
+        self, target: Any, args_per_worker: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, Connection]]:
+        context = multiprocessing.get_context("fork")
+        workers = []
+        for args in args_per_worker:
+            parent, child = context.Pipe()
+            process = context.Process(target=target, args=(child, *args), daemon=True)
+            process.start()
+            workers.append((process, parent))
+        for _, pipe in workers:
+            if not pipe.poll(300):
+                raise RuntimeError("a load worker did not get ready")
+            pipe.recv()
+        return workers
+
+    @contextlib.contextmanager
+    def probing(self, interval: float = 0.02) -> Iterator[list[float | None]]:
+        """New-connection GET /healthz every `interval` s while the block runs."""
+        samples: list[float | None] = []
+        [(process, pipe)] = self.start_workers(load.probe_worker, [(self.daemon.address, interval)])
+        try:
+            yield samples
+        finally:
+            pipe.send(("stop",))
+            samples.extend(pipe.recv()[1])
+            process.join()
+
+    def open_streams(
+        self, tasks: list[tuple[str, int]], per_task: int, keep_from: int = 0
+    ) -> list[tuple[Any, Connection]]:
+        subscriptions = [task for task in tasks for _ in range(per_task)]
+        shares = [subscriptions[i::WORKERS] for i in range(WORKERS)]
+        return self.start_workers(
+            load.subscriber_worker,
+            [(self.daemon.address, share, keep_from) for share in shares if share],
+        )
+
+    def streams(
+        self,
+        name: str,
+        tasks: int,
+        per_task: int,
+        spec: dict[str, Any],
+        *,
+        probe: bool = False,
+        light: bool = False,
+    ) -> dict[str, Any]:
+        """Open `per_task` streams on each of `tasks` new tasks, play them, measure.
+
+        With `light`, only the counts and the last progress state are recorded
+        per subscriber (latency then covers the last frame only)."""
+        steps = spec["steps"]
+        created = self.create_tasks(tasks)
+        time.sleep(0.5)  # let the daemon settle after the new tasks
+        rss_before = self.daemon.rss_kib()
+        workers = self.open_streams(created, per_task, keep_from=steps if light else 0)
+        rss_open = self.daemon.rss_kib()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.profiling(name))
+            probes = stack.enter_context(self.probing()) if probe else None
+            machine0 = machine_ticks()
+            for _, pipe in workers:
+                pipe.send(("go",))
+            status, body = request(
+                self.comfy, "POST", "/bench/run", {**spec, "tasks": [n for _, n in created]}
+            )
+            assert status == 200, body
+            stamps = {int(k): v for k, v in json.loads(body).items()}
+            outcomes = []
+            for process, pipe in workers:
+                if not pipe.poll(120):
+                    pipe.send(("stop",))
+                outcomes.append(pipe.recv())
+                process.join()
+            machine = machine_busy(machine0)
+        latencies: list[float] = []
+        freshness: list[float] = []
+        seen: list[float] = []
+        delivered = 0
+        complete = 0
+        last_terminal = 0.0
+        for _, _, _, results in outcomes:
+            for task, events, terminal, terminal_at, count in results:
+                sent = stamps[task]
+                delivered += count
+                complete += terminal == "complete"
+                if terminal_at is not None:
+                    last_terminal = max(last_terminal, terminal_at)
+                values = set()
+                fresh = None
+                progress = events[:-1] if terminal is not None else events
+                for value, arrival in progress:
+                    if 1 <= value <= steps and value not in values:
+                        values.add(value)
+                        latencies.append(arrival - sent[value - 1])
+                    if value >= steps and fresh is None:
+                        fresh = arrival - sent[-1]
+                if fresh is None and terminal_at is not None:
+                    fresh = terminal_at - sent[-1]  # the last step was skipped for the end
+                if fresh is not None:
+                    freshness.append(fresh)
+                progress_events = count - (terminal is not None)
+                seen.append((progress_events if light else len(values)) / steps)
+        subscribers = tasks * per_task
+        first_frame = min(v[0] for v in stamps.values())
+        window = max(last_terminal - first_frame, 1e-9)
+        cpu = self.sampler.at(last_terminal) - self.sampler.at(first_frame)
+        client_load = max(o[1] / o[2] if o[2] else 0.0 for o in outcomes)
+        row: dict[str, Any] = {
+            "scenario": name,
+            "shape": f"{tasks} tasks x {per_task} subscribers, {steps} steps",
+            "subscribers": subscribers,
+            "delivered": delivered,
+            "expected": subscribers * (steps + 1),
+            "completed": complete,
+            "latency": ms_summary(latencies),
+            "freshness": ms_summary(freshness),
+            "min_seen_share": round(min(seen, default=0.0), 3),
+            "below_90pct": sum(1 for s in seen if s < 0.9),
+            "events_per_s": round(delivered / window),
+            "kib_per_open_stream": round((rss_open - rss_before) / subscribers, 2),
+            "daemon_cpu_s": round(cpu, 3),
+            "cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 2),
+            "client_cpu": round(client_load, 2),
+            "client_saturated": client_load > SATURATED,
+            "machine_busy": round(machine, 2),
+            "machine_saturated": machine > MACHINE_SATURATED,
+        }
+        if probes is not None:
+            row["new_requests"] = self.probe_summary(probes)
+        self.report(row)
+        return row
+
+    def probe_summary(self, samples: list[float | None]) -> dict[str, Any]:
+        answered = [s for s in samples if s is not None]
+        return {
+            "count": len(samples),
+            "failed": len(samples) - len(answered),
+            **ms_summary(answered),
+        }
+
+    def report(self, row: dict[str, Any]) -> None:
+        self.results.append(row)
+        print(format_row(row), flush=True)
+
+    def idle(self, streams: int, tasks: int = 5) -> None:
+        created = self.create_tasks(tasks)
+        time.sleep(1.0)  # let the daemon settle after the new tasks
+        before = self.daemon.rss_kib()
+        workers = self.open_streams(created, streams // tasks)
+        time.sleep(1.0)
+        after = self.daemon.rss_kib()
+        with self.probing() as probes:
+            time.sleep(5.0)
+        row = {
+            "scenario": "idle",
+            "shape": f"{streams} open streams on {tasks} queued tasks",
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "kib_per_stream": round((after - before) / streams, 2),
+        }
+        row["new_requests"] = self.probe_summary(probes)
+        self.report(row)
+        for _, pipe in workers:
+            pipe.send(("stop",))
+        request(
+            self.comfy,
+            "POST",
+            "/bench/run",
+            {"tasks": [n for _, n in created], "steps": 1, "burst": 0.001},
+        )
+        for process, pipe in workers:
+            pipe.recv()
+            process.join()
+
+    def floor(self, streams: int = 1000, rounds: int = 50) -> None:
+        """What a plain loop pays per os.write of a 250-byte chunk to a loopback
+        socket right now: the machine's floor for CPU per subscriber-event."""
+        chunk = b"%x\r\n%b\r\n" % (250, b"x" * 250)
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(streams)
+            port = listener.getsockname()[1]
+            context = multiprocessing.get_context("fork")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=load.floor_reader,
+                args=(child, port, streams, streams * rounds * len(chunk)),
+                daemon=True,
+            )
+            process.start()
+            accepted = [listener.accept()[0] for _ in range(streams)]
+            parent.recv()
+            fds = [sock.fileno() for sock in accepted]
+            cpu = 0.0
+            for _ in range(rounds):
+                start = time.process_time()
+                for fd in fds:
+                    os.write(fd, chunk)
+                cpu += time.process_time() - start
+                time.sleep(0.02)
+            parent.recv()
+            process.join()
+            for sock in accepted:
+                sock.close()
+        row = {
+            "scenario": "floor",
+            "shape": f"plain os.write loop, {streams} loopback sockets x {rounds}",
+            "cpu_us_per_write": round(cpu / (streams * rounds) * 1e6, 2),
+        }
+        self.report(row)
+
+    def generate(self, requests: int, in_flight: int, workers: int = 2) -> None:
+        share = requests // workers
+        first = self.next_task
+        self.next_task += requests
+        pool = self.start_workers(
+            load.generate_worker,
+            [
+                (self.daemon.address, in_flight // workers, share, first + i * share)
+                for i in range(workers)
+            ],
+        )
+        with self.profiling("generate"):
+            cpu0 = self.daemon.cpu_seconds()
+            for _, pipe in pool:
+                pipe.send(("go",))
+            outcomes = []
+            for process, pipe in pool:
+                outcomes.append(pipe.recv())
+                process.join()
+        cpu = self.daemon.cpu_seconds() - cpu0
+        latencies = [x for o in outcomes for x in o[3]]
+        wall = max(o[2] for o in outcomes)
+        client_load = max(o[1] / o[2] for o in outcomes)
+        row = {
+            "scenario": "generate",
+            "shape": f"POST /generate x {requests}, {in_flight} in flight, keep-alive",
+            "answered_202": len(latencies),
+            "failed": sum(o[4] for o in outcomes),
+            "req_per_s": round(len(latencies) / wall),
+            "latency": ms_summary(latencies),
+            "daemon_cpu_s": round(cpu, 3),
+            "cpu_us_per_request": round(cpu / max(len(latencies), 1) * 1e6),
+            "client_cpu": round(client_load, 2),
+            "client_saturated": client_load > SATURATED,
+        }
+        self.report(row)
 
 
-async def sampling_task(url: str, sim: ComfySimulator) -> str:
-    """A fresh task parked at its sampler's first step (manual steps)."""
-    await wait_idle(sim)
-    sim.set_manual_steps(True)
-    task_id = await post_generate(url)
-    probe = Subscriber()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(probe.run, url, task_id)
-        # The simulator has no event for "a step is parked"; poll it.
-        while not sim.waiting_for_step:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    return task_id
+SCENARIOS = (
+    "floor", "latency", "fanout", "fanout_parallel", "burst", "idle", "soak_10k", "generate",
+)  # fmt: skip
 
 
-async def bench_relay(url: str, sim: ComfySimulator, tasks: int) -> str:
-    samples: list[float] = []
-    for _ in range(tasks):
-        task_id = await sampling_task(url, sim)
-        subscriber = Subscriber()
-        async with trio.open_nursery() as nursery:
-            ready = trio.Event()
-            nursery.start_soon(subscriber.run, url, task_id, ready)
-            await ready.wait()
-            for value in range(1, SAMPLER_STEPS + 1):
-                start = time.perf_counter()
-                sim.grant_steps(1)
-                samples.append(await subscriber.wait_for(value) - start)
-            sim.grant_steps(1000)
-            nursery.cancel_scope.cancel()
-    return f"relay, one sampler step -> SSE client, {tasks} tasks:\n    {percentiles(samples)}"
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    scale = args.scale
+    only = set(args.only or SCENARIOS)
 
+    def n(value: int) -> int:
+        return max(1, int(value * scale))
 
-async def bench_fanout(daemon: DaemonProcess, sim: ComfySimulator, clients: int) -> str:
-    url = daemon.url
-    task_id = await sampling_task(url, sim)
-    before = rss_kib(daemon.process.pid)
-    subscribers = [Subscriber() for _ in range(clients)]
-    worst: list[float] = []
-    everyone: list[float] = []
-    async with trio.open_nursery() as nursery:
-        for subscriber in subscribers:
-            ready = trio.Event()
-            nursery.start_soon(subscriber.run, url, task_id, ready)
-            await ready.wait()
-        after = rss_kib(daemon.process.pid)
-        steps = SAMPLER_STEPS
-        for value in range(1, steps + 1):
-            start = time.perf_counter()
-            sim.grant_steps(1)
-            times = [await s.wait_for(value) - start for s in subscribers]
-            worst.append(max(times))
-            everyone.extend(times)
-        sim.grant_steps(1000)
-        nursery.cancel_scope.cancel()
-    per_stream = (after - before) / clients
-    return (
-        f"fan-out, {clients} SSE subscribers on one task, {steps} steps:\n"
-        f"    every delivery: {percentiles(everyone)}\n"
-        f"    last subscriber per step: median {statistics.median(worst) * 1000:.1f} ms, "
-        f"max {max(worst) * 1000:.1f} ms\n"
-        f"    daemon memory: {before / 1024:.1f} MiB idle, {after / 1024:.1f} MiB with "
-        f"{clients} streams ({per_stream:.1f} KiB per stream)"
-    )
-
-
-async def bench(requests: int, concurrency: int, relay_tasks: int, clients: int) -> list[str]:
-    results = []
-    with tempfile.TemporaryDirectory(prefix="comfy-progress-bench-") as tmp:
-        sim = ComfySimulator(SimulatorConfig(step_time=0.001))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sim.run, ("127.0.0.1", 0))
-            async with daemon_process(Path(tmp), sim.url, *SETTINGS) as daemon:
-                results.append(await bench_generate(daemon.url, sim, 1 * requests // 5, 1))
-                results.append(await bench_generate(daemon.url, sim, requests, concurrency))
-                results.append(await bench_relay(daemon.url, sim, relay_tasks))
-                results.append(await bench_fanout(daemon, sim, clients))
-            results.append(await bench_relay_shared(Path(tmp), sim, relay_tasks))
-            nursery.cancel_scope.cancel()
-    return results
-
-
-async def bench_relay_shared(tmp: Path, sim: ComfySimulator, tasks: int) -> str:
-    """The relay figure again with Redis between: worker -> Redis Stream -> front."""
-    async with redis_server(tmp / "redis") as redis:
-        shared = (*SETTINGS, f"redis_url={redis.url}")
-        async with (
-            daemon_process(tmp / "worker", sim.url, *shared, "role=worker", worker=True),
-            daemon_process(tmp / "front", None, *shared, "role=front") as front,
-        ):
-            figure = await bench_relay(front.url, sim, tasks)
-    return figure.replace("relay,", "relay through Redis (worker -> Redis -> front),", 1)
+    with (
+        tempfile.TemporaryDirectory(prefix="comfy-progress-bench-") as tmp,
+        fake_comfy() as comfy,
+        daemon_process(Path(tmp), comfy) as daemon,
+    ):
+        sampler = CpuSampler(daemon)
+        sampler.start()
+        profile_dir = Path(args.profile) if args.profile else None
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        bench = Bench(daemon, comfy, sampler, profile_dir)
+        stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
+            "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
+            "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
+            "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
+            "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
+        }
+        if "floor" in only:
+            bench.floor()
+        if "idle" in only:
+            bench.idle(n(5000))  # first: RSS growth means most on a fresh daemon
+        for name, (tasks, per_task, spec, probe) in stream_scenarios.items():
+            if name not in only:
+                continue
+            row = bench.streams(name, tasks, per_task, spec, probe=probe)
+            saturated = row["client_saturated"] or row["machine_saturated"]
+            if saturated and not args.no_halve and per_task >= 10:
+                bench.streams(f"{name} (halved)", tasks, per_task // 2, spec, probe=probe)
+        if "soak_10k" in only:
+            # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
+            # with `complete`; counts only (a full record would not fit the client).
+            spec = {"steps": 1200, "rate": 20}
+            bench.streams("soak_10k", 1, n(10_000), spec, probe=True, light=True)
+        if "generate" in only:
+            bench.generate(n(2000), 50)
+        sampler.stop.set()
+        return bench.results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--relay-tasks", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these")
+    parser.add_argument("--scale", type=float, default=1.0, help="subscribers/requests x this")
+    parser.add_argument("--no-halve", action="store_true", help="skip the halved reruns")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon per scenario into DIR")
+    parser.add_argument("--json", default="artifacts/bench.json", help="where the rows go")
     args = parser.parse_args()
-    for line in trio.run(bench, args.requests, args.concurrency, args.relay_tasks, args.clients):
-        print(line)
+    results = run(args)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

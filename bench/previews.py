@@ -36,6 +36,8 @@ SETTINGS = ("log_level=info", "max_connections=20000", "queue_poll_interval=1")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLER_STEPS = 20  # the built-in txt2img graph's KSampler
 
+JSON = (("Content-Type", "application/json"),)
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
@@ -89,7 +91,10 @@ async def fanout(daemon: DaemonProcess, viewers: int, tasks: int, fetch_every: i
     start = cpu_seconds(daemon.process.pid)
     for _ in range(tasks):
         reply = await http_request(
-            "POST", f"{daemon.url}/generate", body=json.dumps({"prompt": "bench"}).encode()
+            "POST",
+            f"{daemon.url}/generate",
+            headers=JSON,
+            body=json.dumps({"prompt": "bench"}).encode(),
         )
         task_id = reply.json()["taskId"]
         async with trio.open_nursery() as nursery:
@@ -128,7 +133,10 @@ async def fetch_cost(daemon: DaemonProcess, path: str, count: int) -> float:
 async def preview_vs_static(daemon: DaemonProcess, sim: ComfySimulator, count: int) -> str:
     sim.set_manual_steps(True)
     reply = await http_request(
-        "POST", f"{daemon.url}/generate", body=json.dumps({"prompt": "bench"}).encode()
+        "POST",
+        f"{daemon.url}/generate",
+        headers=JSON,
+        body=json.dumps({"prompt": "bench"}).encode(),
     )
     task_id = reply.json()["taskId"]
     sim.grant_steps(1)

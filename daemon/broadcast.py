@@ -9,7 +9,7 @@ ever published, so no reader can skip past it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,13 @@ class Snapshot:
     payload: Mapping[str, Any] = field(hash=False)
     sse: bytes = field(repr=False)  # the encoded SSE event, id included
     terminal: bool = False
+    # The same bytes as one HTTP/1.1 chunk, framed once for every chunked reader;
+    # a terminal snapshot's chunk ends the chunked body too (the last-chunk).
+    chunk: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        chunk = b"%x\r\n%b\r\n" % (len(self.sse), self.sse)
+        object.__setattr__(self, "chunk", chunk + b"0\r\n\r\n" if self.terminal else chunk)
 
 
 class Broadcaster:
@@ -34,6 +41,9 @@ class Broadcaster:
         self._latest: Snapshot | None = None
         self._changed = trio.Event()
         self.readers = 0  # SSE connections reading this task right now
+        # Called (synchronously, never awaited) after each publish: the SSE hub
+        # notes that this task has something new for its subscribers.
+        self.watchers: list[Callable[[Broadcaster], None]] = []
 
     @property
     def latest(self) -> Snapshot | None:
@@ -51,6 +61,8 @@ class Broadcaster:
         self._latest = snapshot
         self._changed.set()
         self._changed = trio.Event()
+        for watcher in self.watchers:
+            watcher(self)
 
     async def wait_newer(self, version: int | None) -> Snapshot:
         """The latest snapshot newer than `version` (None: anything), waiting if needed."""

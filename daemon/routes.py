@@ -261,6 +261,7 @@ class Routes:
             200,
             SSE_HEADERS,
             partial(self.app.streams.stream, actor.broadcaster, last_id),
+            watches_peer=True,  # the hub's stream notices the client leaving
         )
 
     async def _shared_progress(
@@ -278,7 +279,12 @@ class Routes:
             async with shared.watcher.watching(task_id, first) as broadcaster:
                 await self.app.streams.stream(broadcaster, last_id, writer)
 
-        return StreamingResponse(200, SSE_HEADERS, stream)
+        return StreamingResponse(
+            200,
+            SSE_HEADERS,
+            stream,
+            watches_peer=True,  # the hub's stream notices the client leaving
+        )
 
     async def task_status(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]

@@ -36,6 +36,7 @@ from daemon.images import ImageStore, NotAnImage, StorageError, image_names_in
 from daemon.journal import Journal, TaskRecord
 from daemon.preview_throttle import PreviewThrottle
 from daemon.previews import PreviewStore
+from daemon.publish_pacer import PublishPacer
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
@@ -161,6 +162,11 @@ class TaskActor:
         self._reconcile_requested = trio.Event()
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
+        # While the pump holds (it is applying a batch of frames, or the pacer
+        # says wait), messages wait in _unpublished: only the newest goes out.
+        self._holding = False
+        self._unpublished: Snapshot | None = None
+        self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
         self.last_message = message
@@ -216,14 +222,14 @@ class TaskActor:
         if self.state.phase.is_terminal:
             return
         state, effects = task.apply(self.state, event, self.wall_clock())
-        # Publish before keeping the new state: if its message cannot be sent
-        # (it fails to encode), the task stays as it was and the crash fallback
-        # in TaskRegistry._run_actor can still end it, and its streams, with
-        # `internal`. Stored first, the fallback would see a finished task
-        # that no stream ever heard of.
+        # Encode before keeping the new state: if its message cannot be encoded,
+        # the task stays as it was and the crash fallback in
+        # TaskRegistry._run_actor can still end it, and its streams, with
+        # `internal`. Stored first, the fallback would see a finished task that
+        # no stream ever heard of. (Publishing itself may wait for the pump.)
         for effect in effects:
             if isinstance(effect, task.Publish):
-                self.broadcaster.publish(encode_snapshot(effect.message))
+                self._unpublished = encode_snapshot(effect.message)
                 self.last_message = effect.message
         self.state = state
         if effects:
@@ -233,6 +239,8 @@ class TaskActor:
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
+        if not self._holding or self.state.phase.is_terminal:
+            self._flush()  # the end is never held back
         if self.state.phase.is_terminal:
             error = self.state.error
             if error is None:
@@ -421,12 +429,48 @@ class TaskActor:
         self._lost_reason = reason
         self._lost.set()
 
-    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
-        async for event in inbox:
+    def _flush(self) -> None:
+        """Publish the newest snapshot not published yet, if any."""
+        snapshot, self._unpublished = self._unpublished, None
+        if snapshot is not None:
+            self.broadcaster.publish(snapshot)
+            self._pacer.published(trio.current_time())
+
+    def _take_waiting(
+        self, first: comfy.ComfyEvent, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]
+    ) -> None:
+        """Apply `first` and every frame already waiting behind it."""
+        event = first
+        while True:
             if isinstance(event, comfy.PreviewImage | comfy.PreviewImageWithMetadata):
                 self._keep_preview(event)
             elif isinstance(event, task.TaskEvent):
                 self.handle(event)
+            try:
+                event = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
+        # Coalesce at the source: apply every waiting frame, then publish once,
+        # and no faster than the pacer allows (a burst becomes a few publishes).
+        try:
+            async for first in inbox:
+                self._holding = True
+                self._take_waiting(first, inbox)
+                while self._unpublished is not None:
+                    delay = self._pacer.delay(trio.current_time())
+                    if delay <= 0:
+                        break
+                    with trio.move_on_after(delay):
+                        self._take_waiting(await inbox.receive(), inbox)
+                self._holding = False
+                self._flush()
+        except trio.EndOfChannel:
+            pass
+        finally:
+            self._holding = False
+            self._flush()
 
     def _keep_preview(self, event: comfy.PreviewImage | comfy.PreviewImageWithMetadata) -> None:
         """Store the image (never in the state or the stream); announce it, throttled."""

@@ -175,6 +175,12 @@ class ComfyBackend:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
+        try:
+            await self._reconnect_forever(task_status)
+        finally:
+            self.http.pool.close()  # the kept-alive HTTP connections to ComfyUI
+
+    async def _reconnect_forever(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         failures = 0  # failed attempts since the last socket that opened
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from daemon.http.client import ClientResponse, HttpClientError, http_request
+from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -38,6 +38,8 @@ class ComfyHttp:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
+        # One call per task and more (submit, /queue, /history, /view): keep-alive.
+        self.pool = ConnectionPool()
 
     async def _call(
         self,
@@ -54,7 +56,7 @@ class ComfyHttp:
             headers = (*headers, ("Content-Type", "application/json"))
         url = self.base_url + path
         try:
-            response = await http_request(
+            response = await self.pool.request(
                 method,
                 url,
                 headers=headers,

@@ -1,6 +1,8 @@
 """A small HTTP/1.1 client over h11 and trio (ComfyUI calls, SSE readers, tests).
 
-One connection per request (``Connection: close``), ``http://`` only. Every
+`http_request` and `open_stream` use one connection per request
+(``Connection: close``); a :class:`ConnectionPool` keeps connections open for
+the next request (ComfyUI's API, called for every task). ``http://`` only. Every
 failure reaches the caller as one :class:`HttpClientError` naming the method
 and URL; trio, h11 and socket exceptions are translated here, at the edge.
 """
@@ -8,6 +10,7 @@ and URL; trio, h11 and socket exceptions are translated here, at the edge.
 from __future__ import annotations
 
 import json
+import select
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -100,14 +103,30 @@ def _errors_named(method: str, url: str) -> Iterator[None]:
 class _ClientConnection:
     """h11 client state over one trio stream."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, *, keep_alive: bool = False) -> None:
         self._stream = stream
         self._h11 = h11.Connection(h11.CLIENT)
         self._received_any = False
+        self.keep_alive = keep_alive
 
     @property
     def peer_closed(self) -> bool:
         return self._h11.trailing_data[1]
+
+    @property
+    def received_any(self) -> bool:
+        return self._received_any
+
+    def next_cycle(self) -> bool:
+        """Ready the connection for another request, if both sides allow it."""
+        if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+            return False
+        try:
+            self._h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return False
+        self._received_any = False
+        return True
 
     async def send_request(
         self, method: str, url: _Url, headers: Sequence[tuple[str, str]], body: bytes
@@ -118,7 +137,8 @@ class _ClientConnection:
             request_headers.append(("user-agent", _USER_AGENT))
         if body or method in _METHODS_WITH_BODY:
             request_headers.append(("content-length", str(len(body))))
-        request_headers.append(("connection", "close"))
+        if not self.keep_alive:
+            request_headers.append(("connection", "close"))
         head = self._h11.send(
             h11.Request(
                 method=method,
@@ -201,27 +221,143 @@ async def http_request(
         stream = await trio.open_tcp_stream(parsed.host, parsed.port)
         async with stream:
             connection = _ClientConnection(stream)
-            await connection.send_request(method, parsed, headers, body)
-            head = await connection.read_head()
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                event = await connection.next_event()
-                if isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > max_response_bytes:
-                        raise HttpClientError(
-                            method, url, f"response body larger than {max_response_bytes} bytes"
-                        )
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
+            return await _exchange(
+                connection, method, url, parsed, headers, body, max_response_bytes
+            )
+
+
+async def _exchange(
+    connection: _ClientConnection,
+    method: str,
+    url: str,
+    parsed: _Url,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    max_response_bytes: int,
+) -> ClientResponse:
+    """One request and its whole response on `connection`."""
+    await connection.send_request(method, parsed, headers, body)
+    head = await connection.read_head()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await connection.next_event()
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > max_response_bytes:
+                raise HttpClientError(
+                    method, url, f"response body larger than {max_response_bytes} bytes"
+                )
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
     if size > _JOIN_ON_LOOP_BYTES:
         # bytes.join drops the GIL: a large image is put together off the loop.
         body = await trio.to_thread.run_sync(b"".join, chunks)
     else:
         body = b"".join(chunks)
     return ClientResponse(head.status_code, _headers_of(head), body)
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+class ConnectionPool:
+    """Keep-alive connections for many small requests to a few servers.
+
+    A connection goes back to the pool when its response ended cleanly and
+    both sides allow another request; at most `max_idle` per server wait
+    there, each for at most `idle_timeout` s (well under the server's own
+    keep-alive timeout, so the server rarely closes one under us). Before
+    reuse, a connection with pending input (the server's EOF) is dropped. A
+    reused connection that fails before any answer is retried once on a new
+    one, for idempotent methods only: a POST may have arrived.
+    """
+
+    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 4.0) -> None:
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[tuple[float, trio.SocketStream, _ClientConnection]]]
+        self._idle = {}
+        self.opened = 0  # connections opened (for tests and curiosity)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        timeout: float = 30.0,  # noqa: ASYNC109 - see http_request
+        max_response_bytes: int = 16 * MiB,
+    ) -> ClientResponse:
+        """Like :func:`http_request`, on a pooled connection."""
+        method = method.upper()
+        parsed = _parse_url(method, url)
+        key = (parsed.host, parsed.port)
+        with _errors_named(method, url), trio.fail_after(timeout):
+            reused = self._take(key)
+            if reused is not None:
+                stream, connection = reused
+                try:
+                    response = await _exchange(
+                        connection, method, url, parsed, headers, body, max_response_bytes
+                    )
+                except (trio.BrokenResourceError, h11.RemoteProtocolError):
+                    stream.socket.close()
+                    if method not in _IDEMPOTENT or connection.received_any:
+                        raise
+                except BaseException:
+                    stream.socket.close()
+                    raise
+                else:
+                    self._give_back(key, stream, connection)
+                    return response
+            stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+            self.opened += 1
+            connection = _ClientConnection(stream, keep_alive=True)
+            try:
+                response = await _exchange(
+                    connection, method, url, parsed, headers, body, max_response_bytes
+                )
+            except BaseException:
+                stream.socket.close()
+                raise
+            self._give_back(key, stream, connection)
+            return response
+
+    def _take(self, key: tuple[str, int]) -> tuple[trio.SocketStream, _ClientConnection] | None:
+        idle = self._idle.get(key)
+        now = trio.current_time()
+        while idle:
+            since, stream, connection = idle.pop()
+            if now - since < self.idle_timeout and not _has_input(stream):
+                return stream, connection
+            stream.socket.close()
+        return None
+
+    def _give_back(
+        self, key: tuple[str, int], stream: trio.SocketStream, connection: _ClientConnection
+    ) -> None:
+        idle = self._idle.setdefault(key, [])
+        if len(idle) < self.max_idle and connection.next_cycle():
+            idle.append((trio.current_time(), stream, connection))
+        else:
+            stream.socket.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            for _, stream, _ in idle:
+                stream.socket.close()
+        self._idle.clear()
+
+
+def _has_input(stream: trio.SocketStream) -> bool:
+    """Is there something to read (an idle connection's EOF, or stray bytes)?"""
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class BodyChunks:

@@ -9,6 +9,11 @@ on any failed or cancelled write, and errors sent only from IDLE/SEND_RESPONSE.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import socket as stdlib_socket
+import sys
+import termios
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
@@ -48,6 +53,19 @@ class H11Connection:
     :meth:`send`, from one task at a time.
     """
 
+    __slots__ = (
+        "_broken",
+        "_cycle_input",
+        "_limits",
+        "_request_method",
+        "_server_header",
+        "body_ended_by_sink",
+        "chunked_body",
+        "h11",
+        "read_side_shut",
+        "stream",
+    )
+
     def __init__(self, stream: trio.abc.Stream, limits: HttpLimits, *, server_header: str) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
@@ -58,6 +76,13 @@ class H11Connection:
         # The method of the current request once h11 has parsed its head.
         self._request_method: bytes | None = None
         self._broken = False
+        # How the current response's body is framed: chunked (HTTP/1.1 peers)
+        # or close-delimited (HTTP/1.0); set when its head is sent.
+        self.chunked_body = False
+        # A SocketSink wrote the body's end itself (see SocketSink.body_ended),
+        # and shut the socket's read side (SocketSink.stop_reading).
+        self.body_ended_by_sink = False
+        self.read_side_shut = False
 
     # ------------------------------------------------------------ reading
 
@@ -69,6 +94,10 @@ class H11Connection:
         """
         self._cycle_input = bytearray(self.h11.trailing_data[0])
         self._request_method = None
+
+    def forget_cycle_input(self) -> None:
+        """Drop the recorded request bytes (the response will not hand the connection over)."""
+        self._cycle_input = bytearray()
 
     @property
     def cycle_input(self) -> bytes:
@@ -129,6 +158,18 @@ class H11Connection:
         if self.h11.trailing_data[1]:
             await trio.lowlevel.checkpoint()
             return
+        if isinstance(self.stream, trio.SocketStream):
+            # Straight at the socket: a long-lived stream's wait holds fewer frames.
+            socket = self.stream.socket
+            while True:
+                await trio.lowlevel.wait_readable(socket)
+                try:
+                    if not os.read(socket.fileno(), RECEIVE_SIZE):
+                        return
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -148,7 +189,10 @@ class H11Connection:
         """
         if self._broken:
             raise ConnectionLost("connection already failed")
-        data = memoryview(b"".join(self.h11.send(event) or b"" for event in events))
+        parts = [self.h11.send(event) or b"" for event in events]
+        if isinstance(events[0], h11.Response):
+            self.chunked_body = b"\r\ntransfer-encoding: chunked\r\n" in parts[0].lower()
+        data = memoryview(b"".join(parts))
         try:
             for start in range(0, len(data), WRITE_SLICE):
                 with trio.fail_after(self._limits.write_timeout):
@@ -242,6 +286,11 @@ class H11Connection:
         Closing a socket with unread input makes the kernel send a reset, which
         can destroy our last response before the client reads it.
         """
+        if self.read_side_shut and _unread_bytes(self.stream) == 0:
+            # A SocketSink ended the body and shut reading: nothing to drain, and
+            # a close now sends our FIN after the data (no reset).
+            await trio.lowlevel.checkpoint()
+            return
         with (
             trio.move_on_after(self._limits.close_linger_timeout),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
@@ -256,12 +305,101 @@ class H11Connection:
                 drained += len(data)
 
 
+def _unread_bytes(stream: trio.abc.Stream) -> int:
+    """Bytes waiting in a socket's receive queue (-1: unknown)."""
+    if not isinstance(stream, trio.SocketStream):
+        return -1
+    try:
+        buffer = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return -1
+    return int.from_bytes(buffer, sys.byteorder, signed=True)
+
+
+class SocketSink:
+    """Non-blocking writes of pre-framed body bytes straight to a connection's socket.
+
+    The fast path of a streaming response: a publisher writes the same bytes to
+    many sockets without a task switch per socket. The bytes must already
+    carry the body's framing (`chunked`); h11 does not see them, which is fine
+    because neither framing counts body bytes. The caller keeps the one-writer
+    rule: a write that was taken only in part must be finished before
+    anything else is written.
+    """
+
+    __slots__ = ("_connection", "_socket", "chunked", "fd", "write_timeout")
+
+    def __init__(self, connection: H11Connection, socket: trio.socket.SocketType) -> None:
+        self._connection = connection
+        self._socket = socket
+        self.fd = socket.fileno()  # for os.write in a publisher's loop (see `failed`)
+        self.chunked = connection.chunked_body
+        self.write_timeout = connection._limits.write_timeout
+
+    def frame(self, data: bytes) -> bytes:
+        """`data` as one piece of this body (a chunk, or as is when close-delimited)."""
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+
+    def write_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes now; how many bytes it took (0: none).
+
+        Raises ClientGone when the connection is broken.
+        """
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise self.failed(exc) from None
+
+    def body_ended(self) -> None:
+        """The bytes written included the end of the body (a chunked body's
+        last-chunk): the server then only tells h11, and writes nothing more."""
+        self._connection.body_ended_by_sink = True
+
+    def stop_reading(self) -> None:
+        """Shut the socket's read side: a task waiting for the client to leave
+        wakes at once (cheaper than cancelling it), e.g. when the body is done."""
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(stdlib_socket.SHUT_RD)
+            self._connection.read_side_shut = True
+
+    def failed(self, exc: OSError) -> ClientGone:
+        """A write to `fd` failed with `exc`: the connection is dead; what to raise."""
+        self._connection._mark_send_failed()
+        return ClientGone(f"client went away ({exc.strerror})")
+
+    async def wait_writable(self) -> None:
+        """Until the socket can take more; ClientGone after `write_timeout` without."""
+        try:
+            with trio.fail_after(self.write_timeout):
+                await trio.lowlevel.wait_writable(self._socket)
+        except trio.TooSlowError:
+            self._connection._mark_send_failed()
+            raise ClientGone("client stopped reading") from None
+        except trio.ClosedResourceError:
+            raise ClientGone("connection closed") from None
+
+
 class ConnectionBodyWriter:
     """The :class:`~daemon.http.types.BodyWriter` of a streaming response."""
+
+    __slots__ = ("_connection", "_open", "wait_until_peer_leaves")
 
     def __init__(self, connection: H11Connection) -> None:
         self._connection = connection
         self._open = True
+        # Read and drop the client's input until it leaves (for `watches_peer`
+        # streams); the connection's own method, so a waiting stream holds one
+        # frame less.
+        self.wait_until_peer_leaves = connection.wait_until_peer_leaves
+
+    def socket_sink(self) -> SocketSink | None:
+        """The fast path to the socket, when the connection is a plain TCP socket."""
+        stream = self._connection.stream
+        if not self._open or not isinstance(stream, trio.SocketStream):
+            return None
+        return SocketSink(self._connection, stream.socket)
 
     async def send(self, data: bytes) -> None:
         """Write one chunk; raises ClientGone when the peer is gone or too slow."""

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import h11
 import trio
@@ -196,13 +198,11 @@ class HttpServer:
                     handler_nursery.start_soon(self._reject_overloaded, stream)
                 else:
                     self._active_connections += 1
-                    handler_nursery.start_soon(self._serve_counted, stream)
-
-    async def _serve_counted(self, stream: trio.abc.Stream) -> None:
-        try:
-            await self.serve_connection(stream, peer=_peer_name(stream))
-        finally:
-            self._active_connections -= 1
+                    handler_nursery.start_soon(
+                        functools.partial(
+                            self.serve_connection, stream, peer=_peer_name(stream), counted=True
+                        )
+                    )
 
     async def _reject_overloaded(self, stream: trio.abc.Stream) -> None:
         logger.warning("connection limit (%d) reached; answering 503", self._limits.max_connections)
@@ -223,11 +223,14 @@ class HttpServer:
 
     # ------------------------------------------------------------ one connection
 
-    async def serve_connection(self, stream: trio.abc.Stream, *, peer: str = "unknown") -> None:
+    async def serve_connection(
+        self, stream: trio.abc.Stream, *, peer: str = "unknown", counted: bool = False
+    ) -> None:
         """Serve requests on one connection until it closes; always closes `stream`.
 
-        ``run()`` calls this for every accepted connection; tests call it
-        directly on in-memory streams. Never raises except ``trio.Cancelled``.
+        ``run()`` calls this for every accepted connection (`counted`: it is in
+        ``active_connections``); tests call it directly on in-memory streams.
+        Never raises except ``trio.Cancelled``.
         """
         connection = H11Connection(stream, self._limits, server_header=self._server_header)
         try:
@@ -237,6 +240,8 @@ class HttpServer:
             # A bug here must not take the whole server down with it.
             logger.exception("HTTP connection from %s failed", peer)
         finally:
+            if counted:
+                self._active_connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve_requests(self, connection: H11Connection, peer: str) -> bool:
@@ -258,6 +263,9 @@ class HttpServer:
                 if isinstance(result, ConnectionTakeover):
                     return await self._take_over(connection, request, result)
                 if isinstance(result, StreamingResponse):
+                    # A stream may stay open for hours: keep only the request line.
+                    request = _request_line(request)
+                    connection.forget_cycle_input()
                     return await self._send_streaming(connection, request, result)
                 await self._send_whole(connection, request, result)
                 if len(request.body) > _JOIN_ON_LOOP_BYTES:
@@ -436,39 +444,41 @@ class HttpServer:
             await connection.send(head, h11.EndOfMessage())
             return True
         await connection.send(head)
-        if not await self._run_stream(connection, request, response.stream):
+        del head  # not held for the stream's lifetime
+        writer = ConnectionBodyWriter(connection)
+        if response.watches_peer:
+            # The body notices the client leaving itself: no watcher task beside
+            # it, and (inline here) no extra frame for a stream open for hours.
+            try:
+                await response.stream(writer)
+            except Exception as exc:  # noqa: BLE001 - logged there
+                _log_stream_failure(request, exc)
+                return False
+            finally:
+                writer.close()
+        elif not await self._run_watched(connection, request, response.stream, writer):
             return False
-        await connection.send(h11.EndOfMessage())
+        if connection.body_ended_by_sink:
+            connection.h11.send(h11.EndOfMessage())  # its bytes went out with the last write
+        else:
+            await connection.send(h11.EndOfMessage())
         return True
 
-    async def _run_stream(
+    async def _run_watched(
         self,
         connection: H11Connection,
         request: Request,
         stream: StreamBody,
+        writer: ConnectionBodyWriter,
     ) -> bool:
         """Run a streaming body while watching for the client to leave.
 
-        True when `stream` returned normally. When the client disconnects, the
-        watcher cancels `stream` at once (an SSE subscriber is cleaned up now,
-        not at its next heartbeat).
+        True when the body returned normally. When the client disconnects, the
+        watcher cancels the body at once.
         """
-        writer = ConnectionBodyWriter(connection)
-        finished = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
-            try:
-                await stream(writer)
-                finished = True
-            except Exception as exc:
-                if _is_client_gone(exc):
-                    logger.debug("client left during %s %s", request.method, request.target)
-                else:
-                    logger.exception(
-                        "streaming response to %s %s failed", request.method, request.target
-                    )
-            finally:
-                writer.close()
+            finished = await _call_stream(request, stream, writer)
             nursery.cancel_scope.cancel()
         return finished
 
@@ -490,6 +500,36 @@ class HttpServer:
         except Exception:
             logger.exception("connection takeover for %s %s failed", request.method, request.target)
         return False
+
+
+async def _call_stream(request: Request, stream: StreamBody, writer: ConnectionBodyWriter) -> bool:
+    """Run a streaming body; True when it returned normally."""
+    try:
+        await stream(writer)
+        return True
+    except Exception as exc:  # noqa: BLE001 - logged there
+        _log_stream_failure(request, exc)
+        return False
+    finally:
+        writer.close()
+
+
+def _log_stream_failure(request: Request, exc: Exception) -> None:
+    if _is_client_gone(exc):
+        logger.debug("client left during %s %s", request.method, request.target)
+    else:
+        logger.exception("streaming response to %s %s failed", request.method, request.target)
+
+
+_NO_HEADERS = Headers(())
+_NO_QUERY: Mapping[str, str] = MappingProxyType({})
+
+
+def _request_line(request: Request) -> Request:
+    """Method and target only: what a long stream keeps of its request (for logs)."""
+    return dataclasses.replace(
+        request, path="", headers=_NO_HEADERS, query=_NO_QUERY, body=b"", path_params=_NO_QUERY
+    )
 
 
 def _is_client_gone(exc: Exception) -> bool:

@@ -66,7 +66,7 @@ class Headers:
         return f"Headers({list(self._items)!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One HTTP request, body read in full (bounded by the route's limit)."""
 
@@ -105,7 +105,7 @@ class BodyWriter(Protocol):
 StreamBody: TypeAlias = Callable[[BodyWriter], Awaitable[None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamingResponse:
     """A response whose body is written over time (e.g. Server-Sent Events).
 
@@ -123,6 +123,10 @@ class StreamingResponse:
     # Known in advance (a file): sent as Content-Length instead of chunked framing;
     # `stream` must then write exactly that many bytes.
     content_length: int | None = None
+    # True: `stream` notices the client leaving itself, through the writer's
+    # `wait_until_peer_leaves()`, and the server runs no watcher task beside it
+    # (a long-lived stream then costs one task, not two).
+    watches_peer: bool = False
 
 
 @dataclass(frozen=True)

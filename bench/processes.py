@@ -1,0 +1,158 @@
+"""The benchmark's processes: the daemon and the fake ComfyUI, and how busy they are."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DAEMON_SETTINGS = (
+    "log_level=info",
+    "max_connections=30000",
+    "max_tasks=20000",
+    # The generate scenario holds 2,000 prompts queued at once.
+    "max_queued_tasks=20000",
+    "queue_poll_interval=1",
+)
+Address = tuple[str, int]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def request(
+    address: Address, method: str, path: str, body: object = None, timeout: float = 120
+) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_until_up(address: Address, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited early:\n{log.read_text(errors='replace')[-3000:]}")
+        with contextlib.suppress(OSError):
+            if request(address, "GET", "/healthz", timeout=2)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextlib.contextmanager
+def fake_comfy() -> Iterator[Address]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_comfy"], cwd=REPO_ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        yield ("127.0.0.1", int(line.rsplit(" ", 1)[1]))
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    address: Address
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 (1-based); fields[0] here is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def daemon_process(data_dir: Path, comfy: Address) -> Iterator[Daemon]:
+    port = free_port()
+    log = data_dir / "daemon.log"
+    command = [
+        sys.executable, "-m", "daemon.cli", "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--comfy-url", f"http://{comfy[0]}:{comfy[1]}",
+        "--data-dir", str(data_dir),
+        *(arg for setting in DAEMON_SETTINGS for arg in ("--set", setting)),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        address = ("127.0.0.1", port)
+        wait_until_up(address, process, log)
+        while json.loads(request(address, "GET", "/readyz")[1])["ready"] is not True:
+            time.sleep(0.05)
+        yield Daemon(process, address)
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy(since: tuple[int, int]) -> float:
+    """The share of all CPUs busy since `since` (machine_ticks())."""
+    busy, total = machine_ticks()
+    return (busy - since[0]) / max(1, total - since[1])
+
+
+class CpuSampler(threading.Thread):
+    """Samples the daemon's CPU seconds every 5 ms, to read them at any past moment."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(daemon=True)
+        self._daemon = daemon
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            self.samples.append((time.monotonic(), self._daemon.cpu_seconds()))
+
+    def at(self, moment: float) -> float:
+        """The CPU seconds used by `moment` (the last sample taken at or before it)."""
+        value = self.samples[0][1]
+        for when, cpu in self.samples:
+            if when > moment:
+                break
+            value = cpu
+        return value
