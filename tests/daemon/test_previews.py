@@ -222,3 +222,39 @@ async def test_previews_reach_the_right_task_when_two_run_on_two_backends(
         for actor in actors:
             await actor.finished.wait()
         assert all(a.state.phase is task.Phase.COMPLETED for a in actors)
+
+
+async def test_the_total_preview_budget_evicts_the_stalest_task_s_preview(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(tmp_path, [MANUAL, MANUAL], backend_max_pending=1) as pool:
+        await pool.all_read()
+        store = pool.app.previews
+        actors = []
+        for _ in range(2):  # the same seed: both backends draw the same preview
+            task_id = await pool.generate(seed=7, steps=3)
+            actor = pool.app.registry.get(task_id)
+            assert actor is not None
+            actors.append(actor)
+        for actor in actors:
+            await snapshot_where(actor, lambda p: p.get("phase") == "running")
+        by_url = {actor.backend_name: actor for actor in actors}
+        first_sim, second_sim = pool.simulators
+        older, newer = by_url[first_sim.url], by_url[second_sim.url]
+        first_sim.grant_steps(1)
+        await snapshot_where(older, lambda p: preview_of(p) is not None)
+        kept = store.get(older.task_id)
+        assert kept is not None
+        size = len(kept.data)
+        # Room for one preview of this size, not two.
+        store.max_total_bytes = size + size // 2
+        second_sim.grant_steps(1)
+        await snapshot_where(newer, lambda p: preview_of(p) is not None)
+        assert store.evicted == 1
+        assert store.total_bytes == size
+        assert (await pool.request("GET", f"/tasks/{older.task_id}/preview")).status == 404
+        assert (await pool.request("GET", f"/tasks/{newer.task_id}/preview")).status == 200
+        for sim in pool.simulators:
+            sim.set_manual_steps(False)
+        for actor in actors:
+            await actor.finished.wait()
