@@ -57,9 +57,12 @@ test-deps:
 
 test: test-deps lint typecheck pytest jstest
 
-# Timing figures (not pass/fail): /generate latency, relay latency, SSE fan-out.
+# Figures, not pass/fail: issue 10's relay shapes, then the fan-out shape with
+# previews off and on, then the event loop's longest steps under hostile uploads.
 bench: setup
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.previews
+	$(BIN)/python -m bench.loop_steps
 
 # The event loop's longest steps (CPU) while hostile 20 MiB images are uploaded.
 bench-loop: setup

@@ -11,13 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from daemon.http.client import http_request
 from daemon.simulator import SimulatorConfig
 from daemon.tasks import TaskActor
+from protocol import task
 from protocol.imagesize import image_info
-from tests.daemon.harness import Daemon, running_daemon
+from tests.daemon.harness import Daemon, running_daemon, running_pool
 from tests.simulator.helpers import ws_connect
 from tests.simulator.test_workflows import txt2img
 
@@ -173,3 +175,86 @@ async def test_preview_of_an_unknown_task_is_404(tmp_path: Path) -> None:
         response = await daemon.request("GET", "/tasks/nope/preview")
         assert response.status == 404
         assert response.json()["error"]["message"] == "no preview"
+
+
+@pytest.mark.parametrize("config", [MANUAL, LEGACY], ids=["type-4", "legacy-type-1"])
+async def test_previews_reach_the_right_task_when_two_run_on_two_backends(
+    tmp_path: Path, config: SimulatorConfig
+) -> None:
+    # One prompt per ComfyUI, so both tasks run at once, one on each backend.
+    async with running_pool(tmp_path, [config, config], backend_max_pending=1) as pool:
+        await pool.all_read()
+        actors = []
+        for seed in (1, 2):
+            task_id = await pool.generate(seed=seed, steps=3)
+            actor = pool.app.registry.get(task_id)
+            assert actor is not None
+            actors.append(actor)
+        for actor in actors:
+            await snapshot_where(actor, lambda p: p.get("phase") == "running")
+        by_url = {actor.backend_name: actor for actor in actors}
+        assert set(by_url) == {sim.url for sim in pool.simulators}
+        first_sim, second_sim = pool.simulators
+        on_first, on_second = by_url[first_sim.url], by_url[second_sim.url]
+
+        # A step on the first ComfyUI: only the task running there gets a preview.
+        first_sim.grant_steps(1)
+        payload = await snapshot_where(on_first, lambda p: preview_of(p) is not None)
+        assert preview_of(payload) == {
+            "url": f"/tasks/{on_first.task_id}/preview?v=1",
+            "version": 1,
+        }
+        assert (await pool.request("GET", f"/tasks/{on_first.task_id}/preview")).status == 200
+        assert (await pool.request("GET", f"/tasks/{on_second.task_id}/preview")).status == 404
+        assert on_second.state.value == 0
+
+        # Then one on the second: its own task, its own version 1.
+        second_sim.grant_steps(1)
+        payload = await snapshot_where(on_second, lambda p: preview_of(p) is not None)
+        assert preview_of(payload) == {
+            "url": f"/tasks/{on_second.task_id}/preview?v=1",
+            "version": 1,
+        }
+        first = await pool.request("GET", f"/tasks/{on_first.task_id}/preview")
+        assert first.headers.get("etag", "").endswith('-1"')  # the first task's is unchanged
+        for sim in pool.simulators:
+            sim.set_manual_steps(False)
+        for actor in actors:
+            await actor.finished.wait()
+        assert all(a.state.phase is task.Phase.COMPLETED for a in actors)
+
+
+async def test_the_total_preview_budget_evicts_the_stalest_task_s_preview(
+    tmp_path: Path,
+) -> None:
+    async with running_pool(tmp_path, [MANUAL, MANUAL], backend_max_pending=1) as pool:
+        await pool.all_read()
+        store = pool.app.previews
+        actors = []
+        for _ in range(2):  # the same seed: both backends draw the same preview
+            task_id = await pool.generate(seed=7, steps=3)
+            actor = pool.app.registry.get(task_id)
+            assert actor is not None
+            actors.append(actor)
+        for actor in actors:
+            await snapshot_where(actor, lambda p: p.get("phase") == "running")
+        by_url = {actor.backend_name: actor for actor in actors}
+        first_sim, second_sim = pool.simulators
+        older, newer = by_url[first_sim.url], by_url[second_sim.url]
+        first_sim.grant_steps(1)
+        await snapshot_where(older, lambda p: preview_of(p) is not None)
+        kept = store.get(older.task_id)
+        assert kept is not None
+        size = len(kept.data)
+        # Room for one preview of this size, not two.
+        store.max_total_bytes = size + size // 2
+        second_sim.grant_steps(1)
+        await snapshot_where(newer, lambda p: preview_of(p) is not None)
+        assert store.evicted == 1
+        assert store.total_bytes == size
+        assert (await pool.request("GET", f"/tasks/{older.task_id}/preview")).status == 404
+        assert (await pool.request("GET", f"/tasks/{newer.task_id}/preview")).status == 200
+        for sim in pool.simulators:
+            sim.set_manual_steps(False)
+        for actor in actors:
+            await actor.finished.wait()
