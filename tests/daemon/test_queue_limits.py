@@ -118,8 +118,12 @@ async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Pa
 async def test_a_flood_of_new_tasks_shares_queue_readings(tmp_path: Path) -> None:
     """Each new task used to force a fresh GET /queue (megabytes with thousands queued)."""
     tasks = 20
-    with trio.fail_after(30):
-        async with running_daemon(tmp_path, simulator=HELD, queue_poll_interval=1.0) as daemon:
+    with trio.fail_after(60):
+        # Every prompt goes to ComfyUI (room for all), so each position comes from /queue.
+        async with running_daemon(
+            tmp_path, simulator=HELD, queue_poll_interval=1.0, backend_max_pending=tasks + 1
+        ) as daemon:
+            started = trio.current_time()
             ids = [await daemon.generate() for _ in range(tasks)]
             async with trio.open_nursery() as nursery:
                 for task_id in ids[1:]:  # the first one runs; the others wait in line
@@ -127,8 +131,11 @@ async def test_a_flood_of_new_tasks_shares_queue_readings(tmp_path: Path) -> Non
                         partial(read_events, daemon.url, task_id, stop_after=shows_position)
                     )
             reads = daemon.app.backend.queue_reads
-    # One reading per second at most, not one per task.
-    assert reads < tasks // 2, reads
+            seconds = trio.current_time() - started
+    # Readings are shared: about one per poll interval while this ran (however long
+    # a loaded machine made that), not one per task.
+    assert reads < tasks - 1, (reads, seconds)  # fewer than one per waiting task
+    assert reads <= seconds / 1.0 + 3, (reads, seconds)
 
 
 def shows_position(event: ServerSentEvent) -> bool:
