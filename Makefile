@@ -57,12 +57,14 @@ test-deps:
 
 test: test-deps lint typecheck pytest jstest
 
-# Figures, not pass/fail: issue 10's relay shapes, then the fan-out shape with
-# previews off and on, then the event loop's longest steps under hostile uploads.
-bench: setup
+# Figures, not pass/fail: issue 10's relay shapes, the fan-out shape with
+# previews off and on, the event loop's longest steps under hostile uploads,
+# and the relay with and without Redis (needs redis-server: test-deps).
+bench: setup test-deps
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.previews
 	$(BIN)/python -m bench.loop_steps
+	$(BIN)/python -m bench.shared_relay
 
 # The event loop's longest steps (CPU) while hostile 20 MiB images are uploaded.
 bench-loop: setup

@@ -84,7 +84,7 @@ async def test_200_tasks_over_two_fronts_and_two_workers_each_run_once(tmp_path:
         async with trio.open_nursery() as nursery:
             for n in range(200):
                 task_id = await generate(fronts[n % 2].url)
-                for v in range(4):  # two viewers on each front
+                for v in range(20):  # ten viewers on each front
                     viewer = Viewer(task_id, fronts, first=v)
                     viewers.append(viewer)
                     nursery.start_soon(viewer.run)
