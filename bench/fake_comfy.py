@@ -23,6 +23,7 @@ import re
 import struct
 import sys
 import time
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,11 @@ class FakeComfy:
             return 200, "application/json", self.history(prompt)
         if method == "GET" and path == "/view":
             return 200, "image/png", self.png
+        if method == "GET" and path.startswith("/object_info/"):
+            # Every node class exists here (the daemon reads each class its workflows use).
+            node_class = urllib.parse.unquote(path.removeprefix("/object_info/"))
+            info = {node_class: {"input": {"required": {}}, "output": []}}
+            return 200, "application/json", json.dumps(info).encode()
         if method == "POST" and path == "/bench/run":
             stamps = await self.run(json.loads(body))
             return 200, "application/json", json.dumps(stamps).encode()

@@ -22,6 +22,9 @@ DAEMON_SETTINGS = (
     "max_tasks=20000",
     # The generate scenario holds 2,000 prompts queued at once.
     "max_queued_tasks=20000",
+    # The fake ComfyUI holds every prompt of a scenario in its own queue and then
+    # plays them at once: the daemon must hand them all over, not two at a time.
+    "backend_max_pending=20000",
     "queue_poll_interval=1",
 )
 Address = tuple[str, int]
