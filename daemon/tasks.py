@@ -84,6 +84,22 @@ def new_task_id(now: float) -> str:
     return f"{int(now * 1000):x}-{secrets.token_urlsafe(16)}"
 
 
+def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:
+    """A task as the journal (and the shared store) keeps it: its state and last message."""
+    return TaskRecord(
+        task_id=state.task_id,
+        prompt_id=state.prompt_id,
+        phase=state.phase.value,
+        version=message.version,
+        submitted=state.submitted,
+        created_at=state.created_at,
+        finished_at=state.finished_at,
+        spec=task.spec_to_json(state.spec),
+        message={"event": message.event, "version": message.version, "payload": message.payload},
+        backend=backend,
+    )
+
+
 def encode_snapshot(message: task.TaskMessage) -> Snapshot:
     data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
     sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
@@ -165,7 +181,7 @@ class TaskActor:
         # While the pump holds (it is applying a batch of frames, or the pacer
         # says wait), messages wait in _unpublished: only the newest goes out.
         self._holding = False
-        self._unpublished: Snapshot | None = None
+        self._unpublished: task.TaskMessage | None = None
         self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
@@ -184,24 +200,7 @@ class TaskActor:
 
     def record(self) -> TaskRecord:
         """This task as the journal keeps it."""
-        state = self.state
-        message = self.last_message
-        return TaskRecord(
-            task_id=state.task_id,
-            prompt_id=state.prompt_id,
-            phase=state.phase.value,
-            version=message.version,
-            submitted=state.submitted,
-            created_at=state.created_at,
-            finished_at=state.finished_at,
-            spec=task.spec_to_json(state.spec),
-            message={
-                "event": message.event,
-                "version": message.version,
-                "payload": message.payload,
-            },
-            backend=self.backend_name,
-        )
+        return record_of(self.state, self.last_message, self.backend_name)
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(
@@ -222,15 +221,19 @@ class TaskActor:
         if self.state.phase.is_terminal:
             return
         state, effects = task.apply(self.state, event, self.wall_clock())
-        # Encode before keeping the new state: if its message cannot be encoded,
-        # the task stays as it was and the crash fallback in
+        messages = [e.message for e in effects if isinstance(e, task.Publish)]
+        # Encode what goes out now before keeping the new state: if it cannot be
+        # encoded, the task stays as it was and the crash fallback in
         # TaskRegistry._run_actor can still end it, and its streams, with
-        # `internal`. Stored first, the fallback would see a finished task that
-        # no stream ever heard of. (Publishing itself may wait for the pump.)
-        for effect in effects:
-            if isinstance(effect, task.Publish):
-                self._unpublished = encode_snapshot(effect.message)
-                self.last_message = effect.message
+        # `internal` (stored first, the fallback would see a finished task that
+        # no stream ever heard of). A message the pump holds back is encoded
+        # only if it is still the newest when the pump lets it out; the end is
+        # never held back, so it is always encoded here.
+        flush_now = not self._holding or state.phase.is_terminal
+        ready = encode_snapshot(messages[-1]) if messages and flush_now else None
+        if messages:
+            self._unpublished = messages[-1]
+            self.last_message = messages[-1]
         self.state = state
         if effects:
             self.on_publish(self)
@@ -239,8 +242,8 @@ class TaskActor:
                 self._start(self._fetch_outputs, effect.images)
             elif isinstance(effect, task.Reconcile):
                 self.request_reconcile()
-        if not self._holding or self.state.phase.is_terminal:
-            self._flush()  # the end is never held back
+        if flush_now:
+            self._flush(ready)
         if self.state.phase.is_terminal:
             error = self.state.error
             if error is None:
@@ -429,11 +432,11 @@ class TaskActor:
         self._lost_reason = reason
         self._lost.set()
 
-    def _flush(self) -> None:
-        """Publish the newest snapshot not published yet, if any."""
-        snapshot, self._unpublished = self._unpublished, None
-        if snapshot is not None:
-            self.broadcaster.publish(snapshot)
+    def _flush(self, encoded: Snapshot | None = None) -> None:
+        """Publish the newest message not published yet, if any (`encoded`: it, encoded)."""
+        message, self._unpublished = self._unpublished, None
+        if message is not None:
+            self.broadcaster.publish(encoded or encode_snapshot(message))
             self._pacer.published(trio.current_time())
 
     def _take_waiting(

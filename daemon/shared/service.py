@@ -25,9 +25,10 @@ from daemon.broadcast import Snapshot
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
-from daemon.shared.store import SharedRecord, SharedStore, record_of
+from daemon.shared.store import SharedRecord, SharedStore
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
+from daemon.tasks import record_of
 from protocol import task
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from daemon.broadcast import Snapshot
 from daemon.comfy.capabilities import Capabilities
 from daemon.journal import TaskRecord
 from daemon.shared.capabilities import capabilities_from_json
-from daemon.tasks import encode_snapshot
+from daemon.tasks import encode_snapshot, record_of
 from protocol import task
 
 log = logging.getLogger(__name__)
@@ -262,18 +262,3 @@ async def published_capabilities(store: SharedStore) -> dict[str, Capabilities]:
         for backend, reading in capabilities_from_json(raw).items():
             out[f"{daemon_id}/{backend}"] = reading
     return out
-
-
-def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:
-    return TaskRecord(
-        task_id=state.task_id,
-        prompt_id=state.prompt_id,
-        phase=state.phase.value,
-        version=message.version,
-        submitted=state.submitted,
-        created_at=state.created_at,
-        finished_at=state.finished_at,
-        spec=task.spec_to_json(state.spec),
-        message={"event": message.event, "version": message.version, "payload": message.payload},
-        backend=backend,
-    )
