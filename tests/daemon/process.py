@@ -42,8 +42,11 @@ class DaemonProcess:
 
 
 async def _read_output(
-    daemon: DaemonProcess, listening: trio.Event, ready: re.Pattern[bytes] = LISTENING
+    daemon: DaemonProcess | SimulatorProcess,
+    listening: trio.Event,
+    ready: re.Pattern[bytes] = LISTENING,
 ) -> None:
+    """Collect the process's output; `listening` is set once `ready` names its URL."""
     stdout = daemon.process.stdout
     assert stdout is not None
     async with stdout:
@@ -125,23 +128,11 @@ class SimulatorProcess:
     process: trio.Process
     url: str = ""
     output: bytearray = field(default_factory=bytearray)
+    exited: trio.Event = field(default_factory=trio.Event)
 
     def kill(self) -> None:
         """kill -9: the GPU box loses power."""
         self.process.kill()
-
-
-async def _read_simulator_output(sim: SimulatorProcess, listening: trio.Event) -> None:
-    stdout = sim.process.stdout
-    assert stdout is not None
-    async with stdout:
-        while chunk := await stdout.receive_some(65536):
-            sim.output += chunk
-            match = SIM_LISTENING.search(sim.output)
-            if match and not listening.is_set():
-                sim.url = match.group(1).decode()
-                listening.set()
-    listening.set()
 
 
 @asynccontextmanager
@@ -160,7 +151,7 @@ async def simulator_process(*args: str) -> AsyncIterator[SimulatorProcess]:
     sim = SimulatorProcess(process)
     listening = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_simulator_output, sim, listening)
+        nursery.start_soon(_read_output, sim, listening, SIM_LISTENING)
         try:
             with trio.fail_after(30):
                 await listening.wait()

@@ -22,7 +22,7 @@ from daemon.simulator.png import encode_png
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
-from tests.daemon.redis_server import redis_server
+from tests.daemon.redis_server import RedisServer, redis_server
 from tests.daemon.test_restart import generate, sampling
 
 SETTINGS = (
@@ -67,6 +67,21 @@ async def worker(
         yield daemon
 
 
+@asynccontextmanager
+async def one_worker_two_fronts(
+    tmp_path: Path, *, manual: bool
+) -> AsyncIterator[tuple[RedisServer, ComfySimulator, DaemonProcess, DaemonProcess]]:
+    """The smallest service: redis-server, a simulator behind one worker, two fronts."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=manual) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f1", redis.url) as first,
+        front(tmp_path, "f2", redis.url) as second,
+    ):
+        yield redis, sim, first, second
+
+
 def last(events: list[ServerSentEvent]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(events[-1].data)
     return data
@@ -80,12 +95,11 @@ async def history_ids(sim: ComfySimulator) -> list[str]:
 async def test_a_front_that_never_saw_a_task_answers_for_it_and_serves_its_image(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=False) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as first,
-        front(tmp_path, "f2", redis.url) as second,
+    async with one_worker_two_fronts(tmp_path, manual=False) as (
+        _redis,
+        _sim,
+        first,
+        second,
     ):
         task_id = await generate(first.url)
         events = await read_events(second.url, task_id)
@@ -106,12 +120,11 @@ async def test_a_front_that_never_saw_a_task_answers_for_it_and_serves_its_image
 async def test_a_stream_whose_front_died_resumes_on_another_with_last_event_id(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as doomed,
-        front(tmp_path, "f2", redis.url) as survivor,
+    async with one_worker_two_fronts(tmp_path, manual=True) as (
+        _redis,
+        sim,
+        doomed,
+        survivor,
     ):
         task_id = await generate(doomed.url)
         seen = await read_events(doomed.url, task_id, stop_after=sampling)
@@ -203,12 +216,11 @@ async def test_kill_9_of_a_worker_with_resubmission_off_ends_the_task_lost(
 async def test_cancel_on_any_front_reaches_the_worker_that_holds_the_task(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as first,
-        front(tmp_path, "f2", redis.url) as second,
+    async with one_worker_two_fronts(tmp_path, manual=True) as (
+        _redis,
+        sim,
+        first,
+        second,
     ):
         task_id = await generate(first.url)
         seen = await read_events(first.url, task_id, stop_after=sampling)
@@ -320,12 +332,11 @@ async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_
 async def test_an_idempotency_key_retried_at_another_front_is_the_same_task(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=False) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as first,
-        front(tmp_path, "f2", redis.url) as second,
+    async with one_worker_two_fronts(tmp_path, manual=False) as (
+        _redis,
+        sim,
+        first,
+        second,
     ):
         body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
         headers = [("Content-Type", "application/json"), ("Idempotency-Key", "retry-1")]

@@ -18,7 +18,13 @@ from protocol.sse import ServerSentEvent, SSEDecoder
 from tests.daemon.process import DaemonProcess
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, history_ids, simulator, worker
+from tests.daemon.test_shared import (
+    front,
+    history_ids,
+    one_worker_two_fronts,
+    simulator,
+    worker,
+)
 
 SHARING = re.compile(rb"sharing tasks through Redis as (\S+) ")
 
@@ -104,12 +110,11 @@ async def test_200_tasks_over_two_fronts_and_two_workers_each_run_once(tmp_path:
 
 
 async def test_kill_9_of_a_front_its_100_viewers_resume_on_the_other(tmp_path: Path) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as doomed,
-        front(tmp_path, "f2", redis.url) as survivor,
+    async with one_worker_two_fronts(tmp_path, manual=True) as (
+        _redis,
+        sim,
+        doomed,
+        survivor,
     ):
         task_id = await generate(doomed.url)
         viewers = [Viewer(task_id, [doomed, survivor]) for _ in range(100)]
@@ -162,12 +167,11 @@ async def test_redis_restarted_cleanly_mid_run_loses_no_accepted_task(tmp_path: 
 async def test_5000_viewers_over_two_fronts_are_one_redis_reader_per_front(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as sim,
-        worker(tmp_path, "w", redis.url, sim.url),
-        front(tmp_path, "f1", redis.url) as first,
-        front(tmp_path, "f2", redis.url) as second,
+    async with one_worker_two_fronts(tmp_path, manual=True) as (
+        redis,
+        sim,
+        first,
+        second,
     ):
         fronts = [first, second]
         task_id = await generate(first.url)
