@@ -80,9 +80,9 @@ soak: setup
 fuzz: setup
 	$(BIN)/python -m bench.fuzz --requests 100000
 
-# The README's configuration and metrics tables, from daemon/config.py and daemon/metrics.py.
+# The README's configuration and metrics tables, from daemon/config.py and daemon/ops/metrics.py.
 docs: setup
-	$(BIN)/python -m daemon.reference
+	$(BIN)/python -m daemon.ops.reference
 
 fmt: setup
 	$(BIN)/ruff format .

@@ -28,7 +28,7 @@ import trio
 from daemon.app import App
 from daemon.config import Config
 from daemon.http.client import http_request
-from daemon.loop_monitor import LoopMonitor
+from daemon.ops.loop_monitor import LoopMonitor
 from daemon.simulator import ComfySimulator, SimulatorConfig
 
 MiB = 1024 * 1024

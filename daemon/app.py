@@ -28,8 +28,12 @@ from pathlib import Path
 
 import trio
 
-from daemon.access import AccessPolicy, AccessSettings
-from daemon.binder import Binder
+from daemon.api.access import AccessPolicy, AccessSettings
+from daemon.api.binder import Binder
+from daemon.api.idempotency import KEY_TTL, IdempotencyKeys
+from daemon.api.routes import Routes
+from daemon.api.source_images import SourceImages
+from daemon.api.sse_stream import StreamHub
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.capabilities import needs_of
 from daemon.comfy.dispatch import Dispatcher
@@ -38,19 +42,15 @@ from daemon.config import Config, list_setting
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
-from daemon.idempotency import KEY_TTL, IdempotencyKeys
-from daemon.image_retention import ImageJanitor, RetentionPolicy
-from daemon.images import ImageStore
-from daemon.journal import Journal
-from daemon.metrics import DaemonMetrics
-from daemon.previews import PreviewStore
-from daemon.routes import Routes
+from daemon.images.previews import PreviewStore
+from daemon.images.retention import ImageJanitor, RetentionPolicy
+from daemon.images.store import ImageStore
+from daemon.ops.metrics import DaemonMetrics
+from daemon.ops.systemd import Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
 from daemon.shared.service import SharedService, new_daemon_id
-from daemon.source_images import SourceImages
-from daemon.sse_stream import StreamHub
-from daemon.systemd import Systemd
-from daemon.tasks import TaskActor, TaskRegistry, TaskSettings
+from daemon.tasks.actor import TaskActor, TaskRegistry, TaskSettings
+from daemon.tasks.journal import Journal
 from daemon.workflow_files import load_catalog
 from protocol.task import render
 

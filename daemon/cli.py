@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 
 from daemon import config as config_module
-from daemon.file_limit import fit_max_connections
-from daemon.logs import setup_logging
+from daemon.ops.file_limit import fit_max_connections
+from daemon.ops.logs import setup_logging
 from daemon.terminal import command as terminal_command
 
 
@@ -98,7 +98,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
-    from daemon.systemd import SocketActivationError, Systemd
+    from daemon.ops.systemd import SocketActivationError, Systemd
     from daemon.workflow_files import WorkflowFileError
 
     try:

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from daemon.access import parse_origin, split_host
-from daemon.clients import parse_networks
+from daemon.api.access import parse_origin, split_host
+from daemon.api.clients import parse_networks
 
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ class Config:
         "with redis_url: seconds a worker may stay silent before another claims its tasks",
         min=0.5,
     )
-    # -- who may call (daemon/access.py)
+    # -- who may call (daemon/api/access.py)
     allowed_origins: str = _setting(
         "",
         "origins (scheme://host[:port]) whose pages may call the API, besides the daemon's own;"

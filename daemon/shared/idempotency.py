@@ -11,7 +11,7 @@ import json
 
 import coredis
 
-from daemon.idempotency import KEY_TTL, fingerprint
+from daemon.api.idempotency import KEY_TTL, fingerprint
 from protocol.errors import RequestError
 
 

@@ -22,7 +22,7 @@ from coredis.exceptions import RedisError
 
 from daemon.http.static import StaticFiles
 from daemon.http.types import Request, Response, StreamingResponse
-from daemon.images import ImageStore
+from daemon.images.store import ImageStore
 
 log = logging.getLogger(__name__)
 

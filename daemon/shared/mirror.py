@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.preview_route import etag_of
+from daemon.api.preview_route import etag_of
 from daemon.shared.store import SharedPreview, SharedRecord, SharedStore, StaleWrite
 from protocol import task
 
 if TYPE_CHECKING:
-    from daemon.tasks import TaskActor
+    from daemon.tasks.actor import TaskActor
 
 log = logging.getLogger(__name__)
 

@@ -21,20 +21,20 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.broadcast import Snapshot
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
 from daemon.shared.store import SharedRecord, SharedStore
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
-from daemon.tasks import record_of
+from daemon.tasks.actor import record_of
+from daemon.tasks.broadcast import Snapshot
 from protocol import task
 
 if TYPE_CHECKING:
     from daemon.comfy.dispatch import Dispatcher
     from daemon.config import Config
-    from daemon.tasks import TaskRegistry
+    from daemon.tasks.actor import TaskRegistry
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import coredis
 from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
 from coredis.response.types import StreamPending
 
-from daemon.broadcast import Snapshot
 from daemon.comfy.capabilities import Capabilities
-from daemon.journal import TaskRecord
 from daemon.shared.capabilities import capabilities_from_json
-from daemon.tasks import encode_snapshot, record_of
+from daemon.tasks.actor import encode_snapshot, record_of
+from daemon.tasks.broadcast import Snapshot
+from daemon.tasks.journal import TaskRecord
 from protocol import task
 
 log = logging.getLogger(__name__)

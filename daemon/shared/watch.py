@@ -18,7 +18,6 @@ from typing import Final
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.broadcast import Broadcaster, Snapshot
 from daemon.shared.store import (
     STREAM_LENGTH,
     SharedStore,
@@ -26,6 +25,7 @@ from daemon.shared.store import (
     snapshot_from_entry,
     text,
 )
+from daemon.tasks.broadcast import Broadcaster, Snapshot
 
 log = logging.getLogger(__name__)
 

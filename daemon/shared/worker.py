@@ -28,7 +28,7 @@ from protocol import task
 
 if TYPE_CHECKING:
     from daemon.comfy.dispatch import Dispatcher
-    from daemon.tasks import TaskActor, TaskRegistry
+    from daemon.tasks.actor import TaskActor, TaskRegistry
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from daemon.access import own_origin, parse_origin, split_host
+from daemon.api.access import own_origin, parse_origin, split_host
 from daemon.config import ConfigError, load, render_toml
 from daemon.http.client import ClientResponse, http_request, open_stream
 from daemon.http.types import Headers, Request

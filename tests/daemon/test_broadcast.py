@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.broadcast import Broadcaster, Snapshot
+from daemon.tasks.broadcast import Broadcaster, Snapshot
 
 
 def snap(version: int, *, terminal: bool = False) -> Snapshot:

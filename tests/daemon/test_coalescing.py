@@ -8,12 +8,12 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from daemon.broadcast import Broadcaster
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.dispatch import Dispatcher
 from daemon.comfy.pool import BackendPool
-from daemon.images import ImageStore
-from daemon.tasks import TaskActor, TaskSettings
+from daemon.images.store import ImageStore
+from daemon.tasks.actor import TaskActor, TaskSettings
+from daemon.tasks.broadcast import Broadcaster
 from protocol import comfy, task
 
 GRAPH = {

@@ -19,12 +19,12 @@ import pytest
 import trio
 import trio.lowlevel
 
-from daemon import sse_stream
-from daemon.broadcast import Broadcaster, Snapshot
+from daemon.api import sse_stream
+from daemon.api.sse_stream import HEARTBEAT, StreamHub
 from daemon.http import HttpLimits
 from daemon.http.client import open_stream
 from daemon.http.types import Request, Response, StreamingResponse
-from daemon.sse_stream import HEARTBEAT, StreamHub
+from daemon.tasks.broadcast import Broadcaster, Snapshot
 from protocol.sse import ServerSentEvent, SSEDecoder, encode_event, parse_last_event_id
 from tests.daemon.http.helpers import RunningServer, start_server
 

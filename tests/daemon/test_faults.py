@@ -17,7 +17,7 @@ import trio_websocket
 
 from daemon.comfy.backend import ComfyBackend
 from daemon.simulator import ComfySimulator
-from daemon.tasks import TaskActor
+from daemon.tasks.actor import TaskActor
 from protocol import task
 from tests.daemon.harness import Daemon, payloads, running_daemon
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.file_limit import RESERVED_FILES, connections_that_fit
+from daemon.ops.file_limit import RESERVED_FILES, connections_that_fit
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from tests.daemon.http.helpers import H11Client
 from tests.daemon.process import daemon_process

@@ -12,7 +12,7 @@ import trio
 
 from daemon.config import ConfigError, load
 from daemon.http.client import http_request
-from daemon.images import ImageStore
+from daemon.images.store import ImageStore
 from tests.daemon.harness import Daemon, payloads, running_daemon
 from tests.protocol.images import png, png_chunk
 

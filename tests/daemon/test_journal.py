@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from daemon.journal import Journal, KeyRecord, TaskRecord
+from daemon.tasks.journal import Journal, KeyRecord, TaskRecord
 
 
 def record(task_id: str, version: int, phase: str = "running", *, big: bool = False) -> TaskRecord:

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from daemon.http.client import http_request
-from daemon.logs import LogfmtFormatter, setup_logging
+from daemon.ops.logs import LogfmtFormatter, setup_logging
 from daemon.simulator import ComfySimulator
 from tests.daemon.harness import FAST, read_events, running_daemon
 from tests.daemon.process import daemon_process
@@ -50,7 +50,7 @@ def parse_logfmt(line: str) -> dict[str, str]:
 def test_the_formatter_keeps_one_record_on_one_line() -> None:
     formatter = LogfmtFormatter(with_time=True)
     record = logging.LogRecord(
-        "daemon.tasks",
+        "daemon.tasks.actor",
         logging.WARNING,
         __file__,
         1,
@@ -158,7 +158,7 @@ async def test_a_daemon_process_logs_each_event_with_its_ids(tmp_path: Path) -> 
     one("shutting down", logger="daemon.app")
     # Every line of the task code names its task, every line of the backend its ComfyUI.
     for line in lines:
-        if line["logger"] == "daemon.tasks":
+        if line["logger"] == "daemon.tasks.actor":
             assert all(key in line for key in IDS), line
         if line["logger"] == "daemon.comfy.backend":
             assert line.get("backend") == backend, line

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-import daemon.source_images
-from daemon.loop_monitor import LoopMonitor
+import daemon.api.source_images
+from daemon.ops.loop_monitor import LoopMonitor
 from protocol.imagesize import MAX_HEADER_STEPS, ImageInfo
 from protocol.upload import check_upload
 from tests.daemon.harness import running_daemon
@@ -49,7 +49,7 @@ async def test_a_hostile_upload_is_read_off_the_loop_and_refused(
         checked_on.append(threading.current_thread() is threading.main_thread())
         return check_upload(content_type, body)
 
-    monkeypatch.setattr(daemon.source_images, "check_upload", spy)
+    monkeypatch.setattr(daemon.api.source_images, "check_upload", spy)
     hostile = jpeg(64, 64, before_sof=b"\xff\xfe\x00\x02" * 250_000)  # 1 MB
     with trio.fail_after(30):
         async with running_daemon(tmp_path) as d:

@@ -10,9 +10,9 @@ from typing import Any
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import metrics
 from daemon.http.client import http_request
-from daemon.prometheus import CONTENT_TYPE
+from daemon.ops import metrics
+from daemon.ops.prometheus import CONTENT_TYPE
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import Daemon, read_events, running_daemon
 

@@ -16,10 +16,10 @@ import pytest
 import trio
 
 from daemon.http.client import http_request
+from daemon.ops.systemd import status_line
 from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
-from daemon.systemd import status_line
-from daemon.tasks import TaskActor
+from daemon.tasks.actor import TaskActor
 from protocol import task
 from tests.daemon.harness import FAST, Pool, payloads, read_events, running_pool
 from tests.daemon.process import simulator_process

@@ -8,8 +8,8 @@ import trio
 import trio.testing
 
 from daemon.comfy.attribution import PreviewAttribution
-from daemon.preview_throttle import PreviewThrottle
-from daemon.previews import PreviewStore
+from daemon.images.previews import PreviewStore
+from daemon.tasks.preview_throttle import PreviewThrottle
 from protocol import comfy
 from tests.transcripts import load, rebuild_binary
 

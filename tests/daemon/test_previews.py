@@ -16,7 +16,7 @@ import trio
 
 from daemon.http.client import http_request
 from daemon.simulator import SimulatorConfig
-from daemon.tasks import TaskActor
+from daemon.tasks.actor import TaskActor
 from protocol import task
 from protocol.imagesize import image_info
 from tests.daemon.harness import Daemon, running_daemon, running_pool

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import metrics
-from daemon.prometheus import MetricSpec, ScrapeCollector, counter, exposition, histogram
+from daemon.ops import metrics
+from daemon.ops.prometheus import MetricSpec, ScrapeCollector, counter, exposition, histogram
 from tests.daemon.harness import running_daemon
 
 AWKWARD = 'back\\slash "quoted"\nnew line, ümlaut {braces} =equals'

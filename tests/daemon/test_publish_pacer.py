@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.publish_pacer import PublishPacer
+from daemon.tasks.publish_pacer import PublishPacer
 
 
 def test_a_burst_goes_out_at_once_then_the_rate_applies() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.clients import client_address, client_key, parse_networks
+from daemon.api.clients import client_address, client_key, parse_networks
 from daemon.comfy.backend import QUEUE_READ_SPACING, BackendSettings, ComfyBackend
 from daemon.config import ConfigError, load
 from daemon.http.client import ClientResponse

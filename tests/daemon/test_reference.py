@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config, reference
+from daemon import config
+from daemon.ops import reference
 
 
 def test_readme_tables_match_the_code() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.journal import Journal, JournalUnavailable
+from daemon.tasks.journal import Journal, JournalUnavailable
 from tests.daemon.harness import Daemon, payloads, running_daemon
 from tests.daemon.test_journal import record
 from tests.protocol.images import png

@@ -1,4 +1,4 @@
-"""daemon/systemd.py in-process: reading systemd's variables, sending over a real socket.
+"""daemon/ops/systemd.py in-process: reading systemd's variables, sending over a real socket.
 
 The daemon as systemd runs it (a real process, READY/WATCHDOG/STOPPING, fd 3)
 is tested in tests/ops/; these are the edge cases of the pieces.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.systemd import (
+from daemon.ops.systemd import (
     SocketActivationError,
     Systemd,
     notify_address,
@@ -103,7 +103,7 @@ async def test_a_failed_send_is_logged_once_and_never_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     systemd = Systemd(notify_socket=str(tmp_path / "nobody-listens"))
-    with caplog.at_level(logging.DEBUG, logger="daemon.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="daemon.ops.systemd"):
         for _ in range(3):
             await systemd.notify("WATCHDOG=1")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

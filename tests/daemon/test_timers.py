@@ -8,14 +8,14 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.broadcast import Broadcaster, Snapshot
+from daemon.api.sse_stream import StreamHub
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.dispatch import Dispatcher
 from daemon.comfy.pool import BackendPool
-from daemon.images import ImageStore
-from daemon.journal import TaskRecord
-from daemon.sse_stream import StreamHub
-from daemon.tasks import TaskRegistry, TaskSettings
+from daemon.images.store import ImageStore
+from daemon.tasks.actor import TaskRegistry, TaskSettings
+from daemon.tasks.broadcast import Broadcaster, Snapshot
+from daemon.tasks.journal import TaskRecord
 from protocol.sse import SSEDecoder
 
 

@@ -24,7 +24,7 @@ from typing import Final
 
 import trio
 
-from daemon.images import ImageStore, is_valid_name
+from daemon.images.store import ImageStore, is_valid_name
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from daemon.journal import Journal, KeyRecord
+from daemon.tasks.journal import Journal, KeyRecord
 from protocol.errors import RequestError
 
 KEY_TTL: Final = 24 * 3600.0

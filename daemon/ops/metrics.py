@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from daemon.http.types import Request, Response
-from daemon.prometheus import (
+from daemon.ops.prometheus import (
     CONTENT_TYPE,
     LabelValues,
     MetricSpec,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from daemon.images import ImageStore
+from daemon.images.store import ImageStore
 from protocol.errors import field_error
 from protocol.imagesize import ImageFormatError, ImageInfo, image_info
 from protocol.task import image_url

@@ -10,7 +10,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable
 
-from daemon.source_images import SourceImages
+from daemon.api.source_images import SourceImages
 from protocol import api, binding
 from protocol.task import TaskSpec
 from protocol.workflow import Catalog

@@ -1,6 +1,6 @@
 """Structured logs: one logfmt line per event on stderr (journald takes it from there).
 
-    time=2026-11-25T12:34:56.789Z level=info logger=daemon.tasks task_id=... prompt_id=...
+    time=2026-11-25T12:34:56.789Z level=info logger=daemon.tasks.actor task_id=... prompt_id=...
         backend=http://127.0.0.1:8188 msg="task completed: Xq3....png"
 
 `time` is UTC, and left out under journald (`JOURNAL_STREAM` set), which

@@ -36,9 +36,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from daemon.broadcast import Broadcaster, Snapshot
 from daemon.http.connection import SocketSink
 from daemon.http.types import BodyWriter, ClientGone
+from daemon.tasks.broadcast import Broadcaster, Snapshot
 from protocol.sse import encode_comment, encode_retry
 
 log = logging.getLogger(__name__)

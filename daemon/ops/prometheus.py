@@ -1,6 +1,6 @@
 """Prometheus metrics through the official client library, `prometheus-client`.
 
-This module knows nothing about the daemon; `daemon/metrics.py` says what is
+This module knows nothing about the daemon; `daemon/ops/metrics.py` says what is
 measured. What it adds to the library:
 
 - `MetricSpec`: a metric's name, type, help text and label names, the one

@@ -26,17 +26,17 @@ from typing import Any, Final
 
 import trio
 
-from daemon.broadcast import Broadcaster, Snapshot
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.routing import Signal
-from daemon.images import ImageStore, NotAnImage, StorageError, image_names_in
-from daemon.journal import Journal, TaskRecord
-from daemon.preview_throttle import PreviewThrottle
-from daemon.previews import PreviewStore
-from daemon.publish_pacer import PublishPacer
+from daemon.images.previews import PreviewStore
+from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
+from daemon.tasks.broadcast import Broadcaster, Snapshot
+from daemon.tasks.journal import Journal, TaskRecord
+from daemon.tasks.preview_throttle import PreviewThrottle
+from daemon.tasks.publish_pacer import PublishPacer
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
@@ -892,7 +892,7 @@ class TaskRegistry:
     ) -> TaskActor:
         """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec.
 
-        `client` is the key a per-client limit counts by (see daemon/clients.py).
+        `client` is the key a per-client limit counts by (see daemon/api/clients.py).
         Raises TooManyTasks or QueueFull when there is no room.
         """
         if self._nursery is None:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.backends_view import backends_json
-from daemon.binder import SpecFactory
-from daemon.clients import client_key, parse_networks
+from daemon.api.backends_view import backends_json
+from daemon.api.binder import SpecFactory
+from daemon.api.clients import client_key, parse_networks
+from daemon.api.preview_route import PreviewEndpoint
 from daemon.comfy.capabilities import needs_of
 from daemon.http.types import (
     BodyWriter,
@@ -23,13 +24,12 @@ from daemon.http.types import (
     error_response,
     json_response,
 )
-from daemon.images import StorageError
-from daemon.journal import JournalUnavailable
-from daemon.metrics import MetricsEndpoint
-from daemon.preview_route import PreviewEndpoint
+from daemon.images.store import StorageError
+from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
 from daemon.shared.store import published_capabilities
-from daemon.tasks import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
+from daemon.tasks.actor import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
+from daemon.tasks.journal import JournalUnavailable
 from protocol import api
 from protocol.errors import RequestError
 from protocol.sse import parse_last_event_id

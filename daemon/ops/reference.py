@@ -1,14 +1,14 @@
 """The README's reference tables, generated from the code so the two cannot drift apart.
 
-    python -m daemon.reference           # rewrite README.md's generated blocks (make docs)
-    python -m daemon.reference --check   # exit 1 if README.md is out of date
+    python -m daemon.ops.reference           # rewrite README.md's generated blocks (make docs)
+    python -m daemon.ops.reference --check   # exit 1 if README.md is out of date
 
 Each table lives between `<!-- BEGIN GENERATED name -->` and
 `<!-- END GENERATED name -->` in README.md:
 
 - `config`: every setting of `daemon.config.Config`: its key, environment
   variable, command-line flag, default and help text;
-- `metrics`: every metric of `daemon.metrics.METRICS`: name, type, labels, help.
+- `metrics`: every metric of `daemon.ops.metrics.METRICS`: name, type, labels, help.
 
 tests/daemon/test_reference.py fails when README.md and the code disagree.
 """
@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from daemon import config, metrics
+from daemon import config
+from daemon.ops import metrics
 
 README: Final = config.REPO_ROOT / "README.md"
 _BLOCK = re.compile(
@@ -135,7 +136,7 @@ def update(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.reference", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m daemon.ops.reference", description=__doc__)
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The HTTP face of the daemon: routes, request checks, SSE streams."""

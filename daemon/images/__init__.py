@@ -1,0 +1,1 @@
+"""Images: the generated-image store, its retention, and live previews."""

@@ -1,0 +1,1 @@
+"""Operations: systemd, metrics, logs, the loop monitor and the reference docs."""
