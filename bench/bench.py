@@ -18,7 +18,10 @@ JSON (artifacts/bench.json):
 - burst            1 task, 100 subscribers, 5,000 frames within 30 ms
 - idle             5,000 open streams: the daemon's RSS growth per stream
 - soak_10k         10,000 streams on one task, 20 steps/s for 60 s (counts only)
-- generate         POST /generate, 2,000 requests, 50 in flight, keep-alive, held queued
+- generate         POST /generate, 2,000 requests, 50 in flight, keep-alive, held queued;
+                   twice, each on a fresh daemon: as shipped (the daemon's queue holds
+                   the prompts; ComfyUI gets two at a time), and with every prompt
+                   handed to the fake ComfyUI, which holds them all queued
 - new requests     GET /healthz on a new connection every 20 ms while the streams of
                    fanout_parallel and idle are open
 
@@ -46,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -55,6 +58,8 @@ from typing import Any
 from bench import load
 from bench.figures import format_row, ms_summary, summarise_profile
 from bench.processes import (
+    DAEMON_SETTINGS,
+    EVERY_PROMPT_TO_COMFY,
     Address,
     CpuSampler,
     Daemon,
@@ -82,14 +87,15 @@ class Bench:
     results: list[dict[str, Any]] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def profiling(self, name: str) -> Iterator[None]:
+    def profiling(self, name: str, daemon: Daemon | None = None) -> Iterator[None]:
         """py-spy on the daemon while the block runs (with --profile)."""
         if self.profile_dir is None:
             yield
             return
-        path = self.profile_dir / f"{name.replace(' ', '_')}.txt"
+        pid = (daemon or self.daemon).pid
+        path = self.profile_dir / f"{name.replace(' ', '_').replace(',', '')}.txt"
         spy = subprocess.Popen(
-            [Path(sys.executable).parent / "py-spy", "record", "--pid", str(self.daemon.pid),
+            [Path(sys.executable).parent / "py-spy", "record", "--pid", str(pid),
              "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -328,32 +334,35 @@ class Bench:
         }
         self.report(row)
 
-    def generate(self, requests: int, in_flight: int, workers: int = 2) -> None:
+    def generate(
+        self, daemon: Daemon, name: str, shape: str, requests: int, in_flight: int, workers: int = 2
+    ) -> None:
+        """POST /generate to a fresh `daemon`; the fake ComfyUI holds every prompt queued."""
         share = requests // workers
         first = self.next_task
         self.next_task += requests
         pool = self.start_workers(
             load.generate_worker,
             [
-                (self.daemon.address, in_flight // workers, share, first + i * share)
+                (daemon.address, in_flight // workers, share, first + i * share)
                 for i in range(workers)
             ],
         )
-        with self.profiling("generate"):
-            cpu0 = self.daemon.cpu_seconds()
+        with self.profiling(name, daemon):
+            cpu0 = daemon.cpu_seconds()
             for _, pipe in pool:
                 pipe.send(("go",))
             outcomes = []
             for process, pipe in pool:
                 outcomes.append(pipe.recv())
                 process.join()
-        cpu = self.daemon.cpu_seconds() - cpu0
+        cpu = daemon.cpu_seconds() - cpu0
         latencies = [x for o in outcomes for x in o[3]]
         wall = max(o[2] for o in outcomes)
         client_load = max(o[1] / o[2] for o in outcomes)
         row = {
-            "scenario": "generate",
-            "shape": f"POST /generate x {requests}, {in_flight} in flight, keep-alive",
+            "scenario": name,
+            "shape": f"POST /generate x {requests}, {in_flight} in flight, keep-alive, {shape}",
             "answered_202": len(latencies),
             "failed": sum(o[4] for o in outcomes),
             "req_per_s": round(len(latencies) / wall),
@@ -371,6 +380,20 @@ SCENARIOS = (
 )  # fmt: skip
 
 
+# POST /generate on a fresh daemon each: (row name, what holds the prompts, settings).
+GENERATE_RUNS = (
+    # The daemon as shipped: its own queue holds what ComfyUI has no room for
+    # (backend_max_pending=2: ComfyUI holds two, the daemon the rest).
+    ("generate", "held queued by the daemon (default)", DAEMON_SETTINGS),
+    # Every prompt POSTed to the fake ComfyUI, which holds them all queued.
+    (
+        "generate (every prompt to ComfyUI)",
+        "held queued by ComfyUI",
+        DAEMON_SETTINGS + EVERY_PROMPT_TO_COMFY,
+    ),
+)
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     scale = args.scale
     only = set(args.only or SCENARIOS)
@@ -378,43 +401,62 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def n(value: int) -> int:
         return max(1, int(value * scale))
 
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="comfy-progress-bench-") as tmp,
         fake_comfy() as comfy,
-        daemon_process(Path(tmp), comfy) as daemon,
     ):
-        sampler = CpuSampler(daemon)
-        sampler.start()
-        profile_dir = Path(args.profile) if args.profile else None
-        if profile_dir is not None:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-        bench = Bench(daemon, comfy, sampler, profile_dir)
-        stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
-            "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
-            "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
-            "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
-            "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
-        }
-        if "floor" in only:
-            bench.floor()
-        if "idle" in only:
-            bench.idle(n(5000))  # first: RSS growth means most on a fresh daemon
-        for name, (tasks, per_task, spec, probe) in stream_scenarios.items():
-            if name not in only:
-                continue
-            row = bench.streams(name, tasks, per_task, spec, probe=probe)
-            saturated = row["client_saturated"] or row["machine_saturated"]
-            if saturated and not args.no_halve and per_task >= 10:
-                bench.streams(f"{name} (halved)", tasks, per_task // 2, spec, probe=probe)
-        if "soak_10k" in only:
-            # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
-            # with `complete`; counts only (a full record would not fit the client).
-            spec = {"steps": 1200, "rate": 20}
-            bench.streams("soak_10k", 1, n(10_000), spec, probe=True, light=True)
+        results: list[dict[str, Any]] = []
+        next_task = 0
+        if only - {"generate"}:
+            with daemon_process(
+                Path(tmp) / "streams", comfy, DAEMON_SETTINGS + EVERY_PROMPT_TO_COMFY
+            ) as daemon:
+                sampler = CpuSampler(daemon)
+                sampler.start()
+                bench = Bench(daemon, comfy, sampler, profile_dir)
+                run_streams(bench, args, only, n)
+                sampler.stop.set()
+                results += bench.results
+                next_task = bench.next_task
         if "generate" in only:
-            bench.generate(n(2000), 50)
-        sampler.stop.set()
-        return bench.results
+            for name, holder, settings in GENERATE_RUNS:
+                with daemon_process(Path(tmp) / f"generate-{next_task}", comfy, settings) as daemon:
+                    bench = Bench(daemon, comfy, CpuSampler(daemon), profile_dir, next_task)
+                    bench.generate(daemon, name, holder, n(2000), 50)
+                    results += bench.results
+                    next_task = bench.next_task
+        return results
+
+
+def run_streams(
+    bench: Bench, args: argparse.Namespace, only: set[str], n: Callable[[int], int]
+) -> None:
+    """Every scenario but generate, on one daemon that hands ComfyUI every prompt."""
+    stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
+        "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
+        "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
+        "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
+        "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
+    }
+    if "floor" in only:
+        bench.floor()
+    if "idle" in only:
+        bench.idle(n(5000))  # first: RSS growth means most on a fresh daemon
+    for name, (tasks, per_task, spec, probe) in stream_scenarios.items():
+        if name not in only:
+            continue
+        row = bench.streams(name, tasks, per_task, spec, probe=probe)
+        saturated = row["client_saturated"] or row["machine_saturated"]
+        if saturated and not args.no_halve and per_task >= 10:
+            bench.streams(f"{name} (halved)", tasks, per_task // 2, spec, probe=probe)
+    if "soak_10k" in only:
+        # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
+        # with `complete`; counts only (a full record would not fit the client).
+        spec = {"steps": 1200, "rate": 20}
+        bench.streams("soak_10k", 1, n(10_000), spec, probe=True, light=True)
 
 
 def main() -> int:

@@ -53,10 +53,10 @@ def format_row(row: dict[str, Any]) -> str:
             f"new request p50 {probe['p50_ms']} ms p99 {probe['p99_ms']} ms "
             f"({probe['count']} probes, {probe['failed']} failed)"
         )
-    if name == "generate":
+    if name.startswith("generate"):
         lat = row["latency"]
         return (
-            f"{name:<24} {row['shape']}: {row['req_per_s']} req/s, p50 {lat['p50_ms']} ms "
+            f"{name}\n{'':<24} {row['shape']}: {row['req_per_s']} req/s, p50 {lat['p50_ms']} ms "
             f"p99 {lat['p99_ms']} ms max {lat['max_ms']} ms, {row['failed']} failed; "
             f"daemon {row['cpu_us_per_request']} us CPU per request; client CPU {row['client_cpu']}"
             + (" (client-saturated)" if row["client_saturated"] else "")

@@ -22,11 +22,11 @@ DAEMON_SETTINGS = (
     "max_tasks=20000",
     # The generate scenario holds 2,000 prompts queued at once.
     "max_queued_tasks=20000",
-    # The fake ComfyUI holds every prompt of a scenario in its own queue and then
-    # plays them at once: the daemon must hand them all over, not two at a time.
-    "backend_max_pending=20000",
     "queue_poll_interval=1",
 )
+# The fake ComfyUI holds every prompt of a scenario in its own queue and then
+# plays them at once: the daemon must hand them all over, not two at a time.
+EVERY_PROMPT_TO_COMFY = ("backend_max_pending=20000",)
 Address = tuple[str, int]
 
 
@@ -98,15 +98,18 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon_process(data_dir: Path, comfy: Address) -> Iterator[Daemon]:
+def daemon_process(
+    data_dir: Path, comfy: Address, settings: tuple[str, ...] = DAEMON_SETTINGS
+) -> Iterator[Daemon]:
     port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "daemon.log"
     command = [
         sys.executable, "-m", "daemon.cli", "serve",
         "--listen", f"127.0.0.1:{port}",
         "--comfy-url", f"http://{comfy[0]}:{comfy[1]}",
         "--data-dir", str(data_dir),
-        *(arg for setting in DAEMON_SETTINGS for arg in ("--set", setting)),
+        *(arg for setting in settings for arg in ("--set", setting)),
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
