@@ -6,6 +6,13 @@ next, so the GPU never idles between prompts and the order stays ours).
 Whenever something changes (a `status` frame, a connect, a reading, a new
 task), the least loaded backend with room takes the oldest waiting task it
 can run; a task only another backend can run does not hold up the line.
+
+Costs stay flat with a long queue: a new ticket is told its own position
+only (nobody else's changed), the positions behind a ticket that left are
+told once per batch of departures (a shutdown that cancels a thousand
+waiting tasks tells each position once, not a thousand times), and tasks
+waiting for a backend that can run them are woken only when what the
+backends can run changed (`availability`), not on every `status` frame.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import trio
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs
 from daemon.comfy.pool import BackendPool
+from daemon.comfy.routing import Signal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +48,13 @@ class Dispatcher:
         self.pool = pool
         self.max_pending = max_pending
         self._waiting: list[Ticket] = []
+        # Tickets from this index on may have been told an outdated position.
+        self._stale_from = 0
         self.dispatched = 0
+        # Fired when a backend started or stopped taking work, or what it can run
+        # changed: then `runnable_now` may answer differently.
+        self.availability = Signal()
+        self._available: tuple[object, ...] = ()
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -50,11 +64,30 @@ class Dispatcher:
         while True:
             await self.pool.changed.wait()
             self.dispatch()
+            available = self._availability()
+            if available != self._available:
+                self._available = available
+                self.availability.fire()
+
+    def _availability(self) -> tuple[object, ...]:
+        """What `runnable_now` depends on. The connection counter, not the state:
+        a disconnect and reconnect between two looks still counts as a change."""
+        pool = self.pool
+        return tuple(
+            (
+                b.connected_changed.count,
+                b.is_connected(),
+                b.queue_remaining is None,
+                pool.capabilities.get(b.name),
+            )
+            for b in pool.backends
+        )
 
     async def take(self, ticket: Ticket) -> ComfyBackend:
         """Wait in line until a backend is handed to this ticket (reserved for it: the
         caller submits, then calls `release`)."""
         self._waiting.append(ticket)
+        self._stale_from = min(self._stale_from, len(self._waiting) - 1)
         try:
             self.dispatch()
             await ticket.assigned.wait()
@@ -63,9 +96,11 @@ class Dispatcher:
                 self.release(ticket.backend)
             raise
         finally:
-            if ticket in self._waiting:
-                self._waiting.remove(ticket)
-                self._positions()
+            if ticket.backend is None:  # still in line (dispatch() takes it out as it assigns)
+                self._drop(ticket)
+                # Those behind it learn their positions when the dispatcher looks
+                # again: once for every ticket that left meanwhile.
+                self.pool.changed.fire()
         assert ticket.backend is not None
         return ticket.backend
 
@@ -81,7 +116,7 @@ class Dispatcher:
             if chosen is None:
                 break
             backend, ticket = chosen
-            self._waiting.remove(ticket)
+            self._drop(ticket)
             backend.reserved += 1
             ticket.backend = backend
             ticket.assigned.set()
@@ -99,11 +134,20 @@ class Dispatcher:
                     return backend, ticket
         return None
 
+    def _drop(self, ticket: Ticket) -> None:
+        index = self._waiting.index(ticket)
+        del self._waiting[index]
+        self._stale_from = min(self._stale_from, index)
+
     def _positions(self) -> None:
-        for ahead, ticket in enumerate(self._waiting):
+        """Tell every ticket whose position changed its new one."""
+        waiting = self._waiting
+        for ahead in range(self._stale_from, len(waiting)):
+            ticket = waiting[ahead]
             if ticket.ahead != ahead:
                 ticket.ahead = ahead
                 ticket.on_position(ahead)
+        self._stale_from = len(waiting)
 
     def runnable_now(self, needs: Needs) -> bool:
         """Is some connected, read backend able to run this (room or not)?"""

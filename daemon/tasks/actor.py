@@ -352,7 +352,7 @@ class TaskActor:
         """`backend_wait_timeout` without any backend that could run this task: give up."""
         while True:
             if self.dispatcher.runnable_now(ticket.needs):
-                await self.pool.changed.wait()
+                await self.dispatcher.availability.wait()
                 continue
             reasons = self.pool.why_nowhere(ticket.needs)
             if reasons is not None and len(reasons) == len(self.pool.backends):
@@ -369,7 +369,7 @@ class TaskActor:
             self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
             with trio.move_on_after(self.settings.backend_wait_timeout):
                 while not self.dispatcher.runnable_now(ticket.needs):
-                    await self.pool.changed.wait()
+                    await self.dispatcher.availability.wait()
             if not self.dispatcher.runnable_now(ticket.needs):
                 self.handle(
                     task.Failed(

@@ -1,0 +1,71 @@
+"""The daemon's queue stays cheap when it is long: positions are told once per change,
+and tasks waiting for a capable backend are not woken by every `status` frame."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from daemon.comfy.backend import BackendSettings
+from daemon.comfy.capabilities import Needs
+from daemon.comfy.dispatch import Dispatcher, Ticket
+from daemon.comfy.pool import BackendPool
+from daemon.simulator import SimulatorConfig
+from tests.daemon.harness import running_pool
+from tests.daemon.test_pool import actor_of, wait_until
+
+NEEDS = Needs(frozenset({"KSampler"}), frozenset())
+
+
+def unreachable_pool() -> BackendPool:
+    """One backend that is never connected (the pool is not run): every ticket waits."""
+    return BackendPool.from_urls(
+        ["http://127.0.0.1:9"], BackendSettings(url=""), data_dir=None, classes=("KSampler",)
+    )
+
+
+async def test_positions_behind_a_batch_of_departures_are_told_once() -> None:
+    dispatcher = Dispatcher(unreachable_pool(), max_pending=2)
+    told: defaultdict[int, list[int]] = defaultdict(list)
+    async with trio.open_nursery() as outer:
+        await outer.start(dispatcher.run)
+        async with trio.open_nursery() as leaving:
+            for number in range(20):
+                ticket = Ticket(f"task-{number}", NEEDS, on_position=told[number].append)
+                group = outer if number == 19 else leaving
+                group.start_soon(dispatcher.take, ticket)
+                await trio.testing.wait_all_tasks_blocked()
+            # A new ticket is told its own position; nobody else's changed.
+            assert dict(told) == {n: [n] for n in range(20)}
+            leaving.cancel_scope.cancel()  # 19 leave at once (as at a shutdown)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(dispatcher) == 1
+        # Told once after the batch, not once per ticket that left ahead of it.
+        assert told[19] == [19, 0]
+        outer.cancel_scope.cancel()
+
+
+async def test_status_frames_do_not_wake_tasks_waiting_for_a_capable_backend(
+    tmp_path: Path,
+) -> None:
+    config = SimulatorConfig(step_time=0.01)
+    async with running_pool(tmp_path, [config], backend_max_pending=1) as pool:
+        await pool.all_read()
+        dispatcher = pool.app.dispatcher
+        # A first task: the dispatcher has looked at the backend as it is now.
+        await actor_of(pool, await pool.generate(seed=0)).finished.wait()
+        available, changes = dispatcher.availability.count, pool.app.pool.changed.count
+        assert available > 0
+        actors = [actor_of(pool, await pool.generate(seed=n)) for n in range(1, 4)]
+        for actor in actors:
+            await actor.finished.wait()
+        # The queue changed many times (two of the three waited in ours); what the
+        # backend can run did not, so nothing woke those waiting for a capable one.
+        assert pool.app.pool.changed.count > changes + 3
+        assert dispatcher.availability.count == available
+        pool.simulators[0].reject_connections(3600)  # the backend goes away
+        await wait_until(pool, lambda: dispatcher.availability.count > available)
+        assert not dispatcher.runnable_now(NEEDS)
