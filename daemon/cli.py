@@ -98,6 +98,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
+    from daemon.ops.gc_tuning import tune_gc
     from daemon.ops.systemd import SocketActivationError, Systemd
     from daemon.workflow_files import WorkflowFileError
 
@@ -129,6 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         systemd.close()
         print(f"comfy-progress: workflow error: {exc}", file=sys.stderr)
         return 2
+    tune_gc()
     status = 0
     try:
         trio.run(serve_until_signalled, app)
