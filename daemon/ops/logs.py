@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Final, TextIO
@@ -40,23 +41,37 @@ def _escape(char: str) -> str:
     return char
 
 
+# Every character _escape changes, for str.translate (one C loop, not one call per character).
+_ESCAPE_TABLE: Final = {
+    code: _escape(chr(code))
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *map(ord, _ESCAPES))
+}
+# Bare values: word characters (str.isalnum() or "_") and -.:/@
+_BARE: Final = re.compile(r"[\w\-.:/@]+")
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text and all(c.isalnum() or c in "-_.:/@" for c in text):
+    if _BARE.fullmatch(text):
         return text
-    return '"' + "".join(_escape(c) for c in text) + '"'
+    return '"' + text.translate(_ESCAPE_TABLE) + '"'
 
 
 class LogfmtFormatter(logging.Formatter):
     def __init__(self, *, with_time: bool) -> None:
         super().__init__()
         self.with_time = with_time
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = []
         if self.with_time:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            parts.append(f"time={stamp}.{int(record.msecs):03d}Z")
+            second = int(record.created)
+            if second != self._second:  # one strftime per second, not per line
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            parts.append(f"time={self._stamp}.{int(record.msecs):03d}Z")
         parts.append(f"level={record.levelname.lower()}")
         parts.append(f"logger={record.name}")
         for name in CONTEXT_FIELDS:
