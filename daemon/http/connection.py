@@ -14,6 +14,7 @@ import os
 import socket as stdlib_socket
 import sys
 import termios
+import time
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
@@ -44,6 +45,18 @@ def reason_phrase(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
+
+
+_date_cache: tuple[int, bytes] = (-1, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header's value, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]
 
 
 class H11Connection:
@@ -134,20 +147,27 @@ class H11Connection:
         Sends ``100 Continue`` when the client waits for it before its body.
         """
         while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                if self.h11.they_are_waiting_for_100_continue:
-                    await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-                await self.receive()
-            elif event is h11.PAUSED:
-                # The server answers each request before reading the next one,
-                # and start_next_cycle() clears PAUSED; reaching this is a bug.
-                raise RuntimeError("h11 is PAUSED: next_event() called after the request ended")
-            else:
-                assert isinstance(event, h11.Event)
-                if isinstance(event, h11.Request):
-                    self._request_method = event.method
+            event = self.buffered_event()
+            if event is not None:
                 return event
+            if self.h11.they_are_waiting_for_100_continue:
+                await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.receive()
+
+    def buffered_event(self) -> h11.Event | None:
+        """The next event if h11 can make it from the input it holds; None when it
+        needs more (no I/O: a caller can skip its read timeout when this answers)."""
+        event = self.h11.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        if event is h11.PAUSED:
+            # The server answers each request before reading the next one,
+            # and start_next_cycle() clears PAUSED; reaching this is a bug.
+            raise RuntimeError("h11 is PAUSED: next_event() called after the request ended")
+        assert isinstance(event, h11.Event)
+        if isinstance(event, h11.Request):
+            self._request_method = event.method
+        return event
 
     async def wait_until_peer_leaves(self) -> None:
         """Read and drop input until EOF or a connection error.
@@ -193,6 +213,12 @@ class H11Connection:
         if isinstance(events[0], h11.Response):
             self.chunked_body = b"\r\ntransfer-encoding: chunked\r\n" in parts[0].lower()
         data = memoryview(b"".join(parts))
+        # What the socket takes at once needs no timeout, nor a trip through the
+        # scheduler (the common case: a whole small response).
+        taken = self._write_nowait(data)
+        if taken == len(data):
+            return
+        data = data[taken:]
         try:
             for start in range(0, len(data), WRITE_SLICE):
                 with trio.fail_after(self._limits.write_timeout):
@@ -203,6 +229,19 @@ class H11Connection:
         except BaseException:
             self._mark_send_failed()
             raise
+
+    def _write_nowait(self, data: memoryview) -> int:
+        """Write what a plain TCP socket takes now; 0 for other streams."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream) or not data:
+            return 0
+        try:
+            return os.write(stream.socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # the peer is gone (or the socket closed under us)
+            self._mark_send_failed()
+            raise ConnectionLost(type(exc).__name__) from None
 
     def _mark_send_failed(self) -> None:
         self._broken = True
@@ -232,7 +271,7 @@ class H11Connection:
             seen.add(lower)
             out.append((name.encode("ascii"), value.encode("latin-1")))
         if "date" not in seen:
-            out.append((b"date", formatdate(usegmt=True).encode("ascii")))
+            out.append((b"date", _http_date()))
         if "server" not in seen and self._server_header:
             out.append((b"server", self._server_header.encode("latin-1")))
         if content_length is not None:

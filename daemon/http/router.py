@@ -40,6 +40,7 @@ from daemon.http.types import (
 # (method, route pattern or None when no route matched, status)
 RouteObserver: TypeAlias = Callable[[str, str | None, int], None]
 
+_FOUND_CACHE_SIZE = 256  # lookups kept (targets with ids in them do not repeat)
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
 
 
@@ -109,6 +110,9 @@ class Router:
     def __init__(self, *, observer: RouteObserver | None = None) -> None:
         self._routes: list[_Route] = []
         self._observer = observer
+        # Lookups by (method, target): the server asks for the body limit, then
+        # the router serves the same request; and most targets repeat.
+        self._found: dict[tuple[str, str], tuple[_Route, dict[str, str]] | list[str]] = {}
 
     def add(
         self, method: str, pattern: str, handler: Handler, *, max_body: int | None = None
@@ -121,6 +125,7 @@ class Router:
         if max_body is not None and max_body < 0:
             raise ValueError("max_body must not be negative")
         self._routes.append(_Route(method.upper(), pattern, _compile(pattern), handler, max_body))
+        self._found.clear()
 
     def body_limit_for(self, method: str, target: str) -> int | None:
         """The body limit of the route that would serve this request, if it has one."""
@@ -132,7 +137,11 @@ class Router:
         found = self._find(request.method, request.target)
         if isinstance(found, tuple):
             route, params = found
-            routed = dataclasses.replace(request, path_params=MappingProxyType(params))
+            routed = (
+                dataclasses.replace(request, path_params=MappingProxyType(params))
+                if params or request.path_params
+                else request
+            )
             try:
                 result = await route.handler(routed)
             except Exception:
@@ -153,7 +162,17 @@ class Router:
             self._observer(method, pattern, status)
 
     def _find(self, method: str, target: str) -> tuple[_Route, dict[str, str]] | list[str]:
-        """The route and its parameters, or the methods allowed on this path (maybe none)."""
+        """The route and its parameters, or the methods allowed on this path (maybe none).
+        Callers only read what this returns: it may be handed out again."""
+        key = (method, target)
+        found = self._found.get(key)
+        if found is None:
+            if len(self._found) >= _FOUND_CACHE_SIZE:
+                self._found.clear()
+            found = self._found[key] = self._lookup(method, target)
+        return found
+
+    def _lookup(self, method: str, target: str) -> tuple[_Route, dict[str, str]] | list[str]:
         try:
             segments = path_segments(split_target(target)[0])
         except BadTarget:

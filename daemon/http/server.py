@@ -294,16 +294,20 @@ class HttpServer:
             idle_deadline = head_deadline
         else:
             idle_deadline = trio.current_time() + limits.keep_alive_timeout
-        if not connection.has_unread_input and not await self._wait_for_input(
-            connection, idle_deadline
-        ):
+        if connection.has_unread_input:
+            # Pipelined: served without waiting, so let others run first.
+            await trio.lowlevel.checkpoint()
+        elif not await self._wait_for_input(connection, idle_deadline):
             return None
         if not first:
             # Keep-alive requests get their head timeout from their first byte.
             head_deadline = trio.current_time() + limits.header_read_timeout
         try:
-            with trio.fail_at(head_deadline):
-                event = await connection.next_event()
+            # A timeout scope only when there is something to wait for.
+            event = connection.buffered_event()
+            if event is None:
+                with trio.fail_at(head_deadline):
+                    event = await connection.next_event()
             if isinstance(event, h11.ConnectionClosed):
                 return None
             if not isinstance(event, h11.Request):
@@ -311,20 +315,32 @@ class HttpServer:
             if connection.head_size > limits.max_header_bytes:
                 # h11 only bounds *incomplete* heads; a whole one can arrive in one read.
                 raise _Rejected(431)
-            request = self._request_from_head(event, peer)
-            limit = self._body_limit_for(request.method, request.target)
+            method, target, path, query = self._request_line(event)
+            limit = self._body_limit_for(method, target)
             declared = _declared_length(event)
             if declared is not None and declared > limit:
                 # Refused before reading (and before 100 Continue is sent).
                 raise _Rejected(413)
-            with trio.fail_after(limits.body_read_timeout):
-                body = await self._read_body(connection, limit)
+            body = await self._read_body(
+                connection, limit, trio.current_time() + limits.body_read_timeout
+            )
         except h11.RemoteProtocolError as exc:
             logger.debug("bad request from %s: %s", peer, exc)
             raise _Rejected(exc.error_status_hint) from None
         except trio.TooSlowError:
             raise _Rejected(408) from None
-        return dataclasses.replace(request, body=body)
+        return Request(
+            method=method,
+            target=target,
+            path=path,
+            query=query,
+            headers=Headers(
+                (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
+            ),
+            body=body,
+            peer=peer,
+            http_version=event.http_version.decode("ascii"),
+        )
 
     async def _wait_for_input(self, connection: H11Connection, deadline: float) -> bool:
         """Wait (idle) for the first bytes of a request; False on timeout or shutdown."""
@@ -338,11 +354,15 @@ class HttpServer:
                 self._idle_scopes.discard(idle_scope)
         return not idle_scope.cancelled_caught
 
-    async def _read_body(self, connection: H11Connection, limit: int) -> bytes:
+    async def _read_body(self, connection: H11Connection, limit: int, deadline: float) -> bytes:
+        """The whole body, by `deadline` (TooSlowError otherwise)."""
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await connection.next_event()
+            event = connection.buffered_event()
+            if event is None:
+                with trio.fail_at(deadline):
+                    event = await connection.next_event()
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -356,7 +376,9 @@ class HttpServer:
             else:
                 raise RuntimeError(f"unexpected {event!r} while reading a request body")
 
-    def _request_from_head(self, event: h11.Request, peer: str) -> Request:
+    @staticmethod
+    def _request_line(event: h11.Request) -> tuple[str, str, str, Mapping[str, str]]:
+        """(method, target, decoded path, query) of a request head; 400 for a bad path."""
         # h11 guarantees ASCII for the method, target and header names.
         target = event.target.decode("ascii")
         raw_path, raw_query = split_target(target)
@@ -364,18 +386,7 @@ class HttpServer:
             path = decode_path(raw_path)
         except BadTarget:
             raise _Rejected(400) from None
-        return Request(
-            method=event.method.decode("ascii"),
-            target=target,
-            path=path,
-            query=parse_query(raw_query),
-            headers=Headers(
-                (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
-            ),
-            body=b"",
-            peer=peer,
-            http_version=event.http_version.decode("ascii"),
-        )
+        return event.method.decode("ascii"), target, path, parse_query(raw_query)
 
     def _body_limit_for(self, method: str, target: str) -> int:
         handler: object = self._handler  # the hook is optional: check at run time

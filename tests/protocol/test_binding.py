@@ -15,6 +15,7 @@ from protocol.binding import (
     bind,
     check_request,
     check_source,
+    copy_graph,
     draw_seed,
     task_spec,
 )
@@ -71,6 +72,24 @@ def test_bind_puts_each_value_into_its_inputs_and_leaves_the_template_alone() ->
     assert workflow.graph["5"]["inputs"]["width"] == 512
     graph["3"]["inputs"]["model"].append("x")
     assert workflow.graph["3"]["inputs"]["model"] == ["4", 0]  # nothing shared
+
+
+def test_copy_graph_is_deep_keeps_types_and_carries_what_marshal_cannot() -> None:
+    link = ["4", 0]
+    graph = {"3": {"inputs": {"seed": 2**64 - 1, "cfg": 7.0, "tiled": True, "a": link, "b": link}}}
+    copied = copy_graph(graph)
+    assert copied == graph
+    inputs = copied["3"]["inputs"]
+    assert (type(inputs["cfg"]), type(inputs["tiled"])) == (float, bool)
+    assert inputs["a"] is inputs["b"]  # shared as deepcopy shares it
+    inputs["a"].append("x")
+    assert link == ["4", 0]  # nothing shared with the original
+
+    class Opaque:
+        pass
+
+    odd = {"1": {"inputs": {"value": Opaque()}}}
+    assert copy_graph(odd)["1"]["inputs"]["value"] is not odd["1"]["inputs"]["value"]
 
 
 def test_inpainting_binds_the_source_and_the_area() -> None:

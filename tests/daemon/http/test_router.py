@@ -100,6 +100,20 @@ async def test_get_on_a_head_only_route_is_405() -> None:
     assert dict(response.headers)["allow"] == "HEAD"
 
 
+async def test_lookups_are_remembered_until_a_route_is_added() -> None:
+    r = router()
+    for _ in range(2):  # the second answer comes from what the first lookup found
+        status, data, _ = await call(r, "GET", "/tasks/abc")
+        assert (status, data["params"]) == (200, {"task_id": "abc"})
+    assert (await call(r, "GET", "/late"))[0] == 404
+    r.add("GET", "/late", tagging("late"))
+    status, data, _ = await call(r, "GET", "/late")
+    assert (status, data["tag"]) == (200, "late")
+    for n in range(300):  # more distinct targets than are kept: still each its own answer
+        _, data, _ = await call(r, "GET", f"/tasks/t{n}")
+        assert data["params"] == {"task_id": f"t{n}"}
+
+
 def test_body_limits_come_from_the_matching_route() -> None:
     r = router()
     assert r.body_limit_for("POST", "/generate") == 64 * 1024

@@ -8,6 +8,7 @@ import logging
 import h11
 import pytest
 import trio
+import trio.testing
 
 from daemon.http import (
     HttpLimits,
@@ -21,6 +22,8 @@ from daemon.http import (
 from tests.daemon.http.helpers import H11Client, header, read_until_eof, start_server
 
 SMALL_BODY_LIMIT = 1024
+# More than a loopback socket takes at once: written partly at once, the rest as it drains.
+HUGE_BODY = bytes(range(256)) * (32 * 1024 * 4)
 
 
 class Boom(RuntimeError):
@@ -57,6 +60,9 @@ def make_app(seen: list[Request] | None = None) -> Router:
     async def no_content(request: Request) -> Response:
         return Response(204, [], b"ignored")
 
+    async def huge(request: Request) -> Response:
+        return Response(200, [("content-type", "application/octet-stream")], HUGE_BODY)
+
     router = Router()
     router.add("GET", "/hello/{name}", hello)
     router.add("POST", "/echo", echo)
@@ -66,6 +72,7 @@ def make_app(seen: list[Request] | None = None) -> Router:
     router.add("GET", "/bad-header", bad_header)
     router.add("GET", "/not-a-response", not_a_response)
     router.add("GET", "/no-content", no_content)
+    router.add("GET", "/huge", huge)
     return router
 
 
@@ -133,6 +140,23 @@ async def test_keep_alive_serves_two_requests_on_one_connection(nursery: trio.Nu
     assert json.loads(second_body)["name"] == "two"
     assert header(first, "connection") is None
     assert seen[0].peer == seen[1].peer  # the same connection
+
+
+async def test_a_response_larger_than_the_socket_takes_arrives_whole(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        await client.send_request("GET", "/huge")
+        # The server wrote what the socket took and waits for the rest to drain.
+        await trio.testing.wait_all_tasks_blocked()
+        head, body = await client.read_response()
+        assert head.status_code == 200
+        assert body == HUGE_BODY
+        client.h11.start_next_cycle()
+        again, _ = await client.request("GET", "/hello/after")  # the connection is intact
+        assert again.status_code == 200
 
 
 async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
