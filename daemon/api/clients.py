@@ -57,7 +57,7 @@ def _trusted(address: Address | None, trusted: Sequence[Network]) -> bool:
 def client_address(headers: Headers, peer: str, trusted: Sequence[Network]) -> str:
     """The client's address: the peer's, or what a trusted proxy says it is."""
     host = peer_host(peer)
-    if not _trusted(_address(host), trusted):
+    if not trusted or not _trusted(_address(host), trusted):  # no proxy trusted: no parsing
         return host
     hops = [hop.strip() for value in headers.get_all("x-forwarded-for") for hop in value.split(",")]
     for hop in reversed(hops):
