@@ -24,10 +24,13 @@ class Headers:
     kept as given (h11 hands them over lower-cased).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_first", "_items")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: tuple[tuple[str, str], ...] = tuple(items)
+        # Lower-cased name -> its first value, made on the first get(): a request's
+        # headers are looked up ten times or so, each a scan of them all otherwise.
+        self._first: dict[str, str] | None = None
 
     @overload
     def get(self, name: str) -> str | None: ...
@@ -35,11 +38,12 @@ class Headers:
     def get(self, name: str, default: str) -> str: ...
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of header `name`, or `default` when it is absent."""
-        wanted = name.lower()
-        for key, value in self._items:
-            if key.lower() == wanted:
-                return value
-        return default
+        first = self._first
+        if first is None:
+            first = self._first = {}
+            for key, value in self._items:
+                first.setdefault(key.lower(), value)
+        return first.get(name.lower(), default)
 
     def get_all(self, name: str) -> list[str]:
         """Every value of header `name`, in order (empty when absent)."""
