@@ -278,13 +278,16 @@ class Journal:
     async def flush(self) -> None:
         """Wait until everything recorded before this call is written.
 
-        Raises JournalUnavailable when a write that covered it failed (the
-        flusher keeps retrying; a later flush may succeed). Later records do
-        not hold us up, so a busy journal cannot starve a flush.
+        Raises JournalUnavailable while the journal cannot write: when the write
+        that covered it failed, and also when a write failed that it came too
+        late for (its own would be tried only at the retry, a second later,
+        and meanwhile its task would run as if accepted). The flusher keeps
+        retrying; a later flush may succeed. Later records do not hold us up,
+        so a busy journal cannot starve a flush.
         """
         target = self._recorded
         while self._written < target:
-            if self._failure is not None and self._failure[0] >= target:
+            if self._failure is not None:
                 raise JournalUnavailable(self._failure[1])
             if self._closed:
                 raise JournalUnavailable(f"the journal {self.path} is closed")

@@ -131,3 +131,50 @@ async def test_generate_answers_503_when_the_journal_cannot_write(tmp_path: Path
     error = refused[0].state.error
     assert error is not None
     assert error.code == "cancelled"
+
+
+async def test_tasks_created_at_once_are_each_journalled_before_their_202(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path) as daemon:
+            journal = daemon.app.journal
+            journalled_at_202: list[bool] = []
+
+            async def create() -> None:
+                task_id = await daemon.generate()
+                # The answer has arrived: its task must be on disk already.
+                on_disk = {r.task_id for r in await journal.load()}
+                journalled_at_202.append(task_id in on_disk)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(create)
+            assert journalled_at_202 == [True] * 20
+
+
+async def test_tasks_created_at_once_each_answer_503_when_the_commit_fails(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path) as daemon:
+            await make_journal_read_only(daemon.app.journal)
+            responses = []
+
+            async def create() -> None:
+                responses.append(await daemon.request("POST", "/generate", {"prompt": "a fox"}))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(create)
+            # Each task made was taken back, none ran as if accepted (before, a task
+            # that came too late for the failed write waited for the retry a
+            # second later, and ran to its end meanwhile).
+            for actor in daemon.app.registry.actors():
+                await actor.finished.wait()
+                assert actor.state.cancel_requested
+                assert actor.state.error is not None
+                assert actor.state.error.code == "cancelled"
+    assert [r.status for r in responses] == [503] * 5
+    for response in responses:
+        assert "readonly database" in response.json()["error"]["message"]
