@@ -49,8 +49,9 @@ from daemon.ops.metrics import DaemonMetrics
 from daemon.ops.systemd import Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
 from daemon.shared.service import SharedService, new_daemon_id
-from daemon.tasks.actor import TaskActor, TaskRegistry, TaskSettings
+from daemon.tasks.actor import TaskActor, TaskSettings
 from daemon.tasks.journal import Journal
+from daemon.tasks.registry import TaskRegistry
 from daemon.workflow_files import load_catalog
 from protocol.task import render
 

@@ -28,8 +28,9 @@ from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
 from daemon.shared.store import published_capabilities
-from daemon.tasks.actor import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
+from daemon.tasks.actor import CancelResult, new_prompt_id
 from daemon.tasks.journal import JournalUnavailable
+from daemon.tasks.registry import QueueFull, TooManyTasks, new_task_id
 from protocol import api
 from protocol.errors import RequestError
 from protocol.sse import parse_last_event_id

@@ -27,14 +27,14 @@ from daemon.shared.positions import QueuePositions
 from daemon.shared.store import SharedRecord, SharedStore
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
-from daemon.tasks.actor import record_of
 from daemon.tasks.broadcast import Snapshot
+from daemon.tasks.restore import record_of
 from protocol import task
 
 if TYPE_CHECKING:
     from daemon.comfy.dispatch import Dispatcher
     from daemon.config import Config
-    from daemon.tasks.actor import TaskRegistry
+    from daemon.tasks.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
 

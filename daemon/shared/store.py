@@ -31,9 +31,9 @@ from coredis.response.types import StreamPending
 
 from daemon.comfy.capabilities import Capabilities
 from daemon.shared.capabilities import capabilities_from_json
-from daemon.tasks.actor import encode_snapshot, record_of
-from daemon.tasks.broadcast import Snapshot
+from daemon.tasks.broadcast import Snapshot, encode_snapshot
 from daemon.tasks.journal import TaskRecord
+from daemon.tasks.restore import record_of
 from protocol import task
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,10 @@ from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.dispatch import Dispatcher
 from daemon.comfy.pool import BackendPool
 from daemon.images.store import ImageStore
-from daemon.tasks.actor import TaskRegistry, TaskSettings
+from daemon.tasks.actor import TaskSettings
 from daemon.tasks.broadcast import Broadcaster, Snapshot
 from daemon.tasks.journal import TaskRecord
+from daemon.tasks.registry import TaskRegistry
 from protocol.sse import SSEDecoder
 
 
