@@ -233,7 +233,7 @@ class Routes:
         return error_response(
             410,
             "the task made with this Idempotency-Key has ended and is forgotten; "
-            "its outcome is unknown (it ended before the daemon restarted)",
+            "its outcome is unknown (the key was recorded by a version that kept no outcomes)",
             {"field": "Idempotency-Key", "taskId": existing},
         )
 
