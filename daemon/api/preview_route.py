@@ -15,7 +15,7 @@ from daemon.http.types import Request, Response, error_response
 if TYPE_CHECKING:
     from daemon.images.previews import PreviewStore
     from daemon.shared.service import SharedService
-    from daemon.tasks.actor import TaskRegistry
+    from daemon.tasks.registry import TaskRegistry
 
 
 def etag_of(boot: str, version: int) -> str:

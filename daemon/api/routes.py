@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from daemon.images.previews import PreviewStore
     from daemon.ops.metrics import DaemonMetrics
     from daemon.shared.service import SharedService
-    from daemon.tasks.actor import TaskRegistry
     from daemon.tasks.journal import Journal
+    from daemon.tasks.registry import TaskRegistry
     from protocol.workflow import Catalog
 
 log = logging.getLogger(__name__)
