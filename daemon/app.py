@@ -428,9 +428,6 @@ class App:
         await self.journal.aclose()
         self._cancel_scope.cancel()
 
-    def stop_now(self) -> None:
-        self._cancel_scope.cancel()
-
 
 async def serve_until_signalled(
     app: App, listeners: Sequence[trio.SocketListener] | None = None

@@ -40,7 +40,6 @@ class Dispatcher:
         self.pool = pool
         self.max_pending = max_pending
         self._waiting: list[Ticket] = []
-        self.dispatched = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -85,7 +84,6 @@ class Dispatcher:
             backend.reserved += 1
             ticket.backend = backend
             ticket.assigned.set()
-            self.dispatched += 1
         self._positions()
 
     def _next_assignment(self) -> tuple[ComfyBackend, Ticket] | None:

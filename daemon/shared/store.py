@@ -135,9 +135,6 @@ class SharedStore:
     def inbox_key(self, daemon_id: str) -> str:
         return f"{self.prefix}:inbox:{daemon_id}"
 
-    def image_key(self, name: str) -> str:
-        return f"{self.prefix}:image:{name}"
-
     def preview_key(self, task_id: str) -> str:
         return f"{self.prefix}:preview:{task_id}"
 

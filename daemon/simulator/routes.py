@@ -15,7 +15,7 @@ import mimetypes
 import platform
 import posixpath
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlparse, urlsplit
@@ -415,7 +415,3 @@ def _match(pattern: str, path: str) -> dict[str, str] | None:
         elif want != got:
             return None
     return params
-
-
-# A route handler type for transports that want one callable.
-RequestHandler = Callable[[HttpRequest], Awaitable[Result]]
