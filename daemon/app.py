@@ -150,12 +150,13 @@ class App:
         """The first backend (the only one, without a pool)."""
         return self.pool.backends[0]
 
-    def _http_server(self) -> HttpServer:
-        """The HTTP face: the API, the images and the browser client, behind the access policy."""
+    def _http_server(self, *, ops_only: bool = False) -> HttpServer:
+        """The HTTP face: the API, the images and the browser client, behind the access
+        policy. `ops_only` (a worker): health, readiness, backends and metrics only."""
         config = self.config
         metrics = self.metrics
         router = Router(observer=metrics.observe_request)
-        Routes(
+        routes = Routes(
             config=config,
             workflows=self.workflows,
             binder=self.binder,
@@ -168,8 +169,12 @@ class App:
             previews=self.previews,
             metrics=metrics,
             shared=self.shared,
-        ).install(router)
-        self._install_static(router, config)
+        )
+        if ops_only:
+            routes.install_ops(router)
+        else:
+            routes.install(router)
+            self._install_static(router, config)
         access = AccessPolicy(router, access_settings(config), on_refused=metrics.observe_rejected)
         return HttpServer(access, http_limits(config), on_rejected=metrics.observe_rejected)
 
@@ -242,7 +247,8 @@ class App:
                     # Read at scrape time, once the server below exists.
                     open_connections=lambda: self.server.active_connections,
                 )
-                self.server = self._http_server()
+                worker_only = shared is not None and not shared.serves_http
+                self.server = self._http_server(ops_only=worker_only)
                 await nursery.start(self.registry.run)
                 self.image_janitor = ImageJanitor(
                     self.images,
@@ -262,12 +268,6 @@ class App:
                 nursery.start_soon(self._warn_unrunnable_workflows)
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
-                    if not shared.serves_http:
-                        self._server_done.set()  # no server: nothing to drain at shutdown
-                        log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
-                        await nursery.start(self.systemd.run, self.service_status(), "(worker)")
-                        task_status.started(Bound("", 0, urls[0] if urls else "", urls))
-                        return
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
                         config.listen_port, host=config.listen_host
@@ -280,10 +280,19 @@ class App:
                     comfy_url=urls[0] if urls else "",
                     comfy_urls=urls,
                 )
-                where = ", ".join(urls) if urls else "none: a front of the shared queue"
-                log.info("listening on %s (ComfyUI at %s)", bound.url, where)
+                if worker_only:
+                    # No API, no pages: what an operator and a load balancer check.
+                    log.info(
+                        "worker ready, health and metrics on %s (ComfyUI at %s)",
+                        bound.url,
+                        ", ".join(urls),
+                    )
+                else:
+                    where = ", ".join(urls) if urls else "none: a front of the shared queue"
+                    log.info("listening on %s (ComfyUI at %s)", bound.url, where)
                 # READY=1: everything has started.
-                await nursery.start(self.systemd.run, self.service_status(), bound.url)
+                status = bound.url if not worker_only else f"(worker) {bound.url}"
+                await nursery.start(self.systemd.run, self.service_status(), status)
                 task_status.started(bound)
 
     async def _backend_urls(self, nursery: trio.Nursery) -> tuple[str, ...]:

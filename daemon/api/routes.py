@@ -134,11 +134,15 @@ class Routes:
             registry=self.registry, previews=self.previews, shared=self.shared
         )
         router.add("GET", "/tasks/{task_id}/preview", preview)
+        router.add("GET", "/workflows", self.workflows)
+        router.add("POST", "/upload", self.upload, max_body=self.config.max_upload_bytes)
+        self.install_ops(router)
+
+    def install_ops(self, router: Router) -> None:
+        """What operators and load balancers read; all a worker (role=worker) serves."""
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/backends", self.backends)
-        router.add("GET", "/workflows", self.workflows)
-        router.add("POST", "/upload", self.upload, max_body=self.config.max_upload_bytes)
         router.add("GET", "/metrics", MetricsEndpoint(self.metrics))
 
     async def generate(self, request: Request) -> Response:

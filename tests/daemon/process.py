@@ -22,7 +22,8 @@ from daemon.simulator import SimulatorConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"listening on (http://\S+) ")
-WORKER_READY = re.compile(rb"worker (ready)")  # role=worker serves no HTTP
+# role=worker serves only health, readiness, backends and metrics
+WORKER_READY = re.compile(rb"worker ready, health and metrics on (http://\S+) ")
 
 
 @dataclass
@@ -81,7 +82,7 @@ async def daemon_process(
     front of the shared queue); `settings` are KEY=VALUE.
 
     `open_files` is the (soft, hard) RLIMIT_NOFILE the daemon starts with. `worker`:
-    role=worker, which serves no HTTP: ready when it says so (its `url` is "ready").
+    role=worker, which serves only health, readiness, backends and metrics (its `url`).
     """
     command = [
         sys.executable,
