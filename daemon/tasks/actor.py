@@ -516,25 +516,33 @@ class TaskActor:
             if self.state.phase is task.Phase.WAITING:
                 await subscription.wait_connection_change()
                 continue
+            changes = backend.queue_changed.count
             # Any recent reading will do, even one from before our submission: a
             # flood of new tasks must not cost a reading of a long queue each.
             try:
                 reading = await backend.read_queue(not_before=trio.current_time() - interval)
             except BackendUnavailable:
                 reading = None
+            stale = False
             if reading is not None:
                 position = reading.snapshot.position_of(self.prompt_id)
                 if position is None:
                     if reading.taken_at >= self._submitted_at:
                         self.request_reconcile()  # finished already, or gone
-                    # else: taken before our submission; the next reading will say
+                    else:
+                        stale = True  # taken before our submission: read again soon
                 else:
                     if position.running:
                         subscription.note_running()
                     self.handle(task.QueueUpdate(position))
             await trio.sleep(interval)
             # Then wait for ComfyUI to say the queue changed (a `status` frame), or
-            # for a slow safety poll in case that frame was lost.
+            # for a slow safety poll in case that frame was lost. A change while we
+            # slept counts (it is not waited for again), and a reading from before
+            # our submission is followed by a fresh one at once: a task must not
+            # show a bare "Queued" until the safety poll.
+            if stale or backend.queue_changed.count != changes:
+                continue
             with trio.move_on_after(max(interval, 10.0)):
                 await backend.queue_changed.wait()
 
