@@ -70,8 +70,13 @@ def restored_task(
             version=int(record.message["version"]),
             payload=record.message["payload"],
         )
-        state = task.finished_task(
-            spec, message=message, created_at=record.created_at, finished_at=finished_at
+        state = task.state_from_message(
+            spec,
+            stage=task.Stage.COMPLETED if phase is task.Phase.COMPLETED else task.Stage.ERROR,
+            version=message.version,
+            created_at=record.created_at,
+            finished_at=finished_at,
+            message=record.message,
         )
         return RestoredTask(state, first_message=message)
     state = task.resumed_task(
