@@ -136,7 +136,7 @@ class SharedService:
                 e.message for e in reversed([*effects, *more]) if isinstance(e, task.Publish)
             )
             await self.store.append(task_id, message)
-            await self.store.save(SharedRecord(record_of(state, message, backend=None)))
+            await self.store.save(SharedRecord(record_of(state, backend=None)))
             return shared
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60

@@ -156,7 +156,7 @@ class TaskActor:
 
     def record(self) -> TaskRecord:
         """This task as the journal keeps it."""
-        return record_of(self.state, self.last_message, self.backend_name)
+        return record_of(self.state, self.backend_name)
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(
