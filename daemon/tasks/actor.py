@@ -28,6 +28,7 @@ from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
 from daemon.tasks.broadcast import Broadcaster, Snapshot, encode_snapshot
@@ -124,9 +125,9 @@ class TaskActor:
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
-        self.submitted_generation = self.backend.client_generation if self.backend else 0
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
         self._lost = trio.Event()
@@ -337,21 +338,21 @@ class TaskActor:
         self._use(backend)
         self._lost = trio.Event()
         self._reconcile_requested = trio.Event()
-        self.submitted_generation = backend.client_generation
-        inbox = backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
+        subscription = backend.subscribe(self.prompt_id, on_overflow=self.request_reconcile)
+        self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._pump, inbox)
+                nursery.start_soon(self._pump, subscription.events)
                 nursery.start_soon(self._reconcile_loop)
-                nursery.start_soon(self._watch_backend)
+                nursery.start_soon(self._watch_backend, subscription)
                 nursery.start_soon(self._preview_throttle.run)
                 try:
                     if resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
                         self.request_reconcile()
                     elif not (resumed and await self._already_known()):
-                        await self._submit(backend)
+                        await self._submit(backend, subscription)
                 finally:
                     if reserved:
                         self.dispatcher.release(backend)
@@ -361,14 +362,14 @@ class TaskActor:
                 if self.state.cancel_requested:
                     # Cancelled while the POST was in flight: take it back out.
                     nursery.start_soon(self._cancel_in_comfyui)
-                nursery.start_soon(self._watch_queue)
+                nursery.start_soon(self._watch_queue, subscription)
                 await self._lost.wait()
                 nursery.cancel_scope.cancel()
             return Attempt.LOST
         finally:
             self._nursery = None
-            backend.router.close(self.prompt_id)
-            inbox.close()
+            self._subscription = None
+            subscription.close()
 
     def _lost_there(self, reason: str, still_there: bool) -> None:
         """The current attempt's backend lost the prompt: resubmit, or end with `lost`."""
@@ -435,7 +436,7 @@ class TaskActor:
 
     # -- submitting
 
-    async def _submit(self, backend: ComfyBackend) -> None:
+    async def _submit(self, backend: ComfyBackend, subscription: PromptSubscription) -> None:
         """POST the prompt; leaves the task unsubmitted when this backend cannot take it."""
         if self.state.cancel_requested:
             self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
@@ -460,8 +461,7 @@ class TaskActor:
             self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
             self.handle(task.SubmitRejected(reply))
             return
-        backend.note_submitted()
-        self.submitted_generation = backend.client_generation
+        subscription.submitted()
         self._submitted_at = trio.current_time()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))
@@ -501,14 +501,14 @@ class TaskActor:
 
     # -- following the prompt
 
-    async def _watch_queue(self) -> None:
+    async def _watch_queue(self, subscription: PromptSubscription) -> None:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
         backend = self.backend
         assert backend is not None
         while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
             interval = backend.queue_read_spacing(self.settings.queue_poll_interval)
             if self.state.phase is task.Phase.WAITING:
-                await backend.connected_changed.wait()
+                await subscription.wait_connection_change()
                 continue
             # Any recent reading will do, even one from before our submission: a
             # flood of new tasks must not cost a reading of a long queue each.
@@ -524,7 +524,7 @@ class TaskActor:
                     # else: taken before our submission; the next reading will say
                 else:
                     if position.running:
-                        backend.router.note_running(self.prompt_id)
+                        subscription.note_running()
                     self.handle(task.QueueUpdate(position))
             await trio.sleep(interval)
             # Then wait for ComfyUI to say the queue changed (a `status` frame), or
@@ -532,35 +532,31 @@ class TaskActor:
             with trio.move_on_after(max(interval, 10.0)):
                 await backend.queue_changed.wait()
 
-    async def _watch_backend(self) -> None:
+    async def _watch_backend(self, subscription: PromptSubscription) -> None:
         """Reconcile after each reconnect; show `waiting` while the backend is away, and
         give the prompt up when it stays away past `backend_lost_after`."""
-        backend = self.backend
-        assert backend is not None
-        seen = backend.reconnected.count
+        name = subscription.backend_name
         while True:
-            if backend.reconnected.count != seen:
+            if subscription.reconnected():
                 # Frames sent while we were away are lost: ask ComfyUI.
-                seen = backend.reconnected.count
                 self.request_reconcile()
-            if self.state.submitted and not backend.is_connected():
-                self.handle(task.BackendLost(f"{backend.name} is not connected"))
+            if self.state.submitted and not subscription.is_connected():
+                self.handle(task.BackendLost(f"{name} is not connected"))
                 with trio.move_on_after(self.settings.backend_lost_after):
-                    await backend.wait_connected()
-                if not backend.is_connected():
+                    await subscription.wait_connected()
+                if not subscription.is_connected():
                     self._lost_there(
-                        f"{backend.name} was away for {self.settings.backend_lost_after:g} s",
-                        True,
+                        f"{name} was away for {self.settings.backend_lost_after:g} s", True
                     )
                     return
                 continue
-            if self.state.submitted and self.submitted_generation != backend.client_generation:
+            if self.state.submitted and not subscription.hears_frames():
                 # Submitted under an older client id: no frames reach us; poll.
                 with trio.move_on_after(max(2.0, self.settings.queue_poll_interval * 2)):
-                    await backend.connected_changed.wait()
+                    await subscription.wait_connection_change()
                 self.request_reconcile()
                 continue
-            await backend.connected_changed.wait()
+            await subscription.wait_connection_change()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -576,8 +572,9 @@ class TaskActor:
 
     async def _reconcile(self) -> None:
         """Ask ComfyUI how the prompt stands: frames may have been lost."""
-        backend = self.backend
+        backend, subscription = self.backend, self._subscription
         assert backend is not None
+        assert subscription is not None
         http = backend.http
         entry = await http.history(self.prompt_id)
         if entry is None:
@@ -586,7 +583,7 @@ class TaskActor:
             position = reading.snapshot.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
-                    backend.router.note_running(self.prompt_id)
+                    subscription.note_running()
                 self.handle(task.QueueUpdate(position))
                 return
             # Neither queued nor in history; it may have finished in between.

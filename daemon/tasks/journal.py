@@ -49,18 +49,23 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key         TEXT PRIMARY KEY,
     task_id     TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    fingerprint TEXT NOT NULL
+    fingerprint TEXT NOT NULL,
+    outcome     TEXT
 );
 """
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Bring an older journal's tasks table up to SCHEMA (before the first read)."""
+    """Bring an older journal's tables up to SCHEMA (before the first read)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
     if "backend" not in columns:
         # Written before pools: NULL is "not dispatched yet, or dispatched to the
         # only backend there was"; such a task goes through the queue.
         db.execute("ALTER TABLE tasks ADD COLUMN backend TEXT")
+    # Journals from before outcomes were kept: NULL, the outcome of such a key is unknown.
+    key_columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+    if "outcome" not in key_columns:
+        db.execute("ALTER TABLE idempotency ADD COLUMN outcome TEXT")
     if "message" in columns:
         _migrate_messages_to_state(db)
 
@@ -152,6 +157,9 @@ class KeyRecord:
     task_id: str
     created_at: float
     fingerprint: str  # a hash of the request body: the same key must mean the same request
+    # How its task ended (the final snapshot's payload), once it has: a retry after the
+    # task was forgotten, even across a restart, gets this instead of a taskId that 404s.
+    outcome: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
 class Journal:
@@ -233,9 +241,17 @@ class Journal:
         assert self._db is not None
         self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (newer_than,))
         rows = self._db.execute(
-            "SELECT key, task_id, created_at, fingerprint FROM idempotency"
+            "SELECT key, task_id, created_at, fingerprint, outcome FROM idempotency"
         ).fetchall()
-        return {row[0]: KeyRecord(row[1], float(row[2]), row[3]) for row in rows}
+        keys: dict[str, KeyRecord] = {}
+        for key, task_id, created_at, print_, outcome in rows:
+            try:
+                ended = None if outcome is None else json.loads(outcome)
+            except ValueError as exc:
+                log.warning("an unreadable outcome for Idempotency-Key %r: %s", key, exc)
+                ended = None
+            keys[key] = KeyRecord(task_id, float(created_at), print_, ended)
+        return keys
 
     # -- writes (from the event loop, never blocking)
 
@@ -325,9 +341,15 @@ class Journal:
                 )
             for key, k in keys.items():
                 db.execute(
-                    "INSERT OR REPLACE INTO idempotency (key, task_id, created_at, fingerprint)"
-                    " VALUES (?, ?, ?, ?)",
-                    (key, k.task_id, k.created_at, k.fingerprint),
+                    "INSERT OR REPLACE INTO idempotency"
+                    " (key, task_id, created_at, fingerprint, outcome) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        k.task_id,
+                        k.created_at,
+                        k.fingerprint,
+                        None if k.outcome is None else json.dumps(k.outcome),
+                    ),
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -299,7 +299,7 @@ async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path
         assert f'comfy_progress_backend_up{{backend="{dead}"}} 0' in metrics
         assert f'comfy_progress_backend_up{{backend="{live.name}"}} 1' in metrics
         assert f'comfy_progress_backend_load{{backend="{live.name}"}} 0' in metrics
-        assert "1 of 2 backends up" in status_line(pool.app, pool.url)
+        assert "1 of 2 backends up" in status_line(pool.app.service_status(), pool.url)
         backends = (await pool.request("GET", "/backends")).json()["backends"]
         assert backends[0]["connected"] is False
         assert "refused" in backends[0]["lastError"].lower()
