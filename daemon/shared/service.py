@@ -117,7 +117,13 @@ class SharedService:
         whether it had ended already."""
         shared = await self.store.load(task_id)
         latest = await self.store.latest(task_id)
-        if shared is None or latest is None or shared.finished or latest.terminal:
+        if shared is not None and latest is not None and latest.terminal and not shared.finished:
+            # Its stream has ended; its holder saves the finished record just after.
+            phase = (
+                task.Phase.COMPLETED if latest.event == task.EVENT_COMPLETE else task.Phase.ERROR
+            )
+            return replace(shared, record=replace(shared.record, phase=phase.value))
+        if shared is None or latest is None or shared.finished:
             return shared
         if await self.store.take_waiting(task_id):
             # Not yet taken by any worker, and now no worker will: end it here. (Read
