@@ -157,7 +157,7 @@ class TaskActor:
 
     def record(self) -> TaskRecord:
         """This task as the journal keeps it."""
-        return record_of(self.state, self.last_message, self.backend_name)
+        return record_of(self.state, self.backend_name)
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(
@@ -226,14 +226,8 @@ class TaskActor:
 
     def _durable_fields(self) -> tuple[object, ...]:
         state = self.state
-        return (
-            state.phase,
-            state.prompt_id,
-            state.submitted,
-            state.cancel_requested,
-            state.fetching_outputs,
-            self.backend_name,
-        )
+        # The stage covers the phase, the submission and the fetch of the images.
+        return (state.stage, state.prompt_id, state.cancel_requested, self.backend_name)
 
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""

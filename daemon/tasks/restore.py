@@ -1,10 +1,11 @@
 """A task and its journal record, both ways.
 
 `record_of` is what the journal (and the shared store) keeps of a task: its
-state and last message. `restored_task` turns such a record back into what an
-actor is made from at start-up: a finished task keeps its last message until
-its retention is up; an unfinished one resumes, re-attached to its prompt on
-the backend it was dispatched to.
+spec and its state's fields (protocol.task.codec). `restored_task` turns such a
+record back into what an actor is made from at start-up: a finished task shows
+its last message (rendered again from those fields) until its retention is up;
+an unfinished one resumes, re-attached to its prompt on the backend it was
+dispatched to.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from protocol import task
 log = logging.getLogger(__name__)
 
 
-def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:
-    """A task as the journal (and the shared store) keeps it: its state and last message."""
+def record_of(state: task.TaskState, backend: str | None) -> TaskRecord:
+    """A task as the journal (and the shared store) keeps it."""
     return TaskRecord(
         task_id=state.task_id,
         prompt_id=state.prompt_id,
         phase=state.phase.value,
-        version=message.version,
+        version=state.version,
         submitted=state.submitted,
         created_at=state.created_at,
         finished_at=state.finished_at,
         spec=task.spec_to_json(state.spec),
-        message={"event": message.event, "version": message.version, "payload": message.payload},
+        state=task.state_to_json(state),
         backend=backend,
     )
 
@@ -39,7 +40,7 @@ class RestoredTask:
     """What the registry makes an actor from when its task comes back from the journal."""
 
     state: task.TaskState
-    first_message: task.TaskMessage | None = None  # a finished task's last message
+    first_message: task.TaskMessage | None = None  # a finished task's last message, again
     resumed: bool = False
     backend_name: str | None = None
 
@@ -65,14 +66,11 @@ def restored_task(
         finished_at = record.finished_at or record.created_at
         if now - finished_at >= retention:
             return None  # its five minutes are up
-        message = task.TaskMessage(
-            event=record.message["event"],
-            version=int(record.message["version"]),
-            payload=record.message["payload"],
-        )
-        state = task.finished_task(
-            spec, message=message, created_at=record.created_at, finished_at=finished_at
-        )
+        state = task.state_from_json(spec, record.state)
+        if not state.stage.is_terminal:
+            raise ValueError(f"the record says {phase.value}, its state {state.stage.value}")
+        # Rendered at its end, as it was published then (same fields, same timestamp).
+        message = task.render(state, finished_at)
         return RestoredTask(state, first_message=message)
     state = task.resumed_task(
         spec,

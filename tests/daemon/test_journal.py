@@ -27,7 +27,7 @@ def record(task_id: str, version: int, phase: str = "running", *, big: bool = Fa
             "graph": {},
             "prompt": "x" * 65536 if big else "",
         },
-        message={"event": "progress", "version": version, "payload": {"taskId": task_id}},
+        state={"stage": "running", "version": version, "createdAt": 1.0},
     )
 
 
