@@ -12,7 +12,8 @@ JSON (artifacts/bench.json):
 
 - floor            a plain os.write loop to 1,000 loopback sockets: the machine's
                    floor for CPU per subscriber-event, right now
-- latency          20 tasks x 5 subscribers, 400 frames/s in all
+- latency          20 tasks x 5 subscribers, 400 frames/s in all, evenly spread
+- latency_aligned  the same, but the 20 tasks step in the same instant (bursts of 20)
 - fanout           4 tasks one after another, 1,000 subscribers each, 50 steps at 50/s
 - fanout_parallel  the same 4 tasks at once
 - burst            1 task, 100 subscribers, 5,000 frames within 30 ms
@@ -376,7 +377,8 @@ class Bench:
 
 
 SCENARIOS = (
-    "floor", "latency", "fanout", "fanout_parallel", "burst", "idle", "soak_10k", "generate",
+    "floor", "latency", "latency_aligned", "fanout", "fanout_parallel", "burst", "idle",
+    "soak_10k", "generate",
 )  # fmt: skip
 
 
@@ -436,7 +438,8 @@ def run_streams(
 ) -> None:
     """Every scenario but generate, on one daemon that hands ComfyUI every prompt."""
     stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
-        "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
+        "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True, "stagger": True}, False),
+        "latency_aligned": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
         "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
         "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
         "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),

@@ -223,26 +223,32 @@ class FakeComfy:
 
     async def run(self, spec: dict[str, Any]) -> dict[str, list[float]]:
         """Play tasks `spec["tasks"]`: `steps` progress frames each at `rate` per second
-        (or `burst` seconds for all of them), one after another or `parallel`."""
+        (or `burst` seconds for all of them), one after another or `parallel`.
+
+        Parallel tasks step in the same instant unless `stagger`: then task k starts
+        k/n of a step later, so the frames of n tasks come evenly spread, as from GPUs
+        that started their prompts at different moments."""
         tasks: list[int] = spec["tasks"]
         while not all(t in self.by_task for t in tasks):
             await self.submitted.wait()
         stamps: dict[str, list[float]] = {}
 
-        async def play(task: int) -> None:
-            stamps[str(task)] = await self.play(self.by_task[task], spec)
+        async def play(task: int, offset: float = 0.0) -> None:
+            stamps[str(task)] = await self.play(self.by_task[task], spec, offset)
 
         if spec.get("parallel"):
+            step = 1.0 / spec["rate"] if spec.get("stagger") else 0.0
             async with trio.open_nursery() as nursery:
-                for task in tasks:
-                    nursery.start_soon(play, task)
+                for k, task in enumerate(tasks):
+                    nursery.start_soon(play, task, k * step / len(tasks))
         else:
             for task in tasks:
                 await play(task)
         return stamps
 
-    async def play(self, prompt: Prompt, spec: dict[str, Any]) -> list[float]:
+    async def play(self, prompt: Prompt, spec: dict[str, Any], offset: float = 0.0) -> list[float]:
         socket = self.sockets[prompt.client_id]
+        await trio.sleep(offset)
         pid = prompt.prompt_id
         steps: int = spec["steps"]
         await socket.send(

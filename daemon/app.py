@@ -46,13 +46,14 @@ from daemon.images.previews import PreviewStore
 from daemon.images.retention import ImageJanitor, RetentionPolicy
 from daemon.images.store import ImageStore
 from daemon.ops.metrics import DaemonMetrics
-from daemon.ops.systemd import Systemd
+from daemon.ops.systemd import ServiceStatus, Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
 from daemon.shared.service import SharedService, new_daemon_id
-from daemon.tasks.actor import TaskActor, TaskRegistry, TaskSettings
+from daemon.tasks.actor import TaskActor, TaskSettings
 from daemon.tasks.journal import Journal
+from daemon.tasks.registry import TaskRegistry
 from daemon.workflow_files import load_catalog
-from protocol.task import render
+from protocol.task import Phase, render
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ class App:
             max_total_bytes=config.preview_max_total_bytes,
         )
         self.journal = Journal(config.data_dir / "journal.sqlite3")
-        self.idempotency: IdempotencyKeys
         # Read at construction, so a broken workflow file stops the start-up (WorkflowFileError).
         self.workflows = load_catalog(
             Path(config.workflows_dir) if config.workflows_dir else None,
@@ -132,21 +132,16 @@ class App:
         self.streams = StreamHub(
             heartbeat_interval=config.heartbeat_interval, retry_ms=config.sse_retry_ms
         )
-        self.pool: BackendPool  # set in run(), once the ComfyUI URLs are known
         self.workflows_checked = trio.Event()  # against every backend's first reading
+        # Built in run(), in this order: they need the journal open and the
+        # ComfyUI URLs known (the simulator's only once it listens).
+        self.idempotency: IdempotencyKeys
+        self.pool: BackendPool
         self.dispatcher: Dispatcher
         self.registry: TaskRegistry
+        self.metrics: DaemonMetrics
+        self.server: HttpServer
         self.image_janitor: ImageJanitor
-        self.metrics = DaemonMetrics(self)
-        self.router = Router(observer=self.metrics.observe_request)
-        Routes(self).install(self.router)
-        self._install_static(config)
-        self.access = AccessPolicy(
-            self.router, access_settings(config), on_refused=self.metrics.observe_rejected
-        )
-        self.server = HttpServer(
-            self.access, http_limits(config), on_rejected=self.metrics.observe_rejected
-        )
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
 
@@ -155,7 +150,35 @@ class App:
         """The first backend (the only one, without a pool)."""
         return self.pool.backends[0]
 
-    def _install_static(self, config: Config) -> None:
+    def _http_server(self, *, ops_only: bool = False) -> HttpServer:
+        """The HTTP face: the API, the images and the browser client, behind the access
+        policy. `ops_only` (a worker): health, readiness, backends and metrics only."""
+        config = self.config
+        metrics = self.metrics
+        router = Router(observer=metrics.observe_request)
+        routes = Routes(
+            config=config,
+            workflows=self.workflows,
+            binder=self.binder,
+            registry=self.registry,
+            journal=self.journal,
+            idempotency=self.idempotency,
+            pool=self.pool,
+            dispatcher=self.dispatcher,
+            streams=self.streams,
+            previews=self.previews,
+            metrics=metrics,
+            shared=self.shared,
+        )
+        if ops_only:
+            routes.install_ops(router)
+        else:
+            routes.install(router)
+            self._install_static(router, config)
+        access = AccessPolicy(router, access_settings(config), on_refused=metrics.observe_rejected)
+        return HttpServer(access, http_limits(config), on_rejected=metrics.observe_rejected)
+
+    def _install_static(self, router: Router, config: Config) -> None:
         # Image names are random and never reused, so browsers may cache forever.
         # Streamed from disk; the one image size limit (uploads are at most as large).
         images = StaticFiles(
@@ -165,17 +188,17 @@ class App:
             max_file_bytes=config.max_image_bytes,
         )
         if isinstance(self.images, SharedImageStore):
-            self.router.add("GET", "/image/{name}", SharedImageRoute(self.images, images))
+            router.add("GET", "/image/{name}", SharedImageRoute(self.images, images))
         else:
-            self.router.add("GET", "/image/{name}", images)
+            router.add("GET", "/image/{name}", images)
         # Preact and htm from the local npm install: no CDN, works offline.
         for package in VENDORED_PACKAGES:
             files = StaticFiles(
                 config.node_modules_dir / package, cache_control="public, max-age=3600"
             )
-            self.router.add("GET", f"/vendor/{package}/{{path...}}", files)
+            router.add("GET", f"/vendor/{package}/{{path...}}", files)
         # Last: everything else is the browser client.
-        self.router.add("GET", "/{path...}", StaticFiles(config.public_dir))
+        router.add("GET", "/{path...}", StaticFiles(config.public_dir))
 
     async def run(
         self,
@@ -202,16 +225,7 @@ class App:
         shared = self.shared
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
-                urls = config.backend_urls
-                worker_only = shared is not None and config.role == "worker"
-                if worker_only and not urls and not config.simulate:
-                    raise ValueError("role=worker needs a backend: --comfy-url or --simulate")
-                if not urls and (shared is None or config.simulate):
-                    if not config.simulate:
-                        raise ValueError("no ComfyUI URL given and the simulator is off")
-                    urls = tuple(
-                        [await self._start_simulator(nursery) for _ in range(config.simulators)]
-                    )
+                urls = await self._backend_urls(nursery)
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
                 await self.images.open()
                 await self.journal.open()
@@ -222,42 +236,19 @@ class App:
                     wall_clock=time.time,
                 )
                 await nursery.start(self.journal.run)
-                self.pool = BackendPool.from_urls(
-                    urls,
-                    BackendSettings(
-                        url=urls[0] if urls else "",
-                        connect_timeout=config.comfy_connect_timeout,
-                        http_timeout=config.comfy_http_timeout,
-                        silence_timeout=config.comfy_silence_timeout,
-                        reconnect_initial_delay=config.reconnect_initial_delay,
-                        reconnect_max_delay=config.reconnect_max_delay,
-                        max_image_bytes=config.max_image_bytes,
-                    ),
-                    data_dir=config.data_dir,
-                    classes=self._workflow_classes(),
-                    allow_empty=shared is not None,
-                )
+                # Each service gets what it uses; the HTTP face last, as it reads them all.
+                self.pool = self._backend_pool(urls)
                 self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
-                self.registry = TaskRegistry(
-                    dispatcher=self.dispatcher,
-                    images=self.images,
-                    settings=TaskSettings(
-                        retention=config.task_retention,
-                        backend_wait_timeout=config.backend_wait_timeout,
-                        queue_poll_interval=config.queue_poll_interval,
-                        max_tasks=config.max_tasks,
-                        backend_lost_after=config.backend_lost_after,
-                        resubmit_lost=config.resubmit_lost,
-                        preview_max_rate=config.preview_max_rate,
-                        max_queued=config.max_queued_tasks,
-                        max_queued_per_client=config.max_queued_tasks_per_client,
-                    ),
-                    previews=self.previews,
-                    # Shared: Redis is the journal (another daemon may run our tasks now).
-                    journal=self.journal if shared is None else None,
-                    on_publish=shared.mirror.changed if shared is not None else None,
-                    on_task_end=self._task_ended,
+                self.registry = self._task_registry()
+                self.metrics = DaemonMetrics(
+                    backends=self.pool.backends,
+                    task_phases=self._task_phases,
+                    streams=self.streams,
+                    # Read at scrape time, once the server below exists.
+                    open_connections=lambda: self.server.active_connections,
                 )
+                worker_only = shared is not None and not shared.serves_http
+                self.server = self._http_server(ops_only=worker_only)
                 await nursery.start(self.registry.run)
                 self.image_janitor = ImageJanitor(
                     self.images,
@@ -277,12 +268,6 @@ class App:
                 nursery.start_soon(self._warn_unrunnable_workflows)
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
-                    if not shared.serves_http:
-                        self._server_done.set()  # no server: nothing to drain at shutdown
-                        log.info("worker ready (ComfyUI at %s)", ", ".join(urls))
-                        await nursery.start(self.systemd.run, self, "(worker)")
-                        task_status.started(Bound("", 0, urls[0] if urls else "", urls))
-                        return
                 if listeners is None:
                     listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
                         config.listen_port, host=config.listen_host
@@ -295,10 +280,86 @@ class App:
                     comfy_url=urls[0] if urls else "",
                     comfy_urls=urls,
                 )
-                where = ", ".join(urls) if urls else "none: a front of the shared queue"
-                log.info("listening on %s (ComfyUI at %s)", bound.url, where)
-                await nursery.start(self.systemd.run, self, bound.url)  # READY=1: all started
+                if worker_only:
+                    # No API, no pages: what an operator and a load balancer check.
+                    log.info(
+                        "worker ready, health and metrics on %s (ComfyUI at %s)",
+                        bound.url,
+                        ", ".join(urls),
+                    )
+                else:
+                    where = ", ".join(urls) if urls else "none: a front of the shared queue"
+                    log.info("listening on %s (ComfyUI at %s)", bound.url, where)
+                # READY=1: everything has started.
+                status = bound.url if not worker_only else f"(worker) {bound.url}"
+                await nursery.start(self.systemd.run, self.service_status(), status)
                 task_status.started(bound)
+
+    async def _backend_urls(self, nursery: trio.Nursery) -> tuple[str, ...]:
+        """The configured ComfyUI URLs, or the simulators started for --simulate."""
+        config = self.config
+        urls = config.backend_urls
+        worker_only = self.shared is not None and config.role == "worker"
+        if worker_only and not urls and not config.simulate:
+            raise ValueError("role=worker needs a backend: --comfy-url or --simulate")
+        if not urls and (self.shared is None or config.simulate):
+            if not config.simulate:
+                raise ValueError("no ComfyUI URL given and the simulator is off")
+            urls = tuple([await self._start_simulator(nursery) for _ in range(config.simulators)])
+        return urls
+
+    def _backend_pool(self, urls: Sequence[str]) -> BackendPool:
+        config = self.config
+        return BackendPool.from_urls(
+            urls,
+            BackendSettings(
+                url=urls[0] if urls else "",
+                connect_timeout=config.comfy_connect_timeout,
+                http_timeout=config.comfy_http_timeout,
+                silence_timeout=config.comfy_silence_timeout,
+                reconnect_initial_delay=config.reconnect_initial_delay,
+                reconnect_max_delay=config.reconnect_max_delay,
+                max_image_bytes=config.max_image_bytes,
+            ),
+            data_dir=config.data_dir,
+            classes=self._workflow_classes(),
+            allow_empty=self.shared is not None,  # a front runs no backend of its own
+        )
+
+    def _task_registry(self) -> TaskRegistry:
+        config = self.config
+        shared = self.shared
+        return TaskRegistry(
+            dispatcher=self.dispatcher,
+            images=self.images,
+            settings=TaskSettings(
+                retention=config.task_retention,
+                backend_wait_timeout=config.backend_wait_timeout,
+                queue_poll_interval=config.queue_poll_interval,
+                max_tasks=config.max_tasks,
+                backend_lost_after=config.backend_lost_after,
+                resubmit_lost=config.resubmit_lost,
+                preview_max_rate=config.preview_max_rate,
+                max_queued=config.max_queued_tasks,
+                max_queued_per_client=config.max_queued_tasks_per_client,
+            ),
+            previews=self.previews,
+            # Shared: Redis is the journal (another daemon may run our tasks now).
+            journal=self.journal if shared is None else None,
+            on_publish=shared.mirror.changed if shared is not None else None,
+            on_task_end=self._task_ended,
+        )
+
+    def _task_phases(self) -> list[Phase]:
+        return [actor.state.phase for actor in self.registry.actors()]
+
+    def service_status(self) -> ServiceStatus:
+        """What systemd's STATUS= line tells (available once run() has started)."""
+        return ServiceStatus(
+            backends=self.pool.backends,
+            task_phases=self._task_phases,
+            tasks_changed=self.registry.changed,
+        )
 
     def _workflow_classes(self) -> frozenset[str]:
         """Every node class some workflow uses: what each backend is asked about."""
@@ -362,7 +423,9 @@ class App:
         log.info("shutting down (grace %.1f s)", self.config.shutdown_grace)
         await self.systemd.notify_stopping(f"draining {self.streams.open_streams} SSE streams")
         self.streams.drain()
-        self.server.begin_shutdown(self.config.shutdown_grace)
+        server = getattr(self, "server", None)  # None: stopped while starting
+        if server is not None:
+            server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
         # Then the tasks, so none records while the journal closes. Tasks still
@@ -372,9 +435,6 @@ class App:
             with trio.move_on_after(self.config.shutdown_grace + 1.0):
                 await registry.stop()
         await self.journal.aclose()
-        self._cancel_scope.cancel()
-
-    def stop_now(self) -> None:
         self._cancel_scope.cancel()
 
 

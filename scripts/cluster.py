@@ -97,7 +97,7 @@ class Cluster:
                     f"worker{n}",
                     [*serve, "--comfy-url", sim, "--data-dir", str(self.directory / f"worker{n}"),
                      *shared, "--set", "role=worker"],
-                    rb"worker (ready)",
+                    rb"worker ready, health and metrics on (http://\S+) ",
                 )  # fmt: skip
             fronts = []
             for n in (1, 2):

@@ -36,7 +36,6 @@ from daemon.http.types import (
     HandlerResult,
     Request,
     Response,
-    StreamingResponse,
     error_response,
 )
 
@@ -234,6 +233,4 @@ def _with_vary(response: Response) -> Response:
 
 def _with_headers(result: HandlerResult, extra: list[tuple[str, str]]) -> HandlerResult:
     """`result` with `extra` headers and Vary: Origin (the answer depends on Origin)."""
-    if not isinstance(result, Response | StreamingResponse):
-        return result  # a connection takeover writes its own answer
     return dataclasses.replace(result, headers=[*result.headers, *extra, ("Vary", "Origin")])

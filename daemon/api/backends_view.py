@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from protocol.task import Phase
 
 if TYPE_CHECKING:
-    from daemon.app import App
+    from daemon.comfy.dispatch import Dispatcher
+    from daemon.comfy.pool import BackendPool
+    from daemon.tasks.actor import TaskActor
 
 
-def backends_json(app: App) -> dict[str, Any]:
+def backends_json(
+    pool: BackendPool, dispatcher: Dispatcher, tasks: Iterable[TaskActor]
+) -> dict[str, Any]:
     running: dict[str, list[str]] = {}
     assigned: dict[str, int] = {}
-    for actor in app.registry.actors():
+    for actor in tasks:
         name = actor.backend_name
         if name is None or actor.is_done():
             continue
         assigned[name] = assigned.get(name, 0) + 1
         if actor.state.phase is Phase.RUNNING:
             running.setdefault(name, []).append(actor.task_id)
-    pool = app.pool
     out = []
     for backend in pool.backends:
         reading = pool.capabilities.get(backend.name)
@@ -39,6 +43,6 @@ def backends_json(app: App) -> dict[str, Any]:
         )
     return {
         "backends": out,
-        "waiting": len(app.dispatcher),
-        "maxPending": app.dispatcher.max_pending,
+        "waiting": len(dispatcher),
+        "maxPending": dispatcher.max_pending,
     }

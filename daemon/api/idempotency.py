@@ -6,14 +6,16 @@ nothing new is submitted. A key reused with a different body is a client bug
 and gets 422, as in the IETF httpapi Idempotency-Key draft.
 
 A task is kept for `task_retention` seconds after it ends, the key for 24
-hours: so each key also remembers how its task ended (in memory), and a
-retry after the task was forgotten gets that outcome instead of a taskId that
-404s. Only when the outcome is unknown too (the task ended before a restart)
-is the answer 410 Gone.
+hours: so each key also remembers how its task ended (in the journal, beside
+the key), and a retry after the task was forgotten gets that outcome instead
+of a taskId that 404s, across restarts too. Only when the outcome is unknown
+(a key journalled by a version that did not keep outcomes) is the answer 410
+Gone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -42,8 +44,6 @@ class IdempotencyKeys:
         self._keys = dict(loaded)
         self._clock = wall_clock
         self._key_of_task = {record.task_id: key for key, record in self._keys.items()}
-        # The final snapshot payload of each key's task, once it ended in this process.
-        self._outcomes: dict[str, Mapping[str, Any]] = {}
 
     def lookup(self, key: str, body: bytes) -> str | None:
         """The task this key already made, None for a new key; RequestError if misused."""
@@ -64,14 +64,19 @@ class IdempotencyKeys:
         return record.task_id
 
     def outcome(self, key: str) -> Mapping[str, Any] | None:
-        """How the task of `key` ended, when it ended in this process."""
-        return self._outcomes.get(key)
+        """How the task of `key` ended (None: not yet, or not known)."""
+        record = self._keys.get(key)
+        return None if record is None else record.outcome
 
     def settle(self, task_id: str, outcome: Mapping[str, Any]) -> None:
         """Keep how `task_id` ended with its key (if a key made it), for later retries."""
         key = self._key_of_task.get(task_id)
-        if key is not None:
-            self._outcomes[key] = outcome
+        if key is None:
+            return
+        record = dataclasses.replace(self._keys[key], outcome=outcome)
+        self._keys[key] = record
+        if self._journal is not None:
+            self._journal.record_idempotency_key(key, record)
 
     def remember(self, key: str, body: bytes, task_id: str) -> None:
         record = KeyRecord(task_id, self._clock(), fingerprint(body))
@@ -86,4 +91,3 @@ class IdempotencyKeys:
         for key in [k for k, r in self._keys.items() if r.created_at < cutoff]:
             record = self._keys.pop(key)
             self._key_of_task.pop(record.task_id, None)
-            self._outcomes.pop(key, None)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from daemon.http.types import Request, Response, error_response
 
 if TYPE_CHECKING:
-    from daemon.app import App
+    from daemon.images.previews import PreviewStore
+    from daemon.shared.service import SharedService
+    from daemon.tasks.registry import TaskRegistry
 
 
 def etag_of(boot: str, version: int) -> str:
@@ -28,26 +30,31 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 
 class PreviewEndpoint:
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(
+        self, *, registry: TaskRegistry, previews: PreviewStore, shared: SharedService | None
+    ) -> None:
+        self.registry = registry
+        self.previews = previews
+        self.shared = shared  # None: only this daemon's tasks
 
     async def __call__(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        actor = self.app.registry.get(task_id)
-        if actor is None and self.app.shared is not None:
+        actor = self.registry.get(task_id)
+        if actor is None and self.shared is not None:
             return await self._shared(request, task_id)
-        preview = self.app.previews.get(task_id) if actor is not None else None
+        preview = self.previews.get(task_id) if actor is not None else None
         if actor is None or actor.is_done() or preview is None:
             return error_response(
                 404, "no preview", {"taskId": task_id, "hint": "previews exist while a task runs"}
             )
-        etag = etag_of(self.app.previews.boot, preview.version)
+        etag = etag_of(self.previews.boot, preview.version)
         return self._answer(request, etag, preview.media_type, preview.data)
 
     async def _shared(self, request: Request, task_id: str) -> Response:
         """A task another daemon runs: the preview its worker put in Redis."""
-        assert self.app.shared is not None
-        preview = await self.app.shared.store.load_preview(task_id)
+        shared = self.shared
+        assert shared is not None
+        preview = await shared.store.load_preview(task_id)
         if preview is None:
             return error_response(
                 404, "no preview", {"taskId": task_id, "hint": "previews exist while a task runs"}

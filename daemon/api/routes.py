@@ -28,15 +28,27 @@ from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
 from daemon.shared.store import published_capabilities
-from daemon.tasks.actor import CancelResult, QueueFull, TooManyTasks, new_prompt_id, new_task_id
+from daemon.tasks.actor import CancelResult, new_prompt_id
 from daemon.tasks.journal import JournalUnavailable
+from daemon.tasks.registry import QueueFull, TooManyTasks, new_task_id
 from protocol import api
 from protocol.errors import RequestError
 from protocol.sse import parse_last_event_id
 
 if TYPE_CHECKING:
-    from daemon.app import App
+    from daemon.api.binder import Binder
+    from daemon.api.idempotency import IdempotencyKeys
+    from daemon.api.sse_stream import StreamHub
+    from daemon.comfy.dispatch import Dispatcher
+    from daemon.comfy.pool import BackendPool
+    from daemon.config import Config
     from daemon.http.router import Router
+    from daemon.images.previews import PreviewStore
+    from daemon.ops.metrics import DaemonMetrics
+    from daemon.shared.service import SharedService
+    from daemon.tasks.journal import Journal
+    from daemon.tasks.registry import TaskRegistry
+    from protocol.workflow import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +92,60 @@ def too_many(reason: str) -> Response:
 
 
 class Routes:
-    """Request handlers; each reads the app's services and answers."""
+    """Request handlers; each reads the services it was given and answers."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.trusted_proxies = parse_networks(app.config.trusted_proxies)
+    def __init__(
+        self,
+        *,
+        config: Config,
+        workflows: Catalog,
+        binder: Binder,
+        registry: TaskRegistry,
+        journal: Journal,
+        idempotency: IdempotencyKeys,
+        pool: BackendPool,
+        dispatcher: Dispatcher,
+        streams: StreamHub,
+        previews: PreviewStore,
+        metrics: DaemonMetrics,
+        shared: SharedService | None,
+    ) -> None:
+        """`shared`: the Redis queue this daemon fronts, None for a daemon of its own."""
+        self.config = config
+        self.catalog = workflows
+        self.binder = binder
+        self.registry = registry
+        self.journal = journal
+        self.idempotency = idempotency
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.streams = streams
+        self.previews = previews
+        self.metrics = metrics
+        self.shared = shared
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
 
     def install(self, router: Router) -> None:
         router.add("POST", "/generate", self.generate)
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
-        router.add("GET", "/tasks/{task_id}/preview", PreviewEndpoint(self.app))
+        preview = PreviewEndpoint(
+            registry=self.registry, previews=self.previews, shared=self.shared
+        )
+        router.add("GET", "/tasks/{task_id}/preview", preview)
+        router.add("GET", "/workflows", self.workflows)
+        router.add("POST", "/upload", self.upload, max_body=self.config.max_upload_bytes)
+        self.install_ops(router)
+
+    def install_ops(self, router: Router) -> None:
+        """What operators and load balancers read; all a worker (role=worker) serves."""
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/readyz", self.readyz)
         router.add("GET", "/backends", self.backends)
-        router.add("GET", "/workflows", self.workflows)
-        router.add("POST", "/upload", self.upload, max_body=self.app.config.max_upload_bytes)
-        router.add("GET", "/metrics", MetricsEndpoint(self.app))
+        router.add("GET", "/metrics", MetricsEndpoint(self.metrics))
 
     async def generate(self, request: Request) -> Response:
-        app = self.app
         if not _is_json(request.headers.get("content-type")):
             return error_response(
                 415,
@@ -111,7 +156,7 @@ class Routes:
         try:
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
                 return replay
-            spec_for = await app.binder.prepare(request.body)
+            spec_for = await self.binder.prepare(request.body)
             # Checked again: a twin request may have got in while we awaited.
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
                 return replay
@@ -119,20 +164,20 @@ class Routes:
             return request_error(exc)
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
-        if app.shared is not None:
+        if self.shared is not None:
             return await self._submit_shared(spec_for, key, request.body)
 
-        if app.journal.failure is not None:
-            return unavailable(app.journal.failure)
+        if self.journal.failure is not None:
+            return unavailable(self.journal.failure)
         client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
-            actor = app.registry.create(spec_for, client=client)
+            actor = self.registry.create(spec_for, client=client)
         except TooManyTasks as exc:
             return unavailable(str(exc))
         except QueueFull as exc:
             return too_many(str(exc))
         if key is not None:
-            app.idempotency.remember(key, request.body, actor.task_id)
+            self.idempotency.remember(key, request.body, actor.task_id)
         log.info(
             "task created",
             extra={
@@ -145,7 +190,7 @@ class Routes:
         problem = None
         try:
             with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
-                await app.journal.flush()
+                await self.journal.flush()
             if waited.cancelled_caught:
                 problem = f"the journal did not confirm the task within {JOURNAL_FLUSH_TIMEOUT:g} s"
         except JournalUnavailable as exc:
@@ -159,7 +204,7 @@ class Routes:
 
     async def _submit_shared(self, spec_for: SpecFactory, key: str | None, body: bytes) -> Response:
         """Into Redis' queue: any worker takes it, any daemon answers for it."""
-        shared = self.app.shared
+        shared = self.shared
         assert shared is not None
         now = time.time()
         spec = spec_for(new_task_id(now), new_prompt_id(), int(now * 1000))
@@ -170,7 +215,7 @@ class Routes:
                 return self._refused(reasons)
             # max_queued_tasks counts the whole service's queue, not this daemon's.
             unfinished = await shared.store.unfinished_count()
-            if unfinished >= self.app.config.max_queued_tasks:
+            if unfinished >= self.config.max_queued_tasks:
                 return too_many(
                     f"{unfinished} tasks are waiting or running (the most the service "
                     "takes); try again later"
@@ -200,10 +245,10 @@ class Routes:
 
     def _runnable_nowhere(self, spec_for: SpecFactory) -> Response | None:
         """422 when, by their last readings, no backend has what the workflow needs."""
-        if not self.app.pool.backends:
+        if not self.pool.backends:
             return None  # a front: the workers' capabilities are theirs to check
         graph = spec_for("", "", 0).graph
-        reasons = self.app.pool.why_nowhere(needs_of(graph))
+        reasons = self.pool.why_nowhere(needs_of(graph))
         if reasons is None:
             return None
         return self._refused(reasons)
@@ -219,20 +264,20 @@ class Routes:
 
     def _replayed(self, key: str, body: bytes) -> Response | None:
         """The answer to a retry of a request we already took (same task, nothing new)."""
-        existing = self.app.idempotency.lookup(key, body)
+        existing = self.idempotency.lookup(key, body)
         if existing is None:
             return None
         replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
-        if self.app.registry.get(existing) is not None:
+        if self.registry.get(existing) is not None:
             return json_response(202, api.accepted_reply(existing), headers=replayed)
         # The task has ended and been forgotten since: say how it ended.
-        outcome = self.app.idempotency.outcome(key)
+        outcome = self.idempotency.outcome(key)
         if outcome is not None:
             return json_response(200, outcome, headers=replayed)
         return error_response(
             410,
             "the task made with this Idempotency-Key has ended and is forgotten; "
-            "its outcome is unknown (it ended before the daemon restarted)",
+            "its outcome is unknown (the key was recorded by a version that kept no outcomes)",
             {"field": "Idempotency-Key", "taskId": existing},
         )
 
@@ -242,25 +287,25 @@ class Routes:
             "unknown task",
             {
                 "taskId": task_id,
-                "hint": f"finished tasks are kept for {self.app.config.task_retention:g} s",
+                "hint": f"finished tasks are kept for {self.config.task_retention:g} s",
             },
         )
 
     async def progress(self, request: Request) -> Response | StreamingResponse:
         task_id = request.path_params["task_id"]
-        actor = self.app.registry.get(task_id)
+        actor = self.registry.get(task_id)
         # The header first, then the query (EventSource cannot set headers on its first try).
         last_id = parse_last_event_id(
             request.headers.get("last-event-id"), request.query.get("lastEventId")
         )
-        if actor is None and self.app.shared is not None:
+        if actor is None and self.shared is not None:
             return await self._shared_progress(task_id, last_id)
         if actor is None:
             return self._unknown_task(task_id)
         return StreamingResponse(
             200,
             SSE_HEADERS,
-            partial(self.app.streams.stream, actor.broadcaster, last_id),
+            partial(self.streams.stream, actor.broadcaster, last_id),
             watches_peer=True,  # the hub's stream notices the client leaving
         )
 
@@ -268,7 +313,7 @@ class Routes:
         self, task_id: str, last_id: int | None
     ) -> Response | StreamingResponse:
         """Any task, from its Redis stream (one reader per daemon, fanned out here)."""
-        shared = self.app.shared
+        shared = self.shared
         assert shared is not None
         # A task this daemon already reads costs Redis nothing more per viewer.
         first = shared.watcher.current(task_id) or await shared.latest(task_id)
@@ -277,7 +322,7 @@ class Routes:
 
         async def stream(writer: BodyWriter) -> None:
             async with shared.watcher.watching(task_id, first) as broadcaster:
-                await self.app.streams.stream(broadcaster, last_id, writer)
+                await self.streams.stream(broadcaster, last_id, writer)
 
         return StreamingResponse(
             200,
@@ -288,8 +333,8 @@ class Routes:
 
     async def task_status(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        actor = self.app.registry.get(task_id)
-        if actor is None and (shared := self.app.shared) is not None:
+        actor = self.registry.get(task_id)
+        if actor is None and (shared := self.shared) is not None:
             snapshot = shared.watcher.current(task_id) or await shared.latest(task_id)
             if snapshot is None:
                 return self._unknown_task(task_id)
@@ -310,9 +355,9 @@ class Routes:
 
     async def cancel(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        actor = self.app.registry.get(task_id)
-        if actor is None and self.app.shared is not None:
-            shared = await self.app.shared.cancel(task_id, time.time())
+        actor = self.registry.get(task_id)
+        if actor is None and self.shared is not None:
+            shared = await self.shared.cancel(task_id, time.time())
             if shared is None:
                 return self._unknown_task(task_id)
             if shared.finished:
@@ -354,9 +399,9 @@ class Routes:
 
     async def readyz(self, request: Request) -> Response:
         """Ready while at least one backend is connected (a front: while Redis answers)."""
-        pool = self.app.pool
-        if not pool.backends and self.app.shared is not None:
-            ready = await self.app.shared.ready()
+        pool = self.pool
+        if not pool.backends and self.shared is not None:
+            ready = await self.shared.ready()
             return json_response(
                 200 if ready else 503, {"ready": ready, "redis": ready}, headers=NO_STORE
             )
@@ -370,8 +415,8 @@ class Routes:
         return json_response(200 if up else 503, body, headers=NO_STORE)
 
     async def backends(self, request: Request) -> Response:
-        body = backends_json(self.app)
-        if (shared := self.app.shared) is not None:
+        body = backends_json(self.pool, self.dispatcher, self.registry.actors())
+        if (shared := self.shared) is not None:
             # The whole service: every live worker's backends, and its queue.
             try:
                 readings = await published_capabilities(shared.store)
@@ -385,12 +430,12 @@ class Routes:
         return json_response(200, body, headers=NO_STORE)
 
     async def workflows(self, request: Request) -> Response:
-        return json_response(200, self.app.workflows.to_json())
+        return json_response(200, self.catalog.to_json())
 
     async def upload(self, request: Request) -> Response:
         """An inpainting source image: the raw PNG or JPEG body (see protocol/upload.py)."""
         try:
-            reply = await self.app.binder.sources.accept_upload(
+            reply = await self.binder.sources.accept_upload(
                 request.headers.get("content-type"), request.body
             )
         except RequestError as exc:

@@ -10,13 +10,13 @@ a reconnected socket pick a running prompt's progress up again (ComfyUI even
 re-sends the running node). If ComfyUI did not confirm our close, it may
 still hold the old socket, so we take a fresh client id instead; tasks
 submitted under the old id then follow their prompts through /queue and
-/history (`client_generation` tells them).
+/history (their `PromptSubscription.hears_frames()` tells them).
 
 A socket that stays open but delivers nothing (a "zombie") shows no error, so
 while one of our prompts runs, `silence_timeout` without a frame makes us
 probe ComfyUI over HTTP and replace the socket. After every reconnect,
-`reconnected` fires and each task reconciles through /queue and /history,
-because frames sent while we were away are lost.
+`reconnected` fires and each task reconciles through /queue and /history
+(its subscription says so), because frames sent while we were away are lost.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import trio_websocket
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
 from daemon.comfy.routing import PromptRouter, Signal
+from daemon.comfy.subscription import PromptSubscription
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -145,6 +146,12 @@ class ComfyBackend:
     def load(self) -> int:
         """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
         return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
+
+    def subscribe(
+        self, prompt_id: str, *, on_overflow: Callable[[], None] = lambda: None
+    ) -> PromptSubscription:
+        """Route this prompt's frames to one task, from now until the subscription closes."""
+        return PromptSubscription(self, prompt_id, on_overflow=on_overflow)
 
     def note_submitted(self) -> None:
         """We POSTed a prompt; it counts until the next `status` frame does."""

@@ -50,7 +50,6 @@ class Dispatcher:
         self._waiting: list[Ticket] = []
         # Tickets from this index on may have been told an outdated position.
         self._stale_from = 0
-        self.dispatched = 0
         # Fired when a backend started or stopped taking work, or what it can run
         # changed: then `runnable_now` may answer differently.
         self.availability = Signal()
@@ -120,7 +119,6 @@ class Dispatcher:
             backend.reserved += 1
             ticket.backend = backend
             ticket.assigned.set()
-            self.dispatched += 1
         self._positions()
 
     def _next_assignment(self) -> tuple[ComfyBackend, Ticket] | None:

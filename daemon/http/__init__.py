@@ -12,7 +12,6 @@ from daemon.http.client import (
     open_stream,
 )
 from daemon.http.limits import HttpLimits
-from daemon.http.replay import ReplayStream
 from daemon.http.router import Router
 from daemon.http.server import HttpServer
 from daemon.http.static import StaticFiles, content_type_for
@@ -20,7 +19,6 @@ from daemon.http.types import (
     BodyLimitProvider,
     BodyWriter,
     ClientGone,
-    ConnectionTakeover,
     Handler,
     HandlerResult,
     Headers,
@@ -38,14 +36,12 @@ __all__ = [
     "BodyWriter",
     "ClientGone",
     "ClientResponse",
-    "ConnectionTakeover",
     "Handler",
     "HandlerResult",
     "Headers",
     "HttpClientError",
     "HttpLimits",
     "HttpServer",
-    "ReplayStream",
     "Request",
     "Response",
     "Router",

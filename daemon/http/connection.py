@@ -31,6 +31,8 @@ RECEIVE_SIZE = 64 * KiB
 WRITE_SLICE = 64 * KiB
 # While lingering on close, stop reading after this much input.
 _LINGER_MAX_BYTES = 1 * MiB
+# A request's first bytes kept to tell a HEAD (blank lines may come before it).
+HEAD_START_BYTES = 64
 # Framing is ours: these headers from a handler are dropped.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
@@ -68,7 +70,8 @@ class H11Connection:
 
     __slots__ = (
         "_broken",
-        "_cycle_input",
+        "_head_read",
+        "_head_start",
         "_limits",
         "_request_method",
         "_server_header",
@@ -84,8 +87,10 @@ class H11Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._limits = limits
         self._server_header = server_header
-        # Raw input of the current request cycle, for ConnectionTakeover.
-        self._cycle_input = bytearray()
+        # Bytes read for the current request's head (and what came with them),
+        # and the first of them: enough to tell a HEAD before h11 parsed it.
+        self._head_read = 0
+        self._head_start = b""
         # The method of the current request once h11 has parsed its head.
         self._request_method: bytes | None = None
         self._broken = False
@@ -100,27 +105,20 @@ class H11Connection:
     # ------------------------------------------------------------ reading
 
     def begin_cycle(self) -> None:
-        """Start recording the raw bytes of a new request.
+        """Start counting the bytes of a new request's head.
 
         At the start of a cycle h11's unprocessed buffer is exactly the start
-        of the next request (pipelined bytes), so recording begins with it.
+        of the next request (pipelined bytes), so counting begins with it.
         """
-        self._cycle_input = bytearray(self.h11.trailing_data[0])
+        pending = self.h11.trailing_data[0]
+        self._head_read = len(pending)
+        self._head_start = bytes(pending[:HEAD_START_BYTES])
         self._request_method = None
-
-    def forget_cycle_input(self) -> None:
-        """Drop the recorded request bytes (the response will not hand the connection over)."""
-        self._cycle_input = bytearray()
-
-    @property
-    def cycle_input(self) -> bytes:
-        """Every byte read for the current request's head, and what came with it."""
-        return bytes(self._cycle_input)
 
     @property
     def head_size(self) -> int:
         """Bytes of the request head, valid right after h11 returned the Request."""
-        return len(self._cycle_input) - len(self.h11.trailing_data[0])
+        return self._head_read - len(self.h11.trailing_data[0])
 
     @property
     def has_unread_input(self) -> bool:
@@ -134,11 +132,10 @@ class H11Connection:
             data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if self.h11.their_state is h11.IDLE:
-            # Only input read while parsing the head is kept: that is all a
-            # takeover needs (only bodiless requests can be taken over), and
-            # it keeps request bodies from being held twice.
-            self._cycle_input += data
+        if self.h11.their_state is h11.IDLE:  # still reading the head
+            self._head_read += len(data)
+            if len(self._head_start) < HEAD_START_BYTES:
+                self._head_start += data[: HEAD_START_BYTES - len(self._head_start)]
         self.h11.receive_data(bytes(data))
 
     async def next_event(self) -> h11.Event:
@@ -305,7 +302,7 @@ class H11Connection:
         """True when the request being answered is a HEAD (parsed, or only begun)."""
         if self._request_method is not None:
             return self._request_method == b"HEAD"
-        return bytes(self._cycle_input[:64]).lstrip(b"\r\n").startswith(b"HEAD ")
+        return self._head_start.lstrip(b"\r\n").startswith(b"HEAD ")
 
     def start_next_cycle(self) -> bool:
         """Reset h11 for the next request on this connection, if both sides allow it."""

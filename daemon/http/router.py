@@ -28,7 +28,6 @@ from typing import TypeAlias
 
 from daemon.http.target import BadTarget, path_segments, split_target
 from daemon.http.types import (
-    ConnectionTakeover,
     Handler,
     HandlerResult,
     Request,
@@ -198,6 +197,4 @@ class Router:
 def _status_of(result: object) -> int:
     if isinstance(result, Response | StreamingResponse):
         return result.status
-    if isinstance(result, ConnectionTakeover):
-        return 101
     return 500  # not a response: the server answers 500

@@ -5,8 +5,7 @@ One task per connection runs request/response cycles in the style of h11's
 ``header_read_timeout``, body under ``body_read_timeout`` and the route's size
 limit), call the handler, write the response (each write under
 ``write_timeout``), then either start the next cycle (keep-alive, pipelining)
-or close. Streaming responses and connection takeovers run with no request
-timeout at all.
+or close. Streaming responses run with no request timeout at all.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from daemon.http.target import BadTarget, decode_path, parse_query, split_target
 from daemon.http.types import (
     BodyLimitProvider,
     ClientGone,
-    ConnectionTakeover,
     Handler,
     HandlerResult,
     Headers,
@@ -156,7 +154,7 @@ class HttpServer:
         """Stop accepting, close idle connections, cancel the rest after `grace` s.
 
         Requests in flight may finish within the grace period (their responses
-        say ``Connection: close``); streams and takeovers still running at the
+        say ``Connection: close``); streams still running at the
         deadline are cancelled. ``run()`` returns when all connections ended.
         Calling it again can only bring the deadline closer.
         """
@@ -260,12 +258,9 @@ class HttpServer:
                     return True
                 first = False
                 result = await self._call_handler(request)
-                if isinstance(result, ConnectionTakeover):
-                    return await self._take_over(connection, request, result)
                 if isinstance(result, StreamingResponse):
                     # A stream may stay open for hours: keep only the request line.
                     request = _request_line(request)
-                    connection.forget_cycle_input()
                     return await self._send_streaming(connection, request, result)
                 await self._send_whole(connection, request, result)
                 if len(request.body) > _JOIN_ON_LOOP_BYTES:
@@ -405,7 +400,7 @@ class HttpServer:
         except Exception:
             logger.exception("handler failed for %s %s", request.method, request.target)
             return error_response(500, _MESSAGES[500])
-        if not isinstance(result, Response | StreamingResponse | ConnectionTakeover):
+        if not isinstance(result, Response | StreamingResponse):
             logger.error(
                 "handler for %s %s returned %r, not a response",
                 request.method,
@@ -493,25 +488,6 @@ class HttpServer:
             nursery.cancel_scope.cancel()
         return finished
 
-    async def _take_over(
-        self, connection: H11Connection, request: Request, takeover: ConnectionTakeover
-    ) -> bool:
-        if _has_body(request):
-            # The body has been read into request.body already: the new owner
-            # could not see the connection's bytes as the client sent them.
-            logger.error(
-                "cannot hand over %s %s: only requests without a body can be taken over",
-                request.method,
-                request.target,
-            )
-            await self._send_whole(connection, request, error_response(500, _MESSAGES[500]))
-            return True
-        try:
-            await takeover.handler(connection.stream, connection.cycle_input)
-        except Exception:
-            logger.exception("connection takeover for %s %s failed", request.method, request.target)
-        return False
-
 
 async def _call_stream(request: Request, stream: StreamBody, writer: ConnectionBodyWriter) -> bool:
     """Run a streaming body; True when it returned normally."""
@@ -582,12 +558,6 @@ def _declared_length(event: h11.Request) -> int | None:
 
 def _has_ambiguous_framing(request: Request) -> bool:
     return "transfer-encoding" in request.headers and "content-length" in request.headers
-
-
-def _has_body(request: Request) -> bool:
-    if "transfer-encoding" in request.headers:
-        return True
-    return int(request.headers.get("content-length") or 0) > 0
 
 
 def _format_address(address: object) -> str:

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias, overload, runtime_checkable
 
-import trio
-
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -133,25 +131,11 @@ class StreamingResponse:
     watches_peer: bool = False
 
 
-@dataclass(frozen=True)
-class ConnectionTakeover:
-    """Hand the raw connection to `handler` (e.g. for a WebSocket upgrade).
-
-    ``handler(stream, raw_bytes)``: `raw_bytes` are every byte read on this
-    connection for this request (request head included) plus anything read
-    after it, so a WebSocket library can redo the handshake on
-    ``ReplayStream(stream, raw_bytes)``. Only requests without a body may be
-    taken over. The server closes `stream` once `handler` returns.
-    """
-
-    handler: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
-
-
 class ClientGone(Exception):
     """The client went away (or stopped reading) while we were writing to it."""
 
 
-HandlerResult: TypeAlias = Response | StreamingResponse | ConnectionTakeover
+HandlerResult: TypeAlias = Response | StreamingResponse
 Handler: TypeAlias = Callable[[Request], Awaitable[HandlerResult]]
 
 

@@ -21,7 +21,7 @@ counted as `other`, so no client can make the series grow without limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Final
 
@@ -42,7 +42,7 @@ from daemon.ops.prometheus import (
 from protocol.task import Phase, TaskState
 
 if TYPE_CHECKING:
-    from daemon.app import App
+    from daemon.api.sse_stream import StreamHub
     from daemon.comfy.backend import ComfyBackend
 
 PREFIX: Final = "comfy_progress_"
@@ -182,9 +182,21 @@ class DaemonMetrics:
     the order of the README's table.
     """
 
-    def __init__(self, app: App, *, started_at: float | None = None) -> None:
-        """`app` is read only at scrape time (its services may start later)."""
-        self.app = app
+    def __init__(
+        self,
+        *,
+        backends: Sequence[ComfyBackend],
+        task_phases: Callable[[], Iterable[Phase]],
+        streams: StreamHub,
+        open_connections: Callable[[], int],
+        started_at: float | None = None,
+    ) -> None:
+        """Everything passed is read only at scrape time: `task_phases` gives every
+        tracked task's phase now, `open_connections` the HTTP server's count."""
+        self.backends = backends
+        self.task_phases = task_phases
+        self.streams = streams
+        self.open_connections = open_connections
         self.started_at = time.time() if started_at is None else started_at
         self.version = _version()
         self.requests = counter(HTTP_REQUESTS)
@@ -206,30 +218,28 @@ class DaemonMetrics:
             self.registry.register(collector)
 
     def _scrape_readers(self) -> dict[MetricSpec, Callable[[], Mapping[LabelValues, float]]]:
-        app = self.app
-
-        def backends() -> list[ComfyBackend]:
-            return app.pool.backends
+        backends = self.backends
+        streams = self.streams
 
         def tasks() -> dict[LabelValues, float]:
             counts: dict[LabelValues, float] = {(phase.value,): 0 for phase in Phase}
-            for actor in app.registry.actors():
-                counts[(actor.state.phase.value,)] += 1
+            for phase in self.task_phases():
+                counts[(phase.value,)] += 1
             return counts
 
         return {
             BUILD_INFO: lambda: {(self.version,): 1},
             START_TIME: lambda: {(): self.started_at},
-            HTTP_CONNECTIONS: lambda: {(): app.server.active_connections},
+            HTTP_CONNECTIONS: lambda: {(): self.open_connections()},
             TASKS: tasks,
-            SSE_SUBSCRIBERS: lambda: {(): app.streams.open_streams},
-            SSE_EVENTS: lambda: {(): app.streams.events_sent},
-            SSE_HEARTBEATS: lambda: {(): app.streams.heartbeats_sent},
-            BACKEND_UP: lambda: {(b.name,): int(b.is_connected()) for b in backends()},
-            BACKEND_LOAD: lambda: {(b.name,): b.load() for b in backends()},
-            BACKEND_RECONNECTS: lambda: {(b.name,): b.reconnects for b in backends()},
-            BACKEND_FRAMES: lambda: {(b.name,): b.frames_received for b in backends()},
-            BACKEND_PROTOCOL_ERRORS: lambda: {(b.name,): b.protocol_errors for b in backends()},
+            SSE_SUBSCRIBERS: lambda: {(): streams.open_streams},
+            SSE_EVENTS: lambda: {(): streams.events_sent},
+            SSE_HEARTBEATS: lambda: {(): streams.heartbeats_sent},
+            BACKEND_UP: lambda: {(b.name,): int(b.is_connected()) for b in backends},
+            BACKEND_LOAD: lambda: {(b.name,): b.load() for b in backends},
+            BACKEND_RECONNECTS: lambda: {(b.name,): b.reconnects for b in backends},
+            BACKEND_FRAMES: lambda: {(b.name,): b.frames_received for b in backends},
+            BACKEND_PROTOCOL_ERRORS: lambda: {(b.name,): b.protocol_errors for b in backends},
         }
 
     # -- hooks
@@ -259,10 +269,10 @@ class DaemonMetrics:
 class MetricsEndpoint:
     """GET /metrics."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self.metrics = metrics
 
     async def __call__(self, request: Request) -> Response:
-        body = self.app.metrics.render()
+        body = self.metrics.render()
         headers = (("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store"))
         return Response(200, headers, body)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -41,7 +41,8 @@ import trio
 from protocol.task import Phase
 
 if TYPE_CHECKING:
-    from daemon.app import App
+    from daemon.comfy.backend import ComfyBackend
+    from daemon.comfy.routing import Signal
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +131,34 @@ def notify_address(value: str) -> str | None:
     return None  # e.g. vsock:...: not for us
 
 
-def status_line(app: App, url: str) -> str:
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """What the STATUS= line summarises, read when it may have changed."""
+
+    backends: Sequence[ComfyBackend]
+    task_phases: Callable[[], Iterable[Phase]]  # every tracked task's phase now
+    tasks_changed: Signal  # a task was added, changed phase or was forgotten
+
+    def signals(self) -> tuple[Signal, ...]:
+        """Fire when the line may read differently."""
+        return (*(backend.connected_changed for backend in self.backends), self.tasks_changed)
+
+
+def status_line(status: ServiceStatus, url: str) -> str:
     """'serving http://...; ComfyUI http://... connected; 2 tasks running, 1 queued'."""
     running = queued = 0
-    for actor in app.registry.actors():
-        phase = actor.state.phase
+    for phase in status.task_phases():
         if phase is Phase.RUNNING:
             running += 1
         elif phase in (Phase.QUEUED, Phase.REQUEUED, Phase.WAITING):
             queued += 1
-    backends = app.pool.backends
+    backends = status.backends
     if len(backends) == 1:
         backend = backends[0]
         comfy = f"{backend.name} {'connected' if backend.is_connected() else 'not connected'}"
     else:
-        comfy = f"{len(app.pool.connected())} of {len(backends)} backends up"
+        up = sum(1 for backend in backends if backend.is_connected())
+        comfy = f"{up} of {len(backends)} backends up"
     return (
         f"serving {url}; ComfyUI {comfy}; "
         f"{running} task{'s' if running != 1 else ''} running, {queued} queued"
@@ -225,18 +239,22 @@ class Systemd:
         self.sent += 1
 
     async def run(
-        self, app: App, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        status: ServiceStatus,
+        url: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start it last: READY=1, then keep STATUS current and the watchdog fed."""
-        status = status_line(app, url)
-        await self.notify("READY=1", f"STATUS={status}")
+        line = status_line(status, url)
+        await self.notify("READY=1", f"STATUS={line}")
         task_status.started()
         if self.notify_address is None:
             return
         async with trio.open_nursery() as nursery:
             if self.watchdog_interval is not None:
                 nursery.start_soon(self._feed_watchdog, self.watchdog_interval)
-            nursery.start_soon(self._report_status, app, url, status)
+            nursery.start_soon(self._report_status, status, url, line)
 
     async def notify_stopping(self, detail: str) -> None:
         """STOPPING=1: from here on STATUS only describes the shutdown."""
@@ -250,14 +268,11 @@ class Systemd:
             await self.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _report_status(self, app: App, url: str, last: str) -> None:
-        signals = (
-            *(backend.connected_changed for backend in app.pool.backends),
-            app.registry.changed,
-        )
+    async def _report_status(self, status: ServiceStatus, url: str, last: str) -> None:
+        signals = status.signals()
         while not self.stopping:
             seen = [signal.count for signal in signals]
-            current = status_line(app, url)
+            current = status_line(status, url)
             if current != last:
                 await self._send([f"STATUS={current}"], unless_stopping=True)
                 last = current

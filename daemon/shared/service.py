@@ -27,14 +27,14 @@ from daemon.shared.positions import QueuePositions
 from daemon.shared.store import SharedRecord, SharedStore
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
-from daemon.tasks.actor import record_of
 from daemon.tasks.broadcast import Snapshot
+from daemon.tasks.restore import record_of
 from protocol import task
 
 if TYPE_CHECKING:
     from daemon.comfy.dispatch import Dispatcher
     from daemon.config import Config
-    from daemon.tasks.actor import TaskRegistry
+    from daemon.tasks.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,13 @@ class SharedService:
         whether it had ended already."""
         shared = await self.store.load(task_id)
         latest = await self.store.latest(task_id)
-        if shared is None or latest is None or shared.finished or latest.terminal:
+        if shared is not None and latest is not None and latest.terminal and not shared.finished:
+            # Its stream has ended; its holder saves the finished record just after.
+            phase = (
+                task.Phase.COMPLETED if latest.event == task.EVENT_COMPLETE else task.Phase.ERROR
+            )
+            return replace(shared, record=replace(shared.record, phase=phase.value))
+        if shared is None or latest is None or shared.finished:
             return shared
         if await self.store.take_waiting(task_id):
             # Not yet taken by any worker, and now no worker will: end it here. (Read
@@ -136,7 +142,7 @@ class SharedService:
                 e.message for e in reversed([*effects, *more]) if isinstance(e, task.Publish)
             )
             await self.store.append(task_id, message)
-            await self.store.save(SharedRecord(record_of(state, message, backend=None)))
+            await self.store.save(SharedRecord(record_of(state, backend=None)))
             return shared
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60

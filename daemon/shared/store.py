@@ -31,9 +31,9 @@ from coredis.response.types import StreamPending
 
 from daemon.comfy.capabilities import Capabilities
 from daemon.shared.capabilities import capabilities_from_json
-from daemon.tasks.actor import encode_snapshot, record_of
-from daemon.tasks.broadcast import Snapshot
-from daemon.tasks.journal import TaskRecord
+from daemon.tasks.broadcast import Snapshot, encode_snapshot
+from daemon.tasks.journal import TaskRecord, state_json_from_message
+from daemon.tasks.restore import record_of
 from protocol import task
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,19 @@ class SharedRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> SharedRecord:
         data = json.loads(raw)
-        return cls(TaskRecord(**data["record"]), data.get("holder"), data.get("backendUrl"))
+        fields = dict(data["record"])
+        if "message" in fields:
+            # Written by a daemon that kept the last message, not the state's fields.
+            fields["state"] = state_json_from_message(
+                spec=fields["spec"],
+                phase=fields["phase"],
+                submitted=fields["submitted"],
+                version=fields["version"],
+                created_at=fields["created_at"],
+                finished_at=fields["finished_at"],
+                message=fields.pop("message"),
+            )
+        return cls(TaskRecord(**fields), data.get("holder"), data.get("backendUrl"))
 
     @property
     def finished(self) -> bool:
@@ -134,9 +146,6 @@ class SharedStore:
 
     def inbox_key(self, daemon_id: str) -> str:
         return f"{self.prefix}:inbox:{daemon_id}"
-
-    def image_key(self, name: str) -> str:
-        return f"{self.prefix}:image:{name}"
 
     def preview_key(self, task_id: str) -> str:
         return f"{self.prefix}:preview:{task_id}"
@@ -202,7 +211,7 @@ class SharedStore:
 
     async def submit(self, state: task.TaskState, message: task.TaskMessage) -> None:
         """A new task: its record, its first snapshot, and its place in the queue."""
-        record = record_of(state, message, backend=None)
+        record = record_of(state, backend=None)
         await self.save(SharedRecord(record))
         await self.append(state.task_id, message)
         await self.redis.zadd(self.waiting_key, {state.task_id: state.created_at})

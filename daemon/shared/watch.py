@@ -55,10 +55,6 @@ class StreamWatcher:
         self._changed = trio.Event()
         self.reads = 0
 
-    @property
-    def watched(self) -> int:
-        return len(self._watched)
-
     def snapshots(self) -> list[tuple[str, Snapshot]]:
         """The newest snapshot of every task this daemon reads now."""
         return [

@@ -28,7 +28,8 @@ from protocol import task
 
 if TYPE_CHECKING:
     from daemon.comfy.dispatch import Dispatcher
-    from daemon.tasks.actor import TaskActor, TaskRegistry
+    from daemon.tasks.actor import TaskActor
+    from daemon.tasks.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
 

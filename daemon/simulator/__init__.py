@@ -31,6 +31,8 @@ Knobs (fault injection)
 Settable from Python (``ComfySimulator`` methods) and over HTTP:
 ``POST /sim/control`` with a JSON object of any of the keys below (applied in
 this order; the reply is the state), ``GET /sim/state`` to read them back.
+``GET /sim/history/{prompt_id}/wait`` answers 200 once that prompt has finished
+(a test in another process waits for it without polling).
 ``/sim/*`` is never under ``/api`` and is never rejected.
 
 ``step_time``  (seconds or null)

@@ -1,7 +1,8 @@
 """The request/response values between the route handlers and the transport.
 
-Shaped after daemon/http's Request/Response/ConnectionTakeover so the transport
-can be swapped without touching routes.py.
+Shaped after daemon/http's Request/Response so the transport can be swapped
+without touching routes.py; the WebSocket upgrade (Takeover) is the
+simulator's own.
 """
 
 from __future__ import annotations

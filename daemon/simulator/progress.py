@@ -60,11 +60,6 @@ class ProgressRegistry:
         }
         return {"prompt_id": self.prompt_id, "nodes": nodes}
 
-    def state_of(self, node_id: str) -> dict[str, Any] | None:
-        """{"state", "value", "max"} of one node, if it has started."""
-        entry = self._nodes.get(node_id)
-        return dict(entry) if entry is not None else None
-
     def states(self) -> dict[str, dict[str, Any]]:
         """{"state", "value", "max"} of every known node."""
         return {node_id: dict(entry) for node_id, entry in self._nodes.items()}

@@ -15,10 +15,12 @@ import mimetypes
 import platform
 import posixpath
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlparse, urlsplit
+
+import trio
 
 from daemon.simulator.config import SimulatorConfig
 from daemon.simulator.control import ControlError
@@ -150,6 +152,7 @@ class SimulatorRoutes:
         self._control_routes: list[tuple[str, str, Handler]] = [
             ("GET", "/sim/state", self._sim_state),
             ("POST", "/sim/control", self._sim_control),
+            ("GET", "/sim/history/{prompt_id}/wait", self._sim_wait_history),
         ]
 
     @staticmethod
@@ -376,6 +379,22 @@ class SimulatorRoutes:
             return json_response({"error": str(exc)}, 400)
         return json_response(self._control.state())
 
+    def _sim_wait_history(self, request: HttpRequest, params: dict[str, str]) -> Result:
+        """Answer once the prompt has finished, so a test in another process waits for
+        that moment instead of polling /history."""
+        prompt_id = params["prompt_id"]
+        history = self._engine.history
+
+        async def answer_when_finished(stream: trio.abc.Stream, _request: bytes) -> None:
+            await history.wait_for(prompt_id)
+            await stream.send_all(FINISHED_REPLY)
+
+        return Takeover(answer_when_finished)
+
+
+# A bare answer: the connection was taken over, so h11 is no longer in charge of it.
+FINISHED_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
 
 def server_features(config: SimulatorConfig) -> dict[str, Any]:
     """GET /features, and the reply to a client's feature_flags message."""
@@ -396,7 +415,3 @@ def _match(pattern: str, path: str) -> dict[str, str] | None:
         elif want != got:
             return None
     return params
-
-
-# A route handler type for transports that want one callable.
-RequestHandler = Callable[[HttpRequest], Awaitable[Result]]

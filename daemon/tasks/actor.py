@@ -1,4 +1,4 @@
-"""The task registry and the per-task actor.
+"""The per-task actor.
 
 Each task is one actor: it owns its `TaskState`, feeds it events through the
 pure state machine (`protocol.task.apply`), publishes every new snapshot to
@@ -8,17 +8,15 @@ the output images, reconcile through /history). State changes happen only in
 frame pump, the queue watcher, the reconnect watcher, output fetching) can
 all call it without locks.
 
-A finished task stays readable for `retention` seconds, then the registry
-forgets it (404 afterwards).
+The registry (daemon/tasks/registry.py) creates actors and runs them;
+daemon/tasks/restore.py turns journal records back into their states.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -30,17 +28,17 @@ from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
-from daemon.comfy.routing import Signal
+from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
-from daemon.tasks.broadcast import Broadcaster, Snapshot
-from daemon.tasks.journal import Journal, TaskRecord
+from daemon.tasks.broadcast import Broadcaster, Snapshot, encode_snapshot
+from daemon.tasks.journal import TaskRecord
 from daemon.tasks.preview_throttle import PreviewThrottle
 from daemon.tasks.publish_pacer import PublishPacer
+from daemon.tasks.restore import record_of
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
-from protocol.sse import ServerSentEvent, encode_event
 
 log = logging.getLogger(__name__)
 
@@ -66,50 +64,9 @@ class CancelResult(Enum):
     ALREADY_FINISHED = "finished"
 
 
-class TooManyTasks(Exception):
-    """The registry is full; the client should retry later (503)."""
-
-
 def new_prompt_id() -> str:
     """Ours, so frames can be routed before the POST (ComfyUI takes the id we give)."""
     return f"cp-{secrets.token_hex(16)}"
-
-
-class QueueFull(Exception):
-    """Too many unfinished tasks, in all or for this client; retry later (429)."""
-
-
-def new_task_id(now: float) -> str:
-    """Milliseconds since the epoch, then 128 random bits, URL-safe."""
-    return f"{int(now * 1000):x}-{secrets.token_urlsafe(16)}"
-
-
-def record_of(state: task.TaskState, message: task.TaskMessage, backend: str | None) -> TaskRecord:
-    """A task as the journal (and the shared store) keeps it: its state and last message."""
-    return TaskRecord(
-        task_id=state.task_id,
-        prompt_id=state.prompt_id,
-        phase=state.phase.value,
-        version=message.version,
-        submitted=state.submitted,
-        created_at=state.created_at,
-        finished_at=state.finished_at,
-        spec=task.spec_to_json(state.spec),
-        message={"event": message.event, "version": message.version, "payload": message.payload},
-        backend=backend,
-    )
-
-
-def encode_snapshot(message: task.TaskMessage) -> Snapshot:
-    data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
-    sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
-    return Snapshot(
-        version=message.version,
-        event=message.event,
-        payload=message.payload,
-        sse=sse,
-        terminal=message.is_terminal,
-    )
 
 
 class Attempt(Enum):
@@ -168,9 +125,9 @@ class TaskActor:
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
-        self.submitted_generation = self.backend.client_generation if self.backend else 0
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
         self._lost = trio.Event()
@@ -200,7 +157,7 @@ class TaskActor:
 
     def record(self) -> TaskRecord:
         """This task as the journal keeps it."""
-        return record_of(self.state, self.last_message, self.backend_name)
+        return record_of(self.state, self.backend_name)
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(
@@ -269,14 +226,8 @@ class TaskActor:
 
     def _durable_fields(self) -> tuple[object, ...]:
         state = self.state
-        return (
-            state.phase,
-            state.prompt_id,
-            state.submitted,
-            state.cancel_requested,
-            state.fetching_outputs,
-            self.backend_name,
-        )
+        # The stage covers the phase, the submission and the fetch of the images.
+        return (state.stage, state.prompt_id, state.cancel_requested, self.backend_name)
 
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
@@ -387,21 +338,21 @@ class TaskActor:
         self._use(backend)
         self._lost = trio.Event()
         self._reconcile_requested = trio.Event()
-        self.submitted_generation = backend.client_generation
-        inbox = backend.router.open(self.prompt_id, on_overflow=self.request_reconcile)
+        subscription = backend.subscribe(self.prompt_id, on_overflow=self.request_reconcile)
+        self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._pump, inbox)
+                nursery.start_soon(self._pump, subscription.events)
                 nursery.start_soon(self._reconcile_loop)
-                nursery.start_soon(self._watch_backend)
+                nursery.start_soon(self._watch_backend, subscription)
                 nursery.start_soon(self._preview_throttle.run)
                 try:
                     if resumed and self.state.submitted:
                         # Re-attach to the prompt we submitted before the restart.
                         self.request_reconcile()
                     elif not (resumed and await self._already_known()):
-                        await self._submit(backend)
+                        await self._submit(backend, subscription)
                 finally:
                     if reserved:
                         self.dispatcher.release(backend)
@@ -411,14 +362,14 @@ class TaskActor:
                 if self.state.cancel_requested:
                     # Cancelled while the POST was in flight: take it back out.
                     nursery.start_soon(self._cancel_in_comfyui)
-                nursery.start_soon(self._watch_queue)
+                nursery.start_soon(self._watch_queue, subscription)
                 await self._lost.wait()
                 nursery.cancel_scope.cancel()
             return Attempt.LOST
         finally:
             self._nursery = None
-            backend.router.close(self.prompt_id)
-            inbox.close()
+            self._subscription = None
+            subscription.close()
 
     def _lost_there(self, reason: str, still_there: bool) -> None:
         """The current attempt's backend lost the prompt: resubmit, or end with `lost`."""
@@ -485,7 +436,7 @@ class TaskActor:
 
     # -- submitting
 
-    async def _submit(self, backend: ComfyBackend) -> None:
+    async def _submit(self, backend: ComfyBackend, subscription: PromptSubscription) -> None:
         """POST the prompt; leaves the task unsubmitted when this backend cannot take it."""
         if self.state.cancel_requested:
             self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
@@ -510,8 +461,7 @@ class TaskActor:
             self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
             self.handle(task.SubmitRejected(reply))
             return
-        backend.note_submitted()
-        self.submitted_generation = backend.client_generation
+        subscription.submitted()
         self._submitted_at = trio.current_time()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))
@@ -551,66 +501,70 @@ class TaskActor:
 
     # -- following the prompt
 
-    async def _watch_queue(self) -> None:
+    async def _watch_queue(self, subscription: PromptSubscription) -> None:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
         backend = self.backend
         assert backend is not None
         while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
             interval = backend.queue_read_spacing(self.settings.queue_poll_interval)
             if self.state.phase is task.Phase.WAITING:
-                await backend.connected_changed.wait()
+                await subscription.wait_connection_change()
                 continue
+            changes = backend.queue_changed.count
             # Any recent reading will do, even one from before our submission: a
             # flood of new tasks must not cost a reading of a long queue each.
             try:
                 reading = await backend.read_queue(not_before=trio.current_time() - interval)
             except BackendUnavailable:
                 reading = None
+            stale = False
             if reading is not None:
                 position = reading.snapshot.position_of(self.prompt_id)
                 if position is None:
                     if reading.taken_at >= self._submitted_at:
                         self.request_reconcile()  # finished already, or gone
-                    # else: taken before our submission; the next reading will say
+                    else:
+                        stale = True  # taken before our submission: read again soon
                 else:
                     if position.running:
-                        backend.router.note_running(self.prompt_id)
+                        subscription.note_running()
                     self.handle(task.QueueUpdate(position))
             await trio.sleep(interval)
             # Then wait for ComfyUI to say the queue changed (a `status` frame), or
-            # for a slow safety poll in case that frame was lost.
+            # for a slow safety poll in case that frame was lost. A change while we
+            # slept counts (it is not waited for again), and a reading from before
+            # our submission is followed by a fresh one at once: a task must not
+            # show a bare "Queued" until the safety poll.
+            if stale or backend.queue_changed.count != changes:
+                continue
             with trio.move_on_after(max(interval, 10.0)):
                 await backend.queue_changed.wait()
 
-    async def _watch_backend(self) -> None:
+    async def _watch_backend(self, subscription: PromptSubscription) -> None:
         """Reconcile after each reconnect; show `waiting` while the backend is away, and
         give the prompt up when it stays away past `backend_lost_after`."""
-        backend = self.backend
-        assert backend is not None
-        seen = backend.reconnected.count
+        name = subscription.backend_name
         while True:
-            if backend.reconnected.count != seen:
+            if subscription.reconnected():
                 # Frames sent while we were away are lost: ask ComfyUI.
-                seen = backend.reconnected.count
                 self.request_reconcile()
-            if self.state.submitted and not backend.is_connected():
-                self.handle(task.BackendLost(f"{backend.name} is not connected"))
+            if self.state.submitted and not subscription.is_connected():
+                self.handle(task.BackendLost(f"{name} is not connected"))
                 with trio.move_on_after(self.settings.backend_lost_after):
-                    await backend.wait_connected()
-                if not backend.is_connected():
+                    await subscription.wait_connected()
+                if not subscription.is_connected():
                     self._lost_there(
-                        f"{backend.name} was away for {self.settings.backend_lost_after:g} s",
-                        True,
+                        f"{name} was away for {self.settings.backend_lost_after:g} s", True
                     )
                     return
                 continue
-            if self.state.submitted and self.submitted_generation != backend.client_generation:
+            if self.state.submitted and not subscription.hears_frames():
                 # Submitted under an older client id: no frames reach us; poll.
                 with trio.move_on_after(max(2.0, self.settings.queue_poll_interval * 2)):
-                    await backend.connected_changed.wait()
+                    await subscription.wait_connection_change()
                 self.request_reconcile()
                 continue
-            await backend.connected_changed.wait()
+            await subscription.wait_connection_change()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -626,8 +580,9 @@ class TaskActor:
 
     async def _reconcile(self) -> None:
         """Ask ComfyUI how the prompt stands: frames may have been lost."""
-        backend = self.backend
+        backend, subscription = self.backend, self._subscription
         assert backend is not None
+        assert subscription is not None
         http = backend.http
         entry = await http.history(self.prompt_id)
         if entry is None:
@@ -636,7 +591,7 @@ class TaskActor:
             position = reading.snapshot.position_of(self.prompt_id)
             if position is not None:
                 if position.running:
-                    backend.router.note_running(self.prompt_id)
+                    subscription.note_running()
                 self.handle(task.QueueUpdate(position))
                 return
             # Neither queued nor in history; it may have finished in between.
@@ -750,279 +705,3 @@ class TaskActor:
                 self._log(logging.WARNING, "cancel: ComfyUI unreachable: %s", exc)
                 await trio.sleep(SUBMIT_RETRY_DELAY)
         self.request_reconcile()
-
-
-class TaskRegistry:
-    """All tasks by id; runs each actor in its own nursery slot, then forgets it."""
-
-    def __init__(
-        self,
-        *,
-        dispatcher: Dispatcher,
-        images: ImageStore,
-        settings: TaskSettings,
-        journal: Journal | None = None,
-        wall_clock: Callable[[], float] = time.time,
-        on_task_end: Callable[[TaskActor], None] | None = None,
-        previews: PreviewStore | None = None,
-        on_publish: Callable[[TaskActor], None] | None = None,
-    ) -> None:
-        """`on_publish(actor)` hears of every actor's change (the shared mirror);
-        `on_task_end(actor)` is called once when a task of this process ends
-        (not for tasks restored from the journal already finished)."""
-        self.dispatcher = dispatcher
-        self.on_task_end = on_task_end
-        self.images = images
-        self.settings = settings
-        self.journal = journal
-        self.wall_clock = wall_clock
-        self.previews = previews if previews is not None else PreviewStore()
-        self.on_publish = on_publish
-        self._tasks: dict[str, TaskActor] = {}
-        self._nursery: trio.Nursery | None = None
-        self._stopped = trio.Event()
-        # Unfinished tasks -> the client key they count against (None: no client).
-        self._unfinished: dict[str, str | None] = {}
-        self._unfinished_by_client: dict[str, int] = {}
-        self.created = 0
-        self.restored = 0
-        self.changed = Signal()  # a task was added, changed state or was forgotten
-        # Snapshot ids of restored tasks must rise above anything sent before the
-        # restart, even when the journal lagged behind the last publish (kill -9):
-        # each start is a new epoch, and a run sends fewer than 2**32 snapshots
-        # per task.
-        self.restored_version_base = (journal.epoch << 32) if journal is not None else 0
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep(math.inf)
-        finally:
-            self._nursery = None
-            self._stopped.set()
-
-    async def stop(self) -> None:
-        """Cancel every actor and wait until they have all ended (their last
-        journal records are made by then). Unfinished tasks stay in the journal."""
-        if self._nursery is None:
-            return
-        self._nursery.cancel_scope.cancel()
-        await self._stopped.wait()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def get(self, task_id: str) -> TaskActor | None:
-        return self._tasks.get(task_id)
-
-    def actors(self) -> list[TaskActor]:
-        return list(self._tasks.values())
-
-    def images_in_use(self) -> set[str]:
-        """Images no retention may delete: sources and results of the tasks held."""
-        names: set[str] = set()
-        for actor in self._tasks.values():
-            names.update(actor.source_images)
-            names.update(actor.state.image_files)
-        return names
-
-    def _journal_change(self, actor: TaskActor) -> None:
-        if self.journal is not None:
-            self.journal.record(actor.record())
-        self.changed.fire()
-
-    @property
-    def unfinished(self) -> int:
-        """Tasks waiting or running (what max_queued bounds)."""
-        return len(self._unfinished)
-
-    def _settle(self, task_id: str) -> None:
-        if task_id not in self._unfinished:
-            return
-        client = self._unfinished.pop(task_id)
-        if client is not None:
-            left = self._unfinished_by_client[client] - 1
-            if left:
-                self._unfinished_by_client[client] = left
-            else:
-                del self._unfinished_by_client[client]
-
-    def _check_room(self, client: str | None) -> None:
-        settings = self.settings
-        if len(self._unfinished) >= settings.max_queued:
-            raise QueueFull(
-                f"{len(self._unfinished)} tasks are waiting or running (the most the daemon "
-                "takes); try again later"
-            )
-        limit = settings.max_queued_per_client
-        if client is not None and limit and self._unfinished_by_client.get(client, 0) >= limit:
-            raise QueueFull(
-                f"you have {limit} unfinished tasks, the most one client may have; "
-                "try again when one has ended"
-            )
-
-    def _actor_changed(self, actor: TaskActor) -> None:
-        if actor.is_done():
-            self._settle(actor.task_id)
-        self._journal_change(actor)
-        if self.on_publish is not None:
-            self.on_publish(actor)
-        # Actors report only from handle(), which ignores events once the task
-        # has ended: the change that ends a task is reported exactly once.
-        if actor.is_done() and self.on_task_end is not None:
-            self.on_task_end(actor)
-
-    def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
-        return TaskActor(
-            state,
-            dispatcher=self.dispatcher,
-            images=self.images,
-            settings=self.settings,
-            wall_clock=self.wall_clock,
-            on_change=self._actor_changed,
-            on_publish=self.on_publish or (lambda actor: None),
-            previews=self.previews,
-            **kwargs,  # type: ignore[arg-type]
-        )
-
-    def create(
-        self, spec_for: Callable[[str, str, int], task.TaskSpec], *, client: str | None = None
-    ) -> TaskActor:
-        """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec.
-
-        `client` is the key a per-client limit counts by (see daemon/api/clients.py).
-        Raises TooManyTasks or QueueFull when there is no room.
-        """
-        if self._nursery is None:
-            raise RuntimeError("the registry is not running")
-        if len(self._tasks) >= self.settings.max_tasks:
-            raise TooManyTasks(f"{len(self._tasks)} tasks are being tracked; try again later")
-        self._check_room(client)
-        now = self.wall_clock()
-        task_id = new_task_id(now)
-        prompt_id = new_prompt_id()
-        spec = spec_for(task_id, prompt_id, int(now * 1000))
-        actor = self._new_actor(task.new_task(spec, now))
-        self._start(actor, self.settings.retention, client=client)
-        return actor
-
-    def adopt(
-        self, state: task.TaskState, *, resumed: bool = False, backend_name: str | None = None
-    ) -> TaskActor:
-        """Run a task another daemon created (taken from the shared queue, or claimed
-        after its worker's lease expired); `state.version` is the stream's newest."""
-        if self._nursery is None:
-            raise RuntimeError("the registry is not running")
-        actor = self._new_actor(state, resumed=resumed, backend_name=backend_name)
-        self._start(actor, self.settings.retention)
-        return actor
-
-    def restore(self, records: list[TaskRecord]) -> None:
-        """Bring back the journal's tasks: finished ones until their time is up,
-        unfinished ones re-attached to their ComfyUI prompts."""
-        if self._nursery is None:
-            raise RuntimeError("the registry is not running")
-        now = self.wall_clock()
-        for record in records:
-            try:
-                actor = self._restored_actor(record, now)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning(
-                    "cannot restore task %s: %s",
-                    record.task_id,
-                    exc,
-                    extra={"task_id": record.task_id},
-                )
-                continue
-            if actor is None:
-                if self.journal is not None:
-                    self.journal.forget(record.task_id)
-                continue
-            retention = self.settings.retention
-            if record.finished_at is not None:
-                retention = max(0.0, retention - (now - record.finished_at))
-            self._start(actor, retention)
-            self.restored += 1
-
-    def _restored_actor(self, record: TaskRecord, now: float) -> TaskActor | None:
-        spec = task.spec_from_json(record.spec)
-        phase = task.Phase(record.phase)
-        if phase.is_terminal:
-            finished_at = record.finished_at or record.created_at
-            if now - finished_at >= self.settings.retention:
-                return None  # its five minutes are up
-            message = task.TaskMessage(
-                event=record.message["event"],
-                version=int(record.message["version"]),
-                payload=record.message["payload"],
-            )
-            state = task.finished_task(
-                spec, message=message, created_at=record.created_at, finished_at=finished_at
-            )
-            return self._new_actor(state, first_message=message)
-        state = task.resumed_task(
-            spec,
-            phase=phase,
-            version=self.restored_version_base,
-            submitted=record.submitted,
-            created_at=record.created_at,
-        )
-        log.info(
-            "resuming task",
-            extra={
-                "task_id": spec.task_id,
-                "prompt_id": spec.prompt_id,
-                "backend": record.backend or "",
-            },
-        )
-        backend_name = record.backend
-        if backend_name is None and record.submitted:
-            # A journal from before pools: its one backend is the first one now.
-            backend_name = self.dispatcher.pool.backends[0].name
-        return self._new_actor(state, resumed=True, backend_name=backend_name)
-
-    def _start(self, actor: TaskActor, retention: float, *, client: str | None = None) -> None:
-        assert self._nursery is not None
-        self._tasks[actor.task_id] = actor
-        if not actor.is_done():
-            self._unfinished[actor.task_id] = client
-            if client is not None:
-                self._unfinished_by_client[client] = self._unfinished_by_client.get(client, 0) + 1
-        self.created += 1
-        self._journal_change(actor)
-        self._nursery.start_soon(self._run_actor, actor, retention)
-
-    async def _run_actor(self, actor: TaskActor, retention: float) -> None:
-        try:
-            await actor.run()
-        except Exception:
-            log.exception(
-                "task actor crashed",
-                extra={
-                    "task_id": actor.task_id,
-                    "prompt_id": actor.prompt_id,
-                    "backend": actor.backend_name or "",
-                },
-            )
-            # The error message names nothing of the request, so it always
-            # encodes; handle() publishes it before anything else can fail.
-            try:
-                actor.handle(task.Failed("internal", "Internal error in the daemon"))
-            except Exception:
-                # Not into the registry's nursery: that would stop every task.
-                log.exception("could not record the crashed task's end")
-        self.previews.drop(actor.task_id)
-        if actor.moved:
-            self._tasks.pop(actor.task_id, None)
-            self._settle(actor.task_id)
-            self.changed.fire()
-            return
-        if not actor.state.phase.is_terminal:
-            return  # cancelled by shutdown: the journal keeps it for the next start
-        await trio.sleep(retention)
-        self._tasks.pop(actor.task_id, None)
-        self.changed.fire()
-        if self.journal is not None:
-            self.journal.forget(actor.task_id)

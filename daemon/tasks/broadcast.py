@@ -9,11 +9,15 @@ ever published, so no reader can skip past it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+from protocol import task
+from protocol.sse import ServerSentEvent, encode_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,18 @@ class Snapshot:
     def __post_init__(self) -> None:
         chunk = b"%x\r\n%b\r\n" % (len(self.sse), self.sse)
         object.__setattr__(self, "chunk", chunk + b"0\r\n\r\n" if self.terminal else chunk)
+
+
+def encode_snapshot(message: task.TaskMessage) -> Snapshot:
+    data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
+    sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
+    return Snapshot(
+        version=message.version,
+        event=message.event,
+        payload=message.payload,
+        sse=sse,
+        terminal=message.is_terminal,
+    )
 
 
 class Broadcaster:

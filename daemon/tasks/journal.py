@@ -23,9 +23,11 @@ from typing import Any, Final
 
 import trio
 
+from protocol import task
+
 log = logging.getLogger(__name__)
 
-SCHEMA: Final = """
+TASKS_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id     TEXT PRIMARY KEY,
     prompt_id   TEXT NOT NULL,
@@ -35,9 +37,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at  REAL NOT NULL,
     finished_at REAL,
     spec        TEXT NOT NULL,
-    message     TEXT NOT NULL,
+    state       TEXT NOT NULL,
     backend     TEXT
-);
+)"""
+SCHEMA: Final = f"""{TASKS_TABLE};
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -46,17 +49,85 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key         TEXT PRIMARY KEY,
     task_id     TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    fingerprint TEXT NOT NULL
+    fingerprint TEXT NOT NULL,
+    outcome     TEXT
 );
 """
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Journals written before pools have no backend column: add it (NULL: not dispatched
-    yet, or dispatched to the only backend there was; such a task goes through the queue)."""
+    """Bring an older journal's tables up to SCHEMA (before the first read)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
     if "backend" not in columns:
+        # Written before pools: NULL is "not dispatched yet, or dispatched to the
+        # only backend there was"; such a task goes through the queue.
         db.execute("ALTER TABLE tasks ADD COLUMN backend TEXT")
+    # Journals from before outcomes were kept: NULL, the outcome of such a key is unknown.
+    key_columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+    if "outcome" not in key_columns:
+        db.execute("ALTER TABLE idempotency ADD COLUMN outcome TEXT")
+    if "message" in columns:
+        _migrate_messages_to_state(db)
+
+
+def _migrate_messages_to_state(db: sqlite3.Connection) -> None:
+    """Journals that kept each task's last published message (`message`) get its
+    state's fields (`state`) instead, in one transaction."""
+    rows = db.execute(
+        "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
+        " spec, message, backend FROM tasks"
+    ).fetchall()
+    db.execute("BEGIN")
+    try:
+        db.execute("ALTER TABLE tasks RENAME TO tasks_before_state")
+        db.execute(TASKS_TABLE)
+        for row in rows:
+            try:
+                state = state_json_from_message(
+                    spec=json.loads(row[7]),
+                    phase=row[2],
+                    submitted=bool(row[4]),
+                    version=int(row[3]),
+                    created_at=float(row[5]),
+                    finished_at=None if row[6] is None else float(row[6]),
+                    message=json.loads(row[8]),
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("dropping an unreadable journal row for task %s: %s", row[0], exc)
+                continue
+            db.execute(
+                "INSERT INTO tasks (task_id, prompt_id, phase, version, submitted, created_at,"
+                " finished_at, spec, state, backend) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row[:8], json.dumps(state), row[9]),
+            )
+        db.execute("DROP TABLE tasks_before_state")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def state_json_from_message(
+    *,
+    spec: Mapping[str, Any],
+    phase: str,
+    submitted: bool,
+    version: int,
+    created_at: float,
+    finished_at: float | None,
+    message: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The `state` of a record kept in the older format, from its last message
+    (the journal's migration and the shared store's older records use it)."""
+    state = task.state_from_message(
+        task.spec_from_json(spec),
+        stage=task.stage_of(task.Phase(phase), submitted=submitted),
+        version=version,
+        created_at=created_at,
+        finished_at=finished_at,
+        message=message,
+    )
+    return task.state_to_json(state)
 
 
 class JournalUnavailable(Exception):
@@ -75,7 +146,7 @@ class TaskRecord:
     created_at: float
     finished_at: float | None
     spec: Mapping[str, Any] = field(hash=False)  # protocol.task.spec_to_json
-    message: Mapping[str, Any] = field(hash=False)  # {"event", "version", "payload"}
+    state: Mapping[str, Any] = field(hash=False)  # protocol.task.state_to_json
     backend: str | None = None  # the backend the task was dispatched to (its URL)
 
 
@@ -86,6 +157,9 @@ class KeyRecord:
     task_id: str
     created_at: float
     fingerprint: str  # a hash of the request body: the same key must mean the same request
+    # How its task ended (the final snapshot's payload), once it has: a retry after the
+    # task was forgotten, even across a restart, gets this instead of a taskId that 404s.
+    outcome: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
 class Journal:
@@ -135,7 +209,7 @@ class Journal:
         assert self._db is not None
         rows = self._db.execute(
             "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
-            " spec, message, backend FROM tasks ORDER BY created_at"
+            " spec, state, backend FROM tasks ORDER BY created_at"
         ).fetchall()
         records = []
         for row in rows:
@@ -150,7 +224,7 @@ class Journal:
                         created_at=float(row[5]),
                         finished_at=None if row[6] is None else float(row[6]),
                         spec=json.loads(row[7]),
-                        message=json.loads(row[8]),
+                        state=json.loads(row[8]),
                         backend=row[9],
                     )
                 )
@@ -167,9 +241,17 @@ class Journal:
         assert self._db is not None
         self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (newer_than,))
         rows = self._db.execute(
-            "SELECT key, task_id, created_at, fingerprint FROM idempotency"
+            "SELECT key, task_id, created_at, fingerprint, outcome FROM idempotency"
         ).fetchall()
-        return {row[0]: KeyRecord(row[1], float(row[2]), row[3]) for row in rows}
+        keys: dict[str, KeyRecord] = {}
+        for key, task_id, created_at, print_, outcome in rows:
+            try:
+                ended = None if outcome is None else json.loads(outcome)
+            except ValueError as exc:
+                log.warning("an unreadable outcome for Idempotency-Key %r: %s", key, exc)
+                ended = None
+            keys[key] = KeyRecord(task_id, float(created_at), print_, ended)
+        return keys
 
     # -- writes (from the event loop, never blocking)
 
@@ -242,7 +324,7 @@ class Journal:
                     continue
                 db.execute(
                     "INSERT OR REPLACE INTO tasks (task_id, prompt_id, phase, version, submitted,"
-                    " created_at, finished_at, spec, message, backend)"
+                    " created_at, finished_at, spec, state, backend)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.task_id,
@@ -253,15 +335,21 @@ class Journal:
                         record.created_at,
                         record.finished_at,
                         json.dumps(record.spec),
-                        json.dumps(record.message),
+                        json.dumps(record.state),
                         record.backend,
                     ),
                 )
             for key, k in keys.items():
                 db.execute(
-                    "INSERT OR REPLACE INTO idempotency (key, task_id, created_at, fingerprint)"
-                    " VALUES (?, ?, ?, ?)",
-                    (key, k.task_id, k.created_at, k.fingerprint),
+                    "INSERT OR REPLACE INTO idempotency"
+                    " (key, task_id, created_at, fingerprint, outcome) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        k.task_id,
+                        k.created_at,
+                        k.fingerprint,
+                        None if k.outcome is None else json.dumps(k.outcome),
+                    ),
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -17,6 +17,7 @@ from daemon.config import Config
 from daemon.http.client import ClientResponse, http_request, open_stream
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent, SSEDecoder
+from tests.daemon.process import SimulatorProcess, simulator_processes
 
 
 @dataclass
@@ -111,6 +112,8 @@ def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
 
 FAST = SimulatorConfig(step_time=0.01)
 
+Simulator = TypeVar("Simulator")
+
 
 @asynccontextmanager
 async def running_daemon(
@@ -135,10 +138,10 @@ async def running_daemon(
 
 
 @dataclass
-class Pool:
+class Pool(Generic[Simulator]):
     app: App
     bound: Bound
-    simulators: list[ComfySimulator]
+    simulators: list[Simulator]
 
     @property
     def url(self) -> str:
@@ -169,7 +172,7 @@ async def running_pool(
     *,
     first_urls: tuple[str, ...] = (),
     **overrides: Any,
-) -> AsyncIterator[Pool]:
+) -> AsyncIterator[Pool[ComfySimulator]]:
     """The daemon with one backend per simulator config (after `first_urls`, backends
     running elsewhere), all on ephemeral ports."""
     async with trio.open_nursery() as nursery:
@@ -177,6 +180,28 @@ async def running_pool(
         urls = [*first_urls]
         for sim in sims:
             urls.append(f"http://127.0.0.1:{await nursery.start(sim.run, ('127.0.0.1', 0))}")
+        overrides.setdefault("comfy_url", urls[0])
+        overrides.setdefault("comfy_urls", tuple(urls[1:]))
+        app = App(daemon_config(tmp_path, **overrides))
+        bound = await nursery.start(app.run)
+        try:
+            yield Pool(app, bound, sims)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running_process_pool(
+    tmp_path: Path,
+    simulators: list[SimulatorConfig],
+    *,
+    first_urls: tuple[str, ...] = (),
+    **overrides: Any,
+) -> AsyncIterator[Pool[SimulatorProcess]]:
+    """Like `running_pool`, but each simulator is a process of its own (a GPU host the
+    test can kill -9), driven through its /sim/ endpoints."""
+    async with simulator_processes(simulators) as sims, trio.open_nursery() as nursery:
+        urls = [*first_urls, *(sim.url for sim in sims)]
         overrides.setdefault("comfy_url", urls[0])
         overrides.setdefault("comfy_urls", tuple(urls[1:]))
         app = App(daemon_config(tmp_path, **overrides))

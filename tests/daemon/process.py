@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import resource
 import signal
@@ -15,9 +17,13 @@ from pathlib import Path
 
 import trio
 
+from daemon.http.client import http_request
+from daemon.simulator import SimulatorConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"listening on (http://\S+) ")
-WORKER_READY = re.compile(rb"worker (ready)")  # role=worker serves no HTTP
+# role=worker serves only health, readiness, backends and metrics
+WORKER_READY = re.compile(rb"worker ready, health and metrics on (http://\S+) ")
 
 
 @dataclass
@@ -76,7 +82,7 @@ async def daemon_process(
     front of the shared queue); `settings` are KEY=VALUE.
 
     `open_files` is the (soft, hard) RLIMIT_NOFILE the daemon starts with. `worker`:
-    role=worker, which serves no HTTP: ready when it says so (its `url` is "ready").
+    role=worker, which serves only health, readiness, backends and metrics (its `url`).
     """
     command = [
         sys.executable,
@@ -133,6 +139,59 @@ class SimulatorProcess:
     def kill(self) -> None:
         """kill -9: the GPU box loses power."""
         self.process.kill()
+
+    # The knobs of an in-test ComfySimulator, driven over its /sim/ endpoints.
+
+    async def control(self, **knobs: object) -> None:
+        reply = await http_request(
+            "POST",
+            f"{self.url}/sim/control",
+            headers=(("Content-Type", "application/json"),),
+            body=json.dumps(knobs).encode(),
+            timeout=10,
+        )
+        assert reply.status == 200, reply.body
+
+    async def restart(self) -> None:
+        """Like a ComfyUI restart: queue and history gone, sockets cut."""
+        await self.control(restart=True)
+
+    async def set_manual_steps(self, manual: bool) -> None:
+        await self.control(manual_steps=manual)
+
+    async def grant_steps(self, steps: int = 1) -> None:
+        await self.control(grant_steps=steps)
+
+    async def reject_connections(self, seconds: float) -> None:
+        await self.control(reject_connections=seconds)
+
+    async def wait_for_history(self, prompt_id: str) -> None:
+        """Until the prompt has finished there (the simulator answers at that moment)."""
+        reply = await http_request("GET", f"{self.url}/sim/history/{prompt_id}/wait", timeout=120)
+        assert reply.status == 200, reply.body
+
+
+def simulator_args(config: SimulatorConfig) -> tuple[str, ...]:
+    """The command line for what a test's SimulatorConfig asks (manual mode is a knob)."""
+    args = ["--step-time", repr(config.step_time)]
+    for node_class in config.hidden_nodes:
+        args += ["--hide-node", node_class]
+    return tuple(args)
+
+
+@asynccontextmanager
+async def simulator_processes(
+    configs: list[SimulatorConfig],
+) -> AsyncIterator[list[SimulatorProcess]]:
+    """One simulator process per config, each in the mode its config asks."""
+    async with contextlib.AsyncExitStack() as stack:
+        sims = []
+        for config in configs:
+            sim = await stack.enter_async_context(simulator_process(*simulator_args(config)))
+            if config.manual_steps:
+                await sim.set_manual_steps(True)
+            sims.append(sim)
+        yield sims
 
 
 @asynccontextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,29 @@ async def test_idempotency_key_replayed_after_its_task_was_forgotten(tmp_path: P
         assert outcome["status"] == "completed"
         assert outcome["result"] == final["result"]
         assert daemon.app.registry.created == 1
-    # After a restart the key is still known (journal), its outcome is not: 410.
+    # After a restart the key and its outcome are still known (journal).
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        replayed = await daemon.request("POST", "/generate", body, headers=key)
+        assert replayed.status == 200
+        assert replayed.json() == outcome
+        assert daemon.app.registry.created == 0
+
+
+async def test_a_key_journalled_without_an_outcome_is_410_after_its_task_is_gone(
+    tmp_path: Path,
+) -> None:
+    """Keys from journals that kept no outcomes: the task is gone, how it ended unknown."""
+    body = {"prompt": "a red fox", "seed": 5}
+    key = (("Idempotency-Key", "order-44"),)
+    async with running_daemon(tmp_path, task_retention=0.0) as daemon:
+        first = await daemon.request("POST", "/generate", body, headers=key)
+        task_id = first.json()["taskId"]
+        await daemon.events(task_id)
+        await wait_forgotten(daemon, task_id)
+    db = sqlite3.connect(tmp_path / "data" / "journal.sqlite3")
+    db.execute("UPDATE idempotency SET outcome = NULL")
+    db.commit()
+    db.close()
     async with running_daemon(tmp_path, task_retention=0.0) as daemon:
         gone = await daemon.request("POST", "/generate", body, headers=key)
         assert gone.status == 410

@@ -27,7 +27,7 @@ def record(task_id: str, version: int, phase: str = "running", *, big: bool = Fa
             "graph": {},
             "prompt": "x" * 65536 if big else "",
         },
-        message={"event": "progress", "version": version, "payload": {"taskId": task_id}},
+        state={"stage": "running", "version": version, "createdAt": 1.0},
     )
 
 
@@ -114,4 +114,34 @@ async def test_a_journal_from_before_pools_is_read_and_gains_the_backend_column(
     await reopened.open()
     backends = {r.task_id: r.backend for r in await reopened.load()}
     assert backends == {"old": None, "new": "http://gpu2:8188"}
+    await reopened.aclose()
+
+
+async def test_a_key_s_outcome_is_kept_and_old_key_tables_gain_the_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE idempotency (key TEXT PRIMARY KEY, task_id TEXT NOT NULL,"
+        " created_at REAL NOT NULL, fingerprint TEXT NOT NULL);"
+        "INSERT INTO idempotency VALUES ('before', 't0', 100.0, 'f0');"
+    )
+    old.commit()
+    old.close()
+    ended = {"taskId": "t1", "status": "completed", "result": {"seed": 5}}
+    journal = Journal(path)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        journal.record_idempotency_key("after", KeyRecord("t1", 200.0, "f1", ended))
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+    reopened = Journal(path)
+    await reopened.open()
+    assert await reopened.load_idempotency_keys(newer_than=0.0) == {
+        "before": KeyRecord("t0", 100.0, "f0", None),
+        "after": KeyRecord("t1", 200.0, "f1", ended),
+    }
     await reopened.aclose()

@@ -6,7 +6,6 @@ point; tests wait for states (signals, events), never for time.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +20,14 @@ from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
 from daemon.tasks.actor import TaskActor
 from protocol import task
-from tests.daemon.harness import FAST, Pool, payloads, read_events, running_pool
-from tests.daemon.process import simulator_process
+from tests.daemon.harness import FAST, Pool, payloads, read_events, running_process_pool
 
 SAMPLER = "3"  # the KSampler node of the built-in txt2img graph
 MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
 NO_INPAINT = SimulatorConfig(step_time=0.01, hidden_nodes=("VAEEncodeForInpaint",))
 
 
-async def wait_until(pool: Pool, condition: Callable[[], bool]) -> None:
+async def wait_until(pool: Pool[Any], condition: Callable[[], bool]) -> None:
     """Until `condition()` holds; re-checked on every task or backend change."""
     app = pool.app
     while not condition():
@@ -49,7 +47,7 @@ async def wait_state(actor: TaskActor, predicate: Callable[[task.TaskState], boo
         await actor.broadcaster.wait_newer(latest.version if latest else None)
 
 
-def actor_of(pool: Pool, task_id: str) -> TaskActor:
+def actor_of(pool: Pool[Any], task_id: str) -> TaskActor:
     actor = pool.app.registry.get(task_id)
     assert actor is not None
     return actor
@@ -62,7 +60,9 @@ async def queue_of(url: str) -> tuple[int, int]:
 
 
 async def test_dispatch_spreads_work_and_respects_max_pending(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [MANUAL, MANUAL, MANUAL], backend_max_pending=2) as pool:
+    async with running_process_pool(
+        tmp_path, [MANUAL, MANUAL, MANUAL], backend_max_pending=2
+    ) as pool:
         await pool.all_read()
         task_ids = [await pool.generate(seed=n) for n in range(7)]
         actors = [actor_of(pool, t) for t in task_ids]
@@ -80,7 +80,7 @@ async def test_dispatch_spreads_work_and_respects_max_pending(tmp_path: Path) ->
         assert [b["tasks"] for b in backends["backends"]] == [2, 2, 2]
         assert backends["waiting"] == 1
         for sim in pool.simulators:
-            sim.set_manual_steps(False)
+            await sim.set_manual_steps(False)
         for actor in actors:
             await actor.finished.wait()
         assert all(a.state.phase is task.Phase.COMPLETED for a in actors)
@@ -88,7 +88,7 @@ async def test_dispatch_spreads_work_and_respects_max_pending(tmp_path: Path) ->
         assert used == {sim.url for sim in pool.simulators}
 
 
-async def upload_source(pool: Pool) -> str:
+async def upload_source(pool: Pool[Any]) -> str:
     picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
     response = await http_request(
         "POST",
@@ -106,7 +106,7 @@ INPAINT_AREA = {"x": 0, "y": 0, "width": 8, "height": 8}
 
 
 async def test_a_node_class_on_one_backend_only_always_goes_there(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT, FAST]) as pool:
+    async with running_process_pool(tmp_path, [NO_INPAINT, NO_INPAINT, FAST]) as pool:
         await pool.all_read()
         image = await upload_source(pool)
         inpaints = [
@@ -123,7 +123,7 @@ async def test_a_node_class_on_one_backend_only_always_goes_there(tmp_path: Path
 
 
 async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
+    async with running_process_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
         await pool.all_read()
         image = await upload_source(pool)
         response = await pool.request(
@@ -140,14 +140,14 @@ async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
 
 
 async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+    async with running_process_pool(tmp_path, [MANUAL, MANUAL]) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
         first_prompt, seed = actor.prompt_id, actor.state.spec.seed
         sim = next(s for s in pool.simulators if s.url == actor.backend_name)
-        sim.restart()  # forgets its queue, as ComfyUI does
+        await sim.restart()  # forgets its queue, as ComfyUI does
         await wait_state(actor, lambda s: s.prompt_id != first_prompt)
         assert actor.broadcaster.latest is not None
         requeued = actor.broadcaster.latest.payload
@@ -155,7 +155,7 @@ async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path:
         assert requeued["progress"]["currentStep"].startswith("Requeued")
         assert requeued["progress"]["overall"]["nodesDone"] == 0  # from the start again
         for each in pool.simulators:
-            each.set_manual_steps(False)
+            await each.set_manual_steps(False)
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["status"] == "completed"
         assert data[-1]["result"]["seed"] == seed  # the same seed, under a new prompt_id
@@ -170,22 +170,22 @@ async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path:
 
 
 async def test_a_websocket_cut_shorter_than_lost_after_reconciles_there(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+    async with running_process_pool(tmp_path, [MANUAL, MANUAL]) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
         prompt_id, backend_name = actor.prompt_id, actor.backend_name
         sim = next(s for s in pool.simulators if s.url == backend_name)
-        sim.reject_connections(3600)  # socket cut, reconnects refused
+        await sim.reject_connections(3600)  # socket cut, reconnects refused
         await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
         latest = actor.broadcaster.latest
         assert latest is not None
         assert latest.payload["progress"]["currentStep"] == "Waiting for ComfyUI to come back..."
         assert latest.payload["progress"]["etaSeconds"] is None
-        sim.grant_steps(1000)
+        await sim.grant_steps(1000)
         await sim.wait_for_history(prompt_id)  # it finished while we were away
-        sim.reject_connections(0)
+        await sim.reject_connections(0)
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["status"] == "completed"
         assert (actor.prompt_id, actor.backend_name, actor.attempts) == (
@@ -196,48 +196,37 @@ async def test_a_websocket_cut_shorter_than_lost_after_reconciles_there(tmp_path
 
 
 async def test_kill_9_of_a_backend_mid_task_resubmits_to_another(tmp_path: Path) -> None:
-    async with simulator_process("--step-time", "0.01") as doomed:
-        manual = await http_request(
-            "POST",
-            f"{doomed.url}/sim/control",
-            headers=(("Content-Type", "application/json"),),
-            body=json.dumps({"manual_steps": True}).encode(),
-            timeout=10,
-        )
-        assert manual.status == 200
-        async with running_pool(
-            tmp_path, [FAST], first_urls=(doomed.url,), backend_lost_after=0.5
-        ) as pool:
-            # The simulator process is the first backend (ties go to it), the in-test one next.
-            survivor = pool.simulators[0]
-            await pool.all_read()
-            task_id = await pool.generate()
-            actor = actor_of(pool, task_id)
-            await wait_state(actor, lambda s: s.current_node == SAMPLER)
-            assert actor.backend_name == doomed.url
-            seen: list[dict[str, Any]] = []
-            following = trio.Event()
-            async with trio.open_nursery() as nursery:
+    async with running_process_pool(tmp_path, [MANUAL, FAST, FAST], backend_lost_after=0.5) as pool:
+        doomed, survivors = pool.simulators[0], pool.simulators[1:]
+        await pool.all_read()
+        task_id = await pool.generate()  # ties go to the first backend
+        actor = actor_of(pool, task_id)
+        await wait_state(actor, lambda s: s.current_node == SAMPLER)
+        assert actor.backend_name == doomed.url
+        seen: list[dict[str, Any]] = []
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
 
-                async def follow() -> None:
-                    events = await read_events(pool.url, task_id, first_event=following)
-                    seen.extend(payloads(events))
+            async def follow() -> None:
+                events = await read_events(pool.url, task_id, first_event=following)
+                seen.extend(payloads(events))
 
-                nursery.start_soon(follow)
-                await following.wait()
-                doomed.kill()
-            phases = [d.get("phase") for d in seen]
-            assert "waiting" in phases  # at once, not a frozen last step
-            assert "requeued" in phases
-            assert phases.index("waiting") < phases.index("requeued")
-            assert seen[-1]["status"] == "completed"
-            assert (actor.backend_name, actor.attempts) == (survivor.url, 2)
+            nursery.start_soon(follow)
+            await following.wait()
+            doomed.kill()
+        phases = [d.get("phase") for d in seen]
+        assert "waiting" in phases  # at once, not a frozen last step
+        assert "requeued" in phases
+        assert phases.index("waiting") < phases.index("requeued")
+        assert seen[-1]["status"] == "completed"
+        assert actor.backend_name in {sim.url for sim in survivors}
+        assert actor.attempts == 2
 
 
 async def test_a_backend_back_with_the_abandoned_attempt_has_it_interrupted(
     tmp_path: Path,
 ) -> None:
-    async with running_pool(
+    async with running_process_pool(
         tmp_path, [MANUAL, FAST], backend_lost_after=0.3, comfy_connect_timeout=1
     ) as pool:
         await pool.all_read()
@@ -246,14 +235,14 @@ async def test_a_backend_back_with_the_abandoned_attempt_has_it_interrupted(
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
         away, old_prompt = pool.simulators[0], actor.prompt_id
         assert actor.backend_name == away.url
-        away.reject_connections(3600)  # gone, but still running the prompt
+        await away.reject_connections(3600)  # gone, but still running the prompt
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["status"] == "completed"
         assert actor.backend_name == pool.simulators[1].url
         assert pool.app.pool.abandoned(pool.app.pool.backends[0]) == {old_prompt}
-        away.reject_connections(0)
+        await away.reject_connections(0)
         await wait_until(pool, lambda: not pool.app.pool.abandoned(pool.app.pool.backends[0]))
-        away.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+        await away.grant_steps(1000)  # the parked step moves on, and sees the interrupt
         await away.wait_for_history(old_prompt)
         history = await http_request("GET", f"{away.url}/history/{old_prompt}", timeout=10)
         status = history.json()[old_prompt]["status"]
@@ -264,21 +253,21 @@ async def test_a_backend_back_with_the_abandoned_attempt_has_it_interrupted(
 
 
 async def test_cancel_while_the_backend_is_away_ends_the_task_at_once(tmp_path: Path) -> None:
-    async with running_pool(tmp_path, [MANUAL]) as pool:
+    async with running_process_pool(tmp_path, [MANUAL]) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
         sim, prompt_id = pool.simulators[0], actor.prompt_id
-        sim.reject_connections(3600)
+        await sim.reject_connections(3600)
         await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
         response = await pool.request("DELETE", f"/tasks/{task_id}")
         assert response.status == 202
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["error"]["code"] == "cancelled"
-        sim.reject_connections(0)
+        await sim.reject_connections(0)
         await wait_until(pool, lambda: not pool.app.pool.abandoned(pool.app.pool.backends[0]))
-        sim.grant_steps(1000)
+        await sim.grant_steps(1000)
         await sim.wait_for_history(prompt_id)  # interrupted once the backend was back
         assert await queue_of(sim.url) == (0, 0)
 
@@ -286,7 +275,7 @@ async def test_cancel_while_the_backend_is_away_ends_the_task_at_once(tmp_path: 
 async def test_a_workflow_class_no_backend_has_is_logged_at_first_contact(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with running_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
+    async with running_process_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
         await pool.app.workflows_checked.wait()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
@@ -299,7 +288,7 @@ async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path
     await probe.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     probe.close()  # nothing listens there
-    async with running_pool(tmp_path, [FAST], first_urls=(dead,)) as pool:
+    async with running_process_pool(tmp_path, [FAST], first_urls=(dead,)) as pool:
         live = pool.app.pool.backends[1]
         while not pool.app.pool.takes_work(live):
             await pool.app.pool.changed.wait()
@@ -310,7 +299,7 @@ async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path
         assert f'comfy_progress_backend_up{{backend="{dead}"}} 0' in metrics
         assert f'comfy_progress_backend_up{{backend="{live.name}"}} 1' in metrics
         assert f'comfy_progress_backend_load{{backend="{live.name}"}} 0' in metrics
-        assert "1 of 2 backends up" in status_line(pool.app, pool.url)
+        assert "1 of 2 backends up" in status_line(pool.app.service_status(), pool.url)
         backends = (await pool.request("GET", "/backends")).json()["backends"]
         assert backends[0]["connected"] is False
         assert "refused" in backends[0]["lastError"].lower()
@@ -324,14 +313,14 @@ async def test_readiness_metrics_and_status_with_one_backend_down(tmp_path: Path
 async def test_without_resubmit_a_backend_away_past_lost_after_ends_the_task_lost(
     tmp_path: Path,
 ) -> None:
-    async with running_pool(
+    async with running_process_pool(
         tmp_path, [MANUAL, FAST], backend_lost_after=0.3, resubmit_lost=False
     ) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
-        pool.simulators[0].reject_connections(3600)
+        await pool.simulators[0].reject_connections(3600)
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["error"]["code"] == "lost"
         assert "was away for 0.3 s" in data[-1]["error"]["details"]

@@ -550,3 +550,31 @@ async def test_a_stale_worker_s_writes_are_refused_and_it_stops_its_copy(tmp_pat
             status = await http_request("GET", f"{entry.url}/tasks/{task_id}", timeout=10)
             assert status.json()["status"] == "completed"
             assert status.json()["version"] == int(done[-1].id or 0)  # nothing overwritten
+
+
+async def test_a_worker_serves_health_readiness_backends_and_metrics_only(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=False) as sim,
+        worker(tmp_path, "w", redis.url, sim.url) as work,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        task_id = await generate(entry.url)
+        assert last(await read_events(entry.url, task_id))["status"] == "completed"
+        assert (await http_request("GET", f"{work.url}/healthz", timeout=10)).status == 200
+        ready = await http_request("GET", f"{work.url}/readyz", timeout=10)
+        assert ready.status == 200
+        assert ready.json()["backend"] == sim.url
+        backends = (await http_request("GET", f"{work.url}/backends", timeout=10)).json()
+        assert [b["url"] for b in backends["backends"]] == [sim.url]
+        metrics = (await http_request("GET", f"{work.url}/metrics", timeout=10)).body.decode()
+        assert f'comfy_progress_backend_up{{backend="{sim.url}"}} 1' in metrics
+        # The task ran on the worker: its metrics count it.
+        ran = 'comfy_progress_generation_duration_seconds_count{outcome="completed"} 1.0'
+        assert ran in metrics
+        # No API and no pages on a worker.
+        for method, path in (("POST", "/generate"), ("GET", "/"), ("GET", f"/tasks/{task_id}")):
+            reply = await http_request(method, work.url + path, timeout=10)
+            assert reply.status in (404, 405), (path, reply.status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.dispatch import Dispatcher
 from daemon.comfy.pool import BackendPool
 from daemon.images.store import ImageStore
-from daemon.tasks.actor import TaskRegistry, TaskSettings
+from daemon.tasks.actor import TaskSettings
 from daemon.tasks.broadcast import Broadcaster, Snapshot
 from daemon.tasks.journal import TaskRecord
+from daemon.tasks.registry import TaskRegistry
+from daemon.tasks.restore import record_of
+from protocol import task
 from protocol.sse import SSEDecoder
 
 
@@ -73,18 +77,14 @@ async def test_drain_tells_streams_to_come_back(autojump_clock: trio.testing.Moc
 
 
 def finished_record(task_id: str, finished_at: float) -> TaskRecord:
-    payload = {"taskId": task_id, "status": "completed", "result": {"imageUrls": []}}
-    return TaskRecord(
-        task_id=task_id,
-        prompt_id="p",
-        phase="completed",
+    spec = task.TaskSpec(task_id=task_id, prompt_id="p", graph={})
+    state = replace(
+        task.new_task(spec, finished_at - 10),
+        stage=task.Stage.COMPLETED,
         version=7,
-        submitted=True,
-        created_at=finished_at - 10,
         finished_at=finished_at,
-        spec={"taskId": task_id, "promptId": "p", "graph": {}},
-        message={"event": "complete", "version": 7, "payload": payload},
     )
+    return record_of(state, backend=None)
 
 
 @pytest.mark.parametrize(("age", "left"), [(0.0, 300.0), (200.0, 100.0)])

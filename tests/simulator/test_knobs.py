@@ -237,3 +237,25 @@ async def test_bad_control_requests_are_400(
         assert message in reply.json()["error"]
         bad_json = await h.http("POST", "/sim/control", body=b"{nope")
         assert bad_json.status == 400
+
+
+async def test_history_wait_answers_when_the_prompt_finishes(start_sim: StartSim) -> None:
+    """GET /sim/history/{id}/wait: a test in another process waits without polling."""
+    with trio.fail_after(10):
+        h = await start_sim(MANUAL)
+        prompt_id = await h.submit(probe_graph(steps=2))
+        answered = trio.Event()
+        replies: list[int] = []
+
+        async def wait() -> None:
+            reply = await h.http("GET", f"/sim/history/{prompt_id}/wait")
+            replies.append(reply.status)
+            answered.set()
+
+        h.nursery.start_soon(wait)
+        await h.steps_until(lambda: h.sim.running_progress().get("2", {}).get("value") == 1)
+        assert not answered.is_set()  # still running: no answer yet
+        await h.finish(prompt_id)
+        await answered.wait()
+        assert replies == [200]
+        assert (await h.history(prompt_id))[prompt_id]["status"]["completed"] is True

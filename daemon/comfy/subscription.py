@@ -1,0 +1,89 @@
+"""One task's subscription to its prompt at one backend.
+
+A task follows its prompt's WebSocket side through this object alone: the
+prompt's frames; whether the backend's socket came back since the task last
+looked (frames sent while it was away are lost, so the task asks /history);
+whether the prompt's frames reach us at all (the backend had to give up the
+client id the prompt was submitted under); and whether the backend is
+connected. The backend hands it out (`ComfyBackend.subscribe`) before the
+prompt is submitted, so even the first frame finds its task. HTTP calls stay
+on the backend (`backend.http`, `backend.read_queue`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import comfy
+
+if TYPE_CHECKING:
+    from daemon.comfy.backend import ComfyBackend
+
+
+class PromptSubscription:
+    """The frames of one prompt at one backend, and what the task must know of its socket."""
+
+    def __init__(
+        self, backend: ComfyBackend, prompt_id: str, *, on_overflow: Callable[[], None]
+    ) -> None:
+        """`on_overflow` is called when a frame had to be dropped (the task lags behind)."""
+        self.prompt_id = prompt_id
+        self.backend_name = backend.name
+        self._backend = backend
+        self.events: trio.MemoryReceiveChannel[comfy.ComfyEvent] = backend.router.open(
+            prompt_id, on_overflow=on_overflow
+        )
+        self._reconnects_seen = backend.reconnected.count
+        self._generation = backend.client_generation  # the client id the prompt's frames go to
+        self.closed = False
+
+    # -- the connection
+
+    def is_connected(self) -> bool:
+        return self._backend.is_connected()
+
+    async def wait_connected(self) -> None:
+        await self._backend.wait_connected()
+
+    async def wait_connection_change(self) -> None:
+        """Until the backend's socket opens or closes."""
+        await self._backend.connected_changed.wait()
+
+    def reconnected(self) -> bool:
+        """Has the socket reconnected since subscribing, or since this last said so?
+        Frames sent while it was away are lost: the task should ask /history."""
+        count = self._backend.reconnected.count
+        if count == self._reconnects_seen:
+            return False
+        self._reconnects_seen = count
+        return True
+
+    def hears_frames(self) -> bool:
+        """False once the backend took a new client id after the prompt was submitted
+        (or, before that, after subscribing): ComfyUI sends the prompt's frames to
+        the old id, so the task must poll /queue and /history instead."""
+        return self._generation == self._backend.client_generation
+
+    # -- what the task tells the backend
+
+    def submitted(self) -> None:
+        """The prompt was POSTed under the backend's current client id: it counts
+        toward the backend's load until the next `status` frame does."""
+        self._backend.note_submitted()
+        self._generation = self._backend.client_generation
+
+    def note_running(self) -> None:
+        """A /queue reading says the prompt runs (we may have missed its start), so a
+        re-sent `executing` without a prompt_id after a reconnect is routed to it."""
+        self._backend.router.note_running(self.prompt_id)
+
+    def close(self) -> None:
+        """Stop routing the prompt's frames here (idempotent); `events` ends."""
+        if self.closed:
+            return
+        self.closed = True
+        self._backend.router.close(self.prompt_id)
+        self.events.close()

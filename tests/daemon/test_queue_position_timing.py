@@ -1,0 +1,48 @@
+"""A task submitted behind another shows its place at the next reading, not at the
+safety poll: on a mock clock that jumps only while the daemon is idle, so the
+real simulator's sockets keep their timing and the daemon's timers are virtual."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from daemon.simulator import SimulatorConfig
+from tests.daemon.harness import running_pool
+from tests.daemon.test_pool import SAMPLER, actor_of, wait_state
+
+MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
+
+
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    # Jump only after 250 ms of real idleness: loopback I/O answers far sooner, so
+    # virtual time moves only when the daemon really sleeps (its poll timers).
+    return trio.testing.MockClock(autojump_threshold=0.25)
+
+
+async def test_a_task_submitted_behind_another_shows_its_place_before_the_safety_poll(
+    tmp_path: Path, idle_jump_clock: trio.testing.MockClock
+) -> None:
+    # A parked prompt sends no frames: the silence probe must not replace the socket.
+    async with running_pool(
+        tmp_path, [MANUAL], queue_poll_interval=1.0, comfy_silence_timeout=3600
+    ) as pool:
+        await pool.all_read()
+        first = actor_of(pool, await pool.generate(seed=1))
+        await wait_state(first, lambda s: s.current_node == SAMPLER)
+        second = actor_of(pool, await pool.generate(seed=2))
+        await wait_state(second, lambda s: s.submitted)
+        submitted_at = trio.current_time()
+        # The first task is parked mid-run: ComfyUI's queue does not change again.
+        await wait_state(second, lambda s: s.queue is not None)
+        assert second.state.queue is not None
+        assert (second.state.queue.running, second.state.queue.ahead) == (False, 1)
+        # A reading or two (1 s apart), not the 10 s safety poll.
+        assert trio.current_time() - submitted_at < 5.0
+        pool.simulators[0].set_manual_steps(False)
+        await first.finished.wait()
+        await second.finished.wait()

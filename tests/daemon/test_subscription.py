@@ -1,0 +1,169 @@
+"""A task's subscription to its prompt, against a real backend and the real simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from daemon.comfy.backend import BackendSettings, ComfyBackend
+from daemon.comfy.subscription import PromptSubscription
+from daemon.simulator import ComfySimulator, SimulatorConfig
+from protocol import comfy
+
+GRAPH: dict[str, Any] = {
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
+    },
+    "2": {"class_type": "SlowProgress", "inputs": {"image": ["1", 0], "steps": 3, "delay": 0}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sub"}},
+}
+
+
+@asynccontextmanager
+async def connected_backend() -> AsyncIterator[tuple[ComfySimulator, ComfyBackend]]:
+    """A simulator stepping by hand, and a backend whose WebSocket to it is open."""
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(SimulatorConfig(manual_steps=True, step_time=0.0))
+        await nursery.start(sim.run, ("127.0.0.1", 0))
+        backend = ComfyBackend(BackendSettings(url=sim.url))
+        await nursery.start(backend.run)
+        await backend.wait_connected()
+        yield sim, backend
+        nursery.cancel_scope.cancel()
+
+
+async def submit(backend: ComfyBackend, subscription: PromptSubscription) -> None:
+    reply = await backend.http.submit(
+        GRAPH, client_id=backend.client_id, prompt_id=subscription.prompt_id
+    )
+    assert isinstance(reply, comfy.PromptAccepted)
+    subscription.submitted()
+
+
+async def until_prompt_ends(subscription: PromptSubscription) -> list[comfy.ComfyEvent]:
+    events = []
+    async for event in subscription.events:
+        events.append(event)
+        if isinstance(event, comfy.Executing) and event.is_prompt_end:
+            return events
+    raise AssertionError("the events ended before the prompt did")
+
+
+async def test_a_subscription_gets_its_prompts_frames_and_no_other() -> None:
+    with trio.fail_after(20):
+        async with connected_backend() as (sim, backend):
+            ours = backend.subscribe("cp-ours")
+            other = backend.subscribe("cp-other")
+            await submit(backend, ours)
+            sim.grant_steps(1000)
+            events = await until_prompt_ends(ours)
+            assert isinstance(events[0], comfy.ExecutionStart)
+            assert {e.node for e in events if isinstance(e, comfy.Progress)} == {"2"}
+            with pytest.raises(trio.WouldBlock):
+                other.events.receive_nowait()
+
+
+async def test_closing_ends_the_events_and_frees_the_prompt_for_a_new_subscription() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))  # never connected
+    first = backend.subscribe("cp-1")
+    with pytest.raises(ValueError, match="already routed"):
+        backend.subscribe("cp-1")
+    first.close()
+    first.close()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await first.events.receive()
+    second = backend.subscribe("cp-1")
+    first.close()  # an old subscription's close leaves the new one alone
+    backend.router.dispatch(comfy.ExecutionStart("cp-1"))
+    assert second.events.receive_nowait() == comfy.ExecutionStart("cp-1")
+
+
+async def test_a_full_subscription_drops_the_frame_and_says_so() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
+    overflows: list[str] = []
+    subscription = backend.subscribe("cp-slow", on_overflow=lambda: overflows.append("x"))
+    frames = 0
+    while not overflows:
+        frames += 1
+        backend.router.dispatch(comfy.Progress("cp-slow", "2", frames, 10_000))
+    received = 0
+    while True:
+        try:
+            subscription.events.receive_nowait()
+        except trio.WouldBlock:
+            break
+        received += 1
+    assert received == frames - 1  # the frame that did not fit was dropped
+
+
+async def test_reconnected_says_so_once_per_reconnect_since_subscribing() -> None:
+    with trio.fail_after(20):
+        async with connected_backend() as (sim, backend):
+            subscription = backend.subscribe("cp-1")
+            assert not subscription.reconnected()
+            before = backend.reconnects
+            sim.drop_websockets()
+            while backend.reconnects == before:
+                await backend.reconnected.wait()
+            assert subscription.reconnected()
+            assert not subscription.reconnected()  # said once
+            later = backend.subscribe("cp-2")
+            assert not later.reconnected()  # the reconnect came before it subscribed
+
+
+async def test_marked_running_it_gets_the_node_comfyui_resends_after_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    # After a reconnect ComfyUI re-sends `executing {node}` without a prompt id. A
+    # restarted daemon never saw its prompt start: only a /queue reading, passed on
+    # with note_running, makes the subscription that frame's owner.
+    id_file = tmp_path / "client-id"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(SimulatorConfig(manual_steps=True, step_time=0.0))
+            await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with trio.open_nursery() as first_daemon:
+                before_restart = ComfyBackend(BackendSettings(url=sim.url), client_id_file=id_file)
+                first_daemon.start_soon(before_restart.run)
+                await before_restart.wait_connected()
+                subscription = before_restart.subscribe("cp-1")
+                await submit(before_restart, subscription)
+                async for event in subscription.events:  # up to the node that waits for steps
+                    if isinstance(event, comfy.Executing) and event.node == "2":
+                        break
+                first_daemon.cancel_scope.cancel()
+            backend = ComfyBackend(BackendSettings(url=sim.url), client_id_file=id_file)
+            subscription = backend.subscribe("cp-1")
+            await nursery.start(backend.run)
+            await backend.wait_connected()
+            position = (await backend.http.queue()).position_of("cp-1")
+            assert position is not None
+            assert position.running
+            subscription.note_running()
+            before = backend.reconnects
+            sim.drop_websockets()
+            while backend.reconnects == before:
+                await backend.reconnected.wait()
+            event = await subscription.events.receive()
+            assert isinstance(event, comfy.Executing)
+            assert (event.node, event.prompt_id) == ("2", None)
+            nursery.cancel_scope.cancel()
+
+
+async def test_hears_frames_until_the_client_id_changes_and_again_once_resubmitted() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
+    subscription = backend.subscribe("cp-1")
+    subscription.submitted()
+    assert subscription.hears_frames()
+    assert backend.unseen_submissions == 1  # counts toward the load until a `status` frame
+    backend._rotate_client_id()  # what a socket ComfyUI did not close cleanly leads to
+    assert not subscription.hears_frames()
+    assert backend.subscribe("cp-2").hears_frames()  # a new one hears the new id
+    subscription.submitted()  # submitted again, under the new id
+    assert subscription.hears_frames()
