@@ -209,6 +209,10 @@ class SharedWorker:
             await self._done(entry)
             self.bounced += 1
             return None
+        # Asked before the actor exists, and told to it before it first runs (no
+        # await in between): a fresh actor submits within a few scheduler steps,
+        # sooner than Redis would answer.
+        cancel_requested = await self.store.cancel_requested(task_id)
         if self.registry.get(task_id) is not None:
             await self._done(entry)
             return None
@@ -216,6 +220,8 @@ class SharedWorker:
         self._held[task_id] = entry
         self.mirror.adopt(task_id, latest.version)
         self.mirror.changed(actor)  # the record names us as the holder now
+        if cancel_requested:
+            actor.cancel()
         if claimed:
             self.claimed += 1
             log.info(
@@ -225,8 +231,6 @@ class SharedWorker:
             )
         else:
             self.taken += 1
-        if await self.store.cancel_requested(task_id):
-            actor.cancel()
         return actor
 
     def _runs_nowhere_here(self, shared: SharedRecord) -> bool:
