@@ -19,6 +19,7 @@ import trio
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs
 from daemon.comfy.pool import BackendPool
+from daemon.comfy.routing import Signal
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,14 @@ class Dispatcher:
         self.pool = pool
         self.max_pending = max_pending
         self._waiting: list[Ticket] = []
+        self.queued = Signal()  # a task began waiting here (shared mode may hand it back)
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def tickets(self) -> list[Ticket]:
+        """The tasks waiting here, oldest first."""
+        return list(self._waiting)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -56,6 +62,8 @@ class Dispatcher:
         self._waiting.append(ticket)
         try:
             self.dispatch()
+            if not ticket.assigned.is_set():
+                self.queued.fire()
             await ticket.assigned.wait()
         except BaseException:
             if ticket.backend is not None:  # handed a backend, but the taker is gone

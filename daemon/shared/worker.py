@@ -9,6 +9,12 @@ a partition) leaves entries idle; after `lease_timeout` another worker's
 XAUTOCLAIM takes them and runs them as restored tasks: when it reaches the same
 ComfyUI it re-attaches to the prompt there (/history), otherwise the task is
 resubmitted (or ends `lost` with `resubmit_lost` off), as after a restart.
+
+A task of ours that waits in our dispatcher while none of our backends can
+take it (they are away: the task was taken just before, or its prompt was lost
+with its backend) goes back to the queue at once rather than after
+`backend_wait_timeout`: our copy stops without ending the task, and any worker
+with a live backend takes it from the stream's newest version on.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.comfy.capabilities import needs_of
+from daemon.comfy.routing import Signal
 from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
@@ -75,6 +82,7 @@ class SharedWorker:
         self.taken = 0
         self.claimed = 0
         self.bounced = 0
+        self.returned = 0  # held tasks given back because our backends could not take them
 
     @property
     def held(self) -> int:
@@ -88,7 +96,7 @@ class SharedWorker:
 
     def cancel(self, task_id: str) -> None:
         actor = self.registry.get(task_id)
-        if actor is not None:
+        if actor is not None and not actor.moved:  # a moved task's holder has the cancel key
             actor.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -97,6 +105,7 @@ class SharedWorker:
                 self._nursery = nursery
                 nursery.start_soon(self._take_loop)
                 nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self._return_loop)
                 task_status.started()
         finally:
             with trio.move_on_after(HAND_BACK_TIMEOUT, shield=True):
@@ -259,6 +268,56 @@ class SharedWorker:
         name = url if self.pool.get(url) is not None else f"{GONE_BACKEND}{url}"
         return self.registry.adopt(state, resumed=True, backend_name=name)
 
+    # -- tasks our backends cannot take now go back to the queue
+
+    def _stranded(self) -> list[TaskActor]:
+        """Held tasks waiting in our dispatcher that none of our backends can take now
+        (none connected, or the connected ones lack what the task needs)."""
+        stranded = []
+        for ticket in self.dispatcher.tickets():
+            actor = self.registry.get(ticket.task_id)
+            if (
+                actor is not None
+                and ticket.task_id in self._held
+                and not actor.is_done()
+                and not actor.moved
+                and not self.dispatcher.runnable_now(ticket.needs)
+            ):
+                stranded.append(actor)
+        return stranded
+
+    async def _return_loop(self) -> None:
+        while True:
+            stranded = self._stranded()
+            for actor in stranded:
+                await self._return(actor)
+            if not stranded:
+                await _either(self.pool.changed, self.dispatcher.queued)
+
+    async def _return(self, actor: TaskActor) -> None:
+        """Stop our copy, let the mirror write what it showed, then requeue the task
+        (only while its entry is still ours: a claimer's lease wins)."""
+        task_id = actor.task_id
+        actor.stop()
+        await self.mirror.release(task_id)
+        shared = SharedRecord(actor.record())  # no holder, no backend: it waits anew
+        while (entry := self._held.get(task_id)) is not None:
+            try:
+                returned = await self.store.hand_back(self.daemon_id, entry, shared)
+            except RedisError as exc:
+                log.warning("cannot give task %s back to the queue (retrying): %s", task_id, exc)
+                await trio.sleep(RETRY_DELAY)
+                continue
+            if self._held.get(task_id) == entry:
+                del self._held[task_id]
+            if returned:
+                self.returned += 1
+                log.info(
+                    "gave the task back to the shared queue: no backend of ours can take it",
+                    extra={"task_id": task_id},
+                )
+            return
+
     # -- leases
 
     async def _lease_loop(self) -> None:
@@ -300,3 +359,15 @@ class SharedWorker:
                 if actor is not None and not actor.is_done():
                     log.warning("lost the lease on task %s; stopping our copy", task_id)
                     actor.stop()
+
+
+async def _either(*signals: Signal) -> None:
+    """Until one of `signals` fires."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(signal: Signal) -> None:
+            await signal.wait()
+            nursery.cancel_scope.cancel()
+
+        for signal in signals:
+            nursery.start_soon(wait, signal)

@@ -1,0 +1,42 @@
+"""Shared mode: a worker whose ComfyUI went away gives its waiting task back to the
+queue, and another worker with a live backend runs it (real redis-server, real
+daemon processes, in-test simulators)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.daemon.harness import read_events
+from tests.daemon.redis_server import redis_server
+from tests.daemon.test_restart import generate, sampling
+from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+
+# Without the hand-back the task would wait this long in its worker and then end
+# `backend_unavailable`: the outcome, not the time, is what fails then.
+SLOW_TO_GIVE_UP = ("backend_wait_timeout=30",)
+
+
+async def test_a_task_whose_worker_lost_its_comfyui_completes_on_another_worker(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as cut_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
+    ):
+        task_id = await generate(entry.url)
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        async with worker(tmp_path, "w2", redis.url, other_sim.url, extra=SLOW_TO_GIVE_UP):
+            cut_sim.reject_connections(3600)  # gone for good: the prompt is lost there
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed", last(rest)
+        phases = [json.loads(e.data).get("phase") for e in rest]
+        assert "requeued" in phases, phases
+        assert phases.index("requeued") < phases.index("running"), phases
+        ids = [int(e.id or 0) for e in [*seen, *rest]]
+        assert ids == sorted(set(ids))  # one rising sequence across both workers
+        assert len(await history_ids(other_sim)) == 1
+        assert b"gave the task back to the shared queue" in first.output
