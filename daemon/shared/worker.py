@@ -239,9 +239,9 @@ class SharedWorker:
         return actor
 
     def _runs_nowhere_here(self, shared: SharedRecord) -> bool:
-        needs = needs_of(shared.record.spec["graph"])
-        reasons = self.pool.why_nowhere(needs)
-        return reasons is not None and len(reasons) == len(self.pool.backends)
+        """No backend of ours that takes work now can run it: taken, it would only wait
+        here (and go back to the queue at once, see _return_loop)."""
+        return not self.dispatcher.runnable_now(needs_of(shared.record.spec["graph"]))
 
     def _actor_for(self, shared: SharedRecord, version: int, *, claimed: bool) -> TaskActor:
         record = shared.record
