@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 TAKE_BLOCK_MS: Final = 2000
 RETRY_DELAY: Final = 1.0
 HAND_BACK_TIMEOUT: Final = 2.0
+BOUNCE_MAX_DELAY: Final = 8.0  # the longest pause before reading a task we put back again
+BOUNCES_REMEMBERED: Final = 1000
 GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
 
 # Refresh the leases that are still ours (KEYS[1] the queue, ARGV[1] us, then entry ids).
@@ -83,6 +85,8 @@ class SharedWorker:
         self.claimed = 0
         self.bounced = 0
         self.returned = 0  # held tasks given back because our backends could not take them
+        self._bounces: dict[str, int] = {}  # task id -> times we put it back in line
+        self._last_bounced = ""
 
     @property
     def held(self) -> int:
@@ -162,6 +166,7 @@ class SharedWorker:
     # -- taking and claiming
 
     async def _take_loop(self) -> None:
+        again = ""  # a task we put back: read at once, another may be next in line
         while True:
             await self._wait_for_room()
             bounced = self.bounced
@@ -174,7 +179,27 @@ class SharedWorker:
             if actor is not None:
                 await self._wait_dispatched(actor)
             elif self.bounced != bounced:
-                await trio.sleep(RETRY_DELAY)  # not ours to run: let another worker take it
+                # Not ours to run. The same task again next means nothing else waits for
+                # us: pause, longer each time it comes back, unless a new task arrives.
+                task_id = self._last_bounced
+                if task_id != again:
+                    again = task_id
+                elif await self._back_off(bounce_delay(self._bounces.get(task_id, 1))):
+                    again = ""
+
+    async def _back_off(self, delay: float) -> bool:
+        """Wait up to `delay`; True as soon as the service's waiting set grows."""
+        with trio.move_on_after(delay):
+            try:
+                before = await self.store.waiting_count()
+                while True:
+                    await trio.sleep(RETRY_DELAY)
+                    if await self.store.waiting_count() > before:
+                        return True
+            except RedisError as exc:
+                log.warning("cannot read the shared queue's length: %s", exc)
+                await trio.sleep(delay)
+        return False
 
     async def _take_one(self) -> TaskActor | None:
         # Expired leases first: those tasks waited longest.
@@ -217,11 +242,13 @@ class SharedWorker:
             await self.store.requeue(task_id, shared.record.created_at)
             await self._done(entry)
             self.bounced += 1
+            self._count_bounce(task_id)
             return None
         if self.registry.get(task_id) is not None:
             await self._done(entry)
             return None
         actor = self._actor_for(shared, latest.version, claimed=claimed)
+        self._bounces.pop(task_id, None)
         self._held[task_id] = entry
         self.mirror.adopt(task_id, latest.version)
         self.mirror.changed(actor)  # the record names us as the holder now
@@ -237,6 +264,12 @@ class SharedWorker:
         if await self.store.cancel_requested(task_id):
             actor.cancel()
         return actor
+
+    def _count_bounce(self, task_id: str) -> None:
+        self._bounces[task_id] = self._bounces.pop(task_id, 0) + 1  # newest last
+        self._last_bounced = task_id
+        if len(self._bounces) > BOUNCES_REMEMBERED:
+            del self._bounces[next(iter(self._bounces))]
 
     def _runs_nowhere_here(self, shared: SharedRecord) -> bool:
         """No backend of ours that takes work now can run it: taken, it would only wait
@@ -359,6 +392,14 @@ class SharedWorker:
                 if actor is not None and not actor.is_done():
                     log.warning("lost the lease on task %s; stopping our copy", task_id)
                     actor.stop()
+
+
+def bounce_delay(times: int) -> float:
+    """The pause after putting the same task back `times` times: none the first time
+    (another task may be next), then 1 s, 2 s, 4 s, ... up to BOUNCE_MAX_DELAY."""
+    if times < 2:
+        return 0.0
+    return min(BOUNCE_MAX_DELAY, RETRY_DELAY * (1 << min(times - 2, 16)))
 
 
 async def _either(*signals: Signal) -> None:

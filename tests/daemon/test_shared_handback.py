@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from daemon.shared.worker import BOUNCE_MAX_DELAY, bounce_delay
 from tests.daemon.harness import read_events
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
@@ -47,3 +48,12 @@ async def test_tasks_whose_worker_lost_its_comfyui_complete_on_another_worker(
         assert ids == sorted(set(ids))  # one rising sequence across both workers
         assert len(await history_ids(other_sim)) == 2
         assert first.output.count(b"gave the task back to the shared queue") == 2
+
+
+def test_a_task_put_back_again_and_again_is_read_again_later_each_time_up_to_a_cap() -> None:
+    delays = [bounce_delay(times) for times in range(1, 10)]
+    assert delays[0] == 0  # the first time, another task may be next in line: read on
+    assert delays[1] > 0  # the same task straight back: nothing else waits, pause
+    assert delays == sorted(delays)
+    assert len(set(delays)) > 3  # it backs off, not a fixed pause
+    assert delays[-1] == BOUNCE_MAX_DELAY
