@@ -158,8 +158,14 @@ class SharedWorker:
                 await self.pool.changed.wait()
 
     async def _wait_dispatched(self, actor: TaskActor) -> None:
-        """Until the task holds a backend (or waits for one, or ended): then look for room."""
-        while actor.backend is None and not actor.is_done() and not len(self.dispatcher):
+        """Until the task holds a backend (or waits for one, ended, or went back to the
+        queue): then look for room."""
+        while (
+            actor.backend is None
+            and not actor.is_done()
+            and not actor.moved
+            and not len(self.dispatcher)
+        ):
             with trio.move_on_after(0.5):
                 await self.registry.changed.wait()
 
@@ -320,18 +326,23 @@ class SharedWorker:
         return stranded
 
     async def _return_loop(self) -> None:
+        signals = (self.pool.changed, self.dispatcher.queued)
         while True:
+            seen = [(signal, signal.count) for signal in signals]
             stranded = self._stranded()
             for actor in stranded:
                 await self._return(actor)
             if not stranded:
-                await _either(self.pool.changed, self.dispatcher.queued)
+                await _fired_since(seen)
 
     async def _return(self, actor: TaskActor) -> None:
         """Stop our copy, let the mirror write what it showed, then requeue the task
         (only while its entry is still ours: a claimer's lease wins)."""
         task_id = actor.task_id
         actor.stop()
+        while self.registry.get(task_id) is actor:
+            # Until the registry forgot it: a retake would look like a duplicate.
+            await self.registry.changed.wait()
         await self.mirror.release(task_id)
         shared = SharedRecord(actor.record())  # no holder, no backend: it waits anew
         while (entry := self._held.get(task_id)) is not None:
@@ -402,13 +413,14 @@ def bounce_delay(times: int) -> float:
     return min(BOUNCE_MAX_DELAY, RETRY_DELAY * (1 << min(times - 2, 16)))
 
 
-async def _either(*signals: Signal) -> None:
-    """Until one of `signals` fires."""
+async def _fired_since(seen: list[tuple[Signal, int]]) -> None:
+    """Until one of the signals fires, or has fired since it showed that count."""
     async with trio.open_nursery() as nursery:
 
-        async def wait(signal: Signal) -> None:
-            await signal.wait()
+        async def wait(signal: Signal, count: int) -> None:
+            if signal.count == count:
+                await signal.wait()
             nursery.cancel_scope.cancel()
 
-        for signal in signals:
-            nursery.start_soon(wait, signal)
+        for signal, count in seen:
+            nursery.start_soon(wait, signal, count)
