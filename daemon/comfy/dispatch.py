@@ -54,9 +54,14 @@ class Dispatcher:
         # changed: then `runnable_now` may answer differently.
         self.availability = Signal()
         self._available: tuple[object, ...] = ()
+        self.queued = Signal()  # a task began waiting here (shared mode may hand it back)
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def tickets(self) -> list[Ticket]:
+        """The tasks waiting here, oldest first."""
+        return list(self._waiting)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -89,6 +94,8 @@ class Dispatcher:
         self._stale_from = min(self._stale_from, len(self._waiting) - 1)
         try:
             self.dispatch()
+            if not ticket.assigned.is_set():
+                self.queued.fire()
             await ticket.assigned.wait()
         except BaseException:
             if ticket.backend is not None:  # handed a backend, but the taker is gone

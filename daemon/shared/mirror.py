@@ -6,6 +6,8 @@ reader, the writer skips intermediate progress snapshots when Redis is slower
 than the actor (the stream holds latest-snapshot semantics anyway); the
 terminal snapshot is the last one any actor publishes, so it is always sent.
 While Redis is away the writer keeps the dirty set and retries with backoff.
+A stopped actor (another daemon holds its task, or it went back to the queue)
+is mirrored no more: only what it marked before it stopped is still written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.api.preview_route import etag_of
+from daemon.comfy.routing import Signal
 from daemon.shared.store import SharedPreview, SharedRecord, SharedStore, StaleWrite
 from protocol import task
 
@@ -46,6 +49,8 @@ class TaskMirror:
         self._written: dict[str, int] = {}  # task id -> newest version in Redis
         self._previews: dict[str, int] = {}  # task id -> preview version in Redis
         self._wake = trio.Event()
+        self._writing: str | None = None  # the task being written right now
+        self._wrote = Signal()  # a write (or a failed try) is over
         self.stale = 0
 
     def adopt(self, task_id: str, version: int) -> None:
@@ -54,9 +59,19 @@ class TaskMirror:
 
     def changed(self, actor: TaskActor) -> None:
         """An actor published or changed what its record holds (never awaits)."""
+        if actor.moved:
+            return  # not ours any more: a later write would race its next holder's
         self._marks += 1
         self._dirty[actor.task_id] = (actor, self._marks)
         self._wake.set()
+
+    async def release(self, task_id: str) -> None:
+        """Until what the task's (stopped) actor marked is in Redis; then forget the task:
+        the next worker to take it writes from the stream's newest version on."""
+        while task_id in self._dirty or self._writing == task_id:
+            await self._wrote.wait()
+        self._written.pop(task_id, None)
+        self._previews.pop(task_id, None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -66,6 +81,7 @@ class TaskMirror:
             self._wake = trio.Event()
             while self._dirty:
                 task_id, (actor, mark) = next(iter(self._dirty.items()))
+                self._writing = task_id
                 try:
                     await self._write(actor)
                 except RedisError as exc:
@@ -73,6 +89,9 @@ class TaskMirror:
                     await trio.sleep(delay)
                     delay = min(RETRY_MAX, delay * 2)
                     continue
+                finally:
+                    self._writing = None
+                    self._wrote.fire()
                 delay = RETRY_INITIAL
                 # Marked again while we wrote? Then it stays dirty for another round.
                 if self._dirty.get(task_id, (None, 0))[1] == mark:

@@ -43,6 +43,19 @@ STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not
 RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
 
+# A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
+# record; ARGV: us, entry, task id, created_at, record JSON, record TTL).
+HAND_BACK: Final = """
+local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
+if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
+redis.call('XACK', KEYS[1], 'workers', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
 
 class StaleWrite(Exception):
     """Redis refused a snapshot older than the stream's newest: another daemon holds the task."""
@@ -221,6 +234,25 @@ class SharedStore:
         """Back into the queue (a worker that cannot run it took it)."""
         await self.redis.zadd(self.waiting_key, {task_id: created_at})
         await self.redis.xadd(self.queue_key, {"task": task_id})
+
+    async def hand_back(self, daemon_id: str, entry: str, shared: SharedRecord) -> bool:
+        """Back into the queue from a worker that cannot run it now, in one step: its
+        record (no holder), its place in the waiting set, a new queue entry, the old
+        one acknowledged. False (nothing done) when the entry is no longer `daemon_id`'s."""
+        record = shared.record
+        done = await self.redis.eval(
+            HAND_BACK,
+            keys=[self.queue_key, self.waiting_key, self.task_key(record.task_id)],
+            args=[
+                daemon_id,
+                entry,
+                record.task_id,
+                repr(record.created_at),
+                shared.to_json(),
+                RUNNING_TTL,
+            ],
+        )
+        return done == 1
 
     async def waiting_count(self) -> int:
         return await self.redis.zcard(self.waiting_key)

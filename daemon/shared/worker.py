@@ -9,6 +9,12 @@ a partition) leaves entries idle; after `lease_timeout` another worker's
 XAUTOCLAIM takes them and runs them as restored tasks: when it reaches the same
 ComfyUI it re-attaches to the prompt there (/history), otherwise the task is
 resubmitted (or ends `lost` with `resubmit_lost` off), as after a restart.
+
+A task of ours that waits in our dispatcher while none of our backends can
+take it (they are away: the task was taken just before, or its prompt was lost
+with its backend) goes back to the queue at once rather than after
+`backend_wait_timeout`: our copy stops without ending the task, and any worker
+with a live backend takes it from the stream's newest version on.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.comfy.capabilities import needs_of
+from daemon.comfy.routing import Signal
 from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 TAKE_BLOCK_MS: Final = 2000
 RETRY_DELAY: Final = 1.0
 HAND_BACK_TIMEOUT: Final = 2.0
+BOUNCE_MAX_DELAY: Final = 8.0  # the longest pause before reading a task we put back again
+BOUNCES_REMEMBERED: Final = 1000
 GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
 
 # Refresh the leases that are still ours (KEYS[1] the queue, ARGV[1] us, then entry ids).
@@ -75,6 +84,9 @@ class SharedWorker:
         self.taken = 0
         self.claimed = 0
         self.bounced = 0
+        self.returned = 0  # held tasks given back because our backends could not take them
+        self._bounces: dict[str, int] = {}  # task id -> times we put it back in line
+        self._last_bounced = ""
 
     @property
     def held(self) -> int:
@@ -88,7 +100,7 @@ class SharedWorker:
 
     def cancel(self, task_id: str) -> None:
         actor = self.registry.get(task_id)
-        if actor is not None:
+        if actor is not None and not actor.moved:  # a moved task's holder has the cancel key
             actor.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -97,6 +109,7 @@ class SharedWorker:
                 self._nursery = nursery
                 nursery.start_soon(self._take_loop)
                 nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self._return_loop)
                 task_status.started()
         finally:
             with trio.move_on_after(HAND_BACK_TIMEOUT, shield=True):
@@ -145,14 +158,21 @@ class SharedWorker:
                 await self.pool.changed.wait()
 
     async def _wait_dispatched(self, actor: TaskActor) -> None:
-        """Until the task holds a backend (or waits for one, or ended): then look for room."""
-        while actor.backend is None and not actor.is_done() and not len(self.dispatcher):
+        """Until the task holds a backend (or waits for one, ended, or went back to the
+        queue): then look for room."""
+        while (
+            actor.backend is None
+            and not actor.is_done()
+            and not actor.moved
+            and not len(self.dispatcher)
+        ):
             with trio.move_on_after(0.5):
                 await self.registry.changed.wait()
 
     # -- taking and claiming
 
     async def _take_loop(self) -> None:
+        again = ""  # a task we put back: read at once, another may be next in line
         while True:
             await self._wait_for_room()
             bounced = self.bounced
@@ -165,7 +185,27 @@ class SharedWorker:
             if actor is not None:
                 await self._wait_dispatched(actor)
             elif self.bounced != bounced:
-                await trio.sleep(RETRY_DELAY)  # not ours to run: let another worker take it
+                # Not ours to run. The same task again next means nothing else waits for
+                # us: pause, longer each time it comes back, unless a new task arrives.
+                task_id = self._last_bounced
+                if task_id != again:
+                    again = task_id
+                elif await self._back_off(bounce_delay(self._bounces.get(task_id, 1))):
+                    again = ""
+
+    async def _back_off(self, delay: float) -> bool:
+        """Wait up to `delay`; True as soon as the service's waiting set grows."""
+        with trio.move_on_after(delay):
+            try:
+                before = await self.store.waiting_count()
+                while True:
+                    await trio.sleep(RETRY_DELAY)
+                    if await self.store.waiting_count() > before:
+                        return True
+            except RedisError as exc:
+                log.warning("cannot read the shared queue's length: %s", exc)
+                await trio.sleep(delay)
+        return False
 
     async def _take_one(self) -> TaskActor | None:
         # Expired leases first: those tasks waited longest.
@@ -208,6 +248,7 @@ class SharedWorker:
             await self.store.requeue(task_id, shared.record.created_at)
             await self._done(entry)
             self.bounced += 1
+            self._count_bounce(task_id)
             return None
         # Asked before the actor exists, and told to it before it first runs (no
         # await in between): a fresh actor submits within a few scheduler steps,
@@ -217,6 +258,7 @@ class SharedWorker:
             await self._done(entry)
             return None
         actor = self._actor_for(shared, latest.version, claimed=claimed)
+        self._bounces.pop(task_id, None)
         self._held[task_id] = entry
         self.mirror.adopt(task_id, latest.version)
         self.mirror.changed(actor)  # the record names us as the holder now
@@ -233,10 +275,16 @@ class SharedWorker:
             self.taken += 1
         return actor
 
+    def _count_bounce(self, task_id: str) -> None:
+        self._bounces[task_id] = self._bounces.pop(task_id, 0) + 1  # newest last
+        self._last_bounced = task_id
+        if len(self._bounces) > BOUNCES_REMEMBERED:
+            del self._bounces[next(iter(self._bounces))]
+
     def _runs_nowhere_here(self, shared: SharedRecord) -> bool:
-        needs = needs_of(shared.record.spec["graph"])
-        reasons = self.pool.why_nowhere(needs)
-        return reasons is not None and len(reasons) == len(self.pool.backends)
+        """No backend of ours that takes work now can run it: taken, it would only wait
+        here (and go back to the queue at once, see _return_loop)."""
+        return not self.dispatcher.runnable_now(needs_of(shared.record.spec["graph"]))
 
     def _actor_for(self, shared: SharedRecord, version: int, *, claimed: bool) -> TaskActor:
         record = shared.record
@@ -262,6 +310,61 @@ class SharedWorker:
         url = shared.backend_url
         name = url if self.pool.get(url) is not None else f"{GONE_BACKEND}{url}"
         return self.registry.adopt(state, resumed=True, backend_name=name)
+
+    # -- tasks our backends cannot take now go back to the queue
+
+    def _stranded(self) -> list[TaskActor]:
+        """Held tasks waiting in our dispatcher that none of our backends can take now
+        (none connected, or the connected ones lack what the task needs)."""
+        stranded = []
+        for ticket in self.dispatcher.tickets():
+            actor = self.registry.get(ticket.task_id)
+            if (
+                actor is not None
+                and ticket.task_id in self._held
+                and not actor.is_done()
+                and not actor.moved
+                and not self.dispatcher.runnable_now(ticket.needs)
+            ):
+                stranded.append(actor)
+        return stranded
+
+    async def _return_loop(self) -> None:
+        signals = (self.pool.changed, self.dispatcher.queued)
+        while True:
+            seen = [(signal, signal.count) for signal in signals]
+            stranded = self._stranded()
+            for actor in stranded:
+                await self._return(actor)
+            if not stranded:
+                await _fired_since(seen)
+
+    async def _return(self, actor: TaskActor) -> None:
+        """Stop our copy, let the mirror write what it showed, then requeue the task
+        (only while its entry is still ours: a claimer's lease wins)."""
+        task_id = actor.task_id
+        actor.stop()
+        while self.registry.get(task_id) is actor:
+            # Until the registry forgot it: a retake would look like a duplicate.
+            await self.registry.changed.wait()
+        await self.mirror.release(task_id)
+        shared = SharedRecord(actor.record())  # no holder, no backend: it waits anew
+        while (entry := self._held.get(task_id)) is not None:
+            try:
+                returned = await self.store.hand_back(self.daemon_id, entry, shared)
+            except RedisError as exc:
+                log.warning("cannot give task %s back to the queue (retrying): %s", task_id, exc)
+                await trio.sleep(RETRY_DELAY)
+                continue
+            if self._held.get(task_id) == entry:
+                del self._held[task_id]
+            if returned:
+                self.returned += 1
+                log.info(
+                    "gave the task back to the shared queue: no backend of ours can take it",
+                    extra={"task_id": task_id},
+                )
+            return
 
     # -- leases
 
@@ -304,3 +407,24 @@ class SharedWorker:
                 if actor is not None and not actor.is_done():
                     log.warning("lost the lease on task %s; stopping our copy", task_id)
                     actor.stop()
+
+
+def bounce_delay(times: int) -> float:
+    """The pause after putting the same task back `times` times: none the first time
+    (another task may be next), then 1 s, 2 s, 4 s, ... up to BOUNCE_MAX_DELAY."""
+    if times < 2:
+        return 0.0
+    return min(BOUNCE_MAX_DELAY, RETRY_DELAY * (1 << min(times - 2, 16)))
+
+
+async def _fired_since(seen: list[tuple[Signal, int]]) -> None:
+    """Until one of the signals fires, or has fired since it showed that count."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(signal: Signal, count: int) -> None:
+            if signal.count == count:
+                await signal.wait()
+            nursery.cancel_scope.cancel()
+
+        for signal, count in seen:
+            nursery.start_soon(wait, signal, count)

@@ -1,0 +1,59 @@
+"""Shared mode: a worker whose ComfyUI went away gives its waiting task back to the
+queue, and another worker with a live backend runs it (real redis-server, real
+daemon processes, in-test simulators)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+
+from daemon.shared.worker import BOUNCE_MAX_DELAY, bounce_delay
+from tests.daemon.harness import read_events
+from tests.daemon.redis_server import redis_server
+from tests.daemon.test_restart import generate, sampling
+from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+
+# Without the hand-back the task would wait this long in its worker and then end
+# `backend_unavailable`: the outcome, not the time, is what fails then.
+SLOW_TO_GIVE_UP = ("backend_wait_timeout=30",)
+
+
+async def test_tasks_whose_worker_lost_its_comfyui_complete_on_another_worker(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as cut_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
+    ):
+        running = await generate(entry.url)
+        seen = await read_events(entry.url, running, stop_after=sampling)
+        behind = await generate(entry.url)  # the worker takes it too: ComfyUI holds two
+        while cut_sim.engine.queue.remaining() < 2:  # noqa: ASYNC110 (no signal for it)
+            await trio.sleep(0.01)
+        async with worker(tmp_path, "w2", redis.url, other_sim.url, extra=SLOW_TO_GIVE_UP):
+            cut_sim.reject_connections(3600)  # gone for good: its prompts are lost there
+            rest = await read_events(entry.url, running, last_event_id=int(seen[-1].id or 0))
+            second = await read_events(entry.url, behind)
+        assert last(rest)["status"] == "completed", last(rest)
+        assert last(second)["status"] == "completed", last(second)
+        phases = [json.loads(e.data).get("phase") for e in rest]
+        assert "requeued" in phases, phases
+        assert phases.index("requeued") < phases.index("running"), phases
+        ids = [int(e.id or 0) for e in [*seen, *rest]]
+        assert ids == sorted(set(ids))  # one rising sequence across both workers
+        assert len(await history_ids(other_sim)) == 2
+        assert first.output.count(b"gave the task back to the shared queue") == 2
+
+
+def test_a_task_put_back_again_and_again_is_read_again_later_each_time_up_to_a_cap() -> None:
+    delays = [bounce_delay(times) for times in range(1, 10)]
+    assert delays[0] == 0  # the first time, another task may be next in line: read on
+    assert delays[1] > 0  # the same task straight back: nothing else waits, pause
+    assert delays == sorted(delays)
+    assert len(set(delays)) > 3  # it backs off, not a fixed pause
+    assert delays[-1] == BOUNCE_MAX_DELAY
