@@ -10,6 +10,7 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import coredis
 import trio
 
 from daemon.http.client import http_request
+from daemon.shared.store import SharedStore
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
+from protocol import task
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
@@ -237,6 +240,33 @@ async def test_cancel_on_any_front_reaches_the_worker_that_holds_the_task(
         again = await http_request("DELETE", f"{second.url}/tasks/{task_id}", timeout=10)
         assert again.status == 200
         assert again.json()["cancelled"] is False
+
+
+async def test_a_cancel_after_the_stream_ended_answers_ended_before_the_record_says_so(
+    tmp_path: Path,
+) -> None:
+    """A worker appends a task's end to its stream, then saves its record: in between,
+    a DELETE on a front whose viewers already saw the end must not answer 'cancelling'."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        task_id = await generate(entry.url)  # no worker: its record stays `queued`
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            store = SharedStore(client, "comfy-progress", retention=60)
+            shared, latest = await store.load(task_id), await store.latest(task_id)
+            assert shared is not None
+            assert latest is not None
+            spec = task.spec_from_json(shared.record.spec)
+            state = replace(task.new_task(spec, shared.record.created_at), version=latest.version)
+            state, effects = task.apply(state, task.Failed("comfy_error", "it broke"), 0.0)
+            [end] = [e.message for e in effects if isinstance(e, task.Publish)]
+            await store.append(task_id, end)  # the worker's record save has not come yet
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 200
+        assert cancel.json()["cancelled"] is False
+        assert cancel.json()["status"] == "error"
 
 
 async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path: Path) -> None:
