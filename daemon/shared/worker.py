@@ -212,6 +212,8 @@ class SharedWorker:
         if self.registry.get(task_id) is not None:
             await self._done(entry)
             return None
+        # Asked before the actor starts: once it runs, it may reach a ComfyUI at once.
+        cancelled = await self.store.cancel_requested(task_id)
         actor = self._actor_for(shared, latest.version, claimed=claimed)
         self._held[task_id] = entry
         self.mirror.adopt(task_id, latest.version)
@@ -225,8 +227,8 @@ class SharedWorker:
             )
         else:
             self.taken += 1
-        if await self.store.cancel_requested(task_id):
-            actor.cancel()
+        if cancelled:
+            actor.cancel()  # no await since adopt(): the actor has not run yet
         return actor
 
     def _runs_nowhere_here(self, shared: SharedRecord) -> bool:

@@ -25,6 +25,7 @@ from protocol import task
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
+from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import RedisServer, redis_server
 from tests.daemon.test_restart import generate, sampling
 
@@ -494,6 +495,42 @@ async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_
         cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
         assert cancel.status == 202  # its holder is gone: the claimer gets the cancel
         async with worker(tmp_path, "w2", redis.url, other_sim.url):
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["error"]["code"] == "cancelled"
+        assert await history_ids(other_sim) == []
+
+
+async def test_a_cancel_asked_before_the_claim_reaches_no_comfyui_however_slow_redis_is(
+    tmp_path: Path,
+) -> None:
+    """The claimer checks for a cancel before its actor runs: while Redis is slow to
+    answer that check, the claimed task must not be resubmitted to the claimer's ComfyUI."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            doomed.kill()
+            assert await doomed.wait() == -9
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 202
+        cancel_key = f"comfy-progress:cancel:{task_id}".encode()
+
+        async def until_a_prompt_arrives() -> None:
+            # Hold the check until the claimer's ComfyUI got a prompt; one that never
+            # comes (the fixed daemon) is waited for a while, then the check goes on.
+            with trio.move_on_after(3):
+                while other_sim.engine.number == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+        async with (
+            redis_proxy(redis.port, lambda data: cancel_key in data, until_a_prompt_arrives) as url,
+            worker(tmp_path, "w2", url, other_sim.url),
+        ):
             rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["error"]["code"] == "cancelled"
         assert await history_ids(other_sim) == []
