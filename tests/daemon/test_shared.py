@@ -16,6 +16,7 @@ from typing import Any
 
 import coredis
 import trio
+from coredis.response.types import StreamPendingExt
 
 from daemon.http.client import http_request
 from daemon.shared.store import SharedStore
@@ -457,6 +458,48 @@ async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path
         assert last(rest)["status"] == "completed"
         assert await history_ids(idle_sim) == []
         assert len(await history_ids(busy_sim)) == 1
+
+
+QUEUE = "comfy-progress:queue"
+
+
+async def leases(client: coredis.Redis[bytes]) -> list[StreamPendingExt]:
+    """The shared queue's pending entries: each a worker's lease on a task."""
+    pending = await client.xpending(QUEUE, "workers", "-", "+", 100)
+    assert isinstance(pending, tuple)
+    return [p for p in pending if isinstance(p, StreamPendingExt)]
+
+
+async def test_a_worker_that_outlived_its_own_lease_keeps_the_task(tmp_path: Path) -> None:
+    """A worker slower than its lease (load, a Redis restart) claims its own entry back
+    with XAUTOCLAIM: it must keep holding it, not acknowledge it as someone else's."""
+    long_lease = ("lease_timeout=600",)  # its own refresh stays out of the way
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w", redis.url, sim.url, extra=long_lease),
+    ):
+        task_id = await generate(entry.url)
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            [lease] = await leases(client)
+            # Idle past the lease, still the worker's (as after a stall).
+            await client.xclaim(
+                QUEUE, "workers", lease.consumer, 0, [lease.identifier], idle=700_000, justid=True
+            )
+            while True:  # until its next XAUTOCLAIM took it (or dropped it)
+                pending = await leases(client)
+                if not pending or pending[0].delivered > lease.delivered:
+                    break
+                await trio.sleep(0.05)
+            assert [(p.identifier, p.consumer) for p in pending] == [
+                (lease.identifier, lease.consumer)
+            ]
+        sim.grant_steps(1000)
+        rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed"
 
 
 async def test_a_worker_stopped_with_sigterm_hands_its_task_over_at_once(tmp_path: Path) -> None:
