@@ -357,11 +357,11 @@ class Routes:
         task_id = request.path_params["task_id"]
         actor = self.registry.get(task_id)
         if actor is None and self.shared is not None:
-            shared = await self.shared.cancel(task_id, time.time())
-            if shared is None:
+            outcome = await self.shared.cancel(task_id, time.time())
+            if outcome is None:
                 return self._unknown_task(task_id)
-            if shared.finished:
-                return self._already_ended(task_id, shared.record.phase)
+            if outcome.ended is not None:
+                return self._already_ended(task_id, outcome.ended)
             return self._cancelling(task_id)
         if actor is None:
             return self._unknown_task(task_id)

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import coredis
@@ -37,6 +37,14 @@ if TYPE_CHECKING:
     from daemon.tasks.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCancel:
+    """What a cancel found: `ended` is the phase the task had already ended in
+    (nothing to cancel), None when it is being cancelled now."""
+
+    ended: str | None
 
 
 def new_daemon_id() -> str:
@@ -112,19 +120,17 @@ class SharedService:
     async def latest(self, task_id: str) -> Snapshot | None:
         return await self.store.latest(task_id)
 
-    async def cancel(self, task_id: str, now: float) -> SharedRecord | None:
-        """Cancel a task held anywhere; None when unknown. The returned record says
-        whether it had ended already."""
+    async def cancel(self, task_id: str, now: float) -> SharedCancel | None:
+        """Cancel a task held anywhere; None when unknown."""
         shared = await self.store.load(task_id)
         latest = await self.store.latest(task_id)
-        if shared is not None and latest is not None and latest.terminal and not shared.finished:
-            # Its stream has ended; its holder saves the finished record just after.
-            phase = (
-                task.Phase.COMPLETED if latest.event == task.EVENT_COMPLETE else task.Phase.ERROR
-            )
-            return replace(shared, record=replace(shared.record, phase=phase.value))
-        if shared is None or latest is None or shared.finished:
-            return shared
+        if shared is None or latest is None:
+            return None if shared is None else SharedCancel(ended=None)
+        if shared.finished:
+            return SharedCancel(ended=shared.record.phase)
+        if latest.terminal:
+            # Its worker appends the end before it saves the record: the stream says first.
+            return SharedCancel(ended=str(latest.payload["status"]))
         if await self.store.take_waiting(task_id):
             # Not yet taken by any worker, and now no worker will: end it here. (Read
             # the newest version again: a front may have added a queue position.)
@@ -143,11 +149,11 @@ class SharedService:
             )
             await self.store.append(task_id, message)
             await self.store.save(SharedRecord(record_of(state, backend=None)))
-            return shared
+            return SharedCancel(ended=None)
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60
         )
-        return shared
+        return SharedCancel(ended=None)
 
     async def ready(self) -> bool:
         try:

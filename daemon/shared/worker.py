@@ -235,6 +235,10 @@ class SharedWorker:
 
     async def _adopt(self, entry: str, fields: object, *, claimed: bool) -> TaskActor | None:
         task_id = fields[b"task"].decode()  # type: ignore[index]
+        if claimed and self._held.get(task_id) == entry:
+            # Our own lease ran out (we were slower than lease_timeout, or Redis was
+            # away): the claim renewed it. Acknowledging it would drop the task's lease.
+            return None
         if not claimed and not await self.store.take_waiting(task_id):
             await self._done(entry)  # cancelled while it waited
             return None

@@ -10,18 +10,23 @@ import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import coredis
 import trio
+from coredis.response.types import StreamPendingExt
 
 from daemon.http.client import http_request
+from daemon.shared.store import SharedStore
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
+from protocol import task
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
+from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import RedisServer, redis_server
 from tests.daemon.test_restart import generate, sampling
 
@@ -239,6 +244,33 @@ async def test_cancel_on_any_front_reaches_the_worker_that_holds_the_task(
         assert again.json()["cancelled"] is False
 
 
+async def test_a_cancel_after_the_stream_ended_answers_ended_before_the_record_says_so(
+    tmp_path: Path,
+) -> None:
+    """A worker appends a task's end to its stream, then saves its record: in between,
+    a DELETE on a front whose viewers already saw the end must not answer 'cancelling'."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        task_id = await generate(entry.url)  # no worker: its record stays `queued`
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            store = SharedStore(client, "comfy-progress", retention=60)
+            shared, latest = await store.load(task_id), await store.latest(task_id)
+            assert shared is not None
+            assert latest is not None
+            spec = task.spec_from_json(shared.record.spec)
+            state = replace(task.new_task(spec, shared.record.created_at), version=latest.version)
+            state, effects = task.apply(state, task.Failed("comfy_error", "it broke"), 0.0)
+            [end] = [e.message for e in effects if isinstance(e, task.Publish)]
+            await store.append(task_id, end)  # the worker's record save has not come yet
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 200
+        assert cancel.json()["cancelled"] is False
+        assert cancel.json()["status"] == "error"
+
+
 async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path: Path) -> None:
     async with (
         redis_server(tmp_path / "redis") as redis,
@@ -428,6 +460,48 @@ async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path
         assert len(await history_ids(busy_sim)) == 1
 
 
+QUEUE = "comfy-progress:queue"
+
+
+async def leases(client: coredis.Redis[bytes]) -> list[StreamPendingExt]:
+    """The shared queue's pending entries: each a worker's lease on a task."""
+    pending = await client.xpending(QUEUE, "workers", "-", "+", 100)
+    assert isinstance(pending, tuple)
+    return [p for p in pending if isinstance(p, StreamPendingExt)]
+
+
+async def test_a_worker_that_outlived_its_own_lease_keeps_the_task(tmp_path: Path) -> None:
+    """A worker slower than its lease (load, a Redis restart) claims its own entry back
+    with XAUTOCLAIM: it must keep holding it, not acknowledge it as someone else's."""
+    long_lease = ("lease_timeout=600",)  # its own refresh stays out of the way
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w", redis.url, sim.url, extra=long_lease),
+    ):
+        task_id = await generate(entry.url)
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            [lease] = await leases(client)
+            # Idle past the lease, still the worker's (as after a stall).
+            await client.xclaim(
+                QUEUE, "workers", lease.consumer, 0, [lease.identifier], idle=700_000, justid=True
+            )
+            while True:  # until its next XAUTOCLAIM took it (or dropped it)
+                pending = await leases(client)
+                if not pending or pending[0].delivered > lease.delivered:
+                    break
+                await trio.sleep(0.05)
+            assert [(p.identifier, p.consumer) for p in pending] == [
+                (lease.identifier, lease.consumer)
+            ]
+        sim.grant_steps(1000)
+        rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed"
+
+
 async def test_a_worker_stopped_with_sigterm_hands_its_task_over_at_once(tmp_path: Path) -> None:
     long_lease = ("lease_timeout=600",)  # a claim after the lease would outlast the test
     async with (
@@ -464,6 +538,42 @@ async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_
         cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
         assert cancel.status == 202  # its holder is gone: the claimer gets the cancel
         async with worker(tmp_path, "w2", redis.url, other_sim.url):
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["error"]["code"] == "cancelled"
+        assert await history_ids(other_sim) == []
+
+
+async def test_a_cancel_asked_before_the_claim_reaches_no_comfyui_however_slow_redis_is(
+    tmp_path: Path,
+) -> None:
+    """The claimer checks for a cancel before its actor runs: while Redis is slow to
+    answer that check, the claimed task must not be resubmitted to the claimer's ComfyUI."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            doomed.kill()
+            assert await doomed.wait() == -9
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 202
+        cancel_key = f"comfy-progress:cancel:{task_id}".encode()
+
+        async def until_a_prompt_arrives() -> None:
+            # Hold the check until the claimer's ComfyUI got a prompt; one that never
+            # comes (the fixed daemon) is waited for a while, then the check goes on.
+            with trio.move_on_after(3):
+                while other_sim.engine.number == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+        async with (
+            redis_proxy(redis.port, lambda data: cancel_key in data, until_a_prompt_arrives) as url,
+            worker(tmp_path, "w2", url, other_sim.url),
+        ):
             rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["error"]["code"] == "cancelled"
         assert await history_ids(other_sim) == []

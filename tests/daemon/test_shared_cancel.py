@@ -35,6 +35,6 @@ async def cancel_between_the_end_and_the_record(service: SharedService) -> None:
     _, effects = task.apply(state, task.Failed("lost", "The prompt was lost"), NOW + 1)
     (end,) = [e.message for e in effects if isinstance(e, task.Publish)]
     await service.store.append("t", end)  # the record still says queued
-    shared = await service.cancel("t", NOW + 2)
-    assert shared is not None
-    assert (shared.finished, shared.record.phase) == (True, "error")
+    found = await service.cancel("t", NOW + 2)
+    assert found is not None
+    assert found.ended == "error"

@@ -1,0 +1,49 @@
+"""A TCP relay in front of a real redis-server that can hold one daemon's command back:
+a slow Redis for just that command, so a test decides what happens first (the
+daemon's other tasks run meanwhile, as they would while the reply is slow)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import trio
+
+
+@asynccontextmanager
+async def redis_proxy(
+    port: int, held: Callable[[bytes], bool], release: Callable[[], Awaitable[None]]
+) -> AsyncIterator[str]:
+    """The URL of a relay to 127.0.0.1:`port`; data a client sends for which `held`
+    says True waits for `release()` before it goes on to Redis."""
+
+    async def relay(client: trio.SocketStream) -> None:
+        try:
+            await pipe(client)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # one side went away (a daemon stopping): so does the relay
+
+    async def pipe(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", port)
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def upstream() -> None:
+                async for data in client:
+                    if held(bytes(data)):
+                        await release()
+                    await server.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                async for data in server:
+                    await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        yield f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
