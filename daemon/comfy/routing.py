@@ -26,15 +26,19 @@ class Signal:
     """A repeatable event: `fire()` wakes everyone waiting right now."""
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        # Made by the first waiter: a fire with nobody waiting allocates nothing.
+        self._event: trio.Event | None = None
         self.count = 0
 
     def fire(self) -> None:
         self.count += 1
-        self._event.set()
-        self._event = trio.Event()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = trio.Event()
         await self._event.wait()
 
 

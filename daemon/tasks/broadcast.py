@@ -55,7 +55,9 @@ class Broadcaster:
 
     def __init__(self) -> None:
         self._latest: Snapshot | None = None
-        self._changed = trio.Event()
+        # Made by the first waiter, not by every publish: most publishes have no
+        # waiter (the SSE hub is told through `watchers`), and an Event costs.
+        self._changed: trio.Event | None = None
         self.readers = 0  # SSE connections reading this task right now
         # Called (synchronously, never awaited) after each publish: the SSE hub
         # notes that this task has something new for its subscribers.
@@ -75,8 +77,9 @@ class Broadcaster:
                     f"snapshot versions must rise: {snapshot.version} after {self._latest.version}"
                 )
         self._latest = snapshot
-        self._changed.set()
-        self._changed = trio.Event()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
         for watcher in self.watchers:
             watcher(self)
 
@@ -87,4 +90,6 @@ class Broadcaster:
             if latest is not None and (version is None or latest.version > version):
                 await trio.lowlevel.checkpoint()  # always a checkpoint, even on the fast path
                 return latest
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
