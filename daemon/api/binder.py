@@ -7,15 +7,30 @@ uploaded by the task to whichever backend it is dispatched to.
 from __future__ import annotations
 
 import dataclasses
-import secrets
-from collections.abc import Callable
+import random
+from dataclasses import dataclass
+from typing import Any
 
 from daemon.api.source_images import SourceImages
 from protocol import api, binding
 from protocol.task import TaskSpec
 from protocol.workflow import Catalog
 
-SpecFactory = Callable[[str, str, int], TaskSpec]  # (task_id, prompt_id, uid) -> spec
+
+@dataclass(frozen=True, slots=True)
+class SpecFactory:
+    """A checked, bound request: `spec_for(task_id, prompt_id, uid)` makes the task's
+    spec; `graph` is the bound graph (what a backend must be able to run)."""
+
+    checked: binding.CheckedRequest
+    graph: dict[str, Any]
+    source_name: str | None
+
+    def __call__(self, task_id: str, prompt_id: str, uid: int) -> TaskSpec:
+        spec = binding.task_spec(
+            self.checked, self.graph, task_id=task_id, prompt_id=prompt_id, uid=uid
+        )
+        return dataclasses.replace(spec, source_image=self.source_name)
 
 
 class Binder:
@@ -23,6 +38,9 @@ class Binder:
         self.catalog = catalog
         self.sources = sources
         self._fields = catalog.parameter_names() - frozenset(api.COMMON_FIELDS)
+        # Seeds need spread, not secrecy: Mersenne Twister seeded from the OS at start
+        # (a system-random draw per request was a getrandom(2) call each).
+        self._random = random.Random()
 
     async def prepare(self, body: bytes) -> SpecFactory:
         """The task's spec factory for a /generate body. Raises RequestError."""
@@ -30,7 +48,7 @@ class Binder:
         workflow = self.catalog.get(request.workflow)
         seed = request.seed
         if seed is None:
-            seed = binding.draw_seed(workflow, secrets.randbelow)
+            seed = binding.draw_seed(workflow, self._random.randrange)
         checked = binding.check_request(workflow, request, seed=seed)
         source = None
         image = workflow.of_type("image")
@@ -40,10 +58,4 @@ class Binder:
             # Bound under our name; the task swaps in the name the backend stores it as.
             source = binding.SourceImage(stored.name, stored.info.width, stored.info.height)
         graph = binding.bind(checked, source)
-        source_name = source.comfy_name if source is not None else None
-
-        def spec_for(task_id: str, prompt_id: str, uid: int) -> TaskSpec:
-            spec = binding.task_spec(checked, graph, task_id=task_id, prompt_id=prompt_id, uid=uid)
-            return dataclasses.replace(spec, source_image=source_name)
-
-        return spec_for
+        return SpecFactory(checked, graph, source.comfy_name if source is not None else None)

@@ -247,8 +247,7 @@ class Routes:
         """422 when, by their last readings, no backend has what the workflow needs."""
         if not self.pool.backends:
             return None  # a front: the workers' capabilities are theirs to check
-        graph = spec_for("", "", 0).graph
-        reasons = self.pool.why_nowhere(needs_of(graph))
+        reasons = self.pool.why_nowhere(needs_of(spec_for.graph))
         if reasons is None:
             return None
         return self._refused(reasons)
