@@ -55,7 +55,9 @@ class CheckedRequest:
 
 
 def draw_seed(workflow: Workflow, randbelow: Callable[[int], int]) -> int:
-    """A random seed within the workflow's seed limits (`randbelow(n)`: 0 <= r < n, e.g. random.Random().randrange)."""
+    """A random seed within the workflow's seed limits.
+
+    `randbelow(n)` gives 0 <= r < n (the daemon passes a Random's randrange)."""
     param = workflow.parameters.get(SEED)
     if param is None or param.min is None or param.max is None:
         return randbelow(DRAWN_SEED_SPAN)
