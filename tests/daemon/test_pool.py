@@ -123,7 +123,7 @@ async def test_a_node_class_on_one_backend_only_always_goes_there(tmp_path: Path
 
 
 async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
-    async with running_process_pool(tmp_path, [NO_INPAINT, NO_INPAINT]) as pool:
+    async with running_process_pool(tmp_path, [NO_INPAINT, NO_INPAINT, NO_INPAINT]) as pool:
         await pool.all_read()
         image = await upload_source(pool)
         response = await pool.request(
@@ -140,7 +140,7 @@ async def test_a_node_class_no_backend_has_is_a_422(tmp_path: Path) -> None:
 
 
 async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path: Path) -> None:
-    async with running_process_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+    async with running_process_pool(tmp_path, [MANUAL, MANUAL, MANUAL]) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
@@ -170,7 +170,7 @@ async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path:
 
 
 async def test_a_websocket_cut_shorter_than_lost_after_reconciles_there(tmp_path: Path) -> None:
-    async with running_process_pool(tmp_path, [MANUAL, MANUAL]) as pool:
+    async with running_process_pool(tmp_path, [MANUAL, MANUAL, MANUAL]) as pool:
         await pool.all_read()
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
