@@ -247,7 +247,7 @@ class App:
                     # Read at scrape time, once the server below exists.
                     open_connections=lambda: self.server.active_connections,
                 )
-                worker_only = shared is not None and not shared.serves_http
+                worker_only = self._worker_only
                 self.server = self._http_server(ops_only=worker_only)
                 await nursery.start(self.registry.run)
                 self.image_janitor = ImageJanitor(
@@ -295,12 +295,16 @@ class App:
                 await nursery.start(self.systemd.run, self.service_status(), status)
                 task_status.started(bound)
 
+    @property
+    def _worker_only(self) -> bool:
+        """role=worker with Redis: takes work, serves only health and metrics."""
+        return self.shared is not None and not self.shared.serves_http
+
     async def _backend_urls(self, nursery: trio.Nursery) -> tuple[str, ...]:
         """The configured ComfyUI URLs, or the simulators started for --simulate."""
         config = self.config
         urls = config.backend_urls
-        worker_only = self.shared is not None and config.role == "worker"
-        if worker_only and not urls and not config.simulate:
+        if self._worker_only and not urls and not config.simulate:
             raise ValueError("role=worker needs a backend: --comfy-url or --simulate")
         if not urls and (self.shared is None or config.simulate):
             if not config.simulate:

@@ -36,8 +36,9 @@ import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
-from daemon.comfy.routing import PromptRouter, Signal
+from daemon.comfy.routing import PromptRouter
 from daemon.comfy.subscription import PromptSubscription
+from daemon.signals import Signal
 from protocol import comfy
 from protocol.errors import ProtocolError
 

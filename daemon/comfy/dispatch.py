@@ -26,7 +26,7 @@ import trio
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs
 from daemon.comfy.pool import BackendPool
-from daemon.comfy.routing import Signal
+from daemon.signals import Signal
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import trio
 from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.capabilities import Capabilities, Needs, read_capabilities
 from daemon.comfy.http_api import BackendUnavailable
-from daemon.comfy.routing import Signal
+from daemon.signals import Signal
 
 log = logging.getLogger(__name__)
 

@@ -22,26 +22,6 @@ log = logging.getLogger(__name__)
 ROUTE_BUFFER: Final = 256  # frames a task may lag behind before we drop and reconcile
 
 
-class Signal:
-    """A repeatable event: `fire()` wakes everyone waiting right now."""
-
-    def __init__(self) -> None:
-        # Made by the first waiter: a fire with nobody waiting allocates nothing.
-        self._event: trio.Event | None = None
-        self.count = 0
-
-    def fire(self) -> None:
-        self.count += 1
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
-
-
 @dataclass
 class Route:
     prompt_id: str

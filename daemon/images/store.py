@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import trio
 
-from daemon.comfy.routing import Signal
+from daemon.signals import Signal
 
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|webp)$")
 _MAGIC: Final = (

@@ -42,7 +42,7 @@ from protocol.task import Phase
 
 if TYPE_CHECKING:
     from daemon.comfy.backend import ComfyBackend
-    from daemon.comfy.routing import Signal
+    from daemon.signals import Signal
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.api.preview_route import etag_of
-from daemon.comfy.routing import Signal
 from daemon.shared.store import SharedPreview, SharedRecord, SharedStore, StaleWrite
+from daemon.signals import Signal
 from protocol import task
 
 if TYPE_CHECKING:

@@ -27,10 +27,10 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.comfy.capabilities import needs_of
-from daemon.comfy.routing import Signal
 from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
+from daemon.signals import Signal
 from protocol import task
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from daemon.signals import Signal
 from protocol import task
 from protocol.sse import ServerSentEvent, encode_event
 
@@ -55,9 +56,9 @@ class Broadcaster:
 
     def __init__(self) -> None:
         self._latest: Snapshot | None = None
-        # Made by the first waiter, not by every publish: most publishes have no
-        # waiter (the SSE hub is told through `watchers`), and an Event costs.
-        self._changed: trio.Event | None = None
+        # Most publishes have no waiter (the SSE hub is told through `watchers`):
+        # a Signal makes its Event for the first waiter, not on every fire.
+        self._changed = Signal()
         self.readers = 0  # SSE connections reading this task right now
         # Called (synchronously, never awaited) after each publish: the SSE hub
         # notes that this task has something new for its subscribers.
@@ -77,9 +78,7 @@ class Broadcaster:
                     f"snapshot versions must rise: {snapshot.version} after {self._latest.version}"
                 )
         self._latest = snapshot
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
+        self._changed.fire()
         for watcher in self.watchers:
             watcher(self)
 
@@ -90,6 +89,4 @@ class Broadcaster:
             if latest is not None and (version is None or latest.version > version):
                 await trio.lowlevel.checkpoint()  # always a checkpoint, even on the fast path
                 return latest
-            if self._changed is None:
-                self._changed = trio.Event()
             await self._changed.wait()

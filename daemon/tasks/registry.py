@@ -16,9 +16,9 @@ from collections.abc import Callable
 import trio
 
 from daemon.comfy.dispatch import Dispatcher
-from daemon.comfy.routing import Signal
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore
+from daemon.signals import Signal
 from daemon.tasks.actor import TaskActor, TaskSettings, new_prompt_id
 from daemon.tasks.journal import Journal, TaskRecord
 from daemon.tasks.restore import restored_task

@@ -180,14 +180,21 @@ async def running_pool(
         urls = [*first_urls]
         for sim in sims:
             urls.append(f"http://127.0.0.1:{await nursery.start(sim.run, ('127.0.0.1', 0))}")
-        overrides.setdefault("comfy_url", urls[0])
-        overrides.setdefault("comfy_urls", tuple(urls[1:]))
-        app = App(daemon_config(tmp_path, **overrides))
-        bound = await nursery.start(app.run)
         try:
-            yield Pool(app, bound, sims)
+            yield Pool(*await _start_pool_app(nursery, tmp_path, urls, overrides), sims)
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def _start_pool_app(
+    nursery: trio.Nursery, tmp_path: Path, urls: list[str], overrides: dict[str, Any]
+) -> tuple[App, Bound]:
+    """The daemon, in `nursery`, with `urls` as its backends (the first is comfy_url)."""
+    overrides.setdefault("comfy_url", urls[0])
+    overrides.setdefault("comfy_urls", tuple(urls[1:]))
+    app = App(daemon_config(tmp_path, **overrides))
+    bound = await nursery.start(app.run)
+    return app, bound
 
 
 @asynccontextmanager
@@ -202,12 +209,8 @@ async def running_process_pool(
     test can kill -9), driven through its /sim/ endpoints."""
     async with simulator_processes(simulators) as sims, trio.open_nursery() as nursery:
         urls = [*first_urls, *(sim.url for sim in sims)]
-        overrides.setdefault("comfy_url", urls[0])
-        overrides.setdefault("comfy_urls", tuple(urls[1:]))
-        app = App(daemon_config(tmp_path, **overrides))
-        bound = await nursery.start(app.run)
         try:
-            yield Pool(app, bound, sims)
+            yield Pool(*await _start_pool_app(nursery, tmp_path, urls, overrides), sims)
         finally:
             nursery.cancel_scope.cancel()
 

@@ -27,16 +27,21 @@ WORKER_READY = re.compile(rb"worker ready, health and metrics on (http://\S+) ")
 
 
 @dataclass
-class DaemonProcess:
+class ChildProcess:
+    """A process the test started: its URL once it said so, and everything it printed."""
+
     process: trio.Process
     url: str = ""
     output: bytearray = field(default_factory=bytearray)
     exited: trio.Event = field(default_factory=trio.Event)
 
     def kill(self) -> None:
-        """kill -9: no chance to clean up."""
+        """kill -9: no chance to clean up (for a simulator: the GPU box loses power)."""
         self.process.kill()
 
+
+@dataclass
+class DaemonProcess(ChildProcess):
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)
 
@@ -48,7 +53,7 @@ class DaemonProcess:
 
 
 async def _read_output(
-    daemon: DaemonProcess | SimulatorProcess,
+    daemon: ChildProcess,
     listening: trio.Event,
     ready: re.Pattern[bytes] = LISTENING,
 ) -> None:
@@ -130,16 +135,7 @@ SIM_LISTENING = re.compile(rb"simulator listening on (http://[0-9.]+:[0-9]+)")
 
 
 @dataclass
-class SimulatorProcess:
-    process: trio.Process
-    url: str = ""
-    output: bytearray = field(default_factory=bytearray)
-    exited: trio.Event = field(default_factory=trio.Event)
-
-    def kill(self) -> None:
-        """kill -9: the GPU box loses power."""
-        self.process.kill()
-
+class SimulatorProcess(ChildProcess):
     # The knobs of an in-test ComfySimulator, driven over its /sim/ endpoints.
 
     async def control(self, **knobs: object) -> None:

@@ -87,6 +87,21 @@ async def one_worker_two_fronts(
         yield redis, sim, first, second
 
 
+@asynccontextmanager
+async def two_comfys_one_front(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[RedisServer, ComfySimulator, ComfySimulator, DaemonProcess]]:
+    """redis-server, a ComfyUI that parks its prompts (the one a worker will lose),
+    another that runs them, and one front."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        yield redis, lost_sim, other_sim, entry
+
+
 def last(events: list[ServerSentEvent]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(events[-1].data)
     return data
@@ -157,12 +172,7 @@ async def test_a_stream_whose_front_died_resumes_on_another_with_last_event_id(
 async def test_kill_9_of_a_worker_mid_task_another_resubmits_it_and_completes(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as lost_sim,
-        simulator(manual=False) as other_sim,
-        front(tmp_path, "f", redis.url) as entry,
-    ):
+    async with two_comfys_one_front(tmp_path) as (redis, lost_sim, other_sim, entry):
         async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
             task_id = await generate(entry.url)
             seen = await read_events(entry.url, task_id, stop_after=sampling)
@@ -199,12 +209,7 @@ async def test_kill_9_of_a_worker_another_on_the_same_comfyui_reattaches_to_the_
 async def test_kill_9_of_a_worker_with_resubmission_off_ends_the_task_lost(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as lost_sim,
-        simulator(manual=False) as other_sim,
-        front(tmp_path, "f", redis.url) as entry,
-    ):
+    async with two_comfys_one_front(tmp_path) as (redis, lost_sim, other_sim, entry):
         off = ("resubmit_lost=false",)
         async with worker(tmp_path, "w1", redis.url, lost_sim.url, extra=off) as doomed:
             task_id = await generate(entry.url)
@@ -524,12 +529,7 @@ async def test_a_worker_stopped_with_sigterm_hands_its_task_over_at_once(tmp_pat
 async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_it(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as lost_sim,
-        simulator(manual=False) as other_sim,
-        front(tmp_path, "f", redis.url) as entry,
-    ):
+    async with two_comfys_one_front(tmp_path) as (redis, lost_sim, other_sim, entry):
         async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
             task_id = await generate(entry.url)
             seen = await read_events(entry.url, task_id, stop_after=sampling)
@@ -548,12 +548,7 @@ async def test_a_cancel_asked_before_the_claim_reaches_no_comfyui_however_slow_r
 ) -> None:
     """The claimer checks for a cancel before its actor runs: while Redis is slow to
     answer that check, the claimed task must not be resubmitted to the claimer's ComfyUI."""
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as lost_sim,
-        simulator(manual=False) as other_sim,
-        front(tmp_path, "f", redis.url) as entry,
-    ):
+    async with two_comfys_one_front(tmp_path) as (redis, lost_sim, other_sim, entry):
         async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
             task_id = await generate(entry.url)
             seen = await read_events(entry.url, task_id, stop_after=sampling)
