@@ -67,6 +67,7 @@ from protocol.task.state import (
     TaskError,
     TaskEvent,
     TaskState,
+    evolve,
     new_task,
 )
 
@@ -82,7 +83,7 @@ EVENT_TYPES: Final[tuple[type, ...]] = typing.get_args(TaskEvent)
 
 def _fail(state: TaskState, error: TaskError, now: float) -> Transition:
     return (
-        replace(state, stage=Stage.ERROR, error=error, step=pg.STEP_FAILED, finished_at=now),
+        evolve(state, stage=Stage.ERROR, error=error, step=pg.STEP_FAILED, finished_at=now),
         [],
     )
 
@@ -91,11 +92,11 @@ def _on_submitted(state: TaskState, event: Submitted, now: float) -> Transition:
     step = state.step
     if step in (pg.STEP_STARTING, pg.STEP_WAITING_FOR_BACKEND) or step.startswith(pg.STEP_REQUEUED):
         step = pg.STEP_QUEUED
-    return replace(state, stage=Stage.SUBMITTED, step=step), []
+    return evolve(state, stage=Stage.SUBMITTED, step=step), []
 
 
 def _on_backend_lost(state: TaskState, event: BackendLost, now: float) -> Transition:
-    return replace(
+    return evolve(
         state, stage=Stage.BACKEND_AWAY, step=pg.STEP_BACKEND_AWAY, queue=None, eta=None
     ), []
 
@@ -103,7 +104,7 @@ def _on_backend_lost(state: TaskState, event: BackendLost, now: float) -> Transi
 def _on_requeued(state: TaskState, event: Requeued, now: float) -> Transition:
     """Everything the lost attempt showed starts over; the task keeps its id and seed."""
     fresh = new_task(replace(state.spec, prompt_id=event.new_prompt_id), state.created_at)
-    return replace(
+    return evolve(
         fresh,
         stage=Stage.REQUEUED,
         version=state.version,
@@ -114,7 +115,7 @@ def _on_requeued(state: TaskState, event: Requeued, now: float) -> Transition:
 
 
 def _on_backend_waiting(state: TaskState, event: BackendWaiting, now: float) -> Transition:
-    return replace(state, step=pg.STEP_WAITING_FOR_BACKEND), []
+    return evolve(state, step=pg.STEP_WAITING_FOR_BACKEND), []
 
 
 def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transition:
@@ -139,13 +140,13 @@ def _on_queue_update(state: TaskState, event: QueueUpdate, now: float) -> Transi
         return _start(state, now), []
     if state.stage is Stage.REQUEUED:
         step = pg.requeued_step(position.ahead)
-        return replace(state, queue=position, step=step), []
+        return evolve(state, queue=position, step=step), []
     # A backend that is back and still has the prompt queued: queued there again.
     stage = Stage.SUBMITTED if state.stage is Stage.BACKEND_AWAY else state.stage
     if state.cancel_requested:
-        return replace(state, stage=stage, queue=position), []
+        return evolve(state, stage=stage, queue=position), []
     step = pg.queued_step(position.ahead)
-    return replace(state, stage=stage, queue=position, step=step), []
+    return evolve(state, stage=stage, queue=position, step=step), []
 
 
 # The stages a prompt event can start running from.
@@ -165,7 +166,7 @@ def _start(state: TaskState, now: float) -> TaskState:
             if state.cancel_requested
             else pg.step_name(state.class_types.get(state.current_node))
         )
-    return replace(
+    return evolve(
         state,
         stage=Stage.RUNNING,
         queue=None,
@@ -181,7 +182,7 @@ def _on_execution_start(state: TaskState, event: ExecutionStart, now: float) -> 
 def _on_cached(state: TaskState, event: ExecutionCached, now: float) -> Transition:
     state = _start(state, now)
     done = state.nodes_done | frozenset(event.nodes)
-    return _with_overall(replace(state, nodes_done=done)), []
+    return _with_overall(evolve(state, nodes_done=done)), []
 
 
 def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
@@ -205,7 +206,7 @@ def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
         else pg.step_name(state.class_types.get(event.node))
     )
     return _with_overall(
-        replace(
+        evolve(
             state,
             current_node=event.node,
             nodes_done=done,
@@ -230,7 +231,7 @@ def _on_progress(state: TaskState, event: Progress, now: float) -> Transition:
         if not state.cancel_requested:
             step = pg.step_name(state.class_types.get(event.node))
     return _with_overall(
-        replace(
+        evolve(
             state,
             value=event.value,
             max=event.max,
@@ -246,17 +247,17 @@ def _on_progress(state: TaskState, event: Progress, now: float) -> Transition:
 def _on_progress_state(state: TaskState, event: ProgressState, now: float) -> Transition:
     state = _start(state, now)
     finished = frozenset(n.node_id for n in event.nodes if n.state == "finished")
-    return _with_overall(replace(state, nodes_done=state.nodes_done | finished)), []
+    return _with_overall(evolve(state, nodes_done=state.nodes_done | finished)), []
 
 
 def _on_progress_text(state: TaskState, event: ProgressText, now: float) -> Transition:
-    return replace(state, text=(event.node_id, event.text)), []
+    return evolve(state, text=(event.node_id, event.text)), []
 
 
 def _on_preview_ready(state: TaskState, event: PreviewReady, now: float) -> Transition:
     if state.preview_version is not None and event.version <= state.preview_version:
         return state, []
-    return replace(state, preview_version=event.version), []
+    return evolve(state, preview_version=event.version), []
 
 
 def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:
@@ -264,7 +265,7 @@ def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:
     known = set(state.outputs)
     # A cached output node reports its old files again: keep each file once.
     new = tuple(image for image in event.images if image not in known)
-    return replace(state, outputs=state.outputs + new), []
+    return evolve(state, outputs=state.outputs + new), []
 
 
 def _on_success(state: TaskState, event: ExecutionSuccess, now: float) -> Transition:
@@ -273,7 +274,7 @@ def _on_success(state: TaskState, event: ExecutionSuccess, now: float) -> Transi
 
 
 def _begin_fetch(state: TaskState, images: tuple[ImageRef, ...]) -> Transition:
-    state = replace(
+    state = evolve(
         state,
         stage=Stage.FETCHING_OUTPUTS,
         outputs=images,
@@ -341,7 +342,7 @@ def _on_history(state: TaskState, event: HistoryFound, now: float) -> Transition
 
 
 def _on_cancel_requested(state: TaskState, event: CancelRequested, now: float) -> Transition:
-    return replace(state, cancel_requested=True, step=pg.STEP_CANCELLING), []
+    return evolve(state, cancel_requested=True, step=pg.STEP_CANCELLING), []
 
 
 def _on_cancelled(state: TaskState, event: Cancelled, now: float) -> Transition:
@@ -369,7 +370,7 @@ def _on_outputs_stored(state: TaskState, event: OutputsStored, now: float) -> Tr
             ),
             now,
         )
-    done = replace(
+    done = evolve(
         state,
         stage=Stage.COMPLETED,
         image_files=event.files,
@@ -386,7 +387,7 @@ def _with_overall(state: TaskState) -> TaskState:
         running_fraction = state.value / state.max if state.max > 0 else 0.0
     total = len(state.class_types)
     result = pg.overall(state.overall_percentage, state.nodes_done_count, total, running_fraction)
-    return replace(state, overall_percentage=result.percentage)
+    return evolve(state, overall_percentage=result.percentage)
 
 
 # ---------------------------------------------------------------------------
@@ -501,5 +502,5 @@ def apply(state: TaskState, event: TaskEvent, now: float) -> tuple[TaskState, li
         )
     if visible(new) == visible(state):
         return new, commands
-    new = replace(new, version=state.version + 1)
+    new = evolve(new, version=state.version + 1)
     return new, [Publish(render(new, now)), *commands]
