@@ -186,7 +186,7 @@ def _serve(poller: select.epoll, stream: Stream, mask: int) -> int:
     if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
         now = time.monotonic()
         try:
-            data = stream.sock.recv(262144)
+            data = stream.sock.recv(65536)  # above ~128 KiB each call would mmap a buffer
         except BlockingIOError:
             return 0
         except OSError:
@@ -335,5 +335,5 @@ def floor_reader(conn: Connection, port: int, streams: int, expected: int) -> No
     while got < expected:
         for fd, _ in poller.poll(1.0):
             with contextlib.suppress(BlockingIOError):
-                got += len(by_fd[fd].recv(262144))
+                got += len(by_fd[fd].recv(65536))
     conn.send(("done",))
