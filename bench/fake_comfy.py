@@ -86,9 +86,13 @@ class Socket:
     stream: trio.SocketStream
     lock: trio.StrictFIFOLock = field(default_factory=trio.StrictFIFOLock)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> float:
+        """Write `data`; returns the monotonic time it went to the socket (once
+        the lock is ours, so another prompt's turn never counts as latency)."""
         async with self.lock:
+            written = time.monotonic()
             await self.stream.send_all(data)
+        return written
 
 
 @dataclass
@@ -248,18 +252,20 @@ class FakeComfy:
 
     async def play(self, prompt: Prompt, spec: dict[str, Any], offset: float = 0.0) -> list[float]:
         socket = self.sockets[prompt.client_id]
-        await trio.sleep(offset)
         pid = prompt.prompt_id
         steps: int = spec["steps"]
+        # Encoded before the clock starts: prompts played in parallel must not
+        # spend one another's step time building frames.
+        frames = [
+            frame("progress", value=v, max=steps, prompt_id=pid, node=SAMPLER_NODE)
+            for v in range(1, steps + 1)
+        ]
+        await trio.sleep(offset)
         await socket.send(
             frame("execution_start", prompt_id=pid, timestamp=0)
             + frame("execution_cached", nodes=[], prompt_id=pid, timestamp=0)
             + frame("executing", node=SAMPLER_NODE, display_node=SAMPLER_NODE, prompt_id=pid)
         )
-        frames = [
-            frame("progress", value=v, max=steps, prompt_id=pid, node=SAMPLER_NODE)
-            for v in range(1, steps + 1)
-        ]
         stamps: list[float] = []
         burst = spec.get("burst")
         if burst is not None:
@@ -270,15 +276,14 @@ class FakeComfy:
             for k, i in enumerate(range(0, steps, per)):
                 await trio.sleep_until(start + k * burst / slices)
                 batch = frames[i : i + per]
-                stamps.extend([time.monotonic()] * len(batch))
-                await socket.send(b"".join(batch))
+                written = await socket.send(b"".join(batch))
+                stamps.extend([written] * len(batch))
         else:
             interval = 1.0 / spec["rate"]
             start = trio.current_time()
             for i, data in enumerate(frames):
                 await trio.sleep_until(start + i * interval)
-                stamps.append(time.monotonic())
-                await socket.send(data)
+                stamps.append(await socket.send(data))
         # Real ComfyUI decodes and saves the image after the sampler's last step:
         # the end frames come a moment later, not in the same breath.
         await trio.sleep(spec.get("tail", 0.05))
