@@ -38,6 +38,7 @@ import trio
 
 from daemon.http.connection import SocketSink
 from daemon.http.types import BodyWriter, ClientGone
+from daemon.signals import Signal
 from daemon.tasks.broadcast import Broadcaster, Snapshot
 from protocol.sse import encode_comment, encode_retry
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT = encode_comment("heartbeat")
 HEARTBEAT_CHUNK = b"%x\r\n%b\r\n" % (len(HEARTBEAT), HEARTBEAT)
 YIELD_EVERY = 250  # writes between checkpoints: a new request waits ~1 slice per step
+# Ended streams whose tasks are woken per scheduler round to close their
+# connections (~50 us each): small, so a fan-out never waits long behind them.
+END_SLICE = 32
 
 
 class _Subscriber:
@@ -199,6 +203,8 @@ class StreamHub:
         self._subscribers: dict[Broadcaster, dict[_Subscriber, None]] = {}
         self._dirty: dict[Broadcaster, None] = {}  # published since the loop last looked
         self._fanout_wake = trio.Event()
+        self._fanning = False  # a fan-out round is under way
+        self._fanout_idle = Signal()
         self._heartbeats: list[tuple[float, int, _Subscriber]] = []  # a heap by deadline
         self._heartbeat_added = trio.Event()
         self._sequence = itertools.count()
@@ -350,12 +356,17 @@ class StreamHub:
         while True:
             await self._fanout_wake.wait()
             self._fanout_wake = trio.Event()
-            while self._dirty:
-                broadcaster = next(iter(self._dirty))
-                del self._dirty[broadcaster]
-                readers = self._subscribers.get(broadcaster)
-                if readers:
-                    await self._write_all(broadcaster, list(readers))
+            self._fanning = True
+            try:
+                while self._dirty:
+                    broadcaster = next(iter(self._dirty))
+                    del self._dirty[broadcaster]
+                    readers = self._subscribers.get(broadcaster)
+                    if readers:
+                        await self._write_all(broadcaster, list(readers))
+            finally:
+                self._fanning = False
+                self._fanout_idle.fire()
 
     async def _write_all(self, broadcaster: Broadcaster, readers: list[_Subscriber]) -> None:
         """One round: the snapshot to every reader, a checkpoint every YIELD_EVERY."""
@@ -409,10 +420,13 @@ class StreamHub:
             self._ender_wake.set()
 
     async def _end(self) -> None:
-        """Wake the tasks of streams whose end is out, YIELD_EVERY per scheduler round.
+        """Wake the tasks of streams whose end is out, END_SLICE per scheduler round,
+        and none while a fan-out round waits or runs.
 
-        Each then closes its connection; a thousand doing that in one round
-        would hold up everything else (a new request, the next task's steps).
+        Each then closes its connection. A task's thousand readers end
+        together, and the next task's first steps come right behind: closing
+        them all at once would hold those steps up by the whole teardown
+        (tens of ms); this way a fan-out waits for one slice at most.
         Shutting a socket's read side wakes its waiting task more cheaply than
         a cancellation.
         """
@@ -420,7 +434,9 @@ class StreamHub:
             await self._ender_wake.wait()
             self._ender_wake = trio.Event()
             while self._to_end:
-                for _ in range(min(YIELD_EVERY, len(self._to_end))):
+                while self._fanning or self._dirty:
+                    await self._fanout_idle.wait()
+                for _ in range(min(END_SLICE, len(self._to_end))):
                     self._to_end.popleft().stop_reading()
                 await trio.lowlevel.checkpoint()
 

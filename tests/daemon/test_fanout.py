@@ -23,6 +23,7 @@ from daemon.api import sse_stream
 from daemon.api.sse_stream import HEARTBEAT, StreamHub
 from daemon.http import HttpLimits
 from daemon.http.client import open_stream
+from daemon.http.connection import SocketSink
 from daemon.http.types import Request, Response, StreamingResponse
 from daemon.tasks.broadcast import Broadcaster, Snapshot
 from protocol.sse import ServerSentEvent, SSEDecoder, encode_event, parse_last_event_id
@@ -255,3 +256,58 @@ async def test_a_reader_that_leaves_is_let_go_at_once() -> None:
         assert feed.hub.open_streams == 2
         for stream in streams[1:]:
             await stream.aclose()
+
+
+async def test_closing_ended_streams_waits_for_the_next_fan_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task's readers all end at once and the next task's first step comes
+    right behind: that step goes out before the ended connections are closed
+    (closing a thousand takes tens of ms), not after."""
+    monkeypatch.setattr(sse_stream, "YIELD_EVERY", 2)  # 4 readers: the fan-out loop, 2 slices
+    monkeypatch.setattr(sse_stream, "END_SLICE", 1)
+    order: list[str] = []
+    write_batch = StreamHub._write_batch
+
+    def logged_write_batch(hub: StreamHub, snap: Snapshot, readers: list[object]) -> None:
+        order.append(f"write {snap.event} {snap.version}")
+        write_batch(hub, snap, readers)  # type: ignore[arg-type]
+
+    stop_reading = SocketSink.stop_reading
+
+    def logged_stop_reading(sink: SocketSink) -> None:
+        order.append("close")
+        stop_reading(sink)
+
+    monkeypatch.setattr(StreamHub, "_write_batch", logged_write_batch)
+    monkeypatch.setattr(SocketSink, "stop_reading", logged_stop_reading)
+    hub = StreamHub(heartbeat_interval=30.0, retry_ms=1000)
+    ending, following = Feed(hub), Feed(hub)  # two tasks' broadcasters, one hub
+
+    async def handler(request: Request) -> Response | StreamingResponse:
+        feed = following if request.target.startswith("/next") else ending
+        return await feed.handler(request)
+
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, handler)
+        streams = [await server.connect() for _ in range(8)]
+        for k, stream in enumerate(streams):
+            path = "/next" if k % 2 else "/progress"
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        await ending.wait_for_readers(4)
+        await following.wait_for_readers(4)
+        order.clear()
+        ending.publish(100, terminal=True)
+        following.publish(1)
+        while order.count("close") < 4:  # noqa: ASYNC110 - the log is what we wait on
+            await trio.sleep(0.001)
+        for stream in streams:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    first_close = order.index("close")
+    assert order[:first_close] == [
+        "write complete 100",
+        "write complete 100",
+        "write progress 1",
+        "write progress 1",
+    ]
