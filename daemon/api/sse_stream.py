@@ -19,10 +19,11 @@ each stream gets `: heartbeat` `heartbeat_interval` s after its last write.
 Readers whose connection offers no socket (in-memory streams in tests) take
 the same route through their own task and `BodyWriter.send`.
 
-An idle stream costs one sleeping task: it waits for the client to leave
-(reading and dropping its input); the hub wakes it by cancelling that wait
-when it must write, or, once the end is out, by shutting the socket's read
-side (cheaper for a thousand streams ending at once).
+An idle stream costs one sleeping task, asleep in the hub's `IdleSockets`
+(one epoll set for every idle socket, daemon/http/idle_sockets.py) until the
+client sends something or leaves (it reads and drops the input), or the hub
+wakes it: to write (`_Subscriber.wake`), or, once the end is out, by shutting
+the socket's read side (woken in slices, after any pending fan-out).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from daemon.http.connection import SocketSink
+from daemon.http.idle_sockets import IdleSockets
 from daemon.http.types import BodyWriter, ClientGone
 from daemon.signals import Signal
 from daemon.tasks.broadcast import Broadcaster, Snapshot
@@ -101,8 +103,14 @@ class _Subscriber:
 
     def _hand_over(self) -> None:
         self.busy = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the stream's task wherever it waits: asleep as idle, or in its scope."""
         if self.scope is not None:
             self.scope.cancel()
+        elif self.fd >= 0:
+            self.hub.idle.wake(self.fd)
 
     def offer(self, snapshot: Snapshot, now: float) -> None:
         """Write `snapshot` now if the socket takes it (the fan-out loop's call)."""
@@ -198,6 +206,7 @@ class StreamHub:
         self.retry_ms = retry_ms
         self.draining = False
         self._open = 0
+        self.idle = IdleSockets()  # where idle streams sleep
         self.events_sent = 0
         self.heartbeats_sent = 0
         self._subscribers: dict[Broadcaster, dict[_Subscriber, None]] = {}
@@ -226,8 +235,7 @@ class StreamHub:
         self.draining = True
         for readers in self._subscribers.values():
             for subscriber in readers:
-                if subscriber.scope is not None:
-                    subscriber.scope.cancel()
+                subscriber.wake()
 
     async def stream(
         self, broadcaster: Broadcaster, last_event_id: int | None, writer: BodyWriter
@@ -246,29 +254,31 @@ class StreamHub:
             if self.draining:
                 return
             sink_of: Callable[[], SocketSink | None] | None = getattr(writer, "socket_sink", None)
-            subscriber = _Subscriber(self, broadcaster, last_event_id, sink_of and sink_of())
+            sink = sink_of and sink_of()
+            subscriber = _Subscriber(self, broadcaster, last_event_id, sink)
             self._attach(subscriber)
-            wait_for_peer: Callable[[], Awaitable[None]] | None = getattr(
-                writer, "wait_until_peer_leaves", None
-            )
             try:
                 # The stream's own task, inline (one frame less for hours): asleep
                 # unless the loops hand it work, the client leaves, or we drain.
-                # One cancel scope serves all three.
                 latest = broadcaster.latest
                 if latest is not None:
                     subscriber.offer(latest, trio.current_time())
                 while not subscriber.done and not self.is_draining():
-                    with trio.CancelScope() as scope:
+                    if sink is not None and not subscriber.busy:
+                        # Asleep with the hub's other idle sockets; input, EOF or
+                        # the hub (work to do, or drain) wakes it.
+                        await self.idle.sleep(sink.fd)
+                        if sink.peer_left() and not subscriber.done:
+                            raise ClientGone("client went away")
+                        continue  # (done: the end is out and reading shut)
+                    with trio.CancelScope() as scope:  # the hub cancels it to wake us
                         subscriber.scope = scope
-                        if not subscriber.busy:
-                            if wait_for_peer is None:
-                                await trio.sleep_forever()
-                            await wait_for_peer()
-                            if not subscriber.done:  # (done: the end is out, reading shut)
-                                raise ClientGone("client went away")
-                        else:
+                        if subscriber.busy:
                             await self._work(subscriber, writer)
+                        else:
+                            await self._wait_without_socket(writer)
+                            if not subscriber.done:
+                                raise ClientGone("client went away")
                     subscriber.scope = None
             finally:
                 self._detach(subscriber)
@@ -281,6 +291,18 @@ class StreamHub:
         finally:
             self._open -= 1
             broadcaster.readers -= 1
+
+    @staticmethod
+    async def _wait_without_socket(writer: BodyWriter) -> None:
+        """A stream with no socket of its own (in-memory, in tests): until its peer
+        leaves (when the writer can tell), else until cancelled."""
+        wait_for_peer: Callable[[], Awaitable[None]] | None = getattr(
+            writer, "wait_until_peer_leaves", None
+        )
+        if wait_for_peer is None:
+            await trio.sleep_forever()
+        else:
+            await wait_for_peer()
 
     async def _work(self, subscriber: _Subscriber, writer: BodyWriter) -> None:
         """What the loops handed a stream's task: the socket was full, or it

@@ -400,6 +400,16 @@ class SocketSink:
             self._socket.shutdown(stdlib_socket.SHUT_RD)
             self._connection.read_side_shut = True
 
+    def peer_left(self) -> bool:
+        """Read (and drop) what the client sent, once: True when it has left
+        (EOF or a connection error), False when it is still there."""
+        try:
+            return not os.read(self.fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return False  # nothing to read: woken for another reason
+        except OSError:
+            return True
+
     def failed(self, exc: OSError) -> ClientGone:
         """A write to `fd` failed with `exc`: the connection is dead; what to raise."""
         self._connection._mark_send_failed()
