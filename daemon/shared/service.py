@@ -153,6 +153,14 @@ class SharedService:
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60
         )
+        # A worker that took the task after we read its record may have named
+        # itself since: read the holder again, now that the key is set, and tell
+        # that one too. (One that names itself later still finds the key: workers
+        # read the keys of what they run with every lease refresh.)
+        again = await self.store.load(task_id)
+        holder = again.holder if again is not None else None
+        if holder is not None and holder != shared.holder:
+            await self.store.send(holder, {"kind": "cancel", "task": task_id})
         return SharedCancel(ended=None)
 
     async def ready(self) -> bool:

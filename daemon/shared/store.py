@@ -280,6 +280,11 @@ class SharedStore:
     async def cancel_requested(self, task_id: str) -> bool:
         return bool(await self.redis.exists([self.cancel_key(task_id)]))
 
+    async def cancels_requested(self, task_ids: list[str]) -> list[bool]:
+        """`cancel_requested` for many tasks, in one round trip."""
+        values = await self.redis.mget([self.cancel_key(t) for t in task_ids])
+        return [value is not None for value in values]
+
     async def send(self, daemon_id: str, fields: dict[str, str]) -> None:
         key = self.inbox_key(daemon_id)
         await self.redis.xadd(

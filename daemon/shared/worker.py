@@ -382,6 +382,7 @@ class SharedWorker:
             await trio.sleep(interval)
             if self._held:
                 await self._refresh_leases()
+                await self._read_missed_cancels()
 
     async def _publish_capabilities(self) -> None:
         if self.pool.capabilities:
@@ -411,6 +412,29 @@ class SharedWorker:
                 if actor is not None and not actor.is_done():
                     log.warning("lost the lease on task %s; stopping our copy", task_id)
                     actor.stop()
+
+    async def _read_missed_cancels(self) -> None:
+        """A cancel asked in the moment we took a task, before our record named us as
+        its holder, reached no inbox; its key is there all the same. So with every
+        lease refresh, read the keys of the tasks we run that are not cancelling."""
+        running = [
+            task_id
+            for task_id in self._held
+            if (actor := self.registry.get(task_id)) is not None
+            and not actor.is_done()
+            and not actor.state.cancel_requested
+        ]
+        if not running:
+            return
+        try:
+            asked = await self.store.cancels_requested(running)
+        except RedisError as exc:
+            log.warning("cannot read cancel requests: %s", exc)
+            return
+        for task_id, cancelled in zip(running, asked, strict=True):
+            if cancelled:
+                log.info("cancel found by its key", extra={"task_id": task_id})
+                self.cancel(task_id)
 
 
 def bounce_delay(times: int) -> float:

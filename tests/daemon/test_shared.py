@@ -543,6 +543,31 @@ async def test_a_cancel_while_the_holder_is_dead_reaches_the_worker_that_claims_
         assert await history_ids(other_sim) == []
 
 
+async def test_a_cancel_that_reached_no_inbox_is_found_by_its_key(tmp_path: Path) -> None:
+    """A front that read the record before the worker named itself (and read it
+    again too early) leaves only the cancel key: the worker reads the keys of
+    the tasks it runs with every lease refresh, and cancels."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w", redis.url, sim.url),
+    ):
+        task_id = await generate(entry.url)
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            # What such a front leaves behind: the key, and no message in any inbox.
+            await client.set(f"comfy-progress:cancel:{task_id}", b"1", ex=60)
+        # The worker interrupts ComfyUI, which sees it at its next progress tick.
+        with trio.fail_after(30):
+            while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        sim.grant_steps(1)
+        rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["error"]["code"] == "cancelled"
+
+
 async def test_a_cancel_asked_before_the_claim_reaches_no_comfyui_however_slow_redis_is(
     tmp_path: Path,
 ) -> None:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import coredis
+import pytest
 
 from daemon.shared.service import SharedService
 from protocol import task
@@ -38,3 +39,37 @@ async def cancel_between_the_end_and_the_record(service: SharedService) -> None:
     found = await service.cancel("t", NOW + 2)
     assert found is not None
     assert found.ended == "error"
+
+
+async def test_a_cancel_reaches_a_holder_that_named_itself_while_it_was_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front reads the record (no holder yet: a worker has just taken the task),
+    and the worker names itself before the front sets the cancel key: the front
+    reads the holder again and tells that worker."""
+    async with redis_server(tmp_path / "redis") as server:
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(server.url)
+        async with redis:
+            service = SharedService(daemon_config(tmp_path, redis_url=server.url), redis, "f1")
+            store = service.store
+            spec = task.TaskSpec(task_id="t", prompt_id="p", graph={})
+            state = replace(task.new_task(spec, NOW), version=1)
+            await store.submit(state, task.render(state, NOW))
+            assert await store.take_waiting("t")  # a worker took it; the record names nobody
+            request_cancel = store.request_cancel
+
+            async def holder_named_meanwhile(task_id: str, holder: str | None, ttl: float) -> None:
+                shared = await store.load(task_id)
+                assert shared is not None
+                assert shared.holder is None
+                await store.save(replace(shared, holder="w1"))
+                await request_cancel(task_id, holder, ttl)
+
+            monkeypatch.setattr(store, "request_cancel", holder_named_meanwhile)
+            found = await service.cancel("t", NOW + 1)
+            assert found is not None
+            assert found.ended is None
+            inbox = await redis.xrange(store.inbox_key("w1"))
+            assert [dict(entry.field_values) for entry in inbox] == [
+                {b"kind": b"cancel", b"task": b"t"}
+            ]
