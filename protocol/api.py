@@ -150,7 +150,3 @@ def accepted_reply(task_id: str) -> dict[str, str]:
         "progressUrl": f"/progress/{task_id}",
         "statusUrl": f"/tasks/{task_id}",
     }
-
-
-def error_body(message: str, details: object = None) -> dict[str, Any]:
-    return {"error": {"message": message, "details": details}}
