@@ -335,16 +335,26 @@ class ComfyBackend:
         )
 
     async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Read frames until the socket closes or goes silent (both raise)."""
+        """Read frames until the socket closes or goes silent (both raise).
+
+        Silence is `silence_timeout` without a frame while one of our prompts
+        runs. One cancel scope watches it across many frames: a frame only
+        notes its time, and a scope that fires early (frames came since it was
+        set) is set again from the last one. A scope per frame cost a tenth of
+        what reading the frame does.
+        """
+        timeout = self.settings.silence_timeout
+        last_frame = trio.current_time()
         while True:
-            timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
-            with trio.move_on_after(timeout) as idle:
-                frame = await ws.get_message()
-            if idle.cancelled_caught:
+            watching = self.router.ours_running
+            with trio.CancelScope(deadline=last_frame + timeout if watching else math.inf) as idle:
+                while self.router.ours_running is watching:  # else: set the deadline anew
+                    frame = await ws.get_message()
+                    last_frame = trio.current_time()
+                    self.frames_received += 1
+                    self._handle_frame(frame)
+            if idle.cancelled_caught and trio.current_time() - last_frame >= timeout:
                 await self._probe_silence(timeout)
-                continue
-            self.frames_received += 1
-            self._handle_frame(frame)
 
     async def _probe_silence(self, waited: float) -> None:
         prompt_id = self.router.running_prompt
