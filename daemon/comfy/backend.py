@@ -36,7 +36,7 @@ import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
-from daemon.comfy.routing import PromptRouter
+from daemon.comfy.routing import Deliver, PromptRouter
 from daemon.comfy.subscription import PromptSubscription
 from daemon.signals import Signal
 from protocol import comfy
@@ -90,6 +90,10 @@ class QueueReading:
 
     taken_at: float
     snapshot: comfy.QueueSnapshot
+
+
+def _drop(event: comfy.ComfyEvent) -> None:
+    pass
 
 
 class SilentSocket(Exception):
@@ -148,11 +152,10 @@ class ComfyBackend:
         """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
         return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
 
-    def subscribe(
-        self, prompt_id: str, *, on_overflow: Callable[[], None] = lambda: None
-    ) -> PromptSubscription:
-        """Route this prompt's frames to one task, from now until the subscription closes."""
-        return PromptSubscription(self, prompt_id, on_overflow=on_overflow)
+    def subscribe(self, prompt_id: str, *, deliver: Deliver = _drop) -> PromptSubscription:
+        """Route this prompt's frames to one task's `deliver`, from now until the
+        subscription closes (without one they are dropped: the task only polls)."""
+        return PromptSubscription(self, prompt_id, deliver=deliver)
 
     def note_submitted(self) -> None:
         """We POSTed a prompt; it counts until the next `status` frame does."""

@@ -94,16 +94,11 @@ async def test_silence_is_time_since_the_last_frame_not_since_the_socket_opened(
         backend = ComfyBackend(
             BackendSettings(url=f"http://127.0.0.1:{server.port}", silence_timeout=1.0)
         )
-        subscription = backend.subscribe("cp-1")
+        frames: list[object] = []
+        backend.subscribe("cp-1", deliver=frames.append)
         nursery.start_soon(backend.run)
         await replaced.wait()
         nursery.cancel_scope.cancel()
-    frames = []
-    while True:
-        try:
-            frames.append(subscription.events.receive_nowait())
-        except trio.WouldBlock:
-            break
     assert len(frames) == 11  # execution_start and every progress frame, on one socket
     assert backend.reconnects == 1
     # Replaced once the last frame was a timeout old (plus the probe and the redial).
