@@ -61,6 +61,11 @@ class Phase(Enum):
     COMPLETED = "completed"
     ERROR = "error"
 
+    # Members are singletons compared by identity: hash them by identity too
+    # (Enum's own __hash__ is Python code, and every frame looks phases and
+    # stages up a dozen times).
+    __hash__ = object.__hash__
+
     @property
     def is_terminal(self) -> bool:
         return self in (Phase.COMPLETED, Phase.ERROR)
@@ -82,6 +87,8 @@ class Stage(Enum):
     REQUEUED = "requeued"  # its backend lost the prompt: awaits a backend as a new prompt_id
     COMPLETED = "completed"
     ERROR = "error"  # failed, rejected, interrupted or cancelled (see TaskState.error)
+
+    __hash__ = object.__hash__  # as Phase's
 
     @property
     def phase(self) -> Phase:
