@@ -126,7 +126,11 @@ def encode_event(ev: ServerSentEvent) -> bytes:
         lines.append(f"id: {ev.id}\n")
     if ev.retry is not None:
         lines.append(f"retry: {ev.retry}\n")
-    lines.extend(f"data: {line}\n" for line in _EOL.split(ev.data))
+    data = ev.data
+    if "\n" in data or "\r" in data:
+        lines.extend(f"data: {line}\n" for line in _EOL.split(data))
+    else:  # one line (every JSON payload): no split
+        lines.append(f"data: {data}\n")
     lines.append("\n")
     return _utf8("".join(lines))
 

@@ -36,7 +36,7 @@ import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
-from daemon.comfy.routing import PromptRouter
+from daemon.comfy.routing import Deliver, PromptRouter
 from daemon.comfy.subscription import PromptSubscription
 from daemon.signals import Signal
 from protocol import comfy
@@ -90,6 +90,10 @@ class QueueReading:
 
     taken_at: float
     snapshot: comfy.QueueSnapshot
+
+
+def _drop(event: comfy.ComfyEvent) -> None:
+    pass
 
 
 class SilentSocket(Exception):
@@ -148,11 +152,10 @@ class ComfyBackend:
         """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
         return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
 
-    def subscribe(
-        self, prompt_id: str, *, on_overflow: Callable[[], None] = lambda: None
-    ) -> PromptSubscription:
-        """Route this prompt's frames to one task, from now until the subscription closes."""
-        return PromptSubscription(self, prompt_id, on_overflow=on_overflow)
+    def subscribe(self, prompt_id: str, *, deliver: Deliver = _drop) -> PromptSubscription:
+        """Route this prompt's frames to one task's `deliver`, from now until the
+        subscription closes (without one they are dropped: the task only polls)."""
+        return PromptSubscription(self, prompt_id, deliver=deliver)
 
     def note_submitted(self) -> None:
         """We POSTed a prompt; it counts until the next `status` frame does."""
@@ -335,16 +338,26 @@ class ComfyBackend:
         )
 
     async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Read frames until the socket closes or goes silent (both raise)."""
+        """Read frames until the socket closes or goes silent (both raise).
+
+        Silence is `silence_timeout` without a frame while one of our prompts
+        runs. One cancel scope watches it across many frames: a frame only
+        notes its time, and a scope that fires early (frames came since it was
+        set) is set again from the last one. A scope per frame cost a tenth of
+        what reading the frame does.
+        """
+        timeout = self.settings.silence_timeout
+        last_frame = trio.current_time()
         while True:
-            timeout = self.settings.silence_timeout if self.router.ours_running else math.inf
-            with trio.move_on_after(timeout) as idle:
-                frame = await ws.get_message()
-            if idle.cancelled_caught:
+            watching = self.router.ours_running
+            with trio.CancelScope(deadline=last_frame + timeout if watching else math.inf) as idle:
+                while self.router.ours_running is watching:  # else: set the deadline anew
+                    frame = await ws.get_message()
+                    last_frame = trio.current_time()
+                    self.frames_received += 1
+                    self._handle_frame(frame)
+            if idle.cancelled_caught and trio.current_time() - last_frame >= timeout:
                 await self._probe_silence(timeout)
-                continue
-            self.frames_received += 1
-            self._handle_frame(frame)
 
     async def _probe_silence(self, waited: float) -> None:
         prompt_id = self.router.running_prompt

@@ -1,8 +1,9 @@
 """One task's subscription to its prompt at one backend.
 
 A task follows its prompt's WebSocket side through this object alone: the
-prompt's frames; whether the backend's socket came back since the task last
-looked (frames sent while it was away are lost, so the task asks /history);
+prompt's frames (handed to the task's `deliver` as they are read); whether
+the backend's socket came back since the task last looked (frames sent
+while it was away are lost, so the task asks /history);
 whether the prompt's frames reach us at all (the backend had to give up the
 client id the prompt was submitted under); and whether the backend is
 connected. The backend hands it out (`ComfyBackend.subscribe`) before the
@@ -12,12 +13,9 @@ on the backend (`backend.http`, `backend.read_queue`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import trio
-
-from protocol import comfy
+from daemon.comfy.routing import Deliver
 
 if TYPE_CHECKING:
     from daemon.comfy.backend import ComfyBackend
@@ -26,16 +24,13 @@ if TYPE_CHECKING:
 class PromptSubscription:
     """The frames of one prompt at one backend, and what the task must know of its socket."""
 
-    def __init__(
-        self, backend: ComfyBackend, prompt_id: str, *, on_overflow: Callable[[], None]
-    ) -> None:
-        """`on_overflow` is called when a frame had to be dropped (the task lags behind)."""
+    def __init__(self, backend: ComfyBackend, prompt_id: str, *, deliver: Deliver) -> None:
+        """`deliver` gets each of the prompt's events, called from the backend's
+        consumer: it must never block or raise (daemon/comfy/routing.py)."""
         self.prompt_id = prompt_id
         self.backend_name = backend.name
         self._backend = backend
-        self.events: trio.MemoryReceiveChannel[comfy.ComfyEvent] = backend.router.open(
-            prompt_id, on_overflow=on_overflow
-        )
+        self._route = backend.router.open(prompt_id, deliver)
         self._reconnects_seen = backend.reconnected.count
         self._generation = backend.client_generation  # the client id the prompt's frames go to
         self.closed = False
@@ -81,9 +76,6 @@ class PromptSubscription:
         self._backend.router.note_running(self.prompt_id)
 
     def close(self) -> None:
-        """Stop routing the prompt's frames here (idempotent); `events` ends."""
-        if self.closed:
-            return
+        """Stop routing the prompt's frames here (idempotent)."""
         self.closed = True
-        self._backend.router.close(self.prompt_id)
-        self.events.close()
+        self._backend.router.close(self._route)

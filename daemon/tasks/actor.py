@@ -5,8 +5,8 @@ pure state machine (`protocol.task.apply`), publishes every new snapshot to
 its broadcaster, and performs the commands the state machine asks for (fetch
 the output images, reconcile through /history). State changes happen only in
 `TaskActor.handle`, which never awaits, so the helper tasks of an actor (the
-frame pump, the queue watcher, the reconnect watcher, output fetching) can
-all call it without locks.
+pacer, the queue watcher, the reconnect watcher, output fetching) and the
+backend's consumer handing over frames can all call it without locks.
 
 The registry (daemon/tasks/registry.py) creates actors and runs them;
 daemon/tasks/restore.py turns journal records back into their states.
@@ -135,11 +135,13 @@ class TaskActor:
         self._reconcile_requested = trio.Event()
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
-        # While the pump holds (it is applying a batch of frames, or the pacer
-        # says wait), messages wait in _unpublished: only the newest goes out.
+        # While frames are held back (one is being applied, or the pacer says
+        # wait), messages wait in _unpublished: only the newest goes out.
         self._holding = False
         self._unpublished: task.TaskMessage | None = None
         self._pacer = PublishPacer()
+        self._pace_wake = trio.Event()  # the pacer task has something to publish, or a crash
+        self._crash: Exception | None = None  # what applying a frame raised
         message = first_message or task.render(state, wall_clock())
         self.broadcaster.publish(encode_snapshot(message))
         self.last_message = message
@@ -183,8 +185,8 @@ class TaskActor:
         # encoded, the task stays as it was and the crash fallback in
         # TaskRegistry._run_actor can still end it, and its streams, with
         # `internal` (stored first, the fallback would see a finished task that
-        # no stream ever heard of). A message the pump holds back is encoded
-        # only if it is still the newest when the pump lets it out; the end is
+        # no stream ever heard of). A message held back (pacing) is encoded
+        # only if it is still the newest when it goes out; the end is
         # never held back, so it is always encoded here.
         flush_now = not self._holding or state.phase.is_terminal
         ready = encode_snapshot(messages[-1]) if messages and flush_now else None
@@ -338,12 +340,12 @@ class TaskActor:
         self._use(backend)
         self._lost = trio.Event()
         self._reconcile_requested = trio.Event()
-        subscription = backend.subscribe(self.prompt_id, on_overflow=self.request_reconcile)
+        subscription = backend.subscribe(self.prompt_id, deliver=self._take_frame)
         self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._pump, subscription.events)
+                nursery.start_soon(self._pace)
                 nursery.start_soon(self._reconcile_loop)
                 nursery.start_soon(self._watch_backend, subscription)
                 nursery.start_soon(self._preview_throttle.run)
@@ -390,38 +392,54 @@ class TaskActor:
             self.broadcaster.publish(encoded or encode_snapshot(message))
             self._pacer.published(trio.current_time())
 
-    def _take_waiting(
-        self, first: comfy.ComfyEvent, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]
-    ) -> None:
-        """Apply `first` and every frame already waiting behind it."""
-        event = first
-        while True:
+    def _take_frame(self, event: comfy.ComfyEvent) -> None:
+        """One of our prompt's frames, handed over by the backend's consumer as it
+        reads it: applied at once, published as the pacer allows.
+
+        It runs in the consumer's task, so it never awaits and never raises: a
+        failure is kept for the pacer task, which raises it in the actor's own
+        nursery (the registry's crash fallback then ends the task).
+        """
+        if self._crash is not None:
+            return
+        try:
             if isinstance(event, comfy.PreviewImage | comfy.PreviewImageWithMetadata):
                 self._keep_preview(event)
-            elif isinstance(event, task.TaskEvent):
-                self.handle(event)
-            try:
-                event = inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
                 return
-
-    async def _pump(self, inbox: trio.MemoryReceiveChannel[comfy.ComfyEvent]) -> None:
-        # Coalesce at the source: apply every waiting frame, then publish once,
-        # and no faster than the pacer allows (a burst becomes a few publishes).
-        try:
-            async for first in inbox:
+            if not isinstance(event, task.TaskEvent):
+                return
+            holding, self._holding = self._holding, True  # publish below, as paced
+            try:
+                self.handle(event)
+            finally:
+                self._holding = holding
+            if self._unpublished is None or holding:
+                return  # nothing new, or the pacer task publishes it when due
+            if self._pacer.delay(trio.current_time()) <= 0:
+                self._flush()
+            else:
                 self._holding = True
-                self._take_waiting(first, inbox)
+                self._pace_wake.set()
+        except Exception as exc:  # noqa: BLE001 - raised again by _pace
+            self._crash = exc
+            self._pace_wake.set()
+
+    async def _pace(self) -> None:
+        """Publish what frames left held back once the pacer allows (a burst of
+        frames becomes a handful of publishes); raise what a frame raised."""
+        try:
+            while True:
+                await self._pace_wake.wait()
+                self._pace_wake = trio.Event()
+                if self._crash is not None:
+                    raise self._crash
                 while self._unpublished is not None:
                     delay = self._pacer.delay(trio.current_time())
                     if delay <= 0:
                         break
-                    with trio.move_on_after(delay):
-                        self._take_waiting(await inbox.receive(), inbox)
+                    await trio.sleep(delay)
                 self._holding = False
                 self._flush()
-        except trio.EndOfChannel:
-            pass
         finally:
             self._holding = False
             self._flush()

@@ -39,8 +39,12 @@ class Snapshot:
         object.__setattr__(self, "chunk", chunk + b"0\r\n\r\n" if self.terminal else chunk)
 
 
+# One encoder for every snapshot (json.dumps with options builds one per call).
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode_snapshot(message: task.TaskMessage) -> Snapshot:
-    data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
+    data = _to_json(message.payload)
     sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
     return Snapshot(
         version=message.version,

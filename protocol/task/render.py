@@ -7,6 +7,7 @@ publishes nothing.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from typing import Any
 
 from protocol import progress as pg
@@ -47,9 +48,28 @@ def progress_text(state: TaskState) -> str | None:
 
 
 def iso_timestamp(now: float) -> str:
-    """ISO-8601 UTC with milliseconds, like JavaScript's toISOString()."""
-    moment = _dt.datetime.fromtimestamp(now, tz=_dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """ISO-8601 UTC with milliseconds, like JavaScript's toISOString().
+
+    Every message carries one, and formatting a datetime is a third of what
+    rendering a progress message costs: the text up to the second is kept for
+    the second it names. The split into seconds and microseconds rounds as
+    `datetime.fromtimestamp` does (half to even, on the fraction).
+    """
+    fraction, whole = math.modf(now)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    elif micro < 0:
+        whole, micro = whole - 1, micro + 1_000_000
+    second = int(whole)
+    global _second_text
+    if _second_text[0] != second:
+        moment = _dt.datetime.fromtimestamp(second, tz=_dt.UTC)
+        _second_text = (second, moment.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second_text[1]}{micro // 1000:03d}Z"
+
+
+_second_text: tuple[int | None, str] = (None, "")  # (a second, its text), the last one asked
 
 
 def image_url(file_name: str) -> str:

@@ -182,7 +182,7 @@ def _on_execution_start(state: TaskState, event: ExecutionStart, now: float) -> 
 def _on_cached(state: TaskState, event: ExecutionCached, now: float) -> Transition:
     state = _start(state, now)
     done = state.nodes_done | frozenset(event.nodes)
-    return _with_overall(evolve(state, nodes_done=done)), []
+    return _with_overall(state, nodes_done=done), []
 
 
 def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
@@ -206,15 +206,13 @@ def _on_executing(state: TaskState, event: Executing, now: float) -> Transition:
         else pg.step_name(state.class_types.get(event.node))
     )
     return _with_overall(
-        evolve(
-            state,
-            current_node=event.node,
-            nodes_done=done,
-            step=step,
-            eta=None,
-            value=value,
-            max=maximum,
-        )
+        state,
+        current_node=event.node,
+        nodes_done=done,
+        step=step,
+        eta=None,
+        value=value,
+        max=maximum,
     ), []
 
 
@@ -231,23 +229,21 @@ def _on_progress(state: TaskState, event: Progress, now: float) -> Transition:
         if not state.cancel_requested:
             step = pg.step_name(state.class_types.get(event.node))
     return _with_overall(
-        evolve(
-            state,
-            value=event.value,
-            max=event.max,
-            peak_max=max(state.peak_max, event.max),
-            current_node=current,
-            step=step,
-            tick_origin=origin,
-            eta=pg.eta_seconds(origin, now, event.value, event.max),
-        )
+        state,
+        value=event.value,
+        max=event.max,
+        peak_max=max(state.peak_max, event.max),
+        current_node=current,
+        step=step,
+        tick_origin=origin,
+        eta=pg.eta_seconds(origin, now, event.value, event.max),
     ), []
 
 
 def _on_progress_state(state: TaskState, event: ProgressState, now: float) -> Transition:
     state = _start(state, now)
     finished = frozenset(n.node_id for n in event.nodes if n.state == "finished")
-    return _with_overall(evolve(state, nodes_done=state.nodes_done | finished)), []
+    return _with_overall(state, nodes_done=state.nodes_done | finished), []
 
 
 def _on_progress_text(state: TaskState, event: ProgressText, now: float) -> Transition:
@@ -274,7 +270,7 @@ def _on_success(state: TaskState, event: ExecutionSuccess, now: float) -> Transi
 
 
 def _begin_fetch(state: TaskState, images: tuple[ImageRef, ...]) -> Transition:
-    state = evolve(
+    state = _with_overall(
         state,
         stage=Stage.FETCHING_OUTPUTS,
         outputs=images,
@@ -282,7 +278,7 @@ def _begin_fetch(state: TaskState, images: tuple[ImageRef, ...]) -> Transition:
         step=pg.STEP_FETCHING_OUTPUT,
         eta=None,
     )
-    return _with_overall(state), [FetchOutputs(images)]
+    return state, [FetchOutputs(images)]
 
 
 def _execution_error(event: ExecutionError) -> TaskError:
@@ -381,13 +377,19 @@ def _on_outputs_stored(state: TaskState, event: OutputsStored, now: float) -> Tr
     return done, []
 
 
-def _with_overall(state: TaskState) -> TaskState:
+def _with_overall(state: TaskState, **changes: Any) -> TaskState:
+    """`evolve(state, **changes)`, its overall percentage following from the changes
+    (computed first, so a frame makes one new state here, not two)."""
+    current = changes.get("current_node", state.current_node)
+    done: frozenset[str] = changes.get("nodes_done", state.nodes_done)
     running_fraction = 0.0
-    if state.current_node is not None and state.current_node not in state.nodes_done:
-        running_fraction = state.value / state.max if state.max > 0 else 0.0
+    if current is not None and current not in done:
+        value, maximum = changes.get("value", state.value), changes.get("max", state.max)
+        running_fraction = value / maximum if maximum > 0 else 0.0
     total = len(state.class_types)
-    result = pg.overall(state.overall_percentage, state.nodes_done_count, total, running_fraction)
-    return evolve(state, overall_percentage=result.percentage)
+    done_count = len(done.intersection(state.class_types))  # TaskState.nodes_done_count
+    result = pg.overall(state.overall_percentage, done_count, total, running_fraction)
+    return evolve(state, **changes, overall_percentage=result.percentage)
 
 
 # ---------------------------------------------------------------------------

@@ -60,3 +60,46 @@ async def test_a_refused_connect_is_described_once_with_its_reason() -> None:
     assert text.count("all attempts") == 1, text
     assert "sub-exception" not in text
     assert "refused" in text.lower()
+
+
+async def test_silence_is_time_since_the_last_frame_not_since_the_socket_opened(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One cancel scope watches many frames; frames every 0.6 s of a 1 s timeout,
+    # for 6 s in all, must keep the socket; 1 s without one must replace it.
+    opened_at: list[float] = []
+    last_frame_at: list[float] = []
+    replaced = trio.Event()
+
+    async def play_then_go_quiet(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        opened_at.append(trio.current_time())
+        if len(opened_at) > 1:
+            replaced.set()
+            await trio.sleep_forever()
+        await ws.send_message('{"type":"execution_start","data":{"prompt_id":"cp-1"}}')
+        for value in range(1, 11):
+            await trio.sleep(0.6)
+            await ws.send_message(
+                '{"type":"progress","data":{"prompt_id":"cp-1","node":"3",'
+                f'"value":{value},"max":10}}}}'
+            )
+        last_frame_at.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            trio_websocket.serve_websocket, play_then_go_quiet, "127.0.0.1", 0, None
+        )
+        backend = ComfyBackend(
+            BackendSettings(url=f"http://127.0.0.1:{server.port}", silence_timeout=1.0)
+        )
+        frames: list[object] = []
+        backend.subscribe("cp-1", deliver=frames.append)
+        nursery.start_soon(backend.run)
+        await replaced.wait()
+        nursery.cancel_scope.cancel()
+    assert len(frames) == 11  # execution_start and every progress frame, on one socket
+    assert backend.reconnects == 1
+    # Replaced once the last frame was a timeout old (plus the probe and the redial).
+    assert last_frame_at[0] + 1.0 <= opened_at[1] < last_frame_at[0] + 1.5

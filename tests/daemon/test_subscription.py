@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,9 +47,19 @@ async def submit(backend: ComfyBackend, subscription: PromptSubscription) -> Non
     subscription.submitted()
 
 
-async def until_prompt_ends(subscription: PromptSubscription) -> list[comfy.ComfyEvent]:
+def frames_of(
+    backend: ComfyBackend, prompt_id: str
+) -> tuple[PromptSubscription, trio.MemoryReceiveChannel[comfy.ComfyEvent]]:
+    """Subscribe, with the delivered frames kept for the test to read."""
+    send, receive = trio.open_memory_channel[comfy.ComfyEvent](math.inf)
+    return backend.subscribe(prompt_id, deliver=send.send_nowait), receive
+
+
+async def until_prompt_ends(
+    frames: trio.MemoryReceiveChannel[comfy.ComfyEvent],
+) -> list[comfy.ComfyEvent]:
     events = []
-    async for event in subscription.events:
+    async for event in frames:
         events.append(event)
         if isinstance(event, comfy.Executing) and event.is_prompt_end:
             return events
@@ -58,48 +69,46 @@ async def until_prompt_ends(subscription: PromptSubscription) -> list[comfy.Comf
 async def test_a_subscription_gets_its_prompts_frames_and_no_other() -> None:
     with trio.fail_after(20):
         async with connected_backend() as (sim, backend):
-            ours = backend.subscribe("cp-ours")
-            other = backend.subscribe("cp-other")
+            ours, ours_frames = frames_of(backend, "cp-ours")
+            _, other_frames = frames_of(backend, "cp-other")
             await submit(backend, ours)
             sim.grant_steps(1000)
-            events = await until_prompt_ends(ours)
+            events = await until_prompt_ends(ours_frames)
             assert isinstance(events[0], comfy.ExecutionStart)
             assert {e.node for e in events if isinstance(e, comfy.Progress)} == {"2"}
             with pytest.raises(trio.WouldBlock):
-                other.events.receive_nowait()
+                other_frames.receive_nowait()
 
 
-async def test_closing_ends_the_events_and_frees_the_prompt_for_a_new_subscription() -> None:
+async def test_closing_stops_the_frames_and_frees_the_prompt_for_a_new_subscription() -> None:
     backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))  # never connected
-    first = backend.subscribe("cp-1")
+    first, first_frames = frames_of(backend, "cp-1")
     with pytest.raises(ValueError, match="already routed"):
         backend.subscribe("cp-1")
     first.close()
     first.close()  # idempotent
-    with pytest.raises(trio.ClosedResourceError):
-        await first.events.receive()
-    second = backend.subscribe("cp-1")
+    second, second_frames = frames_of(backend, "cp-1")
     first.close()  # an old subscription's close leaves the new one alone
     backend.router.dispatch(comfy.ExecutionStart("cp-1"))
-    assert second.events.receive_nowait() == comfy.ExecutionStart("cp-1")
+    assert second_frames.receive_nowait() == comfy.ExecutionStart("cp-1")
+    with pytest.raises(trio.WouldBlock):
+        first_frames.receive_nowait()
+    second.close()
+    backend.router.dispatch(comfy.ExecutionStart("cp-1"))
+    with pytest.raises(trio.WouldBlock):
+        second_frames.receive_nowait()
 
 
-async def test_a_full_subscription_drops_the_frame_and_says_so() -> None:
+async def test_frames_are_handed_over_as_they_come_none_dropped_however_many() -> None:
+    # No channel in between that could fill up: the consumer calls the task.
     backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
-    overflows: list[str] = []
-    subscription = backend.subscribe("cp-slow", on_overflow=lambda: overflows.append("x"))
-    frames = 0
-    while not overflows:
-        frames += 1
-        backend.router.dispatch(comfy.Progress("cp-slow", "2", frames, 10_000))
-    received = 0
-    while True:
-        try:
-            subscription.events.receive_nowait()
-        except trio.WouldBlock:
-            break
-        received += 1
-    assert received == frames - 1  # the frame that did not fit was dropped
+    delivered: list[comfy.ComfyEvent] = []
+    backend.subscribe("cp-busy", deliver=delivered.append)
+    sent = [comfy.Progress("cp-busy", "2", value, 10_000) for value in range(1, 10_001)]
+    for event in sent:
+        backend.router.dispatch(event)
+    assert delivered == sent
+    assert backend.router.events_routed == len(sent)
 
 
 async def test_reconnected_says_so_once_per_reconnect_since_subscribing() -> None:
@@ -132,14 +141,14 @@ async def test_marked_running_it_gets_the_node_comfyui_resends_after_a_reconnect
                 before_restart = ComfyBackend(BackendSettings(url=sim.url), client_id_file=id_file)
                 first_daemon.start_soon(before_restart.run)
                 await before_restart.wait_connected()
-                subscription = before_restart.subscribe("cp-1")
+                subscription, frames = frames_of(before_restart, "cp-1")
                 await submit(before_restart, subscription)
-                async for event in subscription.events:  # up to the node that waits for steps
+                async for event in frames:  # up to the node that waits for steps
                     if isinstance(event, comfy.Executing) and event.node == "2":
                         break
                 first_daemon.cancel_scope.cancel()
             backend = ComfyBackend(BackendSettings(url=sim.url), client_id_file=id_file)
-            subscription = backend.subscribe("cp-1")
+            subscription, frames = frames_of(backend, "cp-1")
             await nursery.start(backend.run)
             await backend.wait_connected()
             position = (await backend.http.queue()).position_of("cp-1")
@@ -150,7 +159,7 @@ async def test_marked_running_it_gets_the_node_comfyui_resends_after_a_reconnect
             sim.drop_websockets()
             while backend.reconnects == before:
                 await backend.reconnected.wait()
-            event = await subscription.events.receive()
+            event = await frames.receive()
             assert isinstance(event, comfy.Executing)
             assert (event.node, event.prompt_id) == ("2", None)
             nursery.cancel_scope.cancel()

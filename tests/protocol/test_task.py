@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from protocol import comfy, task
 from protocol import progress as pg
@@ -304,6 +307,30 @@ def test_eta_from_the_step_rate() -> None:
 
 def test_iso_timestamp_is_utc_with_millis() -> None:
     assert task.iso_timestamp(1_764_074_096.789) == "2025-11-25T12:34:56.789Z"
+
+
+def _iso_by_datetime(now: float) -> str:
+    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-1e10, max_value=1e10),
+        # Fractions that round up into the next second, or stay just below it.
+        st.builds(
+            lambda second, tail: second + tail,
+            st.integers(min_value=0, max_value=4_000_000_000),
+            st.sampled_from([0.9999995, 0.9999994999, 0.0000005, 0.9995, 0.0, -0.0000004]),
+        ),
+    )
+)
+def test_iso_timestamp_reads_every_moment_as_datetime_does(now: float) -> None:
+    # It keeps the text of the last second it formatted: the same answers as
+    # formatting each moment afresh, across second boundaries and rounding.
+    assert task.iso_timestamp(now) == _iso_by_datetime(now)
+    assert task.iso_timestamp(now + 1) == _iso_by_datetime(now + 1)
+    assert task.iso_timestamp(now) == _iso_by_datetime(now)
 
 
 @pytest.mark.parametrize(
