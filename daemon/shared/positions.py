@@ -1,9 +1,11 @@
-"""Queue positions in the progress stream of tasks no worker took yet.
+"""Queue positions in the progress stream of tasks no worker holds.
 
-A task waiting in the shared queue has no actor anywhere, so the fronts its
+A task waiting in the shared queue (never taken yet, or given back by a
+worker whose ComfyUI went away) has no actor anywhere, so the fronts its
 viewers watch it on publish its place in line: every `interval`, each front
 looks up (ZRANK) the waiting tasks it streams and, when the place changed,
-appends the same snapshot with the new `queue` block as the next version. The
+appends the same snapshot with the new `queue` block (and the step text that
+goes with it) as the next version. The
 append is a Lua script that writes only while the task is still in the
 waiting set: a worker takes a task by removing it from that set first and only
 then reads the stream's newest version, so a position never races a worker's
@@ -22,9 +24,14 @@ from coredis.exceptions import RedisError
 
 from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id
 from daemon.shared.watch import StreamWatcher
+from protocol import progress as pg
 from protocol.task import iso_timestamp
 
 log = logging.getLogger(__name__)
+
+# The phases of a task waiting in the shared queue, and the step each shows
+# with its place in line (as a task in a daemon's own queue does).
+WAITING_STEPS: Final = {"queued": pg.queued_step, "requeued": pg.requeued_step}
 
 APPEND_WHILE_WAITING: Final = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
@@ -53,7 +60,9 @@ class QueuePositions:
     async def update(self) -> None:
         for task_id, snapshot in self.watcher.snapshots():
             payload = snapshot.payload
-            if snapshot.terminal or payload.get("phase") != "queued":
+            phase = payload.get("phase")
+            # Queued: never taken yet; requeued: a worker gave it back (its ComfyUI went).
+            if snapshot.terminal or phase not in WAITING_STEPS:
                 continue
             ahead = await self.store.ahead_of(task_id)
             if ahead is None:
@@ -61,7 +70,13 @@ class QueuePositions:
             queue = {"position": ahead + 1, "ahead": ahead}
             if payload.get("queue") == queue:
                 continue
-            data = {**payload, "queue": queue, "timestamp": iso_timestamp(time.time())}
+            progress = {**payload["progress"], "currentStep": WAITING_STEPS[phase](ahead)}
+            data = {
+                **payload,
+                "progress": progress,
+                "queue": queue,
+                "timestamp": iso_timestamp(time.time()),
+            }
             written = await self.store.redis.eval(
                 APPEND_WHILE_WAITING,
                 keys=[self.store.waiting_key, self.store.events_key(task_id)],
