@@ -282,7 +282,13 @@ class TaskActor:
         self.handle(task.Requeued(prompt_id, self._lost_reason))
 
     async def _wait_for_backend(self) -> ComfyBackend | None:
-        """Wait in the daemon's queue for a backend with room (reserved for us)."""
+        """Wait in the daemon's queue for a backend with room (reserved for us).
+
+        No helper task and no timeout scope while some backend could run the task:
+        the ticket's one event wakes us when we are handed a backend or when what
+        the backends can run changed; `backend_wait_timeout` runs only while none can.
+        """
+        dispatcher = self.dispatcher
         ticket = Ticket(
             self.task_id,
             needs_of(self.state.spec.graph),
@@ -290,47 +296,64 @@ class TaskActor:
                 task.QueueUpdate(comfy.QueuePosition(False, ahead))
             ),
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._fail_when_unavailable, ticket)
-            backend = await self.dispatcher.take(ticket)
-            nursery.cancel_scope.cancel()
-        if self.is_done():
-            self.dispatcher.release(backend)
+        dispatcher.enter(ticket)
+        try:
+            unrunnable_until = math.inf  # while no backend can run it: when we give up
+            while ticket.backend is None and not self.is_done():
+                if dispatcher.runnable_now(ticket.needs):
+                    unrunnable_until = math.inf
+                elif unrunnable_until == math.inf:
+                    if (until := self._no_backend_can_run(ticket)) is None:
+                        break  # ended: no backend ever can
+                    unrunnable_until = until
+                elif trio.current_time() >= unrunnable_until:
+                    self._backend_wait_timed_out()
+                    break
+                if unrunnable_until == math.inf:
+                    await ticket.wakeup.wait()
+                else:
+                    with trio.move_on_at(unrunnable_until):
+                        await ticket.wakeup.wait()
+                ticket.wakeup = trio.Event()
+        except BaseException:
+            if ticket.backend is not None:  # handed a backend, but we are gone
+                dispatcher.release(ticket.backend)
+            raise
+        finally:
+            dispatcher.withdraw(ticket)
+        backend = ticket.backend
+        if backend is not None and self.is_done():
+            dispatcher.release(backend)
             return None
         return backend
 
-    async def _fail_when_unavailable(self, ticket: Ticket) -> None:
-        """`backend_wait_timeout` without any backend that could run this task: give up."""
-        while True:
-            if self.dispatcher.runnable_now(ticket.needs):
-                await self.dispatcher.availability.wait()
-                continue
-            reasons = self.pool.why_nowhere(ticket.needs)
-            if reasons is not None and len(reasons) == len(self.pool.backends):
-                # Accepted before the backends were read; now every one says no.
-                missing = ", ".join(sorted(set(reasons.values())))
-                self.handle(
-                    task.Failed(
-                        "rejected",
-                        "No ComfyUI backend can run this workflow",
-                        f"every backend lacks {missing}",
-                    )
+    def _no_backend_can_run(self, ticket: Ticket) -> float | None:
+        """No connected, read backend can run the task now: end it when every backend
+        says it never can (None), else show `waiting` and return when to give up."""
+        reasons = self.pool.why_nowhere(ticket.needs)
+        if reasons is not None and len(reasons) == len(self.pool.backends):
+            # Accepted before the backends were read; now every one says no.
+            missing = ", ".join(sorted(set(reasons.values())))
+            self.handle(
+                task.Failed(
+                    "rejected",
+                    "No ComfyUI backend can run this workflow",
+                    f"every backend lacks {missing}",
                 )
-                return
-            self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
-            with trio.move_on_after(self.settings.backend_wait_timeout):
-                while not self.dispatcher.runnable_now(ticket.needs):
-                    await self.dispatcher.availability.wait()
-            if not self.dispatcher.runnable_now(ticket.needs):
-                self.handle(
-                    task.Failed(
-                        "backend_unavailable",
-                        "ComfyUI is not reachable",
-                        f"waited {self.settings.backend_wait_timeout:g} s for a backend "
-                        f"({', '.join(b.name for b in self.pool.backends)})",
-                    )
-                )
-                return
+            )
+            return None
+        self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
+        return trio.current_time() + self.settings.backend_wait_timeout
+
+    def _backend_wait_timed_out(self) -> None:
+        self.handle(
+            task.Failed(
+                "backend_unavailable",
+                "ComfyUI is not reachable",
+                f"waited {self.settings.backend_wait_timeout:g} s for a backend "
+                f"({', '.join(b.name for b in self.pool.backends)})",
+            )
+        )
 
     async def _attempt(self, backend: ComfyBackend, *, resumed: bool, reserved: bool) -> Attempt:
         """Submit to `backend` (or re-attach to it) and follow the prompt there."""
