@@ -115,7 +115,6 @@ class TaskActor:
         self.backend_name = backend_name  # where the current attempt runs (journalled)
         self.backend: ComfyBackend | None = self.pool.get(backend_name)
         self.attempts = 0
-        self.broadcaster = Broadcaster()
         self.previews = previews if previews is not None else PreviewStore()
         self._preview_throttle = PreviewThrottle(
             settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
@@ -141,7 +140,7 @@ class TaskActor:
         self._unpublished: task.TaskMessage | None = None
         self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
-        self.broadcaster.publish(encode_snapshot(message))
+        self.broadcaster = Broadcaster(first=message)
         self.last_message = message
         self._journalled = self._durable_fields()
 
