@@ -99,9 +99,11 @@ class TaskActor:
         resumed: bool = False,
         backend_name: str | None = None,
         previews: PreviewStore | None = None,
+        fresh: bool = False,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
-        `backend_name` is the backend a restored task was dispatched to."""
+        `backend_name` is the backend a restored task was dispatched to; `fresh`: the
+        task was just made from its request (task.new_task)."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -140,7 +142,15 @@ class TaskActor:
         self._unpublished: task.TaskMessage | None = None
         self._pacer = PublishPacer()
         message = first_message or task.render(state, wall_clock())
-        self.broadcaster = Broadcaster(first=message)
+        if fresh:
+            # Nothing in it came from ComfyUI, so it always encodes: encoded when
+            # first read, if ever (the queue position usually replaces it first).
+            self.broadcaster = Broadcaster(first=message)
+        else:
+            # Encoded now: a restored or adopted task's message may hold text from
+            # ComfyUI that cannot be encoded, and that must fail here, not in a reader.
+            self.broadcaster = Broadcaster()
+            self.broadcaster.publish(encode_snapshot(message))
         self.last_message = message
         self._journalled = self._durable_fields()
 

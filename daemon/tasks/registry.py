@@ -192,7 +192,7 @@ class TaskRegistry:
         task_id = new_task_id(now)
         prompt_id = new_prompt_id()
         spec = spec_for(task_id, prompt_id, int(now * 1000))
-        actor = self._new_actor(task.new_task(spec, now))
+        actor = self._new_actor(task.new_task(spec, now), fresh=True)
         self._start(actor, self.settings.retention, client=client)
         return actor
 
