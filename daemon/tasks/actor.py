@@ -25,7 +25,7 @@ from typing import Any, Final
 import trio
 
 from daemon.comfy.backend import ComfyBackend
-from daemon.comfy.capabilities import needs_of
+from daemon.comfy.capabilities import Needs, needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.subscription import PromptSubscription
@@ -100,10 +100,12 @@ class TaskActor:
         backend_name: str | None = None,
         previews: PreviewStore | None = None,
         fresh: bool = False,
+        needs: Needs | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
         `backend_name` is the backend a restored task was dispatched to; `fresh`: the
-        task was just made from its request (task.new_task)."""
+        task was just made from its request (task.new_task); `needs`: what its graph
+        needs from a backend, when the caller knows already."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -123,6 +125,7 @@ class TaskActor:
         )
         # Our images the task reads (an inpainting source): kept while the task is.
         self.source_images = image_names_in(state.spec.graph)
+        self._needs = needs
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -298,9 +301,11 @@ class TaskActor:
         the backends can run changed; `backend_wait_timeout` runs only while none can.
         """
         dispatcher = self.dispatcher
+        if self._needs is None:
+            self._needs = needs_of(self.state.spec.graph)
         ticket = Ticket(
             self.task_id,
-            needs_of(self.state.spec.graph),
+            self._needs,
             on_position=lambda ahead: self.handle(
                 task.QueueUpdate(comfy.QueuePosition(False, ahead))
             ),
