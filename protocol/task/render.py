@@ -7,6 +7,7 @@ publishes nothing.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from typing import Any
 
 from protocol import progress as pg
@@ -46,10 +47,27 @@ def progress_text(state: TaskState) -> str | None:
     return state.text[1]
 
 
+# The formatted second of the newest timestamp: most messages fall in the same
+# second as the one before, and strftime is most of a timestamp's cost.
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+
+
 def iso_timestamp(now: float) -> str:
     """ISO-8601 UTC with milliseconds, like JavaScript's toISOString()."""
-    moment = _dt.datetime.fromtimestamp(now, tz=_dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    global _second
+    # Whole seconds and microseconds rounded as datetime.fromtimestamp rounds them
+    # (half to even), so the text is the same as formatting that datetime.
+    fraction, whole = math.modf(now)
+    micros = round(fraction * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    second = int(whole)
+    if _second[0] != second:
+        moment = _dt.datetime.fromtimestamp(second, tz=_dt.UTC)
+        _second = (second, moment.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second[1]}{micros // 1000:03d}Z"
 
 
 def image_url(file_name: str) -> str:
