@@ -31,7 +31,7 @@ from daemon.signals import Signal
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One task's place in the queue."""
 

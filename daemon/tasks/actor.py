@@ -120,9 +120,9 @@ class TaskActor:
         self.backend: ComfyBackend | None = self.pool.get(backend_name)
         self.attempts = 0
         self.previews = previews if previews is not None else PreviewStore()
-        self._preview_throttle = PreviewThrottle(
-            settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
-        )
+        # What an attempt needs is made by the first attempt: a task waiting in the
+        # daemon's queue holds as little as it can (thousands may wait at once).
+        self._preview_throttle: PreviewThrottle | None = None
         # Our images the task reads (an inpainting source): kept while the task is.
         self.source_images = image_names_in(state.spec.graph)
         self._needs = needs
@@ -134,9 +134,9 @@ class TaskActor:
         self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
-        self._lost = trio.Event()
+        self._lost: trio.Event | None = None  # the current attempt's
         self._lost_reason = ""
-        self._reconcile_requested = trio.Event()
+        self._reconcile_requested: trio.Event | None = None  # the current attempt's
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
         # While the pump holds (it is applying a batch of frames, or the pacer
@@ -252,7 +252,8 @@ class TaskActor:
 
     def request_reconcile(self) -> None:
         self._reconcile_requested_at = trio.current_time()
-        self._reconcile_requested.set()
+        if self._reconcile_requested is not None:  # else no attempt runs: nothing to ask
+            self._reconcile_requested.set()
 
     # -- lifecycle
 
@@ -373,8 +374,13 @@ class TaskActor:
         """Submit to `backend` (or re-attach to it) and follow the prompt there."""
         self.attempts += 1
         self._use(backend)
-        self._lost = trio.Event()
+        lost = self._lost = trio.Event()
         self._reconcile_requested = trio.Event()
+        if self._preview_throttle is None:
+            self._preview_throttle = PreviewThrottle(
+                self.settings.preview_max_rate,
+                lambda version: self.handle(task.PreviewReady(version)),
+            )
         subscription = backend.subscribe(self.prompt_id, on_overflow=self.request_reconcile)
         self._subscription = subscription
         try:
@@ -400,7 +406,7 @@ class TaskActor:
                     # Cancelled while the POST was in flight: take it back out.
                     nursery.start_soon(self._cancel_in_comfyui)
                 nursery.start_soon(self._watch_queue, subscription)
-                await self._lost.wait()
+                await lost.wait()
                 nursery.cancel_scope.cancel()
             return Attempt.LOST
         finally:
@@ -418,7 +424,8 @@ class TaskActor:
         if still_there and self.backend is not None:
             self.pool.abandon(self.backend, self.prompt_id)
         self._lost_reason = reason
-        self._lost.set()
+        if self._lost is not None:  # else no attempt runs (a restored task): it requeues
+            self._lost.set()
 
     def _flush(self, encoded: Snapshot | None = None) -> None:
         """Publish the newest message not published yet, if any (`encoded`: it, encoded)."""
@@ -468,7 +475,8 @@ class TaskActor:
         if self.is_done():
             return
         version = self.previews.put(self.task_id, event.media_type, event.image)
-        if version is not None:
+        # Frames come only during an attempt, which has made the throttle.
+        if version is not None and self._preview_throttle is not None:
             self._preview_throttle.offer(version)
 
     # -- submitting
@@ -605,6 +613,7 @@ class TaskActor:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            assert self._reconcile_requested is not None  # made before this loop starts
             await self._reconcile_requested.wait()
             self._reconcile_requested = trio.Event()
             if not self.state.submitted:

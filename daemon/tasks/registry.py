@@ -41,6 +41,10 @@ def new_task_id(now: float) -> str:
     return f"{int(now * 1000):x}-{secrets.token_urlsafe(16)}"
 
 
+def _ignore(actor: TaskActor) -> None:
+    """No one listens (one function for every actor, not a lambda each)."""
+
+
 class TaskRegistry:
     """All tasks by id; runs each actor in its own nursery slot, then forgets it."""
 
@@ -171,7 +175,7 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
-            on_publish=self.on_publish or (lambda actor: None),
+            on_publish=self.on_publish or _ignore,
             previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )

@@ -64,6 +64,10 @@ async def test_a_task_waiting_in_the_daemon_queue_runs_no_helper_task(tmp_path: 
             assert actor.state.phase is task.Phase.QUEUED
             # The actor's own task waits for its turn itself: no nursery, no helpers.
             assert tasks[actor.task_id].child_nurseries == []
+            # Nor has it made what an attempt needs (thousands may wait at once).
+            assert actor._preview_throttle is None
+            assert actor._lost is None
+            assert actor._reconcile_requested is None
         assert tasks[running.task_id].child_nurseries != []  # the followed prompt has helpers
 
 
