@@ -54,8 +54,9 @@ def image_names_in(graph: Mapping[str, Any]) -> frozenset[str]:
     """Names of our images a ComfyUI graph refers to (a LoadImage source, by its input)."""
     names = set()
     for node in graph.values():
-        inputs = node.get("inputs") if isinstance(node, Mapping) else None
-        if isinstance(inputs, Mapping):
+        # dict first: an isinstance check against the Mapping ABC is several times slower.
+        inputs = node.get("inputs") if isinstance(node, dict | Mapping) else None
+        if isinstance(inputs, dict | Mapping):
             for value in inputs.values():
                 if isinstance(value, str) and is_valid_name(value.rsplit("/", 1)[-1]):
                     names.add(value.rsplit("/", 1)[-1])
