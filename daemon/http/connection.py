@@ -61,6 +61,19 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
+async def _read_when_readable(socket: trio.socket.SocketType) -> bytes:
+    """Wait until `socket` is readable, then read what it holds; b"" at EOF or on a
+    connection error (as `receive` treats them)."""
+    while True:
+        await trio.lowlevel.wait_readable(socket)
+        try:
+            return os.read(socket.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
+
+
 class H11Connection:
     """One server-side HTTP/1.1 connection: an h11 state machine over a trio stream.
 
@@ -126,12 +139,22 @@ class H11Connection:
         data, closed = self.h11.trailing_data
         return bool(data) or closed
 
-    async def receive(self) -> None:
-        """Read once from the peer into h11; EOF and connection errors become EOF."""
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
+    async def receive(self, *, wait_first: bool = False) -> None:
+        """Read once from the peer into h11; EOF and connection errors become EOF.
+
+        `wait_first`: the peer has probably sent nothing yet (a keep-alive
+        connection between requests), so wait until the socket is readable and
+        then read, instead of a read that fails first (a syscall and an exception).
+        """
+        stream = self.stream
+        data: bytes | bytearray
+        if wait_first and isinstance(stream, trio.SocketStream):
+            data = await _read_when_readable(stream.socket)
+        else:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
         if self.h11.their_state is h11.IDLE:  # still reading the head
             self._head_read += len(data)
             if len(self._head_start) < HEAD_START_BYTES:

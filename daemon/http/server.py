@@ -296,7 +296,7 @@ class HttpServer:
         if connection.has_unread_input:
             # Pipelined: served without waiting, so let others run first.
             await trio.lowlevel.checkpoint()
-        elif not await self._wait_for_input(connection, idle_deadline):
+        elif not await self._wait_for_input(connection, idle_deadline, keep_alive=not first):
             return None
         if not first:
             # Keep-alive requests get their head timeout from their first byte.
@@ -341,14 +341,17 @@ class HttpServer:
             http_version=event.http_version.decode("ascii"),
         )
 
-    async def _wait_for_input(self, connection: H11Connection, deadline: float) -> bool:
+    async def _wait_for_input(
+        self, connection: H11Connection, deadline: float, *, keep_alive: bool
+    ) -> bool:
         """Wait (idle) for the first bytes of a request; False on timeout or shutdown."""
         if self.shutting_down:
             return False
         with trio.CancelScope(deadline=deadline) as idle_scope:
             self._idle_scopes.add(idle_scope)
             try:
-                await connection.receive()
+                # Between keep-alive requests the next one is seldom there yet.
+                await connection.receive(wait_first=keep_alive)
             finally:
                 self._idle_scopes.discard(idle_scope)
         return not idle_scope.cancelled_caught
