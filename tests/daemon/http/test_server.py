@@ -185,6 +185,45 @@ async def test_a_peer_gone_between_keep_alive_requests_ends_quietly(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_reused_response_heads_still_fit_each_response(nursery: trio.Nursery) -> None:
+    # Heads are kept and reused (see H11Connection.response_head): each response
+    # still gets its own status, length and headers.
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        answers = []
+        for body in (b"abc", b"abc", b"abcdef", b"", b"abc"):
+            answers.append(await client.request("POST", "/echo", body=body))
+            client.h11.start_next_cycle()
+        answers.append(await client.request("GET", "/hello/x"))
+    assert [
+        (head.status_code, header(head, "content-length"), body) for head, body in answers[:5]
+    ] == [
+        (200, "3", b"abc"),
+        (200, "3", b"abc"),
+        (200, "6", b"abcdef"),
+        (200, "0", b""),
+        (200, "3", b"abc"),
+    ]
+    assert header(answers[0][0], "content-type") == "application/octet-stream"
+    assert header(answers[5][0], "content-type") == "application/json"
+
+
+async def test_header_pairs_given_as_lists_are_sent(nursery: trio.Nursery) -> None:
+    async def listed(request: Request) -> Response:
+        return Response(200, [["x-listed", "yes"]], b"ok")  # type: ignore[list-item]
+
+    router = Router()
+    router.add("GET", "/listed", listed)
+    running = await start_server(nursery, router, LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        for _ in range(2):
+            head, body = await client.request("GET", "/listed")
+            client.h11.start_next_cycle()
+            assert (head.status_code, header(head, "x-listed"), body) == (200, "yes", b"ok")
+
+
 async def test_a_response_larger_than_the_socket_takes_arrives_whole(
     nursery: trio.Nursery,
 ) -> None:
