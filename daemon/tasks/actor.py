@@ -31,7 +31,7 @@ from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
-from daemon.tasks.broadcast import Broadcaster, Snapshot, encode_snapshot
+from daemon.tasks.broadcast import Broadcaster, Snapshot, Unrendered, encode_snapshot
 from daemon.tasks.journal import TaskRecord
 from daemon.tasks.preview_throttle import PreviewThrottle
 from daemon.tasks.publish_pacer import PublishPacer
@@ -144,17 +144,19 @@ class TaskActor:
         self._holding = False
         self._unpublished: task.TaskMessage | None = None
         self._pacer = PublishPacer()
-        message = first_message or task.render(state, wall_clock())
+        self._last_message: task.TaskMessage | Unrendered
         if fresh:
-            # Nothing in it came from ComfyUI, so it always encodes: encoded when
-            # first read, if ever (the queue position usually replaces it first).
-            self.broadcaster = Broadcaster(first=message)
+            # Nothing in it came from ComfyUI, so it always encodes: rendered and
+            # encoded when first read, if ever (its queue position usually
+            # replaces it first).
+            self._last_message = Unrendered(state, wall_clock())
+            self.broadcaster = Broadcaster(first=self._last_message)
         else:
             # Encoded now: a restored or adopted task's message may hold text from
             # ComfyUI that cannot be encoded, and that must fail here, not in a reader.
+            self._last_message = first_message or task.render(state, wall_clock())
             self.broadcaster = Broadcaster()
-            self.broadcaster.publish(encode_snapshot(message))
-        self.last_message = message
+            self.broadcaster.publish(encode_snapshot(self._last_message))
         self._journalled = self._durable_fields()
 
     # -- identity and views
@@ -162,6 +164,13 @@ class TaskActor:
     @property
     def task_id(self) -> str:
         return self.state.task_id
+
+    @property
+    def last_message(self) -> task.TaskMessage:
+        """The newest message published (or held back by the pump)."""
+        if isinstance(self._last_message, Unrendered):
+            self._last_message = self._last_message.message()
+        return self._last_message
 
     @property
     def prompt_id(self) -> str:
@@ -202,7 +211,7 @@ class TaskActor:
         ready = encode_snapshot(messages[-1]) if messages and flush_now else None
         if messages:
             self._unpublished = messages[-1]
-            self.last_message = messages[-1]
+            self._last_message = messages[-1]
         self.state = state
         if effects:
             self.on_publish(self)

@@ -51,13 +51,32 @@ def encode_snapshot(message: task.TaskMessage) -> Snapshot:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Unrendered:
+    """A task's message not rendered yet: `state` as it stood at `now`."""
+
+    state: task.TaskState
+    now: float
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.phase.is_terminal
+
+    def message(self) -> task.TaskMessage:
+        return task.render(self.state, self.now)
+
+
 class Broadcaster:
     """Holds the latest snapshot of a task and wakes readers when it changes."""
 
-    def __init__(self, first: task.TaskMessage | None = None) -> None:
-        """`first`: the task's first message, encoded when first read (a new task's
-        first snapshot is usually replaced, by its queue position, before anyone
-        could ask for it: then it is never encoded)."""
+    def __init__(self, first: task.TaskMessage | Unrendered | None = None) -> None:
+        """`first`: the task's first message, rendered and encoded when first read
+        (a new task's first snapshot is usually replaced, by its queue position,
+        before anyone could ask for it: then it is never made)."""
         self._latest: Snapshot | None = None
         self._first = first
         # Most publishes have no waiter (the SSE hub is told through `watchers`):
@@ -70,13 +89,15 @@ class Broadcaster:
 
     @property
     def latest(self) -> Snapshot | None:
-        if self._first is not None:
-            self._latest, self._first = encode_snapshot(self._first), None
+        first = self._first
+        if first is not None:
+            message = first.message() if isinstance(first, Unrendered) else first
+            self._latest, self._first = encode_snapshot(message), None
         return self._latest
 
     def publish(self, snapshot: Snapshot) -> None:
         """Replace the latest snapshot; never blocks, never awaits a reader."""
-        previous: Snapshot | task.TaskMessage | None = (
+        previous: Snapshot | task.TaskMessage | Unrendered | None = (
             self._first if self._first is not None else self._latest
         )
         if previous is not None:

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.tasks.broadcast import Broadcaster, Snapshot
+from daemon.tasks.broadcast import Broadcaster, Snapshot, Unrendered
 from protocol import task
 
 
@@ -89,3 +89,25 @@ def test_the_unread_first_message_still_bounds_the_versions() -> None:
     ended = Broadcaster(first=task.TaskMessage("complete", 3, {}))
     with pytest.raises(RuntimeError, match="terminal"):
         ended.publish(snap(4))
+
+
+def test_an_unrendered_first_message_is_rendered_as_of_its_own_moment() -> None:
+    spec = task.TaskSpec(task_id="t", prompt_id="p", graph={})
+    state = task.new_task(spec, 0.0)
+    b = Broadcaster(first=Unrendered(state, 1_764_074_096.789))
+    latest = b.latest
+    assert latest is not None
+    assert latest.version == state.version
+    assert latest.payload == task.render(state, 1_764_074_096.789).payload
+    assert latest.payload["timestamp"] == "2025-11-25T12:34:56.789Z"
+
+
+def test_an_unrendered_first_message_bounds_the_versions_and_gives_way() -> None:
+    spec = task.TaskSpec(task_id="t", prompt_id="p", graph={})
+    b = Broadcaster(first=Unrendered(task.new_task(spec, 0.0), 0.0))
+    with pytest.raises(ValueError, match="must rise"):
+        b.publish(snap(0))
+    b.publish(snap(1))
+    latest = b.latest
+    assert latest is not None
+    assert latest.version == 1
