@@ -39,8 +39,12 @@ class Snapshot:
         object.__setattr__(self, "chunk", chunk + b"0\r\n\r\n" if self.terminal else chunk)
 
 
+# json.dumps with these options builds an encoder per call; one does for all.
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_snapshot(message: task.TaskMessage) -> Snapshot:
-    data = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
+    data = _COMPACT_JSON.encode(message.payload)
     sse = encode_event(ServerSentEvent(data=data, event=message.event, id=str(message.version)))
     return Snapshot(
         version=message.version,
