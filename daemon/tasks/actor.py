@@ -322,6 +322,10 @@ class TaskActor:
         )
         dispatcher.enter(ticket)
         try:
+            if ticket.backend is not None:
+                # Handed a backend at once: still a checkpoint, as any wait for a turn
+                # is (others run, and mirror the snapshot just published, first).
+                await trio.lowlevel.checkpoint()
             unrunnable_until = math.inf  # while no backend can run it: when we give up
             while ticket.backend is None and not self.is_done():
                 if dispatcher.runnable_now(ticket.needs):
