@@ -159,9 +159,16 @@ def bind(checked: CheckedRequest, source: SourceImage | None = None) -> dict[str
 
 
 def task_spec(
-    checked: CheckedRequest, graph: Mapping[str, Any], *, task_id: str, prompt_id: str, uid: int
+    checked: CheckedRequest,
+    graph: Mapping[str, Any],
+    *,
+    task_id: str,
+    prompt_id: str,
+    uid: int,
+    source_image: str | None = None,
 ) -> TaskSpec:
-    """What the task is created with; its result echoes these fields."""
+    """What the task is created with; its result echoes these fields. `source_image`:
+    our name of an inpainting source the graph refers to."""
     request = checked.request
     area = checked.area
     return TaskSpec(
@@ -176,6 +183,7 @@ def task_spec(
         inpaint=checked.workflow.inpaint,
         inpaint_area=area.to_json() if area is not None else None,
         uid=uid,
+        source_image=source_image,
     )
 
 

@@ -6,12 +6,12 @@ uploaded by the task to whichever backend it is dispatched to.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from daemon.api.source_images import SourceImages
+from daemon.comfy.capabilities import Needs, needs_of
 from protocol import api, binding
 from protocol.task import TaskSpec
 from protocol.workflow import Catalog
@@ -20,17 +20,22 @@ from protocol.workflow import Catalog
 @dataclass(frozen=True, slots=True)
 class SpecFactory:
     """A checked, bound request: `spec_for(task_id, prompt_id, uid)` makes the task's
-    spec; `graph` is the bound graph (what a backend must be able to run)."""
+    spec; `graph` is the bound graph, `needs` what a backend must have to run it."""
 
     checked: binding.CheckedRequest
     graph: dict[str, Any]
     source_name: str | None
+    needs: Needs
 
     def __call__(self, task_id: str, prompt_id: str, uid: int) -> TaskSpec:
-        spec = binding.task_spec(
-            self.checked, self.graph, task_id=task_id, prompt_id=prompt_id, uid=uid
+        return binding.task_spec(
+            self.checked,
+            self.graph,
+            task_id=task_id,
+            prompt_id=prompt_id,
+            uid=uid,
+            source_image=self.source_name,
         )
-        return dataclasses.replace(spec, source_image=self.source_name)
 
 
 class Binder:
@@ -58,4 +63,5 @@ class Binder:
             # Bound under our name; the task swaps in the name the backend stores it as.
             source = binding.SourceImage(stored.name, stored.info.width, stored.info.height)
         graph = binding.bind(checked, source)
-        return SpecFactory(checked, graph, source.comfy_name if source is not None else None)
+        source_name = source.comfy_name if source is not None else None
+        return SpecFactory(checked, graph, source_name, needs_of(graph))

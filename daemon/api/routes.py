@@ -15,7 +15,6 @@ from daemon.api.backends_view import backends_json
 from daemon.api.binder import SpecFactory
 from daemon.api.clients import client_key, parse_networks
 from daemon.api.preview_route import PreviewEndpoint
-from daemon.comfy.capabilities import needs_of
 from daemon.http.types import (
     BodyWriter,
     Request,
@@ -171,7 +170,7 @@ class Routes:
             return unavailable(self.journal.failure)
         client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
-            actor = self.registry.create(spec_for, client=client)
+            actor = self.registry.create(spec_for, client=client, needs=spec_for.needs)
         except TooManyTasks as exc:
             return unavailable(str(exc))
         except QueueFull as exc:
@@ -211,7 +210,7 @@ class Routes:
         try:
             # What the workers published they can run: the pool's 422, service-wide.
             readings = await published_capabilities(shared.store)
-            if (reasons := why_nowhere(readings, needs_of(spec.graph))) is not None:
+            if (reasons := why_nowhere(readings, spec_for.needs)) is not None:
                 return self._refused(reasons)
             # max_queued_tasks counts the whole service's queue, not this daemon's.
             unfinished = await shared.store.unfinished_count()
@@ -247,7 +246,7 @@ class Routes:
         """422 when, by their last readings, no backend has what the workflow needs."""
         if not self.pool.backends:
             return None  # a front: the workers' capabilities are theirs to check
-        reasons = self.pool.why_nowhere(needs_of(spec_for.graph))
+        reasons = self.pool.why_nowhere(spec_for.needs)
         if reasons is None:
             return None
         return self._refused(reasons)

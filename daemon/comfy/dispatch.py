@@ -31,7 +31,7 @@ from daemon.signals import Signal
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One task's place in the queue."""
 
@@ -39,7 +39,10 @@ class Ticket:
     needs: Needs
     on_position: Callable[[int], None] = lambda ahead: None  # tasks ahead of it in our queue
     backend: ComfyBackend | None = None
-    assigned: trio.Event = field(default_factory=trio.Event)
+    # Set when a backend is handed to it and when what the backends can run
+    # changed (`availability`): one event to wait on for both, so a queued task
+    # needs no helper task of its own. Whoever waits replaces it after waking.
+    wakeup: trio.Event = field(default_factory=trio.Event)
     ahead: int | None = None
 
 
@@ -72,6 +75,8 @@ class Dispatcher:
             if available != self._available:
                 self._available = available
                 self.availability.fire()
+                for ticket in self._waiting:
+                    ticket.wakeup.set()
 
     def _availability(self) -> tuple[object, ...]:
         """What `runnable_now` depends on. The connection counter, not the state:
@@ -90,25 +95,35 @@ class Dispatcher:
     async def take(self, ticket: Ticket) -> ComfyBackend:
         """Wait in line until a backend is handed to this ticket (reserved for it: the
         caller submits, then calls `release`)."""
-        self._waiting.append(ticket)
-        self._stale_from = min(self._stale_from, len(self._waiting) - 1)
+        self.enter(ticket)
         try:
-            self.dispatch()
-            if not ticket.assigned.is_set():
-                self.queued.fire()
-            await ticket.assigned.wait()
+            while ticket.backend is None:
+                await ticket.wakeup.wait()
+                ticket.wakeup = trio.Event()
         except BaseException:
             if ticket.backend is not None:  # handed a backend, but the taker is gone
                 self.release(ticket.backend)
             raise
         finally:
-            if ticket.backend is None:  # still in line (dispatch() takes it out as it assigns)
-                self._drop(ticket)
-                # Those behind it learn their positions when the dispatcher looks
-                # again: once for every ticket that left meanwhile.
-                self.pool.changed.fire()
-        assert ticket.backend is not None
+            self.withdraw(ticket)
         return ticket.backend
+
+    def enter(self, ticket: Ticket) -> None:
+        """Join the line; `ticket.backend` is set (and `wakeup`) once one is handed over,
+        maybe at once. Whoever enters must `withdraw` (or `release` what it was handed)."""
+        self._waiting.append(ticket)
+        self._stale_from = min(self._stale_from, len(self._waiting) - 1)
+        self.dispatch()
+        if ticket.backend is None:
+            self.queued.fire()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Leave the line without a backend (nothing to do once one was handed over)."""
+        if ticket.backend is None:  # still in line (dispatch() takes it out as it assigns)
+            self._drop(ticket)
+            # Those behind it learn their positions when the dispatcher looks
+            # again: once for every ticket that left meanwhile.
+            self.pool.changed.fire()
 
     def release(self, backend: ComfyBackend) -> None:
         """The submission a `take` reserved room for is over (sent or not)."""
@@ -125,7 +140,7 @@ class Dispatcher:
             self._drop(ticket)
             backend.reserved += 1
             ticket.backend = backend
-            ticket.assigned.set()
+            ticket.wakeup.set()
         self._positions()
 
     def _next_assignment(self) -> tuple[ComfyBackend, Ticket] | None:

@@ -50,6 +50,9 @@ def reason_phrase(status: int) -> bytes:
 
 
 _date_cache: tuple[int, bytes] = (-1, b"")
+# Response heads made lately, by everything they are made from (see response_head).
+_heads: dict[tuple[object, ...], h11.Response] = {}
+_HEADS_KEPT = 256
 
 
 def _http_date() -> bytes:
@@ -59,6 +62,19 @@ def _http_date() -> bytes:
     if _date_cache[0] != now:
         _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
     return _date_cache[1]
+
+
+async def _read_when_readable(socket: trio.socket.SocketType) -> bytes:
+    """Wait until `socket` is readable, then read what it holds; b"" at EOF or on a
+    connection error (as `receive` treats them)."""
+    while True:
+        await trio.lowlevel.wait_readable(socket)
+        try:
+            return os.read(socket.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return b""
 
 
 class H11Connection:
@@ -126,12 +142,22 @@ class H11Connection:
         data, closed = self.h11.trailing_data
         return bool(data) or closed
 
-    async def receive(self) -> None:
-        """Read once from the peer into h11; EOF and connection errors become EOF."""
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
+    async def receive(self, *, wait_first: bool = False) -> None:
+        """Read once from the peer into h11; EOF and connection errors become EOF.
+
+        `wait_first`: the peer has probably sent nothing yet (a keep-alive
+        connection between requests), so wait until the socket is readable and
+        then read, instead of a read that fails first (a syscall and an exception).
+        """
+        stream = self.stream
+        data: bytes | bytearray
+        if wait_first and isinstance(stream, trio.SocketStream):
+            data = await _read_when_readable(stream.socket)
+        else:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
         if self.h11.their_state is h11.IDLE:  # still reading the head
             self._head_read += len(data)
             if len(self._head_start) < HEAD_START_BYTES:
@@ -259,6 +285,35 @@ class H11Connection:
         ``Connection: close`` when `close`. Raises ``h11.LocalProtocolError``,
         ``UnicodeEncodeError`` or ``ValueError`` for headers that cannot be sent.
         """
+        # Most responses repeat one of a few heads within a second (the Date
+        # changes once a second): h11 validates each header of a new head, so a
+        # head made before is reused (it is immutable, and h11 sends a copy).
+        date = _http_date()
+        key = (status, tuple(headers), content_length, close, date, self._server_header)
+        try:
+            head = _heads.get(key)
+        except TypeError:  # an unhashable header pair (a list, say): made afresh
+            return self._new_response_head(
+                status, headers, content_length=content_length, close=close, date=date
+            )
+        if head is None:
+            head = self._new_response_head(
+                status, headers, content_length=content_length, close=close, date=date
+            )
+            if len(_heads) >= _HEADS_KEPT:
+                _heads.clear()
+            _heads[key] = head
+        return head
+
+    def _new_response_head(
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
+        close: bool,
+        date: bytes,
+    ) -> h11.Response:
         out: list[tuple[bytes, bytes]] = []
         seen: set[str] = set()
         for name, value in headers:
@@ -268,7 +323,7 @@ class H11Connection:
             seen.add(lower)
             out.append((name.encode("ascii"), value.encode("latin-1")))
         if "date" not in seen:
-            out.append((b"date", _http_date()))
+            out.append((b"date", date))
         if "server" not in seen and self._server_header:
             out.append((b"server", self._server_header.encode("latin-1")))
         if content_length is not None:

@@ -151,9 +151,13 @@ class BodyLimitProvider(Protocol):
     def body_limit_for(self, method: str, target: str) -> int | None: ...
 
 
+# json.dumps with these options builds an encoder per call; one does for all.
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def json_response(status: int, obj: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
     """A JSON response (compact UTF-8, ``application/json``)."""
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body = _COMPACT_JSON.encode(obj).encode("utf-8")
     return Response(
         status=status,
         headers=[("content-type", "application/json"), *headers],

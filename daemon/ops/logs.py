@@ -92,5 +92,13 @@ def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The formatter prints none of what a record gathers about where it was made
+    # (caller's file, line and function: a stack walk per record) or who made it
+    # (thread, process): not gathering it saves a third of a log line's cost,
+    # and POST /generate logs a line per task (see the logging HOWTO, Optimization).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # trio-websocket logs every frame at debug; keep it to warnings.
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)

@@ -25,13 +25,13 @@ from typing import Any, Final
 import trio
 
 from daemon.comfy.backend import ComfyBackend
-from daemon.comfy.capabilities import needs_of
+from daemon.comfy.capabilities import Needs, needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
 from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
-from daemon.tasks.broadcast import Broadcaster, Snapshot, encode_snapshot
+from daemon.tasks.broadcast import Broadcaster, Snapshot, Unrendered, encode_snapshot
 from daemon.tasks.journal import TaskRecord
 from daemon.tasks.preview_throttle import PreviewThrottle
 from daemon.tasks.publish_pacer import PublishPacer
@@ -99,9 +99,13 @@ class TaskActor:
         resumed: bool = False,
         backend_name: str | None = None,
         previews: PreviewStore | None = None,
+        fresh: bool = False,
+        needs: Needs | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
-        `backend_name` is the backend a restored task was dispatched to."""
+        `backend_name` is the backend a restored task was dispatched to; `fresh`: the
+        task was just made from its request (task.new_task); `needs`: what its graph
+        needs from a backend, when the caller knows already."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -115,13 +119,13 @@ class TaskActor:
         self.backend_name = backend_name  # where the current attempt runs (journalled)
         self.backend: ComfyBackend | None = self.pool.get(backend_name)
         self.attempts = 0
-        self.broadcaster = Broadcaster()
         self.previews = previews if previews is not None else PreviewStore()
-        self._preview_throttle = PreviewThrottle(
-            settings.preview_max_rate, lambda version: self.handle(task.PreviewReady(version))
-        )
+        # What an attempt needs is made by the first attempt: a task waiting in the
+        # daemon's queue holds as little as it can (thousands may wait at once).
+        self._preview_throttle: PreviewThrottle | None = None
         # Our images the task reads (an inpainting source): kept while the task is.
         self.source_images = image_names_in(state.spec.graph)
+        self._needs = needs
         self.finished = trio.Event()
         if state.phase.is_terminal:
             self.finished.set()
@@ -130,9 +134,9 @@ class TaskActor:
         self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
-        self._lost = trio.Event()
+        self._lost: trio.Event | None = None  # the current attempt's
         self._lost_reason = ""
-        self._reconcile_requested = trio.Event()
+        self._reconcile_requested: trio.Event | None = None  # the current attempt's
         self._reconcile_requested_at = -math.inf
         self._submitted_at = -math.inf
         # While frames are held back (one is being applied, or the pacer says
@@ -142,9 +146,19 @@ class TaskActor:
         self._pacer = PublishPacer()
         self._pace_wake = trio.Event()  # the pacer task has something to publish, or a crash
         self._crash: Exception | None = None  # what applying a frame raised
-        message = first_message or task.render(state, wall_clock())
-        self.broadcaster.publish(encode_snapshot(message))
-        self.last_message = message
+        self._last_message: task.TaskMessage | Unrendered
+        if fresh:
+            # Nothing in it came from ComfyUI, so it always encodes: rendered and
+            # encoded when first read, if ever (its queue position usually
+            # replaces it first).
+            self._last_message = Unrendered(state, wall_clock())
+            self.broadcaster = Broadcaster(first=self._last_message)
+        else:
+            # Encoded now: a restored or adopted task's message may hold text from
+            # ComfyUI that cannot be encoded, and that must fail here, not in a reader.
+            self._last_message = first_message or task.render(state, wall_clock())
+            self.broadcaster = Broadcaster()
+            self.broadcaster.publish(encode_snapshot(self._last_message))
         self._journalled = self._durable_fields()
 
     # -- identity and views
@@ -152,6 +166,13 @@ class TaskActor:
     @property
     def task_id(self) -> str:
         return self.state.task_id
+
+    @property
+    def last_message(self) -> task.TaskMessage:
+        """The newest message published (or held back by the pump)."""
+        if isinstance(self._last_message, Unrendered):
+            self._last_message = self._last_message.message()
+        return self._last_message
 
     @property
     def prompt_id(self) -> str:
@@ -192,7 +213,7 @@ class TaskActor:
         ready = encode_snapshot(messages[-1]) if messages and flush_now else None
         if messages:
             self._unpublished = messages[-1]
-            self.last_message = messages[-1]
+            self._last_message = messages[-1]
         self.state = state
         if effects:
             self.on_publish(self)
@@ -242,7 +263,8 @@ class TaskActor:
 
     def request_reconcile(self) -> None:
         self._reconcile_requested_at = trio.current_time()
-        self._reconcile_requested.set()
+        if self._reconcile_requested is not None:  # else no attempt runs: nothing to ask
+            self._reconcile_requested.set()
 
     # -- lifecycle
 
@@ -284,62 +306,96 @@ class TaskActor:
         self.handle(task.Requeued(prompt_id, self._lost_reason))
 
     async def _wait_for_backend(self) -> ComfyBackend | None:
-        """Wait in the daemon's queue for a backend with room (reserved for us)."""
+        """Wait in the daemon's queue for a backend with room (reserved for us).
+
+        No helper task and no timeout scope while some backend could run the task:
+        the ticket's one event wakes us when we are handed a backend or when what
+        the backends can run changed; `backend_wait_timeout` runs only while none can.
+        """
+        dispatcher = self.dispatcher
+        if self._needs is None:
+            self._needs = needs_of(self.state.spec.graph)
         ticket = Ticket(
             self.task_id,
-            needs_of(self.state.spec.graph),
+            self._needs,
             on_position=lambda ahead: self.handle(
                 task.QueueUpdate(comfy.QueuePosition(False, ahead))
             ),
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._fail_when_unavailable, ticket)
-            backend = await self.dispatcher.take(ticket)
-            nursery.cancel_scope.cancel()
-        if self.is_done():
-            self.dispatcher.release(backend)
+        dispatcher.enter(ticket)
+        try:
+            if ticket.backend is not None:
+                # Handed a backend at once: still a checkpoint, as any wait for a turn
+                # is (others run, and mirror the snapshot just published, first).
+                await trio.lowlevel.checkpoint()
+            unrunnable_until = math.inf  # while no backend can run it: when we give up
+            while ticket.backend is None and not self.is_done():
+                if dispatcher.runnable_now(ticket.needs):
+                    unrunnable_until = math.inf
+                elif unrunnable_until == math.inf:
+                    if (until := self._no_backend_can_run(ticket)) is None:
+                        break  # ended: no backend ever can
+                    unrunnable_until = until
+                elif trio.current_time() >= unrunnable_until:
+                    self._backend_wait_timed_out()
+                    break
+                if unrunnable_until == math.inf:
+                    await ticket.wakeup.wait()
+                else:
+                    with trio.move_on_at(unrunnable_until):
+                        await ticket.wakeup.wait()
+                ticket.wakeup = trio.Event()
+        except BaseException:
+            if ticket.backend is not None:  # handed a backend, but we are gone
+                dispatcher.release(ticket.backend)
+            raise
+        finally:
+            dispatcher.withdraw(ticket)
+        backend = ticket.backend
+        if backend is not None and self.is_done():
+            dispatcher.release(backend)
             return None
         return backend
 
-    async def _fail_when_unavailable(self, ticket: Ticket) -> None:
-        """`backend_wait_timeout` without any backend that could run this task: give up."""
-        while True:
-            if self.dispatcher.runnable_now(ticket.needs):
-                await self.dispatcher.availability.wait()
-                continue
-            reasons = self.pool.why_nowhere(ticket.needs)
-            if reasons is not None and len(reasons) == len(self.pool.backends):
-                # Accepted before the backends were read; now every one says no.
-                missing = ", ".join(sorted(set(reasons.values())))
-                self.handle(
-                    task.Failed(
-                        "rejected",
-                        "No ComfyUI backend can run this workflow",
-                        f"every backend lacks {missing}",
-                    )
+    def _no_backend_can_run(self, ticket: Ticket) -> float | None:
+        """No connected, read backend can run the task now: end it when every backend
+        says it never can (None), else show `waiting` and return when to give up."""
+        reasons = self.pool.why_nowhere(ticket.needs)
+        if reasons is not None and len(reasons) == len(self.pool.backends):
+            # Accepted before the backends were read; now every one says no.
+            missing = ", ".join(sorted(set(reasons.values())))
+            self.handle(
+                task.Failed(
+                    "rejected",
+                    "No ComfyUI backend can run this workflow",
+                    f"every backend lacks {missing}",
                 )
-                return
-            self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
-            with trio.move_on_after(self.settings.backend_wait_timeout):
-                while not self.dispatcher.runnable_now(ticket.needs):
-                    await self.dispatcher.availability.wait()
-            if not self.dispatcher.runnable_now(ticket.needs):
-                self.handle(
-                    task.Failed(
-                        "backend_unavailable",
-                        "ComfyUI is not reachable",
-                        f"waited {self.settings.backend_wait_timeout:g} s for a backend "
-                        f"({', '.join(b.name for b in self.pool.backends)})",
-                    )
-                )
-                return
+            )
+            return None
+        self.handle(task.BackendWaiting("no ComfyUI that can run this is connected"))
+        return trio.current_time() + self.settings.backend_wait_timeout
+
+    def _backend_wait_timed_out(self) -> None:
+        self.handle(
+            task.Failed(
+                "backend_unavailable",
+                "ComfyUI is not reachable",
+                f"waited {self.settings.backend_wait_timeout:g} s for a backend "
+                f"({', '.join(b.name for b in self.pool.backends)})",
+            )
+        )
 
     async def _attempt(self, backend: ComfyBackend, *, resumed: bool, reserved: bool) -> Attempt:
         """Submit to `backend` (or re-attach to it) and follow the prompt there."""
         self.attempts += 1
         self._use(backend)
-        self._lost = trio.Event()
+        lost = self._lost = trio.Event()
         self._reconcile_requested = trio.Event()
+        if self._preview_throttle is None:
+            self._preview_throttle = PreviewThrottle(
+                self.settings.preview_max_rate,
+                lambda version: self.handle(task.PreviewReady(version)),
+            )
         subscription = backend.subscribe(self.prompt_id, deliver=self._take_frame)
         self._subscription = subscription
         try:
@@ -365,7 +421,7 @@ class TaskActor:
                     # Cancelled while the POST was in flight: take it back out.
                     nursery.start_soon(self._cancel_in_comfyui)
                 nursery.start_soon(self._watch_queue, subscription)
-                await self._lost.wait()
+                await lost.wait()
                 nursery.cancel_scope.cancel()
             return Attempt.LOST
         finally:
@@ -383,7 +439,8 @@ class TaskActor:
         if still_there and self.backend is not None:
             self.pool.abandon(self.backend, self.prompt_id)
         self._lost_reason = reason
-        self._lost.set()
+        if self._lost is not None:  # else no attempt runs (a restored task): it requeues
+            self._lost.set()
 
     def _flush(self, encoded: Snapshot | None = None) -> None:
         """Publish the newest message not published yet, if any (`encoded`: it, encoded)."""
@@ -449,7 +506,8 @@ class TaskActor:
         if self.is_done():
             return
         version = self.previews.put(self.task_id, event.media_type, event.image)
-        if version is not None:
+        # Frames come only during an attempt, which has made the throttle.
+        if version is not None and self._preview_throttle is not None:
             self._preview_throttle.offer(version)
 
     # -- submitting
@@ -586,6 +644,7 @@ class TaskActor:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            assert self._reconcile_requested is not None  # made before this loop starts
             await self._reconcile_requested.wait()
             self._reconcile_requested = trio.Event()
             if not self.state.submitted:

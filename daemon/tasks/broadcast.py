@@ -55,11 +55,34 @@ def encode_snapshot(message: task.TaskMessage) -> Snapshot:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Unrendered:
+    """A task's message not rendered yet: `state` as it stood at `now`."""
+
+    state: task.TaskState
+    now: float
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.phase.is_terminal
+
+    def message(self) -> task.TaskMessage:
+        return task.render(self.state, self.now)
+
+
 class Broadcaster:
     """Holds the latest snapshot of a task and wakes readers when it changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: task.TaskMessage | Unrendered | None = None) -> None:
+        """`first`: the task's first message, rendered and encoded when first read
+        (a new task's first snapshot is usually replaced, by its queue position,
+        before anyone could ask for it: then it is never made)."""
         self._latest: Snapshot | None = None
+        self._first = first
         # Most publishes have no waiter (the SSE hub is told through `watchers`):
         # a Signal makes its Event for the first waiter, not on every fire.
         self._changed = Signal()
@@ -70,18 +93,26 @@ class Broadcaster:
 
     @property
     def latest(self) -> Snapshot | None:
+        first = self._first
+        if first is not None:
+            message = first.message() if isinstance(first, Unrendered) else first
+            self._latest, self._first = encode_snapshot(message), None
         return self._latest
 
     def publish(self, snapshot: Snapshot) -> None:
         """Replace the latest snapshot; never blocks, never awaits a reader."""
-        if self._latest is not None:
-            if self._latest.terminal:
+        previous: Snapshot | task.TaskMessage | Unrendered | None = (
+            self._first if self._first is not None else self._latest
+        )
+        if previous is not None:
+            terminal = previous.terminal if isinstance(previous, Snapshot) else previous.is_terminal
+            if terminal:
                 raise RuntimeError("a terminal snapshot must be the last one published")
-            if snapshot.version <= self._latest.version:
+            if snapshot.version <= previous.version:
                 raise ValueError(
-                    f"snapshot versions must rise: {snapshot.version} after {self._latest.version}"
+                    f"snapshot versions must rise: {snapshot.version} after {previous.version}"
                 )
-        self._latest = snapshot
+        self._latest, self._first = snapshot, None
         self._changed.fire()
         for watcher in self.watchers:
             watcher(self)
@@ -89,7 +120,7 @@ class Broadcaster:
     async def wait_newer(self, version: int | None) -> Snapshot:
         """The latest snapshot newer than `version` (None: anything), waiting if needed."""
         while True:
-            latest = self._latest
+            latest = self.latest
             if latest is not None and (version is None or latest.version > version):
                 await trio.lowlevel.checkpoint()  # always a checkpoint, even on the fast path
                 return latest

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import trio
 
+from daemon.comfy.capabilities import Needs
 from daemon.comfy.dispatch import Dispatcher
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore
@@ -38,6 +39,10 @@ class QueueFull(Exception):
 def new_task_id(now: float) -> str:
     """Milliseconds since the epoch, then 128 random bits, URL-safe."""
     return f"{int(now * 1000):x}-{secrets.token_urlsafe(16)}"
+
+
+def _ignore(actor: TaskActor) -> None:
+    """No one listens (one function for every actor, not a lambda each)."""
 
 
 class TaskRegistry:
@@ -170,17 +175,22 @@ class TaskRegistry:
             settings=self.settings,
             wall_clock=self.wall_clock,
             on_change=self._actor_changed,
-            on_publish=self.on_publish or (lambda actor: None),
+            on_publish=self.on_publish or _ignore,
             previews=self.previews,
             **kwargs,  # type: ignore[arg-type]
         )
 
     def create(
-        self, spec_for: Callable[[str, str, int], task.TaskSpec], *, client: str | None = None
+        self,
+        spec_for: Callable[[str, str, int], task.TaskSpec],
+        *,
+        client: str | None = None,
+        needs: Needs | None = None,
     ) -> TaskActor:
         """Make a task: `spec_for(task_id, prompt_id, uid)` builds its spec.
 
-        `client` is the key a per-client limit counts by (see daemon/api/clients.py).
+        `client` is the key a per-client limit counts by (see daemon/api/clients.py);
+        `needs`, what its graph needs from a backend, when the caller knows already.
         Raises TooManyTasks or QueueFull when there is no room.
         """
         if self._nursery is None:
@@ -192,7 +202,7 @@ class TaskRegistry:
         task_id = new_task_id(now)
         prompt_id = new_prompt_id()
         spec = spec_for(task_id, prompt_id, int(now * 1000))
-        actor = self._new_actor(task.new_task(spec, now))
+        actor = self._new_actor(task.new_task(spec, now), fresh=True, needs=needs)
         self._start(actor, self.settings.retention, client=client)
         return actor
 

@@ -79,9 +79,13 @@ def test_the_formatter_keeps_one_record_on_one_line() -> None:
     assert "secret" not in line
 
 
+_GATHERING = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+
+
 def test_the_level_is_configurable() -> None:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
+    saved_gathering = {name: getattr(logging, name) for name in _GATHERING}
     try:
         for level, shown in (("warning", False), ("debug", True)):
             stream = io.StringIO()
@@ -94,6 +98,37 @@ def test_the_level_is_configurable() -> None:
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        for name, value in saved_gathering.items():
+            setattr(logging, name, value)
+
+
+def test_records_skip_gathering_what_the_line_never_shows() -> None:
+    # Where a record was made (a stack walk) and by which thread and process: the
+    # logfmt line shows none of it, so it is not gathered; the line is unchanged.
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_gathering = {name: getattr(logging, name) for name in _GATHERING}
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    try:
+        stream = io.StringIO()
+        setup_logging("info", stream=stream)
+        root.addHandler(Keep())
+        logging.getLogger("daemon.test").info("task created", extra={"task_id": "t-1"})
+        (record,) = records
+        assert (record.funcName, record.lineno) == ("(unknown function)", 0)
+        assert (record.thread, record.process) == (None, None)
+        line = stream.getvalue().rstrip("\n")
+        assert line.endswith('level=info logger=daemon.test task_id=t-1 msg="task created"')
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, value in saved_gathering.items():
+            setattr(logging, name, value)
 
 
 PROMPT = "PROMPT-SECRET a red fox"

@@ -19,6 +19,7 @@ from daemon.ops.systemd import status_line
 from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
 from daemon.tasks.actor import TaskActor
+from daemon.tasks.broadcast import Broadcaster
 from protocol import task
 from tests.daemon.harness import FAST, Pool, payloads, read_events, running_process_pool
 
@@ -147,11 +148,21 @@ async def test_a_restarted_backend_s_task_is_resubmitted_and_completes(tmp_path:
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
         first_prompt, seed = actor.prompt_id, actor.state.spec.seed
         sim = next(s for s in pool.simulators if s.url == actor.backend_name)
+        # Every snapshot as it is published: the requeued one may be replaced (by
+        # the next submission) before this task gets to look at the latest.
+        published: list[Any] = []
+
+        def keep(broadcaster: Broadcaster) -> None:
+            assert broadcaster.latest is not None
+            published.append(broadcaster.latest.payload)
+
+        actor.broadcaster.watchers.append(keep)
         await sim.restart()  # forgets its queue, as ComfyUI does
         await wait_state(actor, lambda s: s.prompt_id != first_prompt)
-        assert actor.broadcaster.latest is not None
-        requeued = actor.broadcaster.latest.payload
-        assert requeued["phase"] == "requeued"
+        while not any(p.get("phase") == "requeued" for p in published):
+            latest = actor.broadcaster.latest
+            await actor.broadcaster.wait_newer(latest.version if latest else None)
+        requeued = next(p for p in published if p.get("phase") == "requeued")
         assert requeued["progress"]["currentStep"].startswith("Requeued")
         assert requeued["progress"]["overall"]["nodesDone"] == 0  # from the start again
         for each in pool.simulators:

@@ -176,12 +176,15 @@ async def test_kill_9_of_a_worker_mid_task_another_resubmits_it_and_completes(
         async with worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed:
             task_id = await generate(entry.url)
             seen = await read_events(entry.url, task_id, stop_after=sampling)
-            async with worker(tmp_path, "w2", redis.url, other_sim.url):
+            async with worker(tmp_path, "w2", redis.url, other_sim.url) as replacement:
                 doomed.kill()
                 assert await doomed.wait() == -9
                 rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
-        phases = [json.loads(e.data).get("phase") for e in rest]
-        assert "requeued" in phases  # the other worker cannot reach the first ComfyUI
+        # The other worker cannot reach the first ComfyUI: it resubmits the task
+        # under a new prompt. (Its `requeued` snapshot is not always in the stream:
+        # the worker's mirror and the front both pass on the newest snapshot, and
+        # a quick resubmission replaces it.)
+        assert b"resubmitting as cp-" in replacement.output, replacement.log()
         assert last(rest)["status"] == "completed"
         assert len(await history_ids(other_sim)) == 1
 

@@ -117,8 +117,9 @@ def test_task_spec_echoes_the_request() -> None:
     )
     checked = check_request(workflow, given, seed=99)
     graph = bind(checked, SourceImage("in.png", 640, 480))
-    spec = task_spec(checked, graph, task_id="t", prompt_id="p", uid=1234)
+    spec = task_spec(checked, graph, task_id="t", prompt_id="p", uid=1234, source_image="in.png")
     assert (spec.task_id, spec.prompt_id, spec.uid) == ("t", "p", 1234)
+    assert spec.source_image == "in.png"
     assert spec.graph == graph
     assert (spec.prompt, spec.seed, spec.name, spec.description) == (
         "a hat",
@@ -132,6 +133,7 @@ def test_task_spec_echoes_the_request() -> None:
     plain = check_request(txt2img(), request(), seed=11)
     spec = task_spec(plain, bind(plain), task_id="t", prompt_id="p", uid=1)
     assert (spec.inpaint, spec.inpaint_area, spec.workflow) == (False, None, "txt2img")
+    assert spec.source_image is None
 
 
 def _error(workflow: Workflow, given: GenerateRequest, seed: int = 42) -> RequestError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 from typing import Any
 
 import pytest
@@ -331,6 +332,30 @@ def test_iso_timestamp_reads_every_moment_as_datetime_does(now: float) -> None:
     assert task.iso_timestamp(now) == _iso_by_datetime(now)
     assert task.iso_timestamp(now + 1) == _iso_by_datetime(now + 1)
     assert task.iso_timestamp(now) == _iso_by_datetime(now)
+
+
+def test_iso_timestamp_matches_formatting_the_datetime() -> None:
+    # The formatted second is reused across calls: the text must still be exactly
+    # datetime's, at rounding edges and when the second changes back and forth.
+    def reference(now: float) -> str:
+        moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+    rng = random.Random(7)
+    edges = [
+        1_764_074_096.9999995,
+        1_764_074_096.9999994,
+        1_764_074_096.0004995,
+        1_764_074_097.0,
+        1_764_074_096.5,
+        0.0,
+        -0.25,
+        -1.9999996,
+    ]
+    moments = edges + [rng.uniform(0, 4_000_000_000) for _ in range(2000)]
+    moments += [1_764_074_096 + rng.random() * 3 for _ in range(2000)]
+    for now in moments:
+        assert task.iso_timestamp(now) == reference(now), now
 
 
 @pytest.mark.parametrize(

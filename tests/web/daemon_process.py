@@ -16,7 +16,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +40,15 @@ class DaemonProcess:
     url: str = ""  # the daemon, e.g. http://127.0.0.1:40123
     comfy_url: str = ""  # its embedded simulator
     _started: threading.Event = field(default_factory=threading.Event)
+    _line_read: threading.Condition = field(default_factory=threading.Condition)
 
     def _read_output(self) -> None:
         # Drain the pipe for the whole run so the daemon never blocks on a full pipe.
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            self.output.append(line.rstrip("\n"))
+            with self._line_read:
+                self.output.append(line.rstrip("\n"))
+                self._line_read.notify_all()
             match = LISTENING.search(line)
             if match and not self._started.is_set():
                 self.url, self.comfy_url = match.group(1), match.group(2)
@@ -71,6 +74,13 @@ class DaemonProcess:
 
     def log(self) -> str:
         return "\n".join(self.output[-60:])
+
+    def wait_for_output(self, wanted: Callable[[str], bool], timeout: float = 10.0) -> bool:
+        """Until a line of output for which `wanted` holds has been read: the daemon
+        may have written it before an answer this test already holds, and this
+        side reads the pipe in its own thread."""
+        with self._line_read:
+            return self._line_read.wait_for(lambda: any(map(wanted, self.output)), timeout)
 
 
 @contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import struct
 
 import h11
 import pytest
@@ -140,6 +142,86 @@ async def test_keep_alive_serves_two_requests_on_one_connection(nursery: trio.Nu
     assert json.loads(second_body)["name"] == "two"
     assert header(first, "connection") is None
     assert seen[0].peer == seen[1].peer  # the same connection
+
+
+async def test_a_keep_alive_request_sent_in_pieces_is_read_whole(nursery: trio.Nursery) -> None:
+    # Between keep-alive requests the server waits for the socket to be readable
+    # before it reads: a next request arriving a few bytes at a time still works.
+    seen: list[Request] = []
+    running = await start_server(nursery, make_app(seen), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        first, _ = await client.request("GET", "/hello/one")
+        client.h11.start_next_cycle()
+        raw = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        for start in range(0, len(raw), 7):
+            await stream.send_all(raw[start : start + 7])
+            await trio.testing.wait_all_tasks_blocked()
+        reply = b""
+        while not reply.endswith(b"hello"):
+            reply += await stream.receive_some(4096)
+    assert first.status_code == 200
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert seen[-1].body == b"hello"
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_peer_gone_between_keep_alive_requests_ends_quietly(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    stream = await running.connect()
+    client = H11Client(stream)
+    head, _ = await client.request("GET", "/hello/one")
+    assert head.status_code == 200
+    await trio.testing.wait_all_tasks_blocked()  # the server waits for the next request
+    if how == "reset":
+        # SO_LINGER 0: close() sends a reset instead of a FIN.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+    with trio.fail_after(10):  # a hang guard: the server notices the end by itself
+        while running.server.active_connections:
+            await trio.testing.wait_all_tasks_blocked()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_reused_response_heads_still_fit_each_response(nursery: trio.Nursery) -> None:
+    # Heads are kept and reused (see H11Connection.response_head): each response
+    # still gets its own status, length and headers.
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        answers = []
+        for body in (b"abc", b"abc", b"abcdef", b"", b"abc"):
+            answers.append(await client.request("POST", "/echo", body=body))
+            client.h11.start_next_cycle()
+        answers.append(await client.request("GET", "/hello/x"))
+    assert [
+        (head.status_code, header(head, "content-length"), body) for head, body in answers[:5]
+    ] == [
+        (200, "3", b"abc"),
+        (200, "3", b"abc"),
+        (200, "6", b"abcdef"),
+        (200, "0", b""),
+        (200, "3", b"abc"),
+    ]
+    assert header(answers[0][0], "content-type") == "application/octet-stream"
+    assert header(answers[5][0], "content-type") == "application/json"
+
+
+async def test_header_pairs_given_as_lists_are_sent(nursery: trio.Nursery) -> None:
+    async def listed(request: Request) -> Response:
+        return Response(200, [["x-listed", "yes"]], b"ok")  # type: ignore[list-item]
+
+    router = Router()
+    router.add("GET", "/listed", listed)
+    running = await start_server(nursery, router, LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        for _ in range(2):
+            head, body = await client.request("GET", "/listed")
+            client.h11.start_next_cycle()
+            assert (head.status_code, header(head, "x-listed"), body) == (200, "yes", b"ok")
 
 
 async def test_a_response_larger_than_the_socket_takes_arrives_whole(
