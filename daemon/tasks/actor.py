@@ -169,7 +169,7 @@ class TaskActor:
 
     @property
     def last_message(self) -> task.TaskMessage:
-        """The newest message published (or held back by the pump)."""
+        """The newest message published (or held back until the pacer lets it out)."""
         if isinstance(self._last_message, Unrendered):
             self._last_message = self._last_message.message()
         return self._last_message
