@@ -64,17 +64,30 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
+def _read_nowait(fd: int) -> bytes | None:
+    """What a non-blocking socket holds now: None when nothing yet; b"" at EOF or
+    on a connection error (as `receive` treats them)."""
+    try:
+        return os.read(fd, RECEIVE_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def peer_left(fd: int) -> bool:
+    """Read (and drop) what the peer sent on a non-blocking socket, once: True when
+    it has left (EOF or a connection error), False when it is still there."""
+    return _read_nowait(fd) == b""
+
+
 async def _read_when_readable(socket: trio.socket.SocketType) -> bytes:
-    """Wait until `socket` is readable, then read what it holds; b"" at EOF or on a
-    connection error (as `receive` treats them)."""
+    """Wait until `socket` is readable, then read what it holds (b"": the peer left)."""
     while True:
         await trio.lowlevel.wait_readable(socket)
-        try:
-            return os.read(socket.fileno(), RECEIVE_SIZE)
-        except BlockingIOError:
-            continue
-        except OSError:
-            return b""
+        data = _read_nowait(socket.fileno())
+        if data is not None:
+            return data
 
 
 class H11Connection:
@@ -202,17 +215,11 @@ class H11Connection:
             await trio.lowlevel.checkpoint()
             return
         if isinstance(self.stream, trio.SocketStream):
-            # Straight at the socket: a long-lived stream's wait holds fewer frames.
+            # Straight at the socket: no timeout scope or checkpoint per read.
             socket = self.stream.socket
-            while True:
-                await trio.lowlevel.wait_readable(socket)
-                try:
-                    if not os.read(socket.fileno(), RECEIVE_SIZE):
-                        return
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
+            while await _read_when_readable(socket):
+                pass  # input while a response streams: dropped
+            return
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -289,20 +296,20 @@ class H11Connection:
         # changes once a second): h11 validates each header of a new head, so a
         # head made before is reused (it is immutable, and h11 sends a copy).
         date = _http_date()
+        key: tuple[object, ...] | None
         key = (status, tuple(headers), content_length, close, date, self._server_header)
         try:
             head = _heads.get(key)
         except TypeError:  # an unhashable header pair (a list, say): made afresh
-            return self._new_response_head(
-                status, headers, content_length=content_length, close=close, date=date
-            )
+            head, key = None, None
         if head is None:
             head = self._new_response_head(
                 status, headers, content_length=content_length, close=close, date=date
             )
-            if len(_heads) >= _HEADS_KEPT:
-                _heads.clear()
-            _heads[key] = head
+            if key is not None:
+                if len(_heads) >= _HEADS_KEPT:
+                    _heads.clear()
+                _heads[key] = head
         return head
 
     def _new_response_head(
@@ -456,14 +463,8 @@ class SocketSink:
             self._connection.read_side_shut = True
 
     def peer_left(self) -> bool:
-        """Read (and drop) what the client sent, once: True when it has left
-        (EOF or a connection error), False when it is still there."""
-        try:
-            return not os.read(self.fd, RECEIVE_SIZE)
-        except BlockingIOError:
-            return False  # nothing to read: woken for another reason
-        except OSError:
-            return True
+        """Read (and drop) what the client sent, once: True when it has left."""
+        return peer_left(self.fd)
 
     def failed(self, exc: OSError) -> ClientGone:
         """A write to `fd` failed with `exc`: the connection is dead; what to raise."""

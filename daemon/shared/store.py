@@ -278,10 +278,11 @@ class SharedStore:
             await self.send(holder, {"kind": "cancel", "task": task_id})
 
     async def cancel_requested(self, task_id: str) -> bool:
-        return bool(await self.redis.exists([self.cancel_key(task_id)]))
+        (asked,) = await self.cancels_requested([task_id])
+        return asked
 
     async def cancels_requested(self, task_ids: list[str]) -> list[bool]:
-        """`cancel_requested` for many tasks, in one round trip."""
+        """Whether a cancel was asked for each of these tasks, in one round trip."""
         values = await self.redis.mget([self.cancel_key(t) for t in task_ids])
         return [value is not None for value in values]
 

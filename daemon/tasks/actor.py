@@ -182,17 +182,17 @@ class TaskActor:
         """This task as the journal keeps it."""
         return record_of(self.state, self.backend_name)
 
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """What a log line about this task names (logfmt fields)."""
+        return {
+            "task_id": self.task_id,
+            "prompt_id": self.prompt_id,
+            "backend": self.backend_name or "",
+        }
+
     def _log(self, level: int, message: str, *args: object) -> None:
-        log.log(
-            level,
-            message,
-            *args,
-            extra={
-                "task_id": self.task_id,
-                "prompt_id": self.prompt_id,
-                "backend": self.backend_name or "",
-            },
-        )
+        log.log(level, message, *args, extra=self.log_fields)
 
     # -- the one place state changes
 

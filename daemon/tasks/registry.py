@@ -277,14 +277,7 @@ class TaskRegistry:
         try:
             await actor.run()
         except Exception:
-            log.exception(
-                "task actor crashed",
-                extra={
-                    "task_id": actor.task_id,
-                    "prompt_id": actor.prompt_id,
-                    "backend": actor.backend_name or "",
-                },
-            )
+            log.exception("task actor crashed", extra=actor.log_fields)
             # The error message names nothing of the request, so it always
             # encodes; handle() publishes it before anything else can fail.
             try:

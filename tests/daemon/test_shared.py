@@ -102,6 +102,15 @@ async def two_comfys_one_front(
         yield redis, lost_sim, other_sim, entry
 
 
+async def step_once_interrupted(sim: ComfySimulator) -> None:
+    """Once the daemon asked ComfyUI to interrupt, let one step run: ComfyUI sees an
+    interrupt at its next progress tick (the simulator has no signal for the POST
+    /interrupt arriving; look)."""
+    while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
+        await trio.sleep(0.01)
+    sim.grant_steps(1)
+
+
 def last(events: list[ServerSentEvent]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(events[-1].data)
     return data
@@ -239,11 +248,7 @@ async def test_cancel_on_any_front_reaches_the_worker_that_holds_the_task(
         seen = await read_events(first.url, task_id, stop_after=sampling)
         cancel = await http_request("DELETE", f"{second.url}/tasks/{task_id}", timeout=10)
         assert cancel.status == 202
-        # ComfyUI sees an interrupt at its next progress tick: let one run once it is
-        # asked (the simulator has no signal for the POST /interrupt arriving; look).
-        while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        sim.grant_steps(1)
+        await step_once_interrupted(sim)
         rest = await read_events(first.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["status"] == "error"
         assert last(rest)["error"]["code"] == "cancelled"
@@ -562,11 +567,8 @@ async def test_a_cancel_that_reached_no_inbox_is_found_by_its_key(tmp_path: Path
         async with client:
             # What such a front leaves behind: the key, and no message in any inbox.
             await client.set(f"comfy-progress:cancel:{task_id}", b"1", ex=60)
-        # The worker interrupts ComfyUI, which sees it at its next progress tick.
         with trio.fail_after(30):
-            while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        sim.grant_steps(1)
+            await step_once_interrupted(sim)
         rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         assert last(rest)["error"]["code"] == "cancelled"
 
