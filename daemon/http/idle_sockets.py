@@ -9,7 +9,9 @@ one epoll set of our own; one watcher task waits on that set's descriptor
 (through Trio, so the event loop sees it) and reschedules the sleeper whose
 socket became readable. A sleeper costs one frame and one registration.
 
-Linux only (epoll), like the daemon.
+Linux only (epoll), like the daemon. A socket should be closed by its own
+sleeper's task once awake; one closed under its sleeper is noticed when its
+number is reused, and that sleeper then gets `trio.ClosedResourceError`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import select
 
 import trio
+from outcome import Error
 from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
 # Input, EOF (the peer half-closed or left) and errors all wake a sleeper.
@@ -41,15 +44,28 @@ class IdleSockets:
         """Sleep until `fd` has input (or EOF, or an error) or `wake(fd)` is called.
 
         Which it was, the caller learns by reading. Cancellable; one sleeper per fd."""
-        if fd in self._sleepers:
-            raise trio.BusyResourceError("another task is already asleep on this socket")
         epoll = self._epoll
         if epoll is None:
             epoll = self._epoll = select.epoll()
             trio.lowlevel.spawn_system_task(self._watch, epoll, name="idle sockets")
+        if fd in self._sleepers:
+            self._evict_if_closed(epoll, fd)
         epoll.register(fd, _WAKE_ON)
         self._sleepers[fd] = current_task()
         await wait_task_rescheduled(functools.partial(self._abort, fd))
+
+    def _evict_if_closed(self, epoll: select.epoll, fd: int) -> None:
+        """Someone sleeps on `fd` already: an error, unless that socket was closed
+        under its sleeper (the kernel then dropped it from the set, and `fd` is a
+        new socket's number). That sleeper would never wake: it gets the error
+        Trio gives a task whose socket is closed while it waits."""
+        try:
+            epoll.modify(fd, _WAKE_ON)  # the same mask: a no-op if still registered
+        except FileNotFoundError:
+            stale = self._sleepers.pop(fd)
+            reschedule(stale, Error(trio.ClosedResourceError("the socket was closed")))
+            return
+        raise trio.BusyResourceError("another task is already asleep on this socket")
 
     def _abort(self, fd: int, _: object) -> Abort:
         self._forget(fd)  # cancelled in its sleep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -97,3 +98,35 @@ async def test_one_sleeper_per_socket() -> None:
         nursery.cancel_scope.cancel()
     ours.close()
     theirs.close()
+
+
+async def test_a_socket_closed_under_its_sleeper_frees_its_number() -> None:
+    idle = IdleSockets()
+    ours, theirs = pair()
+    fd = ours.fileno()
+    failures: list[BaseException] = []
+
+    async def sleep_until_closed() -> None:
+        try:
+            await idle.sleep(fd)
+        except trio.ClosedResourceError as exc:
+            failures.append(exc)
+
+    other, other_peer = pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleep_until_closed)
+            await trio.testing.wait_all_tasks_blocked()
+            ours.close()  # under the sleeper: the kernel drops it from the set
+            # A new socket with the same number sleeps there; the old sleeper learns
+            # that its socket is gone instead of sleeping forever.
+            os.dup2(other.fileno(), fd)
+            nursery.start_soon(idle.sleep, fd)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(failures) == 1
+            assert idle.sleeping == 1
+            other_peer.send(b"x")  # input on the new socket wakes the new sleeper
+    assert idle.sleeping == 0
+    os.close(fd)
+    for sock in (theirs, other, other_peer):
+        sock.close()
