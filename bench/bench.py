@@ -300,17 +300,29 @@ class Bench:
 
     def floor(self, streams: int = 1000, rounds: int = 50) -> None:
         """What a plain loop pays per os.write of a 250-byte chunk to a loopback
-        socket right now: the machine's floor for CPU per subscriber-event."""
+        socket right now: the machine's floor for CPU per subscriber-event. Taken
+        twice: to a reader that reads (as subscribers do), and to one that never
+        reads, which shows the kernel's TCP cost without waking the reader."""
         chunk = b"%x\r\n%b\r\n" % (250, b"x" * 250)
+        row = {
+            "scenario": "floor",
+            "shape": f"plain os.write loop, {streams} loopback sockets x {rounds}",
+            "cpu_us_per_write": self._floor_once(chunk, streams, rounds, reads=True),
+            "cpu_us_per_write_unread": self._floor_once(chunk, streams, rounds, reads=False),
+        }
+        self.report(row)
+
+    def _floor_once(self, chunk: bytes, streams: int, rounds: int, *, reads: bool) -> float:
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen(streams)
             port = listener.getsockname()[1]
             context = multiprocessing.get_context("fork")
             parent, child = context.Pipe()
+            expected = streams * rounds * len(chunk) if reads else 0
             process = context.Process(
                 target=load.floor_reader,
-                args=(child, port, streams, streams * rounds * len(chunk)),
+                args=(child, port, streams, expected),
                 daemon=True,
             )
             process.start()
@@ -324,16 +336,13 @@ class Bench:
                     os.write(fd, chunk)
                 cpu += time.process_time() - start
                 time.sleep(0.02)
+            if not reads:
+                parent.send(("stop",))
             parent.recv()
             process.join()
             for sock in accepted:
                 sock.close()
-        row = {
-            "scenario": "floor",
-            "shape": f"plain os.write loop, {streams} loopback sockets x {rounds}",
-            "cpu_us_per_write": round(cpu / (streams * rounds) * 1e6, 2),
-        }
-        self.report(row)
+        return round(cpu / (streams * rounds) * 1e6, 2)
 
     def generate(
         self, daemon: Daemon, name: str, shape: str, requests: int, in_flight: int, workers: int = 2

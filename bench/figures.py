@@ -44,7 +44,10 @@ def summarise_profile(path: Path, top: int = 15) -> list[str]:
 def format_row(row: dict[str, Any]) -> str:
     name = row["scenario"]
     if name == "floor":
-        return f"{name:<24} {row['shape']}: {row['cpu_us_per_write']} us CPU per write"
+        return (
+            f"{name:<24} {row['shape']}: {row['cpu_us_per_write']} us CPU per write "
+            f"({row['cpu_us_per_write_unread']} us to a reader that never reads: no wake-ups)"
+        )
     if name == "idle":
         probe = row["new_requests"]
         return (

@@ -322,8 +322,14 @@ def probe_worker(conn: Connection, address: tuple[str, int], interval: float) ->
 
 
 def floor_reader(conn: Connection, port: int, streams: int, expected: int) -> None:
-    """Connect `streams` sockets to 127.0.0.1:`port` and read `expected` bytes in all."""
+    """Connect `streams` sockets to 127.0.0.1:`port` and read `expected` bytes in all
+    (with `expected` 0: read nothing, and hold the sockets open until told to stop)."""
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+    if not expected:
+        conn.send(("ready", streams))
+        conn.recv()
+        conn.send(("done",))
+        return
     poller = select.epoll()
     by_fd = {}
     for sock in socks:
