@@ -116,6 +116,7 @@ class SharedWorker:
         finally:
             with trio.move_on_after(HAND_BACK_TIMEOUT, shield=True):
                 await self._hand_back()
+                await self._unpublish()
 
     async def _hand_back(self) -> None:
         """Stopping (SIGTERM): our unfinished tasks' entries get an idle time past the
@@ -136,6 +137,13 @@ class SharedWorker:
             log.warning("cannot hand our tasks back: %s", exc)
             return
         log.info("handed %d task(s) back to the shared queue", len(self._held))
+
+    async def _unpublish(self) -> None:
+        """Stopping: our backends run nothing more (fronts count waits from now on)."""
+        try:
+            await self.store.redis.delete([self.store.capabilities_key(self.daemon_id)])
+        except RedisError as exc:
+            log.warning("cannot withdraw what our backends can run: %s", exc)
 
     async def _done(self, entry: str) -> None:
         try:

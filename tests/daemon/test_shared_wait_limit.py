@@ -22,6 +22,7 @@ from tests.daemon.test_shared import (
     front,
     history_ids,
     last,
+    published_workers,
     simulator,
     until_published,
     worker,
@@ -139,6 +140,7 @@ async def test_a_worker_back_within_the_limit_runs_the_waiting_task(tmp_path: Pa
             assert last(await read_events(entry.url, done))["status"] == "completed"
             first.terminate()
             assert await first.wait() == 0
+        assert await published_workers(redis.url) == 0  # it withdrew what it could run
         task_id = await generate(entry.url)
         client = coredis.Redis.from_url(redis.url)
         async with client:
