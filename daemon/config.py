@@ -78,7 +78,10 @@ class Config:
         300.0, "seconds a finished task is still served before it is forgotten", min=0.0
     )
     backend_wait_timeout: float = _setting(
-        120.0, "seconds a task waits for an unreachable ComfyUI before it fails", min=0.0
+        120.0,
+        "seconds a task waits while no ComfyUI (with redis_url: no live worker) can run it "
+        "before it fails",
+        min=0.0,
     )
     sse_retry_ms: int = _setting(2000, "the `retry:` hint sent to SSE clients (ms)", min=0)
     max_tasks: int = _setting(

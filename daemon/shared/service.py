@@ -21,14 +21,15 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
+from daemon.shared.ending import ended_while_waiting
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
-from daemon.shared.store import SharedRecord, SharedStore
+from daemon.shared.store import SharedStore
+from daemon.shared.wait_limit import WaitLimit, sweep_interval
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
 from daemon.tasks.broadcast import Snapshot
-from daemon.tasks.restore import record_of
 from protocol import task
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class SharedService:
         self.positions = QueuePositions(
             self.store, self.watcher, interval=max(0.05, config.queue_poll_interval)
         )
+        limit = config.backend_wait_timeout
+        self.wait_limit = WaitLimit(self.store, limit=limit, interval=sweep_interval(limit))
 
     def _finished(self, task_id: str) -> None:
         if self.worker is not None:
@@ -95,6 +98,7 @@ class SharedService:
             await nursery.start(self.watcher.run)
             if self.serves_http:
                 await nursery.start(self.positions.run)
+                await nursery.start(self.wait_limit.run)
             if self.takes_work and dispatcher.pool.backends:
                 self.worker = SharedWorker(
                     self.store,
@@ -135,20 +139,15 @@ class SharedService:
             # Not yet taken by any worker, and now no worker will: end it here. (Read
             # the newest version again: a front may have added a queue position.)
             latest = await self.store.latest(task_id) or latest
-            record = shared.record
-            state = replace(
-                task.new_task(task.spec_from_json(record.spec), record.created_at),
-                version=latest.version,
-            )
-            state, effects = task.apply(state, task.CancelRequested(), now)
-            state, more = task.apply(
-                state, task.Cancelled("cancelled before it reached ComfyUI"), now
-            )
-            message = next(
-                e.message for e in reversed([*effects, *more]) if isinstance(e, task.Publish)
+            record, message = ended_while_waiting(
+                shared,
+                latest.version,
+                [task.CancelRequested(), task.Cancelled("cancelled before it reached ComfyUI")],
+                now,
             )
             await self.store.append(task_id, message)
-            await self.store.save(SharedRecord(record_of(state, backend=None)))
+            await self.store.save(record)
+            await self.store.forget_wait(task_id)
             return SharedCancel(ended=None)
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60

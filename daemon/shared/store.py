@@ -13,6 +13,8 @@
 {p}:image:{name}   an image's bytes, expiring with the image retention
 {p}:preview:{id}   a running task's newest preview (type, ETag, bytes)
 {p}:caps:{daemon}  what a worker's backends can run (expires unless refreshed)
+{p}:unrunnable:{id}  when a front first saw this waiting task with no live worker
+                   able to run it (Redis' clock; see wait_limit.py)
 {p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made
 """
 
@@ -22,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -44,11 +47,13 @@ RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
 
 # A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
-# record; ARGV: us, entry, task id, created_at, record JSON, record TTL).
+# record, unrunnable stamp; ARGV: us, entry, task id, created_at, record JSON, record
+# TTL). Its wait starts anew: the stamp of an earlier wait goes.
 HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+redis.call('DEL', KEYS[4])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
 redis.call('XACK', KEYS[1], 'workers', ARGV[2])
@@ -166,6 +171,9 @@ class SharedStore:
     def capabilities_key(self, daemon_id: str) -> str:
         return f"{self.prefix}:caps:{daemon_id}"
 
+    def unrunnable_key(self, task_id: str) -> str:
+        return f"{self.prefix}:unrunnable:{task_id}"
+
     # -- setup
 
     async def ensure_queue(self) -> None:
@@ -242,7 +250,12 @@ class SharedStore:
         record = shared.record
         done = await self.redis.eval(
             HAND_BACK,
-            keys=[self.queue_key, self.waiting_key, self.task_key(record.task_id)],
+            keys=[
+                self.queue_key,
+                self.waiting_key,
+                self.task_key(record.task_id),
+                self.unrunnable_key(record.task_id),
+            ],
             args=[
                 daemon_id,
                 entry,
@@ -272,6 +285,10 @@ class SharedStore:
         """Out of the waiting set; True for exactly one caller (a taker or a cancel)."""
         return bool(await self.redis.zrem(self.waiting_key, [task_id]))
 
+    async def forget_wait(self, task_id: str) -> None:
+        """A worker adopted the task (or it ended): no wait of it counts any more."""
+        await self.redis.delete([self.unrunnable_key(task_id)])
+
     async def request_cancel(self, task_id: str, holder: str | None, ttl: float) -> None:
         await self.redis.set(self.cancel_key(task_id), b"1", ex=max(1, int(ttl)))
         if holder is not None:
@@ -298,14 +315,28 @@ class SharedStore:
         await self.redis.expire(key, RUNNING_TTL)
 
 
-async def published_capabilities(store: SharedStore) -> dict[str, Capabilities]:
-    """Every live worker's backends' readings, named `daemon/backend`."""
-    out: dict[str, Capabilities] = {}
+async def published(store: SharedStore) -> dict[str, bytes]:
+    """What every live worker published of its backends, by daemon id."""
+    out: dict[str, bytes] = {}
     async for key in store.redis.scan_iter(match=store.capabilities_key("*")):
         raw = await store.redis.get(key)
         if raw is None:
             continue  # expired between the scan and the read
-        daemon_id = text(key).rsplit(":", 1)[-1]
-        for backend, reading in capabilities_from_json(raw).items():
-            out[f"{daemon_id}/{backend}"] = reading
+        out[text(key).rsplit(":", 1)[-1]] = raw
     return out
+
+
+def by_backend(
+    published: dict[str, bytes], parse: Callable[[bytes], dict[str, Capabilities]]
+) -> dict[str, Capabilities]:
+    """Readings named `daemon/backend`."""
+    return {
+        f"{daemon_id}/{backend}": reading
+        for daemon_id, raw in published.items()
+        for backend, reading in parse(raw).items()
+    }
+
+
+async def published_capabilities(store: SharedStore) -> dict[str, Capabilities]:
+    """Every live worker's backends' readings, named `daemon/backend`."""
+    return by_backend(await published(store), capabilities_from_json)

@@ -20,6 +20,7 @@ with a live backend takes it from the stream's newest version on.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
@@ -109,11 +110,13 @@ class SharedWorker:
                 self._nursery = nursery
                 nursery.start_soon(self._take_loop)
                 nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self._capabilities_loop)
                 nursery.start_soon(self._return_loop)
                 task_status.started()
         finally:
             with trio.move_on_after(HAND_BACK_TIMEOUT, shield=True):
                 await self._hand_back()
+                await self._unpublish()
 
     async def _hand_back(self) -> None:
         """Stopping (SIGTERM): our unfinished tasks' entries get an idle time past the
@@ -134,6 +137,13 @@ class SharedWorker:
             log.warning("cannot hand our tasks back: %s", exc)
             return
         log.info("handed %d task(s) back to the shared queue", len(self._held))
+
+    async def _unpublish(self) -> None:
+        """Stopping: our backends run nothing more (fronts count waits from now on)."""
+        try:
+            await self.store.redis.delete([self.store.capabilities_key(self.daemon_id)])
+        except RedisError as exc:
+            log.warning("cannot withdraw what our backends can run: %s", exc)
 
     async def _done(self, entry: str) -> None:
         try:
@@ -254,6 +264,7 @@ class SharedWorker:
             self.bounced += 1
             self._count_bounce(task_id)
             return None
+        await self.store.forget_wait(task_id)  # ours now: its wait in the queue is over
         # Asked before the actor exists, and told to it before it first runs (no
         # await in between): a fresh actor submits within a few scheduler steps,
         # sooner than Redis would answer.
@@ -375,22 +386,38 @@ class SharedWorker:
     async def _lease_loop(self) -> None:
         interval = self.lease_timeout / 4
         while True:
-            try:
-                await self._publish_capabilities()
-            except RedisError as exc:
-                log.warning("cannot publish what our backends can run: %s", exc)
             await trio.sleep(interval)
             if self._held:
                 await self._refresh_leases()
                 await self._read_missed_cancels()
 
-    async def _publish_capabilities(self) -> None:
-        if self.pool.capabilities:
-            await self.store.redis.set(
-                self.store.capabilities_key(self.daemon_id),
-                capabilities_to_json(self.pool.capabilities),
-                ex=int(self.lease_timeout * 3) + 1,
-            )
+    async def _capabilities_loop(self) -> None:
+        """What our backends can run, and which take work now: published as soon as it
+        changes (a front counts how long a task waits with no worker able to run it),
+        and again every lease_timeout/4 so that it outlives no dead worker for long."""
+        interval = self.lease_timeout / 4
+        published = b""
+        refresh_at = -math.inf
+        while True:
+            seen = [(self.pool.changed, self.pool.changed.count)]
+            if self.pool.capabilities:
+                ready = [b.name for b in self.pool.backends if self.pool.takes_work(b)]
+                body = capabilities_to_json(self.pool.capabilities, ready=ready)
+                if body != published or trio.current_time() >= refresh_at:
+                    try:
+                        await self.store.redis.set(
+                            self.store.capabilities_key(self.daemon_id),
+                            body,
+                            ex=int(self.lease_timeout * 3) + 1,
+                        )
+                        published = body
+                    except RedisError as exc:
+                        log.warning("cannot publish what our backends can run: %s", exc)
+                        published = b""
+                    refresh_at = trio.current_time() + interval
+            # Nothing read yet: until something is (a failed SET: retried at refresh_at).
+            with trio.move_on_at(refresh_at if self.pool.capabilities else math.inf):
+                await _fired_since(seen)
 
     async def _refresh_leases(self) -> None:
         entries = dict(self._held)

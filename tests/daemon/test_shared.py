@@ -452,18 +452,33 @@ async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path)
 
 
 async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path: Path) -> None:
+    # The holder refreshes every 0.125 s; the idle worker claims a lease idle for 2 s:
+    # only a stall of the holder longer than that would (rightly) move the task. The
+    # holder's ComfyUI takes one prompt at a time, so it reads (and XAUTOCLAIMs, which
+    # would renew its own lease too) nothing while it runs this one: only its refreshes
+    # keep the lease.
+    holder = ("lease_timeout=0.5", "backend_max_pending=1")
     async with (
         redis_server(tmp_path / "redis") as redis,
         simulator(manual=True) as busy_sim,
         simulator(manual=False) as idle_sim,
         front(tmp_path, "f", redis.url) as entry,
-        worker(tmp_path, "w1", redis.url, busy_sim.url),
+        worker(tmp_path, "w1", redis.url, busy_sim.url, extra=holder),
     ):
         task_id = await generate(entry.url)
         seen = await read_events(entry.url, task_id, stop_after=sampling)
-        async with worker(tmp_path, "w2", redis.url, idle_sim.url):
-            # Several leases long, with an idle worker that would claim an expired one.
-            await trio.sleep(4)
+        client = coredis.Redis.from_url(redis.url)
+        async with (
+            client,
+            worker(tmp_path, "w2", redis.url, idle_sim.url, extra=("lease_timeout=2",)),
+        ):
+            [lease] = await leases(client)
+            # 20 refreshes, each after the holder's lease_timeout / 4: past the idle
+            # worker's lease, which it would have claimed had the holder not refreshed.
+            held = await leases_after_refreshes(client, lease, 20)
+            assert [(p.identifier, p.consumer) for p in held] == [
+                (lease.identifier, lease.consumer)
+            ]
             busy_sim.grant_steps(1000)
             rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
         phases = {json.loads(e.data).get("phase") for e in rest}
@@ -481,6 +496,26 @@ async def leases(client: coredis.Redis[bytes]) -> list[StreamPendingExt]:
     pending = await client.xpending(QUEUE, "workers", "-", "+", 100)
     assert isinstance(pending, tuple)
     return [p for p in pending if isinstance(p, StreamPendingExt)]
+
+
+async def leases_after_refreshes(
+    client: coredis.Redis[bytes], lease: StreamPendingExt, refreshes: int
+) -> list[StreamPendingExt]:
+    """The queue's leases once the holder of `lease` was seen refreshing it `refreshes`
+    times (each refresh resets its idle time; a refresh missed between two looks only
+    makes this wait longer), or as soon as that lease is gone or changed hands."""
+    seen = 0
+    idle = lease.idle
+    while True:
+        pending = await leases(client)
+        if [(p.identifier, p.consumer) for p in pending] != [(lease.identifier, lease.consumer)]:
+            return pending
+        if pending[0].idle < idle:
+            seen += 1
+            if seen >= refreshes:
+                return pending
+        idle = pending[0].idle
+        await trio.sleep(0.02)
 
 
 async def test_a_worker_that_outlived_its_own_lease_keeps_the_task(tmp_path: Path) -> None:

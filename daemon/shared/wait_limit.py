@@ -1,0 +1,208 @@
+"""A task no live worker can run ends `backend_unavailable` after `backend_wait_timeout`,
+as a daemon alone ends one that no connected backend can run.
+
+Every `interval` each front looks at the service's waiting set (tasks never taken, or
+given back). A task that some live worker's ready backend (connected, read, and
+lacking nothing the task needs) could run is queueing as usual: its stamp goes. One
+that none can run (no worker published, their ComfyUIs are away, or they lack what
+it needs) gets a stamp `{p}:unrunnable:{id}`: Redis' clock when a front first saw it
+so, written (SET NX) only while it still waits, in one script for all. Once a stamp
+is `limit` old the front ends the task with one script that, only while the task
+still waits, the stamp is still that old and the stream's newest version is the one
+the end follows, takes it out of the waiting set and writes its end (stream entry and
+record). A worker takes a task by taking it out of that set first, and another front
+ends it only the same way: the task either runs or ends, once.
+
+The stamp goes when a worker adopts the task or gives it back (a new wait starts), or
+when some worker could run it; else it expires long after the limit. A worker that
+takes the task only to put it back in line (it cannot run it) leaves the stamp, so
+its bounces do not keep the task waiting for ever. Fronts and workers restarting
+within the limit lose nothing: the stamp is in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Final
+
+import trio
+from coredis.exceptions import RedisError
+
+from daemon.comfy.capabilities import Capabilities, Needs, needs_of
+from daemon.shared.capabilities import ready_from_json
+from daemon.shared.ending import ended_while_waiting
+from daemon.shared.store import (
+    STREAM_LENGTH,
+    SharedStore,
+    by_backend,
+    entry_id,
+    published,
+    text,
+)
+from protocol import task
+
+log = logging.getLogger(__name__)
+
+BATCH: Final = 500  # waiting tasks per script call
+STAMP_SLACK: Final = 600  # seconds a stamp outlives the limit when nobody refreshes it
+VERSION_RETRIES: Final = 3  # a queue position appended meanwhile: read and try again
+MESSAGE: Final = "No ComfyUI that can run this task is available"
+
+# KEYS[1] the waiting set, then one stamp per task; ARGV[1] the stamp's TTL, ARGV[2]
+# the limit, then per task its id and '1' when some live worker could run it.
+# Returns the ids whose stamp is `limit` old.
+MARK: Final = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local due = {}
+for i = 2, #KEYS do
+  local id = ARGV[2 * i - 1]
+  if ARGV[2 * i] == '1' then
+    redis.call('DEL', KEYS[i])
+  elseif redis.call('ZSCORE', KEYS[1], id) then
+    local since = redis.call('GET', KEYS[i])
+    if not since then
+      redis.call('SET', KEYS[i], string.format('%.6f', t), 'EX', ARGV[1])
+    else
+      redis.call('EXPIRE', KEYS[i], ARGV[1])
+      if t - tonumber(since) >= tonumber(ARGV[2]) then table.insert(due, id) end
+    end
+  end
+end
+return due
+"""
+
+# KEYS: waiting set, events, record, stamp; ARGV: task id, the newest entry id the end
+# follows, its entry id, event, payload, MAXLEN, record JSON, record TTL, events TTL,
+# limit. 1: ended; 0: not waiting, or not unrunnable that long (any more); -1: the
+# stream moved on (a queue position): build the end again.
+END: Final = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local since = redis.call('GET', KEYS[4])
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+if not since or t - tonumber(since) < tonumber(ARGV[10]) then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[9])
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+
+def sweep_interval(limit: float) -> float:
+    """How often a front looks: a tenth of the limit, between 50 ms and 1 s."""
+    return min(1.0, max(0.05, limit / 10))
+
+
+class WaitLimit:
+    def __init__(self, store: SharedStore, *, limit: float, interval: float) -> None:
+        self.store = store
+        self.limit = limit
+        self.interval = interval
+        self.ended = 0
+        self._needs: dict[str, Needs] = {}  # task id -> what it needs (its spec's graph)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except RedisError as exc:
+                log.warning("cannot check how long waiting tasks waited: %s", exc)
+
+    async def sweep(self) -> None:
+        waiting = [text(m) for m in await self.store.redis.zrange(self.store.waiting_key, 0, -1)]
+        self._needs = {t: self._needs[t] for t in waiting if t in self._needs}
+        if not waiting:
+            return
+        workers = await published(self.store)
+        ready = by_backend(workers, ready_from_json)
+        if ready:
+            await self._read_needs([t for t in waiting if t not in self._needs])
+        reasons = {t: self._why_unrunnable(t, len(workers), ready) for t in waiting}
+        for start in range(0, len(waiting), BATCH):
+            batch = waiting[start : start + BATCH]
+            args: list[str | int | float] = [int(self.limit) + STAMP_SLACK, self.limit]
+            for task_id in batch:
+                args += [task_id, "1" if reasons[task_id] is None else "0"]
+            due = await self.store.redis.eval(
+                MARK,
+                keys=[self.store.waiting_key, *[self.store.unrunnable_key(t) for t in batch]],
+                args=args,
+            )
+            for task_id in map(text, due or ()):  # type: ignore[arg-type]
+                await self._end(task_id, reasons[task_id] or "no worker can run it")
+
+    async def _read_needs(self, task_ids: list[str]) -> None:
+        for start in range(0, len(task_ids), BATCH):
+            batch = task_ids[start : start + BATCH]
+            raws = await self.store.redis.mget([self.store.task_key(t) for t in batch])
+            for task_id, raw in zip(batch, raws, strict=True):
+                if raw is not None:
+                    spec = json.loads(raw)["record"]["spec"]
+                    self._needs[task_id] = needs_of(spec["graph"])
+
+    def _why_unrunnable(
+        self, task_id: str, workers: int, ready: dict[str, Capabilities]
+    ) -> str | None:
+        """Why no live worker can run the task now; None when one can (or we cannot tell:
+        its record is gone, and a worker that takes it drops it)."""
+        if workers == 0:
+            return "no worker is running"
+        if not ready:
+            return "no worker's ComfyUI is connected"
+        if (needs := self._needs.get(task_id)) is None:
+            return None
+        lacking = set()
+        for reading in ready.values():
+            missing = reading.missing(needs)
+            if missing is None:
+                return None
+            lacking.add(missing)
+        return f"every connected ComfyUI lacks {', '.join(sorted(lacking))}"
+
+    async def _end(self, task_id: str, why: str) -> None:
+        store = self.store
+        for _ in range(VERSION_RETRIES):
+            shared = await store.load(task_id)
+            latest = await store.latest(task_id)
+            if shared is None or latest is None or shared.finished or latest.terminal:
+                return
+            details = f"waited {self.limit:g} s in the service's queue: {why}"
+            failed = task.Failed("backend_unavailable", MESSAGE, details)
+            record, message = ended_while_waiting(shared, latest.version, [failed], time.time())
+            done = await store.redis.eval(
+                END,
+                keys=[
+                    store.waiting_key,
+                    store.events_key(task_id),
+                    store.task_key(task_id),
+                    store.unrunnable_key(task_id),
+                ],
+                args=[
+                    task_id,
+                    entry_id(latest.version),
+                    entry_id(message.version),
+                    message.event,
+                    json.dumps(message.payload, separators=(",", ":")),
+                    STREAM_LENGTH,
+                    record.to_json(),
+                    int(store.retention) + 1,
+                    int(store.retention) + 1,
+                    self.limit,
+                ],
+            )
+            if done != -1:
+                if done == 1:
+                    self.ended += 1
+                    log.warning(
+                        "ended backend_unavailable: %s", details, extra={"task_id": task_id}
+                    )
+                return
