@@ -396,7 +396,9 @@ class TaskActor:
                 self.settings.preview_max_rate,
                 lambda version: self.handle(task.PreviewReady(version)),
             )
-        subscription = backend.subscribe(self.prompt_id, deliver=self._take_frame)
+        subscription = backend.subscribe(
+            self.prompt_id, deliver=self._take_frame, settle=self._frames_taken
+        )
         self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
@@ -451,7 +453,8 @@ class TaskActor:
 
     def _take_frame(self, event: comfy.ComfyEvent) -> None:
         """One of our prompt's frames, handed over by the backend's consumer as it
-        reads it: applied at once, published as the pacer allows.
+        reads it: applied at once, published by `_frames_taken` (which the
+        consumer calls once the frames of ours it read together are applied).
 
         It runs in the consumer's task, so it never awaits and never raises: a
         failure is kept for the pacer task, which raises it in the actor's own
@@ -465,13 +468,20 @@ class TaskActor:
                 return
             if not isinstance(event, task.TaskEvent):
                 return
-            holding, self._holding = self._holding, True  # publish below, as paced
+            holding, self._holding = self._holding, True  # published when settled
             try:
-                self.handle(event)
+                self.handle(event)  # (the end is published at once all the same)
             finally:
                 self._holding = holding
-            if self._unpublished is None or holding:
-                return  # nothing new, or the pacer task publishes it when due
+        except Exception as exc:  # noqa: BLE001 - raised again by _pace
+            self._crash = exc
+            self._pace_wake.set()
+
+    def _frames_taken(self) -> None:
+        """The frames read so far are applied: publish the newest state, as the pacer allows."""
+        if self._unpublished is None or self._holding or self._crash is not None:
+            return  # nothing new, or the pacer task publishes it when due, or a crash
+        try:
             if self._pacer.delay(trio.current_time()) <= 0:
                 self._flush()
             else:
