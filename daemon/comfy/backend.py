@@ -46,9 +46,11 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
-# A burst of frames is read whole (a progress frame is ~110 bytes) and handed
-# over as one batch (daemon/comfy/websocket.py); more waiting holds the reader.
-RECEIVE_BYTES = 64 * 1024
+# What one read takes is handed over as one batch (daemon/comfy/websocket.py):
+# 16 KiB is ~150 progress frames of ~110 bytes, a few ms of applying them. (64
+# KiB batches left subscribers tens of ms without a publish in a burst, and
+# were slower to catch up; 4 KiB cost more CPU.) More waiting holds the reader.
+RECEIVE_BYTES = 16 * 1024
 MESSAGE_QUEUE = 1024
 # Sent first on every connection (only a first message counts, FACTS §1): previews
 # then arrive as type 4 frames that name their prompt.

@@ -76,6 +76,16 @@ class Attempt(Enum):
     LOST = "lost"  # submitted, and the backend lost it: resubmit
 
 
+def _leaves_a_node_with_steps(state: task.TaskState, event: task.TaskEvent) -> bool:
+    """Does `event` move on from a node that reported progress (a sampler's steps)?"""
+    return (
+        isinstance(event, comfy.Executing)
+        and state.current_node is not None
+        and event.node != state.current_node
+        and state.value > 0
+    )
+
+
 class TaskActor:
     """One task: its state, its broadcaster, and the work it does against ComfyUI.
 
@@ -468,6 +478,11 @@ class TaskActor:
                 return
             if not isinstance(event, task.TaskEvent):
                 return
+            if self._unpublished is not None and _leaves_a_node_with_steps(self.state, event):
+                # A node's last step is shown before the next node's state replaces
+                # it (frames applied together, or held by the pacer, would skip it):
+                # one publish more per node at most.
+                self._flush()
             holding, self._holding = self._holding, True  # published when settled
             try:
                 self.handle(event)  # (the end is published at once all the same)

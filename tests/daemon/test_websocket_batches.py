@@ -194,3 +194,36 @@ async def test_a_tasks_frames_read_together_are_one_publish_and_the_end_is_never
             assert last is not None
             assert last.terminal
             nursery.cancel_scope.cancel()
+
+
+async def test_a_nodes_last_step_is_published_before_the_next_node_replaces_it(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(20):
+        async with batch_server() as (server, nursery):
+            backend = ComfyBackend(BackendSettings(url=f"http://127.0.0.1:{server.port}"))
+            actor = submitted_actor(backend, tmp_path, task_id="a", prompt_id="pa")
+            nursery.start_soon(backend.run)
+            nursery.start_soon(actor.run)
+            await server.connected.wait()
+            await backend.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            publishes = Publishes(actor)
+            steps = [progress("pa", value) for value in range(1, 11)]
+            await server.send_together(
+                [
+                    frame("execution_start", prompt_id="pa"),
+                    frame("executing", node="3", prompt_id="pa"),
+                    *steps,
+                    frame("executing", node="9", prompt_id="pa"),
+                ]
+            )
+            await publishes.until(1)  # (both come from the one batch)
+            await trio.testing.wait_all_tasks_blocked()
+            # The sampler's steps are one publish, of its last step; the save node's
+            # state (no steps yet) follows, not in its place.
+            assert [(task_id, value) for task_id, _, _, value in publishes.seen] == [
+                ("a", 10),
+                ("a", 0),
+            ]
+            nursery.cancel_scope.cancel()
