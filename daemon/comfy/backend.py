@@ -36,8 +36,9 @@ import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
-from daemon.comfy.routing import Deliver, PromptRouter
+from daemon.comfy.routing import Deliver, PromptRouter, Settle
 from daemon.comfy.subscription import PromptSubscription
+from daemon.comfy.websocket import BatchingWebSocket, wrap_client_stream
 from daemon.signals import Signal
 from protocol import comfy
 from protocol.errors import ProtocolError
@@ -45,6 +46,12 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # previews and execution_error tracebacks can be large
+# What one read takes is handed over as one batch (daemon/comfy/websocket.py):
+# 16 KiB is ~150 progress frames of ~110 bytes, a few ms of applying them. (64
+# KiB batches left subscribers tens of ms without a publish in a burst, and
+# were slower to catch up; 4 KiB cost more CPU.) More waiting holds the reader.
+RECEIVE_BYTES = 16 * 1024
+MESSAGE_QUEUE = 1024
 # Sent first on every connection (only a first message counts, FACTS §1): previews
 # then arrive as type 4 frames that name their prompt.
 FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
@@ -152,10 +159,13 @@ class ComfyBackend:
         """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
         return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
 
-    def subscribe(self, prompt_id: str, *, deliver: Deliver = _drop) -> PromptSubscription:
-        """Route this prompt's frames to one task's `deliver`, from now until the
-        subscription closes (without one they are dropped: the task only polls)."""
-        return PromptSubscription(self, prompt_id, deliver=deliver)
+    def subscribe(
+        self, prompt_id: str, *, deliver: Deliver = _drop, settle: Settle | None = None
+    ) -> PromptSubscription:
+        """Route this prompt's frames to one task's `deliver` (and `settle`, see
+        daemon/comfy/routing.py), from now until the subscription closes (without
+        them they are dropped: the task only polls)."""
+        return PromptSubscription(self, prompt_id, deliver=deliver, settle=settle)
 
     def note_submitted(self) -> None:
         """We POSTed a prompt; it counts until the next `status` frame does."""
@@ -283,13 +293,14 @@ class ComfyBackend:
             stream = await trio.open_tcp_stream(host, port)
         try:
             with trio.fail_after(timeout):
-                ws = await trio_websocket.wrap_client_stream(
+                ws = await wrap_client_stream(
                     nursery,
                     stream,
                     host,
                     resource,
                     max_message_size=MAX_MESSAGE_BYTES,
-                    message_queue_size=64,
+                    message_queue_size=MESSAGE_QUEUE,
+                    receive_buffer_size=RECEIVE_BYTES,
                 )
             self.attribution.reset()
             self._set_connected(True)
@@ -337,7 +348,7 @@ class ComfyBackend:
             extra={"backend": self.name},
         )
 
-    async def _consume(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _consume(self, ws: BatchingWebSocket) -> None:
         """Read frames until the socket closes or goes silent (both raise).
 
         Silence is `silence_timeout` without a frame while one of our prompts
@@ -352,10 +363,10 @@ class ComfyBackend:
             watching = self.router.ours_running
             with trio.CancelScope(deadline=last_frame + timeout if watching else math.inf) as idle:
                 while self.router.ours_running is watching:  # else: set the deadline anew
-                    frame = await ws.get_message()
+                    frames = await ws.get_messages()  # every frame read so far
                     last_frame = trio.current_time()
-                    self.frames_received += 1
-                    self._handle_frame(frame)
+                    self.frames_received += len(frames)
+                    self._handle_frames(frames)
             if idle.cancelled_caught and trio.current_time() - last_frame >= timeout:
                 await self._probe_silence(timeout)
 
@@ -367,15 +378,33 @@ class ComfyBackend:
             f"(HTTP {'answers' if alive else 'does not answer'})"
         )
 
-    def _handle_frame(self, frame: str | bytes) -> None:
+    def _handle_frames(self, frames: list[str | bytes]) -> None:
+        """Frames read together, in order. A task whose frames come several in
+        one batch settles (publishes) once, after the last of them: its earlier
+        states were replaced before anyone could have read them."""
+        events = [event for event in map(self._parse, frames) if event is not None]
+        if len(events) == 1:
+            self._handle_event(events[0], more=False)
+            return
+        owners = [comfy.prompt_id_of(event) for event in events]
+        last = {owner: index for index, owner in enumerate(owners) if owner is not None}
         try:
-            event = comfy.parse_frame(frame)
+            for index, (event, owner) in enumerate(zip(events, owners, strict=True)):
+                self._handle_event(event, more=owner is not None and last[owner] > index)
+        finally:
+            self.router.end_batch()
+
+    def _parse(self, frame: str | bytes) -> comfy.ComfyEvent | None:
+        try:
+            return comfy.parse_frame(frame)
         except ProtocolError as exc:
             self.protocol_errors += 1
             log.warning(
                 "ignoring a bad frame from %s: %s", self.name, exc, extra={"backend": self.name}
             )
-            return
+            return None
+
+    def _handle_event(self, event: comfy.ComfyEvent, *, more: bool) -> None:
         if isinstance(event, comfy.Status):
             self.queue_remaining = event.queue_remaining
             self.unseen_submissions = 0
@@ -391,7 +420,7 @@ class ComfyBackend:
             return
         prompt_id = self.attribution.prompt_for(event)
         self.attribution.observe(event, resumed_prompt=self.router.running_prompt)
-        self.router.dispatch(event, prompt_id=prompt_id)
+        self.router.dispatch(event, prompt_id=prompt_id, more=more)
 
 
 def _describe(exc: BaseException) -> str:

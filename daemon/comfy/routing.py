@@ -6,6 +6,14 @@ event to its task with a plain call, in the consumer's own task: no channel,
 no task switch per frame. The task's `deliver` applies it at once and never
 awaits or raises (daemon/tasks/actor.py), so one task cannot delay the
 others, and nothing queues up that could overflow.
+
+Frames read together arrive as a batch. A route may take a `settle` call
+too: then `deliver` only applies (it publishes nothing), and `settle` is
+called once the route's frames in hand are applied: at once, unless the
+consumer says another frame of the same prompt follows in this batch (then
+after the last of them, or at the latest when the batch ends). So a task's
+frames read together become one publish, while a frame for another task
+waits for nobody's later frames.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ from typing import TypeAlias
 from protocol import comfy
 
 Deliver: TypeAlias = Callable[[comfy.ComfyEvent], None]
+Settle: TypeAlias = Callable[[], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity
 class Route:
     prompt_id: str
     deliver: Deliver
+    settle: Settle | None = None
 
 
 class PromptRouter:
@@ -34,12 +44,15 @@ class PromptRouter:
         # re-send `executing {node}` carries no prompt_id and belongs to it.
         self.running_prompt: str | None = None
         self.events_routed = 0
+        # Routes delivered to whose `settle` waits for a later frame of the batch.
+        self._unsettled: dict[Route, None] = {}
 
-    def open(self, prompt_id: str, deliver: Deliver) -> Route:
-        """Hand the prompt's events to `deliver` (which must never block or raise)."""
+    def open(self, prompt_id: str, deliver: Deliver, settle: Settle | None = None) -> Route:
+        """Hand the prompt's events to `deliver` (and `settle`, see above; neither
+        may block or raise)."""
         if prompt_id in self._routes:
             raise ValueError(f"prompt {prompt_id} is already routed")
-        route = self._routes[prompt_id] = Route(prompt_id, deliver)
+        route = self._routes[prompt_id] = Route(prompt_id, deliver, settle)
         return route
 
     def close(self, route: Route) -> None:
@@ -58,11 +71,15 @@ class PromptRouter:
     def ours_running(self) -> bool:
         return self.running_prompt is not None and self.running_prompt in self._routes
 
-    def dispatch(self, event: comfy.ComfyEvent, *, prompt_id: str | None = None) -> None:
+    def dispatch(
+        self, event: comfy.ComfyEvent, *, prompt_id: str | None = None, more: bool = False
+    ) -> None:
         """Hand one event to its task, never blocking.
 
         `prompt_id` names the owner of an event that does not carry one (a
-        preview or progress text, attributed by the backend).
+        preview or progress text, attributed by the backend). `more`: another
+        frame naming the same prompt follows in this batch, so the task settles
+        later (`end_batch` settles it at the latest).
         """
         prompt_id = prompt_id or comfy.prompt_id_of(event)
         if isinstance(event, comfy.ExecutionStart):
@@ -75,6 +92,20 @@ class PromptRouter:
         if route is not None:
             self.events_routed += 1
             route.deliver(event)
+            if route.settle is not None:
+                if more:
+                    self._unsettled[route] = None
+                else:
+                    self._unsettled.pop(route, None)
+                    route.settle()
         ended = isinstance(event, comfy.Executing) and event.is_prompt_end
         if ended and self.running_prompt == prompt_id:
             self.running_prompt = None
+
+    def end_batch(self) -> None:
+        """The frames read together are all dispatched: settle every route still waiting."""
+        while self._unsettled:
+            route = next(iter(self._unsettled))
+            del self._unsettled[route]
+            assert route.settle is not None
+            route.settle()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daemon.comfy.routing import Deliver
+from daemon.comfy.routing import Deliver, Settle
 
 if TYPE_CHECKING:
     from daemon.comfy.backend import ComfyBackend
@@ -24,13 +24,22 @@ if TYPE_CHECKING:
 class PromptSubscription:
     """The frames of one prompt at one backend, and what the task must know of its socket."""
 
-    def __init__(self, backend: ComfyBackend, prompt_id: str, *, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        backend: ComfyBackend,
+        prompt_id: str,
+        *,
+        deliver: Deliver,
+        settle: Settle | None = None,
+    ) -> None:
         """`deliver` gets each of the prompt's events, called from the backend's
-        consumer: it must never block or raise (daemon/comfy/routing.py)."""
+        consumer; with `settle`, it only applies them, and `settle` says when the
+        frames in hand are all applied. Neither may block or raise
+        (daemon/comfy/routing.py)."""
         self.prompt_id = prompt_id
         self.backend_name = backend.name
         self._backend = backend
-        self._route = backend.router.open(prompt_id, deliver)
+        self._route = backend.router.open(prompt_id, deliver, settle)
         self._reconnects_seen = backend.reconnected.count
         self._generation = backend.client_generation  # the client id the prompt's frames go to
         self.closed = False

@@ -76,6 +76,16 @@ class Attempt(Enum):
     LOST = "lost"  # submitted, and the backend lost it: resubmit
 
 
+def _leaves_a_node_with_steps(state: task.TaskState, event: task.TaskEvent) -> bool:
+    """Does `event` move on from a node that reported progress (a sampler's steps)?"""
+    return (
+        isinstance(event, comfy.Executing)
+        and state.current_node is not None
+        and event.node != state.current_node
+        and state.value > 0
+    )
+
+
 class TaskActor:
     """One task: its state, its broadcaster, and the work it does against ComfyUI.
 
@@ -396,7 +406,9 @@ class TaskActor:
                 self.settings.preview_max_rate,
                 lambda version: self.handle(task.PreviewReady(version)),
             )
-        subscription = backend.subscribe(self.prompt_id, deliver=self._take_frame)
+        subscription = backend.subscribe(
+            self.prompt_id, deliver=self._take_frame, settle=self._frames_taken
+        )
         self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
@@ -451,7 +463,8 @@ class TaskActor:
 
     def _take_frame(self, event: comfy.ComfyEvent) -> None:
         """One of our prompt's frames, handed over by the backend's consumer as it
-        reads it: applied at once, published as the pacer allows.
+        reads it: applied at once, published by `_frames_taken` (which the
+        consumer calls once the frames of ours it read together are applied).
 
         It runs in the consumer's task, so it never awaits and never raises: a
         failure is kept for the pacer task, which raises it in the actor's own
@@ -465,13 +478,25 @@ class TaskActor:
                 return
             if not isinstance(event, task.TaskEvent):
                 return
-            holding, self._holding = self._holding, True  # publish below, as paced
+            if self._unpublished is not None and _leaves_a_node_with_steps(self.state, event):
+                # A node's last step is shown before the next node's state replaces
+                # it (frames applied together, or held by the pacer, would skip it):
+                # one publish more per node at most.
+                self._flush()
+            holding, self._holding = self._holding, True  # published when settled
             try:
-                self.handle(event)
+                self.handle(event)  # (the end is published at once all the same)
             finally:
                 self._holding = holding
-            if self._unpublished is None or holding:
-                return  # nothing new, or the pacer task publishes it when due
+        except Exception as exc:  # noqa: BLE001 - raised again by _pace
+            self._crash = exc
+            self._pace_wake.set()
+
+    def _frames_taken(self) -> None:
+        """The frames read so far are applied: publish the newest state, as the pacer allows."""
+        if self._unpublished is None or self._holding or self._crash is not None:
+            return  # nothing new, or the pacer task publishes it when due, or a crash
+        try:
             if self._pacer.delay(trio.current_time()) <= 0:
                 self._flush()
             else:

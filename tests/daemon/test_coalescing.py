@@ -23,9 +23,11 @@ GRAPH = {
 }
 
 
-def submitted_actor(backend: ComfyBackend, tmp_path: Path) -> TaskActor:
+def submitted_actor(
+    backend: ComfyBackend, tmp_path: Path, *, task_id: str = "t", prompt_id: str = "p"
+) -> TaskActor:
     """A task submitted to `backend` before a restart: it re-attaches and takes frames."""
-    spec = task.TaskSpec(task_id="t", prompt_id="p", graph=GRAPH)
+    spec = task.TaskSpec(task_id=task_id, prompt_id=prompt_id, graph=GRAPH)
     state = task.resumed_task(
         spec, phase=task.Phase.QUEUED, version=0, submitted=True, created_at=0.0
     )

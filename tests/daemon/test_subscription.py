@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -109,6 +110,31 @@ async def test_frames_are_handed_over_as_they_come_none_dropped_however_many() -
         backend.router.dispatch(event)
     assert delivered == sent
     assert backend.router.events_routed == len(sent)
+
+
+async def test_a_route_settles_after_its_last_frame_of_a_batch_or_when_the_batch_ends() -> None:
+    backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
+    calls: list[str] = []
+
+    def deliver(event: comfy.ComfyEvent) -> None:
+        calls.append(f"deliver {comfy.prompt_id_of(event)}")
+
+    for prompt_id in ("cp-a", "cp-b"):
+        settle = functools.partial(calls.append, f"settle {prompt_id}")
+        backend.subscribe(prompt_id, deliver=deliver, settle=settle)
+    router = backend.router
+    router.dispatch(comfy.ExecutionStart("cp-a"), more=True)  # another of cp-a's follows
+    router.dispatch(comfy.ExecutionStart("cp-b"))
+    router.dispatch(comfy.Progress("cp-a", "3", 1, 10), more=True)  # ... that never comes
+    router.end_batch()
+    router.end_batch()  # nothing left to settle
+    assert calls == [
+        "deliver cp-a",
+        "deliver cp-b",
+        "settle cp-b",
+        "deliver cp-a",
+        "settle cp-a",
+    ]
 
 
 async def test_reconnected_says_so_once_per_reconnect_since_subscribing() -> None:

@@ -1,0 +1,95 @@
+"""trio-websocket, read a burst at a time.
+
+trio-websocket's reader task hands each message to its channel with `await
+send()`, one scheduler round per message, and each `get_message()` is
+another: 20 frames that arrived in one read of the socket cost 20 rounds
+(about 20 µs a frame, as much as parsing and applying it). Here the reader
+hands a message over without a checkpoint while the channel has room (it
+still checkpoints once per read of the socket, and waits when the channel
+is full), and `get_messages()` takes every message already waiting: a burst
+costs one round, and the consumer sees the frames read together as one batch.
+
+This leans on private names of trio-websocket 0.12: `_send_channel` and
+`_recv_channel`, and `_reader_task` and `_open_handshake` (as its own
+`wrap_client_stream` uses them); tests/daemon/test_websocket_batches.py
+fails if they change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio_websocket
+from wsproto import ConnectionType, WSConnection
+
+Message = str | bytes
+
+
+class _HandOver:
+    """The reader's end of the message channel: `send` without a checkpoint while
+    the channel has room (the reader checkpoints on every read of the socket)."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: trio.MemorySendChannel[Message]) -> None:
+        self._channel = channel
+
+    async def send(self, message: Message) -> None:
+        try:
+            self._channel.send_nowait(message)
+        except trio.WouldBlock:
+            await self._channel.send(message)  # full: wait, as trio-websocket would
+
+    async def aclose(self) -> None:
+        await self._channel.aclose()
+
+    async def __aenter__(self) -> _HandOver:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class BatchingWebSocket(trio_websocket.WebSocketConnection):
+    """A client WebSocket whose messages can be taken a batch at a time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._send_channel = _HandOver(self._send_channel)  # type: ignore[assignment]
+
+    async def get_messages(self) -> list[Message]:
+        """Every message waiting, in order: at least one (waited for). Raises
+        `ConnectionClosed` as `get_message` does, once nothing is left."""
+        messages: list[Message] = [await self.get_message()]
+        receive = self._recv_channel.receive_nowait
+        while True:
+            try:
+                messages.append(receive())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return messages  # (closed: the next get_message raises ConnectionClosed)
+
+
+async def wrap_client_stream(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    host: str,
+    resource: str,
+    *,
+    max_message_size: int,
+    message_queue_size: int,
+    receive_buffer_size: int,
+) -> BatchingWebSocket:
+    """trio_websocket.wrap_client_stream, making a BatchingWebSocket."""
+    ws = BatchingWebSocket(
+        stream,
+        WSConnection(ConnectionType.CLIENT),
+        host=host,
+        path=resource,
+        message_queue_size=message_queue_size,
+        max_message_size=max_message_size,
+        receive_buffer_size=receive_buffer_size,
+    )
+    nursery.start_soon(ws._reader_task)
+    await ws._open_handshake.wait()
+    return ws
