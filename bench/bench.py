@@ -71,7 +71,7 @@ from bench.processes import (
     request,
 )
 
-WORKERS = 4
+WORKERS = 4  # load client processes holding the streams (--workers)
 SATURATED = 0.8
 # Every core busy (the daemon, the load, the fake and whatever else runs here):
 # then the clients read late and latency is the machine's, not the daemon's.
@@ -86,6 +86,7 @@ class Bench:
     profile_dir: Path | None = None
     next_task: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
+    workers: int = WORKERS
 
     @contextlib.contextmanager
     def profiling(self, name: str, daemon: Daemon | None = None) -> Iterator[None]:
@@ -154,7 +155,7 @@ class Bench:
         self, tasks: list[tuple[str, int]], per_task: int, keep_from: int = 0
     ) -> list[tuple[Any, Connection]]:
         subscriptions = [task for task in tasks for _ in range(per_task)]
-        shares = [subscriptions[i::WORKERS] for i in range(WORKERS)]
+        shares = [subscriptions[i :: self.workers] for i in range(self.workers)]
         return self.start_workers(
             load.subscriber_worker,
             [(self.daemon.address, share, keep_from) for share in shares if share],
@@ -427,7 +428,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ) as daemon:
                 sampler = CpuSampler(daemon)
                 sampler.start()
-                bench = Bench(daemon, comfy, sampler, profile_dir)
+                bench = Bench(daemon, comfy, sampler, profile_dir, workers=args.workers)
                 run_streams(bench, args, only, n)
                 sampler.stop.set()
                 results += bench.results
@@ -475,6 +476,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only these")
     parser.add_argument("--scale", type=float, default=1.0, help="subscribers/requests x this")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=WORKERS,
+        help="load client processes holding the streams (on loopback each one a write"
+        " wakes costs the daemon a wake-up)",
+    )
     parser.add_argument("--no-halve", action="store_true", help="skip the halved reruns")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon per scenario into DIR")
     parser.add_argument("--json", default="artifacts/bench.json", help="where the rows go")
