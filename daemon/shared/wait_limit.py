@@ -33,14 +33,8 @@ from coredis.exceptions import RedisError
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
 from daemon.shared.ending import ended_while_waiting
-from daemon.shared.store import (
-    STREAM_LENGTH,
-    SharedStore,
-    by_backend,
-    entry_id,
-    published,
-    text,
-)
+from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id, text
+from daemon.shared.worker_registry import by_backend, published
 from protocol import task
 
 log = logging.getLogger(__name__)
