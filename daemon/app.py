@@ -53,7 +53,7 @@ from daemon.tasks.actor import TaskActor, TaskSettings
 from daemon.tasks.journal import Journal
 from daemon.tasks.registry import TaskRegistry
 from daemon.workflow_files import load_catalog
-from protocol.task import Phase, render
+from protocol.task import Phase, TaskState, render
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ class App:
             self.redis: coredis.Redis[bytes] = coredis.Redis.from_url(
                 config.redis_url, client_name=daemon_id
             )
-            self.shared = SharedService(config, self.redis, daemon_id)
+            # Tasks a front ends itself (no worker held them) count in its metrics.
+            self.shared = SharedService(
+                config, self.redis, daemon_id, on_task_end=self._ended_while_waiting
+            )
             # Any daemon serves any task's images: local disk, then Redis' copy.
             self.images: ImageStore = SharedImageStore(
                 config.data_dir / "images",
@@ -389,6 +392,11 @@ class App:
                         node_class,
                     )
         self.workflows_checked.set()
+
+    def _ended_while_waiting(self, state: TaskState) -> None:
+        """Shared mode: this daemon ended a task no worker held (a cancel, the wait
+        limit). Both happen only once run() has built the metrics."""
+        self.metrics.observe_task_end(state)
 
     def _task_ended(self, actor: TaskActor) -> None:
         self.metrics.observe_task_end(actor.state)

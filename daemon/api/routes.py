@@ -26,7 +26,7 @@ from daemon.http.types import (
 from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
-from daemon.shared.store import published_capabilities
+from daemon.shared.worker_registry import published_capabilities
 from daemon.tasks.actor import CancelResult, new_prompt_id
 from daemon.tasks.journal import JournalUnavailable
 from daemon.tasks.registry import QueueFull, TooManyTasks, new_task_id

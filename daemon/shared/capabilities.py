@@ -3,7 +3,8 @@ backend to ask) answers the capability 4xx of the pool too.
 
 Each worker SETs `{p}:caps:{daemon}` (its backends' last readings, and whether each
 takes work now: connected and read) with an expiry of a few leases and refreshes it
-with its leases: a dead worker's backends drop out. A front reads the readings for
+with its leases: a dead worker's backends drop out (worker_registry.py lists the
+live ones, so a reader need not scan Redis' keys). A front reads the readings for
 its 422 (a ComfyUI away for a moment still counts) and the ready ones for how long
 a waiting task may wait (see wait_limit.py).
 """

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 from daemon.shared.store import SharedRecord
 from daemon.tasks.restore import record_of
 from protocol import task
 
 
+class WaitingEnd(NamedTuple):
+    record: SharedRecord
+    message: task.TaskMessage  # the last snapshot
+    state: task.TaskState  # for the ending front's metrics
+
+
 def ended_while_waiting(
     shared: SharedRecord, version: int, events: Sequence[task.TaskEvent], now: float
-) -> tuple[SharedRecord, task.TaskMessage]:
+) -> WaitingEnd:
     """The task's record and last snapshot after `events`, following the stream's
     newest version `version` (no holder, no backend: it never left the queue)."""
     record = shared.record
@@ -24,4 +31,4 @@ def ended_while_waiting(
     for event in events:
         state, effects = task.apply(state, event, now)
         published += [e.message for e in effects if isinstance(e, task.Publish)]
-    return SharedRecord(record_of(state, backend=None)), published[-1]
+    return WaitingEnd(SharedRecord(record_of(state, backend=None)), published[-1], state)

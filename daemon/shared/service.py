@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,18 @@ def new_daemon_id() -> str:
 
 
 class SharedService:
-    def __init__(self, config: Config, redis: coredis.Redis[bytes], daemon_id: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        redis: coredis.Redis[bytes],
+        daemon_id: str,
+        *,
+        on_task_end: Callable[[task.TaskState], None] = lambda state: None,
+    ) -> None:
+        """`on_task_end(state)`: a task this daemon ended while no worker held it (a
+        cancel, the wait limit); the ends of its own actors go through its registry."""
         self.config = config
+        self.on_task_end = on_task_end
         self.redis = redis
         self.daemon_id = daemon_id
         self.store = SharedStore(redis, config.redis_prefix, retention=config.task_retention)
@@ -69,7 +80,9 @@ class SharedService:
             self.store, self.watcher, interval=max(0.05, config.queue_poll_interval)
         )
         limit = config.backend_wait_timeout
-        self.wait_limit = WaitLimit(self.store, limit=limit, interval=sweep_interval(limit))
+        self.wait_limit = WaitLimit(
+            self.store, limit=limit, interval=sweep_interval(limit), on_task_end=on_task_end
+        )
 
     def _finished(self, task_id: str) -> None:
         if self.worker is not None:
@@ -139,13 +152,14 @@ class SharedService:
             # Not yet taken by any worker, and now no worker will: end it here. (Read
             # the newest version again: a front may have added a queue position.)
             latest = await self.store.latest(task_id) or latest
-            record, message = ended_while_waiting(
+            record, message, state = ended_while_waiting(
                 shared,
                 latest.version,
                 [task.CancelRequested(), task.Cancelled("cancelled before it reached ComfyUI")],
                 now,
             )
             await self.store.append(task_id, message)
+            self.on_task_end(state)  # it ended here: no worker's metrics count it
             await self.store.save(record)
             await self.store.forget_wait(task_id)
             return SharedCancel(ended=None)

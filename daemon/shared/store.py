@@ -13,6 +13,8 @@
 {p}:image:{name}   an image's bytes, expiring with the image retention
 {p}:preview:{id}   a running task's newest preview (type, ETag, bytes)
 {p}:caps:{daemon}  what a worker's backends can run (expires unless refreshed)
+{p}:workers        sorted set of the daemon ids that published caps, scored by when
+                   their key expires (Redis' clock; see worker_registry.py)
 {p}:unrunnable:{id}  when a front first saw this waiting task with no live worker
                    able to run it (Redis' clock; see wait_limit.py)
 {p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made
@@ -24,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,8 +33,6 @@ import coredis
 from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
 from coredis.response.types import StreamPending
 
-from daemon.comfy.capabilities import Capabilities
-from daemon.shared.capabilities import capabilities_from_json
 from daemon.tasks.broadcast import Snapshot, encode_snapshot
 from daemon.tasks.journal import TaskRecord, state_json_from_message
 from daemon.tasks.restore import record_of
@@ -313,30 +312,3 @@ class SharedStore:
             threshold=1000,
         )
         await self.redis.expire(key, RUNNING_TTL)
-
-
-async def published(store: SharedStore) -> dict[str, bytes]:
-    """What every live worker published of its backends, by daemon id."""
-    out: dict[str, bytes] = {}
-    async for key in store.redis.scan_iter(match=store.capabilities_key("*")):
-        raw = await store.redis.get(key)
-        if raw is None:
-            continue  # expired between the scan and the read
-        out[text(key).rsplit(":", 1)[-1]] = raw
-    return out
-
-
-def by_backend(
-    published: dict[str, bytes], parse: Callable[[bytes], dict[str, Capabilities]]
-) -> dict[str, Capabilities]:
-    """Readings named `daemon/backend`."""
-    return {
-        f"{daemon_id}/{backend}": reading
-        for daemon_id, raw in published.items()
-        for backend, reading in parse(raw).items()
-    }
-
-
-async def published_capabilities(store: SharedStore) -> dict[str, Capabilities]:
-    """Every live worker's backends' readings, named `daemon/backend`."""
-    return by_backend(await published(store), capabilities_from_json)

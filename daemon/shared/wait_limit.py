@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -33,14 +34,8 @@ from coredis.exceptions import RedisError
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
 from daemon.shared.ending import ended_while_waiting
-from daemon.shared.store import (
-    STREAM_LENGTH,
-    SharedStore,
-    by_backend,
-    entry_id,
-    published,
-    text,
-)
+from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id, text
+from daemon.shared.worker_registry import by_backend, published
 from protocol import task
 
 log = logging.getLogger(__name__)
@@ -101,8 +96,16 @@ def sweep_interval(limit: float) -> float:
 
 
 class WaitLimit:
-    def __init__(self, store: SharedStore, *, limit: float, interval: float) -> None:
+    def __init__(
+        self,
+        store: SharedStore,
+        *,
+        limit: float,
+        interval: float,
+        on_task_end: Callable[[task.TaskState], None] = lambda state: None,
+    ) -> None:
         self.store = store
+        self.on_task_end = on_task_end  # a task this front ended (its metrics)
         self.limit = limit
         self.interval = interval
         self.ended = 0
@@ -177,7 +180,9 @@ class WaitLimit:
                 return
             details = f"waited {self.limit:g} s in the service's queue: {why}"
             failed = task.Failed("backend_unavailable", MESSAGE, details)
-            record, message = ended_while_waiting(shared, latest.version, [failed], time.time())
+            record, message, state = ended_while_waiting(
+                shared, latest.version, [failed], time.time()
+            )
             done = await store.redis.eval(
                 END,
                 keys=[
@@ -202,6 +207,7 @@ class WaitLimit:
             if done != -1:
                 if done == 1:
                     self.ended += 1
+                    self.on_task_end(state)
                     log.warning(
                         "ended backend_unavailable: %s", details, extra={"task_id": task_id}
                     )

@@ -31,6 +31,7 @@ from daemon.comfy.capabilities import needs_of
 from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
+from daemon.shared.worker_registry import publish, withdraw
 from daemon.signals import Signal
 from protocol import task
 
@@ -141,7 +142,7 @@ class SharedWorker:
     async def _unpublish(self) -> None:
         """Stopping: our backends run nothing more (fronts count waits from now on)."""
         try:
-            await self.store.redis.delete([self.store.capabilities_key(self.daemon_id)])
+            await withdraw(self.store, self.daemon_id)
         except RedisError as exc:
             log.warning("cannot withdraw what our backends can run: %s", exc)
 
@@ -405,11 +406,8 @@ class SharedWorker:
                 body = capabilities_to_json(self.pool.capabilities, ready=ready)
                 if body != published or trio.current_time() >= refresh_at:
                     try:
-                        await self.store.redis.set(
-                            self.store.capabilities_key(self.daemon_id),
-                            body,
-                            ex=int(self.lease_timeout * 3) + 1,
-                        )
+                        ttl = int(self.lease_timeout * 3) + 1
+                        await publish(self.store, self.daemon_id, body, ttl=ttl)
                         published = body
                     except RedisError as exc:
                         log.warning("cannot publish what our backends can run: %s", exc)

@@ -28,6 +28,7 @@ from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
 from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import RedisServer, redis_server
+from tests.daemon.test_metrics import P, Scrape
 from tests.daemon.test_restart import generate, sampling
 
 SETTINGS = (
@@ -284,7 +285,23 @@ async def test_a_cancel_after_the_stream_ended_answers_ended_before_the_record_s
         assert cancel.json()["status"] == "error"
 
 
-async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path: Path) -> None:
+async def scrape(daemon_url: str) -> Scrape:
+    reply = await http_request("GET", f"{daemon_url}/metrics", timeout=10)
+    assert reply.status == 200
+    return Scrape(reply.body.decode())
+
+
+def ends_counted(scraped: Scrape, outcome: str, code: str | None = None) -> float:
+    """Task ends this daemon counted with `outcome` (and error `code`): both metrics agree."""
+    ends = scraped.value(P("generation_duration_seconds_count"), outcome=outcome)
+    if code is not None:
+        assert scraped.value(P("task_errors_total"), code=code) == ends, scraped.text
+    return ends
+
+
+async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once_counted_by_its_front(
+    tmp_path: Path,
+) -> None:
     async with (
         redis_server(tmp_path / "redis") as redis,
         front(tmp_path, "f", redis.url) as entry,
@@ -297,12 +314,23 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once(tmp_path:
         assert cancel.status == 202
         events = await read_events(entry.url, task_id)
         assert last(events)["error"]["code"] == "cancelled"
-        async with simulator(manual=False) as sim, worker(tmp_path, "w", redis.url, sim.url):
+        # The front ended it: its metrics count the end, as a daemon alone counts its own.
+        assert ends_counted(await scrape(entry.url), "cancelled", "cancelled") == 1
+        async with (
+            simulator(manual=False) as sim,
+            worker(tmp_path, "w", redis.url, sim.url) as work,
+        ):
             # The worker skips it and runs the two others.
             later = await generate(entry.url)
             for waited in (behind, later):
                 assert last(await read_events(entry.url, waited))["status"] == "completed"
             assert len(await history_ids(sim)) == 2
+            at_worker = await scrape(work.url)
+            assert ends_counted(at_worker, "cancelled", "cancelled") == 0  # counted once
+            assert ends_counted(at_worker, "completed") == 2
+        at_front = await scrape(entry.url)
+        assert ends_counted(at_front, "cancelled", "cancelled") == 1
+        assert ends_counted(at_front, "completed") == 0  # the worker ran them
 
 
 async def published_workers(redis_url: str) -> int:
