@@ -36,21 +36,22 @@ def capabilities_to_json(readings: Mapping[str, Capabilities], ready: Collection
 
 def capabilities_from_json(raw: bytes) -> dict[str, Capabilities]:
     data: dict[str, Any] = json.loads(raw)
-    return {
-        name: Capabilities(
-            frozenset(r["present"]),
-            frozenset(r["absent"]),
-            frozenset(r["checkpoints"]) if r["checkpoints"] is not None else None,
-        )
-        for name, r in data.items()
-    }
+    return {name: _reading(r) for name, r in data.items()}
 
 
 def ready_from_json(raw: bytes) -> dict[str, Capabilities]:
     """The readings of the backends that take work now (a worker that did not say: all)."""
     data: dict[str, Any] = json.loads(raw)
-    readings = capabilities_from_json(raw)
-    return {name: r for name, r in readings.items() if data[name].get("ready", True)}
+    return {name: _reading(r) for name, r in data.items() if r.get("ready", True)}
+
+
+def _reading(published: dict[str, Any]) -> Capabilities:
+    checkpoints = published["checkpoints"]
+    return Capabilities(
+        frozenset(published["present"]),
+        frozenset(published["absent"]),
+        frozenset(checkpoints) if checkpoints is not None else None,
+    )
 
 
 def why_nowhere(readings: Mapping[str, Capabilities], needs: Needs) -> dict[str, str] | None:

@@ -65,6 +65,11 @@ class StaleWrite(Exception):
     """Redis refused a snapshot older than the stream's newest: another daemon holds the task."""
 
 
+def payload_json(message: task.TaskMessage) -> str:
+    """A stream entry's `p` field: the snapshot's payload, compact."""
+    return json.dumps(message.payload, separators=(",", ":"))
+
+
 def entry_id(version: int) -> str:
     return f"{version}-0"
 
@@ -198,7 +203,7 @@ class SharedStore:
     async def append(self, task_id: str, message: task.TaskMessage) -> None:
         """XADD with the explicit id `<version>-0`; StaleWrite when a newer one is there."""
         key = self.events_key(task_id)
-        fields = {"e": message.event, "p": json.dumps(message.payload, separators=(",", ":"))}
+        fields = {"e": message.event, "p": payload_json(message)}
         try:
             await self.redis.xadd(
                 key,

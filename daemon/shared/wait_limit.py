@@ -34,7 +34,7 @@ from coredis.exceptions import RedisError
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
 from daemon.shared.ending import ended_while_waiting
-from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id, text
+from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id, payload_json, text
 from daemon.shared.worker_registry import by_backend, published
 from protocol import task
 
@@ -108,7 +108,6 @@ class WaitLimit:
         self.on_task_end = on_task_end  # a task this front ended (its metrics)
         self.limit = limit
         self.interval = interval
-        self.ended = 0
         self._needs: dict[str, Needs] = {}  # task id -> what it needs (its spec's graph)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -196,7 +195,7 @@ class WaitLimit:
                     entry_id(latest.version),
                     entry_id(message.version),
                     message.event,
-                    json.dumps(message.payload, separators=(",", ":")),
+                    payload_json(message),
                     STREAM_LENGTH,
                     record.to_json(),
                     int(store.retention) + 1,
@@ -206,7 +205,6 @@ class WaitLimit:
             )
             if done != -1:
                 if done == 1:
-                    self.ended += 1
                     self.on_task_end(state)
                     log.warning(
                         "ended backend_unavailable: %s", details, extra={"task_id": task_id}

@@ -114,6 +114,18 @@ async def test_frames_written_together_are_taken_as_one_batch_in_order() -> None
             await trio.aclose_forcefully(stream)
 
 
+async def follow(
+    nursery: trio.Nursery, server: BatchServer, backend: ComfyBackend, *actors: TaskActor
+) -> None:
+    """Run the backend and the actors until the socket is up and everyone waits for frames."""
+    nursery.start_soon(backend.run)
+    for actor in actors:
+        nursery.start_soon(actor.run)
+    await server.connected.wait()
+    await backend.wait_connected()
+    await trio.testing.wait_all_tasks_blocked()
+
+
 class Publishes:
     """Every snapshot the actors publish, as (task id, version, event, currentValue)."""
 
@@ -147,12 +159,7 @@ async def test_a_tasks_frames_read_together_are_one_publish_and_the_end_is_never
             backend = ComfyBackend(BackendSettings(url=f"http://127.0.0.1:{server.port}"))
             first = submitted_actor(backend, tmp_path, task_id="a", prompt_id="pa")
             second = submitted_actor(backend, tmp_path, task_id="b", prompt_id="pb")
-            nursery.start_soon(backend.run)
-            nursery.start_soon(first.run)
-            nursery.start_soon(second.run)
-            await server.connected.wait()
-            await backend.wait_connected()
-            await trio.testing.wait_all_tasks_blocked()
+            await follow(nursery, server, backend, first, second)
             publishes = Publishes(first, second)
             await server.send_together(
                 [
@@ -203,11 +210,7 @@ async def test_a_nodes_last_step_is_published_before_the_next_node_replaces_it(
         async with batch_server() as (server, nursery):
             backend = ComfyBackend(BackendSettings(url=f"http://127.0.0.1:{server.port}"))
             actor = submitted_actor(backend, tmp_path, task_id="a", prompt_id="pa")
-            nursery.start_soon(backend.run)
-            nursery.start_soon(actor.run)
-            await server.connected.wait()
-            await backend.wait_connected()
-            await trio.testing.wait_all_tasks_blocked()
+            await follow(nursery, server, backend, actor)
             publishes = Publishes(actor)
             steps = [progress("pa", value) for value in range(1, 11)]
             await server.send_together(
