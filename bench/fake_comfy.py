@@ -279,9 +279,11 @@ class FakeComfy:
                 written = await socket.send(b"".join(batch))
                 stamps.extend([written] * len(batch))
         else:
+            # Step 1 comes one step after the sampler's `executing`, as from
+            # ComfyUI (the captured transcripts: s1_success.jsonl, 0.30 s steps).
             interval = 1.0 / spec["rate"]
             start = trio.current_time()
-            for i, data in enumerate(frames):
+            for i, data in enumerate(frames, 1):
                 await trio.sleep_until(start + i * interval)
                 stamps.append(await socket.send(data))
         # Real ComfyUI decodes and saves the image after the sampler's last step:
