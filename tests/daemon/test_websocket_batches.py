@@ -18,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from daemon.comfy.backend import BackendSettings, ComfyBackend
-from daemon.comfy.websocket import wrap_client_stream
+from daemon.comfy.websocket import MAX_BATCH, wrap_client_stream
 from daemon.tasks.actor import TaskActor
 from daemon.tasks.broadcast import Broadcaster
 from tests.daemon.test_coalescing import submitted_actor
@@ -111,6 +111,31 @@ async def test_frames_written_together_are_taken_as_one_batch_in_order() -> None
             assert await ws.get_messages() == frames[:3]
             with pytest.raises(trio_websocket.ConnectionClosed):
                 await ws.get_messages()
+            await trio.aclose_forcefully(stream)
+
+
+async def test_a_batch_takes_at_most_max_batch_messages_so_the_consumer_yields_between() -> None:
+    frames = [progress("p", value) for value in range(MAX_BATCH * 2 + 5)]
+    with trio.fail_after(10):
+        async with batch_server() as (server, nursery):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                "127.0.0.1",
+                "/ws",
+                max_message_size=1 << 20,
+                message_queue_size=4 * MAX_BATCH,
+                receive_buffer_size=1 << 20,
+            )
+            await server.connected.wait()
+            await server.send_together(frames)
+            taken: list[str | bytes] = []
+            while len(taken) < len(frames):
+                batch = await ws.get_messages()
+                assert 1 <= len(batch) <= MAX_BATCH
+                taken += batch
+            assert taken == frames  # nothing lost or reordered across the cuts
             await trio.aclose_forcefully(stream)
 
 
