@@ -99,8 +99,8 @@ return due
 
 # KEYS: waiting set, events, record, stamp, stamped set; ARGV: task id, the newest
 # entry id the end follows, its entry id, event, payload, MAXLEN, record JSON, record
-# TTL, events TTL, limit. 1: ended; 0: not waiting, or not unrunnable that long (any more); -1: the
-# stream moved on (a queue position): build the end again.
+# TTL, events TTL, limit. 1: ended; 0: not waiting, or not unrunnable that long (any
+# more); -1: the stream moved on (a queue position): build the end again.
 END: Final = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local since = redis.call('GET', KEYS[4])
