@@ -17,6 +17,9 @@
                    their key expires (Redis' clock; see worker_registry.py)
 {p}:unrunnable:{id}  when a front first saw this waiting task with no live worker
                    able to run it (Redis' clock; see wait_limit.py)
+{p}:unrunnable     set of the ids that have such a stamp: every script that writes
+                   or deletes a stamp adds or removes its id in the same step, so a
+                   sweep visits the stamped tasks, not every waiting one
 {p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made
 """
 
@@ -46,17 +49,25 @@ RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
 
 # A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
-# record, unrunnable stamp; ARGV: us, entry, task id, created_at, record JSON, record
-# TTL). Its wait starts anew: the stamp of an earlier wait goes.
+# record, unrunnable stamp, stamped set; ARGV: us, entry, task id, created_at, record
+# JSON, record TTL). Its wait starts anew: the stamp of an earlier wait goes.
 HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
 redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
 redis.call('XACK', KEYS[1], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+# A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
+FORGET_WAIT: Final = """
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -178,6 +189,11 @@ class SharedStore:
     def unrunnable_key(self, task_id: str) -> str:
         return f"{self.prefix}:unrunnable:{task_id}"
 
+    @property
+    def stamped_key(self) -> str:
+        """The set of the task ids that have an `unrunnable_key`."""
+        return f"{self.prefix}:unrunnable"
+
     # -- setup
 
     async def ensure_queue(self) -> None:
@@ -259,6 +275,7 @@ class SharedStore:
                 self.waiting_key,
                 self.task_key(record.task_id),
                 self.unrunnable_key(record.task_id),
+                self.stamped_key,
             ],
             args=[
                 daemon_id,
@@ -291,7 +308,9 @@ class SharedStore:
 
     async def forget_wait(self, task_id: str) -> None:
         """A worker adopted the task (or it ended): no wait of it counts any more."""
-        await self.redis.delete([self.unrunnable_key(task_id)])
+        await self.redis.eval(
+            FORGET_WAIT, keys=[self.unrunnable_key(task_id), self.stamped_key], args=[task_id]
+        )
 
     async def request_cancel(self, task_id: str, holder: str | None, ttl: float) -> None:
         await self.redis.set(self.cancel_key(task_id), b"1", ex=max(1, int(ttl)))

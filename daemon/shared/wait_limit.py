@@ -13,11 +13,23 @@ the end follows, takes it out of the waiting set and writes its end (stream entr
 record). A worker takes a task by taking it out of that set first, and another front
 ends it only the same way: the task either runs or ends, once.
 
+The ids that have a stamp are listed in the set `{p}:unrunnable`: every script that
+writes a stamp adds its id, every one that deletes it removes the id, in the same
+step. A sweep reads the waiting ids and that set and sends to a script only the
+tasks no live worker can run, the stamped ones some worker can run now (their stamp
+goes), and the stamped ones no longer waiting; a waiting task that can run and has no
+stamp (a backlog queueing for busy workers) costs Redis nothing but its id in the
+ZRANGE. A stamp expires long after the limit (nobody swept meanwhile); its id stays
+listed until a sweep finds the task runnable (it goes) or not waiting with the stamp
+gone (the id goes), or finds it unrunnable still (a new stamp). A stamp of a task no
+longer waiting stays until it expires: a worker putting the task back in line holds
+it out of the waiting set for a moment.
+
 The stamp goes when a worker adopts the task or gives it back (a new wait starts), or
 when some worker could run it; else it expires long after the limit. A worker that
 takes the task only to put it back in line (it cannot run it) leaves the stamp, so
 its bounces do not keep the task waiting for ever. Fronts and workers restarting
-within the limit lose nothing: the stamp is in Redis.
+within the limit lose nothing: the stamp and the set are in Redis.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import trio
@@ -45,23 +57,39 @@ STAMP_SLACK: Final = 600  # seconds a stamp outlives the limit when nobody refre
 VERSION_RETRIES: Final = 3  # a queue position appended meanwhile: read and try again
 MESSAGE: Final = "No ComfyUI that can run this task is available"
 
-# KEYS[1] the waiting set, then one stamp per task; ARGV[1] the stamp's TTL, ARGV[2]
-# the limit, then per task its id and '1' when some live worker could run it.
-# Returns the ids whose stamp is `limit` old.
+# What a sweep saw of a task it sends to MARK.
+UNRUNNABLE: Final = "unrunnable"  # waiting, no live worker can run it, its id listed
+UNLISTED: Final = "unlisted"  # the same, its id not in the stamped set (yet)
+RUNNABLE: Final = "runnable"  # listed, waiting, and some live worker can run it now
+GONE: Final = "gone"  # listed, not waiting
+
+# KEYS[1] the waiting set, KEYS[2] the stamped set, then one stamp per task; ARGV[1]
+# the stamp's TTL, ARGV[2] the limit, then per task its id and what the sweep saw.
+# Returns the ids whose stamp is `limit` old. A stamp and its id in the set come and
+# go together; a stamp of a task not waiting stays (a worker putting it back in line
+# holds it out of the waiting set meanwhile): only an expired one's id goes.
 MARK: Final = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local due = {}
-for i = 2, #KEYS do
-  local id = ARGV[2 * i - 1]
-  if ARGV[2 * i] == '1' then
+for i = 3, #KEYS do
+  local id = ARGV[2 * i - 3]
+  local seen = ARGV[2 * i - 2]
+  if seen == 'runnable' then
     redis.call('DEL', KEYS[i])
+    redis.call('SREM', KEYS[2], id)
+  elseif seen == 'gone' then
+    if not redis.call('ZSCORE', KEYS[1], id) and redis.call('EXISTS', KEYS[i]) == 0 then
+      redis.call('SREM', KEYS[2], id)
+    end
   elseif redis.call('ZSCORE', KEYS[1], id) then
     local since = redis.call('GET', KEYS[i])
     if not since then
       redis.call('SET', KEYS[i], string.format('%.6f', t), 'EX', ARGV[1])
+      redis.call('SADD', KEYS[2], id)
     else
       redis.call('EXPIRE', KEYS[i], ARGV[1])
+      if seen == 'unlisted' then redis.call('SADD', KEYS[2], id) end
       if t - tonumber(since) >= tonumber(ARGV[2]) then table.insert(due, id) end
     end
   end
@@ -69,10 +97,10 @@ end
 return due
 """
 
-# KEYS: waiting set, events, record, stamp; ARGV: task id, the newest entry id the end
-# follows, its entry id, event, payload, MAXLEN, record JSON, record TTL, events TTL,
-# limit. 1: ended; 0: not waiting, or not unrunnable that long (any more); -1: the
-# stream moved on (a queue position): build the end again.
+# KEYS: waiting set, events, record, stamp, stamped set; ARGV: task id, the newest
+# entry id the end follows, its entry id, event, payload, MAXLEN, record JSON, record
+# TTL, events TTL, limit. 1: ended; 0: not waiting, or not unrunnable that long (any
+# more); -1: the stream moved on (a queue position): build the end again.
 END: Final = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local since = redis.call('GET', KEYS[4])
@@ -86,6 +114,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[
 redis.call('EXPIRE', KEYS[2], ARGV[9])
 redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
 redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
 
@@ -120,27 +149,47 @@ class WaitLimit:
                 log.warning("cannot check how long waiting tasks waited: %s", exc)
 
     async def sweep(self) -> None:
-        waiting = [text(m) for m in await self.store.redis.zrange(self.store.waiting_key, 0, -1)]
+        store = self.store
+        waiting = [text(m) for m in await store.redis.zrange(store.waiting_key, 0, -1)]
+        stamped = {text(m) for m in await store.redis.smembers(store.stamped_key)}
         self._needs = {t: self._needs[t] for t in waiting if t in self._needs}
-        if not waiting:
-            return
-        workers = await published(self.store)
-        ready = by_backend(workers, ready_from_json)
-        if ready:
-            await self._read_needs([t for t in waiting if t not in self._needs])
-        reasons = {t: self._why_unrunnable(t, len(workers), ready) for t in waiting}
-        for start in range(0, len(waiting), BATCH):
-            batch = waiting[start : start + BATCH]
+        reasons: dict[str, str | None] = {}
+        if waiting:
+            workers = await published(store)
+            ready = by_backend(workers, ready_from_json)
+            if ready:
+                await self._read_needs([t for t in waiting if t not in self._needs])
+            reasons = {t: self._why_unrunnable(t, len(workers), ready) for t in waiting}
+        visits = [*self._to_visit(reasons, stamped)]
+        for start in range(0, len(visits), BATCH):
+            batch = visits[start : start + BATCH]
             args: list[str | int | float] = [int(self.limit) + STAMP_SLACK, self.limit]
-            for task_id in batch:
-                args += [task_id, "1" if reasons[task_id] is None else "0"]
-            due = await self.store.redis.eval(
+            for task_id, seen in batch:
+                args += [task_id, seen]
+            due = await store.redis.eval(
                 MARK,
-                keys=[self.store.waiting_key, *[self.store.unrunnable_key(t) for t in batch]],
+                keys=[
+                    store.waiting_key,
+                    store.stamped_key,
+                    *[store.unrunnable_key(t) for t, _ in batch],
+                ],
                 args=args,
             )
             for task_id in map(text, due or ()):  # type: ignore[arg-type]
-                await self._end(task_id, reasons[task_id] or "no worker can run it")
+                await self._end(task_id, reasons.get(task_id) or "no worker can run it")
+
+    @staticmethod
+    def _to_visit(reasons: dict[str, str | None], stamped: set[str]) -> Iterator[tuple[str, str]]:
+        """The tasks MARK must see, with what the sweep saw of each; none of the waiting
+        ones that some live worker can run and that have no stamp."""
+        for task_id, why in reasons.items():
+            if why is not None:
+                yield task_id, UNRUNNABLE if task_id in stamped else UNLISTED
+            elif task_id in stamped:
+                yield task_id, RUNNABLE
+        for task_id in stamped:
+            if task_id not in reasons:
+                yield task_id, GONE
 
     async def _read_needs(self, task_ids: list[str]) -> None:
         for start in range(0, len(task_ids), BATCH):
@@ -189,6 +238,7 @@ class WaitLimit:
                     store.events_key(task_id),
                     store.task_key(task_id),
                     store.unrunnable_key(task_id),
+                    store.stamped_key,
                 ],
                 args=[
                     task_id,

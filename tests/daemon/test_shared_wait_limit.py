@@ -16,6 +16,7 @@ from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess
+from tests.daemon.redis_monitor import monitored, run_together
 from tests.daemon.redis_server import RedisServer, redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
@@ -31,6 +32,7 @@ from tests.daemon.test_shared import (
 )
 
 PREFIX = "comfy-progress"
+STAMPED = f"{PREFIX}:unrunnable"  # the set of the stamped task ids
 
 
 def stamp_key(task_id: str) -> str:
@@ -158,9 +160,17 @@ async def test_a_worker_back_within_the_limit_runs_the_waiting_task(tmp_path: Pa
         client = coredis.Redis.from_url(redis.url)
         async with client:
             await until_stamped(client, task_id)
-            async with worker(tmp_path, "w2", redis.url, sim.url):
+            assert await client.smembers(STAMPED) == {task_id.encode()}
+            async with (
+                monitored(redis.port) as commands,
+                worker(tmp_path, "w2", redis.url, sim.url),
+            ):
                 assert last(await read_events(entry.url, task_id))["status"] == "completed"
             assert not await client.exists([stamp_key(task_id)])
+            assert not await client.exists([STAMPED])
+        # The worker that adopted it dropped the stamp and its id in one script.
+        stamp = ("DEL", stamp_key(task_id))
+        assert run_together(commands, stamp, ("SREM", STAMPED, task_id))
         assert len(await history_ids(sim)) == 2
 
 
@@ -224,3 +234,4 @@ async def test_a_task_put_back_in_line_waits_on_from_where_it_was(tmp_path: Path
             while await queue_entries_added(client) == added:  # noqa: ASYNC110 (put back again)
                 await trio.sleep(0.05)
             assert await client.get(stamp_key(task_id)) == since
+            assert await client.smembers(STAMPED) == {task_id.encode()}
