@@ -11,10 +11,14 @@ non-blocking sockets). Per scenario it prints one row and writes them all as
 JSON (artifacts/bench.json):
 
 - floor            a plain os.write loop to 1,000 loopback sockets: the machine's
-                   floor for CPU per subscriber-event, right now
+                   floor for CPU per subscriber-event, right now; and to 1,000 Unix
+                   sockets, the floor of fanout_unix
 - latency          20 tasks x 5 subscribers, 400 frames/s in all, evenly spread
 - latency_aligned  the same, but the 20 tasks step in the same instant (bursts of 20)
 - fanout           4 tasks one after another, 1,000 subscribers each, 50 steps at 50/s
+- fanout_unix      the fanout shape with the subscribers on the daemon's Unix socket,
+                   as a reverse proxy on the same host reaches it (socket activation
+                   hands the daemon both listeners, as systemd does)
 - fanout_parallel  the same 4 tasks at once
 - burst            1 task, 100 subscribers, 5,000 frames within 30 ms
 - idle             5,000 open streams: the daemon's RSS growth per stream
@@ -152,13 +156,17 @@ class Bench:
             process.join()
 
     def open_streams(
-        self, tasks: list[tuple[str, int]], per_task: int, keep_from: int = 0
+        self,
+        tasks: list[tuple[str, int]],
+        per_task: int,
+        keep_from: int = 0,
+        address: Address | str | None = None,
     ) -> list[tuple[Any, Connection]]:
         subscriptions = [task for task in tasks for _ in range(per_task)]
         shares = [subscriptions[i :: self.workers] for i in range(self.workers)]
         return self.start_workers(
             load.subscriber_worker,
-            [(self.daemon.address, share, keep_from) for share in shares if share],
+            [(address or self.daemon.address, share, keep_from) for share in shares if share],
         )
 
     def streams(
@@ -170,16 +178,20 @@ class Bench:
         *,
         probe: bool = False,
         light: bool = False,
+        address: Address | str | None = None,
     ) -> dict[str, Any]:
         """Open `per_task` streams on each of `tasks` new tasks, play them, measure.
 
         With `light`, only the counts and the last progress state are recorded
-        per subscriber (latency then covers the last frame only)."""
+        per subscriber (latency then covers the last frame only). The streams go to
+        `address` (a Unix socket's path) if given, else to the daemon's TCP port."""
         steps = spec["steps"]
         created = self.create_tasks(tasks)
         time.sleep(0.5)  # let the daemon settle after the new tasks
         rss_before = self.daemon.rss_kib()
-        workers = self.open_streams(created, per_task, keep_from=steps if light else 0)
+        workers = self.open_streams(
+            created, per_task, keep_from=steps if light else 0, address=address
+        )
         rss_open = self.daemon.rss_kib()
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.profiling(name))
@@ -302,37 +314,50 @@ class Bench:
     def floor(self, streams: int = 1000, rounds: int = 50) -> None:
         """What a plain loop pays per os.write of a 250-byte chunk to a loopback
         socket with TCP_NODELAY right now: the machine's floor for CPU per
-        subscriber-event. Taken twice: to a reader that reads (as subscribers do),
-        and to one that never reads, so is never woken."""
+        subscriber-event. Taken to a reader that reads (as subscribers do), to one
+        that never reads (so is never woken), and over Unix sockets."""
         chunk = b"%x\r\n%b\r\n" % (250, b"x" * 250)
         row = {
             "scenario": "floor",
             "shape": f"plain os.write loop, {streams} loopback sockets x {rounds}",
             "cpu_us_per_write": self._floor_once(chunk, streams, rounds, reads=True),
             "cpu_us_per_write_unread": self._floor_once(chunk, streams, rounds, reads=False),
+            "cpu_us_per_write_unix": self._floor_once(
+                chunk, streams, rounds, reads=True, unix=True
+            ),
         }
         self.report(row)
 
-    def _floor_once(self, chunk: bytes, streams: int, rounds: int, *, reads: bool) -> float:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
+    def _floor_once(
+        self, chunk: bytes, streams: int, rounds: int, *, reads: bool, unix: bool = False
+    ) -> float:
+        with contextlib.ExitStack() as stack:
+            address: str | tuple[str, int]
+            if unix:
+                listener = stack.enter_context(socket.socket(socket.AF_UNIX))
+                address = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "s")
+            else:
+                listener = stack.enter_context(socket.socket())
+                address = ("127.0.0.1", 0)
+            listener.bind(address)
             listener.listen(streams)
-            port = listener.getsockname()[1]
             context = multiprocessing.get_context("fork")
             parent, child = context.Pipe()
             expected = streams * rounds * len(chunk) if reads else 0
             process = context.Process(
                 target=load.floor_reader,
-                args=(child, port, streams, expected),
+                args=(child, listener.getsockname(), streams, expected),
                 daemon=True,
             )
             process.start()
             accepted = [listener.accept()[0] for _ in range(streams)]
             for sock in accepted:
-                # As the daemon's sockets (Trio sets it): without it, Nagle holds a
-                # write back while the last one is unacknowledged, a cheaper write
-                # than the daemon ever makes.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stack.enter_context(sock)
+                if not unix:
+                    # As the daemon's sockets (Trio sets it): without it, Nagle holds
+                    # a write back while the last one is unacknowledged, a cheaper
+                    # write than the daemon ever makes.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             parent.recv()
             fds = [sock.fileno() for sock in accepted]
             cpu = 0.0
@@ -346,8 +371,6 @@ class Bench:
                 parent.send(("stop",))
             parent.recv()
             process.join()
-            for sock in accepted:
-                sock.close()
         return round(cpu / (streams * rounds) * 1e6, 2)
 
     def generate(
@@ -392,7 +415,8 @@ class Bench:
 
 
 SCENARIOS = (
-    "floor", "latency", "latency_aligned", "fanout", "fanout_parallel", "burst", "idle",
+    "floor", "latency", "latency_aligned", "fanout", "fanout_unix", "fanout_parallel", "burst",
+    "idle",
     "soak_10k", "generate",
 )  # fmt: skip
 
@@ -429,7 +453,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         next_task = 0
         if only - {"generate"}:
             with daemon_process(
-                Path(tmp) / "streams", comfy, DAEMON_SETTINGS + EVERY_PROMPT_TO_COMFY
+                Path(tmp) / "streams",
+                comfy,
+                DAEMON_SETTINGS + EVERY_PROMPT_TO_COMFY,
+                unix_socket="fanout_unix" in only,
             ) as daemon:
                 sampler = CpuSampler(daemon)
                 sampler.start()
@@ -456,6 +483,7 @@ def run_streams(
         "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True, "stagger": True}, False),
         "latency_aligned": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
         "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
+        "fanout_unix": (4, n(1000), {"steps": 50, "rate": 50}, False),
         "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
         "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
     }
@@ -466,10 +494,12 @@ def run_streams(
     for name, (tasks, per_task, spec, probe) in stream_scenarios.items():
         if name not in only:
             continue
-        row = bench.streams(name, tasks, per_task, spec, probe=probe)
+        address = bench.daemon.unix_path if name == "fanout_unix" else None
+        row = bench.streams(name, tasks, per_task, spec, probe=probe, address=address)
         saturated = row["client_saturated"] or row["machine_saturated"]
         if saturated and not args.no_halve and per_task >= 10:
-            bench.streams(f"{name} (halved)", tasks, per_task // 2, spec, probe=probe)
+            halved = f"{name} (halved)"
+            bench.streams(halved, tasks, per_task // 2, spec, probe=probe, address=address)
     if "soak_10k" in only:
         # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
         # with `complete`; counts only (a full record would not fit the client).

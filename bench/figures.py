@@ -46,7 +46,8 @@ def format_row(row: dict[str, Any]) -> str:
     if name == "floor":
         return (
             f"{name:<24} {row['shape']}: {row['cpu_us_per_write']} us CPU per write "
-            f"({row['cpu_us_per_write_unread']} us to a reader that never reads: no wake-ups)"
+            f"({row['cpu_us_per_write_unread']} us to a reader that never reads: no wake-ups; "
+            f"{row['cpu_us_per_write_unix']} us over Unix sockets)"
         )
     if name == "idle":
         probe = row["new_requests"]

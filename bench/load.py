@@ -321,10 +321,17 @@ def probe_worker(conn: Connection, address: tuple[str, int], interval: float) ->
 # ---------------------------------------------------------------- the floor
 
 
-def floor_reader(conn: Connection, port: int, streams: int, expected: int) -> None:
-    """Connect `streams` sockets to 127.0.0.1:`port` and read `expected` bytes in all
-    (with `expected` 0: read nothing, and hold the sockets open until told to stop)."""
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+def floor_reader(
+    conn: Connection, address: tuple[str, int] | str, streams: int, expected: int
+) -> None:
+    """Connect `streams` sockets to `address` (a path: a Unix socket) and read `expected`
+    bytes in all (with `expected` 0: read nothing, and hold them open until told to stop)."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    socks = []
+    for _ in range(streams):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.connect(address)
+        socks.append(sock)
     if not expected:
         conn.send(("ready", streams))
         conn.recv()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,7 @@ def fake_comfy() -> Iterator[Address]:
 class Daemon:
     process: subprocess.Popen[bytes]
     address: Address
+    unix_path: str | None = None  # its Unix socket too, when it has one
 
     @property
     def pid(self) -> int:
@@ -99,8 +100,14 @@ class Daemon:
 
 @contextlib.contextmanager
 def daemon_process(
-    data_dir: Path, comfy: Address, settings: tuple[str, ...] = DAEMON_SETTINGS
+    data_dir: Path,
+    comfy: Address,
+    settings: tuple[str, ...] = DAEMON_SETTINGS,
+    *,
+    unix_socket: bool = False,
 ) -> Iterator[Daemon]:
+    """The daemon on a free port of 127.0.0.1; with `unix_socket`, also on
+    `data_dir`/http.sock: both handed over by socket activation, as systemd does."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "daemon.log"
@@ -111,14 +118,24 @@ def daemon_process(
         "--data-dir", str(data_dir),
         *(arg for setting in settings for arg in ("--set", setting)),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    with contextlib.ExitStack() as sockets:
+        unix_path = str(data_dir / "http.sock") if unix_socket else None
+        pass_fds, in_child = sockets.enter_context(_activation(port, unix_path))
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
+                preexec_fn=in_child,  # (before the CPU sampler's thread starts)
+            )
     try:
         address = ("127.0.0.1", port)
         wait_until_up(address, process, log)
         while json.loads(request(address, "GET", "/readyz")[1])["ready"] is not True:
             time.sleep(0.05)
-        yield Daemon(process, address)
+        yield Daemon(process, address, unix_path)
     finally:
         process.terminate()
         try:
@@ -126,6 +143,39 @@ def daemon_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def _activation(
+    port: int, unix_path: str | None
+) -> Iterator[tuple[tuple[int, ...], Callable[[], None] | None]]:
+    """Popen's pass_fds and preexec_fn that hand the child a listening TCP socket on
+    127.0.0.1:`port` and a Unix one at `unix_path` as fds 3 and 4, with LISTEN_FDS as
+    systemd sets it (LISTEN_PID must be the child's own pid, so it is set in the
+    child). Without `unix_path`: nothing (the daemon binds `--listen` itself)."""
+    if unix_path is None:
+        yield (), None
+        return
+    with (
+        socket.create_server(("127.0.0.1", port), backlog=4096) as tcp,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+    ):
+        unix.bind(unix_path)
+        unix.listen(4096)
+        fds = (tcp.fileno(), unix.fileno())
+
+        def in_child() -> None:
+            moved = [os.dup(fd) for fd in fds]  # out of the way of 3 and 4 first
+            for target, fd in enumerate(moved, 3):
+                os.dup2(fd, target)
+            for fd in {*moved, *fds} - {3, 4}:
+                os.close(fd)
+            os.environ.update(
+                LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="http:http-unix"
+            )
+
+        # Popen closes every fd not in pass_fds after preexec_fn: keep 3 and 4.
+        yield (3, 4, *fds), in_child
 
 
 def machine_ticks() -> tuple[int, int]:
