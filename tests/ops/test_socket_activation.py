@@ -73,7 +73,7 @@ async def test_refuses_an_inherited_socket_it_cannot_serve_on(tmp_path: Path) ->
         ) as daemon:
             await daemon.process.wait()
             assert daemon.process.returncode == 2
-            assert "must be a TCP stream socket" in daemon.log()
+            assert "must be a TCP or Unix stream socket" in daemon.log()
             assert daemon.drain() == []  # never READY
 
 
