@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import socket
 import stat
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
+from bench.load import subscriber_worker
 from daemon.api.clients import client_address, parse_networks
 from daemon.config import ConfigError, load
 from daemon.http.client import ClientResponse
@@ -131,6 +135,27 @@ async def test_the_mode_is_applied_whatever_the_umask(socket_dir: Path, mode: in
         assert stat.S_IMODE(os.lstat(path).st_mode) == mode
     socket_file.remove_if_ours()
     assert not path.exists()
+
+
+async def test_the_benchmark_load_client_holds_streams_over_the_unix_socket(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    path = socket_dir / "http.sock"
+    async with running_daemon(tmp_path, listen=f"unix:{path}") as daemon:
+        task_id = await daemon.generate()
+        parent, child = multiprocessing.Pipe()
+        with parent, child:
+            async with trio.open_nursery() as nursery:
+                subscriptions = [(task_id, 1), (task_id, 2)]
+                worker = partial(subscriber_worker, child, str(path), subscriptions)
+                nursery.start_soon(trio.to_thread.run_sync, worker)
+                assert (await trio.to_thread.run_sync(parent.recv, abandon_on_cancel=True))[
+                    0
+                ] == "ready"
+                parent.send(("go",))
+                done = await trio.to_thread.run_sync(parent.recv, abandon_on_cancel=True)
+    assert done[0] == "done"
+    assert [terminal for _task, _events, terminal, _at, _count in done[3]] == ["complete"] * 2
 
 
 # ---------------------------------------------------------------- who the client is
