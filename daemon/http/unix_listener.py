@@ -1,8 +1,9 @@
 """Listening on a Unix domain stream socket (`listen = "unix:/path"`), and cleaning up after.
 
 A reverse proxy on the same host reaches the daemon without loopback TCP: a
-write to an AF_UNIX stream costs about a third of a loopback TCP write, and
-SSE fan-out is one write per subscriber per event.
+write to an AF_UNIX stream costs the writer less CPU than a loopback TCP write
+(whose system call also runs the receiving end of the TCP stack), and SSE
+fan-out is one write per subscriber per event.
 
 Binding never guesses: the directory must exist (systemd's RuntimeDirectory=
 makes it); a socket file left by a crashed daemon (connecting is refused) is
