@@ -18,6 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import TypeAlias
 
 _EVENT = re.compile(rb"^event: ?(\S+)", re.M)
 _VALUE = re.compile(rb'"currentValue":(\d+)')
@@ -101,7 +102,23 @@ class Stream:
         del sse[:pos]
 
 
-def _connect(address: tuple[str, int]) -> socket.socket:
+# The daemon's (host, port), or the path of its Unix socket (listen = unix:/path).
+Address: TypeAlias = tuple[str, int] | str
+
+
+def host_header(address: Address) -> str:
+    """The Host a request to `address` names."""
+    if isinstance(address, str):
+        return "localhost"  # a Unix socket has no host name
+    return f"{address[0]}:{address[1]}"
+
+
+def _connect(address: Address) -> socket.socket:
+    """A non-blocking socket connected (or connecting) to `address`."""
+    if isinstance(address, str):
+        sock = _open(address, timeout=30)
+        sock.setblocking(False)
+        return sock
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     err = sock.connect_ex(address)
@@ -110,9 +127,25 @@ def _connect(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def _open(address: Address, timeout: float) -> socket.socket:
+    """A blocking connection to `address`."""
+    if not isinstance(address, str):
+        return socket.create_connection(address, timeout=timeout)
+    # A local connect completes at once; non-blocking, a full backlog would
+    # fail it with EAGAIN rather than let it wait as TCP's SYN does.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def subscriber_worker(
     conn: Connection,
-    address: tuple[str, int],
+    address: Address,
     subscriptions: list[tuple[str, int]],
     keep_from: int = 0,
 ) -> None:
@@ -122,7 +155,7 @@ def subscriber_worker(
     value below `keep_from` are only counted."""
     poller = select.epoll()
     streams: dict[int, Stream] = {}
-    host = f"{address[0]}:{address[1]}"
+    host = host_header(address)
     pending = list(subscriptions)
     # Connect in waves, so the listen backlog is not overrun.
     while pending or any(s.first is None and not s.closed for s in streams.values()):
@@ -220,12 +253,12 @@ class Poster:
 
 
 def generate_worker(
-    conn: Connection, address: tuple[str, int], connections: int, requests: int, first_task: int
+    conn: Connection, address: Address, connections: int, requests: int, first_task: int
 ) -> None:
     """`requests` POST /generate over `connections` keep-alive connections; reports
     ("done", cpu, wall, latencies, failures)."""
     poller = select.epoll()
-    host = f"{address[0]}:{address[1]}"
+    host = host_header(address)
     posters: dict[int, Poster] = {}
     latencies: list[float] = []
     failures = 0
@@ -298,7 +331,7 @@ def generate_worker(
 # ---------------------------------------------------------------- new requests
 
 
-def probe_worker(conn: Connection, address: tuple[str, int], interval: float) -> None:
+def probe_worker(conn: Connection, address: Address, interval: float) -> None:
     """Every `interval` s, a new connection with GET /healthz; reports its latencies
     (and the failures, as None) when told to stop."""
     samples: list[float | None] = []
@@ -306,7 +339,7 @@ def probe_worker(conn: Connection, address: tuple[str, int], interval: float) ->
     while not conn.poll(interval):
         start = time.monotonic()
         try:
-            with socket.create_connection(address, timeout=30) as sock:
+            with _open(address, timeout=30) as sock:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
                 data = b""
                 while chunk := sock.recv(65536):

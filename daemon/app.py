@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from daemon.config import Config, list_setting
 from daemon.http.router import Router
 from daemon.http.server import HttpLimits, HttpServer
 from daemon.http.static import StaticFiles
+from daemon.http.unix_listener import open_unix_listener
 from daemon.images.previews import PreviewStore
 from daemon.images.retention import ImageJanitor, RetentionPolicy
 from daemon.images.store import ImageStore
@@ -64,15 +66,29 @@ VENDORED_PACKAGES = ("preact", "htm")
 class Bound:
     """Where the running app can be reached."""
 
-    host: str
-    port: int
+    host: str  # "" on a Unix socket
+    port: int  # 0 on a Unix socket
     comfy_url: str  # the first backend
     comfy_urls: tuple[str, ...] = ()  # every backend
+    unix_path: str = ""  # the Unix socket's path (listen = unix:...), else ""
 
     @property
     def url(self) -> str:
+        """http://HOST:PORT, or unix:/path on a Unix socket (as the log and STATUS= say)."""
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+
+def bound_to(sockname: object, urls: tuple[str, ...]) -> Bound:
+    """The Bound of a listening socket whose getsockname() is `sockname`."""
+    first = urls[0] if urls else ""
+    if isinstance(sockname, tuple):  # AF_INET, AF_INET6
+        return Bound(host=sockname[0], port=sockname[1], comfy_url=first, comfy_urls=urls)
+    if isinstance(sockname, bytes):  # AF_UNIX paths that are not UTF-8
+        sockname = os.fsdecode(sockname)
+    return Bound(host="", port=0, comfy_url=first, comfy_urls=urls, unix_path=str(sockname))
 
 
 def http_limits(config: Config) -> HttpLimits:
@@ -226,7 +242,9 @@ class App:
     ) -> None:
         config = self.config
         shared = self.shared
-        with self._cancel_scope:
+        # Unix socket files we bound, removed once everything has stopped.
+        socket_files = contextlib.ExitStack()
+        with socket_files, self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 urls = await self._backend_urls(nursery)
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
@@ -272,17 +290,9 @@ class App:
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
                 if listeners is None:
-                    listeners = self.systemd.listeners() or await trio.open_tcp_listeners(
-                        config.listen_port, host=config.listen_host
-                    )
+                    listeners = self.systemd.listeners() or await self._bind(socket_files)
                 await nursery.start(self._run_server, listeners)
-                sockname = listeners[0].socket.getsockname()
-                bound = Bound(
-                    host=sockname[0],
-                    port=sockname[1],
-                    comfy_url=urls[0] if urls else "",
-                    comfy_urls=urls,
-                )
+                bound = bound_to(listeners[0].socket.getsockname(), urls)
                 if worker_only:
                     # No API, no pages: what an operator and a load balancer check.
                     log.info(
@@ -297,6 +307,16 @@ class App:
                 status = bound.url if not worker_only else f"(worker) {bound.url}"
                 await nursery.start(self.systemd.run, self.service_status(), status)
                 task_status.started(bound)
+
+    async def _bind(self, socket_files: contextlib.ExitStack) -> list[trio.SocketListener]:
+        """Listen where `listen` says: HOST:PORT, or a Unix socket (removed at exit)."""
+        config = self.config
+        path = config.listen_unix_path
+        if path is None:
+            return await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+        listener, socket_file = open_unix_listener(path, config.listen_socket_mode)
+        socket_files.callback(socket_file.remove_if_ours)
+        return [listener]
 
     @property
     def _worker_only(self) -> bool:

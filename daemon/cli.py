@@ -19,7 +19,7 @@ from daemon.terminal import command as terminal_command
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", type=Path, help="TOML configuration file")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to bind")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to bind, or unix:/absolute/path")
     p.add_argument(
         "--comfy-url",
         metavar="URL",

@@ -38,7 +38,14 @@ def _setting(default: Any, help: str, **checks: Any) -> Any:
 class Config:
     # -- where to listen and what to talk to
     listen: str = _setting(
-        "127.0.0.1:8000", "HOST:PORT the HTTP server binds (ignored under socket activation)"
+        "127.0.0.1:8000",
+        "HOST:PORT the HTTP server binds, or unix:/absolute/path for a Unix socket"
+        " (ignored under socket activation)",
+    )
+    listen_mode: str = _setting(
+        "0666",
+        "with listen = unix:...: the socket file's permissions, octal (0660 and a group"
+        " shared with the proxy is tighter)",
     )
     comfy_url: str = _setting(
         "", "base URL of ComfyUI, e.g. http://127.0.0.1:8188 (empty: see simulate)"
@@ -110,7 +117,8 @@ class Config:
     )
     trusted_proxies: str = _setting(
         "",
-        "comma-separated proxy addresses/networks whose X-Forwarded-For/X-Real-IP name the client",
+        "comma-separated proxy addresses/networks (and `unix`: any peer on the Unix socket)"
+        " whose X-Forwarded-For/X-Real-IP name the client",
     )
     # -- ComfyUI connection
     comfy_http_timeout: float = _setting(30.0, "seconds per HTTP request to ComfyUI", min=0.01)
@@ -235,6 +243,15 @@ class Config:
     def listen_port(self) -> int:
         return split_host_port(self.listen)[1]
 
+    @property
+    def listen_unix_path(self) -> Path | None:
+        """The Unix socket's path with listen = unix:/path, else None (TCP)."""
+        return unix_socket_path(self.listen)
+
+    @property
+    def listen_socket_mode(self) -> int:
+        return socket_mode(self.listen_mode)
+
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -251,6 +268,36 @@ def split_host_port(value: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise ConfigError(f"listen port {number} is out of range")
     return host.strip("[]"), number
+
+
+UNIX_PREFIX: Final = "unix:"
+# sun_path holds 108 bytes, the terminating NUL included.
+MAX_UNIX_PATH_BYTES: Final = 107
+
+
+def unix_socket_path(value: str) -> Path | None:
+    """'unix:/run/x.sock' -> Path('/run/x.sock'); None for HOST:PORT."""
+    if not value.startswith(UNIX_PREFIX):
+        return None
+    path = value[len(UNIX_PREFIX) :]
+    if not path:
+        raise ConfigError(
+            f"listen address {value!r} names no path: unix:/run/comfy-progress/http.sock"
+        )
+    if not path.startswith("/"):
+        raise ConfigError(f"listen address {value!r}: the socket path must be absolute")
+    if len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
+        raise ConfigError(
+            f"listen address {value!r}: a socket path has at most {MAX_UNIX_PATH_BYTES} bytes"
+        )
+    return Path(path)
+
+
+def socket_mode(value: str) -> int:
+    """'0660' -> 0o660: permission bits in octal, as chmod takes them."""
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ConfigError(f"listen_mode {value!r} is not an octal mode like 0660")
+    return int(value, 8)
 
 
 def _field_type(name: str) -> type:
@@ -366,7 +413,9 @@ def load(
     merged.update(from_env(environ))
     merged.update(from_flags(flags))
     config = Config(**merged)
-    split_host_port(config.listen)
+    if unix_socket_path(config.listen) is None:
+        split_host_port(config.listen)
+    socket_mode(config.listen_mode)
     for url in config.backend_urls:
         if not url.startswith("http://"):
             raise ConfigError(f"ComfyUI URL {url!r} must start with http://")

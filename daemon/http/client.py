@@ -228,22 +228,30 @@ async def http_request(
     # an HttpClientError that names the URL, like every other failure here.
     timeout: float = 30.0,  # noqa: ASYNC109
     max_response_bytes: int = 16 * MiB,
+    unix_socket: str | None = None,
 ) -> ClientResponse:
     """Send one request on a new connection and read the whole response.
 
     `timeout` bounds the whole exchange (connect, send, receive). Raises
     :class:`HttpClientError` on connect failure, timeout, a protocol error,
-    or a body larger than `max_response_bytes`.
+    or a body larger than `max_response_bytes`. With `unix_socket` the
+    connection goes to that AF_UNIX path; the URL still gives Host and target.
     """
     method = method.upper()
     parsed = _parse_url(method, url)
     with _errors_named(method, url), trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+        stream = await _connect(parsed, unix_socket)
         async with stream:
             connection = _ClientConnection(stream)
             return await _exchange(
                 connection, method, url, parsed, headers, body, max_response_bytes
             )
+
+
+async def _connect(parsed: _Url, unix_socket: str | None) -> trio.SocketStream:
+    if unix_socket is not None:
+        return await trio.open_unix_socket(unix_socket)
+    return await trio.open_tcp_stream(parsed.host, parsed.port)
 
 
 async def _exchange(
@@ -439,17 +447,19 @@ async def open_stream(
     headers: Sequence[tuple[str, str]] = (),
     body: bytes = b"",
     timeout_connect: float = 10.0,
+    unix_socket: str | None = None,
 ) -> AsyncIterator[StreamedResponse]:
     """Send a request and yield the response as soon as its head has arrived.
 
     `timeout_connect` bounds connecting, sending and reading the response
     head; reading the body has no timeout (wrap it in your own cancel scope).
     The connection is closed when the ``async with`` block exits.
+    `unix_socket`: as for :func:`http_request`.
     """
     method = method.upper()
     parsed = _parse_url(method, url)
     with _errors_named(method, url), trio.fail_after(timeout_connect):
-        stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+        stream = await _connect(parsed, unix_socket)
     async with stream:
         connection = _ClientConnection(stream)
         with _errors_named(method, url), trio.fail_after(timeout_connect):

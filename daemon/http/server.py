@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
@@ -130,7 +131,8 @@ class HttpServer:
         """Accept and serve connections until cancelled or shut down.
 
         Calls ``task_status.started(addresses)`` once accepting, with the bound
-        ``(host, port)`` of every socket listener (other listeners add nothing).
+        ``(host, port)`` of every TCP listener (Unix sockets and other listeners
+        add nothing).
         Takes ownership of `listeners` and closes them when accepting stops.
         After :meth:`begin_shutdown`, returns once every connection has ended.
         """
@@ -573,9 +575,14 @@ def _format_address(address: object) -> str:
     return str(address)
 
 
+UNIX_PEER = "unix"  # the peer name of every connection on a Unix socket (it has no address)
+
+
 def _peer_name(stream: trio.abc.Stream) -> str:
     if not isinstance(stream, trio.SocketStream):
         return "unknown"
+    if stream.socket.family == socket.AF_UNIX:
+        return UNIX_PEER
     try:
         return _format_address(stream.socket.getpeername())
     except OSError:

@@ -19,9 +19,10 @@ Notifications (`Type=notify`)
 
 Socket activation
     With `$LISTEN_PID` equal to our pid, `$LISTEN_FDS` sockets start at fd 3
-    (`SD_LISTEN_FDS_START`). They must be listening TCP stream sockets
+    (`SD_LISTEN_FDS_START`). They must be listening TCP or Unix stream sockets
     (`comfy-progress.socket`); they become the HTTP server's listeners and the
-    `listen` setting is ignored. `LISTEN_PID`, `LISTEN_FDS` and
+    `listen` setting is ignored. A Unix socket file stays systemd's: the
+    daemon never removes it. `LISTEN_PID`, `LISTEN_FDS` and
     `LISTEN_FDNAMES` are removed from the environment whether or not they were
     meant for us, so no child process inherits them, and the fds get
     FD_CLOEXEC. Without them the daemon binds `listen` itself.
@@ -99,11 +100,12 @@ def _listening_socket(fd: int, name: str) -> socket.socket:
         sock = socket.socket(fileno=fd)  # family and type are read from the fd
     except OSError as exc:
         raise SocketActivationError(f"{where} is not a socket: {exc.strerror}") from None
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+    families = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+    if sock.family not in families or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise SocketActivationError(
-            f"{where} must be a TCP stream socket (ListenStream=HOST:PORT), "
-            f"not {sock.family.name}/{sock.type.name}"
+            f"{where} must be a TCP or Unix stream socket (ListenStream=HOST:PORT or "
+            f"ListenStream=/path), not {sock.family.name}/{sock.type.name}"
         )
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()

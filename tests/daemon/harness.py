@@ -19,6 +19,9 @@ from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent, SSEDecoder
 from tests.daemon.process import SimulatorProcess, simulator_processes
 
+# The Host a request over a Unix socket names (the daemon answers any by default).
+UNIX_BASE_URL = "http://localhost"
+
 
 @dataclass
 class Daemon:
@@ -28,7 +31,12 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        return self.bound.url
+        """The base URL requests go to (on a Unix socket: to `unix_socket`)."""
+        return UNIX_BASE_URL if self.bound.unix_path else self.bound.url
+
+    @property
+    def unix_socket(self) -> str | None:
+        return self.bound.unix_path or None
 
     async def request(
         self,
@@ -41,7 +49,14 @@ class Daemon:
         if body is not None:
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers = (*headers, ("Content-Type", "application/json"))
-        return await http_request(method, self.url + path, headers=headers, body=raw, timeout=10)
+        return await http_request(
+            method,
+            self.url + path,
+            headers=headers,
+            body=raw,
+            timeout=10,
+            unix_socket=self.unix_socket,
+        )
 
     async def request_comfy(self, method: str, path: str) -> ClientResponse:
         """Ask the ComfyUI (simulator) behind the daemon directly."""
@@ -63,7 +78,12 @@ class Daemon:
     ) -> list[ServerSentEvent]:
         """Every event of a task's stream, until the server ends it."""
         return await read_events(
-            self.url, task_id, last_event_id=last_event_id, query=query, first_event=first_event
+            self.url,
+            task_id,
+            last_event_id=last_event_id,
+            query=query,
+            first_event=first_event,
+            unix_socket=self.unix_socket,
         )
 
 
@@ -75,6 +95,7 @@ async def read_events(
     query: str = "",
     first_event: trio.Event | None = None,
     stop_after: Callable[[ServerSentEvent], bool] | None = None,
+    unix_socket: str | None = None,
 ) -> list[ServerSentEvent]:
     """A task's SSE events until the server ends the stream (or `stop_after` says so).
 
@@ -84,7 +105,7 @@ async def read_events(
     decoder = SSEDecoder()
     out: list[ServerSentEvent] = []
     url = f"{base_url}/progress/{task_id}{query}"
-    async with open_stream("GET", url, headers=headers) as r:
+    async with open_stream("GET", url, headers=headers, unix_socket=unix_socket) as r:
         assert r.status == 200
         assert r.headers.get("content-type", "").startswith("text/event-stream")
         async for chunk in r.chunks:

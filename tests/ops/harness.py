@@ -27,6 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -121,7 +122,7 @@ class DaemonProcess:
     notify: NotifySocket
     log_path: Path
     notifications: list[Notification] = field(default_factory=list)
-    url: str = ""  # from the READY=1 message's STATUS ("serving http://...")
+    url: str = ""  # from the READY=1 message's STATUS ("serving http://..." or "unix:/...")
     comfy_url: str = ""  # likewise ("ComfyUI http://... connected")
     terminated: bool = False
 
@@ -170,7 +171,9 @@ class DaemonProcess:
 
     async def wait_ready(self) -> Notification:
         ready = await self.wait_for(lambda n: n.fields.get("READY") == "1")
-        match = re.search(r"serving (http://\S+?); ComfyUI (http://\S+) ", ready.fields["STATUS"])
+        match = re.search(
+            r"serving ((?:http|unix):\S+?); ComfyUI (http://\S+) ", ready.fields["STATUS"]
+        )
         assert match, f"READY=1 without the URLs in STATUS: {ready.raw!r}"
         self.url, self.comfy_url = match.groups()
         return ready
@@ -211,12 +214,13 @@ async def running_daemon(
     env: Mapping[str, str] | None = None,
     pid_env: Sequence[str] = (),
     wait_ready: bool = True,
+    listen: str = "127.0.0.1:0",
 ) -> AsyncIterator[DaemonProcess]:
     """`comfy-progress serve` in a subprocess with $NOTIFY_SOCKET set, as systemd starts it.
 
     `args` are extra `serve` arguments (e.g. "--simulate", "--set", "k=v").
     With `listen_socket` the daemon is socket-activated on it (fd 3, LISTEN_*);
-    without, it binds 127.0.0.1:0 itself. `pid_env` names variables set to the
+    without, it binds `listen` itself. `pid_env` names variables set to the
     daemon's own pid (e.g. WATCHDOG_PID), as systemd sets them.
     """
     serve = [
@@ -235,7 +239,7 @@ async def running_daemon(
         wrapper += ["--pid-env", name]
     pass_fds: Sequence[int] = ()
     if listen_socket is None:
-        serve += ["--listen", "127.0.0.1:0"]
+        serve += ["--listen", listen]
     else:
         pass_fds = (listen_socket.fileno(),)
         wrapper.append(f"{listen_socket.fileno()}=http")
@@ -264,13 +268,28 @@ async def running_daemon(
         notify.close()
 
 
-def listening_socket() -> socket.socket:
-    """What comfy-progress.socket gives the service: a TCP socket bound and listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+def listening_socket(path: Path | None = None) -> socket.socket:
+    """What comfy-progress.socket gives the service: a TCP socket bound and listening
+    (with `path`: a Unix stream socket there, as ListenStream=/path makes)."""
+    if path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     return sock
+
+
+@contextmanager
+def short_directory() -> Iterator[Path]:
+    """A directory for socket files: a socket path has at most 107 bytes, tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix="cp-ops-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- nginx
@@ -290,17 +309,29 @@ def _substitute(text: str, pattern: str, replacement: str) -> str:
     return new
 
 
-def render_site(*, upstream_port: int, listen_port: int, read_timeout: str) -> str:
+Upstream = int | Path  # the daemon's port on 127.0.0.1, or its Unix socket
+
+
+def render_site(*, upstream: Upstream, listen_port: int, read_timeout: str) -> str:
     """The shipped site file, with only what a test must change changed.
 
-    Upstream port (the daemon under test), listen lines (an unprivileged port
-    on 127.0.0.1) and proxy_read_timeout (short, to be outlasted); every other
-    line is tested as shipped.
+    Upstream (the daemon under test: its port, or its Unix socket through the
+    file's commented `server unix:` alternative), listen lines (an unprivileged
+    port on 127.0.0.1) and proxy_read_timeout (short, to be outlasted); every
+    other line is tested as shipped.
     """
     site = SITE_FILE.read_text()
-    site = _substitute(
-        site, r"^(\s*server\s+)127\.0\.0\.1:8000;", rf"\g<1>127.0.0.1:{upstream_port};"
-    )
+    if isinstance(upstream, Path):
+        site = _substitute(site, r"^\s*server\s+127\.0\.0\.1:8000;\n", "")
+        site = _substitute(
+            site,
+            r"^(\s*)#\s*(server\s+unix:)/run/comfy-progress/http\.sock;",
+            rf"\g<1>\g<2>{upstream};",
+        )
+    else:
+        site = _substitute(
+            site, r"^(\s*server\s+)127\.0\.0\.1:8000;", rf"\g<1>127.0.0.1:{upstream};"
+        )
     site = _substitute(
         site,
         r"^(\s*)listen\s+80(\s+default_server)?;",
@@ -375,15 +406,13 @@ class NginxProcess:
             return "(no error log)"
 
 
-def prepare_nginx(tmp_path: Path, upstream_port: int, read_timeout: str) -> NginxProcess:
+def prepare_nginx(tmp_path: Path, upstream: Upstream, read_timeout: str) -> NginxProcess:
     """Write the prefix (nginx.conf around the rendered site) and check it with `nginx -t`."""
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
     site = prefix / "comfy-progress.conf"
-    site.write_text(
-        render_site(upstream_port=upstream_port, listen_port=port, read_timeout=read_timeout)
-    )
+    site.write_text(render_site(upstream=upstream, listen_port=port, read_timeout=read_timeout))
     (prefix / "nginx.conf").write_text(main_config(prefix, site))
     checked = subprocess.run(
         [*nginx_command(prefix), "-t", "-q"], capture_output=True, text=True, check=False
@@ -401,7 +430,7 @@ READY_LINE = b"start worker process"  # the master logs it once its sockets list
 
 async def run_nginx(
     tmp_path: Path,
-    upstream_port: int,
+    upstream: Upstream,
     read_timeout: str = "90s",
     *,
     task_status: trio.TaskStatus[NginxProcess] = trio.TASK_STATUS_IGNORED,
@@ -412,7 +441,7 @@ async def run_nginx(
     draining). Stopped with SIGTERM, then SIGKILL for its whole process
     group, however the test ends.
     """
-    nginx = await trio.to_thread.run_sync(prepare_nginx, tmp_path, upstream_port, read_timeout)
+    nginx = await trio.to_thread.run_sync(prepare_nginx, tmp_path, upstream, read_timeout)
     process = await trio.lowlevel.open_process(
         nginx_command(nginx.prefix),
         stdin=subprocess.DEVNULL,
@@ -440,10 +469,10 @@ async def run_nginx(
 
 @contextmanager
 def nginx_process(
-    tmp_path: Path, upstream_port: int, read_timeout: str = "90s"
+    tmp_path: Path, upstream: Upstream, read_timeout: str = "90s"
 ) -> Iterator[NginxProcess]:
     """run_nginx for synchronous tests (the Playwright ones): a thread drains stderr."""
-    nginx = prepare_nginx(tmp_path, upstream_port, read_timeout)
+    nginx = prepare_nginx(tmp_path, upstream, read_timeout)
     process = subprocess.Popen(
         nginx_command(nginx.prefix),
         stdin=subprocess.DEVNULL,
@@ -495,25 +524,29 @@ async def _stop_nginx(process: trio.Process) -> None:
 # ---------------------------------------------------------------- HTTP + SSE
 
 
-async def generate(base_url: str, prompt: str = "a red fox") -> dict[str, Any]:
-    """POST {base_url}/generate; the 202 reply."""
+async def generate(
+    base_url: str, prompt: str = "a red fox", *, unix_socket: str | None = None
+) -> dict[str, Any]:
+    """POST {base_url}/generate (to `unix_socket` if given); the 202 reply."""
     response = await http_request(
         "POST",
         f"{base_url}/generate",
         headers=[("Content-Type", "application/json")],
         body=json.dumps({"prompt": prompt}).encode(),
         timeout=10,
+        unix_socket=unix_socket,
     )
     assert response.status == 202, response.body
     reply: dict[str, Any] = response.json()
     return reply
 
 
-async def follow(url: str) -> tuple[list[ServerSentEvent], bool]:
+async def follow(url: str, *, unix_socket: str | None = None) -> tuple[list[ServerSentEvent], bool]:
     """Read an SSE stream to its end: (its events, whether the body ended properly)."""
     decoder = SSEDecoder()
     events: list[ServerSentEvent] = []
-    async with open_stream("GET", url, headers=[("Accept", "text/event-stream")]) as response:
+    headers = [("Accept", "text/event-stream")]
+    async with open_stream("GET", url, headers=headers, unix_socket=unix_socket) as response:
         assert response.status == 200, response.status
         assert response.headers.get("content-type", "").startswith("text/event-stream")
         async for chunk in response.chunks:

@@ -27,12 +27,14 @@ from tests.ops.harness import (
     listening_socket,
     payload,
     running_daemon,
+    short_directory,
 )
 
 FAST_SIMULATOR = ("--simulate", "--set", "simulator_step_time=0.01")
 # `listen` must be ignored under socket activation: this address cannot be
 # bound here (TEST-NET-1), so a daemon that tried would fail to start.
 UNBINDABLE = ("--listen", "192.0.2.1:9")
+UNIX_BASE = "http://localhost"  # the Host of requests sent over a Unix socket
 
 
 async def test_serves_on_the_inherited_socket_across_restarts(tmp_path: Path) -> None:
@@ -64,6 +66,28 @@ async def test_serves_on_the_inherited_socket_across_restarts(tmp_path: Path) ->
                 assert daemon.process.returncode == 0, f"run {run}:\n{daemon.log()}"
 
 
+async def test_serves_on_an_inherited_unix_socket_and_leaves_its_file(tmp_path: Path) -> None:
+    """ListenStream=/run/comfy-progress/http.sock: the file is systemd's, never removed."""
+    with short_directory() as directory:
+        path = directory / "http.sock"
+        with listening_socket(path) as sock:
+            async with running_daemon(
+                tmp_path, *FAST_SIMULATOR, *UNBINDABLE, listen_socket=sock
+            ) as daemon:
+                assert daemon.url == f"unix:{path}"
+                assert f"socket activation: serving on {path} (http)" in daemon.log()
+                reply = await generate(UNIX_BASE, unix_socket=str(path))
+                events, complete = await follow(
+                    f"{UNIX_BASE}/progress/{reply['taskId']}", unix_socket=str(path)
+                )
+                assert complete
+                assert [e.event for e in events][-1] == "complete", events
+                daemon.terminate()
+                await daemon.process.wait()
+                assert daemon.process.returncode == 0, daemon.log()
+            assert path.exists()  # systemd's socket outlives the daemon
+
+
 async def test_refuses_an_inherited_socket_it_cannot_serve_on(tmp_path: Path) -> None:
     # A datagram socket (a wrong ListenDatagram= unit): a clear error, exit 2.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -73,7 +97,7 @@ async def test_refuses_an_inherited_socket_it_cannot_serve_on(tmp_path: Path) ->
         ) as daemon:
             await daemon.process.wait()
             assert daemon.process.returncode == 2
-            assert "must be a TCP stream socket" in daemon.log()
+            assert "must be a TCP or Unix stream socket" in daemon.log()
             assert daemon.drain() == []  # never READY
 
 
