@@ -19,6 +19,9 @@ JSON (artifacts/bench.json):
 - fanout_unix      the fanout shape with the subscribers on the daemon's Unix socket,
                    as a reverse proxy on the same host reaches it (socket activation
                    hands the daemon both listeners, as systemd does)
+- fanout_nginx     the fanout shape through nginx as shipped (the site file), nginx
+                   reaching the daemon over loopback TCP, then over its Unix socket:
+                   the CPU of daemon and nginx together per event
 - fanout_parallel  the same 4 tasks at once
 - burst            1 task, 100 subscribers, 5,000 frames within 30 ms
 - idle             5,000 open streams: the daemon's RSS growth per stream
@@ -62,6 +65,7 @@ from typing import Any
 
 from bench import load
 from bench.figures import format_row, ms_summary, summarise_profile
+from bench.nginx_front import NginxCpu, nginx_front
 from bench.processes import (
     DAEMON_SETTINGS,
     EVERY_PROMPT_TO_COMFY,
@@ -75,6 +79,7 @@ from bench.processes import (
     request,
 )
 
+SITE_PREFIX = "/comfy"  # where systemd/nginx-comfy-progress.conf serves the API
 WORKERS = 4  # load client processes holding the streams (--workers)
 SATURATED = 0.8
 # Every core busy (the daemon, the load, the fake and whatever else runs here):
@@ -161,12 +166,17 @@ class Bench:
         per_task: int,
         keep_from: int = 0,
         address: Address | str | None = None,
+        prefix: str = "",
     ) -> list[tuple[Any, Connection]]:
         subscriptions = [task for task in tasks for _ in range(per_task)]
         shares = [subscriptions[i :: self.workers] for i in range(self.workers)]
         return self.start_workers(
             load.subscriber_worker,
-            [(address or self.daemon.address, share, keep_from) for share in shares if share],
+            [
+                (address or self.daemon.address, share, keep_from, prefix)
+                for share in shares
+                if share
+            ],
         )
 
     def streams(
@@ -179,21 +189,31 @@ class Bench:
         probe: bool = False,
         light: bool = False,
         address: Address | str | None = None,
+        nginx: NginxCpu | None = None,
     ) -> dict[str, Any]:
         """Open `per_task` streams on each of `tasks` new tasks, play them, measure.
 
         With `light`, only the counts and the last progress state are recorded
         per subscriber (latency then covers the last frame only). The streams go to
-        `address` (a Unix socket's path) if given, else to the daemon's TCP port."""
+        `address` (a Unix socket's path, or nginx's port) if given, else to the daemon's
+        TCP port; `nginx` (in front) has its CPU counted as the daemon's is."""
         steps = spec["steps"]
         created = self.create_tasks(tasks)
         time.sleep(0.5)  # let the daemon settle after the new tasks
         rss_before = self.daemon.rss_kib()
         workers = self.open_streams(
-            created, per_task, keep_from=steps if light else 0, address=address
+            created,
+            per_task,
+            keep_from=steps if light else 0,
+            address=address,
+            prefix="" if nginx is None else SITE_PREFIX,
         )
         rss_open = self.daemon.rss_kib()
+        nginx_sampler = CpuSampler(nginx) if nginx is not None else None
         with contextlib.ExitStack() as stack:
+            if nginx_sampler is not None:
+                nginx_sampler.start()
+                stack.callback(nginx_sampler.stop.set)
             stack.enter_context(self.profiling(name))
             probes = stack.enter_context(self.probing()) if probe else None
             machine0 = machine_ticks()
@@ -264,6 +284,11 @@ class Bench:
             "machine_busy": round(machine, 2),
             "machine_saturated": machine > MACHINE_SATURATED,
         }
+        if nginx_sampler is not None:
+            nginx_cpu = nginx_sampler.at(last_terminal) - nginx_sampler.at(first_frame)
+            row["nginx_cpu_s"] = round(nginx_cpu, 3)
+            row["nginx_cpu_us_per_event"] = round(nginx_cpu / max(delivered, 1) * 1e6, 2)
+            row["relay_cpu_us_per_event"] = round((cpu + nginx_cpu) / max(delivered, 1) * 1e6, 2)
         if probes is not None:
             row["new_requests"] = self.probe_summary(probes)
         self.report(row)
@@ -415,8 +440,8 @@ class Bench:
 
 
 SCENARIOS = (
-    "floor", "latency", "latency_aligned", "fanout", "fanout_unix", "fanout_parallel", "burst",
-    "idle",
+    "floor", "latency", "latency_aligned", "fanout", "fanout_unix", "fanout_nginx",
+    "fanout_parallel", "burst", "idle",
     "soak_10k", "generate",
 )  # fmt: skip
 
@@ -456,7 +481,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 Path(tmp) / "streams",
                 comfy,
                 DAEMON_SETTINGS + EVERY_PROMPT_TO_COMFY,
-                unix_socket="fanout_unix" in only,
+                unix_socket=bool(only & {"fanout_unix", "fanout_nginx"}),
             ) as daemon:
                 sampler = CpuSampler(daemon)
                 sampler.start()
@@ -500,11 +525,31 @@ def run_streams(
         if saturated and not args.no_halve and per_task >= 10:
             halved = f"{name} (halved)"
             bench.streams(halved, tasks, per_task // 2, spec, probe=probe, address=address)
+    if "fanout_nginx" in only:
+        fanout_behind_nginx(bench, n(1000))
     if "soak_10k" in only:
         # 10,000 streams on one task at 20 steps/s for 60 s: everyone must end
         # with `complete`; counts only (a full record would not fit the client).
         spec = {"steps": 1200, "rate": 20}
         bench.streams("soak_10k", 1, n(10_000), spec, probe=True, light=True)
+
+
+def fanout_behind_nginx(bench: Bench, per_task: int) -> None:
+    """The fanout shape through nginx as shipped, reaching the daemon over loopback TCP
+    and then over its Unix socket: the whole relay's CPU per event, both ways."""
+    spec = {"steps": 50, "rate": 50}
+    assert bench.daemon.unix_path is not None
+    upstreams: dict[str, int | Path] = {
+        "TCP": bench.daemon.address[1],
+        "Unix socket": Path(bench.daemon.unix_path),
+    }
+    with tempfile.TemporaryDirectory(prefix="comfy-progress-bench-nginx-") as tmp:
+        for label, upstream in upstreams.items():
+            workdir = Path(tmp) / label.replace(" ", "-")
+            with nginx_front(workdir, upstream) as (address, nginx):
+                bench.streams(
+                    f"fanout_nginx ({label})", 4, per_task, spec, address=address, nginx=nginx
+                )
 
 
 def main() -> int:

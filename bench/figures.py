@@ -77,6 +77,11 @@ def format_row(row: dict[str, Any]) -> str:
         + f"; machine {row['machine_busy']:.0%} busy"
         + (" (machine-saturated)" if row["machine_saturated"] else "")
     )
+    if "nginx_cpu_us_per_event" in row:
+        text += (
+            f"; nginx {row['nginx_cpu_us_per_event']} us/event, daemon and nginx "
+            f"{row['relay_cpu_us_per_event']} us/event"
+        )
     text += f"; RSS +{row['kib_per_open_stream']} KiB per open stream"
     if "new_requests" in row:
         probe = row["new_requests"]

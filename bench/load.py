@@ -148,8 +148,10 @@ def subscriber_worker(
     address: Address,
     subscriptions: list[tuple[str, int]],
     keep_from: int = 0,
+    prefix: str = "",
 ) -> None:
-    """Open one stream per (task id, task number); report ("ready", ...) once each
+    """Open one stream per (task id, task number) (at `prefix`/progress/{id}: behind
+    nginx, /comfy); report ("ready", ...) once each
     holds its first event, then wait for ("go",), then record until every stream
     ended (or ("stop",)), and report ("done", cpu, wall, results). Events with a
     value below `keep_from` are only counted."""
@@ -162,7 +164,7 @@ def subscriber_worker(
         while pending and sum(1 for s in streams.values() if s.head is None) < 200:
             task_id, task = pending.pop()
             request = (
-                f"GET /progress/{task_id} HTTP/1.1\r\nHost: {host}\r\n"
+                f"GET {prefix}/progress/{task_id} HTTP/1.1\r\nHost: {host}\r\n"
                 "Accept: text/event-stream\r\n\r\n"
             ).encode()
             stream = Stream(task, _connect(address), request, keep_from=keep_from)
@@ -354,17 +356,10 @@ def probe_worker(conn: Connection, address: Address, interval: float) -> None:
 # ---------------------------------------------------------------- the floor
 
 
-def floor_reader(
-    conn: Connection, address: tuple[str, int] | str, streams: int, expected: int
-) -> None:
+def floor_reader(conn: Connection, address: Address, streams: int, expected: int) -> None:
     """Connect `streams` sockets to `address` (a path: a Unix socket) and read `expected`
     bytes in all (with `expected` 0: read nothing, and hold them open until told to stop)."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    socks = []
-    for _ in range(streams):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.connect(address)
-        socks.append(sock)
+    socks = [_open(address, timeout=30) for _ in range(streams)]
     if not expected:
         conn.send(("ready", streams))
         conn.recv()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAEMON_SETTINGS = (
@@ -191,10 +192,15 @@ def machine_busy(since: tuple[int, int]) -> float:
     return (busy - since[0]) / max(1, total - since[1])
 
 
-class CpuSampler(threading.Thread):
-    """Samples the daemon's CPU seconds every 5 ms, to read them at any past moment."""
+class HasCpu(Protocol):
+    def cpu_seconds(self) -> float: ...
 
-    def __init__(self, daemon: Daemon) -> None:
+
+class CpuSampler(threading.Thread):
+    """Samples a process's (the daemon's) CPU seconds every 5 ms, to read them at any
+    past moment."""
+
+    def __init__(self, daemon: HasCpu) -> None:
         super().__init__(daemon=True)
         self._daemon = daemon
         self.samples: list[tuple[float, float]] = []

@@ -342,25 +342,27 @@ def render_site(*, upstream: Upstream, listen_port: int, read_timeout: str) -> s
     return site
 
 
-def main_config(prefix: Path, site: Path) -> str:
+def main_config(prefix: Path, site: Path, connections: int = 256) -> str:
     """nginx.conf around the site: everything under `prefix`, in the foreground.
 
     Two http-level settings make the test stricter than Debian's defaults:
     gzip on for event streams and JSON (as an eager admin might set it), and
     X-Accel-Buffering from the daemon ignored, so only the site file's own
     proxy_buffering / gzip settings can keep the stream unbuffered.
+    `connections` per worker count both sides of each proxied request.
     """
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers need our tmp dir
     return f"""\
 daemon off;
 master_process on;
 worker_processes 1;
+worker_rlimit_nofile {connections + 64};
 {user}pid {prefix}/nginx.pid;
 error_log {prefix}/error.log info;
 error_log stderr notice;
 
 events {{
-    worker_connections 256;
+    worker_connections {connections};
 }}
 
 http {{
@@ -406,14 +408,16 @@ class NginxProcess:
             return "(no error log)"
 
 
-def prepare_nginx(tmp_path: Path, upstream: Upstream, read_timeout: str) -> NginxProcess:
+def prepare_nginx(
+    tmp_path: Path, upstream: Upstream, read_timeout: str, connections: int = 256
+) -> NginxProcess:
     """Write the prefix (nginx.conf around the rendered site) and check it with `nginx -t`."""
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
     site = prefix / "comfy-progress.conf"
     site.write_text(render_site(upstream=upstream, listen_port=port, read_timeout=read_timeout))
-    (prefix / "nginx.conf").write_text(main_config(prefix, site))
+    (prefix / "nginx.conf").write_text(main_config(prefix, site, connections))
     checked = subprocess.run(
         [*nginx_command(prefix), "-t", "-q"], capture_output=True, text=True, check=False
     )
@@ -469,10 +473,11 @@ async def run_nginx(
 
 @contextmanager
 def nginx_process(
-    tmp_path: Path, upstream: Upstream, read_timeout: str = "90s"
+    tmp_path: Path, upstream: Upstream, read_timeout: str = "90s", connections: int = 256
 ) -> Iterator[NginxProcess]:
-    """run_nginx for synchronous tests (the Playwright ones): a thread drains stderr."""
-    nginx = prepare_nginx(tmp_path, upstream, read_timeout)
+    """run_nginx for synchronous tests (the Playwright ones, and the benchmark's
+    fanout behind nginx): a thread drains stderr."""
+    nginx = prepare_nginx(tmp_path, upstream, read_timeout, connections)
     process = subprocess.Popen(
         nginx_command(nginx.prefix),
         stdin=subprocess.DEVNULL,
