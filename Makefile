@@ -59,7 +59,8 @@ test: test-deps lint typecheck pytest jstest
 
 # Figures, not pass/fail: issue 10's relay shapes, the fan-out shape with
 # previews off and on, the event loop's longest steps under hostile uploads,
-# and the relay with and without Redis (needs redis-server: test-deps).
+# the relay with and without Redis, and fan-out behind nginx (needs
+# redis-server and nginx: test-deps).
 bench: setup test-deps
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.previews
