@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,5 +39,16 @@ def nginx_front(workdir: Path, upstream: int | Path) -> Iterator[tuple[tuple[str
     workdir.mkdir(parents=True, exist_ok=True)
     with nginx_process(workdir, upstream, connections=CONNECTIONS) as nginx:
         master = int((nginx.prefix / "nginx.pid").read_text())
-        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        yield ("127.0.0.1", nginx.port), NginxCpu((master, *map(int, children)))
+        yield ("127.0.0.1", nginx.port), NginxCpu((master, *_workers(master)))
+
+
+def _workers(master: int) -> list[int]:
+    """The master's worker processes: it logs that it starts them a moment before
+    they exist, so wait for them (a few ms)."""
+    children = Path(f"/proc/{master}/task/{master}/children")
+    deadline = time.monotonic() + 10
+    while not (found := children.read_text().split()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nginx (pid {master}) started no worker")
+        time.sleep(0.005)
+    return [int(pid) for pid in found]
