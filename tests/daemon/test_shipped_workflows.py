@@ -86,5 +86,5 @@ def test_the_inpaint_mask_covers_the_area() -> None:
     painted = next(b.node for b in area.bind if b.field == "width")
     assert inpaint.graph[painted]["inputs"]["value"] == 1.0
     composite = next(b.node for b in area.bind if b.field == "x")
-    assert inpaint.graph[composite]["inputs"]["source"] == [painted, 0]
+    assert inpaint.graph[composite]["inputs"]["source"] == (painted, 0)  # a link
     assert inpaint.graph[composite]["inputs"]["operation"] == "add"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import re
 from dataclasses import replace
@@ -48,6 +50,15 @@ def test_defaults_fill_what_the_request_leaves_out() -> None:
     assert checked.area is None
 
 
+def test_links_are_tuples_the_collector_stops_tracking_and_json_writes_as_arrays() -> None:
+    graph = bind(check_request(txt2img(), request(), seed=2**64 - 1))
+    link = graph["6"]["inputs"]["clip"]
+    gc.collect()
+    # A list would stay tracked, and be scanned by every collection while the task lives.
+    assert not gc.is_tracked(link)
+    assert json.loads(json.dumps(graph))["6"]["inputs"]["clip"] == ["4", 1]
+
+
 def test_bind_puts_each_value_into_its_inputs_and_leaves_the_template_alone() -> None:
     workflow = txt2img()
     given = request(
@@ -59,7 +70,7 @@ def test_bind_puts_each_value_into_its_inputs_and_leaves_the_template_alone() ->
         checkpoint="sd_xl_base_1.0.safetensors",
     )
     graph = bind(check_request(workflow, given, seed=2**64 - 1))
-    assert graph["6"]["inputs"] == {"text": "a fox", "clip": ["4", 1]}
+    assert graph["6"]["inputs"] == {"text": "a fox", "clip": ("4", 1)}  # a link: a tuple
     assert graph["7"]["inputs"]["text"] == "blurry"
     assert graph["5"]["inputs"] == {"width": 768, "height": 512, "batch_size": 1}
     sampler = graph["3"]["inputs"]
@@ -70,8 +81,10 @@ def test_bind_puts_each_value_into_its_inputs_and_leaves_the_template_alone() ->
     assert graph["4"]["inputs"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
     assert workflow.graph["6"]["inputs"]["text"] == ""  # the template is untouched
     assert workflow.graph["5"]["inputs"]["width"] == 512
-    graph["3"]["inputs"]["model"].append("x")
-    assert workflow.graph["3"]["inputs"]["model"] == ["4", 0]  # nothing shared
+    graph["3"]["inputs"]["model"] = ("9", 0)
+    graph["3"]["inputs"]["extra"] = 1
+    assert workflow.graph["3"]["inputs"]["model"] == ("4", 0)  # no dict shared (links
+    assert "extra" not in workflow.graph["3"]["inputs"]  # are tuples: nothing to change)
 
 
 def test_copy_graph_is_deep_keeps_types_and_carries_what_marshal_cannot() -> None:
