@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -23,6 +21,7 @@ from daemon.http.types import Headers
 from daemon.http.unix_listener import UnixListenError, open_unix_listener
 from daemon.simulator import SimulatorConfig
 from tests.daemon.harness import Daemon, running_daemon
+from tests.ops.harness import short_directory
 
 HELD = SimulatorConfig(step_time=0.01, manual_steps=True)  # prompts wait for grant_steps()
 
@@ -30,11 +29,8 @@ HELD = SimulatorConfig(step_time=0.01, manual_steps=True)  # prompts wait for gr
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     """A short directory: a socket path has at most 107 bytes, pytest's tmp_path can be longer."""
-    path = Path(tempfile.mkdtemp(prefix="cp-unix-", dir="/tmp"))
-    try:
+    with short_directory() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def dead_socket_file(path: Path) -> None:

@@ -18,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from daemon.comfy.backend import BackendSettings, ComfyBackend
-from daemon.comfy.websocket import MAX_BATCH, wrap_client_stream
+from daemon.comfy.websocket import MAX_BATCH, BatchingWebSocket, wrap_client_stream
 from daemon.tasks.actor import TaskActor
 from daemon.tasks.broadcast import Broadcaster
 from tests.daemon.test_coalescing import submitted_actor
@@ -86,21 +86,29 @@ def progress(prompt_id: str, value: int) -> str:
     return frame("progress", prompt_id=prompt_id, node="3", value=value, max=10)
 
 
+async def connect(
+    server: BatchServer, nursery: trio.Nursery, *, queue: int, buffer: int
+) -> tuple[trio.SocketStream, BatchingWebSocket]:
+    """A BatchingWebSocket to `server` with a message queue of `queue` and reads of `buffer`."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    ws = await wrap_client_stream(
+        nursery,
+        stream,
+        "127.0.0.1",
+        "/ws",
+        max_message_size=1 << 20,
+        message_queue_size=queue,
+        receive_buffer_size=buffer,
+    )
+    await server.connected.wait()
+    return stream, ws
+
+
 async def test_frames_written_together_are_taken_as_one_batch_in_order() -> None:
     frames = [progress("p", value) for value in range(1, 41)]
     with trio.fail_after(10):
         async with batch_server() as (server, nursery):
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                "127.0.0.1",
-                "/ws",
-                max_message_size=1 << 20,
-                message_queue_size=1024,
-                receive_buffer_size=65536,
-            )
-            await server.connected.wait()
+            stream, ws = await connect(server, nursery, queue=1024, buffer=65536)
             await server.send_together(frames)
             # trio-websocket's own channel hand-over yields after each message,
             # so the first call would see one frame.
@@ -118,17 +126,7 @@ async def test_a_batch_takes_at_most_max_batch_messages_so_the_consumer_yields_b
     frames = [progress("p", value) for value in range(MAX_BATCH * 2 + 5)]
     with trio.fail_after(10):
         async with batch_server() as (server, nursery):
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                "127.0.0.1",
-                "/ws",
-                max_message_size=1 << 20,
-                message_queue_size=4 * MAX_BATCH,
-                receive_buffer_size=1 << 20,
-            )
-            await server.connected.wait()
+            stream, ws = await connect(server, nursery, queue=4 * MAX_BATCH, buffer=1 << 20)
             await server.send_together(frames)
             taken: list[str | bytes] = []
             while len(taken) < len(frames):
