@@ -47,6 +47,7 @@ from daemon.http.unix_listener import open_unix_listener
 from daemon.images.previews import PreviewStore
 from daemon.images.retention import ImageJanitor, RetentionPolicy
 from daemon.images.store import ImageStore
+from daemon.ops.data_dir_lock import DataDirLock
 from daemon.ops.metrics import DaemonMetrics
 from daemon.ops.systemd import ServiceStatus, Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
@@ -242,12 +243,14 @@ class App:
     ) -> None:
         config = self.config
         shared = self.shared
-        # Unix socket files we bound, removed once everything has stopped.
+        # Unix socket files we bound, and the data directory's lock: let go of
+        # once everything has stopped.
         socket_files = contextlib.ExitStack()
         with socket_files, self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 urls = await self._backend_urls(nursery)
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+                socket_files.callback(DataDirLock(config.data_dir).release)
                 await self.images.open()
                 await self.journal.open()
                 records = await self.journal.load()
