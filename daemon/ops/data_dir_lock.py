@@ -33,7 +33,7 @@ class DataDirLock:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DataDirInUse(
-                f"the data directory {directory} is in use by another comfy-progress"
+                f"the data directory {directory.resolve()} is in use by another comfy-progress"
                 f" (pid {holder}): give each daemon its own data_dir"
             ) from None
         except BaseException:
