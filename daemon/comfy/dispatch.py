@@ -7,12 +7,24 @@ Whenever something changes (a `status` frame, a connect, a reading, a new
 task), the least loaded backend with room takes the oldest waiting task it
 can run; a task only another backend can run does not hold up the line.
 
+A waiting task is told how many prompts will run before it: the tasks ahead
+of it here plus the prompts already in the ComfyUI it will go to (the
+smallest `load()` among the backends that take work and can run it; none
+such, e.g. all disconnected: the tasks ahead of it here only). A task waits
+here only while those backends are full, so counting only our queue would
+tell the first one "0 ahead" and then, once in ComfyUI's queue, "1 ahead".
+
 Costs stay flat with a long queue: a new ticket is told its own position
 only (nobody else's changed), the positions behind a ticket that left are
 told once per batch of departures (a shutdown that cancels a thousand
 waiting tasks tells each position once, not a thousand times), and tasks
 waiting for a backend that can run them are woken only when what the
 backends can run changed (`availability`), not on every `status` frame.
+When what the backends hold changes (a load, a connection, a reading),
+every waiting ticket's count is worked out again, once per distinct `needs`
+for the backends' part, and told only where it changed; in a saturated
+steady state each backend's load stays at `max_pending` (a finished prompt
+is replaced by the next one within the same look), so that adds nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +49,8 @@ class Ticket:
 
     task_id: str
     needs: Needs
-    on_position: Callable[[int], None] = lambda ahead: None  # tasks ahead of it in our queue
+    # Prompts that run before it: tasks ahead of it in our queue + those in its ComfyUI.
+    on_position: Callable[[int], None] = lambda ahead: None
     backend: ComfyBackend | None = None
     # Set when a backend is handed to it and when what the backends can run
     # changed (`availability`): one event to wait on for both, so a queued task
@@ -53,6 +66,9 @@ class Dispatcher:
         self._waiting: list[Ticket] = []
         # Tickets from this index on may have been told an outdated position.
         self._stale_from = 0
+        # What the backends held when positions were last told: if it changed,
+        # every waiting ticket's count may have.
+        self._told_holdings: tuple[object, ...] = ()
         # Fired when a backend started or stopped taking work, or what it can run
         # changed: then `runnable_now` may answer differently.
         self.availability = Signal()
@@ -162,12 +178,39 @@ class Dispatcher:
     def _positions(self) -> None:
         """Tell every ticket whose position changed its new one."""
         waiting = self._waiting
-        for ahead in range(self._stale_from, len(waiting)):
-            ticket = waiting[ahead]
+        start = self._stale_from
+        holdings = self._holdings()
+        if holdings != self._told_holdings:
+            self._told_holdings = holdings
+            start = 0
+        bases: dict[Needs, int] = {}  # tickets mostly share a few graphs' needs
+        for index in range(start, len(waiting)):
+            ticket = waiting[index]
+            base = bases.get(ticket.needs)
+            if base is None:
+                base = bases[ticket.needs] = self._held_before(ticket.needs)
+            ahead = index + base
             if ticket.ahead != ahead:
                 ticket.ahead = ahead
                 ticket.on_position(ahead)
         self._stale_from = len(waiting)
+
+    def _holdings(self) -> tuple[object, ...]:
+        """What `_held_before` depends on, per backend."""
+        pool = self.pool
+        return tuple(
+            (b.load() if pool.takes_work(b) else None, pool.capabilities.get(b.name))
+            for b in pool.backends
+        )
+
+    def _held_before(self, needs: Needs) -> int:
+        """Prompts in the ComfyUI a task with these needs will go to (the least loaded
+        one that can run it: dispatch's choice); 0 when none takes work now."""
+        pool = self.pool
+        return min(
+            (b.load() for b in pool.backends if pool.takes_work(b) and pool.can_run(b, needs)),
+            default=0,
+        )
 
     def runnable_now(self, needs: Needs) -> bool:
         """Is some connected, read backend able to run this (room or not)?"""
