@@ -4,15 +4,19 @@ count only goes down on its way from our queue through ComfyUI's to running."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
+from daemon.http.client import http_request
 from daemon.simulator import SimulatorConfig
 from daemon.tasks.actor import TaskActor
 from tests.daemon.harness import Pool, payloads, read_events, running_pool
 from tests.daemon.test_pool import actor_of, wait_state, wait_until
+from tests.simulator.test_workflows import txt2img
 
 MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
 STEPS = 2  # sampler steps per prompt: granting them finishes exactly one prompt
@@ -104,3 +108,50 @@ async def test_with_no_backend_connected_only_our_queue_counts(tmp_path: Path) -
         # Nothing is known to be ahead of them but our own queue.
         await wait_until(pool, lambda: ahead_of(waiting[0]) != 2)
         assert [ahead_of(a) for a in waiting] == [0, 1]
+
+
+async def test_a_waiting_tasks_count_does_not_rise_with_a_load(tmp_path: Path) -> None:
+    """A load read from `status` frames wobbles (frames race our POST replies), so a
+    rise in it is not told, even when a later fall has counts worked out again. Here
+    the rise is real, two prompts of another client: the count stays short of them
+    until the task is in ComfyUI's queue (read from /queue), and never goes up."""
+    async with running_pool(tmp_path, [MANUAL], comfy_silence_timeout=3600) as pool:
+        await pool.all_read()
+        first = actor_of(pool, await pool.generate(seed=1, steps=STEPS))
+        second = actor_of(pool, await pool.generate(seed=2, steps=STEPS))
+        await wait_state(second, lambda s: s.submitted)
+        third_id = await pool.generate(seed=3, steps=STEPS)
+        third = actor_of(pool, third_id)
+        fourth = actor_of(pool, await pool.generate(seed=4, steps=STEPS))
+        assert (ahead_of(third), ahead_of(fourth)) == (2, 3)
+        streamed: list[dict[str, Any]] = []
+        async with trio.open_nursery() as nursery:
+            live = trio.Event()
+
+            async def follow() -> None:
+                streamed.extend(payloads(await read_events(pool.url, third_id, first_event=live)))
+
+            nursery.start_soon(follow)
+            await live.wait()
+            simulator = pool.simulators[0]
+            backend = pool.app.pool.backends[0]
+            for seed in (5, 6):  # not the same graph twice: ComfyUI would run it from cache
+                graph = txt2img(seed=seed, steps=STEPS, width=64, height=64)
+                body = json.dumps({"prompt": graph})
+                reply = await http_request("POST", f"{simulator.url}/prompt", body=body.encode())
+                assert reply.status == 200, reply.body
+            await wait_until(pool, lambda: backend.queue_remaining == 4)
+            await finish_running_prompt(pool, first)  # the load falls from 4 to 3
+            await wait_until(pool, lambda: backend.queue_remaining == 3)
+            await trio.testing.wait_all_tasks_blocked()  # the dispatcher has looked
+            assert (ahead_of(third), ahead_of(fourth)) == (2, 3)
+
+            await finish_running_prompt(pool, second)  # the stranger's prompts run
+            simulator.grant_steps(STEPS)  # the first of them ends: room for the third
+            await wait_state(third, lambda s: s.submitted and s.queue is not None)
+            await wait_state(third, lambda s: s.queue is None or s.queue.ahead != 2)
+            assert (ahead_of(third), ahead_of(fourth)) == (1, 2)
+            simulator.grant_steps(STEPS)  # the second of them ends
+            await finish_running_prompt(pool, third)
+            await finish_running_prompt(pool, fourth)
+        assert told_ahead(streamed) == [2, 1, -1]
