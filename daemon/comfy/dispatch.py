@@ -7,12 +7,30 @@ Whenever something changes (a `status` frame, a connect, a reading, a new
 task), the least loaded backend with room takes the oldest waiting task it
 can run; a task only another backend can run does not hold up the line.
 
+A waiting task is told how many prompts will run before it: the tasks ahead
+of it here plus the prompts already in the ComfyUI it will go to (the
+smallest `load()` among the backends that take work and can run it; none
+such, e.g. all disconnected: the tasks ahead of it here only). A task waits
+here only while those backends are full, so counting only our queue would
+tell the first one "0 ahead" and then, once in ComfyUI's queue, "1 ahead".
+A load read from `status` frames wobbles (a frame ComfyUI sent before our
+POST arrived after it, or after its reply), so a waiting task's count never
+rises with a load: it rises only when what the backends can run changed (a
+connect, a disconnect, a reading), as it does when one comes back.
+
 Costs stay flat with a long queue: a new ticket is told its own position
 only (nobody else's changed), the positions behind a ticket that left are
 told once per batch of departures (a shutdown that cancels a thousand
 waiting tasks tells each position once, not a thousand times), and tasks
 waiting for a backend that can run them are woken only when what the
 backends can run changed (`availability`), not on every `status` frame.
+Counts are worked out for every waiting ticket again only when a load fell
+or what the backends can run changed (the backends' part once per distinct
+`needs`), and told only where they changed. In a saturated steady state a
+backend's load stays at `max_pending` (a finished prompt is replaced within
+the same look) and this adds nothing; where loads wobble, it adds at most
+one pass per `status` frame, the same order as the pass every departure
+from the head of the line costs anyway.
 """
 
 from __future__ import annotations
@@ -37,7 +55,8 @@ class Ticket:
 
     task_id: str
     needs: Needs
-    on_position: Callable[[int], None] = lambda ahead: None  # tasks ahead of it in our queue
+    # Prompts that run before it: tasks ahead of it in our queue + those in its ComfyUI.
+    on_position: Callable[[int], None] = lambda ahead: None
     backend: ComfyBackend | None = None
     # Set when a backend is handed to it and when what the backends can run
     # changed (`availability`): one event to wait on for both, so a queued task
@@ -53,6 +72,10 @@ class Dispatcher:
         self._waiting: list[Ticket] = []
         # Tickets from this index on may have been told an outdated position.
         self._stale_from = 0
+        # The backends as positions were last worked out: when a load fell or
+        # what they can run changed, every waiting ticket's count may have.
+        self._told_availability: tuple[object, ...] = ()
+        self._told_loads: tuple[int, ...] = ()
         # Fired when a backend started or stopped taking work, or what it can run
         # changed: then `runnable_now` may answer differently.
         self.availability = Signal()
@@ -162,12 +185,36 @@ class Dispatcher:
     def _positions(self) -> None:
         """Tell every ticket whose position changed its new one."""
         waiting = self._waiting
-        for ahead in range(self._stale_from, len(waiting)):
-            ticket = waiting[ahead]
-            if ticket.ahead != ahead:
+        start = self._stale_from
+        availability = self._availability()
+        loads = tuple(b.load() for b in self.pool.backends)
+        may_rise = availability != self._told_availability
+        if may_rise or any(new < old for new, old in zip(loads, self._told_loads, strict=False)):
+            start = 0
+        self._told_availability, self._told_loads = availability, loads
+        bases: dict[Needs, int] = {}  # tickets mostly share a few graphs' needs
+        for index in range(start, len(waiting)):
+            ticket = waiting[index]
+            base = bases.get(ticket.needs)
+            if base is None:
+                base = bases[ticket.needs] = self._held_before(ticket.needs)
+            ahead = index + base
+            told = ticket.ahead
+            if told is not None and ahead > told and not may_rise:
+                continue  # a load wobbled up: keep the lower count
+            if told != ahead:
                 ticket.ahead = ahead
                 ticket.on_position(ahead)
         self._stale_from = len(waiting)
+
+    def _held_before(self, needs: Needs) -> int:
+        """Prompts in the ComfyUI a task with these needs will go to (the least loaded
+        one that can run it: dispatch's choice); 0 when none takes work now."""
+        pool = self.pool
+        return min(
+            (b.load() for b in pool.backends if pool.takes_work(b) and pool.can_run(b, needs)),
+            default=0,
+        )
 
     def runnable_now(self, needs: Needs) -> bool:
         """Is some connected, read backend able to run this (room or not)?"""

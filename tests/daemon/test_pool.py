@@ -75,7 +75,8 @@ async def test_dispatch_spreads_work_and_respects_max_pending(tmp_path: Path) ->
         assert len(waiting) == 1
         latest = waiting[0].broadcaster.latest
         assert latest is not None
-        assert latest.payload["queue"] == {"position": 1, "ahead": 0}
+        # First in our queue, behind the two prompts in the ComfyUI it will go to.
+        assert latest.payload["queue"] == {"position": 3, "ahead": 2}
         assert latest.payload["phase"] == "queued"
         backends = (await pool.request("GET", "/backends")).json()
         assert [b["tasks"] for b in backends["backends"]] == [2, 2, 2]
