@@ -55,6 +55,8 @@ MESSAGE_QUEUE = 1024
 # Sent first on every connection (only a first message counts, FACTS §1): previews
 # then arrive as type 4 frames that name their prompt.
 FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+# The frames that end a prompt, whichever way (FACTS: each is followed by `status`).
+_PROMPT_ENDS = (comfy.ExecutionSuccess, comfy.ExecutionError, comfy.ExecutionInterrupted)
 QUEUE_READ_SPACING = 20  # wait 20x as long as a /queue reading took before the next
 
 
@@ -133,6 +135,9 @@ class ComfyBackend:
         self.queue_remaining: int | None = None  # None: no `status` since the socket opened
         self.unseen_submissions = 0  # POSTed since the last `status` frame
         self.reserved = 0  # handed a task that is being submitted
+        # Our prompts POSTed here whose end we have not seen: ComfyUI holds at least
+        # these, whatever a late `status` frame says.
+        self._ours_held: set[str] = set()
         self.last_error = ""
         self._queue_lock = trio.Lock()
         self._queue_cache: QueueReading | None = None
@@ -156,8 +161,15 @@ class ComfyBackend:
             self.connected_changed.fire()
 
     def load(self) -> int:
-        """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know."""
-        return (self.queue_remaining or 0) + self.unseen_submissions + self.reserved
+        """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know.
+
+        A `status` frame ComfyUI sent before it queued our latest prompt can come
+        after the POST's reply (another connection) and reset `unseen_submissions`
+        without counting it: our own prompts it holds are the floor of its count.
+        Without that floor a burst of tasks put 6 prompts into a ComfyUI whose
+        room was 2 (tests/daemon/test_dispatch_room.py)."""
+        counted = (self.queue_remaining or 0) + self.unseen_submissions
+        return max(counted, len(self._ours_held)) + self.reserved
 
     def subscribe(
         self, prompt_id: str, *, deliver: Deliver = _drop, settle: Settle | None = None
@@ -167,10 +179,18 @@ class ComfyBackend:
         them they are dropped: the task only polls)."""
         return PromptSubscription(self, prompt_id, deliver=deliver, settle=settle)
 
-    def note_submitted(self) -> None:
-        """We POSTed a prompt; it counts until the next `status` frame does."""
+    def note_submitted(self, prompt_id: str) -> None:
+        """We POSTed a prompt; it counts until the next `status` frame does, and
+        toward the floor of the load until its end (or `note_gone`)."""
         self.unseen_submissions += 1
+        self._ours_held.add(prompt_id)
         self.queue_changed.fire()
+
+    def note_gone(self, prompt_id: str) -> None:
+        """Our prompt left this ComfyUI (ended, deleted, lost, or no longer followed)."""
+        if prompt_id in self._ours_held:
+            self._ours_held.discard(prompt_id)
+            self.queue_changed.fire()
 
     async def read_queue(self, *, not_before: float) -> QueueReading:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
@@ -410,6 +430,10 @@ class ComfyBackend:
             self.unseen_submissions = 0
             self.queue_changed.fire()
             return
+        if isinstance(event, _PROMPT_ENDS):
+            # Before the `status` frame that stops counting it (FACTS: the end, then
+            # status, then executing{node: null}).
+            self._ours_held.discard(event.prompt_id)
         if isinstance(event, comfy.FeatureFlags):
             log.info(
                 "%s previews: %s",

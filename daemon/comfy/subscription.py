@@ -76,7 +76,7 @@ class PromptSubscription:
     def submitted(self) -> None:
         """The prompt was POSTed under the backend's current client id: it counts
         toward the backend's load until the next `status` frame does."""
-        self._backend.note_submitted()
+        self._backend.note_submitted(self.prompt_id)
         self._generation = self._backend.client_generation
 
     def note_running(self) -> None:
@@ -88,3 +88,4 @@ class PromptSubscription:
         """Stop routing the prompt's frames here (idempotent)."""
         self.closed = True
         self._backend.router.close(self._route)
+        self._backend.note_gone(self.prompt_id)  # (lost, deleted, or no longer ours to count)

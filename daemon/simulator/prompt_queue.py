@@ -38,11 +38,13 @@ class PromptQueue:
         self._running: dict[int, QueueItem] = {}
         self._task_counter = 0
         self._wakeup = trio.Event()
+        self.most = 0  # the most prompts it ever held at once (running and pending)
 
     def put(self, item: QueueItem) -> None:
         """Queue a prompt and announce the new length."""
         heapq.heappush(self._heap, (item.number, item.prompt_id, self._seq, item))
         self._seq += 1
+        self.most = max(self.most, self.remaining())
         self._on_change()
         self._wakeup.set()
 
