@@ -1,6 +1,6 @@
 """Benchmarks: how fast the daemon relays and fans out, and what it costs.
 
-    make bench                                   # every scenario, ~5 minutes
+    make bench                                   # every scenario, ~3 minutes
     make bench BENCH_ARGS="--only fanout --scale 0.25"
 
 Three processes (plus the load client's workers), all on 127.0.0.1: the
