@@ -24,4 +24,4 @@ async def test_a_burst_never_puts_more_than_max_pending_prompts_into_comfyui(
         with trio.fail_after(60):
             for task_id in task_ids:
                 await actor_of(pool, task_id).finished.wait()
-        assert pool.simulators[0].engine.queue.most == 2
+        assert pool.simulators[0].engine.queue.most <= 2  # room: backend_max_pending
