@@ -243,14 +243,14 @@ class App:
     ) -> None:
         config = self.config
         shared = self.shared
-        # Unix socket files we bound, and the data directory's lock: let go of
-        # once everything has stopped.
-        socket_files = contextlib.ExitStack()
-        with socket_files, self._cancel_scope:
+        # What is let go of once everything has stopped: the data directory's
+        # lock, and the Unix socket file we bound.
+        held = contextlib.ExitStack()
+        with held, self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 urls = await self._backend_urls(nursery)
                 await trio.Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-                socket_files.callback(DataDirLock(config.data_dir).release)
+                held.callback(DataDirLock(config.data_dir).release)
                 await self.images.open()
                 await self.journal.open()
                 records = await self.journal.load()
@@ -293,7 +293,7 @@ class App:
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
                 if listeners is None:
-                    listeners = self.systemd.listeners() or await self._bind(socket_files)
+                    listeners = self.systemd.listeners() or await self._bind(held)
                 await nursery.start(self._run_server, listeners)
                 bound = bound_to(listeners[0].socket.getsockname(), urls)
                 if worker_only:
@@ -311,14 +311,14 @@ class App:
                 await nursery.start(self.systemd.run, self.service_status(), status)
                 task_status.started(bound)
 
-    async def _bind(self, socket_files: contextlib.ExitStack) -> list[trio.SocketListener]:
+    async def _bind(self, held: contextlib.ExitStack) -> list[trio.SocketListener]:
         """Listen where `listen` says: HOST:PORT, or a Unix socket (removed at exit)."""
         config = self.config
         path = config.listen_unix_path
         if path is None:
             return await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
         listener, socket_file = open_unix_listener(path, config.listen_socket_mode)
-        socket_files.callback(socket_file.remove_if_ours)
+        held.callback(socket_file.remove_if_ours)
         return [listener]
 
     @property

@@ -163,39 +163,32 @@ async def post(daemon: Daemon, client: str) -> ClientResponse:
     )
 
 
+async def statuses_behind(
+    tmp_path: Path, socket_dir: Path, trusted_proxies: str, clients: list[str]
+) -> list[int]:
+    """POST /generate over the Unix socket once per X-Forwarded-For client, with one
+    unfinished task allowed per client: the statuses."""
+    async with running_daemon(
+        tmp_path,
+        simulator=HELD,
+        listen=f"unix:{socket_dir / 'http.sock'}",
+        max_queued_tasks_per_client=1,
+        trusted_proxies=trusted_proxies,
+    ) as daemon:
+        return [(await post(daemon, client)).status for client in clients]
+
+
 async def test_trusted_proxies_unix_names_the_client_from_x_forwarded_for(
     tmp_path: Path, socket_dir: Path
 ) -> None:
-    path = socket_dir / "http.sock"
-    async with running_daemon(
-        tmp_path,
-        simulator=HELD,
-        listen=f"unix:{path}",
-        max_queued_tasks_per_client=1,
-        trusted_proxies="unix",
-    ) as daemon:
-        statuses = [
-            (await post(daemon, "203.0.113.1")).status,
-            (await post(daemon, "203.0.113.1")).status,
-            (await post(daemon, "203.0.113.2")).status,  # another client behind the proxy
-        ]
-    assert statuses == [202, 429, 202]
+    # The second client is another one behind the proxy.
+    clients = ["203.0.113.1", "203.0.113.1", "203.0.113.2"]
+    assert await statuses_behind(tmp_path, socket_dir, "unix", clients) == [202, 429, 202]
 
 
 async def test_without_it_every_unix_peer_is_one_client(tmp_path: Path, socket_dir: Path) -> None:
-    path = socket_dir / "http.sock"
-    async with running_daemon(
-        tmp_path,
-        simulator=HELD,
-        listen=f"unix:{path}",
-        max_queued_tasks_per_client=1,
-        trusted_proxies="127.0.0.1",
-    ) as daemon:
-        statuses = [
-            (await post(daemon, "203.0.113.1")).status,
-            (await post(daemon, "203.0.113.2")).status,  # the header is ignored
-        ]
-    assert statuses == [202, 429]
+    clients = ["203.0.113.1", "203.0.113.2"]  # the header is ignored
+    assert await statuses_behind(tmp_path, socket_dir, "127.0.0.1", clients) == [202, 429]
 
 
 def test_client_address_of_a_unix_peer() -> None:
