@@ -21,6 +21,7 @@ probe ComfyUI over HTTP and replace the socket. After every reconnect,
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -93,11 +94,23 @@ def save_client_id(path: Path, client_id: str) -> None:
     temporary.replace(path)
 
 
+_moments = itertools.count(1)
+
+
+def moment() -> int:
+    """A number above every one handed out before: it orders two events exactly,
+    where Trio's clock may read the same for both (coarse, or a test's mock clock
+    standing still while tasks run)."""
+    return next(_moments)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueReading:
-    """One GET /queue answer and when (Trio time) it was asked for."""
+    """One GET /queue answer and when it was asked for: Trio time (for spacing
+    readings) and the `moment()` (for ordering it against a submission)."""
 
     taken_at: float
+    started: int
     snapshot: comfy.QueueSnapshot
 
 
@@ -192,18 +205,25 @@ class ComfyBackend:
             self._ours_held.discard(prompt_id)
             self.queue_changed.fire()
 
-    async def read_queue(self, *, not_before: float) -> QueueReading:
+    async def read_queue(
+        self, *, not_before: float = -math.inf, started_after: int = 0
+    ) -> QueueReading:
         """GET /queue, shared: a reading taken at or after `not_before` (Trio time)
-        is reused, so many tasks asking at once cost one request."""
+        and asked for after the `moment()` `started_after` is reused, so many tasks
+        asking at once cost one request."""
         async with self._queue_lock:
             cached = self._queue_cache
-            if cached is not None and cached.taken_at >= not_before:
+            if (
+                cached is not None
+                and cached.taken_at >= not_before
+                and cached.started > started_after
+            ):
                 return cached
-            taken_at = trio.current_time()
+            taken_at, started = trio.current_time(), moment()
             snapshot = await self.http.queue()
             self.queue_reads += 1
             self.queue_read_cost = trio.current_time() - taken_at
-            self._queue_cache = QueueReading(taken_at, snapshot)
+            self._queue_cache = QueueReading(taken_at, started, snapshot)
             return self._queue_cache
 
     def queue_read_spacing(self, minimum: float) -> float:

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import trio
 
-from daemon.comfy.backend import ComfyBackend
+from daemon.comfy.backend import ComfyBackend, moment
 from daemon.comfy.capabilities import Needs, needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
@@ -147,8 +147,10 @@ class TaskActor:
         self._lost: trio.Event | None = None  # the current attempt's
         self._lost_reason = ""
         self._reconcile_requested: trio.Event | None = None  # the current attempt's
-        self._reconcile_requested_at = -math.inf
-        self._submitted_at = -math.inf
+        # moment()s, not Trio times: a queue reading must be ordered exactly
+        # against these, even when the clock reads the same for both.
+        self._reconcile_asked_moment = 0
+        self._submitted_moment = 0
         # While frames are held back (one is being applied, or the pacer says
         # wait), messages wait in _unpublished: only the newest goes out.
         self._holding = False
@@ -272,7 +274,7 @@ class TaskActor:
         self._scope.cancel()
 
     def request_reconcile(self) -> None:
-        self._reconcile_requested_at = trio.current_time()
+        self._reconcile_asked_moment = moment()
         if self._reconcile_requested is not None:  # else no attempt runs: nothing to ask
             self._reconcile_requested.set()
 
@@ -563,7 +565,7 @@ class TaskActor:
             self.handle(task.SubmitRejected(reply))
             return
         subscription.submitted()
-        self._submitted_at = trio.current_time()
+        self._submitted_moment = moment()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))
 
@@ -606,6 +608,7 @@ class TaskActor:
         """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
         backend = self.backend
         assert backend is not None
+        stale = False  # the last reading was asked for before our submission
         while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
             interval = backend.queue_read_spacing(self.settings.queue_poll_interval)
             if self.state.phase is task.Phase.WAITING:
@@ -614,15 +617,19 @@ class TaskActor:
             changes = backend.queue_changed.count
             # Any recent reading will do, even one from before our submission: a
             # flood of new tasks must not cost a reading of a long queue each.
+            # After one from before it, though, only a later one.
             try:
-                reading = await backend.read_queue(not_before=trio.current_time() - interval)
+                reading = await backend.read_queue(
+                    not_before=trio.current_time() - interval,
+                    started_after=self._submitted_moment if stale else 0,
+                )
             except BackendUnavailable:
                 reading = None
             stale = False
             if reading is not None:
                 position = reading.snapshot.position_of(self.prompt_id)
                 if position is None:
-                    if reading.taken_at >= self._submitted_at:
+                    if reading.started > self._submitted_moment:
                         self.request_reconcile()  # finished already, or gone
                     else:
                         stale = True  # taken before our submission: read again soon
@@ -689,7 +696,7 @@ class TaskActor:
         entry = await http.history(self.prompt_id)
         if entry is None:
             # Any reading taken after the reason to reconcile will do.
-            reading = await backend.read_queue(not_before=self._reconcile_requested_at)
+            reading = await backend.read_queue(started_after=self._reconcile_asked_moment)
             position = reading.snapshot.position_of(self.prompt_id)
             if position is not None:
                 if position.running:

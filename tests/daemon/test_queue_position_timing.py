@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.simulator import SimulatorConfig
+from daemon.comfy.backend import BackendSettings, ComfyBackend, moment
+from daemon.simulator import ComfySimulator, SimulatorConfig
 from tests.daemon.harness import running_pool
 from tests.daemon.test_pool import SAMPLER, actor_of, wait_state
 
@@ -50,3 +51,26 @@ async def test_a_task_submitted_behind_another_shows_its_place_before_the_safety
             )
         # A reading or two (1 s apart), not the 10 s safety poll.
         assert trio.current_time() - submitted_at < 5.0
+
+
+async def test_a_queue_reading_asked_for_before_a_moment_is_never_reused_after_it(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # The clock stands still (as a mock clock does while tasks run, or a coarse one
+    # between two close events): a reading asked for before a submission carries
+    # the submission's Trio time. Reused as "after" it, it would not show the new
+    # prompt, and the task would be declared lost and submitted again.
+    async with trio.open_nursery() as nursery:
+        simulator = ComfySimulator(SimulatorConfig())
+        port = await nursery.start(simulator.run, ("127.0.0.1", 0))
+        backend = ComfyBackend(BackendSettings(url=f"http://127.0.0.1:{port}"))
+        before = await backend.read_queue()
+        assert await backend.read_queue(not_before=trio.current_time()) is before
+        submitted = moment()
+        after = await backend.read_queue(started_after=submitted)
+        assert after is not before
+        assert after.taken_at == before.taken_at
+        assert await backend.read_queue(started_after=submitted) is after
+        assert backend.queue_reads == 2
+        backend.http.pool.close()
+        nursery.cancel_scope.cancel()
