@@ -199,6 +199,14 @@ class ComfyBackend:
         self._ours_held.add(prompt_id)
         self.queue_changed.fire()
 
+    def note_held(self, prompt_id: str) -> None:
+        """Our prompt is in this ComfyUI's queue already (re-attached after a restart,
+        or taken by a POST whose answer was lost): ComfyUI's count has it, and it
+        is part of the floor of the load until its end (or `note_gone`)."""
+        if prompt_id not in self._ours_held:
+            self._ours_held.add(prompt_id)
+            self.queue_changed.fire()
+
     def note_gone(self, prompt_id: str) -> None:
         """Our prompt left this ComfyUI (ended, deleted, lost, or no longer followed)."""
         if prompt_id in self._ours_held:

@@ -79,6 +79,11 @@ class PromptSubscription:
         self._backend.note_submitted(self.prompt_id)
         self._generation = self._backend.client_generation
 
+    def held(self) -> None:
+        """The prompt is in ComfyUI's queue, submitted before (by us before a restart,
+        or by a POST whose answer was lost): it counts toward the backend's load."""
+        self._backend.note_held(self.prompt_id)
+
     def note_running(self) -> None:
         """A /queue reading says the prompt runs (we may have missed its start), so a
         re-sent `executing` without a prompt_id after a reconnect is routed to it."""

@@ -421,7 +421,9 @@ class TaskActor:
                 nursery.start_soon(self._preview_throttle.run)
                 try:
                     if resumed and self.state.submitted:
-                        # Re-attach to the prompt we submitted before the restart.
+                        # Re-attach to the prompt we submitted before the restart
+                        # (held: if it has ended, the reconcile says so).
+                        subscription.held()
                         self.request_reconcile()
                     elif not (resumed and await self._already_known()):
                         await self._submit(backend, subscription)
@@ -592,6 +594,8 @@ class TaskActor:
         try:
             snapshot = await backend.http.queue()
             if snapshot.position_of(self.prompt_id) is not None:
+                if self._subscription is not None:
+                    self._subscription.held()
                 self.handle(task.Submitted(-1))
                 return True
             if await backend.http.history(self.prompt_id) is not None:
