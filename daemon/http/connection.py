@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket as stdlib_socket
 import sys
 import termios
 import time
@@ -107,7 +106,6 @@ class H11Connection:
         "body_ended_by_sink",
         "chunked_body",
         "h11",
-        "read_side_shut",
         "stream",
     )
 
@@ -126,10 +124,8 @@ class H11Connection:
         # How the current response's body is framed: chunked (HTTP/1.1 peers)
         # or close-delimited (HTTP/1.0); set when its head is sent.
         self.chunked_body = False
-        # A SocketSink wrote the body's end itself (see SocketSink.body_ended),
-        # and shut the socket's read side (SocketSink.stop_reading).
+        # A SocketSink wrote the body's end itself (see SocketSink.body_ended).
         self.body_ended_by_sink = False
-        self.read_side_shut = False
 
     # ------------------------------------------------------------ reading
 
@@ -378,17 +374,17 @@ class H11Connection:
 
     # ------------------------------------------------------------ closing
 
+    def may_close_at_once(self) -> bool:
+        """A SocketSink ended the body and nothing is unread: a close now sends
+        our FIN after the data (no reset), nothing to drain."""
+        return self.body_ended_by_sink and _unread_bytes(self.stream) == 0
+
     async def close_gracefully(self) -> None:
         """Half-close, then read and drop what the peer still sends, for a while.
 
         Closing a socket with unread input makes the kernel send a reset, which
         can destroy our last response before the client reads it.
         """
-        if self.read_side_shut and _unread_bytes(self.stream) == 0:
-            # A SocketSink ended the body and shut reading: nothing to drain, and
-            # a close now sends our FIN after the data (no reset).
-            await trio.lowlevel.checkpoint()
-            return
         with (
             trio.move_on_after(self._limits.close_linger_timeout),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
@@ -451,16 +447,10 @@ class SocketSink:
             raise self.failed(exc) from None
 
     def body_ended(self) -> None:
-        """The bytes written included the end of the body (a chunked body's
-        last-chunk): the server then only tells h11, and writes nothing more."""
+        """The bytes written ended the body (a chunked body's last-chunk was in
+        them; a close-delimited one ends as the connection closes): the server
+        writes nothing more, and closes at once if the client sent nothing."""
         self._connection.body_ended_by_sink = True
-
-    def stop_reading(self) -> None:
-        """Shut the socket's read side: a task waiting for the client to leave
-        wakes at once (cheaper than cancelling it), e.g. when the body is done."""
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(stdlib_socket.SHUT_RD)
-            self._connection.read_side_shut = True
 
     def peer_left(self) -> bool:
         """Read (and drop) what the client sent, once: True when it has left."""

@@ -23,7 +23,6 @@ from daemon.api import sse_stream
 from daemon.api.sse_stream import HEARTBEAT, StreamHub
 from daemon.http import HttpLimits
 from daemon.http.client import open_stream
-from daemon.http.connection import SocketSink
 from daemon.http.types import Request, Response, StreamingResponse
 from daemon.tasks.broadcast import Broadcaster, Snapshot
 from protocol.sse import ServerSentEvent, SSEDecoder, encode_event, parse_last_event_id
@@ -273,14 +272,14 @@ async def test_closing_ended_streams_waits_for_the_next_fan_out(
         order.append(f"write {snap.event} {snap.version}")
         write_batch(hub, snap, readers)  # type: ignore[arg-type]
 
-    stop_reading = SocketSink.stop_reading
+    wake = sse_stream._Subscriber.wake  # (here only the ender wakes a stream's task)
 
-    def logged_stop_reading(sink: SocketSink) -> None:
+    def logged_wake(subscriber: sse_stream._Subscriber) -> None:
         order.append("close")
-        stop_reading(sink)
+        wake(subscriber)
 
     monkeypatch.setattr(StreamHub, "_write_batch", logged_write_batch)
-    monkeypatch.setattr(SocketSink, "stop_reading", logged_stop_reading)
+    monkeypatch.setattr(sse_stream._Subscriber, "wake", logged_wake)
     hub = StreamHub(heartbeat_interval=30.0, retry_ms=1000)
     ending, following = Feed(hub), Feed(hub)  # two tasks' broadcasters, one hub
 
