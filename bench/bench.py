@@ -504,12 +504,13 @@ def run_streams(
     bench: Bench, args: argparse.Namespace, only: set[str], n: Callable[[int], int]
 ) -> None:
     """Every scenario but generate, on one daemon that hands ComfyUI every prompt."""
+    tasks, steps = args.fanout_tasks, args.fanout_steps
     stream_scenarios: dict[str, tuple[int, int, dict[str, Any], bool]] = {
         "latency": (20, 5, {"steps": 50, "rate": 20, "parallel": True, "stagger": True}, False),
         "latency_aligned": (20, 5, {"steps": 50, "rate": 20, "parallel": True}, False),
-        "fanout": (4, n(1000), {"steps": 50, "rate": 50}, False),
-        "fanout_unix": (4, n(1000), {"steps": 50, "rate": 50}, False),
-        "fanout_parallel": (4, n(1000), {"steps": 50, "rate": 50, "parallel": True}, True),
+        "fanout": (tasks, n(1000), {"steps": steps, "rate": 50}, False),
+        "fanout_unix": (tasks, n(1000), {"steps": steps, "rate": 50}, False),
+        "fanout_parallel": (tasks, n(1000), {"steps": steps, "rate": 50, "parallel": True}, True),
         "burst": (1, 100, {"steps": 5000, "burst": 0.03}, False),
     }
     if "floor" in only:
@@ -564,6 +565,16 @@ def main() -> int:
         " wakes costs the daemon a wake-up)",
     )
     parser.add_argument("--no-halve", action="store_true", help="skip the halved reruns")
+    parser.add_argument(
+        "--fanout-tasks", type=int, default=4, help="tasks of the fanout shapes (default 4)"
+    )
+    parser.add_argument(
+        "--fanout-steps",
+        type=int,
+        default=50,
+        help="steps per task of the fanout shapes (default 50; few steps and many tasks"
+        " show what ending a stream costs)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon per scenario into DIR")
     parser.add_argument("--json", default="artifacts/bench.json", help="where the rows go")
     args = parser.parse_args()
