@@ -16,6 +16,7 @@ import trio
 
 from daemon.http.client import http_request
 from daemon.ops.systemd import status_line
+from daemon.signals import Signal
 from daemon.simulator import SimulatorConfig
 from daemon.simulator.png import encode_png
 from daemon.tasks.actor import TaskActor
@@ -30,16 +31,20 @@ NO_INPAINT = SimulatorConfig(step_time=0.01, hidden_nodes=("VAEEncodeForInpaint"
 
 async def wait_until(pool: Pool[Any], condition: Callable[[], bool]) -> None:
     """Until `condition()` holds; re-checked on every task or backend change."""
-    app = pool.app
+    signals = (pool.app.registry.changed, pool.app.pool.changed)
     while not condition():
+        # The counts as the condition was checked: a waiter starts a scheduler
+        # round later, and a change fired meanwhile must not be missed.
+        seen = [signal.count for signal in signals]
         async with trio.open_nursery() as nursery:
 
-            async def wake(wait: Callable[[], Any]) -> None:
-                await wait()
+            async def wake(signal: Signal, count: int) -> None:
+                if signal.count == count:
+                    await signal.wait()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(wake, app.registry.changed.wait)
-            nursery.start_soon(wake, app.pool.changed.wait)
+            for signal, count in zip(signals, seen, strict=True):
+                nursery.start_soon(wake, signal, count)
 
 
 async def wait_state(actor: TaskActor, predicate: Callable[[task.TaskState], bool]) -> None:
