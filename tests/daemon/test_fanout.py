@@ -273,10 +273,13 @@ async def test_closing_ended_streams_waits_for_the_next_fan_out(
         write_batch(hub, snap, readers)  # type: ignore[arg-type]
 
     wake = sse_stream._Subscriber.wake  # (here only the ender wakes a stream's task)
+    all_woken = trio.Event()
 
     def logged_wake(subscriber: sse_stream._Subscriber) -> None:
         order.append("close")
         wake(subscriber)
+        if order.count("close") == 4:
+            all_woken.set()
 
     monkeypatch.setattr(StreamHub, "_write_batch", logged_write_batch)
     monkeypatch.setattr(sse_stream._Subscriber, "wake", logged_wake)
@@ -298,8 +301,7 @@ async def test_closing_ended_streams_waits_for_the_next_fan_out(
         order.clear()
         ending.publish(100, terminal=True)
         following.publish(1)
-        while order.count("close") < 4:  # noqa: ASYNC110 - the log is what we wait on
-            await trio.sleep(0.001)
+        await all_woken.wait()
         for stream in streams:
             await stream.aclose()
         nursery.cancel_scope.cancel()
