@@ -578,6 +578,18 @@ def main() -> int:
     parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon per scenario into DIR")
     parser.add_argument("--json", default="artifacts/bench.json", help="where the rows go")
     args = parser.parse_args()
+    if set(args.only or SCENARIOS) & {"fanout", "fanout_parallel", "fanout_nginx"}:
+        # Every subscriber of a TCP fanout shape holds a loopback connection of
+        # its own, all open at once: beyond the ephemeral ports, connects fail.
+        needed = args.fanout_tasks * max(1, int(1000 * args.scale))
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        if needed > (high - low + 1) * 0.9:
+            parser.error(
+                f"the fanout shapes would open {needed} loopback connections at once, more"
+                f" than this machine's {high - low + 1} ephemeral ports"
+                " (net.ipv4.ip_local_port_range) allow: fewer --fanout-tasks, or --only"
+                " fanout_unix"
+            )
     results = run(args)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
