@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.ops.gc_tuning import OLDER_THRESHOLD, YOUNG_THRESHOLD, tune_gc
+from daemon.ops.gc_tuning import MIDDLE_THRESHOLD, OLDEST_THRESHOLD, YOUNG_THRESHOLD, tune_gc
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_tune_gc_freezes_what_exists_and_raises_the_young_threshold() -> None:
     tune_gc()
     assert gc.get_freeze_count() > 0
     assert not any(o is survivor for o in gc.get_objects())  # frozen: no longer scanned
-    assert gc.get_threshold() == (YOUNG_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD)
+    assert gc.get_threshold() == (YOUNG_THRESHOLD, MIDDLE_THRESHOLD, OLDEST_THRESHOLD)
 
 
 @pytest.mark.usefixtures("restored_gc")
