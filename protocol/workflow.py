@@ -534,7 +534,7 @@ def _links_as_tuples(value: Any) -> Any:
     collector stops tracking a tuple of strings and numbers at its first
     collection, never a list: with lists, a queue of 2,000 tasks kept ~10
     more objects each in every older-generation collection (`make bench`,
-    generate: those collections took 30-60 ms, now under 10)."""
+    generate), and each of those collections took longer."""
     if isinstance(value, dict):
         return {key: _links_as_tuples(item) for key, item in value.items()}
     if isinstance(value, list):

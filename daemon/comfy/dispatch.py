@@ -94,7 +94,7 @@ class Dispatcher:
         while True:
             await self.pool.changed.wait()
             self.dispatch()
-            available = self._availability()
+            available = self._told_availability  # (dispatch() has just worked it out)
             if available != self._available:
                 self._available = available
                 self.availability.fire()
