@@ -23,6 +23,9 @@ from protocol.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 
+QUEUE_ITEMS_PER_TURN = 500
+
+
 class BackendUnavailable(Exception):
     """ComfyUI did not answer (refused, timed out, 5xx, or garbage)."""
 
@@ -38,6 +41,8 @@ class ComfyHttp:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
+        # GET /queue items decoded between two checkpoints (a few ms of work).
+        self.queue_items_per_turn = QUEUE_ITEMS_PER_TURN
         # One call per task and more (submit, /queue, /history, /view): keep-alive.
         self.pool = ConnectionPool()
 
@@ -99,11 +104,21 @@ class ComfyHttp:
             raise BackendUnavailable(f"GET /history: {exc}") from None
 
     async def queue(self) -> comfy.QueueSnapshot:
+        """GET /queue. A long queue is megabytes (every item carries its graph):
+        it is decoded a slice of items at a time, with a checkpoint between
+        slices, so that streams and frames are not held up for all of it."""
         response = await self._call("GET", "/queue")
         try:
-            return comfy.parse_queue(self._json(response, "GET /queue"))
+            reader = comfy.QueueReader(response.body.decode())
+            while (snapshot := reader.read(self.queue_items_per_turn)) is None:
+                await trio.lowlevel.checkpoint()
+        except UnicodeDecodeError:
+            raise BackendUnavailable(
+                "GET /queue: ComfyUI answered something that is not UTF-8"
+            ) from None
         except ProtocolError as exc:
             raise BackendUnavailable(f"GET /queue: {exc}") from None
+        return snapshot
 
     async def view(self, image: comfy.ImageRef) -> bytes:
         query = urllib.parse.urlencode(
