@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any, SupportsIndex
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.comfy import QueuePosition, QueueReader, QueueSnapshot, parse_queue
 from protocol.errors import ProtocolError
@@ -159,3 +161,111 @@ def test_a_malformed_queue_answer_says_what_is_wrong(text: str, message: str) ->
         parse_queue(text)
     assert str(caught.value).startswith("queue: ")
     assert message in str(caught.value)
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+QUEUE_ITEMS = st.lists(
+    st.one_of(
+        st.tuples(st.integers() | st.floats(allow_nan=False), st.text(), JSON_VALUES).map(list),
+        JSON_VALUES,  # mostly not an item: must be refused
+    ),
+    max_size=6,
+)
+QUEUE_BODIES = st.one_of(
+    st.fixed_dictionaries(
+        {"queue_running": QUEUE_ITEMS, "queue_pending": QUEUE_ITEMS},
+        optional={"other": JSON_VALUES},
+    ),
+    JSON_VALUES,
+)
+
+
+def reference_parse(body: Any) -> QueueSnapshot | None:
+    """What json.loads and the shapes of the transcripts say the body is (None: refused)."""
+
+    def items(key: str) -> list[tuple[float, str]] | None:
+        value = body.get(key)
+        if not isinstance(value, list):
+            return None
+        out = []
+        for item in value:
+            if not (
+                isinstance(item, list)
+                and len(item) >= 2
+                and isinstance(item[0], int | float)
+                and not isinstance(item[0], bool)
+                and isinstance(item[1], str)
+            ):
+                return None
+            out.append((item[0], item[1]))
+        return out
+
+    if not isinstance(body, dict):
+        return None
+    running, pending = items("queue_running"), items("queue_pending")
+    if running is None or pending is None:
+        return None
+    return QueueSnapshot(
+        running=tuple(pid for _, pid in running), pending=tuple(pid for _, pid in sorted(pending))
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=QUEUE_BODIES,
+    indent=st.sampled_from([None, 0, 2]),
+    compact=st.booleans(),
+    newline=st.text(alphabet=" \t\r\n", min_size=1, max_size=3),
+)
+def test_the_reader_agrees_with_json_loads_on_any_body(
+    body: Any, indent: int | None, compact: bool, newline: str
+) -> None:
+    text = json.dumps(body, indent=indent, separators=(",", ":") if compact else None)
+    text = text.replace("\n", newline)  # (json.dumps escapes those inside strings)
+    expected = reference_parse(body)
+    if expected is None:
+        with pytest.raises(ProtocolError):
+            parse_queue(text)
+    else:
+        assert parse_queue(text) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=QUEUE_BODIES, data=st.data())
+def test_a_cut_or_altered_body_is_refused_with_a_protocol_error_only(
+    body: Any, data: st.DataObject
+) -> None:
+    text = json.dumps(body)
+    cut = data.draw(st.sampled_from([0, len(text)]) | st.integers(0, len(text)))
+    noise = data.draw(st.text(alphabet=' \t\r\n{}[],:"0a\\', max_size=3) | st.text(max_size=2))
+    altered = text[:cut] + noise + text[cut + data.draw(st.integers(0, 2)) :]
+    try:
+        reference = json.loads(altered)
+    except ValueError:
+        with pytest.raises(ProtocolError):
+            parse_queue(altered)
+        return
+    try:
+        snapshot = parse_queue(altered)
+    except ProtocolError:
+        # Refused where json.loads takes it (the last one wins): a list named twice.
+        assert reference_parse(reference) is None or queue_list_named_twice(altered)
+    else:
+        assert snapshot == reference_parse(reference)
+
+
+def queue_list_named_twice(text: str) -> bool:
+    objects: list[list[str]] = []  # each object's field names, innermost first: the top one last
+
+    def names_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append([name for name, _ in pairs])
+        return {}
+
+    json.loads(text, object_pairs_hook=names_of)
+    names = objects[-1] if objects else []
+    return any(names.count(key) > 1 for key in ("queue_running", "queue_pending"))
