@@ -190,20 +190,16 @@ def reference_parse(body: Any) -> QueueSnapshot | None:
 
     def items(key: str) -> list[tuple[float, str]] | None:
         value = body.get(key)
-        if not isinstance(value, list):
+        if type(value) is not list:
             return None
-        out = []
-        for item in value:
-            if not (
-                isinstance(item, list)
-                and len(item) >= 2
-                and isinstance(item[0], int | float)
-                and not isinstance(item[0], bool)
-                and isinstance(item[1], str)
-            ):
-                return None
-            out.append((item[0], item[1]))
-        return out
+        # Each item: [number, prompt_id, ...]; a bool is no number here.
+        heads = [item[:2] if type(item) is list else None for item in value]
+        if not all(
+            head and len(head) == 2 and type(head[0]) in (int, float) and type(head[1]) is str
+            for head in heads
+        ):
+            return None
+        return [(head[0], head[1]) for head in heads if head]
 
     if not isinstance(body, dict):
         return None
