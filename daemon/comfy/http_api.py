@@ -78,7 +78,7 @@ class ComfyHttp:
     def _json(self, response: ClientResponse, what: str) -> Any:
         try:
             return json.loads(response.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested too deeply)
             raise BackendUnavailable(
                 f"{what}: ComfyUI answered something that is not JSON"
             ) from None
