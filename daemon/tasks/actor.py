@@ -95,6 +95,47 @@ class TaskActor:
     requeued under a new prompt_id and the next attempt starts, on any backend.
     """
 
+    # Slots: thousands of tasks may wait at once, and 36 attributes overflow a
+    # shared-key instance dict (a 1.5 KB table of its own per task).
+    __slots__ = (
+        "_crash",
+        "_fetching",
+        "_holding",
+        "_journalled",
+        "_last_message",
+        "_lost",
+        "_lost_reason",
+        "_needs",
+        "_nursery",
+        "_pace_wake",
+        "_pacer",
+        "_preview_throttle",
+        "_reconcile_asked_moment",
+        "_reconcile_requested",
+        "_scope",
+        "_submitted_moment",
+        "_submitting",
+        "_subscription",
+        "_unpublished",
+        "attempts",
+        "backend",
+        "backend_name",
+        "broadcaster",
+        "dispatcher",
+        "finished",
+        "images",
+        "moved",
+        "on_change",
+        "on_publish",
+        "pool",
+        "previews",
+        "resumed",
+        "settings",
+        "source_images",
+        "state",
+        "wall_clock",
+    )
+
     def __init__(
         self,
         state: task.TaskState,
