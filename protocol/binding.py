@@ -15,7 +15,6 @@ Three steps, so that everything is checked before anything reaches ComfyUI:
 from __future__ import annotations
 
 import copy
-import marshal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -134,16 +133,32 @@ def _part(param: Parameter, value: Any, part: str | None, source: SourceImage | 
     return value
 
 
+# Values a graph copy shares with its original: nothing can change them.
+_SHARED_TYPES: Final = frozenset((str, int, float, bool, type(None)))
+
+
 def copy_graph(graph: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of a JSON-shaped graph. Through marshal (C, a quarter of
-    copy.deepcopy's time, shared parts stay shared as deepcopy keeps them);
-    copy.deepcopy for anything marshal cannot carry."""
-    try:
-        copied = marshal.loads(marshal.dumps(dict(graph)))
-    except ValueError:
-        return copy.deepcopy(dict(graph))
-    assert isinstance(copied, dict)
-    return copied
+    """A copy of a JSON-shaped graph that shares nothing mutable with it: dicts
+    and lists are new, strings, numbers and tuples of them (links) are shared.
+    A task holds its graph while it waits: sharing them halves what the copy
+    costs in memory (5.5 -> 2.9 KB for txt2img; a marshal round trip made new
+    strings too). Anything else is copied with copy.deepcopy."""
+    return {k: v if type(v) in _SHARED_TYPES else _copy_value(v) for k, v in graph.items()}
+
+
+def _copy_value(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _SHARED_TYPES else _copy_value(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _SHARED_TYPES else _copy_value(v) for v in value]
+    if kind is tuple:
+        if all(type(v) in _SHARED_TYPES for v in value):
+            return value
+        return tuple(_copy_value(v) for v in value)
+    if kind in _SHARED_TYPES:
+        return value
+    return copy.deepcopy(value)
 
 
 def bind(checked: CheckedRequest, source: SourceImage | None = None) -> dict[str, Any]:

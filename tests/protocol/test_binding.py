@@ -87,16 +87,30 @@ def test_bind_puts_each_value_into_its_inputs_and_leaves_the_template_alone() ->
     assert "extra" not in workflow.graph["3"]["inputs"]  # are tuples: nothing to change)
 
 
-def test_copy_graph_is_deep_keeps_types_and_carries_what_marshal_cannot() -> None:
+def test_copy_graph_shares_nothing_mutable_and_keeps_types() -> None:
     link = ["4", 0]
-    graph = {"3": {"inputs": {"seed": 2**64 - 1, "cfg": 7.0, "tiled": True, "a": link, "b": link}}}
+    nested = ("5", [1])  # a tuple holding a list: copied too
+    graph = {
+        "3": {
+            "inputs": {"seed": 2**64 - 1, "cfg": 7.0, "tiled": True, "a": link, "b": link},
+            "class_type": "KSampler",
+            "links": [("4", 0), nested, {"deep": [link]}],
+        }
+    }
     copied = copy_graph(graph)
     assert copied == graph
     inputs = copied["3"]["inputs"]
     assert (type(inputs["cfg"]), type(inputs["tiled"])) == (float, bool)
-    assert inputs["a"] is inputs["b"]  # shared as deepcopy shares it
     inputs["a"].append("x")
-    assert link == ["4", 0]  # nothing shared with the original
+    copied["3"]["links"][1][1].append(2)
+    copied["3"]["links"][2]["deep"][0].append("y")
+    assert link == ["4", 0]  # nothing mutable shared with the original...
+    assert nested == ("5", [1])
+    assert inputs["b"] == ["4", 0]  # ...nor between two places of the copy
+    # What cannot change is shared: a task's graph costs half the memory.
+    assert copied["3"]["class_type"] is graph["3"]["class_type"]
+    assert copied["3"]["links"][0] is graph["3"]["links"][0]  # type: ignore[index]
+    assert inputs["seed"] is graph["3"]["inputs"]["seed"]  # type: ignore[index]
 
     class Opaque:
         pass
