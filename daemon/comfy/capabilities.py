@@ -8,6 +8,7 @@ backend can run both go by the last reading.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -17,12 +18,19 @@ from daemon.comfy.http_api import ComfyHttp
 CHECKPOINT_INPUT: Final = "ckpt_name"  # the input that binds a checkpoint file
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Needs:
     """What one graph needs from a backend."""
 
     classes: frozenset[str]
     checkpoints: frozenset[str]
+
+
+# The tasks of one workflow need the same: they share one Needs (0.7 KB each
+# otherwise, and thousands of tasks may wait), kept while some task holds it.
+_shared_needs: weakref.WeakValueDictionary[tuple[frozenset[str], frozenset[str]], Needs] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def needs_of(graph: Mapping[str, Any]) -> Needs:
@@ -36,7 +44,8 @@ def needs_of(graph: Mapping[str, Any]) -> Needs:
         inputs = node.get("inputs")
         if isinstance(inputs, dict | Mapping) and isinstance(inputs.get(CHECKPOINT_INPUT), str):
             checkpoints.add(inputs[CHECKPOINT_INPUT])
-    return Needs(frozenset(classes), frozenset(checkpoints))
+    key = (frozenset(classes), frozenset(checkpoints))  # (not the Needs: keys are held)
+    return _shared_needs.setdefault(key, Needs(*key))
 
 
 def combo_options(info: Mapping[str, Any], input_name: str) -> frozenset[str] | None:
