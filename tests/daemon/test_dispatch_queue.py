@@ -11,7 +11,7 @@ import trio.testing
 
 from daemon.comfy.backend import BackendSettings
 from daemon.comfy.capabilities import Needs
-from daemon.comfy.dispatch import Dispatcher, Ticket
+from daemon.comfy.dispatch import POSITIONS_PER_TURN, Dispatcher, Ticket
 from daemon.comfy.pool import BackendPool
 from daemon.simulator import SimulatorConfig
 from tests.daemon.harness import running_pool
@@ -45,6 +45,32 @@ async def test_positions_behind_a_batch_of_departures_are_told_once() -> None:
         assert len(dispatcher) == 1
         # Told once after the batch, not once per ticket that left ahead of it.
         assert told[19] == [19, 0]
+        outer.cancel_scope.cancel()
+
+
+async def test_a_long_queue_is_told_its_new_positions_a_turn_at_a_time() -> None:
+    # Telling a position is a publish: thousands told in one go held up every stream.
+    dispatcher = Dispatcher(unreachable_pool(), max_pending=2)
+    count = 2 * POSITIONS_PER_TURN + 50
+    told: list[list[int]] = [[] for _ in range(count)]
+    async with trio.open_nursery() as outer:
+        await outer.start(dispatcher.run)
+        async with trio.open_nursery() as head:
+            head.start_soon(dispatcher.take, Ticket("task-0", NEEDS, on_position=told[0].append))
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(1, count):
+                ticket = Ticket(f"task-{n}", NEEDS, on_position=told[n].append)
+                outer.start_soon(dispatcher.take, ticket)
+                await trio.testing.wait_all_tasks_blocked()  # (in this order)
+            assert told == [[n] for n in range(count)]
+            head.cancel_scope.cancel()  # the head leaves: every position behind it changes
+        told_so_far = []  # seen by this task, which runs once a turn as the dispatcher does
+        while any(len(positions) < 2 for positions in told[1:]):
+            told_so_far.append(sum(len(positions) == 2 for positions in told[1:]))
+            assert told_so_far[-1] <= POSITIONS_PER_TURN * len(told_so_far)
+            await trio.lowlevel.checkpoint()
+        assert told[1:] == [[n, n - 1] for n in range(1, count)]  # each told once, right
+        assert any(0 < n < count - 1 for n in told_so_far)  # others ran in between
         outer.cancel_scope.cancel()
 
 
