@@ -11,7 +11,7 @@ import trio.testing
 
 from daemon.comfy.backend import BackendSettings
 from daemon.comfy.capabilities import Needs
-from daemon.comfy.dispatch import POSITIONS_PER_TURN, Dispatcher, Ticket
+from daemon.comfy.dispatch import POSITIONS_PER_TURN, WAKES_PER_TURN, Dispatcher, Ticket
 from daemon.comfy.pool import BackendPool
 from daemon.simulator import SimulatorConfig
 from tests.daemon.harness import running_pool
@@ -72,6 +72,32 @@ async def test_a_long_queue_is_told_its_new_positions_a_turn_at_a_time() -> None
         assert told[1:] == [[n, n - 1] for n in range(1, count)]  # each told once, right
         assert any(0 < n < count - 1 for n in told_so_far)  # others ran in between
         outer.cancel_scope.cancel()
+
+
+async def test_a_long_queue_is_woken_a_turn_at_a_time_when_what_backends_can_run_changes() -> None:
+    # A woken task that no backend can run any more publishes `waiting`: thousands
+    # woken in one go would be one long scheduler batch.
+    pool = unreachable_pool()
+    dispatcher = Dispatcher(pool, max_pending=2)
+    tickets = [Ticket(f"task-{n}", NEEDS) for n in range(2 * WAKES_PER_TURN + 50)]
+    wakeups = [ticket.wakeup for ticket in tickets]  # (each taker replaces its own)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        for ticket in tickets:
+            nursery.start_soon(dispatcher.take, ticket)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not any(wakeup.is_set() for wakeup in wakeups)
+        available = dispatcher.availability.count
+        pool.backends[0].connected_changed.fire()  # as a connect or disconnect does
+        pool.changed.fire()
+        woken_so_far = []  # seen by this task, which runs once a turn as the dispatcher does
+        while not all(wakeup.is_set() for wakeup in wakeups):
+            woken_so_far.append(sum(wakeup.is_set() for wakeup in wakeups))
+            assert woken_so_far[-1] <= WAKES_PER_TURN * len(woken_so_far)
+            await trio.lowlevel.checkpoint()
+        assert dispatcher.availability.count == available + 1
+        assert any(0 < n < len(tickets) for n in woken_so_far)  # others ran in between
+        nursery.cancel_scope.cancel()
 
 
 async def test_status_frames_do_not_wake_tasks_waiting_for_a_capable_backend(
