@@ -12,7 +12,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -784,54 +784,48 @@ class QueueReader:
 
     def _decode(self, text: str) -> Iterator[None]:
         """Yields after each queue item it has kept."""
-        pos = self._expect(text, _skip(text, 0), "{", "a JSON object")
-        pos = _skip(text, pos)
-        if text.startswith("}", pos):
-            pos += 1
-        else:
-            while True:
-                start = pos
-                key, pos = _decode_value(text, pos)
-                if not isinstance(key, str):
-                    raise ProtocolError(f"queue: expected a field name at character {start}")
-                pos = self._expect(text, _skip(text, pos), ":", "':'")
-                pos = _skip(text, pos)
-                if key in QUEUE_LISTS:
-                    if key in self._lists:
-                        raise ProtocolError(f"queue: field {key!r} twice")
-                    items = self._lists[key] = []
-                    if not text.startswith("[", pos):
-                        value, _ = _decode_value(text, pos)
-                        got = type(value).__name__
-                        raise ProtocolError(f"queue: field {key!r} should be an array, got {got}")
-                    pos = _skip(text, pos + 1)
-                    if text.startswith("]", pos):
-                        pos += 1
-                    else:
-                        while True:
-                            item, pos = _decode_value(text, pos)
-                            items.append(_queue_item(item, key))
-                            yield None
-                            pos = _skip(text, pos)
-                            if text.startswith("]", pos):
-                                pos += 1
-                                break
-                            pos = _skip(text, self._expect(text, pos, ",", "',' or ']'"))
-                else:
-                    _, pos = _decode_value(text, pos)  # a field we do not use
-                pos = _skip(text, pos)
+        pos = _skip(text, _expect(text, _skip(text, 0), "{", "a JSON object"))
+        if not text.startswith("}", pos):
+            while True:  # a field a round
+                pos = _skip(text, (yield from self._field(text, pos)))
                 if text.startswith("}", pos):
-                    pos += 1
                     break
-                pos = _skip(text, self._expect(text, pos, ",", "',' or '}'"))
-        if _skip(text, pos) != len(text):
+                pos = _skip(text, _expect(text, pos, ",", "',' or '}'"))
+        if _skip(text, pos + 1) != len(text):
             raise ProtocolError("queue: more after the JSON object")
 
-    @staticmethod
-    def _expect(text: str, pos: int, char: str, what: str) -> int:
-        if not text.startswith(char, pos):
-            raise ProtocolError(f"queue: expected {what} at character {pos}")
-        return pos + 1
+    def _field(self, text: str, pos: int) -> Generator[None, None, int]:
+        """One `"name": value` from `pos`, a queue list item by item; returns its end."""
+        key, end = _decode_value(text, pos)
+        if not isinstance(key, str):
+            raise ProtocolError(f"queue: expected a field name at character {pos}")
+        pos = _skip(text, _expect(text, _skip(text, end), ":", "':'"))
+        if key not in QUEUE_LISTS:
+            return _decode_value(text, pos)[1]  # a field we do not use
+        if key in self._lists:
+            raise ProtocolError(f"queue: field {key!r} twice")
+        if not text.startswith("[", pos):
+            got = type(_decode_value(text, pos)[0]).__name__
+            raise ProtocolError(f"queue: field {key!r} should be an array, got {got}")
+        items = self._lists[key] = []
+        pos = _skip(text, pos + 1)
+        if text.startswith("]", pos):
+            return pos + 1
+        while True:  # an item a round
+            item, pos = _decode_value(text, pos)
+            items.append(_queue_item(item, key))
+            yield None
+            pos = _skip(text, pos)
+            if text.startswith("]", pos):
+                return pos + 1
+            pos = _skip(text, _expect(text, pos, ",", "',' or ']'"))
+
+
+def _expect(text: str, pos: int, char: str, what: str) -> int:
+    """Past `char` at `pos`."""
+    if not text.startswith(char, pos):
+        raise ProtocolError(f"queue: expected {what} at character {pos}")
+    return pos + 1
 
 
 def _skip(text: str, pos: int) -> int:

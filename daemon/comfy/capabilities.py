@@ -45,7 +45,10 @@ def needs_of(graph: Mapping[str, Any]) -> Needs:
         if isinstance(inputs, dict | Mapping) and isinstance(inputs.get(CHECKPOINT_INPUT), str):
             checkpoints.add(inputs[CHECKPOINT_INPUT])
     key = (frozenset(classes), frozenset(checkpoints))  # (not the Needs: keys are held)
-    return _shared_needs.setdefault(key, Needs(*key))
+    needs = _shared_needs.get(key)
+    if needs is None:
+        needs = _shared_needs[key] = Needs(*key)
+    return needs
 
 
 def combo_options(info: Mapping[str, Any], input_name: str) -> frozenset[str] | None:
