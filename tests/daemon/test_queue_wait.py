@@ -71,6 +71,33 @@ async def test_a_task_waiting_in_the_daemon_queue_runs_no_helper_task(tmp_path: 
         assert tasks[running.task_id].child_nurseries != []  # the followed prompt has helpers
 
 
+def attempt_tasks(actor: TaskActor) -> set[str]:
+    """What the actor's current attempt runs beside it, by coroutine name."""
+    assert actor._nursery is not None
+    return {child.coro.__qualname__ for child in actor._nursery.child_tasks}
+
+
+async def test_a_prompt_queued_in_comfyui_starts_its_on_demand_tasks_only_when_needed(
+    tmp_path: Path,
+) -> None:
+    # Thousands of prompts may wait in ComfyUI's queue: while nothing happens to
+    # one, its attempt runs only what watches the backend and the queue.
+    async with running_pool(tmp_path, [MANUAL], backend_max_pending=5) as pool:
+        await pool.all_read()
+        await pool.generate(seed=0)  # runs (a step at a time, when told): the head
+        queued = actor_of(pool, await pool.generate(seed=1))
+        await wait_state(queued, lambda s: s.submitted)
+        await trio.testing.wait_all_tasks_blocked()
+        watchers = {"TaskActor._watch_backend", "TaskActor._watch_queue"}
+        assert attempt_tasks(queued) == watchers
+        # Asked to reconcile, it starts the reconciler, once, and keeps it.
+        queued.request_reconcile()
+        queued.request_reconcile()
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt_tasks(queued) == watchers | {"TaskActor._reconcile_loop"}
+        assert queued.state.phase is task.Phase.QUEUED  # the reconcile found it queued
+
+
 def unread_backend_actor(tmp_path: Path, **settings: Any) -> tuple[TaskActor, BackendPool]:
     """A new task whose only backend never connects (nothing listens on port 9)."""
     backend = ComfyBackend(BackendSettings(url="http://127.0.0.1:9"))
