@@ -350,6 +350,7 @@ class App:
                 reconnect_initial_delay=config.reconnect_initial_delay,
                 reconnect_max_delay=config.reconnect_max_delay,
                 max_image_bytes=config.max_image_bytes,
+                queue_poll_interval=config.queue_poll_interval,
             ),
             data_dir=config.data_dir,
             classes=self._workflow_classes(),

@@ -21,7 +21,6 @@ probe ComfyUI over HTTP and replace the socket. After every reconnect,
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
 from daemon.comfy.http_api import ComfyHttp
+from daemon.comfy.queue_places import QueuePlaces, QueueReading, moment
 from daemon.comfy.routing import Deliver, PromptRouter, Settle
 from daemon.comfy.subscription import PromptSubscription
 from daemon.comfy.websocket import BatchingWebSocket, wrap_client_stream
@@ -70,6 +70,7 @@ class BackendSettings:
     reconnect_initial_delay: float = 0.5
     reconnect_max_delay: float = 30.0
     max_image_bytes: int = 64 * 1024 * 1024
+    queue_poll_interval: float = 1.0  # the least time between two /queue readings for places
 
 
 def load_client_id(path: Path | None) -> str:
@@ -92,26 +93,6 @@ def save_client_id(path: Path, client_id: str) -> None:
     temporary = path.with_suffix(".partial")
     temporary.write_text(client_id + "\n", encoding="ascii")
     temporary.replace(path)
-
-
-_moments = itertools.count(1)
-
-
-def moment() -> int:
-    """A number above every one handed out before: it orders two events exactly,
-    where Trio's clock may read the same for both (coarse, or a test's mock clock
-    standing still while tasks run)."""
-    return next(_moments)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueReading:
-    """One GET /queue answer and when it was asked for: Trio time (for spacing
-    readings) and the `moment()` (for ordering it against a submission)."""
-
-    taken_at: float
-    started: int
-    snapshot: comfy.QueueSnapshot
 
 
 def _drop(event: comfy.ComfyEvent) -> None:
@@ -156,6 +137,8 @@ class ComfyBackend:
         self._queue_cache: QueueReading | None = None
         self.queue_reads = 0
         self.queue_read_cost = 0.0  # seconds the last GET /queue took (fetch and parse)
+        # Our prompts queued here, told their places (one reader for all of them).
+        self.queue_places = QueuePlaces(self, settings.queue_poll_interval)
 
     # -- state for the rest of the daemon
 
@@ -243,9 +226,12 @@ class ComfyBackend:
     # -- the consumer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep one WebSocket open to ComfyUI, forever. Ready after the first attempt."""
+        """Keep one WebSocket open to ComfyUI, forever, and tell our queued prompts
+        their places. Ready after the first attempt to connect."""
         try:
-            await self._reconnect_forever(task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.queue_places.run)
+                await self._reconnect_forever(task_status)
         finally:
             self.http.pool.close()  # the kept-alive HTTP connections to ComfyUI
 

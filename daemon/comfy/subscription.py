@@ -1,7 +1,8 @@
 """One task's subscription to its prompt at one backend.
 
 A task follows its prompt's WebSocket side through this object alone: the
-prompt's frames (handed to the task's `deliver` as they are read); whether
+prompt's frames (handed to the task's `deliver` as they are read); its
+place in ComfyUI's queue while it waits there (`follow_queue`); whether
 the backend's socket came back since the task last looked (frames sent
 while it was away are lost, so the task asks /history);
 whether the prompt's frames reach us at all (the backend had to give up the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from daemon.comfy.queue_places import Follower, Tell
 from daemon.comfy.routing import Deliver, Settle
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ class PromptSubscription:
         self._route = backend.router.open(prompt_id, deliver, settle)
         self._reconnects_seen = backend.reconnected.count
         self._generation = backend.client_generation  # the client id the prompt's frames go to
+        self._place: Follower | None = None
         self.closed = False
 
     # -- the connection
@@ -84,6 +87,12 @@ class PromptSubscription:
         or by a POST whose answer was lost): it counts toward the backend's load."""
         self._backend.note_held(self.prompt_id)
 
+    def follow_queue(self, tell: Tell) -> None:
+        """Hand `tell` every /queue reading of the backend asked for from now on, until
+        it returns False or the subscription closes (daemon/comfy/queue_places.py)."""
+        if not self.closed and self._place is None:
+            self._place = self._backend.queue_places.follow(tell)
+
     def note_running(self) -> None:
         """A /queue reading says the prompt runs (we may have missed its start), so a
         re-sent `executing` without a prompt_id after a reconnect is routed to it."""
@@ -93,4 +102,6 @@ class PromptSubscription:
         """Stop routing the prompt's frames here (idempotent)."""
         self.closed = True
         self._backend.router.close(self._route)
+        if self._place is not None:
+            self._backend.queue_places.unfollow(self._place)
         self._backend.note_gone(self.prompt_id)  # (lost, deleted, or no longer ours to count)

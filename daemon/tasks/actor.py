@@ -24,10 +24,11 @@ from typing import Any, Final
 
 import trio
 
-from daemon.comfy.backend import ComfyBackend, moment
+from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs, needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
 from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.comfy.queue_places import QueueReading, moment
 from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore, NotAnImage, StorageError, image_names_in
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_RETRY_DELAY: Final = 1.0
 CANCEL_CONFIRM_TIMEOUT: Final = 15.0  # how long we wait for execution_interrupted
+_IN_QUEUE: Final = (task.Phase.QUEUED, task.Phase.WAITING)  # phases a queue place shows in
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,6 @@ class TaskActor:
         "_reconcile_asked_moment",
         "_reconcile_requested",
         "_scope",
-        "_submitted_moment",
         "_submitting",
         "_subscription",
         "_unpublished",
@@ -191,10 +192,9 @@ class TaskActor:
         self._lost: trio.Event | None = None  # the current attempt's
         self._lost_reason = ""
         self._reconcile_requested: trio.Event | None = None  # the current attempt's
-        # moment()s, not Trio times: a queue reading must be ordered exactly
-        # against these, even when the clock reads the same for both.
+        # A moment(), not a Trio time: a queue reading must be ordered exactly
+        # against it, even when the clock reads the same for both.
         self._reconcile_asked_moment = 0
-        self._submitted_moment = 0
         # While frames are held back (one is being applied, or the pacer says
         # wait), messages wait in _unpublished: only the newest goes out.
         self._holding = False
@@ -509,7 +509,7 @@ class TaskActor:
         if self.state.cancel_requested:
             # Cancelled while the POST was in flight: take it back out.
             nursery.start_soon(self._cancel_in_comfyui)
-        nursery.start_soon(self._watch_queue, subscription)
+        subscription.follow_queue(self._place_in)
         assert self._lost is not None  # made by _attempt
         await self._lost.wait()
         nursery.cancel_scope.cancel()
@@ -647,7 +647,6 @@ class TaskActor:
             self.handle(task.SubmitRejected(reply))
             return
         subscription.submitted()
-        self._submitted_moment = moment()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))
 
@@ -688,49 +687,26 @@ class TaskActor:
 
     # -- following the prompt
 
-    async def _watch_queue(self, subscription: PromptSubscription) -> None:
-        """While queued, show how many prompts are ahead (GET /queue, at most 1/s)."""
-        backend = self.backend
-        assert backend is not None
-        stale = False  # the last reading was asked for before our submission
-        while self.state.phase in (task.Phase.QUEUED, task.Phase.WAITING):
-            interval = backend.queue_read_spacing(self.settings.queue_poll_interval)
-            if self.state.phase is task.Phase.WAITING:
-                await subscription.wait_connection_change()
-                continue
-            changes = backend.queue_changed.count
-            # Any recent reading will do, even one from before our submission: a
-            # flood of new tasks must not cost a reading of a long queue each.
-            # After one from before it, though, only a later one.
-            try:
-                reading = await backend.read_queue(
-                    not_before=trio.current_time() - interval,
-                    started_after=self._submitted_moment if stale else 0,
-                )
-            except BackendUnavailable:
-                reading = None
-            stale = False
-            if reading is not None:
-                position = reading.snapshot.position_of(self.prompt_id)
-                if position is None:
-                    if reading.started > self._submitted_moment:
-                        self.request_reconcile()  # finished already, or gone
-                    else:
-                        stale = True  # taken before our submission: read again soon
-                else:
-                    if position.running:
-                        subscription.note_running()
-                    self.handle(task.QueueUpdate(position))
-            await trio.sleep(interval)
-            # Then wait for ComfyUI to say the queue changed (a `status` frame), or
-            # for a slow safety poll in case that frame was lost. A change while we
-            # slept counts (it is not waited for again), and a reading from before
-            # our submission is followed by a fresh one at once: a task must not
-            # show a bare "Queued" until the safety poll.
-            if stale or backend.queue_changed.count != changes:
-                continue
-            with trio.move_on_after(max(interval, 10.0)):
-                await backend.queue_changed.wait()
+    def _place_in(self, reading: QueueReading) -> bool:
+        """A GET /queue reading of the attempt's backend, asked for after the prompt
+        was submitted (told by its QueuePlaces): show how many prompts are ahead.
+        False once the prompt left the queue. It runs in the backend's task, so
+        it never awaits or raises (a failure is raised by the pacer task)."""
+        if self._crash is not None or self.state.phase not in _IN_QUEUE:
+            return False
+        try:
+            position = reading.snapshot.position_of(self.prompt_id)
+            if position is None:
+                self.request_reconcile()  # finished already, or gone
+                return True
+            if position.running and self._subscription is not None:
+                self._subscription.note_running()
+            self.handle(task.QueueUpdate(position))
+        except Exception as exc:  # noqa: BLE001 - raised again by _pace
+            self._crash = exc
+            self._wake_pacer()
+            return False
+        return True
 
     async def _watch_backend(self, subscription: PromptSubscription) -> None:
         """Reconcile after each reconnect; show `waiting` while the backend is away, and

@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.comfy.backend import BackendSettings, ComfyBackend, moment
+from daemon.comfy.backend import BackendSettings, ComfyBackend
+from daemon.comfy.queue_places import moment
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from tests.daemon.harness import running_pool
 from tests.daemon.test_pool import SAMPLER, actor_of, wait_state

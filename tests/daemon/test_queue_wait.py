@@ -88,7 +88,7 @@ async def test_a_prompt_queued_in_comfyui_starts_its_on_demand_tasks_only_when_n
         queued = actor_of(pool, await pool.generate(seed=1))
         await wait_state(queued, lambda s: s.submitted)
         await trio.testing.wait_all_tasks_blocked()
-        watchers = {"TaskActor._watch_backend", "TaskActor._watch_queue"}
+        watchers = {"TaskActor._watch_backend"}
         assert attempt_tasks(queued) == watchers
         # Asked to reconcile, it starts the reconciler, once, and keeps it.
         queued.request_reconcile()
