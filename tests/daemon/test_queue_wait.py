@@ -81,7 +81,8 @@ async def test_a_prompt_queued_in_comfyui_starts_its_on_demand_tasks_only_when_n
     tmp_path: Path,
 ) -> None:
     # Thousands of prompts may wait in ComfyUI's queue: while nothing happens to
-    # one, its attempt runs only what watches the backend and the queue.
+    # one, its attempt runs only what watches the backend; the backend's one
+    # reader tells it its place.
     async with running_pool(tmp_path, [MANUAL], backend_max_pending=5) as pool:
         await pool.all_read()
         await pool.generate(seed=0)  # runs (a step at a time, when told): the head
