@@ -748,23 +748,26 @@ class TaskActor:
                 # _watch_backend asks again once ComfyUI is back (or gives the prompt up).
 
     async def _reconcile(self) -> None:
-        """Ask ComfyUI how the prompt stands: frames may have been lost."""
+        """Ask ComfyUI how the prompt stands: frames may have been lost.
+
+        The queue first: one reading answers every task that reconciles at once
+        (all of a backend's after it reconnects; thousands, when ComfyUI holds
+        thousands of our prompts), where /history is one request per prompt.
+        A prompt in no reading asked for after the reason to reconcile had left
+        the queue by then, and ComfyUI writes its history entry as it leaves
+        (PromptQueue.task_done does both under the lock /queue is read under):
+        /history has it, unless ComfyUI lost it (a restart) or it was deleted."""
         backend, subscription = self.backend, self._subscription
         assert backend is not None
         assert subscription is not None
-        http = backend.http
-        entry = await http.history(self.prompt_id)
-        if entry is None:
-            # Any reading taken after the reason to reconcile will do.
-            reading = await backend.read_queue(started_after=self._reconcile_asked_moment)
-            position = reading.snapshot.position_of(self.prompt_id)
-            if position is not None:
-                if position.running:
-                    subscription.note_running()
-                self.handle(task.QueueUpdate(position))
-                return
-            # Neither queued nor in history; it may have finished in between.
-            entry = await http.history(self.prompt_id)
+        reading = await backend.read_queue(started_after=self._reconcile_asked_moment)
+        position = reading.snapshot.position_of(self.prompt_id)
+        if position is not None:
+            if position.running:
+                subscription.note_running()
+            self.handle(task.QueueUpdate(position))
+            return
+        entry = await backend.http.history(self.prompt_id)
         if entry is not None:
             self.handle(task.HistoryFound(entry))
             return

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 import trio_websocket
 
 from daemon.comfy.backend import ComfyBackend
@@ -83,6 +84,42 @@ async def test_websocket_drop_mid_task_reconnects_and_completes(tmp_path: Path) 
             if d["status"] == "in-progress" and d["progress"].get("node") == SAMPLER
         }
         assert len(sampled) >= 5
+
+
+async def test_after_a_reconnect_prompts_still_queued_reconcile_without_asking_history(
+    tmp_path: Path,
+) -> None:
+    # ComfyUI may hold thousands of our prompts: a GET /history for each after
+    # every reconnect was thousands of requests (and connections) at once. One
+    # /queue reading answers for every prompt still there.
+    queued = 12
+    async with running_daemon(tmp_path, backend_max_pending=queued + 1) as daemon:
+        _, head, sim = await start_sampling(daemon)  # parked: nothing can finish
+        backend = daemon.app.backend
+        actors = []
+        for _ in range(queued):
+            actor = daemon.app.registry.get(await daemon.generate())
+            assert actor is not None
+            actors.append(actor)
+        for actor in actors:
+            await wait_state(actor, lambda s: s.submitted)
+        asked: list[str] = []
+        history = backend.http.history
+
+        async def counted_history(prompt_id: str) -> Any:
+            asked.append(prompt_id)
+            return await history(prompt_id)
+
+        backend.http.history = counted_history  # type: ignore[method-assign]
+        reads, before = backend.queue_reads, backend.reconnects
+        sim.drop_websockets()
+        await wait_reconnected(backend, before)
+        # The simulator runs in this Trio loop: idle means every reconcile is done.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert asked == []
+        assert backend.queue_reads - reads <= 3  # not one per task
+        assert head.state.phase is task.Phase.RUNNING
+        assert all(actor.state.phase is task.Phase.QUEUED for actor in actors)
 
 
 async def test_prompt_that_finished_while_we_were_away_completes_with_its_image(
