@@ -75,7 +75,7 @@ class QueuePlaces:
         self.interval = interval  # the least time between two readings
         self._followers: dict[Follower, None] = {}  # in the order they came
         self._newcomers = Signal()  # fires when a prompt begins to be followed
-        self.readings_told = 0
+        self.places_told = 0  # (for tests and curiosity)
 
     def __len__(self) -> int:
         return len(self._followers)
@@ -127,10 +127,12 @@ class QueuePlaces:
     async def _read_and_tell(self) -> bool:
         """One reading, told to everyone followed before it was asked for; True when
         some follower came too late for it."""
+        if not self._backend.is_connected():
+            return False  # its prompts wait for the socket; a `status` follows a reconnect
         try:
             reading = await self._backend.read_queue(started_after=moment())
         except BackendUnavailable:
-            return False  # away: read again when the queue changes, or at the safety poll
+            return False  # read again when the queue changes, or at the safety poll
         untold = False
         told = 0
         for follower in list(self._followers):
@@ -146,5 +148,5 @@ class QueuePlaces:
             told += 1
             if not follower.tell(reading):
                 self.unfollow(follower)
-        self.readings_told += told
+        self.places_told += told
         return untold

@@ -694,6 +694,8 @@ class TaskActor:
         it never awaits or raises (a failure is raised by the pacer task)."""
         if self._crash is not None or self.state.phase not in _IN_QUEUE:
             return False
+        if self.state.phase is task.Phase.WAITING:
+            return True  # the socket is away: the reconcile after it is back tells
         try:
             position = reading.snapshot.position_of(self.prompt_id)
             if position is None:

@@ -23,7 +23,8 @@ HELD = SimulatorConfig(step_time=0.01, manual_steps=True)  # the head runs, park
 
 @asynccontextmanager
 async def backend_holding(prompts: int) -> AsyncIterator[tuple[ComfyBackend, list[str]]]:
-    """A backend (its socket not opened) whose ComfyUI holds `prompts` of ours, in order."""
+    """A running backend (its socket open, its QueuePlaces running) whose ComfyUI
+    holds `prompts` of ours, in order; nothing follows them yet."""
     async with trio.open_nursery() as nursery:
         simulator = ComfySimulator(HELD)
         port = await nursery.start(simulator.run, ("127.0.0.1", 0))
@@ -32,11 +33,10 @@ async def backend_holding(prompts: int) -> AsyncIterator[tuple[ComfyBackend, lis
         for prompt_id in ids:
             reply = await backend.http.submit(GRAPH, client_id="c", prompt_id=prompt_id)
             assert isinstance(reply, comfy.PromptAccepted)
-        try:
-            yield backend, ids
-        finally:
-            backend.http.pool.close()
-            nursery.cancel_scope.cancel()
+        await nursery.start(backend.run)
+        await backend.wait_connected()
+        yield backend, ids
+        nursery.cancel_scope.cancel()
 
 
 class Steps(trio.abc.Instrument):
@@ -75,11 +75,8 @@ async def test_every_prompt_followed_is_told_its_place_a_turn_at_a_time() -> Non
         assert len(places) == count
         trio.lowlevel.add_instrument(steps)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(places.run)
-                while len(told) < count - 1:
-                    await trio.lowlevel.checkpoint()
-                nursery.cancel_scope.cancel()
+            while len(told) < count - 1:
+                await trio.lowlevel.checkpoint()
         finally:
             trio.lowlevel.remove_instrument(steps)
     assert told[ids[0]] == comfy.QueuePosition(True, 0)  # the head runs
@@ -88,7 +85,7 @@ async def test_every_prompt_followed_is_told_its_place_a_turn_at_a_time() -> Non
     ]
     assert ids[-1] not in told
     assert len(places) == 0  # each said False, or was unfollowed
-    assert places.readings_told == count - 1
+    assert places.places_told == count - 1
     per_step = collections.Counter(told_in_step)
     assert max(per_step.values()) == PLACES_PER_TURN
     assert len(per_step) == 3  # 100, 100 and 49 (the last was unfollowed)
@@ -111,14 +108,11 @@ async def test_a_prompt_is_told_only_readings_asked_for_after_it_was_followed(
             return tell
 
         places.follow(keep(ids[0]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(places.run)
-            await told[ids[0]].wait()
-            first = readings[ids[0]][0]
-            places.follow(keep(ids[1]))
-            # No status frame comes (the socket is not open): the second prompt is
-            # read for all the same, at the next reading, not at the safety poll.
-            await told[ids[1]].wait()
-            nursery.cancel_scope.cancel()
+        await told[ids[0]].wait()
+        first = readings[ids[0]][0]
+        places.follow(keep(ids[1]))
+        # No status frame comes (the head is parked, nothing is added): the second
+        # prompt is read for all the same, at the next reading, not at the safety poll.
+        await told[ids[1]].wait()
     assert readings[ids[1]][0].started > first.started
     assert readings[ids[1]][0].taken_at - first.taken_at == places.interval
