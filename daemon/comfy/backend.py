@@ -40,7 +40,7 @@ from daemon.comfy.queue_places import QueuePlaces, QueueReading, moment
 from daemon.comfy.routing import Deliver, PromptRouter, Settle
 from daemon.comfy.subscription import PromptSubscription
 from daemon.comfy.websocket import BatchingWebSocket, wrap_client_stream
-from daemon.signals import Signal
+from daemon.signals import Signal, TurnByTurnSignal
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -59,6 +59,9 @@ FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_
 # The frames that end a prompt, whichever way (FACTS: each is followed by `status`).
 _PROMPT_ENDS = (comfy.ExecutionSuccess, comfy.ExecutionError, comfy.ExecutionInterrupted)
 QUEUE_READ_SPACING = 20  # wait 20x as long as a /queue reading took before the next
+# Tasks told of a socket that closed or opened between two checkpoints: each
+# one told publishes (`waiting`, or a reconcile's answer).
+CONNECTION_NEWS_PER_TURN = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,9 @@ class ComfyBackend:
         self.client_generation = 0  # grows when the client id had to change
         self.connected = False
         self.connected_changed = Signal()
+        # The same, for the tasks following prompts here (thousands, when ComfyUI
+        # holds thousands of ours): they wake a turn at a time.
+        self.connection_news = TurnByTurnSignal(CONNECTION_NEWS_PER_TURN)
         self.reconnected = Signal()  # fires on every connection after the first
         self.queue_changed = Signal()  # fires on every `status` frame
         self.reconnects = 0
@@ -155,6 +161,7 @@ class ComfyBackend:
             if not value:
                 self.queue_remaining = None  # unknown until the next socket's `status`
             self.connected_changed.fire()
+            self.connection_news.fire()
 
     def load(self) -> int:
         """Prompts in this ComfyUI's queue (running and pending, anyone's), as far as we know.
@@ -231,6 +238,7 @@ class ComfyBackend:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.queue_places.run)
+                nursery.start_soon(self.connection_news.run)
                 await self._reconnect_forever(task_status)
         finally:
             self.http.pool.close()  # the kept-alive HTTP connections to ComfyUI

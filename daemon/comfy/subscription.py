@@ -53,11 +53,14 @@ class PromptSubscription:
         return self._backend.is_connected()
 
     async def wait_connected(self) -> None:
-        await self._backend.wait_connected()
+        # (Woken a turn at a time with the backend's other subscriptions.)
+        while not self._backend.is_connected():
+            await self._backend.connection_news.wait()
 
     async def wait_connection_change(self) -> None:
-        """Until the backend's socket opens or closes."""
-        await self._backend.connected_changed.wait()
+        """Until the backend's socket opens or closes (woken a turn at a time
+        with its other subscriptions, so it may have changed again since)."""
+        await self._backend.connection_news.wait()
 
     def reconnected(self) -> bool:
         """Has the socket reconnected since subscribing, or since this last said so?
