@@ -238,3 +238,14 @@ async def running_process_pool(
 
 def payloads(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
     return [json.loads(e.data) for e in events]
+
+
+class Steps(trio.abc.Instrument):
+    """Numbers the task steps the scheduler runs (a step: up to the task's next
+    checkpoint), so a test can tell which step did what."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.current += 1

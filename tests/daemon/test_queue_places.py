@@ -15,6 +15,7 @@ from daemon.comfy.backend import BackendSettings, ComfyBackend
 from daemon.comfy.queue_places import PLACES_PER_TURN, Follower, QueueReading, Tell
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol import comfy
+from tests.daemon.harness import Steps
 
 # The shipped text-to-image workflow's graph, as it is: ComfyUI validates what it queues.
 GRAPH = json.loads((Path(daemon.workflows.__file__).parent / "txt2img.json").read_text())["graph"]
@@ -37,16 +38,6 @@ async def backend_holding(prompts: int) -> AsyncIterator[tuple[ComfyBackend, lis
         await backend.wait_connected()
         yield backend, ids
         nursery.cancel_scope.cancel()
-
-
-class Steps(trio.abc.Instrument):
-    """Numbers the task steps the scheduler runs (a step: up to the next checkpoint)."""
-
-    def __init__(self) -> None:
-        self.current = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.current += 1
 
 
 async def test_every_prompt_followed_is_told_its_place_a_turn_at_a_time() -> None:

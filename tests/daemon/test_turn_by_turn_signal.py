@@ -8,16 +8,7 @@ import trio
 import trio.testing
 
 from daemon.signals import TurnByTurnSignal
-
-
-class Steps(trio.abc.Instrument):
-    """Numbers the task steps the scheduler runs."""
-
-    def __init__(self) -> None:
-        self.current = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.current += 1
+from tests.daemon.harness import Steps
 
 
 async def test_a_fire_wakes_every_waiter_a_turn_at_a_time_in_the_order_they_came() -> None:
