@@ -3,10 +3,11 @@
 Each task is one actor: it owns its `TaskState`, feeds it events through the
 pure state machine (`protocol.task.apply`), publishes every new snapshot to
 its broadcaster, and performs the commands the state machine asks for (fetch
-the output images, reconcile through /history). State changes happen only in
-`TaskActor.handle`, which never awaits, so the helper tasks of an actor (the
-pacer, the queue watcher, the reconnect watcher, output fetching) and the
-backend's consumer handing over frames can all call it without locks.
+the output images, reconcile through /queue and /history). State changes
+happen only in `TaskActor.handle`, which never awaits, so the helper tasks of
+an actor (the pacer, the reconciler, the reconnect watcher, output fetching)
+and the backend's tasks handing over frames and queue places can all call it
+without locks.
 
 The registry (daemon/tasks/registry.py) creates actors and runs them;
 daemon/tasks/restore.py turns journal records back into their states.
