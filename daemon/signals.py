@@ -7,6 +7,9 @@ tell whether a fire came while it was not waiting.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable
+
 import trio
 
 
@@ -30,29 +33,58 @@ class Signal:
         await self._event.wait()
 
 
-class TurnByTurnSignal:
-    """Like `Signal`, but a fire wakes its waiters `per_turn` at a time.
+class TurnByTurnWaker:
+    """Sets events `per_turn` at a time, from its own task (`run`), in the order given.
 
-    Thousands may wait on one (every prompt a ComfyUI holds for us waits for its
-    socket to close or open), and waking them all at once is one scheduler
-    batch of thousands of task steps: no I/O meanwhile. The owner runs `run`,
-    which wakes the waiters of each fire in turns, with a checkpoint between
-    two turns, oldest waiter first. A waiter woken late sees the state as it
-    is by then, as after any wait.
+    Thousands of tasks may wait for one change (every prompt a ComfyUI holds
+    for us waits for its socket to close or open; every task in the daemon's
+    queue for what the backends can run), and waking them all at once is one
+    scheduler batch of thousands of task steps: no I/O meanwhile. Set a turn
+    at a time, with a checkpoint between two turns, each turn's tasks run in
+    the next batch. A task woken late sees the state as it is by then, as
+    after any wait.
     """
 
     def __init__(self, per_turn: int) -> None:
         self.per_turn = per_turn
+        self._to_wake: collections.deque[trio.Event] = collections.deque()
+        self._queued: set[trio.Event] = set()  # (changes in a row queue each once)
+        self._more = trio.Event()
+
+    def wake(self, events: Iterable[trio.Event]) -> None:
+        """Set these, after those still waiting their turn (each event once)."""
+        for event in events:
+            if event not in self._queued:
+                self._queued.add(event)
+                self._to_wake.append(event)
+        self._more.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._more.wait()
+            self._more = trio.Event()
+            to_wake = self._to_wake
+            while to_wake:
+                for _ in range(min(self.per_turn, len(to_wake))):
+                    event = to_wake.popleft()
+                    self._queued.discard(event)
+                    event.set()
+                await trio.lowlevel.checkpoint()
+
+
+class TurnByTurnSignal:
+    """Like `Signal`, but a fire wakes its waiters `per_turn` at a time, oldest
+    first (a `TurnByTurnWaker`: the owner runs `run`)."""
+
+    def __init__(self, per_turn: int) -> None:
         self.count = 0
         self._waiting: dict[trio.Event, None] = {}  # (ordered: a dict, not a set)
-        self._to_wake: list[trio.Event] = []
-        self._fired = trio.Event()
+        self._waker = TurnByTurnWaker(per_turn)
 
     def fire(self) -> None:
         self.count += 1
-        self._to_wake.extend(self._waiting)
+        self._waker.wake(self._waiting)
         self._waiting.clear()
-        self._fired.set()
 
     async def wait(self) -> None:
         woken = trio.Event()
@@ -63,13 +95,5 @@ class TurnByTurnSignal:
             self._waiting.pop(woken, None)  # (cancelled before the fire came)
 
     async def run(self) -> None:
-        """Forever: wake the waiters of each fire, `per_turn` a turn."""
-        while True:
-            await self._fired.wait()
-            self._fired = trio.Event()
-            while self._to_wake:
-                turn = self._to_wake[: self.per_turn]
-                del self._to_wake[: self.per_turn]
-                for woken in turn:
-                    woken.set()
-                await trio.lowlevel.checkpoint()
+        """Forever: wake the waiters of each fire, a turn at a time."""
+        await self._waker.run()

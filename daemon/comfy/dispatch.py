@@ -38,13 +38,12 @@ with 2,000 waiting, 55-80 ms in one go, during which no progress reached any
 stream. A look tells at most `POSITIONS_PER_TURN` tasks; the rest are told
 by the dispatcher's own task, a turn at a time, the scheduler running others
 in between. Waking every waiting task when what the backends can run changed
-goes the same way, `WAKES_PER_TURN` a turn (one that no backend can run any
-more publishes `waiting`).
+goes the same way, `WAKES_PER_TURN` a turn, by a `TurnByTurnWaker` (one that
+no backend can run any more publishes `waiting`).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ import trio
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs
 from daemon.comfy.pool import BackendPool
-from daemon.signals import Signal
+from daemon.signals import Signal, TurnByTurnWaker
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +92,9 @@ class Dispatcher:
         # on are told next turn (may they rise, as in the look that stopped?).
         self._untold = False
         self._untold_may_rise = False
-        # Waiting tasks to wake (what the backends can run changed), a turn at a time.
-        self._to_wake: collections.deque[Ticket] = collections.deque()
-        self._follow_up = Signal()  # positions left untold, or tasks left to wake
+        self._follow_up = Signal()  # positions left untold
+        # Wakes the waiting tasks when what the backends can run changed.
+        self._waker = TurnByTurnWaker(WAKES_PER_TURN)
         # Fired when a backend started or stopped taking work, or what it can run
         # changed: then `runnable_now` may answer differently.
         self.availability = Signal()
@@ -112,6 +111,7 @@ class Dispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_up_a_turn_at_a_time)
+            nursery.start_soon(self._waker.run)
             task_status.started()
             while True:
                 await self.pool.changed.wait()
@@ -120,21 +120,15 @@ class Dispatcher:
                 if available != self._available:
                     self._available = available
                     self.availability.fire()
-                    self._to_wake = collections.deque(self._waiting)
-                    self._follow_up.fire()
+                    self._waker.wake(ticket.wakeup for ticket in self._waiting)
 
     async def _follow_up_a_turn_at_a_time(self) -> None:
-        """What looks left for later, a turn at a time: tasks to wake (WAKES_PER_TURN
-        a turn), and positions not told yet (POSITIONS_PER_TURN)."""
+        """Tell the positions a look left untold, POSITIONS_PER_TURN a turn."""
         while True:
-            if not (self._untold or self._to_wake):
+            if not self._untold:
                 await self._follow_up.wait()
             await trio.lowlevel.checkpoint()
-            to_wake = self._to_wake
-            if to_wake:  # (one kind of work a turn: each is a few ms)
-                for _ in range(min(WAKES_PER_TURN, len(to_wake))):
-                    to_wake.popleft().wakeup.set()  # (one that left: nobody awaits it)
-            elif self._untold:
+            if self._untold:
                 self._positions()
 
     def _availability(self) -> tuple[object, ...]:
