@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from daemon.images.previews import PreviewStore
     from daemon.ops.metrics import DaemonMetrics
     from daemon.shared.service import SharedService
+    from daemon.tasks.broadcast import Snapshot
     from daemon.tasks.journal import Journal
     from daemon.tasks.registry import TaskRegistry
     from protocol.workflow import Catalog
@@ -57,6 +58,9 @@ SSE_HEADERS = (
     ("X-Accel-Buffering", "no"),  # nginx: do not buffer this response
 )
 NO_STORE = (("Cache-Control", "no-store"),)
+# To a reader that already has a task's last event: nothing follows, and 204
+# tells an EventSource to stop reconnecting (HTML standard, server-sent events).
+NOTHING_MORE = Response(204, NO_STORE)
 JOURNAL_FLUSH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 10  # seconds; a queued task takes at least that long to make room
 
@@ -71,6 +75,12 @@ def _is_json(content_type: str | None) -> bool:
         return False
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _has_the_end(latest: Snapshot | None, last_id: int | None) -> bool:
+    """The client's Last-Event-ID names the task's terminal event: a stream
+    would send nothing but heartbeats, for good."""
+    return latest is not None and latest.terminal and last_id == latest.version
 
 
 def request_error(exc: RequestError) -> Response:
@@ -300,6 +310,8 @@ class Routes:
             return await self._shared_progress(task_id, last_id)
         if actor is None:
             return self._unknown_task(task_id)
+        if _has_the_end(actor.broadcaster.latest, last_id):
+            return NOTHING_MORE
         return StreamingResponse(
             200,
             SSE_HEADERS,
@@ -317,6 +329,8 @@ class Routes:
         first = shared.watcher.current(task_id) or await shared.latest(task_id)
         if first is None:
             return self._unknown_task(task_id)
+        if _has_the_end(first, last_id):
+            return NOTHING_MORE
 
         async def stream(writer: BodyWriter) -> None:
             async with shared.watcher.watching(task_id, first) as broadcaster:

@@ -80,6 +80,24 @@ async def test_resume_with_last_event_id(tmp_path: Path) -> None:
         assert [int(e.id or 0) for e in resumed] == [last]
 
 
+async def test_resuming_after_the_terminal_event_is_204(tmp_path: Path) -> None:
+    # An EventSource reconnects by itself when a stream ends, naming the last
+    # event it got: after the terminal one no stream may stay open (it would
+    # send heartbeats for good), and 204 tells the browser to stop retrying.
+    async with running_daemon(tmp_path) as daemon:
+        task_id = await daemon.generate()
+        last = (await daemon.events(task_id))[-1].id
+        assert last is not None
+        url = f"{daemon.url}/progress/{task_id}"
+        for headers, query in (((("Last-Event-ID", last),), ""), ((), f"?lastEventId={last}")):
+            async with open_stream("GET", url + query, headers=headers) as response:
+                assert response.status == 204
+                assert [chunk async for chunk in response.chunks] == []
+        # An older id still gets the end.
+        resumed = await daemon.events(task_id, last_event_id=int(last) - 1)
+        assert [e.id for e in resumed] == [last]
+
+
 @pytest.mark.parametrize(
     ("header", "query"),
     [

@@ -18,7 +18,7 @@ import coredis
 import trio
 from coredis.response.types import StreamPendingExt
 
-from daemon.http.client import http_request
+from daemon.http.client import http_request, open_stream
 from daemon.shared.store import SharedStore
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
@@ -139,6 +139,12 @@ async def test_a_front_that_never_saw_a_task_answers_for_it_and_serves_its_image
         assert status.status == 200
         assert status.json()["status"] == "completed"
         assert status.json()["version"] == int(events[-1].id or 0)
+        # A reader that has the end is told so (204), on any front, and not kept open.
+        for daemon in (second, first):
+            url = f"{daemon.url}/progress/{task_id}"
+            headers = (("Last-Event-ID", events[-1].id or ""),)
+            async with open_stream("GET", url, headers=headers) as resumed:
+                assert resumed.status == 204
         for daemon in (second, first):
             image = await http_request("GET", daemon.url + done["result"]["imageUrl"], timeout=10)
             assert image.status == 200
