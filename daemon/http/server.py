@@ -391,8 +391,8 @@ class HttpServer:
         """(method, target, decoded path, query) of a request head; 400 for a bad path."""
         # h11 guarantees ASCII for the method, target and header names.
         target = event.target.decode("ascii")
-        raw_path, raw_query = split_target(target)
         try:
+            raw_path, raw_query = split_target(target)
             path = decode_path(raw_path)
         except BadTarget:
             raise _Rejected(400) from None

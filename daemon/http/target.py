@@ -11,7 +11,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 
 class BadTarget(ValueError):
-    """The request target cannot be decoded (invalid percent-encoded UTF-8)."""
+    """The request target cannot be decoded (invalid percent-encoded UTF-8, or a
+    URL that does not parse)."""
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -19,12 +20,16 @@ def split_target(target: str) -> tuple[str, str]:
 
     Accepts origin-form (``/a?b``) and absolute-form (``http://host/a?b``);
     anything else (``*``, authority-form) keeps its text as the path.
+    Raises BadTarget for an absolute-form target urlsplit refuses (``http://[/``).
     """
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return path, query
     if "://" in target:
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            raise BadTarget(f"request target {target!r} is not a valid URL") from None
         return parts.path or "/", parts.query
     return target, ""
 

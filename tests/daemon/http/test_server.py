@@ -413,6 +413,19 @@ async def test_invalid_percent_encoding_in_path_is_400(nursery: trio.Nursery) ->
     assert response.status == 400
 
 
+@pytest.mark.parametrize("target", ["http://[/hello/x", "http://]/hello/x", "http://[x]/hello/x"])
+async def test_absolute_form_target_with_a_bad_authority_is_400(
+    nursery: trio.Nursery, target: str
+) -> None:
+    # urlsplit refuses these (brackets that do not enclose an IPv6 address).
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target.encode())
+        raw = await read_until_eof(stream)
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close" in raw.lower()
+
+
 async def test_handler_exception_is_500_without_details_and_is_logged(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
