@@ -99,7 +99,8 @@ class _Conditions:
         if self.if_modified_since is not None:
             try:
                 since = parsedate_to_datetime(self.if_modified_since).timestamp()
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
+                # Unreadable (a zone offset beyond a C int overflows): ignored, as RFC 9110 says.
                 return False
             return int(mtime) <= since
         return False

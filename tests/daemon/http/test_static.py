@@ -138,6 +138,25 @@ async def test_if_modified_since_gives_304(nursery: trio.Nursery, site: Path) ->
     assert garbage.status == 200
 
 
+@pytest.mark.parametrize(
+    "since",
+    [
+        "Mon, 01 Jan 2024 00:00:00 +99999999999999999",  # an offset no C int holds
+        "Mon, 01 Jan 2024 00:00:00 +2400",  # an offset of a day or more
+        "Mon, 01 Jan 99999 00:00:00 GMT",  # a year datetime cannot hold
+    ],
+)
+async def test_an_unreadable_if_modified_since_is_ignored(
+    nursery: trio.Nursery, site: Path, since: str
+) -> None:
+    running = await serve(nursery, site)
+    response = await http_request(
+        "GET", running.url + "/css/site.css", headers=[("if-modified-since", since)]
+    )
+    assert response.status == 200
+    assert response.body == FILES["css/site.css"]
+
+
 async def test_head_has_the_length_and_no_body(nursery: trio.Nursery, site: Path) -> None:
     running = await serve(nursery, site)
     response = await http_request("HEAD", running.url + "/js/main.mjs")
