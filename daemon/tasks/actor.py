@@ -45,6 +45,7 @@ from protocol.imagesize import image_info
 log = logging.getLogger(__name__)
 
 SUBMIT_RETRY_DELAY: Final = 1.0
+RECONCILE_RETRY_MAX_DELAY: Final = 30.0  # a reconcile failing with the socket up: retried
 CANCEL_CONFIRM_TIMEOUT: Final = 15.0  # how long we wait for execution_interrupted
 _IN_QUEUE: Final = (task.Phase.QUEUED, task.Phase.WAITING)  # phases a queue place shows in
 
@@ -738,6 +739,7 @@ class TaskActor:
             await subscription.wait_connection_change()
 
     async def _reconcile_loop(self) -> None:
+        retry_in = SUBMIT_RETRY_DELAY
         while True:
             assert self._reconcile_requested is not None  # made before this loop starts
             await self._reconcile_requested.wait()
@@ -748,7 +750,16 @@ class TaskActor:
                 await self._reconcile()
             except BackendUnavailable as exc:
                 self._log(logging.WARNING, "cannot reconcile yet: %s", exc)
-                # _watch_backend asks again once ComfyUI is back (or gives the prompt up).
+                subscription = self._subscription
+                if subscription is None or not subscription.is_connected():
+                    continue  # _watch_backend asks again once it is back (or gives it up)
+                # The socket is up: no reconnect will ask again, and a prompt that
+                # ended while we were away sends no frame ever again. Ask again.
+                await trio.sleep(retry_in)
+                retry_in = min(retry_in * 2, RECONCILE_RETRY_MAX_DELAY)
+                self.request_reconcile()
+            else:
+                retry_in = SUBMIT_RETRY_DELAY
 
     async def _reconcile(self) -> None:
         """Ask ComfyUI how the prompt stands: frames may have been lost.

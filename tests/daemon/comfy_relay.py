@@ -1,0 +1,78 @@
+"""A TCP relay in front of a real (simulated) ComfyUI that a test can break in ways
+the simulator itself cannot: the network down while ComfyUI keeps its state, or
+one kind of request failing while the WebSocket stays up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import trio
+
+
+class ComfyRelay:
+    """Relays every connection to 127.0.0.1:`port`, unless told to fail it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = ""  # set once listening
+        self.down = False  # cut every connection and refuse new ones
+        self.failing: bytes | None = None  # close a connection whose request starts so
+        self.failed = 0  # requests closed unanswered because of `failing`
+        self.failed_one = trio.Event()
+        self._live: set[trio.CancelScope] = set()
+
+    def go_down(self) -> None:
+        """The network to ComfyUI is gone: every connection is cut, new ones refused."""
+        self.down = True
+        for scope in list(self._live):
+            scope.cancel()
+
+    def come_back(self) -> None:
+        self.down = False
+
+    async def relay(self, client: trio.SocketStream) -> None:
+        if self.down:
+            await client.aclose()
+            return
+        with trio.CancelScope() as scope:
+            self._live.add(scope)
+            try:
+                await self._pipe(client)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # one side went away: so does the relay
+            finally:
+                self._live.discard(scope)
+
+    async def _pipe(self, client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", self.port)
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def upstream() -> None:
+                async for data in client:
+                    if self.failing is not None and bytes(data).startswith(self.failing):
+                        self.failed += 1
+                        self.failed_one.set()
+                        break  # closed without an answer
+                    await server.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                async for data in server:
+                    await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+
+
+@asynccontextmanager
+async def comfy_relay(port: int) -> AsyncIterator[ComfyRelay]:
+    """A relay to the ComfyUI listening on 127.0.0.1:`port`; its `url` is the daemon's."""
+    relay = ComfyRelay(port)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, relay.relay, 0, host="127.0.0.1"))
+        relay.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        yield relay
+        nursery.cancel_scope.cancel()
