@@ -325,6 +325,10 @@ class TaskActor:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
         return self.state.phase.is_terminal
 
+    def cancel_requested(self) -> bool:
+        """Has a cancel been asked for? (A method, as is_done.)"""
+        return self.state.cancel_requested
+
     def stop(self) -> None:
         """Stop driving the task without ending it: another daemon holds it now."""
         self.moved = True
@@ -640,7 +644,15 @@ class TaskActor:
             self._log(logging.WARNING, "submitting to %s failed: %s", backend.name, exc)
             # The POST may have arrived even though the answer did not.
             if not await self._already_known():
-                await trio.sleep(SUBMIT_RETRY_DELAY)  # then back to the queue
+                if not self.cancel_requested():
+                    await trio.sleep(SUBMIT_RETRY_DELAY)  # then back to the queue
+                if self.cancel_requested():
+                    # Cancelled while the POST was under way: end now (back in the
+                    # queue it would wait for a backend, and end `backend_unavailable`
+                    # if none came). Had the POST arrived after all, the prompt is
+                    # removed at that backend's next connect.
+                    self.pool.abandon(backend, self.prompt_id)
+                    self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
             return
         finally:
             self._submitting = False

@@ -21,6 +21,10 @@ class ComfyRelay:
         self.failing: bytes | None = None  # close a connection whose request starts so
         self.failed = 0  # requests closed unanswered because of `failing`
         self.failed_one = trio.Event()
+        # The network dies once ComfyUI answered a request that starts so (it
+        # arrived and was acted on; its answer never comes back).
+        self.dies_after: bytes | None = None
+        self.died = trio.Event()
         self._live: set[trio.CancelScope] = set()
 
     def go_down(self) -> None:
@@ -47,19 +51,27 @@ class ComfyRelay:
 
     async def _pipe(self, client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", self.port)
+        answer_lost = False
         async with client, server, trio.open_nursery() as nursery:
 
             async def upstream() -> None:
+                nonlocal answer_lost
                 async for data in client:
                     if self.failing is not None and bytes(data).startswith(self.failing):
                         self.failed += 1
                         self.failed_one.set()
                         break  # closed without an answer
+                    if self.dies_after is not None and bytes(data).startswith(self.dies_after):
+                        answer_lost = True
                     await server.send_all(data)
                 nursery.cancel_scope.cancel()
 
             async def downstream() -> None:
                 async for data in server:
+                    if answer_lost:
+                        self.died.set()
+                        self.go_down()  # (cancels this relay too: no answer)
+                        return
                     await client.send_all(data)
                 nursery.cancel_scope.cancel()
 

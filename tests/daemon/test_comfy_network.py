@@ -1,0 +1,105 @@
+"""Network faults between the daemon and a ComfyUI that keeps working.
+
+A relay between the daemon and a real simulator breaks the connection in ways
+the simulator cannot: the network down while ComfyUI keeps its state, one kind
+of request failing while the WebSocket is up, a request that arrives but whose
+answer never comes back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemon.http.client import http_request
+from daemon.simulator import ComfySimulator, SimulatorConfig
+from protocol import task
+from tests.daemon.comfy_relay import comfy_relay
+from tests.daemon.harness import payloads, running_daemon
+from tests.daemon.test_pool import wait_state
+from tests.simulator.test_workflows import txt2img
+
+MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
+
+
+@pytest.mark.guard(30)  # (before the fix the task waited forever: this fails it)
+async def test_a_reconcile_that_fails_with_the_socket_back_is_asked_again(
+    tmp_path: Path,
+) -> None:
+    # After a reconnect each task asks /queue and /history how its prompt stands;
+    # when that fails, no reconnect asks again, and a prompt that finished while
+    # we were away sends no frame ever again.
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(MANUAL)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_daemon(
+                tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
+            ) as daemon,
+        ):
+            await daemon.app.pool.wait_all_read()
+            # Someone else's prompt runs (parked at its first step); ours waits behind
+            # it in ComfyUI's queue, so the backend watches no prompt of ours for silence.
+            body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
+            foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
+            assert foreign.status == 200, foreign.body
+            task_id = await daemon.generate()
+            actor = daemon.app.registry.get(task_id)
+            assert actor is not None
+            await wait_state(actor, lambda s: s.queue is not None and s.queue.ahead == 1)
+            relay.go_down()
+            await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+            # Both prompts finish while the daemon cannot see it.
+            sim.set_manual_steps(False)
+            await sim.engine.history.wait_for(actor.prompt_id)
+            relay.failing = b"GET /queue"
+            relay.come_back()
+            await relay.failed_one.wait()  # the reconcile after the reconnect failed
+            relay.failing = None
+            data = payloads(await daemon.events(task_id))
+        nursery.cancel_scope.cancel()
+    assert data[-1]["status"] == "completed"
+    assert len(data[-1]["result"]["imageUrls"]) == 1
+
+
+async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cancelled(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(MANUAL)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_daemon(
+                tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
+            ) as daemon,
+        ):
+            pool = daemon.app.pool
+            await pool.wait_all_read()
+            # ComfyUI takes the prompt, then the network dies before its answer.
+            relay.dies_after = b"POST /prompt"
+            task_id = await daemon.generate()
+            actor = daemon.app.registry.get(task_id)
+            assert actor is not None
+            await relay.died.wait()
+            response = await daemon.request("DELETE", f"/tasks/{task_id}")
+            assert response.status == 202
+            # At once, not after backend_wait_timeout as `backend_unavailable`.
+            data = payloads(await daemon.events(task_id))
+            assert data[-1]["error"]["code"] == "cancelled"
+            # The prompt that did arrive goes once the backend is back.
+            relay.dies_after = None
+            relay.come_back()
+            while pool.abandoned(pool.backends[0]):
+                await pool.changed.wait()
+            sim.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+            await sim.engine.history.wait_for(actor.prompt_id)
+            history = sim.engine.history.get(actor.prompt_id)[actor.prompt_id]
+            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+            queue = (await http_request("GET", f"{sim.url}/queue")).json()
+            assert queue == {"queue_running": [], "queue_pending": []}
+        nursery.cancel_scope.cancel()
