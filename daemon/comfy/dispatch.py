@@ -75,6 +75,9 @@ class Ticket:
     # needs no helper task of its own. Whoever waits replaces it after waking.
     wakeup: trio.Event = field(default_factory=trio.Event)
     ahead: int | None = None
+    # Backends (names) its task's POST /prompt failed at: passed over while
+    # another that takes work can run it.
+    avoid: frozenset[str] = frozenset()
 
 
 class Dispatcher:
@@ -203,9 +206,22 @@ class Dispatcher:
         # Least loaded first; configuration order breaks ties.
         for backend in sorted(with_room, key=lambda b: b.load()):
             for ticket in self._waiting:
-                if self.pool.can_run(backend, ticket.needs):
+                if self.pool.can_run(backend, ticket.needs) and not self._elsewhere(
+                    ticket, backend
+                ):
                     return backend, ticket
         return None
+
+    def _elsewhere(self, ticket: Ticket, backend: ComfyBackend) -> bool:
+        """Does the ticket wait for another backend? Its task's POST failed at this one,
+        and another that takes work can run it (room or not)."""
+        if backend.name not in ticket.avoid:
+            return False
+        pool = self.pool
+        return any(
+            b.name not in ticket.avoid and pool.takes_work(b) and pool.can_run(b, ticket.needs)
+            for b in pool.backends
+        )
 
     def _drop(self, ticket: Ticket) -> None:
         index = self._waiting.index(ticket)

@@ -99,9 +99,10 @@ class TaskActor:
     requeued under a new prompt_id and the next attempt starts, on any backend.
     """
 
-    # Slots: thousands of tasks may wait at once, and 36 attributes overflow a
+    # Slots: thousands of tasks may wait at once, and its 38 attributes overflow a
     # shared-key instance dict (a 1.5 KB table of its own per task).
     __slots__ = (
+        "_avoid",
         "_crash",
         "_fetching",
         "_holding",
@@ -118,6 +119,7 @@ class TaskActor:
         "_reconcile_asked_moment",
         "_reconcile_requested",
         "_scope",
+        "_submit_failing_since",
         "_submitting",
         "_subscription",
         "_unpublished",
@@ -191,6 +193,10 @@ class TaskActor:
         self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
+        # Since its POSTs have been failing (Trio time), and the backends they failed
+        # at: the dispatcher hands the task to another while one can run it.
+        self._submit_failing_since: float | None = None
+        self._avoid: frozenset[str] = frozenset()
         self._lost: trio.Event | None = None  # the current attempt's
         self._lost_reason = ""
         self._reconcile_requested: trio.Event | None = None  # the current attempt's
@@ -395,6 +401,7 @@ class TaskActor:
             on_position=lambda ahead: self.handle(
                 task.QueueUpdate(comfy.QueuePosition(False, ahead))
             ),
+            avoid=self._avoid,
         )
         dispatcher.enter(ticket)
         try:
@@ -512,6 +519,7 @@ class TaskActor:
         if not self.state.submitted:
             nursery.cancel_scope.cancel()
             return Attempt.RETURNED
+        self._submit_failing_since, self._avoid = None, frozenset()  # it took the prompt
         if self.state.cancel_requested:
             # Cancelled while the POST was in flight: take it back out.
             nursery.start_soon(self._cancel_in_comfyui)
@@ -644,15 +652,7 @@ class TaskActor:
             self._log(logging.WARNING, "submitting to %s failed: %s", backend.name, exc)
             # The POST may have arrived even though the answer did not.
             if not await self._already_known():
-                if not self.cancel_requested():
-                    await trio.sleep(SUBMIT_RETRY_DELAY)  # then back to the queue
-                if self.cancel_requested():
-                    # Cancelled while the POST was under way: end now (back in the
-                    # queue it would wait for a backend, and end `backend_unavailable`
-                    # if none came). Had the POST arrived after all, the prompt is
-                    # removed at that backend's next connect.
-                    self.pool.abandon(backend, self.prompt_id)
-                    self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
+                await self._submit_failed(backend, exc)
             return
         finally:
             self._submitting = False
@@ -663,6 +663,34 @@ class TaskActor:
         subscription.submitted()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))
+
+    async def _submit_failed(self, backend: ComfyBackend, error: BackendUnavailable) -> None:
+        """ComfyUI did not take the prompt (as far as it can tell): back to the queue, to
+        another backend when one can run it (one whose POST /prompt answers 500 stays
+        the least loaded); the end once the POSTs kept failing for backend_wait_timeout."""
+        now = trio.current_time()
+        if self._submit_failing_since is None:
+            self._submit_failing_since = now
+        self._avoid |= {backend.name}
+        if not self.cancel_requested():
+            failing_for = now - self._submit_failing_since
+            if failing_for >= self.settings.backend_wait_timeout:
+                self.handle(
+                    task.Failed(
+                        "backend_unavailable",
+                        "ComfyUI does not take the prompt",
+                        f"POST /prompt kept failing for {failing_for:.0f} s; last: {error}",
+                    )
+                )
+                return
+            await trio.sleep(SUBMIT_RETRY_DELAY)  # then back to the queue
+        if self.cancel_requested():
+            # Cancelled while the POST was under way: end now (back in the queue it
+            # would wait for a backend, and end `backend_unavailable` if none came).
+            # Had the POST arrived after all, the prompt is removed at that
+            # backend's next connect.
+            self.pool.abandon(backend, self.prompt_id)
+            self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
 
     async def _graph_for(self, backend: ComfyBackend) -> Mapping[str, Any]:
         """The graph to POST there: an inpainting source is uploaded to that backend first."""

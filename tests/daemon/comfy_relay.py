@@ -10,6 +10,12 @@ from functools import partial
 
 import trio
 
+_TROUBLE = b"500 Internal Server Error\n\nServer got itself in trouble"
+SERVER_ERROR = (
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TROUBLE), _TROUBLE)
+)
+
 
 class ComfyRelay:
     """Relays every connection to 127.0.0.1:`port`, unless told to fail it."""
@@ -25,6 +31,10 @@ class ComfyRelay:
         # arrived and was acted on; its answer never comes back).
         self.dies_after: bytes | None = None
         self.died = trio.Event()
+        # Requests that start so are answered 500 by the relay (ComfyUI's handler
+        # raised), as aiohttp answers them.
+        self.answers_500: bytes | None = None
+        self.answered_500 = 0
         self._live: set[trio.CancelScope] = set()
 
     def go_down(self) -> None:
@@ -61,6 +71,10 @@ class ComfyRelay:
                         self.failed += 1
                         self.failed_one.set()
                         break  # closed without an answer
+                    if self.answers_500 is not None and bytes(data).startswith(self.answers_500):
+                        self.answered_500 += 1
+                        await client.send_all(SERVER_ERROR)
+                        break
                     if self.dies_after is not None and bytes(data).startswith(self.dies_after):
                         answer_lost = True
                     await server.send_all(data)

@@ -18,7 +18,7 @@ from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol import task
 from tests.daemon.comfy_relay import comfy_relay
-from tests.daemon.harness import payloads, running_daemon
+from tests.daemon.harness import FAST, payloads, read_events, running_daemon, running_pool
 from tests.daemon.test_pool import wait_state
 from tests.simulator.test_workflows import txt2img
 
@@ -103,3 +103,49 @@ async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cance
             queue = (await http_request("GET", f"{sim.url}/queue")).json()
             assert queue == {"queue_running": [], "queue_pending": []}
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.guard(30)  # (before the fix the task tried the same backend forever)
+async def test_a_backend_whose_post_prompt_fails_gives_its_task_to_another(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        broken = ComfySimulator(FAST)
+        port = await nursery.start(broken.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
+        ):
+            await pool.all_read()
+            # Its WebSocket is fine; its POST /prompt handler raises every time.
+            relay.answers_500 = b"POST /prompt"
+            task_id = await pool.generate()
+            data = payloads(await read_events(pool.url, task_id))
+            assert data[-1]["status"] == "completed"
+            actor = pool.app.registry.get(task_id)
+            assert actor is not None
+            assert actor.backend_name == pool.simulators[0].url
+            assert relay.answered_500 >= 1
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.guard(30)  # (before the fix the task tried again every second, forever)
+async def test_a_task_no_backend_takes_ends_backend_unavailable(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        broken = ComfySimulator(FAST)
+        port = await nursery.start(broken.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_daemon(
+                tmp_path, simulator=None, comfy_url=relay.url, backend_wait_timeout=3.0
+            ) as daemon,
+        ):
+            await daemon.app.pool.wait_all_read()
+            relay.answers_500 = b"POST /prompt"
+            task_id = await daemon.generate()
+            data = payloads(await daemon.events(task_id))
+        nursery.cancel_scope.cancel()
+    error = data[-1]["error"]
+    assert error["code"] == "backend_unavailable"
+    assert "500" in error["details"]
+    assert relay.answered_500 >= 2  # tried again before giving up
