@@ -193,8 +193,9 @@ class TaskActor:
         self._subscription: PromptSubscription | None = None  # the current attempt's
         self._fetching = False
         self._submitting = False
-        # Since its POSTs have been failing (Trio time), and the backends they failed
-        # at: the dispatcher hands the task to another while one can run it.
+        # Since its POSTs have been failing (Trio time, moved on by each wait in the
+        # daemon's queue), and the backends they failed at: the dispatcher hands
+        # the task to another while one can run it.
         self._submit_failing_since: float | None = None
         self._avoid: frozenset[str] = frozenset()
         self._lost: trio.Event | None = None  # the current attempt's
@@ -404,6 +405,7 @@ class TaskActor:
             avoid=self._avoid,
         )
         dispatcher.enter(ticket)
+        entered_at = trio.current_time()
         try:
             if ticket.backend is not None:
                 # Handed a backend at once: still a checkpoint, as any wait for a turn
@@ -432,6 +434,10 @@ class TaskActor:
             raise
         finally:
             dispatcher.withdraw(ticket)
+            if self._submit_failing_since is not None:
+                # Waiting for a backend's room is not failing: only the POSTs and
+                # the pauses after them count towards giving up.
+                self._submit_failing_since += trio.current_time() - entered_at
         backend = ticket.backend
         if backend is not None and self.is_done():
             dispatcher.release(backend)

@@ -35,6 +35,7 @@ class ComfyRelay:
         # raised), as aiohttp answers them.
         self.answers_500: bytes | None = None
         self.answered_500 = 0
+        self.answered_500_again = trio.Event()  # set (and replaced) at each such answer
         self._live: set[trio.CancelScope] = set()
 
     def go_down(self) -> None:
@@ -45,6 +46,10 @@ class ComfyRelay:
 
     def come_back(self) -> None:
         self.down = False
+
+    async def until_answered_500(self, times: int) -> None:
+        while self.answered_500 < times:
+            await self.answered_500_again.wait()
 
     async def relay(self, client: trio.SocketStream) -> None:
         if self.down:
@@ -73,6 +78,8 @@ class ComfyRelay:
                         break  # closed without an answer
                     if self.answers_500 is not None and bytes(data).startswith(self.answers_500):
                         self.answered_500 += 1
+                        self.answered_500_again.set()
+                        self.answered_500_again = trio.Event()
                         await client.send_all(SERVER_ERROR)
                         break
                     if self.dies_after is not None and bytes(data).startswith(self.dies_after):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
@@ -149,3 +150,44 @@ async def test_a_task_no_backend_takes_ends_backend_unavailable(tmp_path: Path) 
     assert error["code"] == "backend_unavailable"
     assert "500" in error["details"]
     assert relay.answered_500 >= 2  # tried again before giving up
+
+
+async def test_waiting_for_room_between_failed_posts_does_not_count_as_failing(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # A POST that failed once, a long wait for the backend's room, one more failed
+    # POST: the task has not been failing for backend_wait_timeout, and goes on.
+    mock_clock.rate = 1.0  # real time, plus the jump below
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(MANUAL)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_daemon(
+                tmp_path,
+                simulator=None,
+                comfy_url=relay.url,
+                backend_max_pending=1,
+                backend_wait_timeout=2.0,
+            ) as daemon,
+        ):
+            await daemon.app.pool.wait_all_read()
+            relay.answers_500 = b"POST /prompt"
+            first = await daemon.generate()
+            await relay.until_answered_500(1)
+            relay.answers_500 = None
+            # Another task takes the backend's only place (parked at its first step).
+            second = daemon.app.registry.get(await daemon.generate())
+            assert second is not None
+            await wait_state(second, lambda s: s.phase is task.Phase.RUNNING)
+            dispatcher = daemon.app.dispatcher
+            while first not in {t.task_id for t in dispatcher.tickets()}:
+                await dispatcher.queued.wait()
+            mock_clock.jump(3.0)  # the first waits for room longer than the timeout
+            relay.answers_500 = b"POST /prompt"
+            sim.set_manual_steps(False)  # the second ends, and makes room
+            await relay.until_answered_500(2)
+            relay.answers_500 = None  # the next POST, a second later, is taken
+            data = payloads(await daemon.events(first))
+        nursery.cancel_scope.cancel()
+    assert data[-1]["status"] == "completed", data[-1]
