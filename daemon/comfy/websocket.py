@@ -62,6 +62,18 @@ class BatchingWebSocket(trio_websocket.WebSocketConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._send_channel = _HandOver(self._send_channel)  # type: ignore[assignment]
+        self.ended_before_handshake = False
+
+    async def _reader_task(self) -> None:
+        # trio-websocket 0.12 sets _open_handshake only when the server accepts:
+        # when the peer closes first (a TCP proxy or SSH tunnel whose far end is
+        # down), its wrap_client_stream waits out the whole connect timeout.
+        try:
+            await super()._reader_task()
+        finally:
+            if not self._open_handshake.is_set():
+                self.ended_before_handshake = True
+                self._open_handshake.set()  # (wakes wrap_client_stream, which raises)
 
     async def get_messages(self, limit: int = MAX_BATCH) -> list[Message]:
         """The messages waiting, in order, at most `limit`: at least one (waited
@@ -98,4 +110,8 @@ async def wrap_client_stream(
     )
     nursery.start_soon(ws._reader_task)
     await ws._open_handshake.wait()
+    if ws.ended_before_handshake:
+        raise trio_websocket.HandshakeError(
+            "the connection closed before the WebSocket handshake was answered"
+        )
     return ws

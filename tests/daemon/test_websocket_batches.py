@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,37 @@ async def test_a_nodes_last_step_is_published_before_the_next_node_replaces_it(
                 ("a", 0),
             ]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_closes_before_the_handshake_fails_the_open_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A TCP proxy or SSH tunnel whose far end is down accepts, then closes:
+    # the open fails then, not when the caller's connect timeout runs out.
+    async def accept_then_close(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, accept_then_close, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        failure: Exception | None = None
+        with trio.move_on_after(3600):  # (a hang is cut here, and fails below)
+            try:
+                await wrap_client_stream(
+                    nursery,
+                    stream,
+                    "127.0.0.1",
+                    "/ws",
+                    max_message_size=1 << 20,
+                    message_queue_size=4,
+                    receive_buffer_size=4096,
+                )
+            except trio_websocket.HandshakeError as exc:
+                failure = exc
+        await stream.aclose()
+        assert failure is not None
+        assert "closed before" in str(failure)
+        nursery.cancel_scope.cancel()
