@@ -59,6 +59,7 @@ _MESSAGES = {
     500: "internal server error",
     501: "transfer coding not implemented (only chunked)",
     503: "server is at its connection limit",
+    505: "HTTP version not supported (only HTTP/1.x)",
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
 _JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger bodies are put together in a worker thread
@@ -322,6 +323,10 @@ class HttpServer:
             if connection.head_size > limits.max_header_bytes:
                 # h11 only bounds *incomplete* heads; a whole one can arrive in one read.
                 raise _Rejected(431)
+            if not event.http_version.startswith(b"1."):
+                # h11 passes any digit.digit version. RFC 9110 6.2: a higher 1.x
+                # minor is served as 1.1; another major is refused (15.6.6).
+                raise _Rejected(505)
             method, target, path, query = self._request_line(event)
             limit = self._body_limit_for(method, target)
             declared = _declared_length(event)

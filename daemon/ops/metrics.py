@@ -76,7 +76,8 @@ HTTP_REJECTED = _spec(
     "counter",
     "requests the HTTP server refused before routing, by status: 400 malformed, 401 no valid "
     "API token, 403 origin not allowed, 408 too slow, 413 body too large, 421 host not allowed, "
-    "431 head too large, 501 unknown transfer coding, 503 connection limit",
+    "431 head too large, 501 unknown transfer coding, 503 connection limit, 505 HTTP version "
+    "other than 1.x",
     "status",
 )
 HTTP_CONNECTIONS = _spec("http_connections", "gauge", "client connections open now")

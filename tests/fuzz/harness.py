@@ -38,11 +38,11 @@ ANSWER_BOUND = sum(TIMEOUTS.values()) + CLOSE_LINGER + 5.0
 
 # Every status the daemon documents: success, 304 for cached files, the 4xx of
 # README.md (401 token, 403 origin, 421 host among them), 429/503 for load,
-# and 501 for a transfer coding it does not implement (RFC 9112 section 6.1).
-# Never 500.
+# 501 for a transfer coding it does not implement (RFC 9112 section 6.1), and
+# 505 for an HTTP major version other than 1 (RFC 9110 section 15.6.6). Never 500.
 ALLOWED_STATUSES = frozenset(
     {100, 200, 201, 202, 204, 304, 400, 401, 403, 404, 405, 408, 410, 413, 415, 421, 422, 429}
-    | {431, 501, 503}
+    | {431, 501, 503, 505}
 )
 _STATUS_LINE = re.compile(rb"(?:^|\n)HTTP/1\.[01] (\d{3}) ")
 _LISTENING = re.compile(r"listening on (http://\S+) ")

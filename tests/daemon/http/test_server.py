@@ -478,6 +478,32 @@ async def test_http_1_0_gets_an_answer_and_a_close(nursery: trio.Nursery) -> Non
     assert raw.endswith(b'"name":"old","query":{},"path":"/hello/old"}')
 
 
+@pytest.mark.parametrize("version", [b"2.0", b"3.0", b"0.9"])
+async def test_other_major_http_versions_get_505_and_a_close(
+    nursery: trio.Nursery, version: bytes
+) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(
+            b"GET /hello/x HTTP/%s\r\nHost: t\r\n\r\n" % version
+            # Pipelined behind it: never answered, the connection closes first.
+            + b"GET /hello/y HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        raw = await read_until_eof(stream)
+    head, body = _split_raw_response(raw)
+    assert head.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["message"] == "HTTP version not supported (only HTTP/1.x)"
+
+
+async def test_a_higher_http_1_minor_version_is_served_as_1_1(nursery: trio.Nursery) -> None:
+    running = await start_server(nursery, make_app(), LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(b"GET /hello/x HTTP/1.2\r\nHost: t\r\nConnection: close\r\n\r\n")
+        raw = await read_until_eof(stream)
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 async def test_absolute_form_target_is_routed_by_its_path(nursery: trio.Nursery) -> None:
     running = await start_server(nursery, make_app(), LIMITS)
     async with await running.connect() as stream:
