@@ -28,7 +28,7 @@ from daemon.http.connection import (
     H11Connection,
 )
 from daemon.http.limits import HttpLimits
-from daemon.http.target import BadTarget, decode_path, parse_query, split_target
+from daemon.http.target import BadTarget, check_form, decode_path, parse_query, split_target
 from daemon.http.types import (
     BodyLimitProvider,
     ClientGone,
@@ -393,15 +393,18 @@ class HttpServer:
 
     @staticmethod
     def _request_line(event: h11.Request) -> tuple[str, str, str, Mapping[str, str]]:
-        """(method, target, decoded path, query) of a request head; 400 for a bad path."""
+        """(method, target, decoded path, query) of a request head; 400 for a bad
+        path or a target in a form the server does not serve."""
         # h11 guarantees ASCII for the method, target and header names.
+        method = event.method.decode("ascii")
         target = event.target.decode("ascii")
         try:
+            check_form(method, target)
             raw_path, raw_query = split_target(target)
             path = decode_path(raw_path)
         except BadTarget:
             raise _Rejected(400) from None
-        return event.method.decode("ascii"), target, path, parse_query(raw_query)
+        return method, target, path, parse_query(raw_query)
 
     def _body_limit_for(self, method: str, target: str) -> int:
         if self._body_limits is not None:

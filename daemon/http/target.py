@@ -7,19 +7,39 @@ creating a new one.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+# A URI scheme and "://": the start of an absolute-form target (RFC 3986 3.1).
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class BadTarget(ValueError):
     """The request target cannot be decoded (invalid percent-encoded UTF-8, or a
-    URL that does not parse)."""
+    URL that does not parse), or is in a form the daemon does not serve."""
+
+
+def check_form(method: str, target: str) -> None:
+    """Raise BadTarget for a request-target in a form the daemon does not serve.
+
+    Served: origin-form (``/a?b``), absolute-form (``http://host/a``), and
+    asterisk-form (``*``) for OPTIONS only (RFC 9112 3.2.4). Authority-form is
+    for CONNECT alone, which the daemon does not serve; anything else (``foo``)
+    is no request-target at all.
+    """
+    if target.startswith("/") or _ABSOLUTE_FORM.match(target):
+        return
+    if target == "*" and method == "OPTIONS":
+        return
+    raise BadTarget(f"request target {target!r} is neither origin-form nor absolute-form")
 
 
 def split_target(target: str) -> tuple[str, str]:
     """Split a request target into its raw path and raw query string.
 
     Accepts origin-form (``/a?b``) and absolute-form (``http://host/a?b``);
-    anything else (``*``, authority-form) keeps its text as the path.
+    anything else (``*``, authority-form) keeps its text as the path (of those
+    the server lets only ``OPTIONS *`` through: :func:`check_form`).
     Raises BadTarget for an absolute-form target urlsplit refuses (``http://[/``).
     """
     if target.startswith("/"):

@@ -426,6 +426,47 @@ async def test_absolute_form_target_with_a_bad_authority_is_400(
     assert b"connection: close" in raw.lower()
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET * HTTP/1.1",
+        b"HEAD * HTTP/1.1",
+        b"POST * HTTP/1.1",
+        b"GET foo HTTP/1.1",
+        b"GET index.html HTTP/1.1",
+        b"GET example.com:80/x HTTP/1.1",
+        b"CONNECT example.com:443 HTTP/1.1",
+    ],
+)
+async def test_targets_neither_origin_nor_absolute_form_are_400(
+    nursery: trio.Nursery, line: bytes
+) -> None:
+    seen: list[Request] = []
+
+    async def record(request: Request) -> Response:
+        seen.append(request)
+        return Response(200, [], request.target.encode())
+
+    running = await start_server(nursery, record, LIMITS)
+    async with await running.connect() as stream:
+        await stream.send_all(line + b"\r\nHost: t\r\n\r\n")
+        raw = await read_until_eof(stream)
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close" in raw.lower()
+    assert seen == []
+
+
+async def test_options_asterisk_reaches_the_handler(nursery: trio.Nursery) -> None:
+    async def record(request: Request) -> Response:
+        return Response(200, [], f"{request.method} {request.target}".encode())
+
+    running = await start_server(nursery, record, LIMITS)
+    async with await running.connect() as stream:
+        head, body = await H11Client(stream).request("OPTIONS", "*")
+    assert head.status_code == 200
+    assert body == b"OPTIONS *"
+
+
 async def test_handler_exception_is_500_without_details_and_is_logged(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
