@@ -21,6 +21,7 @@ import logging
 import mimetypes
 import os
 import stat
+import time
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from functools import partial
@@ -101,6 +102,10 @@ class _Conditions:
                 since = parsedate_to_datetime(self.if_modified_since).timestamp()
             except (TypeError, ValueError, OverflowError):
                 # Unreadable (a zone offset beyond a C int overflows): ignored, as RFC 9110 says.
+                return False
+            if since > time.time():
+                # A date in the future is no validator we sent: ignored (RFC 2616
+                # 14.25 calls it invalid), so a skewed client clock cannot pin a 304.
                 return False
             return int(mtime) <= since
         return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,18 @@ async def test_an_unreadable_if_modified_since_is_ignored(
     running = await serve(nursery, site)
     response = await http_request(
         "GET", running.url + "/css/site.css", headers=[("if-modified-since", since)]
+    )
+    assert response.status == 200
+    assert response.body == FILES["css/site.css"]
+
+
+async def test_an_if_modified_since_in_the_future_is_ignored(
+    nursery: trio.Nursery, site: Path
+) -> None:
+    running = await serve(nursery, site)
+    tomorrow = formatdate(time.time() + 24 * 3600, usegmt=True)
+    response = await http_request(
+        "GET", running.url + "/css/site.css", headers=[("if-modified-since", tomorrow)]
     )
     assert response.status == 200
     assert response.body == FILES["css/site.css"]
