@@ -16,8 +16,8 @@ from protocol.workflow import MAX_RESOLUTION
 UPLOAD_TYPES: Final = ("image/png", "image/jpeg")
 
 
-def check_upload(content_type: str | None, body: bytes) -> ImageInfo:
-    """The image's format and size, or a RequestError (415 wrong type, 400 bad image)."""
+def check_upload_type(content_type: str | None) -> str:
+    """The declared media type, or a RequestError (415) when it is no upload type."""
     declared = (content_type or "").split(";", 1)[0].strip().lower()
     if declared not in UPLOAD_TYPES:
         raise RequestError(
@@ -25,6 +25,12 @@ def check_upload(content_type: str | None, body: bytes) -> ImageInfo:
             status_hint=415,
             details={"field": "Content-Type", "allowed": list(UPLOAD_TYPES)},
         )
+    return declared
+
+
+def check_upload(content_type: str | None, body: bytes) -> ImageInfo:
+    """The image's format and size, or a RequestError (415 wrong type, 400 bad image)."""
+    declared = check_upload_type(content_type)
     if not body:
         raise RequestError("the body is empty; send the image file as the body")
     try:

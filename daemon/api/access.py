@@ -17,6 +17,9 @@ A browser lets any page send some requests to any address (a form POST, a
    with one of them (401 otherwise). Reading stays open: a task's stream and
    status are guarded by its 128-bit id.
 
+A client waiting for ``100 Continue`` hears these refusals (and the route's
+own, such as a wrong Content-Type) before it sends its body.
+
 Answers to listed origins carry the CORS headers a ``fetch`` and an
 ``EventSource`` need. Every answer says ``Vary: Origin``.
 """
@@ -30,12 +33,14 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from daemon.http.router import Router
 from daemon.http.types import (
     HandlerResult,
     Request,
     Response,
+    StreamingResponse,
     error_response,
 )
 
@@ -50,6 +55,8 @@ ALLOWED_HEADERS = "Content-Type, Authorization, Idempotency-Key, Last-Event-ID"
 EXPOSED_HEADERS = "Location, Retry-After, Idempotent-Replayed, WWW-Authenticate"
 NEEDS_TOKEN = frozenset({"POST", "DELETE"})
 REALM = 'Bearer realm="comfy-progress"'
+
+_Result = TypeVar("_Result", bound=Response | StreamingResponse)
 
 Origin = tuple[str, str, int]  # (scheme, host, port), lower-case, port made explicit
 
@@ -132,6 +139,31 @@ class AccessPolicy:
         return self.inner.body_limit_for(method, target)
 
     async def __call__(self, request: Request) -> HandlerResult:
+        screened = self._screen(request)
+        if isinstance(screened, Response):
+            return screened
+        cors = screened
+        if _is_preflight(request):
+            return Response(204, [*cors, *self._preflight_headers(), ("Vary", "Origin")])
+        if (refusal := self._token_refusal(request, cors)) is not None:
+            return refusal
+        return _with_headers(await self.inner(request), cors)
+
+    def refuse_before_body(self, request: Request) -> Response | None:
+        """What ``__call__`` refuses from the head alone (Host, Origin, token, then
+        the route's own check), for a client waiting for ``100 Continue``."""
+        screened = self._screen(request)
+        if isinstance(screened, Response):
+            return screened
+        if _is_preflight(request):
+            return None  # answered once the (empty) body is read
+        if (refusal := self._token_refusal(request, screened)) is not None:
+            return refusal
+        refusal = self.inner.refuse_before_body(request)
+        return None if refusal is None else _with_headers(refusal, screened)
+
+    def _screen(self, request: Request) -> Response | list[tuple[str, str]]:
+        """The refusal for a Host or Origin not allowed, else the CORS headers to add."""
         if not self._host_allowed(request):
             return self._refuse(
                 request,
@@ -151,14 +183,14 @@ class AccessPolicy:
                     "requests from this origin are not allowed",
                     {"origin": origin_header, "setting": "allowed_origins"},
                 )
-        cors = self._cors_headers(origin_header) if origin_header and listed else []
-        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
-            return Response(204, [*cors, *self._preflight_headers(), ("Vary", "Origin")])
+        return self._cors_headers(origin_header) if origin_header and listed else []
+
+    def _token_refusal(self, request: Request, cors: list[tuple[str, str]]) -> Response | None:
         if self._tokens and request.method in NEEDS_TOKEN:
             refusal = self._check_token(request)
             if refusal is not None:
                 return _with_headers(refusal, cors)
-        return _with_headers(await self.inner(request), cors)
+        return None
 
     def _host_allowed(self, request: Request) -> bool:
         if not self._hosts:
@@ -231,6 +263,10 @@ def _with_vary(response: Response) -> Response:
     return dataclasses.replace(response, headers=[*response.headers, ("Vary", "Origin")])
 
 
-def _with_headers(result: HandlerResult, extra: list[tuple[str, str]]) -> HandlerResult:
+def _is_preflight(request: Request) -> bool:
+    return request.method == "OPTIONS" and "access-control-request-method" in request.headers
+
+
+def _with_headers(result: _Result, extra: list[tuple[str, str]]) -> _Result:
     """`result` with `extra` headers and Vary: Origin (the answer depends on Origin)."""
     return dataclasses.replace(result, headers=[*result.headers, *extra, ("Vary", "Origin")])

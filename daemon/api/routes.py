@@ -33,6 +33,7 @@ from daemon.tasks.registry import QueueFull, TooManyTasks, new_task_id
 from protocol import api
 from protocol.errors import RequestError
 from protocol.sse import parse_last_event_id
+from protocol.upload import check_upload_type
 
 if TYPE_CHECKING:
     from daemon.api.binder import Binder
@@ -75,6 +76,26 @@ def _is_json(content_type: str | None) -> bool:
         return False
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _json_required(request: Request) -> Response | None:
+    """415 for a POST /generate whose body is not declared JSON (its head tells)."""
+    if _is_json(request.headers.get("content-type")):
+        return None
+    return error_response(
+        415,
+        "POST /generate takes a JSON body (Content-Type: application/json)",
+        {"contentType": request.headers.get("content-type")},
+    )
+
+
+def _image_required(request: Request) -> Response | None:
+    """415 for a POST /upload whose Content-Type is no image type it takes."""
+    try:
+        check_upload_type(request.headers.get("content-type"))
+    except RequestError as exc:
+        return request_error(exc)
+    return None
 
 
 def _has_the_end(latest: Snapshot | None, last_id: int | None) -> bool:
@@ -135,7 +156,8 @@ class Routes:
         self.trusted_proxies = parse_networks(config.trusted_proxies)
 
     def install(self, router: Router) -> None:
-        router.add("POST", "/generate", self.generate)
+        # check_head: a client waiting for 100 Continue hears a 415 before it sends a body.
+        router.add("POST", "/generate", self.generate, check_head=_json_required)
         router.add("GET", "/progress/{task_id}", self.progress)
         router.add("GET", "/tasks/{task_id}", self.task_status)
         router.add("DELETE", "/tasks/{task_id}", self.cancel)
@@ -144,7 +166,13 @@ class Routes:
         )
         router.add("GET", "/tasks/{task_id}/preview", preview)
         router.add("GET", "/workflows", self.workflows)
-        router.add("POST", "/upload", self.upload, max_body=self.config.max_upload_bytes)
+        router.add(
+            "POST",
+            "/upload",
+            self.upload,
+            max_body=self.config.max_upload_bytes,
+            check_head=_image_required,
+        )
         self.install_ops(router)
 
     def install_ops(self, router: Router) -> None:
@@ -155,12 +183,8 @@ class Routes:
         router.add("GET", "/metrics", MetricsEndpoint(self.metrics))
 
     async def generate(self, request: Request) -> Response:
-        if not _is_json(request.headers.get("content-type")):
-            return error_response(
-                415,
-                "POST /generate takes a JSON body (Content-Type: application/json)",
-                {"contentType": request.headers.get("content-type")},
-            )
+        if (refusal := _json_required(request)) is not None:
+            return refusal
         key = request.headers.get("idempotency-key")
         try:
             if key is not None and (replay := self._replayed(key, request.body)) is not None:

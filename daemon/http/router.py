@@ -10,7 +10,9 @@ percent-decoded on its own:
 
 Routes are tried in the order they were added. A path that matches some
 route but not the method gets 405 with ``Allow``; HEAD is served by the GET
-route when there is no HEAD route. Unknown paths get 404.
+route when there is no HEAD route. Unknown paths get 404. A route may also
+answer from the request head alone (``check_head``), for clients waiting for
+``100 Continue``.
 
 An optional observer hears of every answer: ``observer(method, pattern,
 status)``, with the matched route's pattern (None for 404/405), so metrics
@@ -38,6 +40,8 @@ from daemon.http.types import (
 
 # (method, route pattern or None when no route matched, status)
 RouteObserver: TypeAlias = Callable[[str, str | None, int], None]
+# A route's answer from the request head alone (its body empty), or None.
+HeadCheck: TypeAlias = Callable[[Request], Response | None]
 
 _FOUND_CACHE_SIZE = 256  # lookups kept (targets with ids in them do not repeat)
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
@@ -57,6 +61,7 @@ class _Route:
     segments: tuple[_Segment, ...]
     handler: Handler
     max_body: int | None
+    check_head: HeadCheck | None
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         params: dict[str, str] = {}
@@ -114,22 +119,47 @@ class Router:
         self._found: dict[tuple[str, str], tuple[_Route, dict[str, str]] | list[str]] = {}
 
     def add(
-        self, method: str, pattern: str, handler: Handler, *, max_body: int | None = None
+        self,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        *,
+        max_body: int | None = None,
+        check_head: HeadCheck | None = None,
     ) -> None:
         """Route `method` requests matching `pattern` to `handler`.
 
         `max_body` overrides the server's ``max_body_bytes`` for this route
-        (raise it for uploads, lower it for small JSON bodies).
+        (raise it for uploads, lower it for small JSON bodies). `check_head`
+        gives the answer `handler` would give from the head alone (a 415 for
+        the wrong Content-Type), or None: a client waiting for ``100 Continue``
+        then gets it without sending its body (``refuse_before_body``).
         """
         if max_body is not None and max_body < 0:
             raise ValueError("max_body must not be negative")
-        self._routes.append(_Route(method.upper(), pattern, _compile(pattern), handler, max_body))
+        route = _Route(method.upper(), pattern, _compile(pattern), handler, max_body, check_head)
+        self._routes.append(route)
         self._found.clear()
 
     def body_limit_for(self, method: str, target: str) -> int | None:
         """The body limit of the route that would serve this request, if it has one."""
         found = self._find(method, target)
         return found[0].max_body if isinstance(found, tuple) else None
+
+    def refuse_before_body(self, request: Request) -> Response | None:
+        """The matching route's `check_head` answer for a body-less `request`, if any."""
+        found = self._find(request.method, request.target)
+        if not isinstance(found, tuple):
+            return None
+        route, params = found
+        if route.check_head is None:
+            return None
+        if params:
+            request = dataclasses.replace(request, path_params=MappingProxyType(params))
+        refusal = route.check_head(request)
+        if refusal is not None:
+            self._observe(request.method, route.pattern, refusal.status)
+        return refusal
 
     async def __call__(self, request: Request) -> HandlerResult:
         """Serve `request` with the matching route, or answer 404/405."""

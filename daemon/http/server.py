@@ -35,6 +35,7 @@ from daemon.http.types import (
     Handler,
     HandlerResult,
     Headers,
+    RefusalBeforeBody,
     Request,
     Response,
     StreamBody,
@@ -74,6 +75,15 @@ class _Rejected(Exception):
         self.message = _MESSAGES.get(status, "bad request")
 
 
+class _AnsweredBeforeBody(Exception):
+    """The handler refused the request from its head: answer `response` and close."""
+
+    def __init__(self, request: Request, response: Response) -> None:
+        super().__init__(response.status)
+        self.request = request
+        self.response = response
+
+
 class HttpServer:
     """An HTTP/1.1 server calling one :data:`~daemon.http.types.Handler` per request.
 
@@ -95,6 +105,9 @@ class HttpServer:
         # The optional hook, looked up once: a runtime Protocol check costs ~10 us a request.
         self._body_limits: BodyLimitProvider | None = (
             handler if isinstance(handler, BodyLimitProvider) else None
+        )
+        self._refusals: RefusalBeforeBody | None = (
+            handler if isinstance(handler, RefusalBeforeBody) else None
         )
         self._on_rejected = on_rejected
         self._limits = limits if limits is not None else HttpLimits()
@@ -267,6 +280,10 @@ class HttpServer:
                     self._report_rejected(rejection.status)
                     await connection.send_error(rejection.status, rejection.message)
                     return True
+                except _AnsweredBeforeBody as early:
+                    # The body stays unread, so the connection cannot carry another request.
+                    await self._send_whole(connection, early.request, early.response, close=True)
+                    return True
                 if request is None:
                     return True
                 first = False
@@ -333,6 +350,8 @@ class HttpServer:
             if declared is not None and declared > limit:
                 # Refused before reading (and before 100 Continue is sent).
                 raise _Rejected(413)
+            if self._refusals is not None and connection.h11.they_are_waiting_for_100_continue:
+                self._refuse_before_body(_request(event, method, target, path, query, b"", peer))
             body = await self._read_body(
                 connection, limit, trio.current_time() + limits.body_read_timeout
             )
@@ -341,18 +360,19 @@ class HttpServer:
             raise _Rejected(exc.error_status_hint) from None
         except trio.TooSlowError:
             raise _Rejected(408) from None
-        return Request(
-            method=method,
-            target=target,
-            path=path,
-            query=query,
-            headers=Headers(
-                (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
-            ),
-            body=body,
-            peer=peer,
-            http_version=event.http_version.decode("ascii"),
-        )
+        return _request(event, method, target, path, query, body, peer)
+
+    def _refuse_before_body(self, request: Request) -> None:
+        """Raise _AnsweredBeforeBody when the handler refuses `request` from its head."""
+        assert self._refusals is not None
+        try:
+            refusal = self._refusals.refuse_before_body(request)
+        except Exception:
+            # The handler itself still runs, and answers, once the body is read.
+            logger.exception("refuse_before_body failed for %s %s", request.method, request.target)
+            return
+        if refusal is not None:
+            raise _AnsweredBeforeBody(request, refusal)
 
     async def _wait_for_input(
         self, connection: H11Connection, deadline: float, *, keep_alive: bool
@@ -433,11 +453,16 @@ class HttpServer:
         return result
 
     async def _send_whole(
-        self, connection: H11Connection, request: Request, response: Response
+        self,
+        connection: H11Connection,
+        request: Request,
+        response: Response,
+        *,
+        close: bool = False,
     ) -> None:
         # RFC 9112 section 6.1: after a request framed by both Content-Length and
         # Transfer-Encoding, close (a proxy in front may have framed it otherwise).
-        close = self.shutting_down or _has_ambiguous_framing(request)
+        close = close or self.shutting_down or _has_ambiguous_framing(request)
         try:
             events = _whole_response_events(connection, request, response, close=close)
         except (h11.LocalProtocolError, ValueError) as exc:
@@ -570,6 +595,29 @@ def _whole_response_events(
         events.append(h11.Data(data=response.body))
     events.append(h11.EndOfMessage())
     return events
+
+
+def _request(
+    event: h11.Request,
+    method: str,
+    target: str,
+    path: str,
+    query: Mapping[str, str],
+    body: bytes,
+    peer: str,
+) -> Request:
+    return Request(
+        method=method,
+        target=target,
+        path=path,
+        query=query,
+        headers=Headers(
+            (name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers
+        ),
+        body=body,
+        peer=peer,
+        http_version=event.http_version.decode("ascii"),
+    )
 
 
 def _declared_length(event: h11.Request) -> int | None:

@@ -151,6 +151,21 @@ class BodyLimitProvider(Protocol):
     def body_limit_for(self, method: str, target: str) -> int | None: ...
 
 
+@runtime_checkable
+class RefusalBeforeBody(Protocol):
+    """Optional hook on a Handler: an answer decided from the request head alone.
+
+    Asked only when the client waits for ``100 Continue`` before sending its
+    body (``Expect: 100-continue``). ``refuse_before_body(request)`` gets the
+    request with an empty body and returns the answer the handler would give
+    whatever the body (a refused token, a wrong Content-Type), or None. The
+    server then sends that answer instead of 100 and closes the connection, so
+    the client sends no body for nothing (RFC 9110 10.1.1).
+    """
+
+    def refuse_before_body(self, request: Request) -> Response | None: ...
+
+
 # json.dumps with these options builds an encoder per call; one does for all.
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 

@@ -266,6 +266,51 @@ async def test_api_tokens_guard_post_delete_and_upload_but_not_reading(tmp_path:
         assert TOKEN not in page.text()
 
 
+# ---------------------------------------------------------------- Expect: 100-continue
+
+
+async def first_answer(daemon: Daemon, head: str, length: int) -> tuple[str, str]:
+    """Send a head with ``Expect: 100-continue`` and no body; the first answer's
+    status line and the rest of its head (lower-case)."""
+    stream = await trio.open_tcp_stream(daemon.bound.host, daemon.bound.port)
+    async with stream:
+        lines = f"{head}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        await stream.send_all(lines.encode("latin-1"))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = await stream.receive_some(65536)
+            assert chunk, received
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    return status_line.decode("latin-1"), rest.partition(b"\r\n\r\n")[0].decode().lower()
+
+
+async def test_refusals_from_the_head_come_before_100_continue(tmp_path: Path) -> None:
+    auth = f"Authorization: Bearer {TOKEN}"
+    host = "Host: 127.0.0.1"
+    async with running_daemon(
+        tmp_path, api_tokens=TOKEN, allowed_origins=APP, allowed_hosts="127.0.0.1"
+    ) as daemon:
+        for head, status in (
+            (f"POST /upload HTTP/1.1\r\n{host}\r\n{auth}\r\nContent-Type: text/plain", 415),
+            (f"POST /generate HTTP/1.1\r\n{host}\r\n{auth}\r\nContent-Type: text/plain", 415),
+            (f"POST /upload HTTP/1.1\r\n{host}\r\nContent-Type: image/png", 401),
+            (f"POST /generate HTTP/1.1\r\n{host}\r\nOrigin: http://evil.example", 403),
+            (f"POST /generate HTTP/1.1\r\nHost: rebound.example\r\n{auth}", 421),
+        ):
+            status_line, rest = await first_answer(daemon, head, 1000)
+            assert status_line.startswith(f"HTTP/1.1 {status} "), (head, status_line)
+            assert "connection: close" in rest
+        # A request that may succeed gets its 100 Continue.
+        ok = f"POST /upload HTTP/1.1\r\n{host}\r\n{auth}\r\nContent-Type: image/png"
+        assert (await first_answer(daemon, ok, 1000))[0].startswith("HTTP/1.1 100 ")
+        # The refusals are counted as ever.
+        assert await rejected(daemon, 401) == 1
+        assert await rejected(daemon, 403) == 1
+        assert await rejected(daemon, 421) == 1
+        assert daemon.app.registry.created == 0
+
+
 # ---------------------------------------------------------------- settings
 
 

@@ -208,3 +208,24 @@ async def test_observer_hears_patterns_and_statuses() -> None:
         ("GET", None, 404),
         ("POST", "/crash", 500),
     ]
+
+
+def test_head_checks_answer_before_the_body_and_are_observed() -> None:
+    heard: list[tuple[str, str | None, int]] = []
+    r = Router(observer=lambda method, pattern, status: heard.append((method, pattern, status)))
+    seen: list[str] = []
+
+    def refuse_all(req: Request) -> Response:
+        seen.append(req.path_params["name"])
+        return Response(415, [])
+
+    r.add("POST", "/typed/{name}", tagging("typed"), check_head=refuse_all)
+    r.add("POST", "/plain", tagging("plain"))
+    refusal = r.refuse_before_body(request("POST", "/typed/a"))
+    assert refusal is not None
+    assert refusal.status == 415
+    assert seen == ["a"]  # with the route's parameters
+    assert r.refuse_before_body(request("POST", "/plain")) is None
+    assert r.refuse_before_body(request("GET", "/typed/a")) is None  # 405 is not its to say
+    assert r.refuse_before_body(request("POST", "/nowhere")) is None
+    assert heard == [("POST", "/typed/{name}", 415)]

@@ -307,6 +307,91 @@ async def test_expect_100_continue_with_too_large_body_gets_413_and_no_100(
         assert header(head, "connection") == "close"
 
 
+def typed_echo_app(checked: list[str]) -> Router:
+    """POST /typed: echoes text/plain bodies, and says 415 for others from the head."""
+
+    def text_only(request: Request) -> Response | None:
+        checked.append(request.path_params["name"])
+        if request.headers.get("content-type") == "text/plain":
+            return None
+        return error_response(415, "text/plain only")
+
+    async def echo(request: Request) -> Response:
+        return text_only(request) or Response(200, [], request.body)
+
+    router = Router()
+    router.add("POST", "/typed/{name}", echo, check_head=text_only)
+    return router
+
+
+async def send_expecting_head(stream: trio.SocketStream, content_type: str) -> H11Client:
+    client = H11Client(stream)
+    await client.send(
+        h11.Request(
+            method="POST",
+            target="/typed/x",
+            headers=[
+                ("host", "t"),
+                ("content-type", content_type),
+                ("content-length", "4"),
+                ("expect", "100-continue"),
+            ],
+        )
+    )
+    return client
+
+
+async def test_expect_100_continue_refused_from_the_head_gets_no_100(
+    nursery: trio.Nursery,
+) -> None:
+    checked: list[str] = []
+    running = await start_server(nursery, typed_echo_app(checked), LIMITS)
+    async with await running.connect() as stream:
+        client = await send_expecting_head(stream, "image/png")
+        head = await client.next_event()
+        assert isinstance(head, h11.Response)
+        assert head.status_code == 415
+        assert header(head, "connection") == "close"
+        assert json.loads(await client.read_body())["error"]["message"] == "text/plain only"
+        # The body is never read: the connection closes instead.
+        assert await read_until_eof(stream) == b""
+    assert checked == ["x"]
+
+
+async def test_expect_100_continue_passing_the_head_check_gets_100(
+    nursery: trio.Nursery,
+) -> None:
+    checked: list[str] = []
+    running = await start_server(nursery, typed_echo_app(checked), LIMITS)
+    async with await running.connect() as stream:
+        client = await send_expecting_head(stream, "text/plain")
+        interim = await client.next_event()
+        assert isinstance(interim, h11.InformationalResponse)
+        assert interim.status_code == 100
+        await client.send(h11.Data(data=b"ping"), h11.EndOfMessage())
+        head, body = await client.read_response()
+    assert (head.status_code, body) == (200, b"ping")
+    assert header(head, "connection") is None
+    assert checked == ["x", "x"]  # before the 100, then by the handler itself
+
+
+async def test_head_checks_wait_for_the_body_without_expect(nursery: trio.Nursery) -> None:
+    checked: list[str] = []
+    running = await start_server(nursery, typed_echo_app(checked), LIMITS)
+    async with await running.connect() as stream:
+        client = H11Client(stream)
+        refused, _ = await client.request(
+            "POST", "/typed/x", [("content-type", "image/png")], b"ping"
+        )
+        client.h11.start_next_cycle()
+        served, _ = await client.request(
+            "POST", "/typed/y", [("content-type", "text/plain")], b"ping"
+        )
+    # Answered by the handler with the body read: the connection stays open.
+    assert (refused.status_code, served.status_code) == (415, 200)
+    assert checked == ["x", "y"]
+
+
 async def test_content_length_over_limit_is_413(nursery: trio.Nursery) -> None:
     running = await start_server(nursery, make_app(), LIMITS)
     response = await http_request("POST", f"{running.url}/echo", body=b"x" * (SMALL_BODY_LIMIT + 1))
