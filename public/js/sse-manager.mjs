@@ -9,6 +9,13 @@
 // capped, jittered delay, resuming with `?lastEventId=` because a new
 // EventSource cannot carry headers.
 //
+// Over HTTP/1.x a browser opens at most 6 connections to a site, and every
+// open EventSource holds one: a page following 6 tasks has none left for
+// POST generate, Cancel or an image, which then wait until a task ends. So
+// at most `maxStreams` streams are open at once (4 over HTTP/1.x, no limit
+// over HTTP/2 or 3, which multiplex); later subscriptions wait their turn,
+// first come first served, and get the task's current snapshot once admitted.
+//
 // Everything with side effects (EventSource, timers, random) is injected, so
 // the schedule is testable without a browser or a clock.
 
@@ -42,6 +49,19 @@ export function backoffDelay(attempt, { initialDelayMs, maxDelayMs }, random) {
   const exponential = initialDelayMs * 2 ** Math.max(0, attempt - 1);
   const capped = Math.min(maxDelayMs, exponential);
   return capped / 2 + (random() * capped) / 2;
+}
+
+/** Streams open at once over HTTP/1.x: 2 of the browser's 6 connections stay free. */
+export const HTTP1_MAX_STREAMS = 4;
+
+/**
+ * How many streams this page may hold open: unlimited when it came over a
+ * protocol that multiplexes (HTTP/2, HTTP/3), else HTTP1_MAX_STREAMS.
+ */
+export function defaultMaxStreams(performance = globalThis.performance) {
+  const navigation = performance?.getEntriesByType?.("navigation")?.[0];
+  const protocol = navigation?.nextHopProtocol ?? "";
+  return protocol === "h2" || protocol === "h3" ? Infinity : HTTP1_MAX_STREAMS;
 }
 
 /** The stream URL for a task, relative unless `baseUrl` says otherwise. */
@@ -78,6 +98,7 @@ export class SSEManager {
    * @param {number} [options.initialDelayMs]
    * @param {number} [options.maxDelayMs]
    * @param {number} [options.maxAttempts] reconnects in a row without an `open` before giving up
+   * @param {number} [options.maxStreams] streams open at once (default: defaultMaxStreams())
    */
   constructor(options = {}) {
     this._EventSource = options.EventSource ?? null;
@@ -92,9 +113,14 @@ export class SSEManager {
       initialDelayMs: options.initialDelayMs ?? DEFAULT_OPTIONS.initialDelayMs,
       maxDelayMs: options.maxDelayMs ?? DEFAULT_OPTIONS.maxDelayMs,
       maxAttempts: options.maxAttempts ?? DEFAULT_OPTIONS.maxAttempts,
+      maxStreams: options.maxStreams ?? defaultMaxStreams(),
     };
-    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, detach} */
+    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, detach, admitted} */
     this.activeConnections = new Map();
+    /** Subscriptions that wait for a stream slot, oldest first. */
+    this._waiting = [];
+    /** Subscriptions holding a slot (connected, connecting or waiting to reconnect). */
+    this._admitted = 0;
   }
 
   /**
@@ -115,8 +141,10 @@ export class SSEManager {
         attempts: 0,
         retryTimer: null,
         detach: null,
+        admitted: false,
       });
-      this._connect(taskId);
+      this._waiting.push(taskId);
+      this._admitWaiting();
     }
     return () => this.unsubscribe(taskId);
   }
@@ -129,6 +157,23 @@ export class SSEManager {
   /** Whether a task is followed (connected, connecting or waiting to reconnect). */
   isSubscribed(taskId) {
     return this.activeConnections.has(taskId);
+  }
+
+  /** Whether a task's stream is open or being opened, not waiting for a slot. */
+  isStreaming(taskId) {
+    return this.activeConnections.get(taskId)?.admitted ?? false;
+  }
+
+  /** Give free slots to waiting subscriptions, oldest first. */
+  _admitWaiting() {
+    while (this._admitted < this._config.maxStreams && this._waiting.length > 0) {
+      const taskId = this._waiting.shift();
+      const entry = this.activeConnections.get(taskId);
+      if (!entry) continue;
+      entry.admitted = true;
+      this._admitted += 1;
+      this._connect(taskId);
+    }
   }
 
   _connect(taskId) {
@@ -236,6 +281,12 @@ export class SSEManager {
     entry.retryTimer = null;
     this._closeEventSource(entry);
     this.activeConnections.delete(taskId);
+    if (entry.admitted) {
+      this._admitted -= 1;
+      this._admitWaiting();
+    } else {
+      this._waiting = this._waiting.filter((id) => id !== taskId);
+    }
   }
 }
 

@@ -3,8 +3,10 @@ import { beforeEach, describe, test } from "node:test";
 
 import {
   CONNECTION_LOST,
+  HTTP1_MAX_STREAMS,
   SSEManager,
   backoffDelay,
+  defaultMaxStreams,
   progressUrl,
   sseManager,
 } from "../../public/js/sse-manager.mjs";
@@ -330,6 +332,67 @@ describe("reconnecting", () => {
     assert.equal(calls.complete.length, 1);
     assert.equal(FakeEventSource.latest.closed, true);
     assert.equal(manager.isSubscribed("t1"), false);
+  });
+});
+
+describe("stream slots", () => {
+  // Over HTTP/1.1 a browser holds at most 6 connections per site: with one
+  // EventSource per task, a 7th request (POST generate, Cancel, an image)
+  // waited until some task ended.
+  const openUrls = () =>
+    FakeEventSource.instances.filter((s) => !s.closed).map((s) => s.url);
+
+  test("past maxStreams, subscriptions wait without a connection", () => {
+    manager = makeManager({ maxStreams: 2 });
+    for (const id of ["t1", "t2", "t3", "t4"]) manager.subscribe(id, {});
+    assert.deepEqual(openUrls(), ["progress/t1", "progress/t2"]);
+    assert.ok(manager.isSubscribed("t3"));
+    assert.equal(manager.isStreaming("t2"), true);
+    assert.equal(manager.isStreaming("t3"), false);
+  });
+
+  test("a task that ends hands its slot to the oldest waiting one, which gets its events", () => {
+    manager = makeManager({ maxStreams: 1 });
+    const third = recorder();
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", {});
+    manager.subscribe("t3", third.callbacks);
+    FakeEventSource.latest.emit("complete", COMPLETE, "9");
+    assert.deepEqual(openUrls(), ["progress/t2"]);
+    FakeEventSource.latest.emit("error-event", ERROR, "4");
+    assert.deepEqual(openUrls(), ["progress/t3"]);
+    FakeEventSource.latest.emit("progress", { ...PROGRESS, taskId: "t3" }, "1");
+    assert.equal(third.calls.progress.length, 1);
+  });
+
+  test("unsubscribing frees a slot; a waiting subscription leaves the line", () => {
+    manager = makeManager({ maxStreams: 1 });
+    for (const id of ["t1", "t2", "t3"]) manager.subscribe(id, {});
+    manager.unsubscribe("t2"); // waiting: never connects
+    manager.unsubscribe("t1");
+    assert.deepEqual(openUrls(), ["progress/t3"]);
+    assert.equal(FakeEventSource.instances.length, 2);
+  });
+
+  test("a stream that gave up frees its slot; one waiting to reconnect keeps it", () => {
+    manager = makeManager({ maxStreams: 1, maxAttempts: 1 });
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", {});
+    FakeEventSource.latest.failClosed(); // t1 waits to reconnect: still its slot
+    assert.equal(manager.isStreaming("t2"), false);
+    timers.advance(timers.delays[0]);
+    FakeEventSource.latest.failClosed(); // t1 gives up
+    assert.deepEqual(openUrls(), ["progress/t2"]);
+  });
+
+  test("the default: 4 streams over HTTP/1.x, no limit over HTTP/2 and 3", () => {
+    const over = (nextHopProtocol) => ({ getEntriesByType: () => [{ nextHopProtocol }] });
+    assert.equal(HTTP1_MAX_STREAMS, 4);
+    assert.equal(defaultMaxStreams(over("http/1.1")), 4);
+    assert.equal(defaultMaxStreams(over("h2")), Infinity);
+    assert.equal(defaultMaxStreams(over("h3")), Infinity);
+    assert.equal(defaultMaxStreams(undefined), 4);
+    assert.equal(defaultMaxStreams({ getEntriesByType: () => [] }), 4);
   });
 });
 
