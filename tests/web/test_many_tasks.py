@@ -31,6 +31,32 @@ def page(web: RecordedPage, daemon: DaemonProcess) -> Page:
     return web.page
 
 
+def generate(page: Page, prompt: str) -> None:
+    page.get_by_label("Prompt").fill(prompt)
+    # A real click: Playwright refuses it when something covers the button.
+    page.get_by_role("button", name="Generate").click()
+
+
+def test_a_stack_of_banners_never_covers_the_form(page: Page) -> None:
+    # The stack was fixed over the page: from the fifth banner on it covered
+    # the Generate button, so a sixth generation could not be started.
+    banners = page.locator(".progress-banner")
+    for n in range(1, 7):
+        generate(page, f"picture {n}")
+        expect(banners).to_have_count(n)
+    # The newest banner is within reach too (the stack scrolls within itself).
+    with page.expect_response(lambda r: r.request.method == "DELETE") as cancelled:
+        banners.last.get_by_role("button", name="Cancel").click()
+    assert cancelled.value.status == 202
+    # Scrolled down, the stack still sits at the top of the window.
+    page.set_viewport_size({"width": 1100, "height": 500})
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_function("window.scrollY > 0")
+    box = page.locator(".banner-stack").bounding_box()
+    assert box is not None
+    assert box["y"] == 0
+
+
 def test_past_six_tasks_the_page_can_still_generate_and_cancel(
     page: Page, web: RecordedPage, daemon: DaemonProcess
 ) -> None:

@@ -233,7 +233,9 @@ def test_two_generations_stack_two_banners(web: RecordedPage) -> None:
     assert box_b is not None
     assert box_a["y"] == 0
     assert box_b["y"] >= box_a["y"] + box_a["height"]
-    assert page.locator(".banner-stack").evaluate("el => getComputedStyle(el).position") == "fixed"
+    # Sticky as the page's first element: always at the top of the window, like
+    # fixed, but it takes its own room instead of covering the form.
+    assert page.locator(".banner-stack").evaluate("el => getComputedStyle(el).position") == "sticky"
 
 
 def test_a_dismissed_running_task_still_delivers_its_image(web: RecordedPage) -> None:
