@@ -47,7 +47,7 @@ MAX_RETRY: Final = 30.0
 # Reconnect this many times in a row without receiving an event, then give up.
 MAX_RECONNECTS: Final = 10
 # No byte (not even a heartbeat, every 30 s by default) for this long: the
-# stream is dead even if the connection looks open.
+# stream, or an image download, is dead even if the connection looks open.
 STREAM_IDLE_TIMEOUT: Final = 90.0
 MAX_ERROR_BODY: Final = 64 * 1024
 TERMINAL_EVENTS: Final = frozenset({"complete", "error-event"})
@@ -130,10 +130,18 @@ def error_text(error: Mapping[str, Any]) -> str:
 class GenerateClient:
     """One `generate` run; `run()` returns the exit status."""
 
-    def __init__(self, options: Options, *, display: Display, out: TextIO) -> None:
+    def __init__(
+        self,
+        options: Options,
+        *,
+        display: Display,
+        out: TextIO,
+        idle_timeout: float = STREAM_IDLE_TIMEOUT,
+    ) -> None:
         self.options = options
         self.display = display
         self.out = out
+        self.idle_timeout = idle_timeout  # for the progress stream and the download
         self.finished = False  # the task has ended (its terminal event arrived)
         self.interrupted = False
         # Cancelled by the first Ctrl-C: covers following and downloading, not
@@ -255,13 +263,13 @@ class GenerateClient:
                     else:
                         chunks = response.chunks.__aiter__()
                         while True:
-                            with trio.move_on_after(STREAM_IDLE_TIMEOUT) as idle:
+                            with trio.move_on_after(self.idle_timeout) as idle:
                                 try:
                                     chunk = await chunks.__anext__()
                                 except StopAsyncIteration:
                                     break
                             if idle.cancelled_caught:
-                                why = f"nothing received for {STREAM_IDLE_TIMEOUT:g} s"
+                                why = f"nothing received for {self.idle_timeout:g} s"
                                 break
                             for event in decoder.feed(chunk):
                                 failures = 0
@@ -311,7 +319,20 @@ class GenerateClient:
                     message = await streamed_message(response)
                     raise ClientFailure(f"cannot download {url} ({response.status}): {message}")
                 async with await trio.open_file(partial, "wb") as file:
-                    async for chunk in response.chunks:
+                    chunks = response.chunks.__aiter__()
+                    while True:
+                        # As for the progress stream: a dropped connection can
+                        # look like one that is merely quiet, for hours.
+                        with trio.move_on_after(self.idle_timeout) as idle:
+                            try:
+                                chunk = await chunks.__anext__()
+                            except StopAsyncIteration:
+                                break
+                        if idle.cancelled_caught:
+                            raise ClientFailure(
+                                f"the download of {url} stalled: "
+                                f"nothing received for {self.idle_timeout:g} s"
+                            )
                         await file.write(chunk)
                 if not response.chunks.complete:
                     raise ClientFailure(f"the download of {url} was cut off")

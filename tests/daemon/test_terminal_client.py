@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -13,8 +14,11 @@ import termios
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
+from daemon.terminal.client import ClientFailure, GenerateClient, Options
+from daemon.terminal.display import Display
 from tests.daemon.cli_process import (
     CLI,
     CuttingProxy,
@@ -48,7 +52,7 @@ async def test_success_saves_a_png_and_prints_its_url(tmp_path: Path) -> None:
         assert saved == served.body
         assert check_png(saved) == (512, 512)
         # The image through its temporary name only: nothing else is left behind.
-        left = await trio.Path(tmp_path).iterdir()
+        left = list(await trio.Path(tmp_path).iterdir())
         assert sorted(p.name for p in left) == ["data", "fox.png"]
 
         actor = daemon.app.registry.get(only_task(daemon))
@@ -249,3 +253,33 @@ async def test_workflow_parameters_reach_the_task(tmp_path: Path) -> None:
     bad = await run_generate("x", "--param", "no-equals-sign")
     assert bad.returncode == 2
     assert b"expected NAME=VALUE" in bad.stderr
+
+
+async def test_a_download_that_stalls_fails_instead_of_hanging(tmp_path: Path) -> None:
+    # A connection that drops without a FIN or RST (a laptop changing networks,
+    # a NAT forgetting it) looks like a server that stops sending. The client
+    # read the image with no idle limit and hung for good. (The real clock: the
+    # file is written in a thread, which the autojump clock would jump past.)
+    async def half_an_image(stream: trio.SocketStream) -> None:
+        await stream.receive_some()  # the request head
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+            + b"\x89PNG\r\n\x1a\n"
+        )
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, half_an_image, 0, host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/image/a.png"
+        target = tmp_path / "fox.png"
+        client = GenerateClient(
+            Options(prompt="a red fox"),
+            display=Display(io.StringIO(), tty=False, clock=trio.current_time),
+            out=io.StringIO(),
+            idle_timeout=0.5,
+        )
+        with pytest.raises(ClientFailure, match="stalled"):
+            await client.download(url, target)
+        nursery.cancel_scope.cancel()
+    left = list(await trio.Path(tmp_path).iterdir())
+    assert left == [], "no image and no partial file left behind"
