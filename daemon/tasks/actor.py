@@ -359,7 +359,7 @@ class TaskActor:
                 # Dispatched to a backend that is no longer configured.
                 if self.state.submitted:
                     self._lost_there(f"{self.backend_name} is no longer configured", False)
-                    self._requeue()
+                    self._requeue(self._lost_reason)
                 self._use(None)
             while not self.is_done():
                 backend, reserved = self.backend, False
@@ -372,19 +372,19 @@ class TaskActor:
                 resumed = False
                 self._use(None)
                 if outcome is Attempt.LOST:
-                    self._requeue()
+                    self._requeue(self._lost_reason)
 
     def _use(self, backend: ComfyBackend | None) -> None:
         self.backend = backend
         self.backend_name = backend.name if backend is not None else None
         self._report()
 
-    def _requeue(self) -> None:
+    def _requeue(self, reason: str) -> None:
         if self.is_done():
             return
         prompt_id = new_prompt_id()
-        self._log(logging.WARNING, "resubmitting as %s: %s", prompt_id, self._lost_reason)
-        self.handle(task.Requeued(prompt_id, self._lost_reason))
+        self._log(logging.WARNING, "resubmitting as %s: %s", prompt_id, reason)
+        self.handle(task.Requeued(prompt_id, reason))
 
     async def _wait_for_backend(self) -> ComfyBackend | None:
         """Wait in the daemon's queue for a backend with room (reserved for us).
@@ -657,7 +657,14 @@ class TaskActor:
         except BackendUnavailable as exc:
             self._log(logging.WARNING, "submitting to %s failed: %s", backend.name, exc)
             # The POST may have arrived even though the answer did not.
-            if not await self._already_known():
+            known = await self._already_known()
+            if known is None:
+                # Nobody can tell: whatever that backend holds goes once it is back,
+                # and the task goes on under a new prompt id, which no copy left
+                # there shares (the removal cannot race a later POST of ours).
+                self.pool.abandon(backend, self.prompt_id)
+                self._requeue(f"{backend.name} did not answer the POST: {exc}")
+            if not known:
                 await self._submit_failed(backend, exc)
             return
         finally:
@@ -713,8 +720,8 @@ class TaskActor:
         comfy_name = f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
         return replace_input_value(spec.graph, spec.source_image, comfy_name)
 
-    async def _already_known(self) -> bool:
-        """After a failed POST: did ComfyUI take the prompt anyway?"""
+    async def _already_known(self) -> bool | None:
+        """After a failed POST: did ComfyUI take the prompt anyway? None: it cannot say."""
         backend = self.backend
         if backend is None:
             return False
@@ -730,7 +737,7 @@ class TaskActor:
                 self.request_reconcile()
                 return True
         except BackendUnavailable:
-            pass
+            return None
         return False
 
     # -- following the prompt

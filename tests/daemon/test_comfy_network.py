@@ -84,9 +84,9 @@ async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cance
             # ComfyUI takes the prompt, then the network dies before its answer.
             relay.dies_after = b"POST /prompt"
             task_id = await daemon.generate()
-            actor = daemon.app.registry.get(task_id)
-            assert actor is not None
             await relay.died.wait()
+            queue = sim.engine.queue
+            (posted,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
             response = await daemon.request("DELETE", f"/tasks/{task_id}")
             assert response.status == 202
             # At once, not after backend_wait_timeout as `backend_unavailable`.
@@ -98,11 +98,13 @@ async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cance
             while pool.abandoned(pool.backends[0]):
                 await pool.changed.wait()
             sim.grant_steps(1000)  # the parked step moves on, and sees the interrupt
-            await sim.engine.history.wait_for(actor.prompt_id)
-            history = sim.engine.history.get(actor.prompt_id)[actor.prompt_id]
+            await sim.engine.history.wait_for(posted)
+            history = sim.engine.history.get(posted)[posted]
             assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
-            queue = (await http_request("GET", f"{sim.url}/queue")).json()
-            assert queue == {"queue_running": [], "queue_pending": []}
+            assert (await http_request("GET", f"{sim.url}/queue")).json() == {
+                "queue_running": [],
+                "queue_pending": [],
+            }
         nursery.cancel_scope.cancel()
 
 
@@ -191,3 +193,42 @@ async def test_waiting_for_room_between_failed_posts_does_not_count_as_failing(
             data = payloads(await daemon.events(first))
         nursery.cancel_scope.cancel()
     assert data[-1]["status"] == "completed", data[-1]
+
+
+@pytest.mark.guard(30)
+async def test_a_post_whose_answer_is_lost_leaves_no_second_image(tmp_path: Path) -> None:
+    # ComfyUI took the prompt, but its answer and then the whole backend are gone:
+    # the daemon cannot tell whether it arrived, and runs the task elsewhere. The
+    # copy left on the first backend must not run too once it is back.
+    async with trio.open_nursery() as nursery:
+        first = ComfySimulator(MANUAL)  # parks the prompt at its first step
+        port = await nursery.start(first.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_pool(
+                tmp_path, [FAST], first_urls=(relay.url,), comfy_connect_timeout=1
+            ) as pool,
+        ):
+            await pool.all_read()
+            relay.dies_after = b"POST /prompt"
+            task_id = await pool.generate()
+            actor = pool.app.registry.get(task_id)
+            assert actor is not None
+            await relay.died.wait()
+            queue = first.engine.queue
+            (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
+            data = payloads(await read_events(pool.url, task_id))
+            assert data[-1]["status"] == "completed"
+            assert len(data[-1]["result"]["imageUrls"]) == 1
+            assert actor.backend_name == pool.simulators[0].url
+            relay.dies_after = None
+            relay.come_back()
+            backends = pool.app.pool
+            comeback = backends.backends[0]
+            while backends.abandoned(comeback) or not backends.takes_work(comeback):
+                await backends.changed.wait()
+            first.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+            await first.engine.history.wait_for(left_there)
+            history = first.engine.history.get(left_there)[left_there]
+            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+        nursery.cancel_scope.cancel()
