@@ -393,6 +393,11 @@ class TaskActor:
         the ticket's one event wakes us when we are handed a backend or when what
         the backends can run changed; `backend_wait_timeout` runs only while none can.
         """
+        if self.cancel_requested():
+            # Cancelled while the last attempt was dropped (nothing of ours is left
+            # in a ComfyUI, or it is removed there): no need to wait for a backend.
+            self.handle(task.Cancelled("cancelled before it was resubmitted"))
+            return None
         dispatcher = self.dispatcher
         if self._needs is None:
             self._needs = needs_of(self.state.spec.graph)

@@ -232,3 +232,46 @@ async def test_a_post_whose_answer_is_lost_leaves_no_second_image(tmp_path: Path
             history = first.engine.history.get(left_there)[left_there]
             assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.guard(30)  # (before the fix the task waited for room forever: this fails it)
+async def test_a_cancel_while_a_lost_attempt_is_dropped_ends_the_task_cancelled(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(MANUAL)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_daemon(
+                tmp_path,
+                simulator=None,
+                comfy_url=relay.url,
+                comfy_connect_timeout=1,
+                reconnect_initial_delay=0.1,
+                reconnect_max_delay=0.5,
+                backend_max_pending=1,
+            ) as daemon,
+        ):
+            await daemon.app.pool.wait_all_read()
+            task_id = await daemon.generate()
+            actor = daemon.app.registry.get(task_id)
+            assert actor is not None
+            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+            relay.go_down()
+            await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+            # ComfyUI restarts while the daemon cannot see it (our prompt is gone), and
+            # someone else's prompt takes its only place (parked at its first step).
+            sim.restart()
+            body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
+            foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
+            assert foreign.status == 200, foreign.body
+            lost = actor._lost  # the attempt's: set once it is found lost
+            assert lost is not None
+            relay.come_back()
+            await lost.wait()
+            # The attempt is being dropped (to be resubmitted): the cancel comes now.
+            actor.cancel()
+            data = payloads(await daemon.events(task_id))
+        nursery.cancel_scope.cancel()
+    assert data[-1]["error"]["code"] == "cancelled", data[-1]
