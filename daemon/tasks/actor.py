@@ -522,7 +522,7 @@ class TaskActor:
                 # (held: if it has ended, the reconcile says so).
                 subscription.held()
                 self.request_reconcile()
-            elif not (resumed and await self._already_known()):
+            elif not (resumed and await self._found_after_restart(backend)):
                 await self._submit(backend, subscription)
         finally:
             if reserved:
@@ -664,11 +664,7 @@ class TaskActor:
             # The POST may have arrived even though the answer did not.
             known = await self._already_known()
             if known is None:
-                # Nobody can tell: whatever that backend holds goes once it is back,
-                # and the task goes on under a new prompt id, which no copy left
-                # there shares (the removal cannot race a later POST of ours).
-                self.pool.abandon(backend, self.prompt_id)
-                self._requeue(f"{backend.name} did not answer the POST: {exc}")
+                self._give_up_unknown(backend, f"{backend.name} did not answer the POST: {exc}")
             if not known:
                 await self._submit_failed(backend, exc)
             return
@@ -724,6 +720,26 @@ class TaskActor:
         name = str(reply["name"])
         comfy_name = f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
         return replace_input_value(spec.graph, spec.source_image, comfy_name)
+
+    async def _found_after_restart(self, backend: ComfyBackend) -> bool:
+        """A restored task not known to be submitted: did ComfyUI take its POST before
+        the restart? A cancel meanwhile waits for the answer, as during a POST (ended
+        now, the task would leave a prompt it has there running)."""
+        self._submitting = True
+        try:
+            known = await self._already_known()
+        finally:
+            self._submitting = False
+        if known is None:
+            self._give_up_unknown(backend, f"{backend.name} cannot say whether it has the prompt")
+        return bool(known)
+
+    def _give_up_unknown(self, backend: ComfyBackend, reason: str) -> None:
+        """Whether `backend` holds the prompt nobody can tell: whatever it holds goes
+        once it is back, and the task goes on under a new prompt id, which no copy
+        left there shares (the removal cannot race a later POST of ours)."""
+        self.pool.abandon(backend, self.prompt_id)
+        self._requeue(reason)
 
     async def _already_known(self) -> bool | None:
         """After a failed POST: did ComfyUI take the prompt anyway? None: it cannot say."""

@@ -1,6 +1,6 @@
 """A TCP relay in front of a real (simulated) ComfyUI that a test can break in ways
 the simulator itself cannot: the network down while ComfyUI keeps its state, or
-one kind of request failing while the WebSocket stays up."""
+one kind of request failing while the WebSocket stays up, or its answer late."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ class ComfyRelay:
         self.answers_500: bytes | None = None
         self.answered_500 = 0
         self.answered_500_again = trio.Event()  # set (and replaced) at each such answer
+        # Answers to requests that start so are held back until `release()` (ComfyUI
+        # acted on the request; its answer is late).
+        self.holds: bytes | None = None
+        self.holding = trio.Event()  # set once such an answer is held
+        self._released = trio.Event()
         self._live: set[trio.CancelScope] = set()
 
     def go_down(self) -> None:
@@ -46,6 +51,14 @@ class ComfyRelay:
 
     def come_back(self) -> None:
         self.down = False
+
+    def hold_answers(self, request_start: bytes) -> None:
+        self.holds, self.holding, self._released = request_start, trio.Event(), trio.Event()
+
+    def release(self) -> None:
+        """The answers held back go out (and no more are held)."""
+        self.holds = None
+        self._released.set()
 
     async def until_answered_500(self, times: int) -> None:
         while self.answered_500 < times:
@@ -67,10 +80,11 @@ class ComfyRelay:
     async def _pipe(self, client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", self.port)
         answer_lost = False
+        held_until: trio.Event | None = None
         async with client, server, trio.open_nursery() as nursery:
 
             async def upstream() -> None:
-                nonlocal answer_lost
+                nonlocal answer_lost, held_until
                 async for data in client:
                     if self.failing is not None and bytes(data).startswith(self.failing):
                         self.failed += 1
@@ -84,11 +98,18 @@ class ComfyRelay:
                         break
                     if self.dies_after is not None and bytes(data).startswith(self.dies_after):
                         answer_lost = True
+                    if self.holds is not None and bytes(data).startswith(self.holds):
+                        held_until = self._released
                     await server.send_all(data)
                 nursery.cancel_scope.cancel()
 
             async def downstream() -> None:
+                nonlocal held_until
                 async for data in server:
+                    if held_until is not None:
+                        self.holding.set()
+                        await held_until.wait()
+                        held_until = None
                     if answer_lost:
                         self.died.set()
                         self.go_down()  # (cancels this relay too: no answer)

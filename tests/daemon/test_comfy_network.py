@@ -275,3 +275,38 @@ async def test_a_cancel_while_a_lost_attempt_is_dropped_ends_the_task_cancelled(
             data = payloads(await daemon.events(task_id))
         nursery.cancel_scope.cancel()
     assert data[-1]["error"]["code"] == "cancelled", data[-1]
+
+
+async def test_a_cancel_while_a_restored_task_looks_for_its_prompt_removes_it(
+    tmp_path: Path,
+) -> None:
+    # The daemon stopped after ComfyUI took a prompt but before it heard so: the
+    # restored task asks ComfyUI whether it has it. A cancel meanwhile must not
+    # leave it there.
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(MANUAL)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        # Someone else's prompt runs (parked at its first step): ours waits behind it.
+        body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
+        foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
+        assert foreign.status == 200, foreign.body
+        queue = sim.engine.queue
+        async with comfy_relay(port) as relay:
+            settings = {"comfy_url": relay.url, "backend_max_pending": 3}
+            async with running_daemon(tmp_path, simulator=None, **settings) as before:
+                await before.app.pool.wait_all_read()
+                relay.hold_answers(b"POST /prompt")
+                task_id = await before.generate()
+                await relay.holding.wait()  # ComfyUI took it; the daemon stops unaware
+            (posted,) = [i.prompt_id for i in queue.pending()]
+            relay.hold_answers(b"GET /queue")
+            async with running_daemon(tmp_path, simulator=None, **settings) as after:
+                await relay.holding.wait()  # the restored task asks whether ComfyUI has it
+                await after.app.pool.wait_all_read()
+                response = await after.request("DELETE", f"/tasks/{task_id}")
+                assert response.status == 202
+                relay.release()
+                data = payloads(await after.events(task_id))
+        nursery.cancel_scope.cancel()
+    assert data[-1]["error"]["code"] == "cancelled", data[-1]
+    assert posted not in [i.prompt_id for i in (*queue.running(), *queue.pending())]
