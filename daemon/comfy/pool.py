@@ -3,8 +3,9 @@
 Each backend keeps its own WebSocket, client id, reconnect loop and counters
 (`ComfyBackend`). The pool adds what concerns them together: on every
 connect it reads what the backend can run (`capabilities`), and removes the
-prompts the daemon gave up on there (a task that was resubmitted elsewhere
-must not leave a second image behind); and it fires `changed` whenever a
+prompts the daemon gave up on there, and while it is connected removes them
+at once (a task that was resubmitted elsewhere must not leave a second image
+behind); and it fires `changed` whenever a
 backend's load, connection or reading changed, which is when the dispatcher
 looks again.
 """
@@ -65,6 +66,7 @@ class BackendPool:
         self.changed = Signal()
         self.capabilities: dict[str, Capabilities] = {}  # by backend name; the last reading
         self._abandoned: dict[str, set[str]] = {b.name: set() for b in backends}
+        self._abandoned_more = {b.name: Signal() for b in backends}
         self._first_readings = trio.Event()
 
     @classmethod
@@ -125,8 +127,10 @@ class BackendPool:
         return reasons
 
     def abandon(self, backend: ComfyBackend, prompt_id: str) -> None:
-        """The daemon gave up on this prompt there: remove it when the backend is back."""
+        """The daemon gave up on this prompt there: remove it now if the backend is
+        connected, else when it is back."""
         self._abandoned[backend.name].add(prompt_id)
+        self._abandoned_more[backend.name].fire()
 
     def abandoned(self, backend: ComfyBackend) -> frozenset[str]:
         """Prompts still to remove from this backend."""
@@ -155,8 +159,11 @@ class BackendPool:
             await self._read(backend)
             await self._clean_abandoned(backend)
             self.changed.fire()
-            while backend.is_connected():
-                await backend.connected_changed.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._clean_while_connected, backend)
+                while backend.is_connected():
+                    await backend.connected_changed.wait()
+                nursery.cancel_scope.cancel()
             self.changed.fire()
 
     async def _read(self, backend: ComfyBackend) -> None:
@@ -184,6 +191,19 @@ class BackendPool:
     async def wait_all_read(self) -> None:
         """Until every backend has been read once (never, if one never answers)."""
         await self._first_readings.wait()
+
+    async def _clean_while_connected(self, backend: ComfyBackend) -> None:
+        """Prompts given up on while the backend is connected (a POST whose answer was
+        lost, and nobody could say whether it arrived) go at once: no reconnect
+        would come to remove them. A removal that failed is tried again."""
+        name = backend.name
+        while True:
+            if self._abandoned[name]:
+                await trio.sleep(READ_RETRY_DELAY)
+            else:
+                await self._abandoned_more[name].wait()
+            await self._clean_abandoned(backend)
+            self.changed.fire()
 
     async def _clean_abandoned(self, backend: ComfyBackend) -> None:
         prompts = self._abandoned[backend.name]

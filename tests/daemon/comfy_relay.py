@@ -31,6 +31,7 @@ class ComfyRelay:
         # arrived and was acted on; its answer never comes back).
         self.dies_after: bytes | None = None
         self.died = trio.Event()
+        self.stays_up = False  # with dies_after: only that connection dies
         # Requests that start so are answered 500 by the relay (ComfyUI's handler
         # raised), as aiohttp answers them.
         self.answers_500: bytes | None = None
@@ -112,7 +113,9 @@ class ComfyRelay:
                         held_until = None
                     if answer_lost:
                         self.died.set()
-                        self.go_down()  # (cancels this relay too: no answer)
+                        if not self.stays_up:
+                            self.go_down()  # (cancels this relay too: no answer)
+                        nursery.cancel_scope.cancel()
                         return
                     await client.send_all(data)
                 nursery.cancel_scope.cancel()

@@ -310,3 +310,37 @@ async def test_a_cancel_while_a_restored_task_looks_for_its_prompt_removes_it(
         nursery.cancel_scope.cancel()
     assert data[-1]["error"]["code"] == "cancelled", data[-1]
     assert posted not in [i.prompt_id for i in (*queue.running(), *queue.pending())]
+
+
+@pytest.mark.guard(30)  # (before the fix the prompt stayed there until a reconnect)
+async def test_a_post_whose_answer_is_lost_while_the_socket_stays_up_leaves_no_second_image(
+    tmp_path: Path,
+) -> None:
+    # As above, but only HTTP fails: the backend stays connected, and no reconnect
+    # comes to remove what it holds.
+    async with trio.open_nursery() as nursery:
+        first = ComfySimulator(MANUAL)  # parks the prompt at its first step
+        port = await nursery.start(first.run, ("127.0.0.1", 0))
+        async with (
+            comfy_relay(port) as relay,
+            running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
+        ):
+            await pool.all_read()
+            relay.dies_after, relay.stays_up = b"POST /prompt", True
+            relay.failing = b"GET /queue"  # nor can it be asked whether it took it
+            task_id = await pool.generate()
+            await relay.failed_one.wait()
+            relay.dies_after = relay.failing = None
+            queue = first.engine.queue
+            (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
+            data = payloads(await read_events(pool.url, task_id))
+            assert data[-1]["status"] == "completed"
+            backends = pool.app.pool
+            while backends.abandoned(backends.backends[0]):
+                await backends.changed.wait()
+            assert backends.backends[0].is_connected()
+            first.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+            await first.engine.history.wait_for(left_there)
+            history = first.engine.history.get(left_there)[left_there]
+            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+        nursery.cancel_scope.cancel()
