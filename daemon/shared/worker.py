@@ -250,7 +250,9 @@ class SharedWorker:
             # Our own lease ran out (we were slower than lease_timeout, or Redis was
             # away): the claim renewed it. Acknowledging it would drop the task's lease.
             return None
-        if not claimed and not await self.store.take_waiting(task_id):
+        # A claimed entry's taker may have died between reading it and this ZREM: the
+        # task would wait in line for ever (counted, ahead of every other). Ours now.
+        if not await self.store.take_waiting(task_id) and not claimed:
             await self._done(entry)  # cancelled while it waited
             return None
         shared = await self.store.load(task_id)
