@@ -33,7 +33,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import coredis
-from coredis.exceptions import ResponseError, StreamDuplicateConsumerGroupError
+from coredis.exceptions import (
+    ResponseError,
+    StreamConsumerGroupError,
+    StreamDuplicateConsumerGroupError,
+)
 from coredis.response.types import StreamPending
 
 from daemon.tasks.broadcast import Snapshot, encode_snapshot
@@ -298,7 +302,13 @@ class SharedStore:
 
     async def unfinished_count(self) -> int:
         """Tasks waiting in the queue or held by a worker, over the whole service."""
-        pending = await self.redis.xpending(self.queue_key, GROUP)
+        try:
+            pending = await self.redis.xpending(self.queue_key, GROUP)
+        except StreamConsumerGroupError:
+            # Redis lost the queue (restarted without its data, flushed): make it
+            # again, or the next task waits in a stream no group reads.
+            await self.ensure_queue()
+            return await self.waiting_count()
         held = pending.pending if isinstance(pending, StreamPending) else len(pending)
         return await self.waiting_count() + held
 

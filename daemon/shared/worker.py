@@ -19,13 +19,14 @@ with a live backend takes it from the stream's newest version on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 import trio
-from coredis.exceptions import RedisError
+from coredis.exceptions import RedisError, StreamConsumerGroupError
 
 from daemon.comfy.capabilities import needs_of
 from daemon.shared.capabilities import capabilities_to_json
@@ -50,12 +51,17 @@ BOUNCES_REMEMBERED: Final = 1000
 GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
 
 # Refresh the leases that are still ours (KEYS[1] the queue, ARGV[1] us, then entry ids).
+# An entry pending for nobody is kept: Redis lost it (restarted without its data),
+# no other worker holds the task, and our copy runs it to its end. (A claimer that
+# already ended it wrote a newer version: our next write is refused.)
 REFRESH_LEASES: Final = """
 local mine = {}
 for i = 2, #ARGV do
   local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[i], ARGV[i], 1)
   if pending[1] and pending[1][2] == ARGV[1] then
     redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[i], 'JUSTID')
+    table.insert(mine, ARGV[i])
+  elseif not pending[1] then
     table.insert(mine, ARGV[i])
   end
 end
@@ -191,6 +197,11 @@ class SharedWorker:
                 actor = await self._take_one()
             except RedisError as exc:
                 log.warning("taking work from Redis failed (retrying): %s", exc)
+                if isinstance(exc, StreamConsumerGroupError):
+                    # Redis lost the queue (restarted without its data, flushed):
+                    # without its group no worker would read a task again.
+                    with contextlib.suppress(RedisError):
+                        await self.store.ensure_queue()
                 await trio.sleep(RETRY_DELAY)
                 continue
             if actor is not None:

@@ -1,0 +1,72 @@
+"""Shared mode: Redis restarted without its data (no persistence, a flush, a failover
+to an empty replica) loses what it held, but the service takes new tasks again once
+it is back, and a task running meanwhile still ends for its viewer (real
+redis-server, real daemon processes, an in-test simulator)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import coredis
+import trio
+from coredis.response.types import StreamPendingExt
+
+from daemon.http.client import open_stream
+from protocol.sse import ServerSentEvent, SSEDecoder
+from tests.daemon.harness import read_events
+from tests.daemon.redis_server import redis_server
+from tests.daemon.test_restart import generate, sampling
+from tests.daemon.test_shared import (
+    front,
+    history_ids,
+    last,
+    leases,
+    leases_after_refreshes,
+    simulator,
+    worker,
+)
+
+
+async def until_leased(client: coredis.Redis[bytes]) -> StreamPendingExt:
+    """The first lease in the queue, once there is one."""
+    while not (pending := await leases(client)):  # noqa: ASYNC110 (across processes)
+        await trio.sleep(0.05)
+    return pending[0]
+
+
+async def test_redis_back_without_its_data_takes_new_tasks_and_ends_the_running_one(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,  # no AOF, no snapshots: a restart is empty
+        simulator(manual=True) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        running = await generate(entry.url)
+        async with open_stream("GET", f"{entry.url}/progress/{running}") as response:
+            assert response.status == 200
+            chunks = aiter(response.chunks)
+            decoder = SSEDecoder()
+            seen: list[ServerSentEvent] = []
+            while not (seen and sampling(seen[-1])):
+                seen += decoder.feed(await anext(chunks))
+            async with trio.open_nursery() as nursery:
+                await redis.stop()
+                await redis.start(nursery)  # same port, nothing kept: no queue, no group
+                nursery.cancel_scope.cancel()
+            after = await generate(entry.url)
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                # The worker took the new task from the queue made again, and refreshed
+                # its leases since: the running task's entry is one Redis forgot.
+                lease = await until_leased(client)
+                await leases_after_refreshes(client, lease, 2)
+            sim.grant_steps(10_000)
+            with trio.fail_after(60):  # a dropped task would never end
+                async for chunk in chunks:
+                    seen += decoder.feed(chunk)
+        assert json.loads(seen[-1].data)["status"] == "completed", seen[-1].data
+        assert last(await read_events(entry.url, after))["status"] == "completed"
+        assert len(await history_ids(sim)) == 2
