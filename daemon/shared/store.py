@@ -68,6 +68,20 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
+# A task a worker took and cannot run, back in line in one step, only while its entry is
+# still ours (KEYS: queue, waiting; ARGV: us, entry, task id, created_at): a worker
+# dying between the new entry and the old one's XACK would leave two, and two workers
+# could run the task (one reading the new entry, one claiming the old). Its stamp stays.
+PUT_BACK: Final = """
+local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
+if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
+redis.call('XACK', KEYS[1], 'workers', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
 # A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
 FORGET_WAIT: Final = """
 redis.call('DEL', KEYS[1])
@@ -262,10 +276,14 @@ class SharedStore:
         await self.redis.zadd(self.waiting_key, {state.task_id: state.created_at})
         await self.redis.xadd(self.queue_key, {"task": state.task_id})
 
-    async def requeue(self, task_id: str, created_at: float) -> None:
-        """Back into the queue (a worker that cannot run it took it)."""
-        await self.redis.zadd(self.waiting_key, {task_id: created_at})
-        await self.redis.xadd(self.queue_key, {"task": task_id})
+    async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> None:
+        """Back into the queue (a worker that cannot run it took it), its entry acknowledged,
+        in one step; nothing when the entry is no longer `daemon_id`'s."""
+        await self.redis.eval(
+            PUT_BACK,
+            keys=[self.queue_key, self.waiting_key],
+            args=[daemon_id, entry, task_id, repr(created_at)],
+        )
 
     async def hand_back(self, daemon_id: str, entry: str, shared: SharedRecord) -> bool:
         """Back into the queue from a worker that cannot run it now, in one step: its

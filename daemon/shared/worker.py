@@ -273,8 +273,7 @@ class SharedWorker:
             return None
         if not claimed and self._runs_nowhere_here(shared):
             # Another worker's backends may have what this workflow needs: back in line.
-            await self.store.requeue(task_id, shared.record.created_at)
-            await self._done(entry)
+            await self.store.requeue(self.daemon_id, entry, task_id, shared.record.created_at)
             self.bounced += 1
             self._count_bounce(task_id)
             return None

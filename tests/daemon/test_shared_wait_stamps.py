@@ -143,9 +143,11 @@ async def test_a_stamp_of_a_task_out_of_the_waiting_set_for_a_moment_stays(
         await limit.sweep()
         since = await store.redis.get(store.unrunnable_key("bounced"))
         assert since is not None
+        taken = await store.redis.xreadgroup(GROUP, "w", {store.queue_key: ">"}, count=1)
+        [[entry]] = (taken or {}).values()
         assert await store.take_waiting("bounced")  # the worker's take
         await limit.sweep()
-        await store.requeue("bounced", NOW)  # ... and its put-back
+        await store.requeue("w", text(entry.identifier), "bounced", NOW)  # ... and its put-back
         await limit.sweep()
         assert await store.redis.get(store.unrunnable_key("bounced")) == since
         assert await stamped(store) == {"bounced"}
