@@ -9,6 +9,8 @@ answer never comes back.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,40 @@ import trio.testing
 from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol import task
-from tests.daemon.comfy_relay import comfy_relay
+from tests.daemon.comfy_relay import ComfyRelay, comfy_relay
 from tests.daemon.harness import FAST, payloads, read_events, running_daemon, running_pool
 from tests.daemon.test_pool import wait_state
 from tests.simulator.test_workflows import txt2img
 
 MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
+
+
+@asynccontextmanager
+async def relayed_simulator(
+    config: SimulatorConfig,
+) -> AsyncIterator[tuple[ComfySimulator, ComfyRelay]]:
+    """A simulator, and the relay in front of it (`relay.url` is the daemon's ComfyUI)."""
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(config)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        async with comfy_relay(port) as relay:
+            yield sim, relay
+        nursery.cancel_scope.cancel()
+
+
+async def post_foreign_prompt(sim: ComfySimulator) -> None:
+    """Someone else's prompt, straight to ComfyUI (a MANUAL one parks at its first step)."""
+    body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
+    foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
+    assert foreign.status == 200, foreign.body
+
+
+async def assert_interrupted_there(sim: ComfySimulator, prompt_id: str) -> None:
+    """The prompt parked there moves on, and ends interrupted: it made no image."""
+    sim.grant_steps(1000)
+    await sim.engine.history.wait_for(prompt_id)
+    history = sim.engine.history.get(prompt_id)[prompt_id]
+    assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
 
 
 @pytest.mark.guard(30)  # (before the fix the task waited forever: this fails it)
@@ -33,36 +63,30 @@ async def test_a_reconcile_that_fails_with_the_socket_back_is_asked_again(
     # After a reconnect each task asks /queue and /history how its prompt stands;
     # when that fails, no reconnect asks again, and a prompt that finished while
     # we were away sends no frame ever again.
-    async with trio.open_nursery() as nursery:
-        sim = ComfySimulator(MANUAL)
-        port = await nursery.start(sim.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_daemon(
-                tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
-            ) as daemon,
-        ):
-            await daemon.app.pool.wait_all_read()
-            # Someone else's prompt runs (parked at its first step); ours waits behind
-            # it in ComfyUI's queue, so the backend watches no prompt of ours for silence.
-            body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
-            foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
-            assert foreign.status == 200, foreign.body
-            task_id = await daemon.generate()
-            actor = daemon.app.registry.get(task_id)
-            assert actor is not None
-            await wait_state(actor, lambda s: s.queue is not None and s.queue.ahead == 1)
-            relay.go_down()
-            await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
-            # Both prompts finish while the daemon cannot see it.
-            sim.set_manual_steps(False)
-            await sim.engine.history.wait_for(actor.prompt_id)
-            relay.failing = b"GET /queue"
-            relay.come_back()
-            await relay.failed_one.wait()  # the reconcile after the reconnect failed
-            relay.failing = None
-            data = payloads(await daemon.events(task_id))
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (sim, relay),
+        running_daemon(
+            tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
+        ) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        # Someone else's prompt runs (parked at its first step); ours waits behind
+        # it in ComfyUI's queue, so the backend watches no prompt of ours for silence.
+        await post_foreign_prompt(sim)
+        task_id = await daemon.generate()
+        actor = daemon.app.registry.get(task_id)
+        assert actor is not None
+        await wait_state(actor, lambda s: s.queue is not None and s.queue.ahead == 1)
+        relay.go_down()
+        await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+        # Both prompts finish while the daemon cannot see it.
+        sim.set_manual_steps(False)
+        await sim.engine.history.wait_for(actor.prompt_id)
+        relay.failing = b"GET /queue"
+        relay.come_back()
+        await relay.failed_one.wait()  # the reconcile after the reconnect failed
+        relay.failing = None
+        data = payloads(await daemon.events(task_id))
     assert data[-1]["status"] == "completed"
     assert len(data[-1]["result"]["imageUrls"]) == 1
 
@@ -70,84 +94,69 @@ async def test_a_reconcile_that_fails_with_the_socket_back_is_asked_again(
 async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cancelled(
     tmp_path: Path,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        sim = ComfySimulator(MANUAL)
-        port = await nursery.start(sim.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_daemon(
-                tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
-            ) as daemon,
-        ):
-            pool = daemon.app.pool
-            await pool.wait_all_read()
-            # ComfyUI takes the prompt, then the network dies before its answer.
-            relay.dies_after = b"POST /prompt"
-            task_id = await daemon.generate()
-            await relay.died.wait()
-            queue = sim.engine.queue
-            (posted,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
-            response = await daemon.request("DELETE", f"/tasks/{task_id}")
-            assert response.status == 202
-            # At once, not after backend_wait_timeout as `backend_unavailable`.
-            data = payloads(await daemon.events(task_id))
-            assert data[-1]["error"]["code"] == "cancelled"
-            # The prompt that did arrive goes once the backend is back.
-            relay.dies_after = None
-            relay.come_back()
-            while pool.abandoned(pool.backends[0]):
-                await pool.changed.wait()
-            sim.grant_steps(1000)  # the parked step moves on, and sees the interrupt
-            await sim.engine.history.wait_for(posted)
-            history = sim.engine.history.get(posted)[posted]
-            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
-            assert (await http_request("GET", f"{sim.url}/queue")).json() == {
-                "queue_running": [],
-                "queue_pending": [],
-            }
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (sim, relay),
+        running_daemon(
+            tmp_path, simulator=None, comfy_url=relay.url, comfy_connect_timeout=1
+        ) as daemon,
+    ):
+        pool = daemon.app.pool
+        await pool.wait_all_read()
+        # ComfyUI takes the prompt, then the network dies before its answer.
+        relay.dies_after = b"POST /prompt"
+        task_id = await daemon.generate()
+        await relay.died.wait()
+        queue = sim.engine.queue
+        (posted,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
+        response = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert response.status == 202
+        # At once, not after backend_wait_timeout as `backend_unavailable`.
+        data = payloads(await daemon.events(task_id))
+        assert data[-1]["error"]["code"] == "cancelled"
+        # The prompt that did arrive goes once the backend is back.
+        relay.dies_after = None
+        relay.come_back()
+        while pool.abandoned(pool.backends[0]):
+            await pool.changed.wait()
+        await assert_interrupted_there(sim, posted)
+        assert (await http_request("GET", f"{sim.url}/queue")).json() == {
+            "queue_running": [],
+            "queue_pending": [],
+        }
 
 
 @pytest.mark.guard(30)  # (before the fix the task tried the same backend forever)
 async def test_a_backend_whose_post_prompt_fails_gives_its_task_to_another(
     tmp_path: Path,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        broken = ComfySimulator(FAST)
-        port = await nursery.start(broken.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
-        ):
-            await pool.all_read()
-            # Its WebSocket is fine; its POST /prompt handler raises every time.
-            relay.answers_500 = b"POST /prompt"
-            task_id = await pool.generate()
-            data = payloads(await read_events(pool.url, task_id))
-            assert data[-1]["status"] == "completed"
-            actor = pool.app.registry.get(task_id)
-            assert actor is not None
-            assert actor.backend_name == pool.simulators[0].url
-            assert relay.answered_500 >= 1
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(FAST) as (_, relay),  # its POST /prompt breaks
+        running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
+    ):
+        await pool.all_read()
+        # Its WebSocket is fine; its POST /prompt handler raises every time.
+        relay.answers_500 = b"POST /prompt"
+        task_id = await pool.generate()
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        actor = pool.app.registry.get(task_id)
+        assert actor is not None
+        assert actor.backend_name == pool.simulators[0].url
+        assert relay.answered_500 >= 1
 
 
 @pytest.mark.guard(30)  # (before the fix the task tried again every second, forever)
 async def test_a_task_no_backend_takes_ends_backend_unavailable(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        broken = ComfySimulator(FAST)
-        port = await nursery.start(broken.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_daemon(
-                tmp_path, simulator=None, comfy_url=relay.url, backend_wait_timeout=3.0
-            ) as daemon,
-        ):
-            await daemon.app.pool.wait_all_read()
-            relay.answers_500 = b"POST /prompt"
-            task_id = await daemon.generate()
-            data = payloads(await daemon.events(task_id))
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(FAST) as (_, relay),  # its POST /prompt breaks
+        running_daemon(
+            tmp_path, simulator=None, comfy_url=relay.url, backend_wait_timeout=3.0
+        ) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        relay.answers_500 = b"POST /prompt"
+        task_id = await daemon.generate()
+        data = payloads(await daemon.events(task_id))
     error = data[-1]["error"]
     assert error["code"] == "backend_unavailable"
     assert "500" in error["details"]
@@ -160,38 +169,34 @@ async def test_waiting_for_room_between_failed_posts_does_not_count_as_failing(
     # A POST that failed once, a long wait for the backend's room, one more failed
     # POST: the task has not been failing for backend_wait_timeout, and goes on.
     mock_clock.rate = 1.0  # real time, plus the jump below
-    async with trio.open_nursery() as nursery:
-        sim = ComfySimulator(MANUAL)
-        port = await nursery.start(sim.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_daemon(
-                tmp_path,
-                simulator=None,
-                comfy_url=relay.url,
-                backend_max_pending=1,
-                backend_wait_timeout=2.0,
-            ) as daemon,
-        ):
-            await daemon.app.pool.wait_all_read()
-            relay.answers_500 = b"POST /prompt"
-            first = await daemon.generate()
-            await relay.until_answered_500(1)
-            relay.answers_500 = None
-            # Another task takes the backend's only place (parked at its first step).
-            second = daemon.app.registry.get(await daemon.generate())
-            assert second is not None
-            await wait_state(second, lambda s: s.phase is task.Phase.RUNNING)
-            dispatcher = daemon.app.dispatcher
-            while first not in {t.task_id for t in dispatcher.tickets()}:
-                await dispatcher.queued.wait()
-            mock_clock.jump(3.0)  # the first waits for room longer than the timeout
-            relay.answers_500 = b"POST /prompt"
-            sim.set_manual_steps(False)  # the second ends, and makes room
-            await relay.until_answered_500(2)
-            relay.answers_500 = None  # the next POST, a second later, is taken
-            data = payloads(await daemon.events(first))
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (sim, relay),
+        running_daemon(
+            tmp_path,
+            simulator=None,
+            comfy_url=relay.url,
+            backend_max_pending=1,
+            backend_wait_timeout=2.0,
+        ) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        relay.answers_500 = b"POST /prompt"
+        first = await daemon.generate()
+        await relay.until_answered_500(1)
+        relay.answers_500 = None
+        # Another task takes the backend's only place (parked at its first step).
+        second = daemon.app.registry.get(await daemon.generate())
+        assert second is not None
+        await wait_state(second, lambda s: s.phase is task.Phase.RUNNING)
+        dispatcher = daemon.app.dispatcher
+        while first not in {t.task_id for t in dispatcher.tickets()}:
+            await dispatcher.queued.wait()
+        mock_clock.jump(3.0)  # the first waits for room longer than the timeout
+        relay.answers_500 = b"POST /prompt"
+        sim.set_manual_steps(False)  # the second ends, and makes room
+        await relay.until_answered_500(2)
+        relay.answers_500 = None  # the next POST, a second later, is taken
+        data = payloads(await daemon.events(first))
     assert data[-1]["status"] == "completed", data[-1]
 
 
@@ -200,80 +205,65 @@ async def test_a_post_whose_answer_is_lost_leaves_no_second_image(tmp_path: Path
     # ComfyUI took the prompt, but its answer and then the whole backend are gone:
     # the daemon cannot tell whether it arrived, and runs the task elsewhere. The
     # copy left on the first backend must not run too once it is back.
-    async with trio.open_nursery() as nursery:
-        first = ComfySimulator(MANUAL)  # parks the prompt at its first step
-        port = await nursery.start(first.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_pool(
-                tmp_path, [FAST], first_urls=(relay.url,), comfy_connect_timeout=1
-            ) as pool,
-        ):
-            await pool.all_read()
-            relay.dies_after = b"POST /prompt"
-            task_id = await pool.generate()
-            actor = pool.app.registry.get(task_id)
-            assert actor is not None
-            await relay.died.wait()
-            queue = first.engine.queue
-            (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
-            data = payloads(await read_events(pool.url, task_id))
-            assert data[-1]["status"] == "completed"
-            assert len(data[-1]["result"]["imageUrls"]) == 1
-            assert actor.backend_name == pool.simulators[0].url
-            relay.dies_after = None
-            relay.come_back()
-            backends = pool.app.pool
-            comeback = backends.backends[0]
-            while backends.abandoned(comeback) or not backends.takes_work(comeback):
-                await backends.changed.wait()
-            first.grant_steps(1000)  # the parked step moves on, and sees the interrupt
-            await first.engine.history.wait_for(left_there)
-            history = first.engine.history.get(left_there)[left_there]
-            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (first, relay),  # parks the prompt at its first step
+        running_pool(tmp_path, [FAST], first_urls=(relay.url,), comfy_connect_timeout=1) as pool,
+    ):
+        await pool.all_read()
+        relay.dies_after = b"POST /prompt"
+        task_id = await pool.generate()
+        actor = pool.app.registry.get(task_id)
+        assert actor is not None
+        await relay.died.wait()
+        queue = first.engine.queue
+        (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        assert len(data[-1]["result"]["imageUrls"]) == 1
+        assert actor.backend_name == pool.simulators[0].url
+        relay.dies_after = None
+        relay.come_back()
+        backends = pool.app.pool
+        comeback = backends.backends[0]
+        while backends.abandoned(comeback) or not backends.takes_work(comeback):
+            await backends.changed.wait()
+        await assert_interrupted_there(first, left_there)
 
 
 @pytest.mark.guard(30)  # (before the fix the task waited for room forever: this fails it)
 async def test_a_cancel_while_a_lost_attempt_is_dropped_ends_the_task_cancelled(
     tmp_path: Path,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        sim = ComfySimulator(MANUAL)
-        port = await nursery.start(sim.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_daemon(
-                tmp_path,
-                simulator=None,
-                comfy_url=relay.url,
-                comfy_connect_timeout=1,
-                reconnect_initial_delay=0.1,
-                reconnect_max_delay=0.5,
-                backend_max_pending=1,
-            ) as daemon,
-        ):
-            await daemon.app.pool.wait_all_read()
-            task_id = await daemon.generate()
-            actor = daemon.app.registry.get(task_id)
-            assert actor is not None
-            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
-            relay.go_down()
-            await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
-            # ComfyUI restarts while the daemon cannot see it (our prompt is gone), and
-            # someone else's prompt takes its only place (parked at its first step).
-            sim.restart()
-            body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
-            foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
-            assert foreign.status == 200, foreign.body
-            lost = actor._lost  # the attempt's: set once it is found lost
-            assert lost is not None
-            relay.come_back()
-            await lost.wait()
-            # The attempt is being dropped (to be resubmitted): the cancel comes now.
-            actor.cancel()
-            data = payloads(await daemon.events(task_id))
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (sim, relay),
+        running_daemon(
+            tmp_path,
+            simulator=None,
+            comfy_url=relay.url,
+            comfy_connect_timeout=1,
+            reconnect_initial_delay=0.1,
+            reconnect_max_delay=0.5,
+            backend_max_pending=1,
+        ) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        task_id = await daemon.generate()
+        actor = daemon.app.registry.get(task_id)
+        assert actor is not None
+        await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+        relay.go_down()
+        await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+        # ComfyUI restarts while the daemon cannot see it (our prompt is gone), and
+        # someone else's prompt takes its only place (parked at its first step).
+        sim.restart()
+        await post_foreign_prompt(sim)
+        lost = actor._lost  # the attempt's: set once it is found lost
+        assert lost is not None
+        relay.come_back()
+        await lost.wait()
+        # The attempt is being dropped (to be resubmitted): the cancel comes now.
+        actor.cancel()
+        data = payloads(await daemon.events(task_id))
     assert data[-1]["error"]["code"] == "cancelled", data[-1]
 
 
@@ -283,31 +273,25 @@ async def test_a_cancel_while_a_restored_task_looks_for_its_prompt_removes_it(
     # The daemon stopped after ComfyUI took a prompt but before it heard so: the
     # restored task asks ComfyUI whether it has it. A cancel meanwhile must not
     # leave it there.
-    async with trio.open_nursery() as nursery:
-        sim = ComfySimulator(MANUAL)
-        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+    async with relayed_simulator(MANUAL) as (sim, relay):
         # Someone else's prompt runs (parked at its first step): ours waits behind it.
-        body = json.dumps({"prompt": txt2img(steps=2, width=64, height=64)})
-        foreign = await http_request("POST", f"{sim.url}/prompt", body=body.encode())
-        assert foreign.status == 200, foreign.body
+        await post_foreign_prompt(sim)
         queue = sim.engine.queue
-        async with comfy_relay(port) as relay:
-            settings = {"comfy_url": relay.url, "backend_max_pending": 3}
-            async with running_daemon(tmp_path, simulator=None, **settings) as before:
-                await before.app.pool.wait_all_read()
-                relay.hold_answers(b"POST /prompt")
-                task_id = await before.generate()
-                await relay.holding.wait()  # ComfyUI took it; the daemon stops unaware
-            (posted,) = [i.prompt_id for i in queue.pending()]
-            relay.hold_answers(b"GET /queue")
-            async with running_daemon(tmp_path, simulator=None, **settings) as after:
-                await relay.holding.wait()  # the restored task asks whether ComfyUI has it
-                await after.app.pool.wait_all_read()
-                response = await after.request("DELETE", f"/tasks/{task_id}")
-                assert response.status == 202
-                relay.release()
-                data = payloads(await after.events(task_id))
-        nursery.cancel_scope.cancel()
+        settings = {"comfy_url": relay.url, "backend_max_pending": 3}
+        async with running_daemon(tmp_path, simulator=None, **settings) as before:
+            await before.app.pool.wait_all_read()
+            relay.hold_answers(b"POST /prompt")
+            task_id = await before.generate()
+            await relay.holding.wait()  # ComfyUI took it; the daemon stops unaware
+        (posted,) = [i.prompt_id for i in queue.pending()]
+        relay.hold_answers(b"GET /queue")
+        async with running_daemon(tmp_path, simulator=None, **settings) as after:
+            await relay.holding.wait()  # the restored task asks whether ComfyUI has it
+            await after.app.pool.wait_all_read()
+            response = await after.request("DELETE", f"/tasks/{task_id}")
+            assert response.status == 202
+            relay.release()
+            data = payloads(await after.events(task_id))
     assert data[-1]["error"]["code"] == "cancelled", data[-1]
     assert posted not in [i.prompt_id for i in (*queue.running(), *queue.pending())]
 
@@ -318,29 +302,22 @@ async def test_a_post_whose_answer_is_lost_while_the_socket_stays_up_leaves_no_s
 ) -> None:
     # As above, but only HTTP fails: the backend stays connected, and no reconnect
     # comes to remove what it holds.
-    async with trio.open_nursery() as nursery:
-        first = ComfySimulator(MANUAL)  # parks the prompt at its first step
-        port = await nursery.start(first.run, ("127.0.0.1", 0))
-        async with (
-            comfy_relay(port) as relay,
-            running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
-        ):
-            await pool.all_read()
-            relay.dies_after, relay.stays_up = b"POST /prompt", True
-            relay.failing = b"GET /queue"  # nor can it be asked whether it took it
-            task_id = await pool.generate()
-            await relay.failed_one.wait()
-            relay.dies_after = relay.failing = None
-            queue = first.engine.queue
-            (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
-            data = payloads(await read_events(pool.url, task_id))
-            assert data[-1]["status"] == "completed"
-            backends = pool.app.pool
-            while backends.abandoned(backends.backends[0]):
-                await backends.changed.wait()
-            assert backends.backends[0].is_connected()
-            first.grant_steps(1000)  # the parked step moves on, and sees the interrupt
-            await first.engine.history.wait_for(left_there)
-            history = first.engine.history.get(left_there)[left_there]
-            assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
-        nursery.cancel_scope.cancel()
+    async with (
+        relayed_simulator(MANUAL) as (first, relay),  # parks the prompt at its first step
+        running_pool(tmp_path, [FAST], first_urls=(relay.url,)) as pool,
+    ):
+        await pool.all_read()
+        relay.dies_after, relay.stays_up = b"POST /prompt", True
+        relay.failing = b"GET /queue"  # nor can it be asked whether it took it
+        task_id = await pool.generate()
+        await relay.failed_one.wait()
+        relay.dies_after = relay.failing = None
+        queue = first.engine.queue
+        (left_there,) = [i.prompt_id for i in (*queue.running(), *queue.pending())]
+        data = payloads(await read_events(pool.url, task_id))
+        assert data[-1]["status"] == "completed"
+        backends = pool.app.pool
+        while backends.abandoned(backends.backends[0]):
+            await backends.changed.wait()
+        assert backends.backends[0].is_connected()
+        await assert_interrupted_there(first, left_there)
