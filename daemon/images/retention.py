@@ -8,7 +8,11 @@ the janitor deletes, oldest first by modification time:
    (0: no size limit).
 
 It never deletes an image a live task needs: the source image of a task the
-registry still holds, or its result while the task is retained (`in_use`).
+registry still holds, or its result while the task is retained (`in_use`),
+nor one being saved. The listing of those is taken after the folder is read:
+an image saved meanwhile is either not in the folder's reading or already in
+the listing, never in the first only (it would look unused and be the first
+to go over the size budget, being the newest).
 Half-written files (`.name.partial`) left by a crash go after an hour.
 """
 
@@ -74,10 +78,9 @@ class ImageJanitor:
 
     async def sweep(self) -> list[str]:
         """One pass; the names deleted."""
-        keep = frozenset(self.in_use())  # read on the loop, where tasks change
         now = self.wall_clock()
         try:
-            deleted = await trio.to_thread.run_sync(self._sweep_sync, keep, now)
+            deleted = await trio.to_thread.run_sync(self._sweep_sync, now)
         except OSError as exc:
             log.warning("image retention: cannot sweep %s: %s", self.store.directory, exc)
             return []
@@ -86,7 +89,10 @@ class ImageJanitor:
             log.info("image retention: deleted %d image(s)", len(deleted))
         return deleted
 
-    def _sweep_sync(self, keep: frozenset[str], now: float) -> list[str]:
+    def _in_use_now(self) -> frozenset[str]:
+        return frozenset(self.in_use()) | self.store.saving
+
+    def _sweep_sync(self, now: float) -> list[str]:
         directory = self.store.directory
         files: list[_File] = []
         with os.scandir(directory) as entries:
@@ -100,6 +106,8 @@ class ImageJanitor:
                 elif is_valid_name(entry.name) and entry.is_file(follow_symlinks=False):
                     files.append(_File(entry.name, info.st_size, info.st_mtime))
         files.sort(key=lambda f: f.mtime)
+        # After the reading, on the loop (where tasks change): see the module's doc.
+        keep = trio.from_thread.run_sync(self._in_use_now)
         policy = self.policy
         total = sum(f.size for f in files)
         deleted: list[str] = []

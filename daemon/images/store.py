@@ -67,6 +67,9 @@ class ImageStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.saved = Signal()  # fires after every save (the retention janitor listens)
+        # Names being saved: retention keeps them (their caller holds them as soon as
+        # save() returns, with no checkpoint between).
+        self.saving: set[str] = set()
 
     async def open(self) -> None:
         await trio.Path(self.directory).mkdir(parents=True, exist_ok=True)
@@ -74,14 +77,21 @@ class ImageStore:
     async def save(self, data: bytes) -> str:
         """Store one image; returns its new file name."""
         name = f"{secrets.token_urlsafe(16)}.{image_suffix(data)}"
+        self.saving.add(name)
+        try:
+            await self._store(name, data)
+        finally:
+            self.saving.discard(name)
+        self.saved.fire()
+        return name
+
+    async def _store(self, name: str, data: bytes) -> None:
         try:
             await trio.to_thread.run_sync(self._write_atomically, name, data)
         except OSError as exc:
             raise StorageError(
                 f"cannot store an image in {self.directory}: {exc.strerror or exc}"
             ) from exc
-        self.saved.fire()
-        return name
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         final = self.directory / name

@@ -39,10 +39,9 @@ class SharedImageStore(ImageStore):
     def _key(self, name: str) -> str:
         return f"{self.prefix}:image:{name}"
 
-    async def save(self, data: bytes) -> str:
-        name = await super().save(data)
+    async def _store(self, name: str, data: bytes) -> None:
+        await super()._store(name, data)
         await self.redis.set(self._key(name), data, ex=self.ttl)
-        return name
 
     async def read(self, name: str) -> bytes | None:
         data = await super().read(name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -133,6 +133,7 @@ class TaskActor:
         "moved",
         "on_change",
         "on_publish",
+        "outputs_saved",
         "pool",
         "previews",
         "resumed",
@@ -182,6 +183,9 @@ class TaskActor:
         self._preview_throttle: PreviewThrottle | None = None
         # Our images the task reads (an inpainting source): kept while the task is.
         self.source_images = image_names_in(state.spec.graph)
+        # Output images stored so far, before the result names them (a task may have
+        # several): kept by retention like the result.
+        self.outputs_saved: Sequence[str] = ()
         self._needs = needs
         self.finished = trio.Event()
         if state.phase.is_terminal:
@@ -911,7 +915,8 @@ class TaskActor:
         # Saved images ("output") are the result; previews ("temp") only when
         # the workflow saves nothing.
         wanted = tuple(i for i in images if i.type == "output") or images
-        files = []
+        files: list[str] = []
+        self.outputs_saved = files
         for image in wanted:
             data = await backend.http.view(image)
             files.append(await self.images.save(data))

@@ -118,6 +118,7 @@ class TaskRegistry:
         names: set[str] = set()
         for actor in self._tasks.values():
             names.update(actor.source_images)
+            names.update(actor.outputs_saved)
             names.update(actor.state.image_files)
         return names
 

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
+import coredis
 import pytest
 import trio
 
 from daemon.config import ConfigError, load
 from daemon.http.client import http_request
+from daemon.images.retention import ImageJanitor, RetentionPolicy
 from daemon.images.store import ImageStore
-from tests.daemon.harness import Daemon, payloads, running_daemon
+from daemon.shared.images import SharedImageStore
+from daemon.simulator import ComfySimulator
+from tests.daemon.comfy_relay import comfy_relay
+from tests.daemon.harness import FAST, Daemon, payloads, running_daemon
+from tests.daemon.redis_proxy import redis_proxy
+from tests.daemon.redis_server import redis_server
 from tests.protocol.images import png, png_chunk
+from tests.protocol.workflow_samples import txt2img_definition
 
 MiB = 1024 * 1024
 YEAR = 365 * 24 * 3600.0
@@ -119,6 +128,101 @@ async def test_over_the_size_budget_the_oldest_images_go_first(tmp_path: Path) -
             left = sorted(p.name for p in store.directory.iterdir())
     assert deleted == [names[0]]  # the 3-hour-old one
     assert left == sorted(names[1:])
+
+
+async def test_an_image_a_task_takes_while_the_janitor_sweeps_is_kept(tmp_path: Path) -> None:
+    # A task finishes (its image saved and made its result) just after the janitor
+    # asked what is in use: had it read the folder only then, the new image would
+    # look unused and, being the newest, go first over the size budget.
+    store = ImageStore(tmp_path)
+    held = await store.save(png(16, 16))
+    claimed = {held}
+    fresh = "F" * 22 + ".png"
+
+    def in_use() -> set[str]:
+        listing = set(claimed)
+        if fresh not in claimed:  # saved and claimed the moment after this answer
+            (tmp_path / fresh).write_bytes(png(16, 16))
+            claimed.add(fresh)
+        return listing
+
+    budget = (tmp_path / held).stat().st_size + 1  # the held image nearly fills it
+    janitor = ImageJanitor(store, RetentionPolicy(retention=0, max_bytes=budget), in_use=in_use)
+    with trio.fail_after(10):
+        assert await janitor.sweep() == []
+    assert sorted(os.listdir(tmp_path)) == sorted([held, fresh])
+
+
+async def test_a_tasks_first_images_are_kept_while_it_fetches_the_next(tmp_path: Path) -> None:
+    definition = txt2img_definition()
+    graph = definition["graph"]
+    graph["5"]["inputs"]["batch_size"] = 2  # two images, fetched in turn
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    del definition["parameters"]["tiled"]
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "two.json").write_text(json.dumps(definition), encoding="utf-8")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(FAST)
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with (
+                comfy_relay(port) as relay,
+                running_daemon(
+                    tmp_path,
+                    simulator=None,
+                    comfy_url=relay.url,
+                    workflows_dir=str(workflows),
+                    max_image_store_bytes=1,  # every image no task holds goes
+                ) as daemon,
+            ):
+                relay.hold_answers(b"GET /view?filename=ComfyUI_00002_")
+                task_id = await daemon.generate(workflow="two", width=64)
+                await relay.holding.wait()  # the first image is stored, the second on its way
+                deleted = await daemon.app.image_janitor.sweep()
+                relay.release()
+                last = payloads(await daemon.events(task_id))[-1]
+                assert last["status"] == "completed", last
+                urls = last["result"]["imageUrls"]
+                statuses = [(await daemon.request("GET", url)).status for url in urls]
+            nursery.cancel_scope.cancel()
+    assert deleted == []
+    assert statuses == [200, 200]
+
+
+async def test_an_image_on_disk_whose_save_has_not_returned_is_kept(tmp_path: Path) -> None:
+    # In shared mode a save writes the file, then SETs the image in Redis: until
+    # save() returns nobody holds the name, yet the file is in the folder.
+    images = tmp_path / "images"
+    setting = trio.Event()  # the image's SET reached the proxy (the file is on disk)
+    go_on = trio.Event()
+
+    async def hold_the_set() -> None:
+        setting.set()
+        await go_on.wait()
+
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        redis_proxy(redis.port, lambda data: b"test:image:" in data, hold_the_set) as url,
+    ):
+        client = coredis.Redis.from_url(url)
+        async with client, trio.open_nursery() as nursery:
+            store = SharedImageStore(images, client, "test", ttl=3600)
+            await store.open()
+            policy = RetentionPolicy(retention=0, max_bytes=1)  # every unused image goes
+            janitor = ImageJanitor(store, policy, in_use=set)
+            saved: list[str] = []
+
+            async def save() -> None:
+                saved.append(await store.save(png(16, 16)))
+
+            with trio.fail_after(20):
+                nursery.start_soon(save)
+                await setting.wait()
+                deleted = await janitor.sweep()
+                go_on.set()
+    assert deleted == []
+    assert os.listdir(images) == saved
 
 
 def test_uploads_may_not_be_larger_than_what_is_served() -> None:
