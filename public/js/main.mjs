@@ -20,14 +20,14 @@ const WORKFLOWS = ["txt2img"];
 /** Carousel items for a completed task: one per image, URLs relative to the page. */
 export function carouselItems(result, taskId) {
   const urls = result.imageUrls?.length ? result.imageUrls : [result.imageUrl].filter(Boolean);
-  return urls.map((url, i) => ({
+  return urls.map((url) => ({
     image: pageRelativeUrl(url),
     prompt: result.prompt,
     seed: result.seed,
     name: result.name,
     workflow: result.workflow,
     description: result.description,
-    uid: urls.length > 1 ? `${result.uid}-${i}` : result.uid,
+    uid: result.uid,
     taskId,
   }));
 }

@@ -8,6 +8,7 @@ import {
   pageRelativeUrl,
   postGenerate,
 } from "../../public/js/api.mjs";
+import { itemKey } from "../../public/js/custom-ui/carousel-display.mjs";
 import { carouselItems } from "../../public/js/main.mjs";
 
 /** A fetch that answers once with `status` and `body`, recording the request. */
@@ -222,7 +223,14 @@ describe("carouselItems", () => {
       { ...items[0], image: undefined, uid: undefined },
       { image: undefined, prompt: "a cat", seed: 5, name: "Kit", workflow: "txt2img", description: null, uid: undefined, taskId: "t1" },
     );
-    assert.notEqual(items[0].uid, items[1].uid, "distinct keys for the carousel");
+    assert.notEqual(itemKey(items[0]), itemKey(items[1]), "distinct keys for the carousel");
+  });
+
+  test("tasks created in the same millisecond (one uid) have distinct keys", () => {
+    // uid is the creation time in ms: two tasks may share it; their images may not.
+    const first = carouselItems({ imageUrl: "/image/a.png", uid: 17 }, "t1");
+    const second = carouselItems({ imageUrl: "/image/b.png", uid: 17 }, "t2");
+    assert.notEqual(itemKey(first[0]), itemKey(second[0]));
   });
 
   test("the seed's single imageUrl is enough", () => {

@@ -13,6 +13,15 @@ function setRef(ref, value) {
   else if (ref) ref.current = value;
 }
 
+/**
+ * The key of an item among the thumbnails: its image URL, unique per image (the
+ * daemon names images at random). Not `uid`, the task's creation time in ms,
+ * which two tasks may share, and which all images of one task share.
+ */
+export function itemKey(item) {
+  return item.image;
+}
+
 export class CarouselDisplay extends Component {
   constructor(props) {
     super(props);
@@ -73,7 +82,7 @@ export class CarouselDisplay extends Component {
         </div>
         <ol class="carousel__thumbs">
           ${items.map(
-            (it, i) => html`<li key=${it.uid ?? it.image}>
+            (it, i) => html`<li key=${itemKey(it)}>
               <button
                 type="button"
                 class=${i === index ? "carousel__thumb carousel__thumb--current" : "carousel__thumb"}
