@@ -9,6 +9,12 @@
 // capped, jittered delay, resuming with `?lastEventId=` because a new
 // EventSource cannot carry headers.
 //
+// EventSource cannot see why a connection failed: a 404 (the daemon forgot the
+// task, e.g. after the laptop slept past its retention) looks like a daemon
+// that is away. So each time the browser gives up, `GET tasks/<id>` asks; a
+// 404 ends the subscription at once as `unknown_task` instead of a minute of
+// reconnects ending in "Lost the connection".
+//
 // Over HTTP/1.x a browser opens at most 6 connections to a site, and every
 // open EventSource holds one: a page following 6 tasks has none left for
 // POST generate, Cancel or an image, which then wait until a task ends. So
@@ -29,8 +35,9 @@ export const EVENT_COMPLETE = "complete";
 export const EVENT_ERROR = "error-event";
 const ROUTED_EVENTS = [EVENT_PROGRESS, EVENT_COMPLETE, EVENT_ERROR];
 
-/** Error code used when the client, not the server, ends a subscription. */
+/** Error codes used when the client, not the server, ends a subscription. */
 export const CONNECTION_LOST = "connection_lost";
+export const UNKNOWN_TASK = "unknown_task";
 
 export const DEFAULT_OPTIONS = Object.freeze({
   baseUrl: "", // relative to the page, so a reverse-proxy sub-path keeps working
@@ -73,6 +80,11 @@ export function progressUrl(baseUrl, taskId, lastEventId) {
   return url;
 }
 
+/** The task's status URL (`GET` answers 404 once the daemon forgot the task). */
+export function taskUrl(baseUrl, taskId) {
+  return `${baseUrl}tasks/${encodeURIComponent(taskId)}`;
+}
+
 /** Accept the seed's two spellings: an object, or three positional functions. */
 function normalizeCallbacks(callbacks, onComplete, onError) {
   const given =
@@ -94,6 +106,7 @@ export class SSEManager {
    * @param {{setTimeout: Function, clearTimeout: Function}} [options.timers]
    * @param {() => number} [options.random] in [0, 1)
    * @param {{warn: Function}} [options.logger]
+   * @param {typeof fetch} [options.fetch] asks whether the daemon still knows a task
    * @param {string} [options.baseUrl] prefix for `progress/<id>`; "" = relative to the page
    * @param {number} [options.initialDelayMs]
    * @param {number} [options.maxDelayMs]
@@ -108,6 +121,7 @@ export class SSEManager {
     };
     this._random = options.random ?? Math.random;
     this._logger = options.logger ?? console;
+    this._fetch = options.fetch ?? ((url, init) => globalThis.fetch(url, init));
     this._config = {
       baseUrl: options.baseUrl ?? DEFAULT_OPTIONS.baseUrl,
       initialDelayMs: options.initialDelayMs ?? DEFAULT_OPTIONS.initialDelayMs,
@@ -250,6 +264,27 @@ export class SSEManager {
     }
     const delay = backoffDelay(entry.attempts, this._config, this._random);
     entry.retryTimer = this._timers.setTimeout(() => this._connect(taskId), delay);
+    this._checkKnown(taskId, entry);
+  }
+
+  /** Ask the daemon whether it still knows the task; a 404 ends the subscription. */
+  async _checkKnown(taskId, entry) {
+    let body;
+    try {
+      const response = await this._fetch(taskUrl(this._config.baseUrl, taskId), {
+        headers: { Accept: "application/json" },
+      });
+      if (response.status !== 404) return;
+      body = await response.json();
+    } catch {
+      return; // the daemon is away, or the 404 is not its JSON: keep reconnecting
+    }
+    // Only the daemon's own "unknown task" names the task (not a proxy's or a sub-path's 404).
+    if (body?.error?.details?.taskId !== taskId) return;
+    if (this.activeConnections.get(taskId) !== entry) return; // ended or resubscribed meanwhile
+    const { callbacks } = entry;
+    this._cleanup(taskId);
+    callbacks.onError(this._unknown(taskId, body.error.details.hint));
   }
 
   /** A client-made message in the daemon's error-event shape, so callers read one format. */
@@ -261,6 +296,20 @@ export class SSEManager {
         code: CONNECTION_LOST,
         message: "Lost the connection to the progress stream",
         details: `gave up after ${reconnects} reconnect attempts`,
+      },
+      timestamp: new Date().toISOString(),
+    };
+  }
+
+  /** The error-event for a task the daemon no longer knows (it answered 404). */
+  _unknown(taskId, hint) {
+    return {
+      taskId,
+      status: "error",
+      error: {
+        code: UNKNOWN_TASK,
+        message: "The server no longer knows this task",
+        details: typeof hint === "string" ? hint : `GET tasks/${taskId} answered 404`,
       },
       timestamp: new Date().toISOString(),
     };

@@ -5,6 +5,7 @@ import {
   CONNECTION_LOST,
   HTTP1_MAX_STREAMS,
   SSEManager,
+  UNKNOWN_TASK,
   backoffDelay,
   defaultMaxStreams,
   progressUrl,
@@ -49,12 +50,26 @@ let timers;
 let manager;
 const RANDOM = 0.5;
 
+/** A fetch answering every request with `status` and `body`, recording the URLs asked. */
+function fakeFetch(status, body) {
+  const urls = [];
+  const impl = async (url) => {
+    urls.push(url);
+    return new Response(JSON.stringify(body), { status });
+  };
+  return { impl, urls };
+}
+
+/** Let the manager's pending fetch answers run (no time passes). */
+const answered = () => new Promise((resolve) => setImmediate(resolve));
+
 function makeManager(options = {}) {
   return new SSEManager({
     EventSource: FakeEventSource,
     timers,
     random: () => RANDOM,
     logger: { warn: () => {} },
+    fetch: fakeFetch(200, { taskId: "t1", status: "in-progress" }).impl, // the daemon knows it
     ...options,
   });
 }
@@ -319,6 +334,63 @@ describe("reconnecting", () => {
     assert.equal(timers.pending.size, 0);
     timers.advance(600_000);
     assert.equal(FakeEventSource.instances.length, 4, "nothing after giving up");
+  });
+
+  test("a task the daemon forgot ends at once, as unknown, in the error-event shape", async () => {
+    // E.g. the laptop slept past the task's retention: /progress answers 404,
+    // which EventSource cannot tell from a daemon that is away.
+    const forgot = fakeFetch(404, {
+      error: { message: "unknown task", details: { taskId: "t1", hint: "finished tasks are kept for 300 s" } },
+    });
+    manager = makeManager({ fetch: forgot.impl, baseUrl: "comfy/" });
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    FakeEventSource.latest.failClosed();
+    await answered();
+    assert.deepEqual(forgot.urls, ["comfy/tasks/t1"]);
+    assert.equal(calls.error.length, 1);
+    const [unknown] = calls.error;
+    assert.equal(unknown.taskId, "t1");
+    assert.equal(unknown.status, "error");
+    assert.equal(unknown.error.code, UNKNOWN_TASK);
+    assert.match(unknown.error.message, /no longer knows this task/);
+    assert.equal(unknown.error.details, "finished tasks are kept for 300 s");
+    assert.equal(typeof unknown.timestamp, "string");
+    assert.equal(manager.isSubscribed("t1"), false);
+    assert.equal(timers.pending.size, 0, "no reconnect scheduled");
+    timers.advance(600_000);
+    assert.equal(FakeEventSource.instances.length, 1);
+  });
+
+  test("a task the daemon still knows (or a daemon away) keeps the reconnect schedule", async () => {
+    const { calls, callbacks } = recorder();
+    manager.subscribe("t1", callbacks);
+    FakeEventSource.latest.failClosed();
+    await answered();
+    assert.equal(calls.error.length, 0);
+    assert.equal(timers.pending.size, 1);
+    timers.advance(timers.delays[0]);
+    assert.equal(FakeEventSource.instances.length, 2);
+
+    const away = async () => {
+      throw new TypeError("Failed to fetch");
+    };
+    manager = makeManager({ fetch: away });
+    manager.subscribe("t2", callbacks);
+    FakeEventSource.latest.failClosed();
+    await answered();
+    assert.equal(calls.error.length, 0);
+    assert.equal(manager.isSubscribed("t2"), true);
+
+    for (const notOurs of ["<h1>Not Found</h1>", '{"error": {"message": "not found"}}']) {
+      const proxy404 = async () => new Response(notOurs, { status: 404 });
+      manager = makeManager({ fetch: proxy404 });
+      manager.subscribe("t3", callbacks);
+      FakeEventSource.latest.failClosed();
+      await answered();
+      assert.equal(calls.error.length, 0, "only the daemon's own 404 means unknown");
+      assert.equal(manager.isSubscribed("t3"), true);
+    }
   });
 
   test("a terminal event after a resume still ends the subscription", () => {
