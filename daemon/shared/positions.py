@@ -10,6 +10,9 @@ append is a Lua script that writes only while the task is still in the
 waiting set: a worker takes a task by removing it from that set first and only
 then reads the stream's newest version, so a position never races a worker's
 first snapshot. Two fronts writing the same version: Redis keeps the first.
+
+A task this front saw waiting, at its newest version, that left the waiting set
+with no worker writing since may be one Redis forgot: see forgotten.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Final
 import trio
 from coredis.exceptions import RedisError
 
+from daemon.shared.forgotten import end_if_forgotten
 from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id
 from daemon.shared.watch import StreamWatcher
 from protocol import progress as pg
@@ -47,6 +51,9 @@ class QueuePositions:
         self.watcher = watcher
         self.interval = interval
         self.published = 0
+        self.ended_lost = 0
+        # task id -> the newest version at which this front saw it in the waiting set
+        self._waiting_at: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -58,7 +65,13 @@ class QueuePositions:
                 log.warning("cannot publish queue positions: %s", exc)
 
     async def update(self) -> None:
-        for task_id, snapshot in self.watcher.snapshots():
+        watched = self.watcher.snapshots()
+        self._waiting_at = {
+            task_id: self._waiting_at[task_id]
+            for task_id, _ in watched
+            if task_id in self._waiting_at
+        }
+        for task_id, snapshot in watched:
             payload = snapshot.payload
             phase = payload.get("phase")
             # Queued: never taken yet; requeued: a worker gave it back (its ComfyUI went).
@@ -66,7 +79,15 @@ class QueuePositions:
                 continue
             ahead = await self.store.ahead_of(task_id)
             if ahead is None:
-                continue  # a worker has it (or it ended)
+                # A worker has it (or it ended), or Redis forgot it: a worker that
+                # took it wrote a newer version, or keeps its record.
+                if snapshot.version <= self._waiting_at.get(task_id, 0):
+                    now = time.time()
+                    if await end_if_forgotten(self.store, task_id, snapshot.version, now):
+                        self.ended_lost += 1
+                        log.warning("Redis lost waiting task %s: it ends lost", task_id)
+                continue
+            self._waiting_at[task_id] = max(self._waiting_at.get(task_id, 0), snapshot.version)
             queue = {"position": ahead + 1, "ahead": ahead}
             if payload.get("queue") == queue:
                 continue
@@ -88,4 +109,6 @@ class QueuePositions:
                     STREAM_LENGTH,
                 ],
             )
-            self.published += int(written == 1)
+            if written == 1:
+                self.published += 1
+                self._waiting_at[task_id] = snapshot.version + 1

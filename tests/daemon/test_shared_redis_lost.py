@@ -70,3 +70,28 @@ async def test_redis_back_without_its_data_takes_new_tasks_and_ends_the_running_
         assert json.loads(seen[-1].data)["status"] == "completed", seen[-1].data
         assert last(await read_events(entry.url, after))["status"] == "completed"
         assert len(await history_ids(sim)) == 2
+
+
+async def test_a_waiting_task_redis_forgot_ends_lost_for_its_viewer(tmp_path: Path) -> None:
+    """No worker had taken it: nobody would ever write its end, so the front streaming
+    it writes one (code `lost`), for its viewer and for any later GET."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
+    ):
+        task_id = await generate(entry.url)
+        async with open_stream("GET", f"{entry.url}/progress/{task_id}") as response:
+            assert response.status == 200
+            chunks = aiter(response.chunks)
+            decoder = SSEDecoder()
+            seen: list[ServerSentEvent] = []
+            while not (seen and json.loads(seen[-1].data).get("queue")):
+                seen += decoder.feed(await anext(chunks))  # the front saw it waiting
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                await client.flushall()
+            with trio.fail_after(20):  # a stream kept open with heartbeats never ends
+                async for chunk in chunks:
+                    seen += decoder.feed(chunk)
+        assert last(seen)["error"]["code"] == "lost", seen[-1].data
+        assert last(await read_events(entry.url, task_id))["error"]["code"] == "lost"
