@@ -51,6 +51,12 @@ GROUP: Final = "workers"
 STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not a history
 RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
+# Redis answers a blocking read (XREAD/XREADGROUP BLOCK) when its BLOCK time is up;
+# no answer this much later means the connection went silent without a reset (a
+# network split): nothing is in flight, so TCP would never notice. Cancelled at
+# that point, the read's connection is dropped (coredis closes a cancelled
+# blocking command's connection) and the next read opens a new one.
+SILENT_GRACE: Final = 5.0
 
 # A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
 # record, unrunnable stamp, stamped set; ARGV: us, entry, task id, created_at, record

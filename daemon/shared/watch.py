@@ -19,6 +19,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from daemon.shared.store import (
+    SILENT_GRACE,
     STREAM_LENGTH,
     SharedStore,
     entry_id,
@@ -113,11 +114,15 @@ class StreamWatcher:
                     streams[self.store.events_key(task_id)] = entry_id(latest.version)
             self._changed = trio.Event()
             try:
-                reply = await self.store.redis.xread(
-                    streams,
-                    count=STREAM_LENGTH,
-                    block=BLOCK_MS,
-                )
+                with trio.move_on_after(BLOCK_MS / 1000 + SILENT_GRACE) as read:
+                    reply = await self.store.redis.xread(
+                        streams,
+                        count=STREAM_LENGTH,
+                        block=BLOCK_MS,
+                    )
+                if read.cancelled_caught:
+                    log.warning("no answer from Redis to a blocking read; reading again")
+                    continue
             except RedisError as exc:
                 log.warning("reading task streams from Redis failed (retrying): %s", exc)
                 await trio.sleep(delay)

@@ -47,3 +47,47 @@ async def redis_proxy(
         listeners = await nursery.start(partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
         yield f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         nursery.cancel_scope.cancel()
+
+
+class SilentProxy:
+    """A relay to 127.0.0.1:`port` that can go silent on the connections it relays now,
+    as a network split without a reset would: nothing more goes either way and
+    nothing is closed. Connections opened later are relayed as usual."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = ""
+        self._opened = 0  # connections accepted so far
+        self._silent_below = 0  # connections numbered below this one are silent
+
+    def silence(self) -> None:
+        self._silent_below = self._opened
+
+    async def relay(self, client: trio.SocketStream) -> None:
+        number = self._opened
+        self._opened += 1
+        try:
+            server = await trio.open_tcp_stream("127.0.0.1", self.port)
+            async with client, server, trio.open_nursery() as nursery:
+
+                async def forward(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                    async for data in source:
+                        if number < self._silent_below:
+                            await trio.sleep_forever()  # split: it never arrives
+                        await sink.send_all(data)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(forward, client, server)
+                nursery.start_soon(forward, server, client)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # one side went away (a daemon stopping): so does the relay
+
+
+@asynccontextmanager
+async def silent_proxy(port: int) -> AsyncIterator[SilentProxy]:
+    proxy = SilentProxy(port)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, proxy.relay, 0, host="127.0.0.1"))
+        proxy.url = f"redis://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        yield proxy
+        nursery.cancel_scope.cancel()
