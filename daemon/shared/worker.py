@@ -31,7 +31,7 @@ from coredis.exceptions import RedisError, StreamConsumerGroupError
 from daemon.comfy.capabilities import needs_of
 from daemon.shared.capabilities import capabilities_to_json
 from daemon.shared.mirror import TaskMirror
-from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
+from daemon.shared.store import GROUP, SILENT_GRACE, SharedRecord, SharedStore, text
 from daemon.shared.worker_registry import publish, withdraw
 from daemon.signals import Signal
 from protocol import task
@@ -243,13 +243,19 @@ class SharedWorker:
         if claimed:
             entry = claimed[0]
             return await self._adopt(text(entry.identifier), entry.field_values, claimed=True)
-        taken = await self.store.redis.xreadgroup(
-            GROUP,
-            self.daemon_id,
-            {self.store.queue_key: ">"},
-            count=1,
-            block=TAKE_BLOCK_MS,
-        )
+        with trio.move_on_after(TAKE_BLOCK_MS / 1000 + SILENT_GRACE) as read:
+            taken = await self.store.redis.xreadgroup(
+                GROUP,
+                self.daemon_id,
+                {self.store.queue_key: ">"},
+                count=1,
+                block=TAKE_BLOCK_MS,
+            )
+        if read.cancelled_caught:
+            # An entry Redis gave us over the silent connection is a lease nobody
+            # refreshes: after lease_timeout it is claimed (by us too), not lost.
+            log.warning("no answer from Redis to a blocking take; taking again")
+            return None
         for entries in (taken or {}).values():
             for entry in entries:
                 return await self._adopt(text(entry.identifier), entry.field_values, claimed=False)

@@ -11,10 +11,11 @@ import trio
 
 from daemon.http.client import open_stream
 from protocol.sse import ServerSentEvent, SSEDecoder
+from tests.daemon.harness import read_events
 from tests.daemon.redis_proxy import silent_proxy
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, simulator, worker
+from tests.daemon.test_shared import front, last, simulator, worker
 
 
 async def test_a_front_whose_blocking_read_went_silent_still_ends_its_viewer_s_stream(
@@ -42,3 +43,23 @@ async def test_a_front_whose_blocking_read_went_silent_still_ends_its_viewer_s_s
                 async for chunk in chunks:
                     seen += decoder.feed(chunk)
         assert json.loads(seen[-1].data)["status"] == "completed", seen[-1].data
+
+
+async def test_a_worker_whose_connections_went_silent_takes_the_next_task(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        silent_proxy(redis.port) as proxy,
+        simulator(manual=False) as sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w", proxy.url, sim.url),
+    ):
+        first = await generate(entry.url)
+        assert last(await read_events(entry.url, first))["status"] == "completed"
+        # Idle now, its take loop waits in XREADGROUP BLOCK: no answer will come.
+        proxy.silence()
+        task_id = await generate(entry.url)
+        with trio.fail_after(40):  # a take that waits for ever never runs it
+            done = await read_events(entry.url, task_id)
+        assert last(done)["status"] == "completed"
