@@ -63,6 +63,10 @@ class ClientFailure(Exception):
         self.status = status
 
 
+class StreamIdle(Exception):
+    """Nothing arrived on a response body for the idle timeout."""
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     prompt: str
@@ -262,15 +266,7 @@ class GenerateClient:
                         raise ClientFailure(f"{url} is not an event stream ({content_type!r})")
                     else:
                         chunks = response.chunks.__aiter__()
-                        while True:
-                            with trio.move_on_after(self.idle_timeout) as idle:
-                                try:
-                                    chunk = await chunks.__anext__()
-                                except StopAsyncIteration:
-                                    break
-                            if idle.cancelled_caught:
-                                why = f"nothing received for {self.idle_timeout:g} s"
-                                break
+                        while (chunk := await self._next_chunk(chunks)) is not None:
                             for event in decoder.feed(chunk):
                                 failures = 0
                                 if event.id is not None:
@@ -286,6 +282,8 @@ class GenerateClient:
                                     return payload
             except HttpClientError as exc:
                 why = exc.reason
+            except StreamIdle as exc:
+                why = str(exc)
             if decoder.retry is not None:
                 retry = min(MAX_RETRY, decoder.retry / 1000)
             failures += 1
@@ -320,20 +318,11 @@ class GenerateClient:
                     raise ClientFailure(f"cannot download {url} ({response.status}): {message}")
                 async with await trio.open_file(partial, "wb") as file:
                     chunks = response.chunks.__aiter__()
-                    while True:
-                        # As for the progress stream: a dropped connection can
-                        # look like one that is merely quiet, for hours.
-                        with trio.move_on_after(self.idle_timeout) as idle:
-                            try:
-                                chunk = await chunks.__anext__()
-                            except StopAsyncIteration:
-                                break
-                        if idle.cancelled_caught:
-                            raise ClientFailure(
-                                f"the download of {url} stalled: "
-                                f"nothing received for {self.idle_timeout:g} s"
-                            )
-                        await file.write(chunk)
+                    try:
+                        while (chunk := await self._next_chunk(chunks)) is not None:
+                            await file.write(chunk)
+                    except StreamIdle as exc:
+                        raise ClientFailure(f"the download of {url} stalled: {exc}") from None
                 if not response.chunks.complete:
                     raise ClientFailure(f"the download of {url} was cut off")
             await trio.Path(partial).replace(target)
@@ -344,6 +333,16 @@ class GenerateClient:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.Path(partial).unlink(missing_ok=True)
+
+    async def _next_chunk(self, chunks: AsyncIterator[bytes]) -> bytes | None:
+        """The next chunk of a body, None at its end. A dropped connection can look
+        like one that is merely quiet, for hours: StreamIdle after idle_timeout."""
+        with trio.move_on_after(self.idle_timeout):
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return None
+        raise StreamIdle(f"nothing received for {self.idle_timeout:g} s")
 
     async def cancel(self, task_id: str) -> int:
         self.display.message(f"comfy-progress: interrupted; cancelling task {task_id}")

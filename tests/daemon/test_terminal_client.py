@@ -283,3 +283,47 @@ async def test_a_download_that_stalls_fails_instead_of_hanging(tmp_path: Path) -
         nursery.cancel_scope.cancel()
     left = list(await trio.Path(tmp_path).iterdir())
     assert left == [], "no image and no partial file left behind"
+
+
+async def test_a_progress_stream_gone_quiet_is_asked_again_from_the_last_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The same silent drop on the progress stream: past the idle limit the client
+    # reconnects with Last-Event-ID instead of waiting for good.
+    asked_from: list[str | None] = []
+    progress = {"taskId": "t1", "status": "processing", "progress": {"currentValue": 1}}
+    complete = {"taskId": "t1", "status": "completed", "result": {"imageUrl": "/image/a.png"}}
+
+    async def stream_then_silence(stream: trio.SocketStream) -> None:
+        head = (await stream.receive_some()).decode()
+        found = re.search(r"(?im)^last-event-id: *(\S+)", head)
+        asked_from.append(found.group(1) if found else None)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        event = (
+            ("retry: 1000\nid: 1\nevent: progress\ndata: " + json.dumps(progress) + "\n\n")
+            if found is None
+            else ("id: 2\nevent: complete\ndata: " + json.dumps(complete) + "\n\n")
+        ).encode()
+        await stream.send_all(b"%x\r\n%s\r\n" % (len(event), event))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, stream_then_silence, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        shown = io.StringIO()
+        client = GenerateClient(
+            Options(prompt="a red fox", server=f"http://127.0.0.1:{port}"),
+            display=Display(shown, tty=False, clock=trio.current_time),
+            out=io.StringIO(),
+            idle_timeout=5.0,
+        )
+        final = await client.follow("t1")
+        nursery.cancel_scope.cancel()
+    assert final == complete
+    assert asked_from == [None, "1"]
+    assert "nothing received for 5 s; reconnecting" in shown.getvalue()
