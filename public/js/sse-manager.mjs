@@ -21,6 +21,9 @@
 // at most `maxStreams` streams are open at once (4 over HTTP/1.x, no limit
 // over HTTP/2 or 3, which multiplex); later subscriptions wait their turn,
 // first come first served, and get the task's current snapshot once admitted.
+// Meanwhile `GET tasks/<id>` every `waitPollMs` (5 s) shows the task as it is
+// (a short request, not a held connection), and a task that ends while it
+// waits is delivered as ended without ever taking a stream.
 //
 // Everything with side effects (EventSource, timers, random) is injected, so
 // the schedule is testable without a browser or a clock.
@@ -44,6 +47,7 @@ export const DEFAULT_OPTIONS = Object.freeze({
   initialDelayMs: 1000,
   maxDelayMs: 30000,
   maxAttempts: 6, // about a minute of trying (1+2+4+8+16+30 s before jitter)
+  waitPollMs: 5000, // how often a subscription waiting for a stream asks for its task
 });
 
 /**
@@ -85,6 +89,14 @@ export function taskUrl(baseUrl, taskId) {
   return `${baseUrl}tasks/${encodeURIComponent(taskId)}`;
 }
 
+/**
+ * Whether an answer to `GET tasks/<id>` is the daemon's own "unknown task": its
+ * JSON 404 names the task (a proxy's or a wrong sub-path's 404 does not).
+ */
+function daemonForgot(taskId, status, body) {
+  return status === 404 && body?.error?.details?.taskId === taskId;
+}
+
 /** Accept the seed's two spellings: an object, or three positional functions. */
 function normalizeCallbacks(callbacks, onComplete, onError) {
   const given =
@@ -112,6 +124,7 @@ export class SSEManager {
    * @param {number} [options.maxDelayMs]
    * @param {number} [options.maxAttempts] reconnects in a row without an `open` before giving up
    * @param {number} [options.maxStreams] streams open at once (default: defaultMaxStreams())
+   * @param {number} [options.waitPollMs] how often a waiting subscription asks for its task
    */
   constructor(options = {}) {
     this._EventSource = options.EventSource ?? null;
@@ -128,8 +141,9 @@ export class SSEManager {
       maxDelayMs: options.maxDelayMs ?? DEFAULT_OPTIONS.maxDelayMs,
       maxAttempts: options.maxAttempts ?? DEFAULT_OPTIONS.maxAttempts,
       maxStreams: options.maxStreams ?? defaultMaxStreams(),
+      waitPollMs: options.waitPollMs ?? DEFAULT_OPTIONS.waitPollMs,
     };
-    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, detach, admitted} */
+    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, pollTimer, detach, admitted} */
     this.activeConnections = new Map();
     /** Subscriptions that wait for a stream slot, oldest first. */
     this._waiting = [];
@@ -154,11 +168,14 @@ export class SSEManager {
         lastEventId: null,
         attempts: 0,
         retryTimer: null,
+        pollTimer: null,
         detach: null,
         admitted: false,
       });
       this._waiting.push(taskId);
       this._admitWaiting();
+      const entry = this.activeConnections.get(taskId);
+      if (entry && !entry.admitted) this._pollWaiting(taskId, entry);
     }
     return () => this.unsubscribe(taskId);
   }
@@ -186,6 +203,7 @@ export class SSEManager {
       if (!entry) continue;
       entry.admitted = true;
       this._admitted += 1;
+      this._stopPolling(entry);
       this._connect(taskId);
     }
   }
@@ -234,17 +252,72 @@ export class SSEManager {
       this._logger.warn(`sse-manager: ignoring a malformed ${event.type} event for ${taskId}`, err);
       return;
     }
+    this._route(taskId, entry, event.type, data);
+  }
+
+  /** Hand a message to the task's callbacks; terminal ones end the subscription first. */
+  _route(taskId, entry, type, data) {
     const { callbacks } = entry;
-    if (event.type === EVENT_PROGRESS) {
+    if (type === EVENT_PROGRESS) {
       callbacks.onProgress(data);
-    } else if (event.type === EVENT_COMPLETE) {
+    } else if (type === EVENT_COMPLETE) {
       // Clean up before calling out, so the callback may subscribe anew.
       this._cleanup(taskId);
       callbacks.onComplete(data);
-    } else if (event.type === EVENT_ERROR) {
+    } else if (type === EVENT_ERROR) {
       this._cleanup(taskId);
       callbacks.onError(data);
     }
+  }
+
+  /** Waiting for a stream: show the task's snapshot now, and again every waitPollMs. */
+  _pollWaiting(taskId, entry) {
+    entry.pollTimer = null;
+    this._showSnapshot(taskId, entry).finally(() => {
+      if (this.activeConnections.get(taskId) !== entry || entry.admitted) return;
+      entry.pollTimer = this._timers.setTimeout(
+        () => this._pollWaiting(taskId, entry),
+        this._config.waitPollMs,
+      );
+    });
+  }
+
+  _stopPolling(entry) {
+    if (entry.pollTimer !== null) this._timers.clearTimeout(entry.pollTimer);
+    entry.pollTimer = null;
+  }
+
+  /** `GET tasks/<id>` for a waiting subscription: routed as the stream would send it. */
+  async _showSnapshot(taskId, entry) {
+    let response;
+    let body;
+    try {
+      response = await this._fetch(taskUrl(this._config.baseUrl, taskId), {
+        headers: { Accept: "application/json" },
+      });
+      body = await response.json();
+    } catch {
+      return; // the daemon is away: the stream, once admitted, reconnects as usual
+    }
+    if (this.activeConnections.get(taskId) !== entry || entry.admitted) return; // the stream has it
+    if (daemonForgot(taskId, response.status, body)) {
+      this._cleanup(taskId);
+      entry.callbacks.onError(this._unknown(taskId, body.error.details.hint));
+      return;
+    }
+    if (response.status !== 200 || body?.taskId !== taskId) return;
+    const { version, ...payload } = body;
+    // Never older than what was shown; the stream, once admitted, resumes after it.
+    if (!Number.isInteger(version)) return;
+    if (entry.lastEventId !== null && version <= Number(entry.lastEventId)) return;
+    entry.lastEventId = String(version);
+    const type =
+      payload.status === "completed"
+        ? EVENT_COMPLETE
+        : payload.status === "error"
+          ? EVENT_ERROR
+          : EVENT_PROGRESS;
+    this._route(taskId, entry, type, payload);
   }
 
   /** A connection error: wait while the browser retries; back off once it gave up. */
@@ -279,8 +352,7 @@ export class SSEManager {
     } catch {
       return; // the daemon is away, or the 404 is not its JSON: keep reconnecting
     }
-    // Only the daemon's own "unknown task" names the task (not a proxy's or a sub-path's 404).
-    if (body?.error?.details?.taskId !== taskId) return;
+    if (!daemonForgot(taskId, 404, body)) return;
     if (this.activeConnections.get(taskId) !== entry) return; // ended or resubscribed meanwhile
     const { callbacks } = entry;
     this._cleanup(taskId);
@@ -328,6 +400,7 @@ export class SSEManager {
     if (!entry) return;
     if (entry.retryTimer !== null) this._timers.clearTimeout(entry.retryTimer);
     entry.retryTimer = null;
+    this._stopPolling(entry);
     this._closeEventSource(entry);
     this.activeConnections.delete(taskId);
     if (entry.admitted) {

@@ -457,6 +457,91 @@ describe("stream slots", () => {
     assert.deepEqual(openUrls(), ["progress/t2"]);
   });
 
+  // A task waiting for a slot used to show "Starting..." until one freed,
+  // however far it had got (or even after it ended).
+  /** A fetch answering `tasks/<id>` with the next of `answers[id]` ([status, body]). */
+  function snapshots(answers) {
+    const urls = [];
+    const impl = async (url) => {
+      urls.push(url);
+      const id = decodeURIComponent(url.split("/").pop());
+      const [status, body] = answers[id].length > 1 ? answers[id].shift() : answers[id][0];
+      return new Response(JSON.stringify(body), { status });
+    };
+    return { impl, urls };
+  }
+
+  test("a waiting subscription shows its task from GET tasks/<id>, then resumes after it", async () => {
+    const t2 = (version, percentage) => [
+      200,
+      { ...PROGRESS, taskId: "t2", progress: { ...PROGRESS.progress, percentage }, version },
+    ];
+    const asked = snapshots({ t2: [t2(3, 10), t2(3, 10), t2(5, 30)] });
+    manager = makeManager({ maxStreams: 1, fetch: asked.impl, waitPollMs: 5000 });
+    const second = recorder();
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", second.callbacks);
+    await answered();
+    assert.deepEqual(asked.urls, ["tasks/t2"]);
+    assert.deepEqual(second.calls.progress.map((p) => p.progress.percentage), [10]);
+    assert.equal("version" in second.calls.progress[0], false, "the stream's shape: no version");
+    timers.advance(5000);
+    await answered(); // the same version again: nothing new to show
+    timers.advance(5000);
+    await answered();
+    assert.deepEqual(second.calls.progress.map((p) => p.progress.percentage), [10, 30]);
+    FakeEventSource.latest.emit("complete", COMPLETE, "9"); // t1 ends: t2 gets the slot
+    assert.deepEqual(openUrls(), ["progress/t2?lastEventId=5"]);
+    timers.advance(60000);
+    await answered();
+    assert.equal(asked.urls.length, 3, "no polling once streaming");
+  });
+
+  test("a task that ends while it waits is delivered as ended and never takes a stream", async () => {
+    const asked = snapshots({
+      t2: [[200, { ...COMPLETE, taskId: "t2", version: 7 }]],
+      t3: [[200, { ...ERROR, taskId: "t3", version: 2 }]],
+    });
+    manager = makeManager({ maxStreams: 1, fetch: asked.impl });
+    const second = recorder();
+    const third = recorder();
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", second.callbacks);
+    manager.subscribe("t3", third.callbacks);
+    await answered();
+    assert.deepEqual(second.calls.complete.map((c) => c.result.imageUrl), ["/image/a.png"]);
+    assert.deepEqual(third.calls.error.map((e) => e.error.code), ["comfy_error"]);
+    assert.equal(manager.isSubscribed("t2"), false);
+    assert.equal(manager.isSubscribed("t3"), false);
+    FakeEventSource.latest.emit("complete", COMPLETE, "9");
+    assert.equal(FakeEventSource.instances.length, 1, "only t1 ever had a stream");
+    assert.equal(timers.delays.length, 0, "no poll left behind");
+  });
+
+  test("a waiting task the daemon forgot ends as unknown; a daemon away changes nothing", async () => {
+    const forgot = snapshots({
+      t2: [[404, { error: { code: "unknown_task", details: { taskId: "t2" } } }]],
+    });
+    manager = makeManager({ maxStreams: 1, fetch: forgot.impl });
+    const second = recorder();
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", second.callbacks);
+    await answered();
+    assert.deepEqual(second.calls.error.map((e) => e.error.code), [UNKNOWN_TASK]);
+
+    const away = async () => {
+      throw new TypeError("Failed to fetch");
+    };
+    manager = makeManager({ maxStreams: 1, fetch: away });
+    const fourth = recorder();
+    manager.subscribe("t3", {});
+    manager.subscribe("t4", fourth.callbacks);
+    await answered();
+    assert.deepEqual(fourth.calls, { progress: [], complete: [], error: [] });
+    assert.equal(manager.isSubscribed("t4"), true);
+    assert.deepEqual(timers.delays, [5000], "asked again later");
+  });
+
   test("the default: 4 streams over HTTP/1.x, no limit over HTTP/2 and 3", () => {
     const over = (nextHopProtocol) => ({ getEntriesByType: () => [{ nextHopProtocol }] });
     assert.equal(HTTP1_MAX_STREAMS, 4);

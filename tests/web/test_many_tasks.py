@@ -70,6 +70,8 @@ def test_past_six_tasks_the_page_can_still_generate_and_cancel(
         expect(banners).to_have_count(n)
     streams = [u for u in web.requests if u.startswith(f"{daemon.url}/progress/")]
     assert len(streams) == 4, "4 streams at once, 2 connections left for the rest"
+    # A banner waiting for a stream shows its task as GET /tasks says, not "Starting...".
+    expect(banners.nth(7)).to_contain_text("ahead of you in the queue")
 
     with page.expect_response(lambda r: r.request.method == "DELETE") as cancelled:
         banners.nth(1).get_by_role("button", name="Cancel").click()
