@@ -118,13 +118,10 @@ class App:
         self.systemd = systemd or Systemd()  # the default notifies nothing, inherits nothing
         self.shared: SharedService | None = None
         if config.shared:
-            import coredis
+            from daemon.shared.client import redis_client
 
             daemon_id = new_daemon_id()
-            # Named, so CLIENT LIST shows which daemon holds which connection.
-            self.redis: coredis.Redis[bytes] = coredis.Redis.from_url(
-                config.redis_url, client_name=daemon_id
-            )
+            self.redis = redis_client(config.redis_url, client_name=daemon_id)
             # Tasks a front ends itself (no worker held them) count in its metrics.
             self.shared = SharedService(
                 config, self.redis, daemon_id, on_task_end=self._ended_while_waiting

@@ -5,11 +5,14 @@ redis-server, real daemon processes, a relay that can go silent, an in-test simu
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import trio
 
 from daemon.http.client import open_stream
+from daemon.shared.client import redis_client
 from protocol.sse import ServerSentEvent, SSEDecoder
 from tests.daemon.harness import read_events
 from tests.daemon.redis_proxy import silent_proxy
@@ -63,3 +66,45 @@ async def test_a_worker_whose_connections_went_silent_takes_the_next_task(
         with trio.fail_after(40):  # a take that waits for ever never runs it
             done = await read_events(entry.url, task_id)
         assert last(done)["status"] == "completed"
+
+
+def sockets_to(port: int) -> list[socket.socket]:
+    """This process's TCP sockets connected to 127.0.0.1:`port` (duplicates: close them)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue  # not a socket (or gone)
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.getpeername() == ("127.0.0.1", port):
+                found.append(sock)
+                continue
+        except OSError:
+            pass  # not connected, or not an inet socket
+        sock.close()
+    return found
+
+
+async def test_every_redis_connection_has_the_kernel_watching_for_a_silent_peer(
+    tmp_path: Path,
+) -> None:
+    # Commands other than blocking reads have no deadline of their own: on a
+    # connection gone silent they waited for TCP's retransmission timeout
+    # (about 15 minutes), and an idle one was never found dead.
+    async with redis_server(tmp_path / "redis") as redis:
+        client = redis_client(redis.url, client_name="probe")
+        async with client:
+            assert await client.ping() == b"PONG"
+            opened = sockets_to(redis.port)
+            assert opened, "no connection to Redis found"
+            for sock in opened:
+                with sock:
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                    options = {
+                        name: sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                        for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+                    }
+                    assert options == {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
+                    timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+                    assert timeout == 15_000
