@@ -9,6 +9,10 @@ A task that changes ten times between two flushes costs one write. `flush()`
 waits until everything recorded so far is on disk, or raises
 `JournalUnavailable` with SQLite's own reason when the write failed (POST
 /generate answers 503 then: nothing is accepted that is not journalled).
+
+A task row that cannot be read is moved, once, to `unreadable_tasks` (as it
+was, with the reason and when), and the warning says so: it is kept there for
+an operator to inspect for `UNREADABLE_KEPT_FOR`, never read again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +31,13 @@ import trio
 from protocol import task
 
 log = logging.getLogger(__name__)
+
+UNREADABLE_TABLE: Final = "unreadable_tasks"
+UNREADABLE_KEPT_FOR: Final = 30 * 86400.0  # seconds an unreadable row is kept for inspection
+UNREADABLE_KEPT_AT_MOST: Final = 1000  # rows; the oldest go first
+TASK_COLUMNS: Final = (
+    "task_id, prompt_id, phase, version, submitted, created_at, finished_at, spec, state, backend"
+)
 
 TASKS_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -52,10 +64,24 @@ CREATE TABLE IF NOT EXISTS idempotency (
     fingerprint TEXT NOT NULL,
     outcome     TEXT
 );
+CREATE TABLE IF NOT EXISTS unreadable_tasks (
+    task_id     TEXT,
+    prompt_id   TEXT,
+    phase       TEXT,
+    version     INTEGER,
+    submitted   INTEGER,
+    created_at  REAL,
+    finished_at REAL,
+    spec        TEXT,
+    state       TEXT,
+    backend     TEXT,
+    reason      TEXT NOT NULL,
+    set_aside   REAL NOT NULL
+);
 """
 
 
-def _migrate(db: sqlite3.Connection) -> None:
+def _migrate(db: sqlite3.Connection, path: Path, now: float) -> None:
     """Bring an older journal's tables up to SCHEMA (before the first read)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
     if "backend" not in columns:
@@ -67,16 +93,18 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "outcome" not in key_columns:
         db.execute("ALTER TABLE idempotency ADD COLUMN outcome TEXT")
     if "message" in columns:
-        _migrate_messages_to_state(db)
+        _migrate_messages_to_state(db, path, now)
 
 
-def _migrate_messages_to_state(db: sqlite3.Connection) -> None:
+def _migrate_messages_to_state(db: sqlite3.Connection, path: Path, now: float) -> None:
     """Journals that kept each task's last published message (`message`) get its
-    state's fields (`state`) instead, in one transaction."""
+    state's fields (`state`) instead, in one transaction. A row whose message
+    cannot be read is set aside with it in its `state` column."""
     rows = db.execute(
         "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
         " spec, message, backend FROM tasks"
     ).fetchall()
+    set_aside: list[tuple[object, str]] = []
     db.execute("BEGIN")
     try:
         db.execute("ALTER TABLE tasks RENAME TO tasks_before_state")
@@ -93,7 +121,9 @@ def _migrate_messages_to_state(db: sqlite3.Connection) -> None:
                     message=json.loads(row[8]),
                 )
             except (KeyError, ValueError, TypeError) as exc:
-                log.warning("dropping an unreadable journal row for task %s: %s", row[0], exc)
+                reason = f"{exc} (its state column holds its older message)"
+                _set_aside(db, row, reason, now)
+                set_aside.append((row[0], reason))
                 continue
             db.execute(
                 "INSERT INTO tasks (task_id, prompt_id, phase, version, submitted, created_at,"
@@ -105,6 +135,42 @@ def _migrate_messages_to_state(db: sqlite3.Connection) -> None:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    for task_id, reason in set_aside:
+        _said_set_aside(path, task_id, reason)
+
+
+def _set_aside(db: sqlite3.Connection, row: Sequence[Any], reason: str, now: float) -> None:
+    """Keep a task row that cannot be read in `unreadable_tasks`, as it was (the
+    caller deletes it from `tasks` in the same transaction, and then says so)."""
+    db.execute(
+        f"INSERT INTO {UNREADABLE_TABLE} ({TASK_COLUMNS}, reason, set_aside)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (*row, reason, now),
+    )
+
+
+def _said_set_aside(path: Path, task_id: object, reason: str) -> None:
+    """The one warning about an unreadable row, once it is set aside for good."""
+    log.warning(
+        "moved an unreadable journal row for task %s to the table %s of %s"
+        " (kept %d days for inspection, never read again): %s",
+        task_id, UNREADABLE_TABLE, path, UNREADABLE_KEPT_FOR // 86400, reason,
+        extra={"task_id": str(task_id)},
+    )  # fmt: skip
+
+
+def _prune_unreadable(db: sqlite3.Connection, now: float) -> int:
+    """Unreadable rows go after UNREADABLE_KEPT_FOR, and beyond the newest
+    UNREADABLE_KEPT_AT_MOST; how many went."""
+    deleted: int = db.execute(
+        f"DELETE FROM {UNREADABLE_TABLE} WHERE set_aside < ?", (now - UNREADABLE_KEPT_FOR,)
+    ).rowcount
+    deleted += db.execute(
+        f"DELETE FROM {UNREADABLE_TABLE} WHERE rowid NOT IN"
+        f" (SELECT rowid FROM {UNREADABLE_TABLE} ORDER BY set_aside DESC, rowid DESC LIMIT ?)",
+        (UNREADABLE_KEPT_AT_MOST,),
+    ).rowcount
+    return deleted
 
 
 def state_json_from_message(
@@ -163,8 +229,10 @@ class KeyRecord:
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, wall_clock: Callable[[], float] = time.time) -> None:
+        """`wall_clock`: when an unreadable row is set aside (and how old those kept are)."""
         self.path = path
+        self.wall_clock = wall_clock
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, TaskRecord | None] = {}  # None: delete
         self._pending_keys: dict[str, KeyRecord] = {}
@@ -193,7 +261,7 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         db.executescript(SCHEMA)
-        _migrate(db)
+        _migrate(db, self.path, self.wall_clock())
         # A new epoch per start, written before anything is served: snapshot ids
         # of restored tasks start above everything an earlier run can have sent.
         db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', 0)")
@@ -207,12 +275,11 @@ class Journal:
 
     def _load_sync(self) -> list[TaskRecord]:
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT task_id, prompt_id, phase, version, submitted, created_at, finished_at,"
-            " spec, state, backend FROM tasks ORDER BY created_at"
-        ).fetchall()
+        db = self._db
+        rows = db.execute(f"SELECT rowid, {TASK_COLUMNS} FROM tasks ORDER BY created_at").fetchall()
         records = []
-        for row in rows:
+        unreadable = []
+        for rowid, *row in rows:
             try:
                 records.append(
                     TaskRecord(
@@ -229,8 +296,41 @@ class Journal:
                     )
                 )
             except (ValueError, TypeError) as exc:
-                log.warning("skipping an unreadable journal row for task %s: %s", row[0], exc)
+                unreadable.append((rowid, row, str(exc)))
+        self._set_aside_sync(unreadable)
         return records
+
+    def _set_aside_sync(self, unreadable: list[tuple[int, Sequence[Any], str]]) -> None:
+        """Move unreadable rows to UNREADABLE_TABLE (and drop those kept long enough)."""
+        assert self._db is not None
+        db = self._db
+        now = self.wall_clock()
+        db.execute("BEGIN")
+        try:
+            for rowid, row, reason in unreadable:
+                _set_aside(db, row, reason, now)
+                db.execute("DELETE FROM tasks WHERE rowid = ?", (rowid,))
+            pruned = _prune_unreadable(db, now)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for _, row, reason in unreadable:
+                log.warning(
+                    "skipping an unreadable journal row for task %s: %s (could not move it"
+                    " to the table %s: %s; it is read again at the next start)",
+                    row[0], reason, UNREADABLE_TABLE, exc, extra={"task_id": str(row[0])},
+                )  # fmt: skip
+            return
+        for _, row, reason in unreadable:
+            _said_set_aside(self.path, row[0], reason)
+        if pruned:
+            log.info(
+                "deleted %d unreadable journal row(s) from the table %s of %s: kept %d days"
+                " (at most %d are kept)",
+                pruned, UNREADABLE_TABLE, self.path, UNREADABLE_KEPT_FOR // 86400,
+                UNREADABLE_KEPT_AT_MOST,
+            )  # fmt: skip
 
     async def load_idempotency_keys(self, newer_than: float) -> dict[str, KeyRecord]:
         """Keys used since `newer_than` (older ones are deleted)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
+import pytest
 import trio
 
-from daemon.tasks.journal import Journal, KeyRecord, TaskRecord
+from daemon.tasks.journal import UNREADABLE_KEPT_FOR, Journal, KeyRecord, TaskRecord
 
 
 def record(task_id: str, version: int, phase: str = "running", *, big: bool = False) -> TaskRecord:
@@ -145,3 +148,83 @@ async def test_a_key_s_outcome_is_kept_and_old_key_tables_gain_the_column(
         "after": KeyRecord("t1", 200.0, "f1", ended),
     }
     await reopened.aclose()
+
+
+async def write_and_close(path: Path, *records: TaskRecord) -> None:
+    journal = Journal(path)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        for r in records:
+            journal.record(r)
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+
+
+async def load_once(path: Path, now: float) -> list[TaskRecord]:
+    journal = Journal(path, wall_clock=lambda: now)
+    await journal.open()
+    try:
+        return await journal.load()
+    finally:
+        await journal.aclose()
+
+
+def unreadable_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    return [m for m in messages if "unreadable" in m]
+
+
+async def test_an_unreadable_row_is_set_aside_once_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    await write_and_close(path, record("good", 1))
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "INSERT INTO tasks VALUES ('broken', 'p-broken', 'running', 'three', 1, 1.0,"
+            " NULL, '{', '{}', NULL)"
+        )
+        db.commit()
+
+    first = await load_once(path, now=1000.0)
+    assert [r.task_id for r in first] == ["good"]
+    (warning,) = unreadable_warnings(caplog)
+    assert "task broken" in warning
+    assert f"the table unreadable_tasks of {path}" in warning
+
+    second = await load_once(path, now=2000.0)
+    assert second == first
+    assert unreadable_warnings(caplog) == []
+    # Kept as it was, beside why and when, for an operator to look at.
+    with closing(sqlite3.connect(path)) as db:
+        kept = db.execute("SELECT task_id, version, spec, set_aside FROM unreadable_tasks")
+        assert kept.fetchall() == [("broken", "three", "{", 1000.0)]
+        assert db.execute("SELECT task_id FROM tasks").fetchall() == [("good",)]
+
+
+async def test_unreadable_rows_are_kept_30_days_then_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    await write_and_close(path)
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "INSERT INTO tasks VALUES ('broken', 'p', 'running', 1, 1, 1.0, NULL, '{', '{}', NULL)"
+        )
+        db.commit()
+    await load_once(path, now=0.0)
+    await load_once(path, now=UNREADABLE_KEPT_FOR - 1)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM unreadable_tasks").fetchone() == (1,)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    await load_once(path, now=UNREADABLE_KEPT_FOR + 1)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM unreadable_tasks").fetchone() == (0,)
+    assert any(
+        "deleted 1 unreadable journal row(s) from the table unreadable_tasks" in r.getMessage()
+        for r in caplog.records
+    )

@@ -153,7 +153,7 @@ async def test_a_journal_that_kept_messages_is_migrated_and_restores_them(
     rows = {"done": completed("done"), "bad": failed("bad"), "wip": queued("wip")}
     write_old_journal(path, list(rows.values()))
     records = {r.task_id: r for r in await load(path)}
-    assert set(records) == {"done", "bad", "wip"}  # the unreadable row is dropped
+    assert set(records) == {"done", "bad", "wip"}  # the unreadable row is set aside
     for task_id in ("done", "bad"):
         assert restore(records[task_id]) == rows[task_id][1]
     wip = records["wip"]
