@@ -53,8 +53,9 @@ from daemon.ops.systemd import ServiceStatus, Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
 from daemon.shared.service import SharedService, new_daemon_id
 from daemon.tasks.actor import TaskActor, TaskSettings
-from daemon.tasks.journal import Journal
+from daemon.tasks.journal import AbandonedPrompt, Journal, TaskRecord
 from daemon.tasks.registry import TaskRegistry
+from daemon.tasks.restore import still_followed
 from daemon.workflow_files import load_catalog
 from protocol.task import Phase, TaskState, render
 
@@ -251,6 +252,7 @@ class App:
                 await self.images.open()
                 await self.journal.open()
                 records = await self.journal.load()
+                abandoned = await self.journal.load_abandoned_prompts()
                 self.idempotency = IdempotencyKeys(
                     journal=self.journal,
                     loaded=await self.journal.load_idempotency_keys(time.time() - KEY_TTL),
@@ -259,6 +261,7 @@ class App:
                 await nursery.start(self.journal.run)
                 # Each service gets what it uses; the HTTP face last, as it reads them all.
                 self.pool = self._backend_pool(urls)
+                self._restore_abandoned(abandoned, records)
                 self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
                 self.registry = self._task_registry()
                 self.metrics = DaemonMetrics(
@@ -352,7 +355,24 @@ class App:
             data_dir=config.data_dir,
             classes=self._workflow_classes(),
             allow_empty=self.shared is not None,  # a front runs no backend of its own
+            abandoned_log=self.journal,  # removed after a restart too
         )
+
+    def _restore_abandoned(
+        self, abandoned: Sequence[AbandonedPrompt], records: Sequence[TaskRecord]
+    ) -> None:
+        """The prompts an earlier run gave up on go from their ComfyUI once it is connected,
+        unless a restored task follows one of them again."""
+        followed = still_followed(records) if self.shared is None else set()
+        to_remove = []
+        for prompt in abandoned:
+            if (prompt.backend, prompt.prompt_id) in followed:
+                self.journal.forget_abandoned(prompt.backend, prompt.prompt_id)
+            else:
+                to_remove.append((prompt.backend, prompt.prompt_id))
+        taken = self.pool.restore_abandoned(to_remove)
+        if taken:
+            log.info("%d abandoned prompt(s) go from their ComfyUI once it is connected", taken)
 
     def _task_registry(self) -> TaskRegistry:
         config = self.config

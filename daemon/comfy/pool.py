@@ -7,7 +7,9 @@ prompts the daemon gave up on there, and while it is connected removes them
 at once (a task that was resubmitted elsewhere must not leave a second image
 behind); and it fires `changed` whenever a
 backend's load, connection or reading changed, which is when the dispatcher
-looks again.
+looks again. The prompts to remove are also told to an `AbandonedLog` (the
+journal), and given back at start (`restore_abandoned`): a restart before the
+backend is back does not leave them running there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -48,6 +50,14 @@ def adopt_legacy_client_id(data_dir: Path, url: str) -> None:
         legacy.replace(target)
 
 
+class AbandonedLog(Protocol):
+    """Where the prompts still to remove are kept across restarts (the journal)."""
+
+    def record_abandoned(self, backend: str, prompt_id: str) -> None: ...
+
+    def forget_abandoned(self, backend: str, prompt_id: str) -> None: ...
+
+
 class BackendPool:
     """The configured backends, in order, and what they can run."""
 
@@ -57,8 +67,10 @@ class BackendPool:
         *,
         classes: Iterable[str],
         allow_empty: bool = False,
+        abandoned_log: AbandonedLog | None = None,
     ) -> None:
-        """`allow_empty`: a front daemon of the shared queue runs no backend of its own."""
+        """`allow_empty`: a front daemon of the shared queue runs no backend of its own.
+        `abandoned_log` hears of every prompt to remove, and of its removal."""
         if not backends and not allow_empty:
             raise ValueError("a pool needs at least one backend")
         self.backends = list(backends)
@@ -67,6 +79,7 @@ class BackendPool:
         self.capabilities: dict[str, Capabilities] = {}  # by backend name; the last reading
         self._abandoned: dict[str, set[str]] = {b.name: set() for b in backends}
         self._abandoned_more = {b.name: Signal() for b in backends}
+        self._abandoned_log = abandoned_log
         self._first_readings = trio.Event()
 
     @classmethod
@@ -78,6 +91,7 @@ class BackendPool:
         data_dir: Path | None,
         classes: Iterable[str],
         allow_empty: bool = False,
+        abandoned_log: AbandonedLog | None = None,
     ) -> BackendPool:
         backends = []
         for index, url in enumerate(urls):
@@ -88,7 +102,7 @@ class BackendPool:
                 id_file = client_id_file(data_dir, url)
             backend_settings = dataclasses.replace(settings, url=url)
             backends.append(ComfyBackend(backend_settings, client_id_file=id_file))
-        return cls(backends, classes=classes, allow_empty=allow_empty)
+        return cls(backends, classes=classes, allow_empty=allow_empty, abandoned_log=abandoned_log)
 
     # -- views
 
@@ -130,7 +144,20 @@ class BackendPool:
         """The daemon gave up on this prompt there: remove it now if the backend is
         connected, else when it is back."""
         self._abandoned[backend.name].add(prompt_id)
+        if self._abandoned_log is not None:
+            self._abandoned_log.record_abandoned(backend.name, prompt_id)
         self._abandoned_more[backend.name].fire()
+
+    def restore_abandoned(self, prompts: Iterable[tuple[str, str]]) -> int:
+        """(backend URL, prompt id) pairs an earlier run gave up on: removed once their
+        backend is connected. Those of a backend not configured now stay in the log
+        (it ages them out). How many were taken."""
+        taken = 0
+        for name, prompt_id in prompts:
+            if name in self._abandoned:
+                self._abandoned[name].add(prompt_id)
+                taken += 1
+        return taken
 
     def abandoned(self, backend: ComfyBackend) -> frozenset[str]:
         """Prompts still to remove from this backend."""
@@ -219,10 +246,13 @@ class BackendPool:
                     await backend.http.delete_queued(prompt_id)
                 if position is not None:
                     log.info(
-                        "removed prompt %s from %s: its task was resubmitted", prompt_id,
-                        backend.name, extra={"backend": backend.name, "prompt_id": prompt_id},
+                        "removed prompt %s from %s: its task gave it up (cancelled or resubmitted)",
+                        prompt_id, backend.name,
+                        extra={"backend": backend.name, "prompt_id": prompt_id},
                     )  # fmt: skip
                 prompts.discard(prompt_id)
+                if self._abandoned_log is not None:
+                    self._abandoned_log.forget_abandoned(backend.name, prompt_id)
         except BackendUnavailable as exc:
             log.warning(
                 "cannot remove abandoned prompts from %s yet: %s", backend.name, exc,

@@ -13,6 +13,11 @@ waits until everything recorded so far is on disk, or raises
 A task row that cannot be read is moved, once, to `unreadable_tasks` (as it
 was, with the reason and when), and the warning says so: it is kept there for
 an operator to inspect for `UNREADABLE_KEPT_FOR`, never read again.
+
+The journal also keeps the prompts the daemon gave up on in a ComfyUI that was
+away (`abandoned_prompts`: backend URL, prompt id, when), so that a restarted
+daemon still removes them there once it is back; each row goes once its prompt
+is removed, or after `ABANDONED_KEPT_FOR`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 UNREADABLE_TABLE: Final = "unreadable_tasks"
 UNREADABLE_KEPT_FOR: Final = 30 * 86400.0  # seconds an unreadable row is kept for inspection
 UNREADABLE_KEPT_AT_MOST: Final = 1000  # rows; the oldest go first
+ABANDONED_KEPT_FOR: Final = 7 * 86400.0  # seconds a prompt is still removed after a restart
 TASK_COLUMNS: Final = (
     "task_id, prompt_id, phase, version, submitted, created_at, finished_at, spec, state, backend"
 )
@@ -77,6 +83,12 @@ CREATE TABLE IF NOT EXISTS unreadable_tasks (
     backend     TEXT,
     reason      TEXT NOT NULL,
     set_aside   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS abandoned_prompts (
+    backend      TEXT NOT NULL,
+    prompt_id    TEXT NOT NULL,
+    abandoned_at REAL NOT NULL,
+    PRIMARY KEY (backend, prompt_id)
 );
 """
 
@@ -228,14 +240,26 @@ class KeyRecord:
     outcome: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
+@dataclass(frozen=True, slots=True)
+class AbandonedPrompt:
+    """A prompt to remove from a ComfyUI once it is connected (BackendPool.abandon)."""
+
+    backend: str  # the backend's URL
+    prompt_id: str
+    abandoned_at: float  # wall clock
+
+
 class Journal:
     def __init__(self, path: Path, *, wall_clock: Callable[[], float] = time.time) -> None:
-        """`wall_clock`: when an unreadable row is set aside (and how old those kept are)."""
+        """`wall_clock`: when an unreadable row is set aside or a prompt abandoned (and
+        how old those kept are)."""
         self.path = path
         self.wall_clock = wall_clock
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, TaskRecord | None] = {}  # None: delete
         self._pending_keys: dict[str, KeyRecord] = {}
+        # (backend, prompt id) -> when it was abandoned; None: removed there, delete.
+        self._pending_abandoned: dict[tuple[str, str], float | None] = {}
         self._wakeup = trio.Event()
         # Every record() gets a sequence number; flush() waits for its own.
         self._recorded = 0
@@ -353,6 +377,32 @@ class Journal:
             keys[key] = KeyRecord(task_id, float(created_at), print_, ended)
         return keys
 
+    async def load_abandoned_prompts(self) -> list[AbandonedPrompt]:
+        """The prompts still to remove, oldest first; those abandoned more than
+        ABANDONED_KEPT_FOR ago are deleted (and logged) instead."""
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._load_abandoned_sync)
+
+    def _load_abandoned_sync(self) -> list[AbandonedPrompt]:
+        assert self._db is not None
+        db = self._db
+        too_old = self.wall_clock() - ABANDONED_KEPT_FOR
+        given_up = db.execute(
+            "SELECT backend, prompt_id FROM abandoned_prompts WHERE abandoned_at < ?", (too_old,)
+        ).fetchall()
+        db.execute("DELETE FROM abandoned_prompts WHERE abandoned_at < ?", (too_old,))
+        for backend, prompt_id in given_up:
+            log.warning(
+                "no longer removing prompt %s from %s: abandoned there more than %d days ago",
+                prompt_id, backend, ABANDONED_KEPT_FOR // 86400,
+                extra={"backend": backend, "prompt_id": prompt_id},
+            )  # fmt: skip
+        rows = db.execute(
+            "SELECT backend, prompt_id, abandoned_at FROM abandoned_prompts"
+            " ORDER BY abandoned_at, rowid"
+        ).fetchall()
+        return [AbandonedPrompt(str(b), str(p), float(at)) for b, p, at in rows]
+
     # -- writes (from the event loop, never blocking)
 
     def record(self, record: TaskRecord) -> None:
@@ -365,6 +415,17 @@ class Journal:
 
     def record_idempotency_key(self, key: str, record: KeyRecord) -> None:
         self._pending_keys[key] = record
+        self._wake()
+
+    def record_abandoned(self, backend: str, prompt_id: str) -> None:
+        """The daemon gave up on `prompt_id` in `backend` (a URL): remove it there even
+        after a restart."""
+        self._pending_abandoned[(backend, prompt_id)] = self.wall_clock()
+        self._wake()
+
+    def forget_abandoned(self, backend: str, prompt_id: str) -> None:
+        """It is removed there (or that backend no longer knows it)."""
+        self._pending_abandoned[(backend, prompt_id)] = None
         self._wake()
 
     def _wake(self) -> None:
@@ -385,15 +446,16 @@ class Journal:
             await self._flush_pending()
 
     async def _flush_pending(self) -> None:
-        while (self._pending or self._pending_keys) and not self._closed:
+        while (self._pending or self._pending_keys or self._pending_abandoned) and not self._closed:
             batch, self._pending = self._pending, {}
             keys, self._pending_keys = self._pending_keys, {}
+            abandoned, self._pending_abandoned = self._pending_abandoned, {}
             upto = self._recorded
             async with self._lock:
                 if self._db is None:
                     return  # closed while we waited for the lock
                 try:
-                    await trio.to_thread.run_sync(self._write_sync, batch, keys)
+                    await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned)
                 except sqlite3.Error as exc:
                     reason = f"cannot write the journal {self.path}: {exc}"
                     log.error("%s; will retry", reason)
@@ -402,6 +464,7 @@ class Journal:
                     # Put back what is not superseded, and retry later.
                     self._pending = {**batch, **self._pending}
                     self._pending_keys = {**keys, **self._pending_keys}
+                    self._pending_abandoned = {**abandoned, **self._pending_abandoned}
                     await trio.sleep(1.0)
                     continue
             self.writes += 1
@@ -413,7 +476,12 @@ class Journal:
         self._batch_written.set()
         self._batch_written = trio.Event()
 
-    def _write_sync(self, batch: dict[str, TaskRecord | None], keys: dict[str, KeyRecord]) -> None:
+    def _write_sync(
+        self,
+        batch: dict[str, TaskRecord | None],
+        keys: dict[str, KeyRecord],
+        abandoned: dict[tuple[str, str], float | None],
+    ) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
@@ -451,6 +519,18 @@ class Journal:
                         None if k.outcome is None else json.dumps(k.outcome),
                     ),
                 )
+            for (backend, prompt_id), at in abandoned.items():
+                if at is None:
+                    db.execute(
+                        "DELETE FROM abandoned_prompts WHERE backend = ? AND prompt_id = ?",
+                        (backend, prompt_id),
+                    )
+                else:
+                    db.execute(
+                        "INSERT OR IGNORE INTO abandoned_prompts (backend, prompt_id, abandoned_at)"
+                        " VALUES (?, ?, ?)",
+                        (backend, prompt_id, at),
+                    )
             db.execute("COMMIT")
         except BaseException:
             # A failed COMMIT (disk full, read-only) may have ended the transaction
@@ -495,9 +575,10 @@ class Journal:
                     return
                 batch, self._pending = self._pending, {}
                 keys, self._pending_keys = self._pending_keys, {}
-                if batch or keys:
+                abandoned, self._pending_abandoned = self._pending_abandoned, {}
+                if batch or keys or abandoned:
                     try:
-                        await trio.to_thread.run_sync(self._write_sync, batch, keys)
+                        await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned)
                     except sqlite3.Error as exc:
                         log.error("closing the journal with unwritten changes: %s", exc)
                 db, self._db = self._db, None

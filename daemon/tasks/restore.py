@@ -5,12 +5,14 @@ spec and its state's fields (protocol.task.codec). `restored_task` turns such a
 record back into what an actor is made from at start-up: a finished task shows
 its last message (rendered again from those fields) until its retention is up;
 an unfinished one resumes, re-attached to its prompt on the backend it was
-dispatched to.
+dispatched to. `still_followed` says which prompts those are: an abandoned
+prompt among them is followed again rather than removed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from daemon.tasks.journal import TaskRecord
@@ -92,3 +94,18 @@ def restored_task(
         # A journal from before pools: its one backend is the first one now.
         backend_name = first_backend
     return RestoredTask(state, resumed=True, backend_name=backend_name)
+
+
+def still_followed(records: Iterable[TaskRecord]) -> set[tuple[str | None, str]]:
+    """(backend, prompt id) of every unfinished task: restored, it follows that prompt
+    again. An earlier run killed between giving a prompt up and journalling its task's
+    next one left both behind; the task's record is what the restart goes by."""
+    followed: set[tuple[str | None, str]] = set()
+    for record in records:
+        try:
+            finished = task.Phase(record.phase).is_terminal
+        except ValueError:
+            continue  # not restored either
+        if not finished:
+            followed.add((record.backend, record.prompt_id))
+    return followed

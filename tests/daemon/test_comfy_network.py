@@ -9,8 +9,10 @@ answer never comes back.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 
 import pytest
@@ -321,3 +323,78 @@ async def test_a_post_whose_answer_is_lost_while_the_socket_stays_up_leaves_no_s
             await backends.changed.wait()
         assert backends.backends[0].is_connected()
         await assert_interrupted_there(first, left_there)
+
+
+@pytest.mark.guard(30)
+async def test_a_prompt_abandoned_while_its_backend_is_away_goes_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    # A cancel while the backend is away leaves its prompt there to remove once
+    # it is back; the daemon restarts before it is. The journal keeps the prompt.
+    async with relayed_simulator(MANUAL) as (sim, relay):  # parks the prompt at its first step
+        settings = {"comfy_url": relay.url, "comfy_connect_timeout": 1}
+        async with running_daemon(tmp_path, simulator=None, **settings) as before:
+            await before.app.pool.wait_all_read()
+            task_id = await before.generate()
+            actor = before.app.registry.get(task_id)
+            assert actor is not None
+            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+            prompt_id = actor.prompt_id
+            relay.go_down()
+            await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
+            response = await before.request("DELETE", f"/tasks/{task_id}")
+            assert response.status == 202
+            data = payloads(await before.events(task_id))
+            assert data[-1]["error"]["code"] == "cancelled"
+            pool = before.app.pool
+            assert pool.abandoned(pool.backends[0]) == {prompt_id}
+        # ComfyUI still runs it (parked), unseen by the daemon that is gone.
+        assert [i.prompt_id for i in sim.engine.queue.running()] == [prompt_id]
+        async with running_daemon(tmp_path, simulator=None, **settings) as after:
+            pool = after.app.pool
+            assert pool.abandoned(pool.backends[0]) == {prompt_id}
+            relay.come_back()
+            while pool.abandoned(pool.backends[0]):
+                await pool.changed.wait()
+            await assert_interrupted_there(sim, prompt_id)
+            assert (await http_request("GET", f"{sim.url}/queue")).json() == {
+                "queue_running": [],
+                "queue_pending": [],
+            }
+    # Removed: the journal no longer holds it, a third start has nothing to remove.
+    with closing(sqlite3.connect(tmp_path / "data" / "journal.sqlite3")) as db:
+        assert db.execute("SELECT * FROM abandoned_prompts").fetchall() == []
+
+
+async def test_an_abandoned_prompt_a_restored_task_follows_is_not_removed(
+    tmp_path: Path,
+) -> None:
+    # A daemon killed between giving a prompt up and journalling its task's next
+    # one leaves both: the task's record wins, the restored task follows it again.
+    async with relayed_simulator(MANUAL) as (sim, relay):  # parks the prompt at its first step
+        settings = {"comfy_url": relay.url, "comfy_connect_timeout": 1}
+        async with running_daemon(tmp_path, simulator=None, **settings) as before:
+            await before.app.pool.wait_all_read()
+            task_id = await before.generate()
+            actor = before.app.registry.get(task_id)
+            assert actor is not None
+            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+            prompt_id = actor.prompt_id
+        journal = tmp_path / "data" / "journal.sqlite3"
+        with closing(sqlite3.connect(journal)) as db:
+            db.execute(
+                "INSERT INTO abandoned_prompts VALUES (?, ?, ?)",
+                (relay.url, prompt_id, time.time()),
+            )
+            db.commit()
+        async with running_daemon(tmp_path, simulator=None, **settings) as after:
+            pool = after.app.pool
+            assert pool.abandoned(pool.backends[0]) == frozenset()
+            await pool.wait_all_read()
+            sim.set_manual_steps(False)
+            data = payloads(await after.events(task_id))
+    assert data[-1]["status"] == "completed", data[-1]
+    history = sim.engine.history.get(prompt_id)[prompt_id]
+    assert not any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+    with closing(sqlite3.connect(journal)) as db:
+        assert db.execute("SELECT * FROM abandoned_prompts").fetchall() == []

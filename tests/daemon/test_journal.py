@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.tasks.journal import UNREADABLE_KEPT_FOR, Journal, KeyRecord, TaskRecord
+from daemon.tasks.journal import (
+    ABANDONED_KEPT_FOR,
+    UNREADABLE_KEPT_FOR,
+    AbandonedPrompt,
+    Journal,
+    KeyRecord,
+    TaskRecord,
+)
 
 
 def record(task_id: str, version: int, phase: str = "running", *, big: bool = False) -> TaskRecord:
@@ -228,3 +235,38 @@ async def test_unreadable_rows_are_kept_30_days_then_deleted(
         "deleted 1 unreadable journal row(s) from the table unreadable_tasks" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_abandoned_prompts_are_kept_until_removed_or_a_week_old(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    now = 1_000_000.0
+    journal = Journal(path, wall_clock=lambda: now)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        journal.record_abandoned("http://gpu1:8188", "p-removed")
+        journal.record_abandoned("http://gpu1:8188", "p-kept")
+        now += 1
+        journal.record_abandoned("http://gpu2:8188", "p-old")
+        journal.forget_abandoned("http://gpu1:8188", "p-removed")
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+
+    now += ABANDONED_KEPT_FOR - 1
+    reopened = Journal(path, wall_clock=lambda: now)
+    await reopened.open()
+    assert await reopened.load_abandoned_prompts() == [
+        AbandonedPrompt("http://gpu1:8188", "p-kept", 1_000_000.0),
+        AbandonedPrompt("http://gpu2:8188", "p-old", 1_000_001.0),
+    ]
+    assert unreadable_warnings(caplog) == []
+    now += 0.5  # p-kept is more than a week old now, p-old not yet
+    assert await reopened.load_abandoned_prompts() == [
+        AbandonedPrompt("http://gpu2:8188", "p-old", 1_000_001.0)
+    ]
+    await reopened.aclose()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "no longer removing prompt p-kept from http://gpu1:8188" in warning
