@@ -260,6 +260,7 @@ class Journal:
         self._pending_keys: dict[str, KeyRecord] = {}
         # (backend, prompt id) -> when it was abandoned; None: removed there, delete.
         self._pending_abandoned: dict[tuple[str, str], float | None] = {}
+        self._pending_aside: dict[str, str] = {}  # task id -> why its row cannot be used
         self._wakeup = trio.Event()
         # Every record() gets a sequence number; flush() waits for its own.
         self._recorded = 0
@@ -413,6 +414,12 @@ class Journal:
         self._pending[task_id] = None
         self._wake()
 
+    def set_aside(self, task_id: str, reason: str) -> None:
+        """Move the task's row to UNREADABLE_TABLE: it was read, but cannot be restored
+        (the caller warns, once; the row is not read again)."""
+        self._pending_aside[task_id] = reason
+        self._wake()
+
     def record_idempotency_key(self, key: str, record: KeyRecord) -> None:
         self._pending_keys[key] = record
         self._wake()
@@ -446,16 +453,17 @@ class Journal:
             await self._flush_pending()
 
     async def _flush_pending(self) -> None:
-        while (self._pending or self._pending_keys or self._pending_abandoned) and not self._closed:
+        while self._anything_pending() and not self._closed:
             batch, self._pending = self._pending, {}
             keys, self._pending_keys = self._pending_keys, {}
             abandoned, self._pending_abandoned = self._pending_abandoned, {}
+            aside, self._pending_aside = self._pending_aside, {}
             upto = self._recorded
             async with self._lock:
                 if self._db is None:
                     return  # closed while we waited for the lock
                 try:
-                    await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned)
+                    await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned, aside)
                 except sqlite3.Error as exc:
                     reason = f"cannot write the journal {self.path}: {exc}"
                     log.error("%s; will retry", reason)
@@ -465,12 +473,18 @@ class Journal:
                     self._pending = {**batch, **self._pending}
                     self._pending_keys = {**keys, **self._pending_keys}
                     self._pending_abandoned = {**abandoned, **self._pending_abandoned}
+                    self._pending_aside = {**aside, **self._pending_aside}
                     await trio.sleep(1.0)
                     continue
             self.writes += 1
             self._written = upto
             self._failure = None
             self._wake_flushers()
+
+    def _anything_pending(self) -> bool:
+        return bool(
+            self._pending or self._pending_keys or self._pending_abandoned or self._pending_aside
+        )
 
     def _wake_flushers(self) -> None:
         self._batch_written.set()
@@ -481,6 +495,7 @@ class Journal:
         batch: dict[str, TaskRecord | None],
         keys: dict[str, KeyRecord],
         abandoned: dict[tuple[str, str], float | None],
+        aside: dict[str, str],
     ) -> None:
         assert self._db is not None
         db = self._db
@@ -531,6 +546,14 @@ class Journal:
                         " VALUES (?, ?, ?)",
                         (backend, prompt_id, at),
                     )
+            now = self.wall_clock()
+            for task_id, reason in aside.items():
+                db.execute(
+                    f"INSERT INTO {UNREADABLE_TABLE} ({TASK_COLUMNS}, reason, set_aside)"
+                    f" SELECT {TASK_COLUMNS}, ?, ? FROM tasks WHERE task_id = ?",
+                    (reason, now, task_id),
+                )
+                db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute("COMMIT")
         except BaseException:
             # A failed COMMIT (disk full, read-only) may have ended the transaction
@@ -576,9 +599,12 @@ class Journal:
                 batch, self._pending = self._pending, {}
                 keys, self._pending_keys = self._pending_keys, {}
                 abandoned, self._pending_abandoned = self._pending_abandoned, {}
-                if batch or keys or abandoned:
+                aside, self._pending_aside = self._pending_aside, {}
+                if batch or keys or abandoned or aside:
                     try:
-                        await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned)
+                        await trio.to_thread.run_sync(
+                            self._write_sync, batch, keys, abandoned, aside
+                        )
                     except sqlite3.Error as exc:
                         log.error("closing the journal with unwritten changes: %s", exc)
                 db, self._db = self._db, None

@@ -21,7 +21,7 @@ from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore
 from daemon.signals import Signal
 from daemon.tasks.actor import TaskActor, TaskSettings, new_prompt_id
-from daemon.tasks.journal import Journal, TaskRecord
+from daemon.tasks.journal import UNREADABLE_KEPT_FOR, UNREADABLE_TABLE, Journal, TaskRecord
 from daemon.tasks.restore import restored_task
 from protocol import task
 
@@ -228,10 +228,17 @@ class TaskRegistry:
             try:
                 actor = self._restored_actor(record, now)
             except (KeyError, ValueError, TypeError) as exc:
+                where = ""
+                if self.journal is not None:
+                    # Once: not read again at the next start, kept for inspection.
+                    self.journal.set_aside(record.task_id, f"cannot restore: {exc}")
+                    where = f"; its journal row moves to the table {UNREADABLE_TABLE} of"
+                    where += f" {self.journal.path} (kept {UNREADABLE_KEPT_FOR // 86400:.0f} days)"
                 log.warning(
-                    "cannot restore task %s: %s",
+                    "cannot restore task %s: %s%s",
                     record.task_id,
                     exc,
+                    where,
                     extra={"task_id": record.task_id},
                 )
                 continue

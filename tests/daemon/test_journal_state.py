@@ -6,17 +6,20 @@ instead: they are migrated on open, and still restore to that message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 import trio
 
 from daemon.shared.store import SharedRecord
 from daemon.tasks.journal import Journal, TaskRecord
 from daemon.tasks.restore import record_of, restored_task
 from protocol import comfy, task
+from tests.daemon.harness import running_daemon
 
 GRAPH = {
     "1": {"class_type": "KSampler", "inputs": {}},
@@ -193,3 +196,39 @@ def test_a_shared_store_record_that_kept_a_message_still_loads() -> None:
     assert loaded.finished
     assert restore(loaded.record) == message
     assert SharedRecord.from_json(SharedRecord(new).to_json()) == SharedRecord(new)
+
+
+async def test_a_record_that_cannot_be_restored_is_set_aside_at_the_first_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It reads as a row (valid JSON), but names no phase the daemon knows.
+    path = tmp_path / "data" / "journal.sqlite3"
+    state, _ = queued("odd")
+    odd = dataclasses.replace(record_of(state, None), phase="pondering")
+    journal = Journal(path)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        journal.record(odd)
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+    await journal.aclose()
+
+    def restore_warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if "cannot restore" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    async with running_daemon(tmp_path) as first:
+        assert first.app.registry.get("odd") is None
+    (warning,) = restore_warnings()
+    assert "cannot restore task odd" in warning
+    assert f"the table unreadable_tasks of {path}" in warning
+    async with running_daemon(tmp_path) as second:
+        assert second.app.registry.get("odd") is None
+    assert restore_warnings() == []
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT task_id, phase FROM unreadable_tasks").fetchall() == [
+            ("odd", "pondering")
+        ]
+        assert db.execute("SELECT count(*) FROM tasks WHERE task_id = 'odd'").fetchone() == (0,)
