@@ -184,7 +184,8 @@ class TaskActor:
         # Our images the task reads (an inpainting source): kept while the task is.
         self.source_images = image_names_in(state.spec.graph)
         # Output images stored so far, before the result names them (a task may have
-        # several): kept by retention like the result.
+        # several): kept by retention like the result; deleted when the task ends
+        # without them (discard_outputs).
         self.outputs_saved: Sequence[str] = ()
         self._needs = needs
         self.finished = trio.Event()
@@ -922,6 +923,21 @@ class TaskActor:
             files.append(await self.images.save(data))
         return tuple(files)
 
+    async def discard_outputs(self) -> None:
+        """Delete the output images stored for a task that ended without them (a
+        cancel or a failure while they were fetched): no result names them, so
+        nothing could ever ask for them. Best effort: what is left, the image
+        retention deletes later (no task holds it any more)."""
+        if self.state.phase is task.Phase.COMPLETED or not self.outputs_saved:
+            return
+        names, self.outputs_saved = self.outputs_saved, ()
+        for name in names:
+            try:
+                await self.images.delete(name)
+            except OSError as exc:
+                self._log(logging.WARNING, "cannot delete the unused image %s: %s", name, exc)
+        self._log(logging.INFO, "deleted %d image(s) of a task ended without them", len(names))
+
     # -- cancel
 
     def cancel(self) -> CancelResult:
@@ -930,7 +946,12 @@ class TaskActor:
             return CancelResult.ALREADY_FINISHED
         if not self.state.cancel_requested:
             self._log(logging.INFO, "cancel requested")
+            # While the images are fetched this ends the task at once (ComfyUI has
+            # nothing of it left to cancel): ending stops the fetch, and the
+            # registry deletes the images stored so far (discard_outputs).
             self.handle(task.CancelRequested())
+            if self.is_done():
+                return CancelResult.CANCELLING  # ended at once, as the 202 says
             if self.state.submitted:
                 self._start(self._cancel_in_comfyui)
             elif not self._submitting:

@@ -294,6 +294,8 @@ class TaskRegistry:
                 # Not into the registry's nursery: that would stop every task.
                 log.exception("could not record the crashed task's end")
         self.previews.drop(actor.task_id)
+        if actor.state.phase is task.Phase.ERROR:
+            await actor.discard_outputs()  # cancelled or failed while fetching them
         if actor.moved:
             self._tasks.pop(actor.task_id, None)
             self._settle(actor.task_id)

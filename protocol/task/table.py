@@ -10,10 +10,14 @@ The stages (protocol.task.state.Stage) and the public phase each shows:
     SUBMITTED/RUNNING --BackendLost--> BACKEND_AWAY (waiting) --frames, /queue--> SUBMITTED/RUNNING
     any unfinished but FETCHING_OUTPUTS --Requeued--> REQUEUED --Submitted--> SUBMITTED
     any unfinished --Failed/Cancelled/ExecutionError/...--> ERROR  (a cancel: code "cancelled")
+    FETCHING_OUTPUTS --CancelRequested--> ERROR  (nothing is left to cancel in ComfyUI)
 
 Beside the stage runs a second two-state machine, `cancel_requested`: off,
 then on ("cancelling") from CancelRequested until the task ends; it changes
-what the task shows ("Cancelling...") and how an interruption ends it.
+what the task shows ("Cancelling...") and how an interruption ends it. A task
+once cancelling never completes: a success ComfyUI reports after the cancel was
+asked for (it finished before the cancel reached it) ends it as `cancelled`
+too, without fetching the images.
 
 `TRANSITIONS` has an entry for every (stage, event type): the handler and the
 stages it may lead to, or `IGNORED` (the event changes nothing there: late
@@ -85,6 +89,16 @@ def _fail(state: TaskState, error: TaskError, now: float) -> Transition:
     return (
         evolve(state, stage=Stage.ERROR, error=error, step=pg.STEP_FAILED, finished_at=now),
         [],
+    )
+
+
+# Why a task whose prompt ComfyUI finished ends cancelled all the same.
+_FINISHED_FIRST: Final = "ComfyUI had finished the prompt; its images are not kept"
+
+
+def _cancelled(state: TaskState, details: str, now: float) -> Transition:
+    return _fail(
+        state, TaskError(code="cancelled", message="Generation cancelled", details=details), now
     )
 
 
@@ -266,6 +280,8 @@ def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:
 
 def _on_success(state: TaskState, event: ExecutionSuccess, now: float) -> Transition:
     state = _start(state, now)
+    if state.cancel_requested:
+        return _cancelled(state, _FINISHED_FIRST, now)
     return _begin_fetch(state, state.outputs)
 
 
@@ -325,6 +341,8 @@ def _on_history(state: TaskState, event: HistoryFound, now: float) -> Transition
     if entry.interrupted is not None:
         return _fail(state, _interruption(state, entry.interrupted), now)
     if entry.succeeded:
+        if state.cancel_requested:
+            return _cancelled(_start(state, now), _FINISHED_FIRST, now)
         return _begin_fetch(_start(state, now), entry.images or state.outputs)
     return _fail(
         state,
@@ -338,15 +356,15 @@ def _on_history(state: TaskState, event: HistoryFound, now: float) -> Transition
 
 
 def _on_cancel_requested(state: TaskState, event: CancelRequested, now: float) -> Transition:
+    if state.stage is Stage.FETCHING_OUTPUTS:
+        # ComfyUI is done with the prompt: nothing to wait for there, end now
+        # (the fetch of the images stops with the task).
+        return _cancelled(state, _FINISHED_FIRST, now)
     return evolve(state, cancel_requested=True, step=pg.STEP_CANCELLING), []
 
 
 def _on_cancelled(state: TaskState, event: Cancelled, now: float) -> Transition:
-    return _fail(
-        state,
-        TaskError(code="cancelled", message="Generation cancelled", details=event.details),
-        now,
-    )
+    return _cancelled(state, event.details, now)
 
 
 def _on_failed(state: TaskState, event: Failed, now: float) -> Transition:
@@ -443,14 +461,14 @@ _ROWS: Final[Mapping[type, tuple[Handler, tuple[Targets, ...]]]] = {
     ProgressText:         (_on_progress_text,    (A,        S,        R,        __,       W,        Q)),
     PreviewReady:         (_on_preview_ready,    (A,        S,        R,        __,       W,        Q)),
     Executed:             (_on_executed,         (R,        R,        R,        __,       R,        R)),
-    ExecutionSuccess:     (_on_success,          (F,        F,        F,        __,       F,        F)),
+    ExecutionSuccess:     (_on_success,          ((F, E),   (F, E),   (F, E),   __,       (F, E),   (F, E))),
     ExecutionError:       (_on_error,            (E,        E,        E,        __,       E,        E)),
     ExecutionInterrupted: (_on_interrupted,      (E,        E,        E,        __,       E,        E)),
     HistoryFound:         (_on_history,          ((F, E),   (F, E),   (F, E),   __,       (F, E),   (F, E))),
     OutputsStored:        (_on_outputs_stored,   (__,       __,       __,       (C, E),   __,       __)),
     BackendLost:          (_on_backend_lost,     (__,       W,        W,        __,       __,       __)),
     Requeued:             (_on_requeued,         (Q,        Q,        Q,        __,       Q,        Q)),
-    CancelRequested:      (_on_cancel_requested, (A,        S,        R,        __,       W,        Q)),
+    CancelRequested:      (_on_cancel_requested, (A,        S,        R,        E,        W,        Q)),
     Cancelled:            (_on_cancelled,        (E,        E,        E,        E,        E,        E)),
     Failed:               (_on_failed,           (E,        E,        E,        E,        E,        E)),
 }

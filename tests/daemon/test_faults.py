@@ -21,7 +21,9 @@ from daemon.comfy.backend import ComfyBackend
 from daemon.simulator import ComfySimulator
 from daemon.tasks.actor import TaskActor
 from protocol import task
-from tests.daemon.harness import Daemon, payloads, running_daemon
+from tests.daemon.comfy_relay import comfy_relay
+from tests.daemon.harness import FAST, Daemon, payloads, running_daemon
+from tests.protocol.workflow_samples import txt2img_definition
 
 SAMPLER = "3"  # the KSampler node of the built-in txt2img graph
 
@@ -212,6 +214,67 @@ async def test_cancel_a_queued_task_removes_it_from_comfyui(tmp_path: Path) -> N
         sim.grant_steps(1000)
         assert payloads(await daemon.events(first))[-1]["status"] == "completed"
         assert await daemon.app.backend.http.history(actor.prompt_id) is None  # never ran
+
+
+def two_image_workflow(tmp_path: Path) -> Path:
+    """A workflows folder with `two`: txt2img saving two images, fetched in turn."""
+    definition = txt2img_definition()
+    graph = definition["graph"]
+    graph["5"]["inputs"]["batch_size"] = 2
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    del definition["parameters"]["tiled"]
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "two.json").write_text(json.dumps(definition), encoding="utf-8")
+    return workflows
+
+
+async def test_a_cancel_while_the_images_are_fetched_ends_the_task_at_once(
+    tmp_path: Path,
+) -> None:
+    """ComfyUI has finished the prompt and the daemon is fetching its images: the
+    DELETE's 202 promises `cancelled`, so the task ends so at once (it used to
+    complete with its images), and the image it had stored goes with it."""
+    workflows = two_image_workflow(tmp_path)
+    with trio.fail_after(30):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(FAST)
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with (
+                comfy_relay(port) as relay,
+                running_daemon(
+                    tmp_path, simulator=None, comfy_url=relay.url, workflows_dir=str(workflows)
+                ) as daemon,
+            ):
+                relay.hold_answers(b"GET /view?filename=ComfyUI_00002_")
+                task_id = await daemon.generate(workflow="two", width=64)
+                actor = daemon.app.registry.get(task_id)
+                assert actor is not None
+                await relay.holding.wait()  # the first image is stored, the second held
+                assert actor.state.fetching_outputs
+                (stored,) = actor.outputs_saved
+                path = daemon.app.images.directory / stored
+                assert path.exists()
+                response = await daemon.request("DELETE", f"/tasks/{task_id}")
+                assert response.status == 202
+                assert response.json()["status"] == "cancelling"
+                status = (await daemon.request("GET", f"/tasks/{task_id}")).json()
+                data = payloads(await daemon.events(task_id))  # ends with no image released
+                while path.exists():  # deleted once the actor has wound up
+                    await trio.lowlevel.checkpoint()
+                assert stored not in daemon.app.registry.images_in_use()
+                image = await daemon.request("GET", f"/image/{stored}")
+                again = await daemon.request("DELETE", f"/tasks/{task_id}")
+                relay.release()
+            nursery.cancel_scope.cancel()
+    assert status["status"] == "error"
+    assert status["error"]["code"] == "cancelled"
+    assert data[-1]["status"] == "error"
+    assert data[-1]["error"]["code"] == "cancelled"
+    assert all(p["status"] != "completed" for p in data)
+    assert image.status == 404
+    assert again.status == 200
+    assert again.json()["cancelled"] is False
 
 
 async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:

@@ -109,8 +109,11 @@ def test_each_handler_goes_only_where_its_entry_says(stage: task.Stage, cancelli
         else:
             assert new.stage in rule.to, event
             reached.add(new.stage)
-    # Every stage a row names is reached by one of the samples: no dead entries.
+    # Every stage a row names is reached by one of the samples: no dead entries
+    # (but a cancelling task never fetches its images: a success ends it).
     named = set().union(*(task.TRANSITIONS[stage, t].to for t in task.EVENT_TYPES))
+    if cancelling and stage is not task.Stage.FETCHING_OUTPUTS:
+        named.discard(task.Stage.FETCHING_OUTPUTS)
     assert reached == named
 
 
@@ -138,7 +141,44 @@ def test_late_frames_while_fetching_change_nothing_but_the_end_does() -> None:
     state, _ = task.apply(task.new_task(SPEC, 0.0), task.Submitted(1), 1.0)
     state, _ = task.apply(state, comfy.ExecutionSuccess(prompt_id="p"), 2.0)
     assert (state.stage, state.fetching_outputs) == (task.Stage.FETCHING_OUTPUTS, True)
-    for late in (comfy.Progress("p", "1", 5, 20), task.CancelRequested(), task.BackendLost()):
+    for late in (comfy.Progress("p", "1", 5, 20), task.BackendLost()):
         assert task.apply(state, late, 3.0) == (state, [])
     done, _ = task.apply(state, task.OutputsStored(("a.png",)), 4.0)
     assert done.stage is task.Stage.COMPLETED
+
+
+def test_a_cancel_while_the_images_are_fetched_ends_the_task_at_once() -> None:
+    """ComfyUI has nothing left to cancel: the task ends `cancelled`, its images unused."""
+    state, _ = task.apply(task.new_task(SPEC, 0.0), task.Submitted(1), 1.0)
+    state, _ = task.apply(state, comfy.ExecutionSuccess(prompt_id="p"), 2.0)
+    done, effects = task.apply(state, task.CancelRequested(), 3.0)
+    assert done.stage is task.Stage.ERROR
+    assert done.error is not None
+    assert done.error.code == "cancelled"
+    assert done.image_files == ()
+    (publish,) = effects
+    assert isinstance(publish, task.Publish)
+    assert publish.message.payload["error"]["code"] == "cancelled"
+    assert task.apply(done, task.OutputsStored(("a.png",)), 4.0) == (done, [])
+
+
+@pytest.mark.parametrize(
+    "success",
+    [
+        comfy.ExecutionSuccess(prompt_id="p"),
+        task.HistoryFound(comfy.HistoryEntry("p", "success", True, (IMAGE,))),
+    ],
+)
+def test_a_success_after_a_cancel_was_asked_for_ends_cancelled_without_a_fetch(
+    success: task.TaskEvent,
+) -> None:
+    """ComfyUI finished the prompt before the cancel reached it (the interrupt came
+    late): the cancel was answered 202, so the task ends `cancelled`, not completed."""
+    state, _ = task.apply(task.new_task(SPEC, 0.0), task.Submitted(1), 1.0)
+    state, _ = task.apply(state, comfy.ExecutionStart(prompt_id="p"), 2.0)
+    state, _ = task.apply(state, task.CancelRequested(), 3.0)
+    done, effects = task.apply(state, success, 4.0)
+    assert done.stage is task.Stage.ERROR
+    assert done.error is not None
+    assert done.error.code == "cancelled"
+    assert not any(isinstance(e, task.FetchOutputs) for e in effects)
