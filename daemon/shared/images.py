@@ -53,6 +53,16 @@ class SharedImageStore(ImageStore):
             log.warning("cannot read image %s from Redis: %s", name, exc)
             return None
 
+    async def delete(self, name: str) -> None:
+        """The local file and Redis' copy (best effort: that one expires anyway)."""
+        await super().delete(name)
+        if self.path_of(name) is None:
+            return
+        try:
+            await self.redis.delete([self._key(name)])
+        except RedisError as exc:
+            log.warning("cannot delete image %s from Redis: %s", name, exc)
+
     async def fetch_to_disk(self, name: str) -> None:
         """Make a served name a local file when only Redis has it (then StaticFiles
         serves it with its usual ETag and caching headers)."""

@@ -24,10 +24,12 @@ from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
 from protocol import task
 from protocol.sse import ServerSentEvent
+from tests.daemon.comfy_relay import comfy_relay
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
 from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import RedisServer, redis_server
+from tests.daemon.test_faults import two_image_workflow
 from tests.daemon.test_metrics import P, Scrape
 from tests.daemon.test_restart import generate, sampling
 
@@ -337,6 +339,59 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once_counted_b
         at_front = await scrape(entry.url)
         assert ends_counted(at_front, "cancelled", "cancelled") == 1
         assert ends_counted(at_front, "completed") == 0  # the worker ran them
+
+
+def files_in(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir()] if folder.exists() else []
+
+
+async def stored_images(redis_url: str, folder: Path) -> list[str]:
+    """The images a worker keeps: its files, and their copies in Redis."""
+    client = coredis.Redis.from_url(redis_url)
+    async with client:
+        keys = [key async for key in client.scan_iter(match="comfy-progress:image:*")]
+    return [*files_in(folder), *(key.decode() for key in keys)]
+
+
+async def until_no_images(redis_url: str, folder: Path) -> None:
+    """Across a process boundary there is no signal to wait on: ask until they are gone."""
+    while True:
+        if not await stored_images(redis_url, folder):
+            return
+        await trio.sleep(0.05)
+
+
+async def test_a_cancel_while_a_worker_fetches_the_images_ends_the_task_at_once(
+    tmp_path: Path,
+) -> None:
+    """The front's DELETE reaches the worker's actor through its inbox: the task ends
+    `cancelled` while its second image is still held, and the first goes, file and
+    Redis copy."""
+    workflows = f"workflows_dir={two_image_workflow(tmp_path)}"
+    images = tmp_path / "w" / "images"
+    with trio.fail_after(60):  # a hang guard
+        async with redis_server(tmp_path / "redis") as redis, simulator(manual=False) as sim:
+            assert sim.port is not None
+            async with (
+                comfy_relay(sim.port) as relay,
+                front(tmp_path, "f", redis.url, workflows) as entry,
+                worker(tmp_path, "w", redis.url, relay.url, extra=(workflows,)),
+            ):
+                relay.hold_answers(b"GET /view?filename=ComfyUI_00002_")
+                status, accepted = await post(entry.url, {"prompt": "a fox", "workflow": "two"})
+                assert status == 202, accepted
+                task_id = accepted["taskId"]
+                await relay.holding.wait()  # the first image is stored, the second held
+                assert len(await stored_images(redis.url, images)) == 2  # its file and its copy
+                cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+                assert cancel.status == 202
+                events = await read_events(entry.url, task_id)  # with the image still held
+                state = await http_request("GET", f"{entry.url}/tasks/{task_id}", timeout=10)
+                await until_no_images(redis.url, images)
+                relay.release()
+    assert last(events)["status"] == "error"
+    assert last(events)["error"]["code"] == "cancelled"
+    assert state.json()["error"]["code"] == "cancelled"
 
 
 async def published_workers(redis_url: str) -> int:
