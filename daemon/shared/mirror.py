@@ -8,6 +8,13 @@ terminal snapshot is the last one any actor publishes, so it is always sent.
 While Redis is away the writer keeps the dirty set and retries with backoff.
 A stopped actor (another daemon holds its task, or it went back to the queue)
 is mirrored no more: only what it marked before it stopped is still written.
+
+A task's snapshot and record are written in one step that checks the lease (the
+task's queue entry) is still ours: a worker whose lease another worker claimed
+(it was cut off from Redis, or stalled, past `lease_timeout`) writes nothing more
+of that task, however its writes and its lease refresh meet in Redis. One
+writer per task's stream: the claimer's first write is never refused for a
+version the stale copy wrote after the claim.
 """
 
 from __future__ import annotations
@@ -40,22 +47,29 @@ class TaskMirror:
         *,
         daemon_id: str,
         on_finished: Callable[[str], None] = lambda task_id: None,
+        on_lost: Callable[[str], None] = lambda task_id: None,
     ) -> None:
+        """`on_finished(id)`: the task's end is written; `on_lost(id)`: a write found the
+        task's lease another worker's (our copy stopped; the entry is theirs)."""
         self.store = store
         self.daemon_id = daemon_id
         self.on_finished = on_finished
+        self.on_lost = on_lost
         self._dirty: dict[str, tuple[TaskActor, int]] = {}  # task id -> (actor, its mark)
         self._marks = 0
         self._written: dict[str, int] = {}  # task id -> newest version in Redis
+        self._leases: dict[str, str] = {}  # task id -> its queue entry (our lease)
         self._previews: dict[str, int] = {}  # task id -> preview version in Redis
         self._wake = trio.Event()
         self._writing: str | None = None  # the task being written right now
         self._wrote = Signal()  # a write (or a failed try) is over
         self.stale = 0
 
-    def adopt(self, task_id: str, version: int) -> None:
-        """This daemon now runs the task, whose stream already holds `version`."""
+    def adopt(self, task_id: str, version: int, lease: str) -> None:
+        """This daemon now runs the task, whose stream already holds `version`, under
+        the queue entry `lease`."""
         self._written[task_id] = version
+        self._leases[task_id] = lease
 
     def changed(self, actor: TaskActor) -> None:
         """An actor published or changed what its record holds (never awaits)."""
@@ -71,6 +85,7 @@ class TaskMirror:
         while task_id in self._dirty or self._writing == task_id:
             await self._wrote.wait()
         self._written.pop(task_id, None)
+        self._leases.pop(task_id, None)
         self._previews.pop(task_id, None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,29 +113,59 @@ class TaskMirror:
                     del self._dirty[task_id]
 
     async def _write(self, actor: TaskActor) -> None:
+        if actor.moved and actor.task_id not in self._leases:
+            return  # stopped for a lease or a version another daemon has: not ours
         message = actor.last_message
         record = actor.record()
         task_id = actor.task_id
         # The preview first: a viewer fetches it as soon as a snapshot announces it.
         await self._write_preview(actor, finished=message.is_terminal)
-        if message.version > self._written.get(task_id, 0):
-            try:
-                await self.store.append(task_id, message)
-            except StaleWrite:
-                # Another daemon claimed the task and wrote past us: it is theirs now.
-                self.stale += 1
-                log.warning("task %s moved to another daemon; stopping our copy", task_id)
-                self._written.pop(task_id, None)
-                actor.stop()
-                return
-            self._written[task_id] = message.version
         # A backend's name is its URL: what a claimer compares with its own.
         finished = task.Phase(record.phase).is_terminal
         holder = None if finished else self.daemon_id
-        await self.store.save(SharedRecord(record, holder=holder, backend_url=record.backend))
+        shared = SharedRecord(record, holder=holder, backend_url=record.backend)
+        new = message if message.version > self._written.get(task_id, 0) else None
+        lease = self._leases.get(task_id)
+        try:
+            if lease is None:  # not taken from a queue entry: no lease to check
+                if new is not None:
+                    await self.store.append(task_id, new)
+                await self.store.save(shared)
+            else:
+                written = await self.store.write_held(self.daemon_id, lease, shared, new)
+                if not written.written:
+                    self._stop(actor, "its lease is another worker's")
+                    self.on_lost(task_id)
+                    return
+                if written.cancel_asked and not (
+                    actor.is_done() or actor.moved or actor.state.cancel_requested
+                ):
+                    # Asked while we took the task, before this record named us: the
+                    # front read no holder of ours, and our take read no key yet.
+                    log.info("cancel found by its key", extra={"task_id": task_id})
+                    actor.cancel()
+        except StaleWrite:
+            # Another daemon wrote past us: it is theirs now.
+            self._stop(actor, "moved to another daemon")
+            return
+        if new is not None:
+            self._written[task_id] = new.version
         if finished:
             self._written.pop(task_id, None)
+            self._leases.pop(task_id, None)
             self.on_finished(task_id)
+
+    def _stop(self, actor: TaskActor, why: str) -> None:
+        self.stale += 1
+        log.warning("task %s %s; stopping our copy", actor.task_id, why)
+        self.forget(actor.task_id)
+        actor.stop()
+
+    def forget(self, task_id: str) -> None:
+        """Another daemon holds the task now: write nothing more of our (stopped) copy."""
+        self._written.pop(task_id, None)
+        self._leases.pop(task_id, None)
+        self._previews.pop(task_id, None)
 
     async def _write_preview(self, actor: TaskActor, *, finished: bool) -> None:
         """The newest preview a snapshot announced, for every daemon's preview route."""

@@ -74,7 +74,9 @@ class SharedService:
         self.takes_work = config.role != "front"
         self.serves_http = config.role != "worker"
         self.worker: SharedWorker | None = None
-        self.mirror = TaskMirror(self.store, daemon_id=self.daemon_id, on_finished=self._finished)
+        self.mirror = TaskMirror(
+            self.store, daemon_id=self.daemon_id, on_finished=self._finished, on_lost=self._lost
+        )
         self.watcher = StreamWatcher(self.store, daemon_id=self.daemon_id, on_message=self._message)
         self.positions = QueuePositions(
             self.store, self.watcher, interval=max(0.05, config.queue_poll_interval)
@@ -87,6 +89,10 @@ class SharedService:
     def _finished(self, task_id: str) -> None:
         if self.worker is not None:
             self.worker.finished(task_id)
+
+    def _lost(self, task_id: str) -> None:
+        if self.worker is not None:
+            self.worker.lost(task_id)
 
     def _message(self, fields: dict[str, str]) -> None:
         if fields.get("kind") == "cancel" and self.worker is not None:

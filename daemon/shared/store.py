@@ -88,6 +88,27 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
+# A worker's write of a task it holds, only while its lease is its own (KEYS: queue,
+# events, record, cancel key; ARGV: us, the lease's entry, the snapshot's entry id ('':
+# the record only), event, payload, MAXLEN, events TTL, record JSON, record TTL). 0:
+# the entry is pending for another worker (it claimed the task: ours is a stale copy),
+# nothing written; 1: written; 2: written, and a cancel was asked (a front sets the key,
+# then reads the holder: it read a record that did not name us yet, so this is how
+# the cancel reaches us). An entry pending for nobody is written to (Redis lost it,
+# see REFRESH_LEASES in worker.py). An id not past the stream's newest fails the XADD
+# before anything is written (StaleWrite).
+WRITE_HELD: Final = """
+local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
+if pending[1] and pending[1][2] ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
+end
+redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9])
+if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
+return 1
+"""
+
 # A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
 FORGET_WAIT: Final = """
 redis.call('DEL', KEYS[1])
@@ -115,6 +136,12 @@ def text(value: bytes | str) -> str:
 
 def version_of(identifier: bytes | str) -> int:
     return int(text(identifier).split("-", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class HeldWrite:
+    written: bool  # False: the lease is another worker's, nothing was written
+    cancel_asked: bool  # a front asked to cancel the task (its key is there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +285,48 @@ class SharedStore:
             raise
         ttl = int(self.retention) + 1 if message.is_terminal else RUNNING_TTL
         await self.redis.expire(key, ttl)
+
+    async def write_held(
+        self,
+        daemon_id: str,
+        lease: str,
+        shared: SharedRecord,
+        message: task.TaskMessage | None,
+    ) -> HeldWrite:
+        """A worker's snapshot (None: none new) and record of a task it holds, in one
+        step, only while the queue entry `lease` is still `daemon_id`'s (else nothing
+        is written: another worker claimed it), and whether a cancel was asked.
+        StaleWrite when a newer snapshot is there."""
+        task_id = shared.record.task_id
+        snapshot: list[str] = ["", "", ""]
+        if message is not None:
+            snapshot = [entry_id(message.version), message.event, payload_json(message)]
+        ended = int(self.retention) + 1
+        events_ttl = ended if message is not None and message.is_terminal else RUNNING_TTL
+        try:
+            done = await self.redis.eval(
+                WRITE_HELD,
+                keys=[
+                    self.queue_key,
+                    self.events_key(task_id),
+                    self.task_key(task_id),
+                    self.cancel_key(task_id),
+                ],
+                args=[
+                    daemon_id,
+                    lease,
+                    *snapshot,
+                    STREAM_LENGTH,
+                    events_ttl,
+                    shared.to_json(),
+                    ended if shared.finished else RUNNING_TTL,
+                ],
+            )
+        except ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                raise StaleWrite(f"{task_id} version {message and message.version}") from None
+            raise
+        return HeldWrite(written=done != 0, cancel_asked=done == 2)
 
     async def save_preview(self, task_id: str, preview: SharedPreview) -> None:
         key = self.preview_key(task_id)

@@ -106,6 +106,10 @@ class SharedWorker:
         if entry is not None and self._nursery is not None:
             self._nursery.start_soon(self._done, entry)
 
+    def lost(self, task_id: str) -> None:
+        """The mirror found the task's lease another worker's: theirs to acknowledge."""
+        self._held.pop(task_id, None)
+
     def cancel(self, task_id: str) -> None:
         actor = self.registry.get(task_id)
         if actor is not None and not actor.moved:  # a moved task's holder has the cancel key
@@ -294,7 +298,7 @@ class SharedWorker:
         actor = self._actor_for(shared, latest.version, claimed=claimed)
         self._bounces.pop(task_id, None)
         self._held[task_id] = entry
-        self.mirror.adopt(task_id, latest.version)
+        self.mirror.adopt(task_id, latest.version, entry)
         self.mirror.changed(actor)  # the record names us as the holder now
         if cancel_requested:
             actor.cancel()
@@ -451,6 +455,7 @@ class SharedWorker:
             if entry not in still and self._held.get(task_id) == entry:
                 # Another worker claimed it while we were silent: it is theirs.
                 del self._held[task_id]
+                self.mirror.forget(task_id)
                 actor = self.registry.get(task_id)
                 if actor is not None and not actor.is_done():
                     log.warning("lost the lease on task %s; stopping our copy", task_id)

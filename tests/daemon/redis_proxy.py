@@ -4,6 +4,7 @@ daemon's other tasks run meanwhile, as they would while the reply is slow)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -13,10 +14,15 @@ import trio
 
 @asynccontextmanager
 async def redis_proxy(
-    port: int, held: Callable[[bytes], bool], release: Callable[[], Awaitable[None]]
+    port: int,
+    held: Callable[[bytes], bool],
+    release: Callable[[], Awaitable[None]],
+    sent: Callable[[bytes], None] = lambda data: None,
 ) -> AsyncIterator[str]:
     """The URL of a relay to 127.0.0.1:`port`; data a client sends for which `held`
-    says True waits for `release()` before it goes on to Redis."""
+    says True waits for `release()` before it goes on to Redis, and what the client
+    sends after it waits behind it, in order. `sent(data)` sees what a client sends
+    as soon as it is sent (also while earlier data is held)."""
 
     async def relay(client: trio.SocketStream) -> None:
         try:
@@ -26,11 +32,18 @@ async def redis_proxy(
 
     async def pipe(client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", port)
+        send, receive = trio.open_memory_channel[bytes](math.inf)
         async with client, server, trio.open_nursery() as nursery:
 
+            async def read() -> None:
+                async with send:
+                    async for data in client:
+                        sent(bytes(data))
+                        await send.send(bytes(data))
+
             async def upstream() -> None:
-                async for data in client:
-                    if held(bytes(data)):
+                async for data in receive:
+                    if held(data):
                         await release()
                     await server.send_all(data)
                 nursery.cancel_scope.cancel()
@@ -40,6 +53,7 @@ async def redis_proxy(
                     await client.send_all(data)
                 nursery.cancel_scope.cancel()
 
+            nursery.start_soon(read)
             nursery.start_soon(upstream)
             nursery.start_soon(downstream)
 

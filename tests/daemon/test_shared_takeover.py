@@ -1,0 +1,124 @@
+"""Shared mode: a worker that comes back after another claimed its task (it was cut
+off from its leases longer than lease_timeout). Real redis-server, real daemon
+processes, in-test simulators; relays hold one daemon's command so the test decides
+what happens first."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import coredis
+import trio
+
+from daemon.shared.store import version_of
+from tests.daemon.harness import read_events
+from tests.daemon.redis_proxy import redis_proxy
+from tests.daemon.redis_server import redis_server
+from tests.daemon.test_restart import generate, sampling
+from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+from tests.daemon.test_shared_claim import until_no_lease
+
+EVENTS = "comfy-progress:events:"
+
+
+def refreshes_leases(data: bytes) -> bool:
+    """A worker's lease refresh (the script that re-XCLAIMs its own entries)."""
+    return b"XPENDING" in data and b"XCLAIM" in data
+
+
+@asynccontextmanager
+async def redis_server_and_client(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[str, int, coredis.Redis[bytes]]]:
+    async with redis_server(tmp_path / "redis") as redis:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(redis.url)
+        async with client:
+            yield redis.url, redis.port, client
+
+
+async def newest_version(client: coredis.Redis[bytes], task_id: str) -> int:
+    [newest] = await client.xrevrange(f"{EVENTS}{task_id}", count=1)
+    return version_of(newest.identifier)
+
+
+async def test_a_worker_back_after_its_lease_was_claimed_writes_nothing_and_the_task_ends(
+    tmp_path: Path,
+) -> None:
+    """The holder's leases go unrefreshed past lease_timeout (a partition between it
+    and Redis) while its ComfyUI goes on; another worker claims the task. Before the
+    claimer writes its first snapshot, the old holder's ComfyUI moves on: the old
+    holder must not write that (two writers of one stream: the claimer's write would
+    be refused, it would stop its copy and hold the entry for ever, and the old
+    holder, told by its next refresh that the lease is gone, stops too: nobody runs
+    the task)."""
+    busy = ("backend_max_pending=1",)  # the holder claims nothing itself while it runs
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, redis_port, client),
+        simulator(manual=True) as first_sim,
+        simulator(manual=True) as claimer_sim,
+        front(tmp_path, "f", redis_url) as entry,
+    ):
+        reconnected = trio.Event()
+        holder_wrote = trio.Event()
+        events_key = b""
+
+        async def partitioned() -> None:
+            await reconnected.wait()
+
+        def holder_sends(data: bytes) -> None:
+            if events_key and events_key in data and b"XADD" in data:
+                holder_wrote.set()
+
+        async with (
+            redis_proxy(redis_port, refreshes_leases, partitioned, holder_sends) as holder_url,
+            worker(tmp_path, "w1", holder_url, first_sim.url, extra=busy) as stale,
+        ):
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            events_key = f"{EVENTS}{task_id}".encode()
+            held_once = False
+
+            def claimer_writes(data: bytes) -> bool:
+                nonlocal held_once
+                if held_once or b"XADD" not in data or events_key not in data:
+                    return False
+                held_once = True
+                return True
+
+            old_holder_moved_on = trio.Event()
+            versions: list[int] = []  # the stream's newest at the claim, and after
+
+            async def old_holder_goes_first() -> None:
+                # The claimer read the stream's newest version and is about to write
+                # past it; meanwhile the old holder's ComfyUI moves on, and the old
+                # holder sends that snapshot before its (slow) refresh is answered.
+                claimed_at = await newest_version(client, task_id)
+                first_sim.grant_steps(1)
+                await holder_wrote.wait()  # sent behind its refresh, before the answer
+                reconnected.set()
+                while (  # noqa: ASYNC110 (no signal across processes)
+                    await newest_version(client, task_id) == claimed_at
+                    and b"stopping our copy" not in stale.output
+                ):
+                    await trio.sleep(0.02)
+                versions.extend([claimed_at, await newest_version(client, task_id)])
+                old_holder_moved_on.set()
+
+            async with (
+                redis_proxy(redis_port, claimer_writes, old_holder_goes_first) as claimer_url,
+                worker(tmp_path, "w2", claimer_url, claimer_sim.url),
+            ):
+                await old_holder_moved_on.wait()
+                claimer_sim.grant_steps(1000)
+                with trio.fail_after(30):
+                    done = await read_events(
+                        entry.url, task_id, last_event_id=int(seen[-1].id or 0)
+                    )
+                    assert last(done)["status"] == "completed", last(done)
+                    await until_no_lease(client)  # nobody holds the entry any more
+            # Refused: the stream went on from where the claimer took it.
+            [claimed_at, after_old_holder] = versions
+            assert after_old_holder == claimed_at
+        assert len(await history_ids(claimer_sim)) == 1
