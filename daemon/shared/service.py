@@ -27,7 +27,7 @@ from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
 from daemon.shared.store import SharedStore
-from daemon.shared.wait_limit import WaitLimit, sweep_interval
+from daemon.shared.wait_limit import VERSION_RETRIES, WaitLimit, sweep_interval
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
 from daemon.tasks.broadcast import Snapshot
@@ -154,28 +154,33 @@ class SharedService:
         if latest.terminal:
             # Its worker appends the end before it saves the record: the stream says first.
             return SharedCancel(ended=str(latest.payload["status"]))
-        if await self.store.take_waiting(task_id):
-            # Not yet taken by any worker, and now no worker will: end it here. (Read
-            # the newest version again: a front may have added a queue position.)
-            latest = await self.store.latest(task_id) or latest
+        for _ in range(VERSION_RETRIES):
+            # Not yet taken by any worker? Then end it here, in one step that only
+            # writes while it still waits: a worker's take (its ZREM) and a claimer
+            # that finds the task not ended (its taker died before that ZREM) exclude it.
             record, message, state = ended_while_waiting(
                 shared,
                 latest.version,
                 [task.CancelRequested(), task.Cancelled("cancelled before it reached ComfyUI")],
                 now,
             )
-            await self.store.append(task_id, message)
-            self.on_task_end(state)  # it ended here: no worker's metrics count it
-            await self.store.save(record)
-            await self.store.forget_wait(task_id)
-            return SharedCancel(ended=None)
+            done = await self.store.end_waiting(record, message, after=latest.version)
+            if done == 1:
+                self.on_task_end(state)  # it ended here: no worker's metrics count it
+                return SharedCancel(ended=None)
+            if done == 0:
+                break  # a worker has it: tell it
+            # A front appended a queue position meanwhile: build the end again.
+            latest = await self.store.latest(task_id) or latest
+            if latest.terminal:
+                return SharedCancel(ended=str(latest.payload["status"]))
         await self.store.request_cancel(
             task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60
         )
         # A worker that took the task after we read its record may have named
         # itself since: read the holder again, now that the key is set, and tell
-        # that one too. (One that names itself later still finds the key: workers
-        # read the keys of what they run with every lease refresh.)
+        # that one too. (One that names itself later still finds the key: the
+        # write that names it reads the key, and so does every lease refresh.)
         again = await self.store.load(task_id)
         holder = again.holder if again is not None else None
         if holder is not None and holder != shared.holder:

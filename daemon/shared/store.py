@@ -109,6 +109,25 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 return 1
 """
 
+# The end of a task no worker took, in one step, only while it waits and the stream's
+# newest entry is the one its end follows (KEYS: waiting set, events, record, stamp,
+# stamped set; ARGV: task id, that newest entry id, the end's entry id, event, payload,
+# MAXLEN, record JSON, TTL of both). 1: ended; 0: not waiting (a worker took it, or
+# its taker died and a claimer runs it: never both ended here and run); -1: the stream
+# moved on (a queue position): build the end again.
+END_WAITING: Final = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[1])
+return 1
+"""
+
 # A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
 FORGET_WAIT: Final = """
 redis.call('DEL', KEYS[1])
@@ -408,6 +427,32 @@ class SharedStore:
     async def take_waiting(self, task_id: str) -> bool:
         """Out of the waiting set; True for exactly one caller (a taker or a cancel)."""
         return bool(await self.redis.zrem(self.waiting_key, [task_id]))
+
+    async def end_waiting(self, shared: SharedRecord, message: task.TaskMessage, after: int) -> int:
+        """End a task no worker took with `message`, following the stream's version
+        `after`: 1 ended; 0 not waiting (a worker has it); -1 the stream moved on."""
+        task_id = shared.record.task_id
+        done = await self.redis.eval(
+            END_WAITING,
+            keys=[
+                self.waiting_key,
+                self.events_key(task_id),
+                self.task_key(task_id),
+                self.unrunnable_key(task_id),
+                self.stamped_key,
+            ],
+            args=[
+                task_id,
+                entry_id(after),
+                entry_id(message.version),
+                message.event,
+                payload_json(message),
+                STREAM_LENGTH,
+                shared.to_json(),
+                int(self.retention) + 1,
+            ],
+        )
+        return int(done)  # type: ignore[arg-type]
 
     async def forget_wait(self, task_id: str) -> None:
         """A worker adopted the task (or it ended): no wait of it counts any more."""

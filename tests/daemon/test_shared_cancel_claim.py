@@ -86,3 +86,76 @@ async def test_a_cancel_between_the_claimer_s_check_and_its_record_reaches_it_at
         [answer] = cancelled
         assert answer.status == 202
         assert last(rest)["error"]["code"] == "cancelled"
+
+
+WAITING = "comfy-progress:waiting"
+
+
+async def test_a_cancel_of_a_task_still_in_line_whose_taker_died_and_its_claim_end_it_once(
+    tmp_path: Path,
+) -> None:
+    """The taker got the queue entry and died before taking the task out of the
+    waiting set. A front's cancel takes it out (it waits: nobody runs it) and, before
+    it writes the end, the worker claiming the dead taker's entry finds the task not
+    ended and runs it. The cancel must still end the task, once: answered 202, the
+    claimer's prompt interrupted, the entry acknowledged."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as first_sim,
+        simulator(manual=True) as claimer_sim,
+    ):
+        cancelling = False
+        front_held = trio.Event()
+        claimer_runs = trio.Event()
+
+        def writes_the_end(data: bytes) -> bool:
+            return cancelling and b"XADD" in data and b"comfy-progress:events:" in data
+
+        async def until_the_claimer_runs() -> None:
+            front_held.set()
+            await claimer_runs.wait()
+
+        taking = trio.Event()
+
+        async def die_there() -> None:
+            taking.set()
+            await trio.sleep_forever()
+
+        def takes_out_of_line(data: bytes) -> bool:
+            return b"ZREM" in data and WAITING.encode() in data
+
+        async with (
+            redis_proxy(redis.port, held_once(writes_the_end), until_the_claimer_runs) as f_url,
+            front(tmp_path, "f", f_url) as entry,
+        ):
+            async with (
+                redis_proxy(redis.port, takes_out_of_line, die_there) as url,
+                worker(tmp_path, "w1", url, first_sim.url) as doomed,
+            ):
+                task_id = await generate(entry.url)
+                await taking.wait()
+                doomed.kill()
+                assert await doomed.wait() == -9
+            cancelled: list[ClientResponse] = []
+
+            async def cancel() -> None:
+                cancelled.append(
+                    await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=30)
+                )
+
+            async with trio.open_nursery() as nursery:
+                cancelling = True
+                nursery.start_soon(cancel)
+                await front_held.wait()
+                async with worker(tmp_path, "w2", redis.url, claimer_sim.url):
+                    with trio.fail_after(30):
+                        await until_waiting_for_a_step(claimer_sim)  # it runs the task
+                        claimer_runs.set()
+                        await step_once_interrupted(claimer_sim)
+                        done = await read_events(entry.url, task_id)
+                        client = coredis.Redis.from_url(redis.url)
+                        async with client:
+                            await until_no_lease(client)
+        [answer] = cancelled
+        assert answer.status == 202
+        assert last(done)["error"]["code"] == "cancelled"
