@@ -69,6 +69,23 @@ return mine
 """
 
 
+# Stopping: our leases past their timeout, so a claimer takes them now (KEYS[1] the
+# queue, ARGV[1] us, ARGV[2] the idle time to give them in ms, then entry ids). Only
+# the entries still pending for us: one another worker claimed while we were cut off
+# from Redis is its lease, not ours to hand over. Returns how many were handed over.
+HAND_OVER: Final = """
+local handed = 0
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[1] then
+    redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[i], 'IDLE', ARGV[2], 'JUSTID')
+    handed = handed + 1
+  end
+end
+return handed
+"""
+
+
 class SharedWorker:
     def __init__(
         self,
@@ -131,23 +148,24 @@ class SharedWorker:
 
     async def _hand_back(self) -> None:
         """Stopping (SIGTERM): our unfinished tasks' entries get an idle time past the
-        lease, so another worker claims them now rather than after `lease_timeout`."""
+        lease, so another worker claims them now rather than after `lease_timeout`
+        (only those still ours: see HAND_OVER)."""
         if not self._held:
             return
         try:
-            await self.store.redis.xclaim(
-                self.store.queue_key,
-                GROUP,
-                self.daemon_id,
-                0,
-                list(self._held.values()),
-                idle=int(self.lease_timeout * 1000) + 1000,
-                justid=True,
+            handed = await self.store.redis.eval(
+                HAND_OVER,
+                keys=[self.store.queue_key],
+                args=[
+                    self.daemon_id,
+                    int(self.lease_timeout * 1000) + 1000,
+                    *self._held.values(),
+                ],
             )
         except RedisError as exc:
             log.warning("cannot hand our tasks back: %s", exc)
             return
-        log.info("handed %d task(s) back to the shared queue", len(self._held))
+        log.info("handed %s task(s) back to the shared queue", handed)
 
     async def _unpublish(self) -> None:
         """Stopping: our backends run nothing more (fronts count waits from now on)."""

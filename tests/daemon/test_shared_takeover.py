@@ -17,7 +17,7 @@ from tests.daemon.harness import read_events
 from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+from tests.daemon.test_shared import front, history_ids, last, leases, simulator, worker
 from tests.daemon.test_shared_claim import until_no_lease
 
 EVENTS = "comfy-progress:events:"
@@ -122,3 +122,53 @@ async def test_a_worker_back_after_its_lease_was_claimed_writes_nothing_and_the_
             [claimed_at, after_old_holder] = versions
             assert after_old_holder == claimed_at
         assert len(await history_ids(claimer_sim)) == 1
+
+
+def hands_back(data: bytes) -> bool:
+    """A stopping worker's hand-over of its leases (XCLAIM with an idle time)."""
+    return b"XCLAIM" in data and b"IDLE" in data.upper()
+
+
+async def test_a_worker_stopped_after_its_lease_was_claimed_hands_back_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM reaches a worker cut off from Redis past its lease: another worker has
+    claimed its task meanwhile. Its hand-over at stopping must not take that lease
+    from the claimer (who would stop its copy at its next refresh, and the task move
+    once more)."""
+    busy = ("backend_max_pending=1",)  # the holder claims nothing itself while it runs
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, redis_port, client),
+        simulator(manual=True) as first_sim,
+        simulator(manual=True) as claimer_sim,
+        front(tmp_path, "f", redis_url) as entry,
+    ):
+        reconnected = trio.Event()
+        handing_back = trio.Event()
+
+        async def partitioned() -> None:
+            await reconnected.wait()
+
+        def holder_sends(data: bytes) -> None:
+            if hands_back(data):
+                handing_back.set()
+
+        async with (
+            redis_proxy(redis_port, refreshes_leases, partitioned, holder_sends) as holder_url,
+            worker(tmp_path, "w1", holder_url, first_sim.url, extra=busy) as stale,
+        ):
+            task_id = await generate(entry.url)
+            await read_events(entry.url, task_id, stop_after=sampling)
+            [lease] = await leases(client)
+            async with worker(tmp_path, "w2", redis_url, claimer_sim.url):
+                with trio.fail_after(30):
+                    while (claimed := await leases(client))[0].consumer == lease.consumer:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                stale.terminate()
+                with trio.fail_after(30):
+                    await handing_back.wait()  # sent behind its refresh
+                reconnected.set()
+                assert await stale.wait() == 0
+                assert [(p.identifier, p.consumer) for p in await leases(client)] == [
+                    (claimed[0].identifier, claimed[0].consumer)
+                ]
