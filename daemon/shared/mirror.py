@@ -50,7 +50,8 @@ class TaskMirror:
         on_lost: Callable[[str], None] = lambda task_id: None,
     ) -> None:
         """`on_finished(id)`: the task's end is written; `on_lost(id)`: a write found the
-        task's lease another worker's (our copy stopped; the entry is theirs)."""
+        task's lease another worker's, or its stream past us (our copy stopped; its
+        entry is not ours to refresh or acknowledge)."""
         self.store = store
         self.daemon_id = daemon_id
         self.on_finished = on_finished
@@ -145,8 +146,12 @@ class TaskMirror:
                     log.info("cancel found by its key", extra={"task_id": task_id})
                     actor.cancel()
         except StaleWrite:
-            # Another daemon wrote past us: it is theirs now.
+            # Another daemon wrote past us (a claimer, or a front that ended the
+            # task): not ours to run, and its entry not ours to keep. Let go, not
+            # acknowledged: a claimer takes it after the lease, and acknowledges
+            # it when it finds the task ended.
             self._stop(actor, "moved to another daemon")
+            self.on_lost(task_id)
             return
         if new is not None:
             self._written[task_id] = new.version

@@ -124,7 +124,9 @@ class SharedWorker:
             self._nursery.start_soon(self._done, entry)
 
     def lost(self, task_id: str) -> None:
-        """The mirror found the task's lease another worker's: theirs to acknowledge."""
+        """Our copy stopped (the mirror found the lease another worker's, or the stream
+        past us): refresh the entry no more. Not acknowledged: its holder does that, or
+        whoever claims it after the lease (and finds the task ended, or runs it)."""
         self._held.pop(task_id, None)
 
     def cancel(self, task_id: str) -> None:

@@ -5,6 +5,7 @@ what happens first."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,12 +13,22 @@ from pathlib import Path
 import coredis
 import trio
 
-from daemon.shared.store import version_of
+from daemon.shared.ending import ended_while_waiting
+from daemon.shared.store import SharedStore, version_of
+from protocol import task
 from tests.daemon.harness import read_events
 from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, history_ids, last, leases, simulator, worker
+from tests.daemon.test_shared import (
+    front,
+    history_ids,
+    last,
+    leases,
+    simulator,
+    until_logged,
+    worker,
+)
 from tests.daemon.test_shared_claim import until_no_lease
 
 EVENTS = "comfy-progress:events:"
@@ -172,3 +183,38 @@ async def test_a_worker_stopped_after_its_lease_was_claimed_hands_back_only_its_
                 assert [(p.identifier, p.consumer) for p in await leases(client)] == [
                     (claimed[0].identifier, claimed[0].consumer)
                 ]
+
+
+async def test_a_worker_whose_write_another_daemon_outran_lets_the_entry_go(
+    tmp_path: Path,
+) -> None:
+    """Another daemon wrote past the holder's version while the holder still has the
+    lease (here: the end a front of an earlier release wrote, racing a claim). The
+    holder's next write is refused and it stops its copy; it must not go on refreshing
+    the entry for ever (held by a worker that runs nothing, counted by
+    max_queued_tasks): let go, it is claimed after the lease, found ended, and
+    acknowledged."""
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, _, client),
+        simulator(manual=True) as sim,
+        front(tmp_path, "f", redis_url) as entry,
+        worker(tmp_path, "w", redis_url, sim.url) as holder,
+    ):
+        task_id = await generate(entry.url)
+        await read_events(entry.url, task_id, stop_after=sampling)
+        # What such a front wrote, through the same code: the end after the newest.
+        store = SharedStore(client, "comfy-progress", retention=3600)
+        shared = await store.load(task_id)
+        latest = await store.latest(task_id)
+        assert shared is not None
+        assert latest is not None
+        cancelled: list[task.TaskEvent] = [
+            task.CancelRequested(),
+            task.Cancelled("cancelled before it reached ComfyUI"),
+        ]
+        _, end, _ = ended_while_waiting(shared, latest.version, cancelled, time.time())
+        await store.append(task_id, end)
+        sim.grant_steps(1)  # the holder's next write comes after it
+        with trio.fail_after(30):
+            await until_logged(holder, b"stopping our copy")
+            await until_no_lease(client)
