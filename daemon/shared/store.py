@@ -425,7 +425,8 @@ class SharedStore:
         return await self.waiting_count() + held
 
     async def take_waiting(self, task_id: str) -> bool:
-        """Out of the waiting set; True for exactly one caller (a taker or a cancel)."""
+        """Out of the waiting set; True for exactly one caller (a taker; a front's
+        cancel takes it out inside END_WAITING)."""
         return bool(await self.redis.zrem(self.waiting_key, [task_id]))
 
     async def end_waiting(self, shared: SharedRecord, message: task.TaskMessage, after: int) -> int:
