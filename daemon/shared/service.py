@@ -26,7 +26,7 @@ from daemon.shared.ending import ended_while_waiting
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
-from daemon.shared.store import SharedStore
+from daemon.shared.store import RUNNING_TTL, SharedStore
 from daemon.shared.wait_limit import VERSION_RETRIES, WaitLimit, sweep_interval
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
@@ -174,9 +174,9 @@ class SharedService:
             latest = await self.store.latest(task_id) or latest
             if latest.terminal:
                 return SharedCancel(ended=str(latest.payload["status"]))
-        await self.store.request_cancel(
-            task_id, shared.holder, ttl=self.config.lease_timeout * 4 + 60
-        )
+        # The key lives as long as an unfinished record: a claimer may take the task
+        # only when a worker has room, however long after its holder died.
+        await self.store.request_cancel(task_id, shared.holder, ttl=RUNNING_TTL)
         # A worker that took the task after we read its record may have named
         # itself since: read the holder again, now that the key is set, and tell
         # that one too. (One that names itself later still finds the key: the

@@ -83,9 +83,14 @@ async def test_a_cancel_between_the_claimer_s_check_and_its_record_reaches_it_at
                 client = coredis.Redis.from_url(redis.url)
                 async with client:
                     await until_no_lease(client)
+                    # The key outlives any wait for a claimer: workers take a task only
+                    # when one has room, which may be long after its holder died (it
+                    # lived lease_timeout * 4 + 60 s, and a claim after that ran the task).
+                    key_ttl = await client.ttl(f"comfy-progress:cancel:{task_id}")
         [answer] = cancelled
         assert answer.status == 202
         assert last(rest)["error"]["code"] == "cancelled"
+        assert key_ttl > 12 * 3600
 
 
 WAITING = "comfy-progress:waiting"
