@@ -21,9 +21,17 @@ import trio.testing
 
 from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator, SimulatorConfig
+from daemon.tasks.actor import TaskActor
 from protocol import task
 from tests.daemon.comfy_relay import ComfyRelay, comfy_relay
-from tests.daemon.harness import FAST, payloads, read_events, running_daemon, running_pool
+from tests.daemon.harness import (
+    FAST,
+    Daemon,
+    payloads,
+    read_events,
+    running_daemon,
+    running_pool,
+)
 from tests.daemon.test_pool import wait_state
 from tests.simulator.test_workflows import txt2img
 
@@ -56,6 +64,15 @@ async def assert_interrupted_there(sim: ComfySimulator, prompt_id: str) -> None:
     await sim.engine.history.wait_for(prompt_id)
     history = sim.engine.history.get(prompt_id)[prompt_id]
     assert any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
+
+
+async def running_task(daemon: Daemon) -> TaskActor:
+    """A new task of `daemon`, once its prompt runs in ComfyUI."""
+    await daemon.app.pool.wait_all_read()
+    actor = daemon.app.registry.get(await daemon.generate())
+    assert actor is not None
+    await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+    return actor
 
 
 @pytest.mark.guard(30)  # (before the fix the task waited forever: this fails it)
@@ -248,11 +265,8 @@ async def test_a_cancel_while_a_lost_attempt_is_dropped_ends_the_task_cancelled(
             backend_max_pending=1,
         ) as daemon,
     ):
-        await daemon.app.pool.wait_all_read()
-        task_id = await daemon.generate()
-        actor = daemon.app.registry.get(task_id)
-        assert actor is not None
-        await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
+        actor = await running_task(daemon)
+        task_id = actor.task_id
         relay.go_down()
         await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
         # ComfyUI restarts while the daemon cannot see it (our prompt is gone), and
@@ -334,12 +348,8 @@ async def test_a_prompt_abandoned_while_its_backend_is_away_goes_after_a_restart
     async with relayed_simulator(MANUAL) as (sim, relay):  # parks the prompt at its first step
         settings = {"comfy_url": relay.url, "comfy_connect_timeout": 1}
         async with running_daemon(tmp_path, simulator=None, **settings) as before:
-            await before.app.pool.wait_all_read()
-            task_id = await before.generate()
-            actor = before.app.registry.get(task_id)
-            assert actor is not None
-            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
-            prompt_id = actor.prompt_id
+            actor = await running_task(before)
+            task_id, prompt_id = actor.task_id, actor.prompt_id
             relay.go_down()
             await wait_state(actor, lambda s: s.phase is task.Phase.WAITING)
             response = await before.request("DELETE", f"/tasks/{task_id}")
@@ -374,12 +384,8 @@ async def test_an_abandoned_prompt_a_restored_task_follows_is_not_removed(
     async with relayed_simulator(MANUAL) as (sim, relay):  # parks the prompt at its first step
         settings = {"comfy_url": relay.url, "comfy_connect_timeout": 1}
         async with running_daemon(tmp_path, simulator=None, **settings) as before:
-            await before.app.pool.wait_all_read()
-            task_id = await before.generate()
-            actor = before.app.registry.get(task_id)
-            assert actor is not None
-            await wait_state(actor, lambda s: s.phase is task.Phase.RUNNING)
-            prompt_id = actor.prompt_id
+            actor = await running_task(before)
+            task_id, prompt_id = actor.task_id, actor.prompt_id
         journal = tmp_path / "data" / "journal.sqlite3"
         with closing(sqlite3.connect(journal)) as db:
             db.execute(
