@@ -118,6 +118,33 @@ async def read_events(
     return out
 
 
+class HeldStream:
+    """A task's progress stream held open, read in the test's own steps."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._decoder = SSEDecoder()
+        self.seen: list[ServerSentEvent] = []
+
+    async def until(self, predicate: Callable[[ServerSentEvent], bool]) -> None:
+        """Read on until the newest event is one `predicate` accepts."""
+        while not (self.seen and predicate(self.seen[-1])):
+            self.seen += self._decoder.feed(await anext(self._chunks))
+
+    async def to_end(self) -> None:
+        """Read on until the server ends the stream."""
+        async for chunk in self._chunks:
+            self.seen += self._decoder.feed(chunk)
+
+
+@asynccontextmanager
+async def held_stream(base_url: str, task_id: str) -> AsyncIterator[HeldStream]:
+    """GET /progress/{task_id}, answered 200, held open for the block."""
+    async with open_stream("GET", f"{base_url}/progress/{task_id}") as response:
+        assert response.status == 200
+        yield HeldStream(aiter(response.chunks))
+
+
 def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
     base = Config(
         listen="127.0.0.1:0",

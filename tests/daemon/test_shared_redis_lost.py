@@ -12,9 +12,7 @@ import coredis
 import trio
 from coredis.response.types import StreamPendingExt
 
-from daemon.http.client import open_stream
-from protocol.sse import ServerSentEvent, SSEDecoder
-from tests.daemon.harness import read_events
+from tests.daemon.harness import held_stream, read_events
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
@@ -45,13 +43,8 @@ async def test_redis_back_without_its_data_takes_new_tasks_and_ends_the_running_
         front(tmp_path, "f", redis.url) as entry,
     ):
         running = await generate(entry.url)
-        async with open_stream("GET", f"{entry.url}/progress/{running}") as response:
-            assert response.status == 200
-            chunks = aiter(response.chunks)
-            decoder = SSEDecoder()
-            seen: list[ServerSentEvent] = []
-            while not (seen and sampling(seen[-1])):
-                seen += decoder.feed(await anext(chunks))
+        async with held_stream(entry.url, running) as stream:
+            await stream.until(sampling)
             async with trio.open_nursery() as nursery:
                 await redis.stop()
                 await redis.start(nursery)  # same port, nothing kept: no queue, no group
@@ -65,9 +58,8 @@ async def test_redis_back_without_its_data_takes_new_tasks_and_ends_the_running_
                 await leases_after_refreshes(client, lease, 2)
             sim.grant_steps(10_000)
             with trio.fail_after(60):  # a dropped task would never end
-                async for chunk in chunks:
-                    seen += decoder.feed(chunk)
-        assert json.loads(seen[-1].data)["status"] == "completed", seen[-1].data
+                await stream.to_end()
+        assert last(stream.seen)["status"] == "completed", stream.seen[-1].data
         assert last(await read_events(entry.url, after))["status"] == "completed"
         assert len(await history_ids(sim)) == 2
 
@@ -80,18 +72,12 @@ async def test_a_waiting_task_redis_forgot_ends_lost_for_its_viewer(tmp_path: Pa
         front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
     ):
         task_id = await generate(entry.url)
-        async with open_stream("GET", f"{entry.url}/progress/{task_id}") as response:
-            assert response.status == 200
-            chunks = aiter(response.chunks)
-            decoder = SSEDecoder()
-            seen: list[ServerSentEvent] = []
-            while not (seen and json.loads(seen[-1].data).get("queue")):
-                seen += decoder.feed(await anext(chunks))  # the front saw it waiting
+        async with held_stream(entry.url, task_id) as stream:
+            await stream.until(lambda event: json.loads(event.data).get("queue"))  # seen waiting
             client = coredis.Redis.from_url(redis.url)
             async with client:
                 await client.flushall()
             with trio.fail_after(20):  # a stream kept open with heartbeats never ends
-                async for chunk in chunks:
-                    seen += decoder.feed(chunk)
-        assert last(seen)["error"]["code"] == "lost", seen[-1].data
+                await stream.to_end()
+        assert last(stream.seen)["error"]["code"] == "lost", stream.seen[-1].data
         assert last(await read_events(entry.url, task_id))["error"]["code"] == "lost"

@@ -4,17 +4,14 @@ redis-server, real daemon processes, a relay that can go silent, an in-test simu
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 
 import trio
 
-from daemon.http.client import open_stream
 from daemon.shared.client import redis_client
-from protocol.sse import ServerSentEvent, SSEDecoder
-from tests.daemon.harness import read_events
+from tests.daemon.harness import held_stream, read_events
 from tests.daemon.redis_proxy import silent_proxy
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
@@ -32,20 +29,14 @@ async def test_a_front_whose_blocking_read_went_silent_still_ends_its_viewer_s_s
         front(tmp_path, "f", proxy.url) as entry,
     ):
         task_id = await generate(entry.url)
-        async with open_stream("GET", f"{entry.url}/progress/{task_id}") as response:
-            assert response.status == 200
-            chunks = aiter(response.chunks)
-            decoder = SSEDecoder()
-            seen: list[ServerSentEvent] = []
-            while not (seen and sampling(seen[-1])):
-                seen += decoder.feed(await anext(chunks))
+        async with held_stream(entry.url, task_id) as stream:
+            await stream.until(sampling)
             # The front's reader waits in XREAD BLOCK: its answer will never come.
             proxy.silence()
             sim.grant_steps(10_000)  # the worker ends the task, straight to Redis
             with trio.fail_after(40):  # a read that waits for ever never sees the end
-                async for chunk in chunks:
-                    seen += decoder.feed(chunk)
-        assert json.loads(seen[-1].data)["status"] == "completed", seen[-1].data
+                await stream.to_end()
+        assert last(stream.seen)["status"] == "completed", stream.seen[-1].data
 
 
 async def test_a_worker_whose_connections_went_silent_takes_the_next_task(
