@@ -14,7 +14,9 @@ task's queue entry) is still ours: a worker whose lease another worker claimed
 (it was cut off from Redis, or stalled, past `lease_timeout`) writes nothing more
 of that task, however its writes and its lease refresh meet in Redis. One
 writer per task's stream: the claimer's first write is never refused for a
-version the stale copy wrote after the claim.
+version the stale copy wrote after the claim. The task's preview goes in that
+step too (a stale copy's would be served as the task's; and a viewer that reads
+a snapshot announcing a preview finds it), and the end deletes it.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ class TaskMirror:
         message = actor.last_message
         record = actor.record()
         task_id = actor.task_id
-        # The preview first: a viewer fetches it as soon as a snapshot announces it.
-        await self._write_preview(actor, finished=message.is_terminal)
+        ended = message.is_terminal
+        preview = None if ended else self._new_preview(actor)
         # A backend's name is its URL: what a claimer compares with its own.
         finished = task.Phase(record.phase).is_terminal
         holder = None if finished else self.daemon_id
@@ -129,11 +131,25 @@ class TaskMirror:
         lease = self._leases.get(task_id)
         try:
             if lease is None:  # not taken from a queue entry: no lease to check
+                # The preview first: a viewer fetches it as soon as a snapshot announces it.
+                if ended:
+                    await self.store.drop_preview(task_id)
+                elif preview is not None:
+                    await self.store.save_preview(task_id, preview[1])
                 if new is not None:
                     await self.store.append(task_id, new)
                 await self.store.save(shared)
             else:
-                written = await self.store.write_held(self.daemon_id, lease, shared, new)
+                # The preview in the same step, only while the lease is ours: a stale
+                # copy's would be served as the preview of a task another worker runs.
+                written = await self.store.write_held(
+                    self.daemon_id,
+                    lease,
+                    shared,
+                    new,
+                    preview=preview[1] if preview is not None else None,
+                    drop_preview=ended,
+                )
                 if not written.written:
                     self._stop(actor, "its lease is another worker's")
                     self.on_lost(task_id)
@@ -155,6 +171,10 @@ class TaskMirror:
             return
         if new is not None:
             self._written[task_id] = new.version
+        if preview is not None:
+            self._previews[task_id] = preview[0]
+        if ended:
+            self._previews.pop(task_id, None)
         if finished:
             self._written.pop(task_id, None)
             self._leases.pop(task_id, None)
@@ -172,19 +192,14 @@ class TaskMirror:
         self._leases.pop(task_id, None)
         self._previews.pop(task_id, None)
 
-    async def _write_preview(self, actor: TaskActor, *, finished: bool) -> None:
-        """The newest preview a snapshot announced, for every daemon's preview route."""
+    def _new_preview(self, actor: TaskActor) -> tuple[int, SharedPreview] | None:
+        """The task's newest preview, once a snapshot announced one, if Redis does not
+        have it yet (its version, and what every daemon's preview route serves)."""
         task_id = actor.task_id
-        if finished:
-            if self._previews.pop(task_id, None) is not None:
-                await self.store.drop_preview(task_id)
-            return
-        version = actor.state.preview_version
         preview = actor.previews.get(task_id)
-        if version is None or preview is None or self._previews.get(task_id) == preview.version:
-            return
+        if actor.state.preview_version is None or preview is None:
+            return None
+        if self._previews.get(task_id) == preview.version:
+            return None
         etag = etag_of(actor.previews.boot, preview.version)
-        await self.store.save_preview(
-            task_id, SharedPreview(preview.media_type, etag, preview.data)
-        )
-        self._previews[task_id] = preview.version
+        return preview.version, SharedPreview(preview.media_type, etag, preview.data)

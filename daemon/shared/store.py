@@ -89,14 +89,17 @@ return 1
 """
 
 # A worker's write of a task it holds, only while its lease is its own (KEYS: queue,
-# events, record, cancel key; ARGV: us, the lease's entry, the snapshot's entry id ('':
-# the record only), event, payload, MAXLEN, events TTL, record JSON, record TTL). 0:
-# the entry is pending for another worker (it claimed the task: ours is a stale copy),
-# nothing written; 1: written; 2: written, and a cancel was asked (a front sets the key,
-# then reads the holder: it read a record that did not name us yet, so this is how
-# the cancel reaches us). An entry pending for nobody is written to (Redis lost it,
-# see REFRESH_LEASES in worker.py). An id not past the stream's newest fails the XADD
-# before anything is written (StaleWrite).
+# events, record, cancel key, preview; ARGV: us, the lease's entry, the snapshot's entry
+# id ('': the record only), event, payload, MAXLEN, events TTL, record JSON, record TTL,
+# preview ('': unchanged, 'set', 'drop'), its type, ETag, bytes, preview TTL). 0: the
+# entry is pending for another worker (it claimed the task: ours is a stale copy),
+# nothing written (no preview either: a front would serve it as the task's); 1:
+# written; 2: written, and a cancel was asked (a front sets the key, then reads the
+# holder: it read a record that did not name us yet, so this is how the cancel reaches
+# us). An entry pending for nobody is written to (Redis lost it, see REFRESH_LEASES in
+# worker.py). An id not past the stream's newest fails the XADD before anything is
+# written (StaleWrite). The preview goes in the same step as the snapshot announcing
+# it, so a viewer reading that snapshot finds it.
 WRITE_HELD: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if pending[1] and pending[1][2] ~= ARGV[1] then return 0 end
@@ -105,6 +108,12 @@ if ARGV[3] ~= '' then
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9])
+if ARGV[10] == 'set' then
+  redis.call('HSET', KEYS[5], 'type', ARGV[11], 'etag', ARGV[12], 'data', ARGV[13])
+  redis.call('EXPIRE', KEYS[5], ARGV[14])
+elseif ARGV[10] == 'drop' then
+  redis.call('DEL', KEYS[5])
+end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 return 1
 """
@@ -311,15 +320,24 @@ class SharedStore:
         lease: str,
         shared: SharedRecord,
         message: task.TaskMessage | None,
+        *,
+        preview: SharedPreview | None = None,
+        drop_preview: bool = False,
     ) -> HeldWrite:
-        """A worker's snapshot (None: none new) and record of a task it holds, in one
-        step, only while the queue entry `lease` is still `daemon_id`'s (else nothing
-        is written: another worker claimed it), and whether a cancel was asked.
+        """A worker's snapshot (None: none new), record and newest preview (None:
+        unchanged; `drop_preview`: the task ended) of a task it holds, in one step,
+        only while the queue entry `lease` is still `daemon_id`'s (else nothing is
+        written: another worker claimed it), and whether a cancel was asked.
         StaleWrite when a newer snapshot is there."""
         task_id = shared.record.task_id
         snapshot: list[str] = ["", "", ""]
         if message is not None:
             snapshot = [entry_id(message.version), message.event, payload_json(message)]
+        image: list[str | bytes] = ["", "", "", ""]
+        if drop_preview:
+            image = ["drop", "", "", ""]
+        elif preview is not None:
+            image = ["set", preview.media_type, preview.etag, preview.data]
         ended = int(self.retention) + 1
         events_ttl = ended if message is not None and message.is_terminal else RUNNING_TTL
         try:
@@ -330,6 +348,7 @@ class SharedStore:
                     self.events_key(task_id),
                     self.task_key(task_id),
                     self.cancel_key(task_id),
+                    self.preview_key(task_id),
                 ],
                 args=[
                     daemon_id,
@@ -339,6 +358,8 @@ class SharedStore:
                     events_ttl,
                     shared.to_json(),
                     ended if shared.finished else RUNNING_TTL,
+                    *image,
+                    PREVIEW_TTL,
                 ],
             )
         except ResponseError as exc:

@@ -540,6 +540,43 @@ async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path)
         assert gone.status == 404
 
 
+async def test_a_dead_worker_s_preview_goes_when_the_task_ends_on_another(
+    tmp_path: Path,
+) -> None:
+    """The worker that put the task's preview in Redis dies; another runs the task to
+    its end without sending a preview of its own. The preview route answers 404 for
+    the ended task, not the dead worker's last preview (kept until it expired: only
+    the worker that wrote a preview used to drop it)."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True, previews=True) as lost_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed,
+    ):
+        task_id = await generate(entry.url)
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def grant_once_running() -> None:
+                await following.wait()
+                lost_sim.grant_steps(1)  # one sampler step: one preview
+
+            nursery.start_soon(grant_once_running)
+            seen = await read_events(
+                entry.url, task_id, first_event=following, stop_after=has_preview
+            )
+        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        assert (await http_request("GET", url, timeout=10)).status == 200
+        async with worker(tmp_path, "w2", redis.url, other_sim.url):
+            doomed.kill()
+            assert await doomed.wait() == -9
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+            assert last(rest)["status"] == "completed"
+            gone = await http_request("GET", url, timeout=10)
+            assert gone.status == 404
+
+
 async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path: Path) -> None:
     # The holder refreshes every 0.125 s; the idle worker claims a lease idle for 2 s:
     # only a stall of the holder longer than that would (rightly) move the task. The

@@ -5,6 +5,7 @@ what happens first."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 import coredis
 import trio
 
+from daemon.http.client import http_request
 from daemon.shared.ending import ended_while_waiting
 from daemon.shared.store import SharedStore, version_of
 from protocol import task
@@ -22,6 +24,7 @@ from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
     front,
+    has_preview,
     history_ids,
     last,
     leases,
@@ -218,3 +221,71 @@ async def test_a_worker_whose_write_another_daemon_outran_lets_the_entry_go(
         with trio.fail_after(30):
             await until_logged(holder, b"stopping our copy")
             await until_no_lease(client)
+
+
+async def test_a_worker_back_after_its_lease_was_claimed_writes_no_preview(
+    tmp_path: Path,
+) -> None:
+    """The holder is cut off from Redis past lease_timeout, another worker claims its
+    task, and the old holder's ComfyUI sends the next step's preview. The stale copy
+    must not put that preview in Redis: every front would serve it as the preview of
+    a task another worker runs now (the preview used to go before the write that
+    checks the lease)."""
+    busy = ("backend_max_pending=1",)  # the holder claims nothing itself while it runs
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, redis_port, client),
+        simulator(manual=True, previews=True) as first_sim,
+        simulator(manual=True) as claimer_sim,
+        front(tmp_path, "f", redis_url) as entry,
+    ):
+        cut_off = False
+        reconnected = trio.Event()
+        holder_wrote = trio.Event()
+        task_key = b""
+
+        def refreshes_once_cut_off(data: bytes) -> bool:
+            return cut_off and refreshes_leases(data)
+
+        async def partitioned() -> None:
+            await reconnected.wait()
+
+        def holder_sends(data: bytes) -> None:
+            # After the claim: the stale copy's preview or snapshot (whichever first).
+            if task_key and task_key in data and (b"HSET" in data or b"XADD" in data):
+                holder_wrote.set()
+
+        async with (
+            redis_proxy(redis_port, refreshes_once_cut_off, partitioned, holder_sends) as url,
+            worker(tmp_path, "w1", url, first_sim.url, extra=busy) as stale,
+        ):
+            task_id = await generate(entry.url)
+            following = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def grant_once_running() -> None:
+                    await following.wait()
+                    first_sim.grant_steps(1)  # one sampler step: one preview
+
+                nursery.start_soon(grant_once_running)
+                seen = await read_events(
+                    entry.url, task_id, first_event=following, stop_after=has_preview
+                )
+            preview_url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+            before = await http_request("GET", preview_url, timeout=10)
+            assert before.status == 200
+            [lease] = await leases(client)
+            cut_off = True
+            async with worker(tmp_path, "w2", redis_url, claimer_sim.url):
+                with trio.fail_after(30):
+                    while (await leases(client))[0].consumer == lease.consumer:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                task_key = task_id.encode()
+                first_sim.grant_steps(1)  # the old holder's next step: a newer preview
+                with trio.fail_after(30):
+                    await holder_wrote.wait()  # sent behind its refresh
+                reconnected.set()
+                with trio.fail_after(30):
+                    await until_logged(stale, b"stopping our copy")
+                after = await http_request("GET", preview_url, timeout=10)
+                assert after.status == 200
+                assert after.headers.get("etag") == before.headers.get("etag")
