@@ -9,19 +9,29 @@ still checkpoints once per read of the socket, and waits when the channel
 is full), and `get_messages()` takes every message already waiting: a burst
 costs one round, and the consumer sees the frames read together as one batch.
 
+A binary message over `max_message_size` (a preview too big to keep) is
+dropped as it arrives, and the connection stays: trio-websocket would close it
+(1009), losing the frames behind it, once per such preview.
+
 This leans on private names of trio-websocket 0.12: `_send_channel` and
 `_recv_channel`, and `_reader_task` and `_open_handshake` (as its own
-`wrap_client_stream` uses them); tests/daemon/test_websocket_batches.py
-fails if they change.
+`wrap_client_stream` uses them), and `_handle_message_event` with its
+`_message_size`, `_message_parts` and `_max_message_size`;
+tests/daemon/test_websocket_batches.py and tests/daemon/test_previews.py fail
+if they change.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage, TextMessage
+
+log = logging.getLogger(__name__)
 
 Message = str | bytes
 
@@ -63,6 +73,23 @@ class BatchingWebSocket(trio_websocket.WebSocketConnection):
         super().__init__(*args, **kwargs)
         self._send_channel = _HandOver(self._send_channel)  # type: ignore[assignment]
         self.ended_before_handshake = False
+        self._dropping = False  # the rest of a too big binary message is skipped
+        self.dropped_messages = 0
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        if isinstance(event, BytesMessage) and (
+            self._dropping or self._message_size + len(event.data) > self._max_message_size
+        ):
+            # A binary frame (a preview) too big to keep: dropped, not the connection.
+            # (A text frame that big still closes it: its end of a prompt would be lost.)
+            if not self._dropping:
+                self.dropped_messages += 1
+                log.warning("dropping a binary message over %d bytes", self._max_message_size)
+            self._dropping = not event.message_finished
+            self._message_size = 0
+            self._message_parts = []
+            return
+        await super()._handle_message_event(event)
 
     async def _reader_task(self) -> None:
         # trio-websocket 0.12 sets _open_handshake only when the server accepts:

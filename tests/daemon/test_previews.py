@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import trio
 
+from daemon.comfy.backend import MAX_MESSAGE_BYTES
 from daemon.http.client import http_request
 from daemon.simulator import SimulatorConfig
+from daemon.simulator.frames import preview_with_metadata_frame
 from daemon.tasks.actor import TaskActor
 from protocol import task
 from protocol.imagesize import image_info
@@ -258,3 +260,35 @@ async def test_the_total_preview_budget_evicts_the_stalest_task_s_preview(
             sim.set_manual_steps(False)
         for actor in actors:
             await actor.finished.wait()
+
+
+async def test_a_preview_over_the_message_limit_is_dropped_and_the_connection_stays(
+    tmp_path: Path,
+) -> None:
+    """A preview bigger than the WebSocket message limit (ComfyUI with a large preview
+    size, a PNG) is dropped like one over the per-task limit: the connection stays, so
+    the frames after it arrive (trio-websocket closed it with 1009, losing them, and
+    every such step of the sampler cost a reconnect)."""
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon:
+        assert daemon.simulator is not None
+        actor = await start_task(daemon)
+        first = await step_until_preview(daemon, actor)
+        assert first["version"] == 1
+        backend = daemon.app.backend
+        huge = b"\xff\xd8" + bytes(MAX_MESSAGE_BYTES)
+        meta = {"prompt_id": actor.state.prompt_id, "image_type": "image/jpeg"}
+        daemon.simulator.hub.send_binary(preview_with_metadata_frame(huge, meta), backend.client_id)
+        small = b"\xff\xd8small"
+        daemon.simulator.hub.send_binary(
+            preview_with_metadata_frame(small, meta), backend.client_id
+        )
+        with trio.fail_after(30):  # a hang guard: on the old code the small one is lost
+            payload = await snapshot_where(
+                actor, lambda p: (preview_of(p) or {}).get("version") == 2
+            )
+        assert payload["progress"]["preview"]["version"] == 2
+        assert (await daemon.request("GET", f"/tasks/{actor.task_id}/preview")).body == small
+        assert backend.reconnects == 0
+        assert backend.is_connected()
+        daemon.simulator.grant_steps(100)
+        await actor.finished.wait()
