@@ -59,13 +59,15 @@ PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soo
 SILENT_GRACE: Final = 5.0
 
 # A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
-# record, unrunnable stamp, stamped set; ARGV: us, entry, task id, created_at, record
-# JSON, record TTL). Its wait starts anew: the stamp of an earlier wait goes.
+# record, unrunnable stamp, stamped set, preview; ARGV: us, entry, task id, created_at,
+# record JSON, record TTL). Its wait starts anew: the stamp of an earlier wait goes, and
+# the preview its lost attempt showed (a waiting task has none; a front's cancel ends it
+# without a worker's write to delete it).
 HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[6])
 redis.call('SREM', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
@@ -413,6 +415,7 @@ class SharedStore:
                 self.task_key(record.task_id),
                 self.unrunnable_key(record.task_id),
                 self.stamped_key,
+                self.preview_key(record.task_id),
             ],
             args=[
                 daemon_id,

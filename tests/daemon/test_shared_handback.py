@@ -9,11 +9,20 @@ from pathlib import Path
 
 import trio
 
+from daemon.http.client import http_request
 from daemon.shared.worker import BOUNCE_MAX_DELAY, bounce_delay
 from tests.daemon.harness import read_events
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+from tests.daemon.test_shared import (
+    front,
+    has_preview,
+    history_ids,
+    last,
+    simulator,
+    until_logged,
+    worker,
+)
 
 # Without the hand-back the task would wait this long in its worker and then end
 # `backend_unavailable`: the outcome, not the time, is what fails then.
@@ -57,3 +66,41 @@ def test_a_task_put_back_again_and_again_is_read_again_later_each_time_up_to_a_c
     assert delays == sorted(delays)
     assert len(set(delays)) > 3  # it backs off, not a fixed pause
     assert delays[-1] == BOUNCE_MAX_DELAY
+
+
+async def test_a_task_given_back_shows_no_preview_while_it_waits_nor_once_cancelled(
+    tmp_path: Path,
+) -> None:
+    """The worker gave the task back after its ComfyUI sent a preview: the task waits
+    anew (its snapshots announce no preview), and a front's cancel ends it there. Its
+    old preview must not be served meanwhile nor after the end (it stayed in Redis
+    until it expired: only a worker's write of the end deleted it)."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True, previews=True) as cut_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
+    ):
+        task_id = await generate(entry.url)
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def grant_once_running() -> None:
+                await following.wait()
+                cut_sim.grant_steps(1)  # one sampler step: one preview
+
+            nursery.start_soon(grant_once_running)
+            seen = await read_events(
+                entry.url, task_id, first_event=following, stop_after=has_preview
+            )
+        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        assert (await http_request("GET", url, timeout=10)).status == 200
+        cut_sim.reject_connections(3600)  # gone for good: the task goes back to the queue
+        with trio.fail_after(30):
+            await until_logged(first, b"gave the task back to the shared queue")
+        assert (await http_request("GET", url, timeout=10)).status == 404
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status in (200, 202), cancel.body
+        done = await read_events(entry.url, task_id)
+        assert last(done)["error"]["code"] == "cancelled", last(done)
+        assert (await http_request("GET", url, timeout=10)).status == 404
