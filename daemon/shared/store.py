@@ -67,7 +67,8 @@ HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
-redis.call('DEL', KEYS[4], KEYS[6])
+redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
