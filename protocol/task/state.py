@@ -201,7 +201,12 @@ class TaskState:
     error: TaskError | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    preview_version: int | None = None  # the newest preview announced to subscribers
+    # The newest preview announced to subscribers: the version of the snapshot that
+    # announced it, which names it in its URL (snapshot versions keep rising across a
+    # restart and from worker to worker; the store's restart at 1, and a browser shows
+    # the image it already has for a URL it loaded); and its version in the store.
+    preview_version: int | None = None
+    preview_stored: int | None = None
     text: tuple[str, str] | None = None  # (node_id, text): a node's newest progress text
 
     @property

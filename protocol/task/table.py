@@ -265,9 +265,11 @@ def _on_progress_text(state: TaskState, event: ProgressText, now: float) -> Tran
 
 
 def _on_preview_ready(state: TaskState, event: PreviewReady, now: float) -> Transition:
-    if state.preview_version is not None and event.version <= state.preview_version:
-        return state, []
-    return evolve(state, preview_version=event.version), []
+    if state.preview_stored is not None and event.version <= state.preview_stored:
+        return state, []  # an older one, late
+    # Named by the snapshot announcing it (apply gives it this version): a URL that
+    # never named another image of this task, whichever process stored either.
+    return evolve(state, preview_stored=event.version, preview_version=state.version + 1), []
 
 
 def _on_executed(state: TaskState, event: Executed, now: float) -> Transition:

@@ -56,13 +56,24 @@ async def start_task(daemon: Daemon, **fields: Any) -> TaskActor:
     return actor
 
 
+async def announced_preview(actor: TaskActor, newer_than: int = 0) -> Payload:
+    """The first preview announced past `newer_than`: named by the version of the
+    snapshot that announced it (this one, or one a later snapshot replaced)."""
+    version: int | None = None
+    while True:
+        snapshot = await actor.broadcaster.wait_newer(version)
+        preview = preview_of(dict(snapshot.payload))
+        if preview is not None and preview["version"] > newer_than:
+            assert preview["version"] <= snapshot.version
+            assert preview["url"] == f"/tasks/{actor.task_id}/preview?v={preview['version']}"
+            return preview
+        version = snapshot.version
+
+
 async def step_until_preview(daemon: Daemon, actor: TaskActor) -> Payload:
     assert daemon.simulator is not None
     daemon.simulator.grant_steps(1)
-    payload = await snapshot_where(actor, lambda p: preview_of(p) is not None)
-    preview = preview_of(payload)
-    assert preview is not None
-    return preview
+    return await announced_preview(actor)
 
 
 async def test_type_4_previews_reach_the_task_whose_prompt_they_name(tmp_path: Path) -> None:
@@ -73,7 +84,6 @@ async def test_type_4_previews_reach_the_task_whose_prompt_they_name(tmp_path: P
         preview = await step_until_preview(daemon, first)
         # The daemon asked for metadata on connect, so ComfyUI sent type 4 frames.
         assert daemon.simulator.hub.supports_preview_metadata(daemon.app.backend.client_id)
-        assert preview == {"url": f"/tasks/{first.task_id}/preview?v=1", "version": 1}
         response = await daemon.request("GET", preview["url"])
         assert response.status == 200
         assert response.headers.get("content-type") == "image/jpeg"
@@ -89,7 +99,6 @@ async def test_type_4_previews_reach_the_task_whose_prompt_they_name(tmp_path: P
         assert daemon.app.previews.get(first.task_id) is None
 
         preview = await step_until_preview(daemon, second)
-        assert preview["url"] == f"/tasks/{second.task_id}/preview?v=1"
         assert (await daemon.request("GET", preview["url"])).status == 200
         daemon.simulator.grant_steps(100)
         await second.finished.wait()
@@ -119,8 +128,11 @@ async def test_legacy_type_1_previews_belong_to_the_running_prompt(tmp_path: Pat
         assert response.status == 200
         assert response.headers.get("content-type") == "image/jpeg"
         daemon.simulator.grant_steps(1)
-        payload = await snapshot_where(actor, lambda p: (preview_of(p) or {}).get("version") == 2)
-        assert payload["progress"]["currentValue"] == 2
+        await announced_preview(actor, newer_than=preview["version"])
+        assert actor.state.value == 2
+        stored = actor.previews.get(actor.task_id)
+        assert stored is not None
+        assert stored.version == 2
         daemon.simulator.grant_steps(100)
         await actor.finished.wait()
 
@@ -201,22 +213,17 @@ async def test_previews_reach_the_right_task_when_two_run_on_two_backends(
 
         # A step on the first ComfyUI: only the task running there gets a preview.
         first_sim.grant_steps(1)
-        payload = await snapshot_where(on_first, lambda p: preview_of(p) is not None)
-        assert preview_of(payload) == {
-            "url": f"/tasks/{on_first.task_id}/preview?v=1",
-            "version": 1,
-        }
+        await announced_preview(on_first)
         assert (await pool.request("GET", f"/tasks/{on_first.task_id}/preview")).status == 200
         assert (await pool.request("GET", f"/tasks/{on_second.task_id}/preview")).status == 404
         assert on_second.state.value == 0
 
-        # Then one on the second: its own task, its own version 1.
+        # Then one on the second: its own task, its own first preview.
         second_sim.grant_steps(1)
-        payload = await snapshot_where(on_second, lambda p: preview_of(p) is not None)
-        assert preview_of(payload) == {
-            "url": f"/tasks/{on_second.task_id}/preview?v=1",
-            "version": 1,
-        }
+        await announced_preview(on_second)
+        stored = on_second.previews.get(on_second.task_id)
+        assert stored is not None
+        assert stored.version == 1
         first = await pool.request("GET", f"/tasks/{on_first.task_id}/preview")
         assert first.headers.get("etag", "").endswith('-1"')  # the first task's is unchanged
         for sim in pool.simulators:
@@ -273,7 +280,6 @@ async def test_a_preview_over_the_message_limit_is_dropped_and_the_connection_st
         assert daemon.simulator is not None
         actor = await start_task(daemon)
         first = await step_until_preview(daemon, actor)
-        assert first["version"] == 1
         backend = daemon.app.backend
         huge = b"\xff\xd8" + bytes(MAX_MESSAGE_BYTES)
         meta = {"prompt_id": actor.state.prompt_id, "image_type": "image/jpeg"}
@@ -283,10 +289,7 @@ async def test_a_preview_over_the_message_limit_is_dropped_and_the_connection_st
             preview_with_metadata_frame(small, meta), backend.client_id
         )
         with trio.fail_after(30):  # a hang guard: on the old code the small one is lost
-            payload = await snapshot_where(
-                actor, lambda p: (preview_of(p) or {}).get("version") == 2
-            )
-        assert payload["progress"]["preview"]["version"] == 2
+            await announced_preview(actor, newer_than=first["version"])
         assert (await daemon.request("GET", f"/tasks/{actor.task_id}/preview")).body == small
         assert backend.reconnects == 0
         assert backend.is_connected()

@@ -91,6 +91,61 @@ async def test_kill_9_mid_task_then_restart_completes_the_task(tmp_path: Path) -
             assert image.body.startswith(b"\x89PNG")
 
 
+def preview_url_of(event: ServerSentEvent) -> str | None:
+    preview = json.loads(event.data).get("progress", {}).get("preview")
+    return None if preview is None else str(preview["url"])
+
+
+async def test_a_preview_url_after_a_restart_names_no_image_announced_before(
+    tmp_path: Path,
+) -> None:
+    """A page that stays open across a restart has loaded the first daemon's preview
+    URLs; a browser shows the image it has for a URL it loaded (without asking, Cache-
+    Control or not). So the restarted daemon's previews must come under new URLs (its
+    preview versions started at 1 again: `?v=1` was the first daemon's first image)."""
+    config = SimulatorConfig(step_time=0.01, sampler_previews=True, preview_size=64)
+    sim = ComfySimulator(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.run, ("127.0.0.1", 0))
+        sim.set_manual_steps(True)
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:
+            task_id = await generate(first.url)
+            seen = await read_events(first.url, task_id, stop_after=sampling)
+            sim.grant_steps(1)  # one sampler step: one preview
+            seen += await read_events(
+                first.url,
+                task_id,
+                last_event_id=int(seen[-1].id or 0),
+                stop_after=lambda e: preview_url_of(e) is not None,
+            )
+            before = {preview_url_of(e) for e in seen} - {None}
+            first.kill()
+            assert await first.wait() == -9
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as second:
+            follow = trio.Event()
+
+            async def grant_once_following() -> None:
+                await follow.wait()
+                sim.grant_steps(1)  # the next step: another image
+
+            async with trio.open_nursery() as steps:
+                steps.start_soon(grant_once_following)
+                after = await read_events(
+                    second.url,
+                    task_id,
+                    last_event_id=int(seen[-1].id or 0),
+                    first_event=follow,
+                    stop_after=lambda e: preview_url_of(e) is not None,
+                )
+            url = preview_url_of(after[-1])
+            assert url is not None
+            assert url not in before, (url, before)
+            sim.grant_steps(1000)
+            done = await read_events(second.url, task_id, last_event_id=int(after[-1].id or 0))
+            assert json.loads(done[-1].data)["status"] == "completed"
+        nursery.cancel_scope.cancel()
+
+
 async def test_task_finished_while_the_daemon_was_dead(tmp_path: Path) -> None:
     async with simulator() as sim:
         async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:

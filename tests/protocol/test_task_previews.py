@@ -10,16 +10,23 @@ def test_a_preview_announcement_publishes_its_versioned_url() -> None:
     state, _ = run(fresh(), *RUNNING)
     state, effects = run(state, task.PreviewReady(3))
     [message] = published(effects)
+    # Named by the snapshot that announces it, not by the store's version: snapshot
+    # versions go on rising after a restart or on another worker, the store's do not.
     assert message.payload["progress"]["preview"] == {
-        "url": "/tasks/T/preview?v=3",
-        "version": 3,
+        "url": f"/tasks/T/preview?v={message.version}",
+        "version": message.version,
     }
     # An older announcement arriving late changes nothing.
     state, effects = run(state, task.PreviewReady(2))
     assert published(effects) == []
     # Later progress snapshots keep naming the newest preview.
     state, effects = run(state, comfy.Progress("P", "3", 2, 20))
-    assert published(effects)[0].payload["progress"]["preview"]["version"] == 3
+    later = published(effects)[0]
+    assert later.payload["progress"]["preview"]["version"] == message.version
+    # The next preview: the next snapshot's version.
+    state, effects = run(state, task.PreviewReady(4))
+    [newer] = published(effects)
+    assert newer.payload["progress"]["preview"]["version"] == newer.version > later.version
 
 
 def test_progress_text_shows_while_its_node_runs() -> None:
