@@ -189,6 +189,13 @@ class Routes:
         try:
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
                 return replay
+            # A retry, maybe at another front: its task, before any check could refuse it.
+            if (
+                key is not None
+                and self.shared is not None
+                and (replay := await self._replayed_shared(key, request.body)) is not None
+            ):
+                return replay
             spec_for = await self.binder.prepare(request.body)
             # Checked again: a twin request may have got in while we awaited.
             if key is not None and (replay := self._replayed(key, request.body)) is not None:
@@ -292,6 +299,23 @@ class Routes:
             422,
             f"no ComfyUI backend can run this workflow: it lacks {', '.join(missing)}",
             {"missing": missing, "backends": reasons},
+        )
+
+    async def _replayed_shared(self, key: str, body: bytes) -> Response | None:
+        """The task a retry's key already made in Redis' queue (None: a new key)."""
+        shared = self.shared
+        assert shared is not None
+        try:
+            existing = await shared.idempotency.lookup(key, body)
+        except RedisError as exc:
+            log.error("cannot read an idempotency key in Redis: %s", exc)
+            return unavailable("the shared task store is unreachable; try again")
+        if existing is None:
+            return None
+        return json_response(
+            202,
+            api.accepted_reply(existing),
+            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
         )
 
     def _replayed(self, key: str, body: bytes) -> Response | None:

@@ -23,6 +23,24 @@ class SharedIdempotencyKeys:
     def _key(self, key: str) -> str:
         return f"{self.prefix}:idempotency:{fingerprint(key.encode())}"
 
+    async def lookup(self, key: str, body: bytes) -> str | None:
+        """The task `key` already made (None: a new key); RequestError 422 when that
+        request had another body. A retry is answered with it before anything is
+        checked: it submits nothing, so no queue limit nor source image may refuse it."""
+        raw = await self.redis.get(self._key(key))
+        return None if raw is None else self._existing(raw, body)
+
+    @staticmethod
+    def _existing(raw: bytes, body: bytes) -> str:
+        existing = json.loads(raw)
+        if existing["fingerprint"] != fingerprint(body):
+            raise RequestError(
+                "this Idempotency-Key was already used with a different request",
+                status_hint=422,
+                details={"field": "Idempotency-Key", "taskId": existing["taskId"]},
+            )
+        return str(existing["taskId"])
+
     async def claim(self, key: str, body: bytes, task_id: str) -> str | None:
         """Claim `key` for `task_id`; the task it already made if another request had it
         (RequestError 422 when that request had another body)."""
@@ -34,14 +52,7 @@ class SharedIdempotencyKeys:
         raw = await self.redis.get(self._key(key))
         if raw is None:  # expired in between: ours now
             return await self.claim(key, body, task_id)
-        existing = json.loads(raw)
-        if existing["fingerprint"] != fingerprint(body):
-            raise RequestError(
-                "this Idempotency-Key was already used with a different request",
-                status_hint=422,
-                details={"field": "Idempotency-Key", "taskId": existing["taskId"]},
-            )
-        return str(existing["taskId"])
+        return self._existing(raw, body)
 
     async def release(self, key: str) -> None:
         """The claimed task was never queued: the key is free again."""

@@ -816,6 +816,30 @@ async def test_max_queued_tasks_counts_the_whole_service_s_queue(tmp_path: Path)
         assert refused.headers.get("retry-after") is not None
 
 
+async def test_a_retry_with_its_idempotency_key_is_its_task_even_when_the_queue_is_full(
+    tmp_path: Path,
+) -> None:
+    """The retry submits nothing, so the service's queue limit does not refuse it."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f1", redis.url, "max_queued_tasks=1") as first,
+        front(tmp_path, "f2", redis.url, "max_queued_tasks=1") as second,
+    ):
+        body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+        headers = [("Content-Type", "application/json"), ("Idempotency-Key", "full-1")]
+        accepted = await http_request(
+            "POST", f"{first.url}/generate", headers=headers, body=body, timeout=10
+        )
+        assert accepted.status == 202
+        for daemon in (first, second):  # the queue is full now: one task waits
+            retried = await http_request(
+                "POST", f"{daemon.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert retried.status == 202, retried.json()
+            assert retried.json()["taskId"] == accepted.json()["taskId"]
+            assert retried.headers.get("idempotent-replayed") == "true"
+
+
 async def until_logged(daemon: DaemonProcess, text: bytes) -> None:
     """Across a process boundary there is no signal to wait on: read its log until then."""
     while True:
