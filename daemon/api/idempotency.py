@@ -86,6 +86,17 @@ class IdempotencyKeys:
             self._journal.record_idempotency_key(key, record)
         self._expire()
 
+    def forget(self, key: str, task_id: str) -> None:
+        """`task_id` was refused after all (its 202 never sent): a retry with `key`
+        makes a new task instead of being told of the refused one."""
+        record = self._keys.get(key)
+        if record is None or record.task_id != task_id:
+            return
+        del self._keys[key]
+        self._key_of_task.pop(task_id, None)
+        if self._journal is not None:
+            self._journal.forget_idempotency_key(key)
+
     def _expire(self) -> None:
         cutoff = self._clock() - KEY_TTL
         for key in [k for k, r in self._keys.items() if r.created_at < cutoff]:

@@ -239,6 +239,8 @@ class Routes:
             # Never accept what a restart would lose: take the task back.
             log.error("refusing task %s: %s", actor.task_id, problem)
             actor.cancel()
+            if key is not None:  # the 503 says try again: a retry makes a new task
+                self.idempotency.forget(key, actor.task_id)
             return unavailable(problem)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
 

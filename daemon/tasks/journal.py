@@ -257,7 +257,7 @@ class Journal:
         self.wall_clock = wall_clock
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, TaskRecord | None] = {}  # None: delete
-        self._pending_keys: dict[str, KeyRecord] = {}
+        self._pending_keys: dict[str, KeyRecord | None] = {}  # None: delete
         # (backend, prompt id) -> when it was abandoned; None: removed there, delete.
         self._pending_abandoned: dict[tuple[str, str], float | None] = {}
         self._pending_aside: dict[str, str] = {}  # task id -> why its row cannot be used
@@ -424,6 +424,11 @@ class Journal:
         self._pending_keys[key] = record
         self._wake()
 
+    def forget_idempotency_key(self, key: str) -> None:
+        """The key's task was refused (never accepted): the key is free again."""
+        self._pending_keys[key] = None
+        self._wake()
+
     def record_abandoned(self, backend: str, prompt_id: str) -> None:
         """The daemon gave up on `prompt_id` in `backend` (a URL): remove it there even
         after a restart."""
@@ -493,7 +498,7 @@ class Journal:
     def _write_sync(
         self,
         batch: dict[str, TaskRecord | None],
-        keys: dict[str, KeyRecord],
+        keys: dict[str, KeyRecord | None],
         abandoned: dict[tuple[str, str], float | None],
         aside: dict[str, str],
     ) -> None:
@@ -523,6 +528,9 @@ class Journal:
                     ),
                 )
             for key, k in keys.items():
+                if k is None:
+                    db.execute("DELETE FROM idempotency WHERE key = ?", (key,))
+                    continue
                 db.execute(
                     "INSERT OR REPLACE INTO idempotency"
                     " (key, task_id, created_at, fingerprint, outcome) VALUES (?, ?, ?, ?, ?)",

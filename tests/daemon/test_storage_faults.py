@@ -178,3 +178,41 @@ async def test_tasks_created_at_once_each_answer_503_when_the_commit_fails(
     assert [r.status for r in responses] == [503] * 5
     for response in responses:
         assert "readonly database" in response.json()["error"]["message"]
+
+
+async def journal_writes_again(journal: Journal) -> None:
+    """The fault is gone; returns once the flusher's retry has written."""
+    async with journal._lock:
+        assert journal._db is not None
+        journal._db.execute("PRAGMA query_only=OFF")
+    while journal.failure is not None:
+        await journal._batch_written.wait()
+
+
+async def test_an_idempotency_key_whose_post_was_refused_503_may_be_retried(
+    tmp_path: Path,
+) -> None:
+    """The 503 says try again: the retry must not be told its refused task was taken."""
+    key = (("Idempotency-Key", "retry-after-503"),)
+    body = {"prompt": "a red fox", "seed": 3}
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path) as daemon:
+            await make_journal_read_only(daemon.app.journal)
+            refused = await daemon.request("POST", "/generate", body, headers=key)
+            assert refused.status == 503, refused.body
+            while_broken = await daemon.request("POST", "/generate", body, headers=key)
+            await journal_writes_again(daemon.app.journal)
+            retried = await daemon.request("POST", "/generate", body, headers=key)
+            assert retried.status == 202, retried.body
+            task_id = retried.json()["taskId"]
+            last = payloads(await daemon.events(task_id))[-1]
+            again = await daemon.request("POST", "/generate", body, headers=key)
+            await daemon.app.journal.flush()
+            keys = await daemon.app.journal.load_idempotency_keys(0)
+    assert while_broken.status == 503, while_broken.body
+    assert while_broken.headers.get("idempotent-replayed") is None
+    assert retried.headers.get("idempotent-replayed") is None
+    assert last["status"] == "completed"
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["taskId"] == task_id
+    assert keys["retry-after-503"].task_id == task_id
