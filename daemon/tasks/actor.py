@@ -41,6 +41,7 @@ from daemon.tasks.restore import record_of
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
+from protocol.task import image_url
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class TaskSettings:
     preview_max_rate: float = 4.0
     max_queued: int = 1000  # unfinished tasks at once
     max_queued_per_client: int = 0  # 0: no per-client limit
+
+
+class SourceImageGone(Exception):
+    """The task's inpainting source is no longer stored (it cannot run anywhere)."""
 
 
 class CancelResult(Enum):
@@ -664,6 +669,13 @@ class TaskActor:
             reply = await backend.http.submit(
                 graph, client_id=backend.client_id, prompt_id=self.prompt_id
             )
+        except SourceImageGone as exc:
+            # No backend could run it: the end now, not after backend_wait_timeout.
+            if self.cancel_requested():
+                self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
+            else:
+                self.handle(task.Failed("source_unavailable", "The source image is gone", str(exc)))
+            return
         except BackendUnavailable as exc:
             self._log(logging.WARNING, "submitting to %s failed: %s", backend.name, exc)
             # The POST may have arrived even though the answer did not.
@@ -718,7 +730,10 @@ class TaskActor:
             return spec.graph
         data = await self.images.read(spec.source_image)
         if data is None:
-            raise BackendUnavailable(f"the source image {spec.source_image} is gone")
+            raise SourceImageGone(
+                f"the source image {image_url(spec.source_image)} is no longer stored "
+                "(image_retention, or deleted); upload it again"
+            )
         info = image_info(data)
         reply = await backend.http.upload_image(spec.source_image, data, info.content_type)
         subfolder = reply.get("subfolder")

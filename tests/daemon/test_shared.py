@@ -394,6 +394,54 @@ async def test_a_cancel_while_a_worker_fetches_the_images_ends_the_task_at_once(
     assert state.json()["error"]["code"] == "cancelled"
 
 
+async def until_expired_in_redis(redis_url: str, image_url: str) -> None:
+    """Across a process boundary there is no signal to wait on: ask until it is gone."""
+    key = f"comfy-progress:image:{image_url.rsplit('/', 1)[1]}"
+    client = coredis.Redis.from_url(redis_url)
+    async with client:
+        while True:
+            if not await client.exists([key]):
+                return
+            await trio.sleep(0.05)
+
+
+async def test_a_task_whose_source_image_expired_while_it_waited_ends_at_once_saying_so(
+    tmp_path: Path,
+) -> None:
+    """Not after backend_wait_timeout as if ComfyUI had refused the prompt."""
+    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+    with trio.fail_after(30):  # backend_wait_timeout is 120 s
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            simulator(manual=False) as sim,
+            front(tmp_path, "f", redis.url, "image_retention=1") as entry,
+        ):
+            upload = await http_request(
+                "POST",
+                f"{entry.url}/upload",
+                headers=(("Content-Type", "image/png"),),
+                body=picture,
+                timeout=10,
+            )
+            assert upload.status == 201
+            image_url = upload.json()["imageUrl"]
+            inpaint = {
+                "prompt": "a hat",
+                "workflow": "inpaint",
+                "image": image_url,
+                "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
+            }
+            status, reply = await post(entry.url, inpaint)
+            assert status == 202, reply
+            await until_expired_in_redis(redis.url, image_url)  # no worker has taken it yet
+            async with worker(tmp_path, "w", redis.url, sim.url, extra=("image_retention=1",)):
+                events = await read_events(entry.url, reply["taskId"])
+            assert await history_ids(sim) == []
+    error = last(events)["error"]
+    assert error["code"] == "source_unavailable"
+    assert image_url in error["details"]
+
+
 async def published_workers(redis_url: str) -> int:
     client = coredis.Redis.from_url(redis_url)
     async with client:
