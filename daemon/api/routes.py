@@ -277,6 +277,8 @@ class Routes:
                     with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT):
                         await shared.idempotency.release(key)
                 raise
+            if key is not None:
+                await self._mark_queued(key, body, spec.task_id)
         except RequestError as exc:
             return request_error(exc)
         except RedisError as exc:
@@ -284,6 +286,15 @@ class Routes:
             return unavailable("the shared task store is unreachable; try again")
         log.info("task queued in Redis", extra={"task_id": spec.task_id})
         return json_response(202, api.accepted_reply(spec.task_id), headers=NO_STORE)
+
+    async def _mark_queued(self, key: str, body: bytes, task_id: str) -> None:
+        """Best effort: unmarked, a retry after the task was forgotten hears of its
+        taskId (202) rather than 410."""
+        assert self.shared is not None
+        try:
+            await self.shared.idempotency.queued(key, body, task_id)
+        except RedisError as exc:
+            log.warning("cannot mark the idempotency key of %s queued: %s", task_id, exc)
 
     def _runnable_nowhere(self, spec_for: SpecFactory) -> Response | None:
         """422 when, by their last readings, no backend has what the workflow needs."""
@@ -308,15 +319,24 @@ class Routes:
         shared = self.shared
         assert shared is not None
         try:
-            existing = await shared.idempotency.lookup(key, body)
+            claim = await shared.idempotency.lookup(key, body)
+            gone = claim is not None and claim.queued and await shared.latest(claim.task_id) is None
         except RedisError as exc:
             log.error("cannot read an idempotency key in Redis: %s", exc)
             return unavailable("the shared task store is unreachable; try again")
-        if existing is None:
+        if claim is None:
             return None
+        if gone:
+            # Ended and forgotten (task_retention): Redis keeps no outcome beside the key.
+            return error_response(
+                410,
+                "the task made with this Idempotency-Key has ended and is forgotten; "
+                "its outcome is unknown (the shared store keeps no outcomes)",
+                {"field": "Idempotency-Key", "taskId": claim.task_id},
+            )
         return json_response(
             202,
-            api.accepted_reply(existing),
+            api.accepted_reply(claim.task_id),
             headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
         )
 

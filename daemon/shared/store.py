@@ -20,7 +20,8 @@
 {p}:unrunnable     set of the ids that have such a stamp: every script that writes
                    or deletes a stamp adds or removes its id in the same step, so a
                    sweep visits the stamped tasks, not every waiting one
-{p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made
+{p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made (and whether
+                   it reached the queue)
 """
 
 from __future__ import annotations

@@ -888,6 +888,44 @@ async def test_a_retry_with_its_idempotency_key_is_its_task_even_when_the_queue_
             assert retried.headers.get("idempotent-replayed") == "true"
 
 
+async def until_forgotten(daemon_url: str, task_id: str) -> None:
+    """Across a process boundary there is no signal to wait on: ask until it 404s."""
+    while True:
+        response = await http_request("GET", f"{daemon_url}/tasks/{task_id}", timeout=10)
+        if response.status == 404:
+            return
+        await trio.sleep(0.05)
+
+
+async def test_a_key_retried_after_its_task_was_forgotten_is_not_told_to_follow_it(
+    tmp_path: Path,
+) -> None:
+    """Not a 202 with a taskId that 404s: Redis keeps no outcome beside the key, so 410."""
+    forget = "task_retention=0"
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            simulator(manual=False) as sim,
+            worker(tmp_path, "w", redis.url, sim.url, extra=(forget,)),
+            front(tmp_path, "f", redis.url, forget) as entry,
+        ):
+            body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+            headers = [("Content-Type", "application/json"), ("Idempotency-Key", "gone-1")]
+            accepted = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert accepted.status == 202
+            task_id = accepted.json()["taskId"]
+            assert last(await read_events(entry.url, task_id))["status"] == "completed"
+            await until_forgotten(entry.url, task_id)
+            retried = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert len(await history_ids(sim)) == 1
+    assert retried.status == 410, retried.body
+    assert retried.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
+
+
 async def until_logged(daemon: DaemonProcess, text: bytes) -> None:
     """Across a process boundary there is no signal to wait on: read its log until then."""
     while True:
