@@ -22,7 +22,7 @@ from coredis.exceptions import RedisError
 
 from daemon.http.static import StaticFiles
 from daemon.http.types import Request, Response, StreamingResponse
-from daemon.images.store import ImageStore
+from daemon.images.store import ImageStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,12 @@ class SharedImageStore(ImageStore):
 
     async def _store(self, name: str, data: bytes) -> None:
         await super()._store(name, data)
-        await self.redis.set(self._key(name), data, ex=self.ttl)
+        try:
+            await self.redis.set(self._key(name), data, ex=self.ttl)
+        except RedisError as exc:
+            # Redis full (OOM) or gone: no file only this daemon would serve stays.
+            await trio.Path(self.directory / name).unlink(missing_ok=True)
+            raise StorageError(f"cannot store an image in Redis: {exc}") from exc
 
     async def read(self, name: str) -> bytes | None:
         data = await super().read(name)

@@ -442,6 +442,33 @@ async def test_a_task_whose_source_image_expired_while_it_waited_ends_at_once_sa
     assert image_url in error["details"]
 
 
+async def test_an_upload_redis_cannot_hold_is_refused_503_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """Redis keeps every image in memory: once it is full, an upload says so (503),
+    and leaves no file behind that only this front would serve."""
+    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f", redis.url) as entry,
+        ):
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                await client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+            refused = await http_request(
+                "POST",
+                f"{entry.url}/upload",
+                headers=(("Content-Type", "image/png"),),
+                body=picture,
+                timeout=10,
+            )
+    assert refused.status == 503, refused.body
+    assert "OOM" in refused.json()["error"]["message"]
+    assert refused.headers.get("retry-after") is not None
+    assert files_in(tmp_path / "f" / "images") == []
+
+
 async def published_workers(redis_url: str) -> int:
     client = coredis.Redis.from_url(redis_url)
     async with client:
