@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from daemon.images.previews import PreviewStore
     from daemon.ops.metrics import DaemonMetrics
     from daemon.shared.service import SharedService
+    from daemon.tasks.actor import TaskActor
     from daemon.tasks.broadcast import Snapshot
     from daemon.tasks.journal import Journal
     from daemon.tasks.registry import TaskRegistry
@@ -154,6 +155,9 @@ class Routes:
         self.metrics = metrics
         self.shared = shared
         self.trusted_proxies = parse_networks(config.trusted_proxies)
+        # Keys whose task waits for the journal before its 202: set once it is
+        # accepted or refused (a twin must not hear of a task that may be refused).
+        self._confirming: dict[str, trio.Event] = {}
 
     def install(self, router: Router) -> None:
         # check_head: a client waiting for 100 Continue hears a 415 before it sends a body.
@@ -187,7 +191,8 @@ class Routes:
             return refusal
         key = request.headers.get("idempotency-key")
         try:
-            if key is not None and (replay := self._replayed(key, request.body)) is not None:
+            replay = None if key is None else await self._settled_replay(key, request.body)
+            if replay is not None:
                 return replay
             # A retry, maybe at another front: its task, before any check could refuse it.
             if (
@@ -197,8 +202,10 @@ class Routes:
             ):
                 return replay
             spec_for = await self.binder.prepare(request.body)
-            # Checked again: a twin request may have got in while we awaited.
-            if key is not None and (replay := self._replayed(key, request.body)) is not None:
+            # Checked again: a twin request may have got in while we awaited (and
+            # nothing awaits from here until a local task is made and its key kept).
+            replay = None if key is None else await self._settled_replay(key, request.body)
+            if replay is not None:
                 return replay
         except RequestError as exc:
             return request_error(exc)
@@ -216,8 +223,18 @@ class Routes:
             return unavailable(str(exc))
         except QueueFull as exc:
             return too_many(str(exc))
-        if key is not None:
-            self.idempotency.remember(key, request.body, actor.task_id)
+        if key is None:
+            return await self._confirm(actor, None)
+        self.idempotency.remember(key, request.body, actor.task_id)
+        confirmed = self._confirming[key] = trio.Event()
+        try:
+            return await self._confirm(actor, key)
+        finally:
+            del self._confirming[key]
+            confirmed.set()
+
+    async def _confirm(self, actor: TaskActor, key: str | None) -> Response:
+        """The 202 once the journal holds the task; else the task is taken back (503)."""
         log.info(
             "task created",
             extra={
@@ -339,6 +356,12 @@ class Routes:
             api.accepted_reply(claim.task_id),
             headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
         )
+
+    async def _settled_replay(self, key: str, body: bytes) -> Response | None:
+        """`_replayed`, once the key's task is accepted or refused."""
+        while (pending := self._confirming.get(key)) is not None:
+            await pending.wait()
+        return self._replayed(key, body)
 
     def _replayed(self, key: str, body: bytes) -> Response | None:
         """The answer to a retry of a request we already took (same task, nothing new)."""

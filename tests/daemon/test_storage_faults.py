@@ -216,3 +216,23 @@ async def test_an_idempotency_key_whose_post_was_refused_503_may_be_retried(
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["taskId"] == task_id
     assert keys["retry-after-503"].task_id == task_id
+
+
+async def test_twins_of_a_post_refused_503_are_not_told_its_task_was_taken(
+    tmp_path: Path,
+) -> None:
+    """A twin arriving while the first waits for the journal hears how that ends."""
+    key = (("Idempotency-Key", "twins-503"),)
+    body = {"prompt": "a red fox", "seed": 3}
+    with trio.fail_after(20):
+        async with running_daemon(tmp_path) as daemon:
+            await make_journal_read_only(daemon.app.journal)
+            responses = []
+
+            async def create() -> None:
+                responses.append(await daemon.request("POST", "/generate", body, headers=key))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(create)
+    assert [r.status for r in responses] == [503] * 5, [r.body for r in responses]
