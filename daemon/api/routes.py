@@ -209,6 +209,9 @@ class Routes:
                 return replay
         except RequestError as exc:
             return request_error(exc)
+        except StorageError as exc:  # the source image cannot be read now
+            log.error("cannot read a source image: %s", exc)
+            return unavailable(str(exc))
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
         if self.shared is not None:

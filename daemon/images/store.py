@@ -113,6 +113,8 @@ class ImageStore:
         return self.directory / name
 
     async def read(self, name: str) -> bytes | None:
+        """The image's bytes; None when there is no such image (StorageError when it
+        cannot be read now)."""
         path = self.path_of(name)
         if path is None:
             return None
@@ -120,6 +122,8 @@ class ImageStore:
             return await trio.Path(path).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     async def delete(self, name: str) -> None:
         """Remove a stored image (gone already is fine)."""

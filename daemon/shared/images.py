@@ -55,8 +55,8 @@ class SharedImageStore(ImageStore):
         try:
             return await self.redis.get(self._key(name))
         except RedisError as exc:
-            log.warning("cannot read image %s from Redis: %s", name, exc)
-            return None
+            # Not "no such image": it may well be there once Redis answers again.
+            raise StorageError(f"cannot read the image {name} from Redis: {exc}") from exc
 
     async def delete(self, name: str) -> None:
         """The local file and Redis' copy (best effort: that one expires anyway)."""

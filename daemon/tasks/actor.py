@@ -728,7 +728,10 @@ class TaskActor:
         spec = self.state.spec
         if spec.source_image is None:
             return spec.graph
-        data = await self.images.read(spec.source_image)
+        try:
+            data = await self.images.read(spec.source_image)
+        except StorageError as exc:  # it may be readable again soon: retried
+            raise BackendUnavailable(str(exc)) from exc
         if data is None:
             raise SourceImageGone(
                 f"the source image {image_url(spec.source_image)} is no longer stored "

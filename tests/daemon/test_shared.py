@@ -469,6 +469,39 @@ async def test_an_upload_redis_cannot_hold_is_refused_503_with_the_reason(
     assert files_in(tmp_path / "f" / "images") == []
 
 
+async def test_a_source_image_unreadable_while_redis_is_down_is_503_not_400(
+    tmp_path: Path,
+) -> None:
+    """The image is there, Redis just does not answer: try again, not "no such image"."""
+    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f1", redis.url) as first,
+            front(tmp_path, "f2", redis.url) as second,
+        ):
+            upload = await http_request(
+                "POST",
+                f"{first.url}/upload",
+                headers=(("Content-Type", "image/png"),),
+                body=picture,
+                timeout=10,
+            )
+            assert upload.status == 201
+            await redis.stop()
+            status, reply = await post(
+                second.url,  # its copy is in Redis only
+                {
+                    "prompt": "a hat",
+                    "workflow": "inpaint",
+                    "image": upload.json()["imageUrl"],
+                    "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
+                },
+            )
+    assert status == 503, reply
+    assert "Redis" in reply["error"]["message"]
+
+
 async def published_workers(redis_url: str) -> int:
     client = coredis.Redis.from_url(redis_url)
     async with client:
