@@ -48,7 +48,9 @@ class Binder:
         self._random = random.Random()
 
     async def prepare(self, body: bytes) -> SpecFactory:
-        """The task's spec factory for a /generate body. Raises RequestError."""
+        """The task's spec factory for a /generate body. Raises RequestError.
+
+        Its source image (if any) is kept from retention until `release(spec_for)`."""
         request = api.parse_generate(body, extra_fields=self._fields)
         workflow = self.catalog.get(request.workflow)
         seed = request.seed
@@ -58,10 +60,22 @@ class Binder:
         source = None
         image = workflow.of_type("image")
         if image is not None:
+            # Held from here: the caller `release`s it once its task holds it.
             stored = await self.sources.read(checked.values[image.name], field=image.name)
-            binding.check_source(checked, stored.info.width, stored.info.height)
-            # Bound under our name; the task swaps in the name the backend stores it as.
-            source = binding.SourceImage(stored.name, stored.info.width, stored.info.height)
-        graph = binding.bind(checked, source)
-        source_name = source.comfy_name if source is not None else None
-        return SpecFactory(checked, graph, source_name, needs_of(graph))
+            try:
+                binding.check_source(checked, stored.info.width, stored.info.height)
+                # Bound under our name; the task swaps in the name the backend stores it as.
+                source = binding.SourceImage(stored.name, stored.info.width, stored.info.height)
+                graph = binding.bind(checked, source)
+                return SpecFactory(checked, graph, source.comfy_name, needs_of(graph))
+            except BaseException:
+                self.sources.release(stored.name)
+                raise
+        graph = binding.bind(checked, None)
+        return SpecFactory(checked, graph, None, needs_of(graph))
+
+    def release(self, spec_for: SpecFactory) -> None:
+        """The request is done with its source image: its task holds it now, or it
+        made none (retention kept it since `prepare` read it)."""
+        if spec_for.source_name is not None:
+            self.sources.release(spec_for.source_name)

@@ -202,6 +202,20 @@ class Routes:
             ):
                 return replay
             spec_for = await self.binder.prepare(request.body)
+        except RequestError as exc:
+            return request_error(exc)
+        except StorageError as exc:  # the source image cannot be read now
+            log.error("cannot read a source image: %s", exc)
+            return unavailable(str(exc))
+        try:
+            return await self._take(request, key, spec_for)
+        finally:
+            # Retention kept the source since it was read: the task holds it now.
+            self.binder.release(spec_for)
+
+    async def _take(self, request: Request, key: str | None, spec_for: SpecFactory) -> Response:
+        """A checked request's task: made (202), or refused."""
+        try:
             # Checked again: a twin request may have got in while we awaited (and
             # nothing awaits from here until a local task is made and its key kept).
             replay = None if key is None else await self._settled_replay(key, request.body)
@@ -209,9 +223,6 @@ class Routes:
                 return replay
         except RequestError as exc:
             return request_error(exc)
-        except StorageError as exc:  # the source image cannot be read now
-            log.error("cannot read a source image: %s", exc)
-            return unavailable(str(exc))
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
         if self.shared is not None:

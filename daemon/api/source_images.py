@@ -47,12 +47,24 @@ class SourceImages:
         }
 
     async def read(self, name: str, *, field: str) -> Source:
-        """A stored image named by a request's `field`; a RequestError when there is none."""
-        data = await self.images.read(name)
-        if data is None:
-            raise field_error(field, f"there is no image {image_url(name)} on this daemon")
+        """A stored image named by a request's `field`; a RequestError when there is none.
+
+        Retention keeps it from before the read until `release(name)`: the caller
+        releases it once its task holds it (or it made none)."""
+        self.images.hold(name)
         try:
-            info = await trio.to_thread.run_sync(image_info, data)
-        except ImageFormatError as exc:
-            raise field_error(field, f"{image_url(name)} cannot be a source: {exc}") from None
+            data = await self.images.read(name)
+            if data is None:
+                raise field_error(field, f"there is no image {image_url(name)} on this daemon")
+            try:
+                info = await trio.to_thread.run_sync(image_info, data)
+            except ImageFormatError as exc:
+                raise field_error(field, f"{image_url(name)} cannot be a source: {exc}") from None
+        except BaseException:
+            self.images.release(name)
+            raise
         return Source(name, data, info)
+
+    def release(self, name: str) -> None:
+        """A `read` source is held by its task now, or will never be."""
+        self.images.release(name)

@@ -9,10 +9,12 @@ the janitor deletes, oldest first by modification time:
 
 It never deletes an image a live task needs: the source image of a task the
 registry still holds, or its result while the task is retained (`in_use`),
-nor one being saved. The listing of those is taken after the folder is read:
-an image saved meanwhile is either not in the folder's reading or already in
-the listing, never in the first only (it would look unused and be the first
-to go over the size budget, being the newest).
+nor one being saved, nor a source a POST /generate is reading (`reading`:
+from before its read until its task is held). The listing of those is taken
+after the folder is read: an image saved meanwhile is either not in the
+folder's reading or already in the listing, never in the first only (it
+would look unused and be the first to go over the size budget, being the
+newest).
 Half-written files (`.name.partial`) left by a crash go after an hour.
 """
 
@@ -90,7 +92,7 @@ class ImageJanitor:
         return deleted
 
     def _in_use_now(self) -> frozenset[str]:
-        return frozenset(self.in_use()) | self.store.saving
+        return frozenset(self.in_use()) | self.store.saving | self.store.reading.keys()
 
     def _sweep_sync(self, now: float) -> list[str]:
         directory = self.store.directory

@@ -70,6 +70,18 @@ class ImageStore:
         # Names being saved: retention keeps them (their caller holds them as soon as
         # save() returns, with no checkpoint between).
         self.saving: set[str] = set()
+        # Names a request holds while it reads them and until its task holds them
+        # (a source image: a POST /generate awaits between its read and its task).
+        self.reading: dict[str, int] = {}
+
+    def hold(self, name: str) -> None:
+        """Retention keeps `name` until as many `release` calls."""
+        self.reading[name] = self.reading.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        left = self.reading.pop(name) - 1
+        if left:
+            self.reading[name] = left
 
     async def open(self) -> None:
         await trio.Path(self.directory).mkdir(parents=True, exist_ok=True)

@@ -225,6 +225,57 @@ async def test_an_image_on_disk_whose_save_has_not_returned_is_kept(tmp_path: Pa
     assert os.listdir(images) == saved
 
 
+async def test_a_source_image_a_request_is_reading_is_kept_until_its_task_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between reading the source and making the task, a POST /generate awaits (a
+    slow disk here): a sweep then must not take the old image the task will need."""
+    store_read_done = trio.Event()
+    go_on = trio.Event()
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, image_retention=3600.0) as daemon:
+            store = daemon.app.images
+            source_url = await upload(daemon, png(64, 64))
+            source = source_url.rsplit("/", 1)[1]
+            age(store, source, YEAR)
+            read = store.read
+
+            async def slow_read(name: str) -> bytes | None:
+                data = await read(name)
+                store_read_done.set()
+                await go_on.wait()
+                return data
+
+            monkeypatch.setattr(store, "read", slow_read)
+            inpaint = {
+                "prompt": "a hat",
+                "inpaint": True,
+                "image": source_url,
+                "inpaintArea": {"x": 0, "y": 0, "width": 32, "height": 32},
+                "steps": 1,
+            }
+            async with trio.open_nursery() as nursery:
+                replies = []
+
+                async def generate() -> None:
+                    replies.append(await daemon.request("POST", "/generate", inpaint))
+
+                nursery.start_soon(generate)
+                await store_read_done.wait()
+                deleted = await daemon.app.image_janitor.sweep()
+                monkeypatch.setattr(store, "read", read)
+                go_on.set()
+            [reply] = replies
+            assert reply.status == 202, reply.body
+            last = payloads(await daemon.events(reply.json()["taskId"]))[-1]
+            outside = {**inpaint, "inpaintArea": {"x": 60, "y": 0, "width": 32, "height": 32}}
+            refused = await daemon.request("POST", "/generate", outside)
+    assert deleted == []
+    assert last["status"] == "completed", last
+    assert refused.status == 400, refused.body
+    assert store.reading == {}  # released: by the task made, and by the request refused
+
+
 def test_uploads_may_not_be_larger_than_what_is_served() -> None:
     with pytest.raises(ConfigError, match="max_upload_bytes must be at most max_image_bytes"):
         load(
