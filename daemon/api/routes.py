@@ -293,23 +293,15 @@ class Routes:
                     f"{unfinished} tasks are waiting or running (the most the service "
                     "takes); try again later"
                 )
-            if key is not None:
-                existing = await shared.idempotency.claim(key, body, spec.task_id)
-                if existing is not None:  # a retry, maybe at another front
-                    return json_response(
-                        202,
-                        api.accepted_reply(existing),
-                        headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
-                    )
-            try:
-                await shared.submit(spec, now)
-            except RedisError:
-                if key is not None:
-                    with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT):
-                        await shared.idempotency.release(key)
-                raise
-            if key is not None:
-                await self._mark_queued(key, body, spec.task_id)
+            # The key is claimed in the step that queues the task: a twin at
+            # another front that got there first is answered with its task.
+            existing = await shared.submit(spec, now, None if key is None else (key, body))
+            if existing is not None:
+                return json_response(
+                    202,
+                    api.accepted_reply(existing),
+                    headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
+                )
         except RequestError as exc:
             return request_error(exc)
         except RedisError as exc:
@@ -317,15 +309,6 @@ class Routes:
             return unavailable("the shared task store is unreachable; try again")
         log.info("task queued in Redis", extra={"task_id": spec.task_id})
         return json_response(202, api.accepted_reply(spec.task_id), headers=NO_STORE)
-
-    async def _mark_queued(self, key: str, body: bytes, task_id: str) -> None:
-        """Best effort: unmarked, a retry after the task was forgotten hears of its
-        taskId (202) rather than 410."""
-        assert self.shared is not None
-        try:
-            await self.shared.idempotency.queued(key, body, task_id)
-        except RedisError as exc:
-            log.warning("cannot mark the idempotency key of %s queued: %s", task_id, exc)
 
     def _runnable_nowhere(self, spec_for: SpecFactory) -> Response | None:
         """422 when, by their last readings, no backend has what the workflow needs."""
@@ -350,12 +333,13 @@ class Routes:
         shared = self.shared
         assert shared is not None
         try:
-            claim = await shared.idempotency.lookup(key, body)
-            gone = claim is not None and claim.queued and await shared.latest(claim.task_id) is None
+            existing = await shared.idempotency.lookup(key, body)
+            # A key is written with its task, so no task now means: forgotten since.
+            gone = existing is not None and await shared.latest(existing) is None
         except RedisError as exc:
             log.error("cannot read an idempotency key in Redis: %s", exc)
             return unavailable("the shared task store is unreachable; try again")
-        if claim is None:
+        if existing is None:
             return None
         if gone:
             # Ended and forgotten (task_retention): Redis keeps no outcome beside the key.
@@ -363,11 +347,11 @@ class Routes:
                 410,
                 "the task made with this Idempotency-Key has ended and is forgotten; "
                 "its outcome is unknown (the shared store keeps no outcomes)",
-                {"field": "Idempotency-Key", "taskId": claim.task_id},
+                {"field": "Idempotency-Key", "taskId": existing},
             )
         return json_response(
             202,
-            api.accepted_reply(claim.task_id),
+            api.accepted_reply(existing),
             headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
         )
 

@@ -135,10 +135,18 @@ class SharedService:
 
     # -- what the routes ask of any task
 
-    async def submit(self, spec: task.TaskSpec, now: float) -> None:
-        """A new task into the shared queue (version 1: stream ids start at 1-0)."""
+    async def submit(
+        self, spec: task.TaskSpec, now: float, key: tuple[str, bytes] | None = None
+    ) -> str | None:
+        """A new task into the shared queue (version 1: stream ids start at 1-0). With
+        `key` (an Idempotency-Key and the request's body): the task that key already
+        made, and nothing is queued (RequestError 422 when made for another body)."""
         state = replace(task.new_task(spec, now), version=1)
-        await self.store.submit(state, task.render(state, now))
+        claim = None if key is None else self.idempotency.claim(*key, spec.task_id)
+        claimed = await self.store.submit(state, task.render(state, now), claim)
+        if claimed is None or key is None:
+            return None
+        return self.idempotency.existing(claimed, key[1])
 
     async def latest(self, task_id: str) -> Snapshot | None:
         return await self.store.latest(task_id)

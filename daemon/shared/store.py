@@ -20,8 +20,8 @@
 {p}:unrunnable     set of the ids that have such a stamp: every script that writes
                    or deletes a stamp adds or removes its id in the same step, so a
                    sweep visits the stamped tasks, not every waiting one
-{p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made (and whether
-                   it reached the queue)
+{p}:idempotency:{sha256 of the key}  the task an Idempotency-Key made (written with
+                   the task, in one step: a key names only a task that was queued)
 """
 
 from __future__ import annotations
@@ -139,6 +139,26 @@ redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
 redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[1])
 return 1
+"""
+
+# A new task in one step with its Idempotency-Key's claim (KEYS: record, events,
+# waiting set, queue, the key's claim (the record again when there is no key); ARGV:
+# task id, record JSON, record TTL, its first entry id, event, payload, MAXLEN,
+# events TTL, created_at, the claim ('': no key), the claim's TTL). A key already
+# claimed: nothing written, that claim returned. The claim is written last: a key
+# never names a task that did not reach the queue (a Redis refusing a write midway).
+SUBMIT: Final = """
+if ARGV[10] ~= '' then
+  local claimed = redis.call('GET', KEYS[5])
+  if claimed then return claimed end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], ARGV[4], 'e', ARGV[5], 'p', ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[1])
+redis.call('XADD', KEYS[4], '*', 'task', ARGV[1])
+if ARGV[10] ~= '' then redis.call('SET', KEYS[5], ARGV[10], 'EX', ARGV[11]) end
+return false
 """
 
 # A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
@@ -387,13 +407,41 @@ class SharedStore:
     async def drop_preview(self, task_id: str) -> None:
         await self.redis.delete([self.preview_key(task_id)])
 
-    async def submit(self, state: task.TaskState, message: task.TaskMessage) -> None:
-        """A new task: its record, its first snapshot, and its place in the queue."""
+    async def submit(
+        self,
+        state: task.TaskState,
+        message: task.TaskMessage,
+        claim: tuple[str, bytes, int] | None = None,
+    ) -> bytes | None:
+        """A new task: its record, its first snapshot, and its place in the queue, in
+        one step with `claim` (an Idempotency-Key's: Redis key, value, TTL). None:
+        done; else the claim that key already had, and nothing was written."""
         record = record_of(state, backend=None)
-        await self.save(SharedRecord(record))
-        await self.append(state.task_id, message)
-        await self.redis.zadd(self.waiting_key, {state.task_id: state.created_at})
-        await self.redis.xadd(self.queue_key, {"task": state.task_id})
+        task_key = self.task_key(state.task_id)
+        claimed = await self.redis.eval(
+            SUBMIT,
+            keys=[
+                task_key,
+                self.events_key(state.task_id),
+                self.waiting_key,
+                self.queue_key,
+                claim[0] if claim is not None else task_key,
+            ],
+            args=[
+                state.task_id,
+                SharedRecord(record).to_json(),
+                RUNNING_TTL,
+                entry_id(message.version),
+                message.event,
+                payload_json(message),
+                STREAM_LENGTH,
+                RUNNING_TTL,
+                repr(state.created_at),
+                claim[1] if claim is not None else b"",
+                claim[2] if claim is not None else 0,
+            ],
+        )
+        return claimed if isinstance(claimed, bytes) else None
 
     async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> None:
         """Back into the queue (a worker that cannot run it took it), its entry acknowledged,

@@ -986,6 +986,38 @@ async def test_a_key_retried_after_its_task_was_forgotten_is_not_told_to_follow_
     assert retried.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
 
 
+async def test_a_key_whose_task_never_reached_the_queue_may_be_retried(
+    tmp_path: Path,
+) -> None:
+    """Redis took the key's claim, then refused the task (here: its ACL, as a full or
+    failing Redis would): the 503 says try again, and the retry must make the task, not
+    be told of one that does not exist (for the key's 24 hours)."""
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f", redis.url) as entry,
+        ):
+            client = coredis.Redis.from_url(redis.url)
+            body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+            headers = [("Content-Type", "application/json"), ("Idempotency-Key", "half-1")]
+            async with client:
+                await client.acl_setuser("default", "-xadd", "-del")
+                refused = await http_request(
+                    "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+                )
+                await client.acl_setuser("default", "+@all")
+            retried = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert retried.status == 202, retried.body
+            status = await http_request(
+                "GET", f"{entry.url}/tasks/{retried.json()['taskId']}", timeout=10
+            )
+    assert refused.status == 503, refused.body
+    assert retried.headers.get("idempotent-replayed") is None
+    assert status.status == 200, status.body
+
+
 async def until_logged(daemon: DaemonProcess, text: bytes) -> None:
     """Across a process boundary there is no signal to wait on: read its log until then."""
     while True:
