@@ -102,13 +102,18 @@ return 1
 # holder: it read a record that did not name us yet, so this is how the cancel reaches
 # us). An entry pending for nobody is written to (Redis lost it, see REFRESH_LEASES in
 # worker.py). An id not past the stream's newest fails the XADD before anything is
-# written (StaleWrite). The preview goes in the same step as the snapshot announcing
+# written (StaleWrite), unless that entry is this very snapshot: a write retried after
+# its answer was lost (coredis retries a command on a new connection) is not taken
+# for another daemon's. The preview goes in the same step as the snapshot announcing
 # it, so a viewer reading that snapshot finds it.
 WRITE_HELD: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if pending[1] and pending[1][2] ~= ARGV[1] then return 0 end
 if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+  local same = redis.call('XRANGE', KEYS[2], ARGV[3], ARGV[3])
+  if not (same[1] and same[1][2][4] == ARGV[5]) then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+  end
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 redis.call('SET', KEYS[3], ARGV[8], 'EX', ARGV[9])
@@ -320,21 +325,26 @@ class SharedStore:
         await self.redis.set(self.task_key(shared.record.task_id), shared.to_json(), ex=ttl)
 
     async def append(self, task_id: str, message: task.TaskMessage) -> None:
-        """XADD with the explicit id `<version>-0`; StaleWrite when a newer one is there."""
+        """XADD with the explicit id `<version>-0`; StaleWrite when a newer one (or
+        another at this version) is there. This very entry there already is a write
+        retried after its answer was lost: done."""
         key = self.events_key(task_id)
-        fields = {"e": message.event, "p": payload_json(message)}
+        identifier = entry_id(message.version)
+        payload = payload_json(message)
         try:
             await self.redis.xadd(
                 key,
-                fields,
-                identifier=entry_id(message.version),
+                {"e": message.event, "p": payload},
+                identifier=identifier,
                 trim_strategy=coredis.PureToken.MAXLEN,
                 threshold=STREAM_LENGTH,
             )
         except ResponseError as exc:
-            if "equal or smaller" in str(exc):
+            if "equal or smaller" not in str(exc):
+                raise
+            there = await self.redis.xrange(key, identifier, identifier)
+            if not (there and there[0].field_values.get(b"p") == payload.encode()):
                 raise StaleWrite(f"{task_id} version {message.version}") from None
-            raise
         ttl = int(self.retention) + 1 if message.is_terminal else RUNNING_TTL
         await self.redis.expire(key, ttl)
 
