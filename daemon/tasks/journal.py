@@ -459,14 +459,18 @@ class Journal:
 
     async def _flush_pending(self) -> None:
         while self._anything_pending() and not self._closed:
-            batch, self._pending = self._pending, {}
-            keys, self._pending_keys = self._pending_keys, {}
-            abandoned, self._pending_abandoned = self._pending_abandoned, {}
-            aside, self._pending_aside = self._pending_aside, {}
-            upto = self._recorded
             async with self._lock:
                 if self._db is None:
                     return  # closed while we waited for the lock
+                # Taken only with the lock held: the flusher cancelled while it waited
+                # for it (the daemon stopping) leaves them pending, for close_abandoned
+                # to write. Taken before, they were lost: a cancel just before a stop
+                # came back as a running task.
+                batch, self._pending = self._pending, {}
+                keys, self._pending_keys = self._pending_keys, {}
+                abandoned, self._pending_abandoned = self._pending_abandoned, {}
+                aside, self._pending_aside = self._pending_aside, {}
+                upto = self._recorded
                 try:
                     await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned, aside)
                 except sqlite3.Error as exc:

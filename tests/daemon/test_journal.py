@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.tasks.journal import (
     ABANDONED_KEPT_FOR,
@@ -63,6 +64,32 @@ async def test_records_survive_a_reopen(tmp_path: Path) -> None:
     assert loaded["a"].version == 9  # only the newest state of a task is kept
     assert loaded["b"].phase == "completed"
     assert loaded["b"].finished_at == 2.0
+    await again.aclose()
+
+
+async def test_a_record_the_flusher_was_cancelled_before_writing_is_written_at_close(
+    tmp_path: Path,
+) -> None:
+    # The daemon stops (the flusher is cancelled) while the flusher waits for the
+    # journal's lock (a load or a close holds it): it had already taken the
+    # pending records and dropped them, so a task cancelled just before a stop
+    # came back as running after the restart.
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    await journal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        async with journal._lock:  # held as by another journal operation
+            journal.record(record("a", 7, phase="error"))
+            await trio.testing.wait_all_tasks_blocked()  # the flusher waits for the lock
+            nursery.cancel_scope.cancel()
+    await journal.close_abandoned()  # how the App closes a journal after a cancel
+
+    again = Journal(path)
+    await again.open()
+    loaded = {r.task_id: r for r in await again.load()}
+    assert set(loaded) == {"a"}
+    assert (loaded["a"].phase, loaded["a"].version) == ("error", 7)
     await again.aclose()
 
 
