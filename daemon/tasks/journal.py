@@ -249,6 +249,29 @@ class AbandonedPrompt:
     abandoned_at: float  # wall clock
 
 
+@dataclass
+class _Changes:
+    """What record() and its kin asked for since the last write: one transaction."""
+
+    tasks: dict[str, TaskRecord | None] = field(default_factory=dict)  # None: delete
+    keys: dict[str, KeyRecord | None] = field(default_factory=dict)  # None: delete
+    # (backend, prompt id) -> when it was abandoned; None: removed there, delete.
+    abandoned: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    aside: dict[str, str] = field(default_factory=dict)  # task id -> why its row is unusable
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.keys or self.abandoned or self.aside)
+
+    def under(self, newer: _Changes) -> _Changes:
+        """These changes with `newer` ones on top (a failed write put back)."""
+        return _Changes(
+            {**self.tasks, **newer.tasks},
+            {**self.keys, **newer.keys},
+            {**self.abandoned, **newer.abandoned},
+            {**self.aside, **newer.aside},
+        )
+
+
 class Journal:
     def __init__(self, path: Path, *, wall_clock: Callable[[], float] = time.time) -> None:
         """`wall_clock`: when an unreadable row is set aside or a prompt abandoned (and
@@ -256,11 +279,7 @@ class Journal:
         self.path = path
         self.wall_clock = wall_clock
         self._db: sqlite3.Connection | None = None
-        self._pending: dict[str, TaskRecord | None] = {}  # None: delete
-        self._pending_keys: dict[str, KeyRecord | None] = {}  # None: delete
-        # (backend, prompt id) -> when it was abandoned; None: removed there, delete.
-        self._pending_abandoned: dict[tuple[str, str], float | None] = {}
-        self._pending_aside: dict[str, str] = {}  # task id -> why its row cannot be used
+        self._pending = _Changes()
         self._wakeup = trio.Event()
         # Every record() gets a sequence number; flush() waits for its own.
         self._recorded = 0
@@ -407,37 +426,37 @@ class Journal:
     # -- writes (from the event loop, never blocking)
 
     def record(self, record: TaskRecord) -> None:
-        self._pending[record.task_id] = record
+        self._pending.tasks[record.task_id] = record
         self._wake()
 
     def forget(self, task_id: str) -> None:
-        self._pending[task_id] = None
+        self._pending.tasks[task_id] = None
         self._wake()
 
     def set_aside(self, task_id: str, reason: str) -> None:
         """Move the task's row to UNREADABLE_TABLE: it was read, but cannot be restored
         (the caller warns, once; the row is not read again)."""
-        self._pending_aside[task_id] = reason
+        self._pending.aside[task_id] = reason
         self._wake()
 
     def record_idempotency_key(self, key: str, record: KeyRecord) -> None:
-        self._pending_keys[key] = record
+        self._pending.keys[key] = record
         self._wake()
 
     def forget_idempotency_key(self, key: str) -> None:
         """The key's task was refused (never accepted): the key is free again."""
-        self._pending_keys[key] = None
+        self._pending.keys[key] = None
         self._wake()
 
     def record_abandoned(self, backend: str, prompt_id: str) -> None:
         """The daemon gave up on `prompt_id` in `backend` (a URL): remove it there even
         after a restart."""
-        self._pending_abandoned[(backend, prompt_id)] = self.wall_clock()
+        self._pending.abandoned[(backend, prompt_id)] = self.wall_clock()
         self._wake()
 
     def forget_abandoned(self, backend: str, prompt_id: str) -> None:
         """It is removed there (or that backend no longer knows it)."""
-        self._pending_abandoned[(backend, prompt_id)] = None
+        self._pending.abandoned[(backend, prompt_id)] = None
         self._wake()
 
     def _wake(self) -> None:
@@ -458,7 +477,7 @@ class Journal:
             await self._flush_pending()
 
     async def _flush_pending(self) -> None:
-        while self._anything_pending() and not self._closed:
+        while self._pending and not self._closed:
             async with self._lock:
                 if self._db is None:
                     return  # closed while we waited for the lock
@@ -466,23 +485,17 @@ class Journal:
                 # for it (the daemon stopping) leaves them pending, for close_abandoned
                 # to write. Taken before, they were lost: a cancel just before a stop
                 # came back as a running task.
-                batch, self._pending = self._pending, {}
-                keys, self._pending_keys = self._pending_keys, {}
-                abandoned, self._pending_abandoned = self._pending_abandoned, {}
-                aside, self._pending_aside = self._pending_aside, {}
+                changes, self._pending = self._pending, _Changes()
                 upto = self._recorded
                 try:
-                    await trio.to_thread.run_sync(self._write_sync, batch, keys, abandoned, aside)
+                    await trio.to_thread.run_sync(self._write_sync, changes)
                 except sqlite3.Error as exc:
                     reason = f"cannot write the journal {self.path}: {exc}"
                     log.error("%s; will retry", reason)
                     self._failure = (upto, reason)
                     self._wake_flushers()
                     # Put back what is not superseded, and retry later.
-                    self._pending = {**batch, **self._pending}
-                    self._pending_keys = {**keys, **self._pending_keys}
-                    self._pending_abandoned = {**abandoned, **self._pending_abandoned}
-                    self._pending_aside = {**aside, **self._pending_aside}
+                    self._pending = changes.under(self._pending)
                     await trio.sleep(1.0)
                     continue
             self.writes += 1
@@ -490,27 +503,16 @@ class Journal:
             self._failure = None
             self._wake_flushers()
 
-    def _anything_pending(self) -> bool:
-        return bool(
-            self._pending or self._pending_keys or self._pending_abandoned or self._pending_aside
-        )
-
     def _wake_flushers(self) -> None:
         self._batch_written.set()
         self._batch_written = trio.Event()
 
-    def _write_sync(
-        self,
-        batch: dict[str, TaskRecord | None],
-        keys: dict[str, KeyRecord | None],
-        abandoned: dict[tuple[str, str], float | None],
-        aside: dict[str, str],
-    ) -> None:
+    def _write_sync(self, changes: _Changes) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
         try:
-            for task_id, record in batch.items():
+            for task_id, record in changes.tasks.items():
                 if record is None:
                     db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
                     continue
@@ -531,7 +533,7 @@ class Journal:
                         record.backend,
                     ),
                 )
-            for key, k in keys.items():
+            for key, k in changes.keys.items():
                 if k is None:
                     db.execute("DELETE FROM idempotency WHERE key = ?", (key,))
                     continue
@@ -546,7 +548,7 @@ class Journal:
                         None if k.outcome is None else json.dumps(k.outcome),
                     ),
                 )
-            for (backend, prompt_id), at in abandoned.items():
+            for (backend, prompt_id), at in changes.abandoned.items():
                 if at is None:
                     db.execute(
                         "DELETE FROM abandoned_prompts WHERE backend = ? AND prompt_id = ?",
@@ -559,7 +561,7 @@ class Journal:
                         (backend, prompt_id, at),
                     )
             now = self.wall_clock()
-            for task_id, reason in aside.items():
+            for task_id, reason in changes.aside.items():
                 db.execute(
                     f"INSERT INTO {UNREADABLE_TABLE} ({TASK_COLUMNS}, reason, set_aside)"
                     f" SELECT {TASK_COLUMNS}, ?, ? FROM tasks WHERE task_id = ?",
@@ -608,15 +610,10 @@ class Journal:
             async with self._lock:
                 if self._db is None:
                     return
-                batch, self._pending = self._pending, {}
-                keys, self._pending_keys = self._pending_keys, {}
-                abandoned, self._pending_abandoned = self._pending_abandoned, {}
-                aside, self._pending_aside = self._pending_aside, {}
-                if batch or keys or abandoned or aside:
+                changes, self._pending = self._pending, _Changes()
+                if changes:
                     try:
-                        await trio.to_thread.run_sync(
-                            self._write_sync, batch, keys, abandoned, aside
-                        )
+                        await trio.to_thread.run_sync(self._write_sync, changes)
                     except sqlite3.Error as exc:
                         log.error("closing the journal with unwritten changes: %s", exc)
                 db, self._db = self._db, None
