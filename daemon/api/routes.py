@@ -60,6 +60,7 @@ SSE_HEADERS = (
     ("X-Accel-Buffering", "no"),  # nginx: do not buffer this response
 )
 NO_STORE = (("Cache-Control", "no-store"),)
+REPLAYED = (*NO_STORE, ("Idempotent-Replayed", "true"))
 # To a reader that already has a task's last event: nothing follows, and 204
 # tells an EventSource to stop reconnecting (HTML standard, server-sent events).
 NOTHING_MORE = Response(204, NO_STORE)
@@ -103,6 +104,20 @@ def _has_the_end(latest: Snapshot | None, last_id: int | None) -> bool:
     """The client's Last-Event-ID names the task's terminal event: a stream
     would send nothing but heartbeats, for good."""
     return latest is not None and latest.terminal and last_id == latest.version
+
+
+def _accepted_again(task_id: str) -> Response:
+    """A retry's answer: the task its Idempotency-Key already made."""
+    return json_response(202, api.accepted_reply(task_id), headers=REPLAYED)
+
+
+def _forgotten_key(task_id: str, why: str) -> Response:
+    """A retry whose key's task has ended and is forgotten, its outcome unknown (`why`)."""
+    return error_response(
+        410,
+        f"the task made with this Idempotency-Key has ended and is forgotten; {why}",
+        {"field": "Idempotency-Key", "taskId": task_id},
+    )
 
 
 def request_error(exc: RequestError) -> Response:
@@ -297,11 +312,7 @@ class Routes:
             # another front that got there first is answered with its task.
             existing = await shared.submit(spec, now, None if key is None else (key, body))
             if existing is not None:
-                return json_response(
-                    202,
-                    api.accepted_reply(existing),
-                    headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
-                )
+                return _accepted_again(existing)
         except RequestError as exc:
             return request_error(exc)
         except RedisError as exc:
@@ -343,17 +354,10 @@ class Routes:
             return None
         if gone:
             # Ended and forgotten (task_retention): Redis keeps no outcome beside the key.
-            return error_response(
-                410,
-                "the task made with this Idempotency-Key has ended and is forgotten; "
-                "its outcome is unknown (the shared store keeps no outcomes)",
-                {"field": "Idempotency-Key", "taskId": existing},
+            return _forgotten_key(
+                existing, "its outcome is unknown (the shared store keeps no outcomes)"
             )
-        return json_response(
-            202,
-            api.accepted_reply(existing),
-            headers=(*NO_STORE, ("Idempotent-Replayed", "true")),
-        )
+        return _accepted_again(existing)
 
     async def _settled_replay(self, key: str, body: bytes) -> Response | None:
         """`_replayed`, once the key's task is accepted or refused."""
@@ -366,18 +370,15 @@ class Routes:
         existing = self.idempotency.lookup(key, body)
         if existing is None:
             return None
-        replayed = (*NO_STORE, ("Idempotent-Replayed", "true"))
         if self.registry.get(existing) is not None:
-            return json_response(202, api.accepted_reply(existing), headers=replayed)
+            return _accepted_again(existing)
         # The task has ended and been forgotten since: say how it ended.
         outcome = self.idempotency.outcome(key)
         if outcome is not None:
-            return json_response(200, outcome, headers=replayed)
-        return error_response(
-            410,
-            "the task made with this Idempotency-Key has ended and is forgotten; "
+            return json_response(200, outcome, headers=REPLAYED)
+        return _forgotten_key(
+            existing,
             "its outcome is unknown (the key was recorded by a version that kept no outcomes)",
-            {"field": "Idempotency-Key", "taskId": existing},
         )
 
     def _unknown_task(self, task_id: str) -> Response:
