@@ -18,7 +18,7 @@ import coredis
 import trio
 from coredis.response.types import StreamPendingExt
 
-from daemon.http.client import http_request, open_stream
+from daemon.http.client import ClientResponse, http_request, open_stream
 from daemon.shared.store import SharedStore
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
@@ -405,33 +405,44 @@ async def until_expired_in_redis(redis_url: str, image_url: str) -> None:
             await trio.sleep(0.05)
 
 
+PICTURE = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
+
+
+async def upload_picture(url: str) -> ClientResponse:
+    """POST /upload of a small PNG to the front at `url`."""
+    return await http_request(
+        "POST",
+        f"{url}/upload",
+        headers=(("Content-Type", "image/png"),),
+        body=PICTURE,
+        timeout=10,
+    )
+
+
+def inpaint_request(image_url: str) -> dict[str, Any]:
+    """A /generate body that needs `image_url` as its source."""
+    return {
+        "prompt": "a hat",
+        "workflow": "inpaint",
+        "image": image_url,
+        "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
+    }
+
+
 async def test_a_task_whose_source_image_expired_while_it_waited_ends_at_once_saying_so(
     tmp_path: Path,
 ) -> None:
     """Not after backend_wait_timeout as if ComfyUI had refused the prompt."""
-    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
     with trio.fail_after(30):  # backend_wait_timeout is 120 s
         async with (
             redis_server(tmp_path / "redis") as redis,
             simulator(manual=False) as sim,
             front(tmp_path, "f", redis.url, "image_retention=1") as entry,
         ):
-            upload = await http_request(
-                "POST",
-                f"{entry.url}/upload",
-                headers=(("Content-Type", "image/png"),),
-                body=picture,
-                timeout=10,
-            )
+            upload = await upload_picture(entry.url)
             assert upload.status == 201
             image_url = upload.json()["imageUrl"]
-            inpaint = {
-                "prompt": "a hat",
-                "workflow": "inpaint",
-                "image": image_url,
-                "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
-            }
-            status, reply = await post(entry.url, inpaint)
+            status, reply = await post(entry.url, inpaint_request(image_url))
             assert status == 202, reply
             await until_expired_in_redis(redis.url, image_url)  # no worker has taken it yet
             async with worker(tmp_path, "w", redis.url, sim.url, extra=("image_retention=1",)):
@@ -447,7 +458,6 @@ async def test_an_upload_redis_cannot_hold_is_refused_503_with_the_reason(
 ) -> None:
     """Redis keeps every image in memory: once it is full, an upload says so (503),
     and leaves no file behind that only this front would serve."""
-    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
     with trio.fail_after(30):
         async with (
             redis_server(tmp_path / "redis") as redis,
@@ -456,13 +466,7 @@ async def test_an_upload_redis_cannot_hold_is_refused_503_with_the_reason(
             client = coredis.Redis.from_url(redis.url)
             async with client:
                 await client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
-            refused = await http_request(
-                "POST",
-                f"{entry.url}/upload",
-                headers=(("Content-Type", "image/png"),),
-                body=picture,
-                timeout=10,
-            )
+            refused = await upload_picture(entry.url)
     assert refused.status == 503, refused.body
     assert "OOM" in refused.json()["error"]["message"]
     assert refused.headers.get("retry-after") is not None
@@ -473,31 +477,17 @@ async def test_a_source_image_unreadable_while_redis_is_down_is_503_not_400(
     tmp_path: Path,
 ) -> None:
     """The image is there, Redis just does not answer: try again, not "no such image"."""
-    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
     with trio.fail_after(30):
         async with (
             redis_server(tmp_path / "redis") as redis,
             front(tmp_path, "f1", redis.url) as first,
             front(tmp_path, "f2", redis.url) as second,
         ):
-            upload = await http_request(
-                "POST",
-                f"{first.url}/upload",
-                headers=(("Content-Type", "image/png"),),
-                body=picture,
-                timeout=10,
-            )
+            upload = await upload_picture(first.url)
             assert upload.status == 201
             await redis.stop()
-            status, reply = await post(
-                second.url,  # its copy is in Redis only
-                {
-                    "prompt": "a hat",
-                    "workflow": "inpaint",
-                    "image": upload.json()["imageUrl"],
-                    "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
-                },
-            )
+            # Its copy is in Redis only.
+            status, reply = await post(second.url, inpaint_request(upload.json()["imageUrl"]))
     assert status == 503, reply
     assert "Redis" in reply["error"]["message"]
 
@@ -530,7 +520,6 @@ async def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
 async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_worker(
     tmp_path: Path,
 ) -> None:
-    picture = encode_png(16, 16, [bytes((10, 200, 30)) * 16] * 16)
     async with (
         redis_server(tmp_path / "redis") as redis,
         simulator(manual=False, hidden=("VAEEncodeForInpaint",)) as plain_sim,
@@ -538,20 +527,9 @@ async def test_a_front_refuses_what_no_worker_can_run_and_an_upload_reaches_any_
         front(tmp_path, "f1", redis.url) as first,
         front(tmp_path, "f2", redis.url) as second,
     ):
-        upload = await http_request(
-            "POST",
-            f"{first.url}/upload",
-            headers=(("Content-Type", "image/png"),),
-            body=picture,
-            timeout=10,
-        )
+        upload = await upload_picture(first.url)
         assert upload.status == 201
-        inpaint = {
-            "prompt": "a hat",
-            "workflow": "inpaint",
-            "image": upload.json()["imageUrl"],
-            "inpaintArea": {"x": 0, "y": 0, "width": 8, "height": 8},
-        }
+        inpaint = inpaint_request(upload.json()["imageUrl"])
         async with worker(tmp_path, "w1", redis.url, plain_sim.url):
             await until_published(redis.url, 1)
             service = (await http_request("GET", f"{second.url}/backends", timeout=10)).json()
