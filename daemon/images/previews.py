@@ -72,6 +72,11 @@ class PreviewStore:
     def get(self, task_id: str) -> Preview | None:
         return self._previews.get(task_id)
 
+    def discard(self, task_id: str) -> None:
+        """The attempt that sent the task's preview was lost: serve none until the next
+        attempt sends one. The version counter stays, so versions still only grow."""
+        self._remove(task_id)
+
     def drop(self, task_id: str) -> None:
         """The task ended: forget its preview and its version counter."""
         self._remove(task_id)

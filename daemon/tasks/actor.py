@@ -394,6 +394,11 @@ class TaskActor:
             return
         prompt_id = new_prompt_id()
         self._log(logging.WARNING, "resubmitting as %s: %s", prompt_id, reason)
+        # The lost attempt's preview is not the new attempt's image: GET .../preview
+        # answers 404 until the new attempt sends one (its snapshot announces none
+        # either), and a preview the throttle still held back is not announced.
+        self.previews.discard(self.task_id)
+        self._preview_throttle = None
         self.handle(task.Requeued(prompt_id, reason))
 
     async def _wait_for_backend(self) -> ComfyBackend | None:

@@ -295,3 +295,27 @@ async def test_a_preview_over_the_message_limit_is_dropped_and_the_connection_st
         assert backend.is_connected()
         daemon.simulator.grant_steps(100)
         await actor.finished.wait()
+
+
+async def test_a_resubmitted_task_serves_no_preview_of_its_lost_attempt(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, simulator=MANUAL) as daemon:
+        assert daemon.simulator is not None
+        actor = await start_task(daemon)
+        lost_prompt = actor.prompt_id
+        first = await step_until_preview(daemon, actor)
+        assert (await daemon.request("GET", first["url"])).status == 200
+        daemon.simulator.restart()  # forgets its queue, as ComfyUI does: the prompt is lost
+        requeued = await snapshot_where(actor, lambda payload: actor.prompt_id != lost_prompt)
+        assert preview_of(requeued) is None
+        # The lost attempt's image is not the task's preview any more.
+        assert (await daemon.request("GET", first["url"])).status == 404
+        assert daemon.app.previews.get(actor.task_id) is None
+
+        daemon.simulator.grant_steps(1)
+        second = await announced_preview(actor, newer_than=first["version"])
+        response = await daemon.request("GET", second["url"])
+        assert response.status == 200
+        # Versions still only grow: the new image is never taken for the old one.
+        assert response.headers.get("etag") == f'"preview-{daemon.app.previews.boot}-2"'
+        daemon.simulator.grant_steps(100)
+        await actor.finished.wait()
