@@ -16,7 +16,8 @@ of that task, however its writes and its lease refresh meet in Redis. One
 writer per task's stream: the claimer's first write is never refused for a
 version the stale copy wrote after the claim. The task's preview goes in that
 step too (a stale copy's would be served as the task's; and a viewer that reads
-a snapshot announcing a preview finds it), and the end deletes it.
+a snapshot announcing a preview finds it); the end deletes it, and so does a
+new attempt's first write (the requeued task announces no preview).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class TaskMirror:
         the queue entry `lease`."""
         self._written[task_id] = version
         self._leases[task_id] = lease
+        # Redis may hold the last holder's preview: the first write that announces
+        # none (a new attempt) deletes it.
+        self._previews[task_id] = 0
 
     def changed(self, actor: TaskActor) -> None:
         """An actor published or changed what its record holds (never awaits)."""
@@ -123,6 +127,9 @@ class TaskMirror:
         task_id = actor.task_id
         ended = message.is_terminal
         preview = None if ended else self._new_preview(actor)
+        # The end deletes the preview, and so does a new attempt (requeued) until it
+        # sends its own: the lost attempt's image is not the task's preview any more.
+        drop_preview = ended or (actor.state.preview_version is None and task_id in self._previews)
         # A backend's name is its URL: what a claimer compares with its own.
         finished = task.Phase(record.phase).is_terminal
         holder = None if finished else self.daemon_id
@@ -132,7 +139,7 @@ class TaskMirror:
         try:
             if lease is None:  # not taken from a queue entry: no lease to check
                 # The preview first: a viewer fetches it as soon as a snapshot announces it.
-                if ended:
+                if drop_preview:
                     await self.store.drop_preview(task_id)
                 elif preview is not None:
                     await self.store.save_preview(task_id, preview[1])
@@ -148,7 +155,7 @@ class TaskMirror:
                     shared,
                     new,
                     preview=preview[1] if preview is not None else None,
-                    drop_preview=ended,
+                    drop_preview=drop_preview,
                 )
                 if not written.written:
                     self._stop(actor, "its lease is another worker's")
@@ -173,7 +180,7 @@ class TaskMirror:
             self._written[task_id] = new.version
         if preview is not None:
             self._previews[task_id] = preview[0]
-        if ended:
+        if drop_preview:
             self._previews.pop(task_id, None)
         if finished:
             self._written.pop(task_id, None)

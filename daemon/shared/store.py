@@ -359,9 +359,10 @@ class SharedStore:
         drop_preview: bool = False,
     ) -> HeldWrite:
         """A worker's snapshot (None: none new), record and newest preview (None:
-        unchanged; `drop_preview`: the task ended) of a task it holds, in one step,
-        only while the queue entry `lease` is still `daemon_id`'s (else nothing is
-        written: another worker claimed it), and whether a cancel was asked.
+        unchanged; `drop_preview`: the task ended, or a new attempt announces none
+        yet) of a task it holds, in one step, only while the queue entry `lease` is
+        still `daemon_id`'s (else nothing is written: another worker claimed it),
+        and whether a cancel was asked.
         StaleWrite when a newer snapshot is there."""
         task_id = shared.record.task_id
         snapshot: list[str] = ["", "", ""]

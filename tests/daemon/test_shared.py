@@ -663,6 +663,47 @@ async def test_a_dead_worker_s_preview_goes_when_the_task_ends_on_another(
             assert gone.status == 404
 
 
+def requeued(event: ServerSentEvent) -> bool:
+    return bool(json.loads(event.data).get("phase") == "requeued")
+
+
+async def test_a_task_resubmitted_by_its_worker_serves_no_preview_of_the_lost_attempt(
+    tmp_path: Path,
+) -> None:
+    """The worker's ComfyUI restarts after it sent a preview: the worker resubmits
+    the task, whose snapshots announce no preview until the new attempt sends one.
+    No front serves the lost attempt's image meanwhile (it stayed in Redis)."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True, previews=True) as sim,
+        worker(tmp_path, "w", redis.url, sim.url),
+        front(tmp_path, "f", redis.url) as entry,
+    ):
+        task_id = await generate(entry.url)
+        following = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def grant_once_running() -> None:
+                await following.wait()
+                sim.grant_steps(1)  # one sampler step: one preview
+
+            nursery.start_soon(grant_once_running)
+            seen = await read_events(
+                entry.url, task_id, first_event=following, stop_after=has_preview
+            )
+        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        assert (await http_request("GET", url, timeout=10)).status == 200
+        sim.restart()  # forgets its queue, as ComfyUI does: the prompt is lost
+        again = await read_events(
+            entry.url, task_id, last_event_id=int(seen[-1].id or 0), stop_after=requeued
+        )
+        assert not has_preview(again[-1])
+        assert (await http_request("GET", url, timeout=10)).status == 404
+        sim.grant_steps(1000)
+        done = await read_events(entry.url, task_id, last_event_id=int(again[-1].id or 0))
+        assert last(done)["status"] == "completed"
+
+
 async def test_a_live_worker_keeps_its_lease_however_long_its_task_runs(tmp_path: Path) -> None:
     # The holder refreshes every 0.125 s; the idle worker claims a lease idle for 2 s:
     # only a stall of the holder longer than that would (rightly) move the task. The
