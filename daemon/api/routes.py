@@ -273,14 +273,7 @@ class Routes:
         )
         # The task is in the journal before the client hears of it, so a crash
         # right after this answer cannot lose it.
-        problem = None
-        try:
-            with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
-                await self.journal.flush()
-            if waited.cancelled_caught:
-                problem = f"the journal did not confirm the task within {JOURNAL_FLUSH_TIMEOUT:g} s"
-        except JournalUnavailable as exc:
-            problem = str(exc)
+        problem = await self._journalled("the task")
         if problem is not None:
             # Never accept what a restart would lose: take the task back.
             log.error("refusing task %s: %s", actor.task_id, problem)
@@ -289,6 +282,17 @@ class Routes:
                 self.idempotency.forget(key, actor.task_id)
             return unavailable(problem)
         return json_response(202, api.accepted_reply(actor.task_id), headers=NO_STORE)
+
+    async def _journalled(self, what: str) -> str | None:
+        """Wait until the journal holds what was recorded so far; why not, if it cannot."""
+        try:
+            with trio.move_on_after(JOURNAL_FLUSH_TIMEOUT) as waited:
+                await self.journal.flush()
+        except JournalUnavailable as exc:
+            return str(exc)
+        if waited.cancelled_caught:
+            return f"the journal did not confirm {what} within {JOURNAL_FLUSH_TIMEOUT:g} s"
+        return None
 
     async def _submit_shared(self, spec_for: SpecFactory, key: str | None, body: bytes) -> Response:
         """Into Redis' queue: any worker takes it, any daemon answers for it."""
@@ -472,6 +476,12 @@ class Routes:
         result = actor.cancel()
         if result is CancelResult.ALREADY_FINISHED:
             return self._already_ended(task_id, actor.state.phase.value)
+        # The cancel is in the journal before the 202, so a crash right after it
+        # cannot lose it: a restarted daemon would run the task on. If the journal
+        # cannot hold it, the cancel still goes on in this process.
+        problem = await self._journalled("the cancel")
+        if problem is not None:
+            log.error("cancel of task %s not journalled: %s", task_id, problem)
         return self._cancelling(task_id)
 
     @staticmethod

@@ -80,6 +80,8 @@ def restored_task(
         version=version_base,
         submitted=record.submitted,
         created_at=record.created_at,
+        # A cancel answered 202 before the stop is carried out after it.
+        cancel_requested=bool(record.state.get("cancelRequested", False)),
     )
     log.info(
         "resuming task",

@@ -269,20 +269,32 @@ def new_task(spec: TaskSpec, now: float) -> TaskState:
 
 
 def resumed_task(
-    spec: TaskSpec, *, phase: Phase, version: int, submitted: bool, created_at: float
+    spec: TaskSpec,
+    *,
+    phase: Phase,
+    version: int,
+    submitted: bool,
+    created_at: float,
+    cancel_requested: bool = False,
 ) -> TaskState:
-    """A task in flight when the daemon stopped; it reconciles with ComfyUI next."""
+    """A task in flight when the daemon stopped; it reconciles with ComfyUI next.
+    `cancel_requested`: a cancel was asked (and answered) before the stop; it goes on."""
     if phase.is_terminal:
         raise ValueError("a finished task is restored with protocol.task.codec")
     stage = stage_of(phase, submitted=submitted)
+    if cancel_requested:
+        step = pg.STEP_CANCELLING
+    else:
+        step = pg.STEP_QUEUED if stage.submitted else pg.STEP_STARTING
     return TaskState(
         spec=spec,
         class_types=graph_class_types(spec.graph),
         created_at=created_at,
         stage=stage,
         version=version,
-        step=pg.STEP_QUEUED if stage.submitted else pg.STEP_STARTING,
+        step=step,
         started_at=created_at if stage is Stage.RUNNING else None,
+        cancel_requested=cancel_requested,
     )
 
 

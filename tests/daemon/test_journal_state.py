@@ -232,3 +232,22 @@ async def test_a_record_that_cannot_be_restored_is_set_aside_at_the_first_start(
             ("odd", "pondering")
         ]
         assert db.execute("SELECT count(*) FROM tasks WHERE task_id = 'odd'").fetchone() == (0,)
+
+
+def test_a_task_restored_while_cancelling_goes_on_cancelling() -> None:
+    """A cancel answered 202 before a crash is carried out after the restart."""
+    state, _ = run("c", [task.Submitted(1), task.CancelRequested()])
+    assert state.cancel_requested
+    record = record_of(state, backend="http://gpu1:8188")
+    resumed = restored_task(record, NOW, retention=300.0, version_base=7, first_backend=None)
+    assert resumed is not None
+    assert resumed.resumed
+    assert resumed.state.cancel_requested
+    assert task.render(resumed.state, NOW).payload["progress"]["currentStep"] == "Cancelling..."
+    # Not cancelling: not made so by the restart.
+    state, _ = queued("q")
+    again = restored_task(
+        record_of(state, None), NOW, retention=300.0, version_base=7, first_backend=None
+    )
+    assert again is not None
+    assert not again.state.cancel_requested

@@ -199,3 +199,25 @@ async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path) -> None:
                 await follow.wait()
                 sim.grant_steps(1000)
             assert json.loads(events[-1].data)["status"] == "completed"
+
+
+async def test_a_cancel_answered_202_survives_a_kill_9_right_after(tmp_path: Path) -> None:
+    async with simulator() as sim:
+        async with daemon_process(tmp_path, sim.url, *SETTINGS) as first:
+            task_id = await generate(first.url)
+            seen = await read_events(first.url, task_id, stop_after=sampling)
+            cancel = await http_request("DELETE", f"{first.url}/tasks/{task_id}", timeout=10)
+            assert cancel.status == 202, cancel.body
+            first.kill()
+            assert await first.wait() == -9
+        with trio.fail_after(30):  # a lost cancel: the task would wait for steps forever
+            async with daemon_process(tmp_path, sim.url, *SETTINGS) as second:
+                # ComfyUI sees an interrupt at its next step: only once one was asked
+                # (the simulator's flag has no event to wait on).
+                while not sim.engine.executor.interrupt_requested:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                sim.grant_steps(1)
+                events = await read_events(second.url, task_id, last_event_id=int(seen[-1].id or 0))
+        done = json.loads(events[-1].data)
+        assert done["status"] == "error", done
+        assert done["error"]["code"] == "cancelled", done

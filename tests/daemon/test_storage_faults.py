@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from daemon.simulator import SimulatorConfig
 from daemon.tasks.journal import Journal, JournalUnavailable
 from tests.daemon.harness import Daemon, payloads, running_daemon
 from tests.daemon.test_journal import record
@@ -236,3 +237,29 @@ async def test_twins_of_a_post_refused_503_are_not_told_its_task_was_taken(
                 for _ in range(5):
                     nursery.start_soon(create)
     assert [r.status for r in responses] == [503] * 5, [r.body for r in responses]
+
+
+async def test_cancels_asked_at_once_are_each_journalled_before_their_202(
+    tmp_path: Path,
+) -> None:
+    """A kill -9 right after the 202 must not lose the cancel: the restarted daemon
+    would run the task on (or resubmit it) as if nobody had asked."""
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, simulator=SimulatorConfig(step_time=0.2)) as daemon:
+            journal = daemon.app.journal
+            task_ids = [await daemon.generate() for _ in range(20)]
+            journalled_at_202: list[bool] = []
+
+            async def cancel(task_id: str) -> None:
+                response = await daemon.request("DELETE", f"/tasks/{task_id}")
+                assert response.status == 202, response.body
+                # The answer has arrived: the cancel must be on disk already.
+                [on_disk] = [r for r in await journal.load() if r.task_id == task_id]
+                journalled_at_202.append(bool(on_disk.state.get("cancelRequested")))
+
+            async with trio.open_nursery() as nursery:
+                for task_id in task_ids:
+                    nursery.start_soon(cancel, task_id)
+            assert journalled_at_202 == [True] * 20
+            for actor in daemon.app.registry.actors():
+                await actor.finished.wait()
