@@ -35,7 +35,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="use N embedded ComfyUI simulators (default 1; the default when no URL is set)",
     )
-    p.add_argument("--data-dir", metavar="DIR", help="images, journal and client id live here")
+    p.add_argument("--data-dir", metavar="DIR", help="images, journal and client ids live here")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--set",

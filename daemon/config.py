@@ -52,16 +52,18 @@ class Config:
     )
     comfy_urls: tuple[str, ...] = _setting(
         (),
-        "more ComfyUI base URLs, one backend each (a TOML list, or comma-separated)",
+        "more ComfyUI base URLs, one backend each (a TOML list, or space- or comma-separated)",
     )
     simulate: bool = _setting(False, "run the embedded ComfyUI simulator and use it as the backend")
-    simulators: int = _setting(1, "with simulate: how many embedded simulators (backends)", min=1)
+    simulators: int = _setting(
+        1, "with simulate: how many embedded simulators (backends); --simulate N sets it", min=1
+    )
     simulator_step_time: float = _setting(0.15, "simulator: seconds per sampler step", min=0.0)
     simulator_previews: bool = _setting(
         True, "simulator: the sampler sends a JPEG preview and a progress text per step"
     )
     data_dir: Path = _setting(
-        Path("data"), "directory for images, the task journal and the client id"
+        Path("data"), "directory for images, the task journal and the ComfyUI client ids"
     )
     public_dir: Path = _setting(REPO_ROOT / "public", "directory of the browser client served at /")
     node_modules_dir: Path = _setting(

@@ -58,6 +58,8 @@ def _default(value: Any) -> str:
         return f"`{value}`{_size(value)}"
     if isinstance(value, float):
         return f"`{value!r}`"
+    if isinstance(value, tuple):  # a list setting: as TOML (and --print-config) writes it
+        return "`[" + ", ".join(f'"{item}"' for item in value) + "]`"
     if isinstance(value, Path):
         if value.is_absolute() and value.is_relative_to(config.REPO_ROOT):
             # Where the code is installed, not where these docs were generated.

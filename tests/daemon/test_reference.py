@@ -45,3 +45,9 @@ def test_check_mode_reports_a_stale_readme(tmp_path: Path) -> None:
     assert reference.main(["--readme", str(stale)]) == 0
     assert reference.main(["--check", "--readme", str(stale)]) == 0
     assert "| `heartbeat_interval` |" in stale.read_text()
+
+
+def test_a_list_setting_shows_its_default_as_toml_writes_it() -> None:
+    text = reference.README.read_text(encoding="utf-8")
+    assert "| `comfy_urls` | `COMFY_PROGRESS_COMFY_URLS` | `--set comfy_urls=...` | `[]` |" in text
+    assert config.render_toml(config.Config()).count("comfy_urls = []") == 1
