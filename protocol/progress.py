@@ -1,6 +1,6 @@
 """How progress is shown: step text per node type, percentages, overall progress, ETA.
 
-Pure arithmetic; the task state machine (protocol/task.py) calls these.
+Pure arithmetic; the task state machine (protocol/task/) calls these.
 """
 
 from __future__ import annotations
