@@ -50,7 +50,7 @@ pytest: setup test-deps
 jstest: setup test-deps
 	node --test tests/js/
 
-# The Debian packages the tests need (chromium, nginx, systemd, nodejs): apt-get
+# The Debian packages the tests need (chromium, nginx, systemd, nodejs, npm, redis-server): apt-get
 # when root, else the exact command and a failure. `make run` does not need them.
 test-deps:
 	scripts/test-deps
