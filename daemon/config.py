@@ -151,7 +151,10 @@ class Config:
     )
     reconnect_max_delay: float = _setting(30.0, "cap on the reconnect delay (s)", min=0.0)
     queue_poll_interval: float = _setting(
-        1.0, "minimum seconds between GET /queue reads for queue positions", min=0.01
+        1.0,
+        "minimum seconds between GET /queue reads for queue positions (with redis_url: how"
+        " often a front updates the places of the tasks no worker took yet)",
+        min=0.01,
     )
     max_image_bytes: int = _setting(
         64 * 1024 * 1024, "largest image fetched from ComfyUI or served at /image (bytes)", min=1
