@@ -94,7 +94,10 @@ class Config:
     )
     sse_retry_ms: int = _setting(2000, "the `retry:` hint sent to SSE clients (ms)", min=0)
     max_tasks: int = _setting(
-        10_000, "tasks kept at once (running + finished); beyond it /generate answers 503", min=1
+        10_000,
+        "tasks kept at once (running + finished); beyond it /generate answers 503"
+        " (not with redis_url: there max_queued_tasks bounds the service)",
+        min=1,
     )
     preview_max_rate: float = _setting(
         4.0, "preview announcements per task per second (the newest preview wins)", min=0.01
@@ -109,12 +112,14 @@ class Config:
     )
     max_queued_tasks: int = _setting(
         1000,
-        "unfinished tasks (waiting or running) at once; beyond it /generate answers 429",
+        "unfinished tasks (waiting or running) at once; beyond it /generate answers 429"
+        " (with redis_url: the whole service's)",
         min=1,
     )
     max_queued_tasks_per_client: int = _setting(
         0,
-        "unfinished tasks per client (its API token, else its address); beyond it 429 (0: no limit)",
+        "unfinished tasks per client (its API token, else its address); beyond it 429"
+        " (0: no limit; not with redis_url)",
         min=0,
     )
     trusted_proxies: str = _setting(
