@@ -119,7 +119,7 @@ class Config:
     max_queued_tasks_per_client: int = _setting(
         0,
         "unfinished tasks per client (its API token, else its address); beyond it 429"
-        " (0: no limit; not with redis_url)",
+        " (0: no limit; with redis_url: over the whole service)",
         min=0,
     )
     trusted_proxies: str = _setting(

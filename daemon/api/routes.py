@@ -26,10 +26,11 @@ from daemon.http.types import (
 from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
+from daemon.shared.store import ClientAtLimit, ClientLimit
 from daemon.shared.worker_registry import published_capabilities
 from daemon.tasks.actor import CancelResult, new_prompt_id
 from daemon.tasks.journal import JournalUnavailable
-from daemon.tasks.registry import QueueFull, TooManyTasks, new_task_id
+from daemon.tasks.registry import QueueFull, TooManyTasks, client_at_limit, new_task_id
 from protocol import api
 from protocol.errors import RequestError
 from protocol.sse import parse_last_event_id
@@ -240,12 +241,14 @@ class Routes:
             return request_error(exc)
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
+        client = client_key(request.headers, request.peer, self.trusted_proxies)
         if self.shared is not None:
-            return await self._submit_shared(spec_for, key, request.body)
+            limit = self.config.max_queued_tasks_per_client
+            limited = ClientLimit(client, limit) if limit else None
+            return await self._submit_shared(spec_for, key, request.body, limited)
 
         if self.journal.failure is not None:
             return unavailable(self.journal.failure)
-        client = client_key(request.headers, request.peer, self.trusted_proxies)
         try:
             actor = self.registry.create(spec_for, client=client, needs=spec_for.needs)
         except TooManyTasks as exc:
@@ -294,7 +297,9 @@ class Routes:
             return f"the journal did not confirm {what} within {JOURNAL_FLUSH_TIMEOUT:g} s"
         return None
 
-    async def _submit_shared(self, spec_for: SpecFactory, key: str | None, body: bytes) -> Response:
+    async def _submit_shared(
+        self, spec_for: SpecFactory, key: str | None, body: bytes, client: ClientLimit | None
+    ) -> Response:
         """Into Redis' queue: any worker takes it, any daemon answers for it."""
         shared = self.shared
         assert shared is not None
@@ -314,9 +319,14 @@ class Routes:
                 )
             # The key is claimed in the step that queues the task: a twin at
             # another front that got there first is answered with its task.
-            existing = await shared.submit(spec, now, None if key is None else (key, body))
+            existing = await shared.submit(
+                spec, now, None if key is None else (key, body), client=client
+            )
             if existing is not None:
                 return _accepted_again(existing)
+        except ClientAtLimit:
+            assert client is not None
+            return too_many(client_at_limit(client.limit))
         except RequestError as exc:
             return request_error(exc)
         except RedisError as exc:

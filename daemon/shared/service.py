@@ -26,7 +26,7 @@ from daemon.shared.ending import ended_while_waiting
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
-from daemon.shared.store import RUNNING_TTL, SharedStore
+from daemon.shared.store import RUNNING_TTL, ClientAtLimit, ClientLimit, SharedStore
 from daemon.shared.wait_limit import VERSION_RETRIES, WaitLimit, sweep_interval
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
@@ -136,17 +136,47 @@ class SharedService:
     # -- what the routes ask of any task
 
     async def submit(
-        self, spec: task.TaskSpec, now: float, key: tuple[str, bytes] | None = None
+        self,
+        spec: task.TaskSpec,
+        now: float,
+        key: tuple[str, bytes] | None = None,
+        client: ClientLimit | None = None,
     ) -> str | None:
         """A new task into the shared queue (version 1: stream ids start at 1-0). With
         `key` (an Idempotency-Key and the request's body): the task that key already
-        made, and nothing is queued (RequestError 422 when made for another body)."""
+        made, and nothing is queued (RequestError 422 when made for another body).
+        With `client`: ClientAtLimit when that client has its limit of unfinished
+        tasks, counted over every front."""
         state = replace(task.new_task(spec, now), version=1)
         claim = None if key is None else self.idempotency.claim(*key, spec.task_id)
-        claimed = await self.store.submit(state, task.render(state, now), claim)
+        message = task.render(state, now)
+        try:
+            claimed = await self.store.submit(state, message, claim, client)
+        except ClientAtLimit:
+            assert client is not None
+            # Tasks leave a client's set here, lazily: whichever daemon ended a task,
+            # the set is only read when it looks full.
+            if not await self._prune_client(client.client):
+                raise
+            claimed = await self.store.submit(state, message, claim, client)
         if claimed is None or key is None:
             return None
         return self.idempotency.existing(claimed, key[1])
+
+    async def _prune_client(self, client: str) -> bool:
+        """Drop the client's ended and forgotten tasks from its set; True if any were."""
+        ended = []
+        for task_id in await self.store.client_tasks(client):
+            shared = await self.store.load(task_id)
+            if shared is None or shared.finished:
+                ended.append(task_id)
+                continue
+            latest = await self.store.latest(task_id)
+            # Its worker appends the end before it saves the record: the stream says first.
+            if latest is None or latest.terminal:
+                ended.append(task_id)
+        await self.store.drop_client_tasks(client, ended)
+        return bool(ended)
 
     async def latest(self, task_id: str) -> Snapshot | None:
         return await self.store.latest(task_id)

@@ -157,12 +157,18 @@ if ARGV[10] ~= '' then
   local claimed = redis.call('GET', KEYS[5])
   if claimed then return claimed end
 end
+local limit = tonumber(ARGV[12])
+if limit > 0 and redis.call('ZCARD', KEYS[6]) >= limit then return -1 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], ARGV[4], 'e', ARGV[5], 'p', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'task', ARGV[1])
 if ARGV[10] ~= '' then redis.call('SET', KEYS[5], ARGV[10], 'EX', ARGV[11]) end
+if limit > 0 then
+  redis.call('ZADD', KEYS[6], ARGV[9], ARGV[1])
+  redis.call('EXPIRE', KEYS[6], ARGV[3])
+end
 return false
 """
 
@@ -172,6 +178,10 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 """
+
+
+class ClientAtLimit(Exception):
+    """The client already has max_queued_tasks_per_client tasks in its set (429)."""
 
 
 class StaleWrite(Exception):
@@ -193,6 +203,14 @@ def text(value: bytes | str) -> str:
 
 def version_of(identifier: bytes | str) -> int:
     return int(text(identifier).split("-", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimit:
+    """max_queued_tasks_per_client across the service: a client's key, and its limit."""
+
+    client: str
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +285,10 @@ class SharedStore:
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
+
+    def client_key(self, client: str) -> str:
+        """The set of a client's tasks (daemon.api.clients: its address or token digest)."""
+        return f"{self.prefix}:client:{client}"
 
     def events_key(self, task_id: str) -> str:
         return f"{self.prefix}:events:{task_id}"
@@ -423,10 +445,12 @@ class SharedStore:
         state: task.TaskState,
         message: task.TaskMessage,
         claim: tuple[str, bytes, int] | None = None,
+        client: ClientLimit | None = None,
     ) -> bytes | None:
         """A new task: its record, its first snapshot, and its place in the queue, in
-        one step with `claim` (an Idempotency-Key's: Redis key, value, TTL). None:
-        done; else the claim that key already had, and nothing was written."""
+        one step with `claim` (an Idempotency-Key's: Redis key, value, TTL) and the
+        client's set of tasks. None: done; else the claim that key already had, and
+        nothing was written. ClientAtLimit: the client's set is full, nothing written."""
         record = record_of(state, backend=None)
         task_key = self.task_key(state.task_id)
         claimed = await self.redis.eval(
@@ -437,6 +461,7 @@ class SharedStore:
                 self.waiting_key,
                 self.queue_key,
                 claim[0] if claim is not None else task_key,
+                self.client_key(client.client) if client is not None else task_key,
             ],
             args=[
                 state.task_id,
@@ -450,9 +475,20 @@ class SharedStore:
                 repr(state.created_at),
                 claim[1] if claim is not None else b"",
                 claim[2] if claim is not None else 0,
+                client.limit if client is not None else 0,
             ],
         )
+        if claimed == -1:
+            raise ClientAtLimit
         return claimed if isinstance(claimed, bytes) else None
+
+    async def client_tasks(self, client: str) -> list[str]:
+        """The tasks in `client`'s set: unfinished ones, and ended ones not yet pruned."""
+        return [text(t) for t in await self.redis.zrange(self.client_key(client), 0, -1)]
+
+    async def drop_client_tasks(self, client: str, task_ids: list[str]) -> None:
+        if task_ids:
+            await self.redis.zrem(self.client_key(client), task_ids)
 
     async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> None:
         """Back into the queue (a worker that cannot run it took it), its entry acknowledged,

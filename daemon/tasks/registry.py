@@ -28,6 +28,14 @@ from protocol import task
 log = logging.getLogger(__name__)
 
 
+def client_at_limit(limit: int) -> str:
+    """Why a client's task was refused (429), here and in shared mode."""
+    return (
+        f"you have {limit} unfinished tasks, the most one client may have; "
+        "try again when one has ended"
+    )
+
+
 class TooManyTasks(Exception):
     """The registry is full; the client should retry later (503)."""
 
@@ -152,10 +160,7 @@ class TaskRegistry:
             )
         limit = settings.max_queued_per_client
         if client is not None and limit and self._unfinished_by_client.get(client, 0) >= limit:
-            raise QueueFull(
-                f"you have {limit} unfinished tasks, the most one client may have; "
-                "try again when one has ended"
-            )
+            raise QueueFull(client_at_limit(limit))
 
     def _actor_changed(self, actor: TaskActor) -> None:
         if actor.is_done():
