@@ -359,19 +359,22 @@ class Routes:
         assert shared is not None
         try:
             existing = await shared.idempotency.lookup(key, body)
+            if existing is None:
+                return None
+            if await shared.latest(existing) is not None:
+                return _accepted_again(existing)
             # A key is written with its task, so no task now means: forgotten since.
-            gone = existing is not None and await shared.latest(existing) is None
+            outcome = await shared.outcome(existing)
         except RedisError as exc:
             log.error("cannot read an idempotency key in Redis: %s", exc)
             return unavailable("the shared task store is unreachable; try again")
-        if existing is None:
-            return None
-        if gone:
-            # Ended and forgotten (task_retention): Redis keeps no outcome beside the key.
-            return _forgotten_key(
-                existing, "its outcome is unknown (the shared store keeps no outcomes)"
-            )
-        return _accepted_again(existing)
+        if outcome is not None:
+            return json_response(200, outcome, headers=REPLAYED)
+        return _forgotten_key(
+            existing,
+            "its outcome is unknown (it never ended, or the key was recorded by a "
+            "version that kept no outcomes)",
+        )
 
     async def _settled_replay(self, key: str, body: bytes) -> Response | None:
         """`_replayed`, once the key's task is accepted or refused."""

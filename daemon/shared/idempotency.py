@@ -6,8 +6,9 @@ Two twins arriving at two fronts at once make one task: the later step finds the
 key claimed, writes nothing, and answers with the earlier one's task. A key never
 names a task that did not reach the queue (a Redis failing midway, a front killed
 between two writes): the claim is the step's last write. So a retry that finds
-the key but no task was told of one that ended and was forgotten since
-(`task_retention`).
+the key but no task is told how that task ended (SharedStore.outcome: its end's
+payload, kept beside the key by whoever wrote the end): it ended and was
+forgotten since (`task_retention`).
 """
 
 from __future__ import annotations

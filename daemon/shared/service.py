@@ -16,7 +16,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import coredis
 import trio
@@ -180,6 +180,11 @@ class SharedService:
 
     async def latest(self, task_id: str) -> Snapshot | None:
         return await self.store.latest(task_id)
+
+    async def outcome(self, task_id: str) -> dict[str, Any] | None:
+        """How a task an Idempotency-Key made ended, kept as long as the key (None: not
+        known: it never ended, or its key was claimed by a version that kept none)."""
+        return await self.store.outcome(task_id)
 
     async def cancel(self, task_id: str, now: float) -> SharedCancel | None:
         """Cancel a task held anywhere; None when unknown."""

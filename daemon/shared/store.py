@@ -105,7 +105,8 @@ return 1
 # written (StaleWrite), unless that entry is this very snapshot: a write retried after
 # its answer was lost (coredis retries a command on a new connection) is not taken
 # for another daemon's. The preview goes in the same step as the snapshot announcing
-# it, so a viewer reading that snapshot finds it.
+# it, so a viewer reading that snapshot finds it. KEYS[6], ARGV[15] ('1': the snapshot
+# is the end): a task made with an Idempotency-Key keeps its end beside the key.
 WRITE_HELD: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if pending[1] and pending[1][2] ~= ARGV[1] then return 0 end
@@ -123,6 +124,7 @@ if ARGV[10] == 'set' then
 elseif ARGV[10] == 'drop' then
   redis.call('DEL', KEYS[5])
 end
+if ARGV[15] == '1' then redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL') end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 return 1
 """
@@ -132,7 +134,8 @@ return 1
 # stamped set; ARGV: task id, that newest entry id, the end's entry id, event, payload,
 # MAXLEN, record JSON, TTL of both). 1: ended; 0: not waiting (a worker took it, or
 # its taker died and a claimer runs it: never both ended here and run); -1: the stream
-# moved on (a queue position): build the end again.
+# moved on (a queue position): build the end again. KEYS[6]: the task's outcome (kept
+# when an Idempotency-Key made it).
 END_WAITING: Final = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
@@ -143,6 +146,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[8])
 redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
 redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL')
 return 1
 """
 
@@ -152,6 +156,8 @@ return 1
 # events TTL, created_at, the claim ('': no key), the claim's TTL). A key already
 # claimed: nothing written, that claim returned. The claim is written last: a key
 # never names a task that did not reach the queue (a Redis refusing a write midway).
+# With a key, the task's outcome (KEYS[7]) is made empty, for its end to fill in:
+# the key outlives the task, and a retry after that is told how it ended.
 SUBMIT: Final = """
 if ARGV[10] ~= '' then
   local claimed = redis.call('GET', KEYS[5])
@@ -164,7 +170,10 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], ARGV[4], 'e', ARGV[5], 'p', ARGV[
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'task', ARGV[1])
-if ARGV[10] ~= '' then redis.call('SET', KEYS[5], ARGV[10], 'EX', ARGV[11]) end
+if ARGV[10] ~= '' then
+  redis.call('SET', KEYS[7], '', 'EX', ARGV[11])
+  redis.call('SET', KEYS[5], ARGV[10], 'EX', ARGV[11])
+end
 if limit > 0 then
   redis.call('ZADD', KEYS[6], ARGV[9], ARGV[1])
   redis.call('EXPIRE', KEYS[6], ARGV[3])
@@ -286,6 +295,10 @@ class SharedStore:
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
+    def outcome_key(self, task_id: str) -> str:
+        """How a task made with an Idempotency-Key ended: its last payload ('' until then)."""
+        return f"{self.prefix}:outcome:{task_id}"
+
     def client_key(self, client: str) -> str:
         """The set of a client's tasks (daemon.api.clients: its address or token digest)."""
         return f"{self.prefix}:client:{client}"
@@ -369,6 +382,15 @@ class SharedStore:
                 raise StaleWrite(f"{task_id} version {message.version}") from None
         ttl = int(self.retention) + 1 if message.is_terminal else RUNNING_TTL
         await self.redis.expire(key, ttl)
+        if message.is_terminal:  # kept beside its Idempotency-Key, if one made it
+            await self.redis.set(
+                self.outcome_key(task_id), payload, condition=coredis.PureToken.XX, keepttl=True
+            )
+
+    async def outcome(self, task_id: str) -> dict[str, Any] | None:
+        """How a task made with an Idempotency-Key ended (None: not known)."""
+        raw = await self.redis.get(self.outcome_key(task_id))
+        return json.loads(raw) if raw else None
 
     async def write_held(
         self,
@@ -406,6 +428,7 @@ class SharedStore:
                     self.task_key(task_id),
                     self.cancel_key(task_id),
                     self.preview_key(task_id),
+                    self.outcome_key(task_id),
                 ],
                 args=[
                     daemon_id,
@@ -417,6 +440,7 @@ class SharedStore:
                     ended if shared.finished else RUNNING_TTL,
                     *image,
                     PREVIEW_TTL,
+                    "1" if message is not None and message.is_terminal else "",
                 ],
             )
         except ResponseError as exc:
@@ -462,6 +486,7 @@ class SharedStore:
                 self.queue_key,
                 claim[0] if claim is not None else task_key,
                 self.client_key(client.client) if client is not None else task_key,
+                self.outcome_key(state.task_id),
             ],
             args=[
                 state.task_id,
@@ -562,6 +587,7 @@ class SharedStore:
                 self.task_key(task_id),
                 self.unrunnable_key(task_id),
                 self.stamped_key,
+                self.outcome_key(task_id),
             ],
             args=[
                 task_id,

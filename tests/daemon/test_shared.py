@@ -976,10 +976,10 @@ async def until_forgotten(daemon_url: str, task_id: str) -> None:
         await trio.sleep(0.05)
 
 
-async def test_a_key_retried_after_its_task_was_forgotten_is_not_told_to_follow_it(
+async def test_a_key_retried_after_its_task_was_forgotten_is_told_how_it_ended(
     tmp_path: Path,
 ) -> None:
-    """Not a 202 with a taskId that 404s: Redis keeps no outcome beside the key, so 410."""
+    """Not a 202 with a taskId that 404s: the outcome its worker kept beside the key."""
     forget = "task_retention=0"
     with trio.fail_after(30):
         async with (
@@ -1001,8 +1001,49 @@ async def test_a_key_retried_after_its_task_was_forgotten_is_not_told_to_follow_
                 "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
             )
             assert len(await history_ids(sim)) == 1
-    assert retried.status == 410, retried.body
-    assert retried.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
+    assert retried.status == 200, retried.body
+    assert retried.headers.get("idempotent-replayed") == "true"
+    outcome = retried.json()
+    assert (outcome["taskId"], outcome["status"]) == (task_id, "completed")
+    assert outcome["result"]["imageUrl"], outcome
+
+
+async def test_a_key_whose_waiting_task_was_cancelled_and_forgotten_says_so(
+    tmp_path: Path,
+) -> None:
+    """A front's cancel ends a waiting task (no worker writes it): its end is kept too;
+    a key whose outcome is not known (claimed by an older version) is 410."""
+    forget = "task_retention=0"
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f", redis.url, forget) as entry,
+        ):
+            body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+            headers = [("Content-Type", "application/json"), ("Idempotency-Key", "gone-2")]
+            accepted = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert accepted.status == 202
+            task_id = accepted.json()["taskId"]
+            cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+            assert cancel.status == 202, cancel.body
+            await until_forgotten(entry.url, task_id)
+            retried = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert retried.status == 200, retried.body
+            outcome = retried.json()
+            assert (outcome["status"], outcome["error"]["code"]) == ("error", "cancelled")
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                store = SharedStore(client, "comfy-progress", retention=60)
+                await client.delete([store.outcome_key(task_id)])
+            unknown = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+    assert unknown.status == 410, unknown.body
+    assert unknown.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
 
 
 async def test_a_key_whose_task_never_reached_the_queue_may_be_retried(
