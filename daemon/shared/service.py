@@ -156,27 +156,12 @@ class SharedService:
             assert client is not None
             # Tasks leave a client's set here, lazily: whichever daemon ended a task,
             # the set is only read when it looks full.
-            if not await self._prune_client(client.client):
+            if not await self.store.prune_client(client.client):
                 raise
             claimed = await self.store.submit(state, message, claim, client)
         if claimed is None or key is None:
             return None
         return self.idempotency.existing(claimed, key[1])
-
-    async def _prune_client(self, client: str) -> bool:
-        """Drop the client's ended and forgotten tasks from its set; True if any were."""
-        ended = []
-        for task_id in await self.store.client_tasks(client):
-            shared = await self.store.load(task_id)
-            if shared is None or shared.finished:
-                ended.append(task_id)
-                continue
-            latest = await self.store.latest(task_id)
-            # Its worker appends the end before it saves the record: the stream says first.
-            if latest is None or latest.terminal:
-                ended.append(task_id)
-        await self.store.drop_client_tasks(client, ended)
-        return bool(ended)
 
     async def latest(self, task_id: str) -> Snapshot | None:
         return await self.store.latest(task_id)

@@ -181,6 +181,20 @@ end
 return false
 """
 
+# A client's ended and forgotten tasks out of its set (KEYS: the set, then each task's
+# events; ARGV: the progress event's name, then the task ids). A task has ended when its
+# stream's newest entry is not progress: its end is appended before its record is saved.
+PRUNE_CLIENT: Final = """
+local pruned = 0
+for i = 2, #ARGV do
+  local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  if not newest[1] or newest[1][2][2] ~= ARGV[1] then
+    pruned = pruned + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return pruned
+"""
+
 # A task's wait is over (KEYS: its unrunnable stamp, the stamped set; ARGV: task id).
 FORGET_WAIT: Final = """
 redis.call('DEL', KEYS[1])
@@ -507,13 +521,19 @@ class SharedStore:
             raise ClientAtLimit
         return claimed if isinstance(claimed, bytes) else None
 
-    async def client_tasks(self, client: str) -> list[str]:
-        """The tasks in `client`'s set: unfinished ones, and ended ones not yet pruned."""
-        return [text(t) for t in await self.redis.zrange(self.client_key(client), 0, -1)]
-
-    async def drop_client_tasks(self, client: str, task_ids: list[str]) -> None:
-        if task_ids:
-            await self.redis.zrem(self.client_key(client), task_ids)
+    async def prune_client(self, client: str) -> int:
+        """Drop the ended and forgotten tasks from `client`'s set; how many went. Two
+        round trips whatever the limit: a client refused at its limit costs little."""
+        key = self.client_key(client)
+        task_ids = [text(t) for t in await self.redis.zrange(key, 0, -1)]
+        if not task_ids:
+            return 0
+        pruned = await self.redis.eval(
+            PRUNE_CLIENT,
+            keys=[key, *(self.events_key(task_id) for task_id in task_ids)],
+            args=[task.EVENT_PROGRESS, *task_ids],
+        )
+        return int(pruned)  # type: ignore[arg-type]
 
     async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> None:
         """Back into the queue (a worker that cannot run it took it), its entry acknowledged,
