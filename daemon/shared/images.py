@@ -23,6 +23,7 @@ from coredis.exceptions import RedisError
 from daemon.http.static import StaticFiles
 from daemon.http.types import Request, Response, StreamingResponse
 from daemon.images.store import ImageStore, StorageError
+from daemon.shared.store import image_key
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class SharedImageStore(ImageStore):
         self.ttl = max(1, int(ttl)) if ttl > 0 else None  # 0: no age limit
 
     def _key(self, name: str) -> str:
-        return f"{self.prefix}:image:{name}"
+        return image_key(self.prefix, name)
 
     async def _store(self, name: str, data: bytes) -> None:
         await super()._store(name, data)

@@ -10,7 +10,8 @@
                    the atomic hand-over between a cancel and a take: ZREM wins once)
 {p}:cancel:{id}    a cancel asked while a worker held the task (for a claimer)
 {p}:inbox:{daemon} Stream each daemon reads: cancels for its tasks, wake-ups
-{p}:image:{name}   an image's bytes, expiring with the image retention
+{p}:image:{name}   an image's bytes, expiring with the image retention (an inpainting
+                   source: not before a task queued with it could still be waiting)
 {p}:preview:{id}   a running task's newest preview (type, ETag, bytes)
 {p}:caps:{daemon}  what a worker's backends can run (expires unless refreshed)
 {p}:workers        sorted set of the daemon ids that published caps, scored by when
@@ -59,15 +60,31 @@ PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soo
 # blocking command's connection) and the next read opens a new one.
 SILENT_GRACE: Final = 5.0
 
+# A source image outlives the wait of the task queued with it (KEYS[key]: the image;
+# ARGV[flag]: '1' when the task has one; ARGV[ttl]: the seconds a waiting task's record
+# lives): its expiry is pushed out to that, never brought nearer; none stays none.
+# Else a task waiting longer than `image_retention` (shared mode suggests a short one)
+# would end `source_unavailable` when a worker takes it. It replaces the line
+# `-- KEEP_SOURCE` of SUBMIT and HAND_BACK.
+KEEP_SOURCE: Final = """
+if ARGV[{flag}] == '1' then
+  local left = redis.call('TTL', KEYS[{key}])
+  if left >= 0 and left < tonumber(ARGV[{ttl}]) then
+    redis.call('EXPIRE', KEYS[{key}], ARGV[{ttl}])
+  end
+end
+"""
+
 # A task back into the queue, only while its entry is still ours (KEYS: queue, waiting,
 # record, unrunnable stamp, stamped set, preview; ARGV: us, entry, task id, created_at,
 # record JSON, record TTL). Its wait starts anew: the stamp of an earlier wait goes, and
 # the preview its lost attempt showed (a waiting task has none; a front's cancel ends it
-# without a worker's write to delete it).
+# without a worker's write to delete it). KEYS[7], ARGV[7]: its source image (KEEP_SOURCE).
 HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+-- KEEP_SOURCE
 redis.call('DEL', KEYS[6])
 redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[3])
@@ -76,7 +93,7 @@ redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
 redis.call('XACK', KEYS[1], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
-"""
+""".replace("-- KEEP_SOURCE\n", KEEP_SOURCE.format(key=7, flag=7, ttl=6))
 
 # A task a worker took and cannot run, back in line in one step, only while its entry is
 # still ours (KEYS: queue, waiting; ARGV: us, entry, task id, created_at): a worker
@@ -157,7 +174,8 @@ return 1
 # claimed: nothing written, that claim returned. The claim is written last: a key
 # never names a task that did not reach the queue (a Redis refusing a write midway).
 # With a key, the task's outcome (KEYS[7]) is made empty, for its end to fill in:
-# the key outlives the task, and a retry after that is told how it ended.
+# the key outlives the task, and a retry after that is told how it ended. KEYS[8],
+# ARGV[13]: its source image (KEEP_SOURCE).
 SUBMIT: Final = """
 if ARGV[10] ~= '' then
   local claimed = redis.call('GET', KEYS[5])
@@ -169,6 +187,7 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], ARGV[4], 'e', ARGV[5], 'p', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
 redis.call('ZADD', KEYS[3], ARGV[9], ARGV[1])
+-- KEEP_SOURCE
 redis.call('XADD', KEYS[4], '*', 'task', ARGV[1])
 if ARGV[10] ~= '' then
   redis.call('SET', KEYS[7], '', 'EX', ARGV[11])
@@ -179,7 +198,7 @@ if limit > 0 then
   redis.call('EXPIRE', KEYS[6], ARGV[3])
 end
 return false
-"""
+""".replace("-- KEEP_SOURCE\n", KEEP_SOURCE.format(key=8, flag=13, ttl=3))
 
 # A client's ended and forgotten tasks out of its set (KEYS: the set, then each task's
 # events; ARGV: the progress event's name, then the task ids). A task has ended when its
@@ -214,6 +233,11 @@ class StaleWrite(Exception):
 def payload_json(message: task.TaskMessage) -> str:
     """A stream entry's `p` field: the snapshot's payload, compact."""
     return json.dumps(message.payload, separators=(",", ":"))
+
+
+def image_key(prefix: str, name: str) -> str:
+    """An image's bytes in Redis (daemon.shared.images writes and reads them)."""
+    return f"{prefix}:image:{name}"
 
 
 def entry_id(version: int) -> str:
@@ -316,6 +340,9 @@ class SharedStore:
     def client_key(self, client: str) -> str:
         """The set of a client's tasks (daemon.api.clients: its address or token digest)."""
         return f"{self.prefix}:client:{client}"
+
+    def image_key(self, name: str) -> str:
+        return image_key(self.prefix, name)
 
     def events_key(self, task_id: str) -> str:
         return f"{self.prefix}:events:{task_id}"
@@ -501,6 +528,7 @@ class SharedStore:
                 claim[0] if claim is not None else task_key,
                 self.client_key(client.client) if client is not None else task_key,
                 self.outcome_key(state.task_id),
+                self._source_key(state.spec.source_image, task_key),
             ],
             args=[
                 state.task_id,
@@ -515,6 +543,7 @@ class SharedStore:
                 claim[1] if claim is not None else b"",
                 claim[2] if claim is not None else 0,
                 client.limit if client is not None else 0,
+                "1" if state.spec.source_image is not None else "",
             ],
         )
         if claimed == -1:
@@ -549,6 +578,7 @@ class SharedStore:
         record (no holder), its place in the waiting set, a new queue entry, the old
         one acknowledged. False (nothing done) when the entry is no longer `daemon_id`'s."""
         record = shared.record
+        source = record.spec.get("sourceImage")
         done = await self.redis.eval(
             HAND_BACK,
             keys=[
@@ -558,6 +588,7 @@ class SharedStore:
                 self.unrunnable_key(record.task_id),
                 self.stamped_key,
                 self.preview_key(record.task_id),
+                self._source_key(source, self.task_key(record.task_id)),
             ],
             args=[
                 daemon_id,
@@ -566,9 +597,15 @@ class SharedStore:
                 repr(record.created_at),
                 shared.to_json(),
                 RUNNING_TTL,
+                "1" if source is not None else "",
             ],
         )
         return done == 1
+
+    def _source_key(self, source: str | None, otherwise: str) -> str:
+        """A script's key for a task's source image; `otherwise` (any key of the task,
+        left alone) when it has none, so the script names no key it does not touch."""
+        return self.image_key(source) if source is not None else otherwise
 
     async def waiting_count(self) -> int:
         return await self.redis.zcard(self.waiting_key)

@@ -394,9 +394,13 @@ async def test_a_cancel_while_a_worker_fetches_the_images_ends_the_task_at_once(
     assert state.json()["error"]["code"] == "cancelled"
 
 
+def image_key_of(image_url: str) -> str:
+    return f"comfy-progress:image:{image_url.rsplit('/', 1)[1]}"
+
+
 async def until_expired_in_redis(redis_url: str, image_url: str) -> None:
     """Across a process boundary there is no signal to wait on: ask until it is gone."""
-    key = f"comfy-progress:image:{image_url.rsplit('/', 1)[1]}"
+    key = image_key_of(image_url)
     client = coredis.Redis.from_url(redis_url)
     async with client:
         while True:
@@ -429,28 +433,56 @@ def inpaint_request(image_url: str) -> dict[str, Any]:
     }
 
 
-async def test_a_task_whose_source_image_expired_while_it_waited_ends_at_once_saying_so(
+async def test_a_task_whose_source_image_redis_lost_while_it_waited_ends_at_once_saying_so(
     tmp_path: Path,
 ) -> None:
-    """Not after backend_wait_timeout as if ComfyUI had refused the prompt."""
+    """Not after backend_wait_timeout as if ComfyUI had refused the prompt. (Redis drops
+    it: evicted under maxmemory, or deleted by an operator; it no longer expires.)"""
     with trio.fail_after(30):  # backend_wait_timeout is 120 s
         async with (
             redis_server(tmp_path / "redis") as redis,
             simulator(manual=False) as sim,
-            front(tmp_path, "f", redis.url, "image_retention=1") as entry,
+            front(tmp_path, "f", redis.url) as entry,
         ):
             upload = await upload_picture(entry.url)
             assert upload.status == 201
             image_url = upload.json()["imageUrl"]
             status, reply = await post(entry.url, inpaint_request(image_url))
             assert status == 202, reply
-            await until_expired_in_redis(redis.url, image_url)  # no worker has taken it yet
-            async with worker(tmp_path, "w", redis.url, sim.url, extra=("image_retention=1",)):
+            client = coredis.Redis.from_url(redis.url)
+            async with client:  # no worker has taken it yet
+                assert await client.delete([image_key_of(image_url)]) == 1
+            async with worker(tmp_path, "w", redis.url, sim.url):
                 events = await read_events(entry.url, reply["taskId"])
             assert await history_ids(sim) == []
     error = last(events)["error"]
     assert error["code"] == "source_unavailable"
     assert image_url in error["details"]
+
+
+async def test_a_source_image_outlives_image_retention_while_its_task_waits(
+    tmp_path: Path,
+) -> None:
+    """Queued with a task, the source's copy in Redis lives as long as the task can
+    wait: a task still in line when image_retention is over runs with it."""
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            simulator(manual=False) as sim,
+            front(tmp_path, "f", redis.url, "image_retention=1") as entry,
+        ):
+            source = await upload_picture(entry.url)
+            other = await upload_picture(entry.url)  # no task names it
+            assert source.status == other.status == 201
+            image_url = source.json()["imageUrl"]
+            status, reply = await post(entry.url, inpaint_request(image_url))
+            assert status == 202, reply
+            # image_retention is over for both uploads once the later one is gone.
+            await until_expired_in_redis(redis.url, other.json()["imageUrl"])
+            async with worker(tmp_path, "w", redis.url, sim.url, extra=("image_retention=1",)):
+                events = await read_events(entry.url, reply["taskId"])
+            assert len(await history_ids(sim)) == 1
+    assert last(events)["status"] == "completed", last(events)
 
 
 async def test_an_upload_redis_cannot_hold_is_refused_503_with_the_reason(

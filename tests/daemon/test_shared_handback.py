@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import coredis
 import trio
 
 from daemon.http.client import http_request
@@ -18,9 +19,13 @@ from tests.daemon.test_shared import (
     front,
     has_preview,
     history_ids,
+    image_key_of,
+    inpaint_request,
     last,
+    post,
     simulator,
     until_logged,
+    upload_picture,
     worker,
 )
 
@@ -104,3 +109,35 @@ async def test_a_task_given_back_shows_no_preview_while_it_waits_nor_once_cancel
         done = await read_events(entry.url, task_id)
         assert last(done)["error"]["code"] == "cancelled", last(done)
         assert (await http_request("GET", url, timeout=10)).status == 404
+
+
+async def test_a_task_given_back_keeps_its_source_image_for_its_new_wait(
+    tmp_path: Path,
+) -> None:
+    """Given back when its source's copy in Redis is about to expire (it ran long), the
+    task may wait as long again: the copy lives as long as it can, and the task runs."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(manual=True) as cut_sim,
+        simulator(manual=False) as other_sim,
+        front(tmp_path, "f", redis.url) as entry,
+        worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
+    ):
+        upload = await upload_picture(entry.url)
+        assert upload.status == 201
+        key = image_key_of(upload.json()["imageUrl"])
+        status, reply = await post(entry.url, inpaint_request(upload.json()["imageUrl"]))
+        assert status == 202, reply
+        task_id = reply["taskId"]
+        seen = await read_events(entry.url, task_id, stop_after=sampling)
+        client = coredis.Redis.from_url(redis.url)
+        async with client:
+            assert await client.expire(key, 60)  # its retention nearly over
+            cut_sim.reject_connections(3600)  # gone for good: the task goes back to the queue
+            with trio.fail_after(30):
+                await until_logged(first, b"gave the task back to the shared queue")
+            assert await client.ttl(key) > 3600
+        async with worker(tmp_path, "w2", redis.url, other_sim.url, extra=SLOW_TO_GIVE_UP):
+            rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))
+        assert last(rest)["status"] == "completed", last(rest)
+        assert len(await history_ids(other_sim)) == 1
