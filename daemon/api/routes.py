@@ -29,6 +29,7 @@ from daemon.shared.capabilities import why_nowhere
 from daemon.shared.store import ClientAtLimit, ClientLimit
 from daemon.shared.worker_registry import published_capabilities
 from daemon.tasks.actor import CancelResult, new_prompt_id
+from daemon.tasks.journal import FLUSH_TIMEOUT as JOURNAL_FLUSH_TIMEOUT
 from daemon.tasks.journal import JournalUnavailable
 from daemon.tasks.registry import QueueFull, TooManyTasks, client_at_limit, new_task_id
 from protocol import api
@@ -65,7 +66,6 @@ REPLAYED = (*NO_STORE, ("Idempotent-Replayed", "true"))
 # To a reader that already has a task's last event: nothing follows, and 204
 # tells an EventSource to stop reconnecting (HTML standard, server-sent events).
 NOTHING_MORE = Response(204, NO_STORE)
-JOURNAL_FLUSH_TIMEOUT = 5.0
 QUEUE_FULL_RETRY_AFTER = 10  # seconds; a queued task takes at least that long to make room
 
 

@@ -104,7 +104,7 @@ class TaskActor:
     requeued under a new prompt_id and the next attempt starts, on any backend.
     """
 
-    # Slots: thousands of tasks may wait at once, and its 38 attributes overflow a
+    # Slots: thousands of tasks may wait at once, and its 41 attributes overflow a
     # shared-key instance dict (a 1.5 KB table of its own per task).
     __slots__ = (
         "_avoid",
@@ -121,6 +121,7 @@ class TaskActor:
         "_pace_wake",
         "_pacer",
         "_preview_throttle",
+        "_prompt_unjournalled",
         "_reconcile_asked_moment",
         "_reconcile_requested",
         "_scope",
@@ -145,6 +146,7 @@ class TaskActor:
         "settings",
         "source_images",
         "state",
+        "until_journalled",
         "wall_clock",
     )
 
@@ -164,11 +166,13 @@ class TaskActor:
         previews: PreviewStore | None = None,
         fresh: bool = False,
         needs: Needs | None = None,
+        until_journalled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
         `backend_name` is the backend a restored task was dispatched to; `fresh`: the
         task was just made from its request (task.new_task); `needs`: what its graph
-        needs from a backend, when the caller knows already."""
+        needs from a backend, when the caller knows already; `until_journalled()`
+        returns once every change reported by `on_change` so far is on disk."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -176,6 +180,8 @@ class TaskActor:
         self.wall_clock = wall_clock
         self.on_change = on_change
         self.on_publish = on_publish
+        self.until_journalled = until_journalled
+        self._prompt_unjournalled = False  # requeued under a new prompt id not on disk yet
         self.moved = False  # another daemon took the task over (shared mode): forget ours
         self.state = state
         self.resumed = resumed
@@ -400,6 +406,7 @@ class TaskActor:
         self.previews.discard(self.task_id)
         self._preview_throttle = None
         self.handle(task.Requeued(prompt_id, reason))
+        self._prompt_unjournalled = True
 
     async def _wait_for_backend(self) -> ComfyBackend | None:
         """Wait in the daemon's queue for a backend with room (reserved for us).
@@ -663,6 +670,12 @@ class TaskActor:
 
     async def _submit(self, backend: ComfyBackend, subscription: PromptSubscription) -> None:
         """POST the prompt; leaves the task unsubmitted when this backend cannot take it."""
+        if self._prompt_unjournalled and self.until_journalled is not None:
+            # A new prompt id reaches ComfyUI only once the journal holds it (and the
+            # prompt given up for it): killed right after this POST, a restarted
+            # daemon would follow the old prompt and leave this one to run there too.
+            await self.until_journalled()
+        self._prompt_unjournalled = False
         if self.state.cancel_requested:
             self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
             return

@@ -41,6 +41,7 @@ UNREADABLE_TABLE: Final = "unreadable_tasks"
 UNREADABLE_KEPT_FOR: Final = 30 * 86400.0  # seconds an unreadable row is kept for inspection
 UNREADABLE_KEPT_AT_MOST: Final = 1000  # rows; the oldest go first
 ABANDONED_KEPT_FOR: Final = 7 * 86400.0  # seconds a prompt is still removed after a restart
+FLUSH_TIMEOUT: Final = 5.0  # seconds a caller of flush() waits before it gives up on the disk
 TASK_COLUMNS: Final = (
     "task_id, prompt_id, phase, version, submitted, created_at, finished_at, spec, state, backend"
 )

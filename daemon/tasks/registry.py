@@ -21,7 +21,14 @@ from daemon.images.previews import PreviewStore
 from daemon.images.store import ImageStore
 from daemon.signals import Signal
 from daemon.tasks.actor import TaskActor, TaskSettings, new_prompt_id
-from daemon.tasks.journal import UNREADABLE_KEPT_FOR, UNREADABLE_TABLE, Journal, TaskRecord
+from daemon.tasks.journal import (
+    FLUSH_TIMEOUT,
+    UNREADABLE_KEPT_FOR,
+    UNREADABLE_TABLE,
+    Journal,
+    JournalUnavailable,
+    TaskRecord,
+)
 from daemon.tasks.restore import restored_task
 from protocol import task
 
@@ -173,6 +180,19 @@ class TaskRegistry:
         if actor.is_done() and self.on_task_end is not None:
             self.on_task_end(actor)
 
+    async def _until_journalled(self) -> None:
+        """Until the journal holds every change reported so far. A journal that cannot
+        write, or not within FLUSH_TIMEOUT, is logged and not waited for: the task goes on."""
+        assert self.journal is not None
+        try:
+            with trio.move_on_after(FLUSH_TIMEOUT) as waited:
+                await self.journal.flush()
+        except JournalUnavailable as exc:
+            log.error("going on without the journal: %s", exc)
+            return
+        if waited.cancelled_caught:
+            log.error("going on without the journal: no write confirmed in %g s", FLUSH_TIMEOUT)
+
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
             state,
@@ -183,6 +203,7 @@ class TaskRegistry:
             on_change=self._actor_changed,
             on_publish=self.on_publish or _ignore,
             previews=self.previews,
+            until_journalled=self._until_journalled if self.journal is not None else None,
             **kwargs,  # type: ignore[arg-type]
         )
 

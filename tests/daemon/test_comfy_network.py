@@ -404,3 +404,49 @@ async def test_an_abandoned_prompt_a_restored_task_follows_is_not_removed(
     assert not any(m[0] == "execution_interrupted" for m in history["status"]["messages"])
     with closing(sqlite3.connect(journal)) as db:
         assert db.execute("SELECT * FROM abandoned_prompts").fetchall() == []
+
+
+def prompts_in(sim: ComfySimulator) -> set[str]:
+    """Every prompt ComfyUI holds or held: queued, running, or in its history."""
+    queue = sim.engine.queue
+    held = {i.prompt_id for i in (*queue.running(), *queue.pending())}
+    return held | set(sim.engine.history.list(None, 0))
+
+
+@pytest.mark.guard(30)
+async def test_a_new_prompt_id_reaches_comfyui_only_once_the_journal_holds_it(
+    tmp_path: Path,
+) -> None:
+    # The answer to the first POST is lost and ComfyUI cannot be asked: the task goes
+    # on under a new prompt id. Killed right after POSTing that one, a restarted
+    # daemon would find the old id in its journal, follow the old prompt, and leave
+    # the new one to run there too: a second image. So the POST waits for the disk.
+    async with (
+        relayed_simulator(MANUAL) as (sim, relay),  # parks the prompt at its first step
+        running_daemon(tmp_path, simulator=None, comfy_url=relay.url) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        registry, journal = daemon.app.registry, daemon.app.journal
+        relay.dies_after, relay.stays_up = b"POST /prompt", True
+        relay.failing = b"GET /queue"  # nor can it be asked whether it took the prompt
+        async with trio.open_nursery() as nursery:
+            async with journal._lock:  # a fault below the unit: a disk that stalls
+                nursery.start_soon(daemon.generate)  # (its 202 waits for the disk too)
+                while not registry.actors():
+                    await registry.changed.wait()
+                (actor,) = registry.actors()
+                first_prompt = actor.prompt_id
+                await relay.failed_one.wait()
+                relay.dies_after = relay.failing = None
+                await wait_state(actor, lambda s: s.prompt_id != first_prompt)
+                # Its next attempt, after SUBMIT_RETRY_DELAY (no event tells of it).
+                while actor.attempts < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()  # a POST would be there by now
+                assert actor.prompt_id not in prompts_in(sim)
+                assert first_prompt in prompts_in(sim)
+            # On disk now: the POST goes.
+            sim.set_manual_steps(False)
+            data = payloads(await read_events(daemon.url, actor.task_id))
+    assert data[-1]["status"] == "completed", data[-1]
+    assert actor.prompt_id in prompts_in(sim)
