@@ -621,6 +621,25 @@ def has_preview(event: ServerSentEvent) -> bool:
     return "preview" in json.loads(event.data)["progress"]
 
 
+async def until_first_preview(
+    url: str, task_id: str, sim: ComfySimulator
+) -> tuple[list[ServerSentEvent], str]:
+    """Follow the task on the front at `url` and grant `sim` (manual, with previews) one
+    sampler step once the stream is open: its events up to the one announcing that
+    step's preview, and the preview's path."""
+    following = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def grant_once_following() -> None:
+            await following.wait()
+            sim.grant_steps(1)  # one sampler step: one preview
+
+        nursery.start_soon(grant_once_following)
+        seen = await read_events(url, task_id, first_event=following, stop_after=has_preview)
+    path: str = json.loads(seen[-1].data)["progress"]["preview"]["url"]
+    return seen, path
+
+
 async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path) -> None:
     async with (
         redis_server(tmp_path / "redis") as redis,
@@ -630,18 +649,7 @@ async def test_a_running_task_s_preview_is_served_by_every_front(tmp_path: Path)
         front(tmp_path, "f2", redis.url) as second,
     ):
         task_id = await generate(first.url)
-        following = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def grant_once_running() -> None:
-                await following.wait()
-                sim.grant_steps(1)  # one sampler step: one preview
-
-            nursery.start_soon(grant_once_running)
-            seen = await read_events(
-                first.url, task_id, first_event=following, stop_after=has_preview
-            )
-        url = json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        _, url = await until_first_preview(first.url, task_id, sim)
         preview = await http_request("GET", second.url + url, timeout=10)
         assert preview.status == 200
         assert preview.headers.get("content-type") == "image/jpeg"
@@ -673,18 +681,8 @@ async def test_a_dead_worker_s_preview_goes_when_the_task_ends_on_another(
         worker(tmp_path, "w1", redis.url, lost_sim.url) as doomed,
     ):
         task_id = await generate(entry.url)
-        following = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def grant_once_running() -> None:
-                await following.wait()
-                lost_sim.grant_steps(1)  # one sampler step: one preview
-
-            nursery.start_soon(grant_once_running)
-            seen = await read_events(
-                entry.url, task_id, first_event=following, stop_after=has_preview
-            )
-        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        seen, preview_path = await until_first_preview(entry.url, task_id, lost_sim)
+        url = entry.url + preview_path
         assert (await http_request("GET", url, timeout=10)).status == 200
         async with worker(tmp_path, "w2", redis.url, other_sim.url):
             doomed.kill()
@@ -712,18 +710,8 @@ async def test_a_task_resubmitted_by_its_worker_serves_no_preview_of_the_lost_at
         front(tmp_path, "f", redis.url) as entry,
     ):
         task_id = await generate(entry.url)
-        following = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def grant_once_running() -> None:
-                await following.wait()
-                sim.grant_steps(1)  # one sampler step: one preview
-
-            nursery.start_soon(grant_once_running)
-            seen = await read_events(
-                entry.url, task_id, first_event=following, stop_after=has_preview
-            )
-        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        seen, preview_path = await until_first_preview(entry.url, task_id, sim)
+        url = entry.url + preview_path
         assert (await http_request("GET", url, timeout=10)).status == 200
         sim.restart()  # forgets its queue, as ComfyUI does: the prompt is lost
         again = await read_events(

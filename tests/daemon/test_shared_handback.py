@@ -17,13 +17,13 @@ from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
     front,
-    has_preview,
     history_ids,
     image_key_of,
     inpaint_request,
     last,
     post,
     simulator,
+    until_first_preview,
     until_logged,
     upload_picture,
     worker,
@@ -87,18 +87,8 @@ async def test_a_task_given_back_shows_no_preview_while_it_waits_nor_once_cancel
         worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
     ):
         task_id = await generate(entry.url)
-        following = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def grant_once_running() -> None:
-                await following.wait()
-                cut_sim.grant_steps(1)  # one sampler step: one preview
-
-            nursery.start_soon(grant_once_running)
-            seen = await read_events(
-                entry.url, task_id, first_event=following, stop_after=has_preview
-            )
-        url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+        _, preview_path = await until_first_preview(entry.url, task_id, cut_sim)
+        url = entry.url + preview_path
         assert (await http_request("GET", url, timeout=10)).status == 200
         cut_sim.reject_connections(3600)  # gone for good: the task goes back to the queue
         with trio.fail_after(30):

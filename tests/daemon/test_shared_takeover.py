@@ -5,7 +5,6 @@ what happens first."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +23,11 @@ from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
     front,
-    has_preview,
     history_ids,
     last,
     leases,
     simulator,
+    until_first_preview,
     until_logged,
     worker,
 )
@@ -259,18 +258,8 @@ async def test_a_worker_back_after_its_lease_was_claimed_writes_no_preview(
             worker(tmp_path, "w1", url, first_sim.url, extra=busy) as stale,
         ):
             task_id = await generate(entry.url)
-            following = trio.Event()
-            async with trio.open_nursery() as nursery:
-
-                async def grant_once_running() -> None:
-                    await following.wait()
-                    first_sim.grant_steps(1)  # one sampler step: one preview
-
-                nursery.start_soon(grant_once_running)
-                seen = await read_events(
-                    entry.url, task_id, first_event=following, stop_after=has_preview
-                )
-            preview_url = entry.url + json.loads(seen[-1].data)["progress"]["preview"]["url"]
+            _, preview_path = await until_first_preview(entry.url, task_id, first_sim)
+            preview_url = entry.url + preview_path
             before = await http_request("GET", preview_url, timeout=10)
             assert before.status == 200
             [lease] = await leases(client)
