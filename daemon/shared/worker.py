@@ -25,6 +25,7 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
+import anyio
 import trio
 from coredis.exceptions import RedisError, StreamConsumerGroupError
 
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 TAKE_BLOCK_MS: Final = 2000
 RETRY_DELAY: Final = 1.0
 HAND_BACK_TIMEOUT: Final = 2.0
+# What a last word to Redis at a stop may fail with: Redis' own errors, and a pooled
+# connection whose tasks the stop's cancellation is tearing down (coredis hands it out
+# until they are gone; seen when the daemon is cancelled from outside, in process).
+STOP_ERRORS: Final = (RedisError, anyio.ClosedResourceError, anyio.BrokenResourceError)
 BOUNCE_MAX_DELAY: Final = 8.0  # the longest pause before reading a task we put back again
 BOUNCES_REMEMBERED: Final = 1000
 GONE_BACKEND: Final = "gone:"  # the name a claimed task's unreachable backend gets
@@ -164,8 +169,8 @@ class SharedWorker:
                     *self._held.values(),
                 ],
             )
-        except RedisError as exc:
-            log.warning("cannot hand our tasks back: %s", exc)
+        except STOP_ERRORS as exc:
+            log.warning("cannot hand our tasks back: %r", exc)
             return
         log.info("handed %s task(s) back to the shared queue", handed)
 
@@ -173,8 +178,8 @@ class SharedWorker:
         """Stopping: our backends run nothing more (fronts count waits from now on)."""
         try:
             await withdraw(self.store, self.daemon_id)
-        except RedisError as exc:
-            log.warning("cannot withdraw what our backends can run: %s", exc)
+        except STOP_ERRORS as exc:
+            log.warning("cannot withdraw what our backends can run: %r", exc)
 
     async def _done(self, entry: str) -> None:
         try:
