@@ -395,6 +395,7 @@ class App:
             # Shared: Redis is the journal (another daemon may run our tasks now).
             journal=self.journal if shared is None else None,
             on_publish=shared.mirror.changed if shared is not None else None,
+            until_shared_written=shared.mirror.until_written if shared is not None else None,
             on_task_end=self._task_ended,
         )
 

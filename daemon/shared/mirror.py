@@ -86,11 +86,15 @@ class TaskMirror:
         self._dirty[actor.task_id] = (actor, self._marks)
         self._wake.set()
 
+    async def until_written(self, task_id: str) -> None:
+        """Until what the task's actor marked so far is in Redis (or stopped: not ours)."""
+        while task_id in self._dirty or self._writing == task_id:
+            await self._wrote.wait()
+
     async def release(self, task_id: str) -> None:
         """Until what the task's (stopped) actor marked is in Redis; then forget the task:
         the next worker to take it writes from the stream's newest version on."""
-        while task_id in self._dirty or self._writing == task_id:
-            await self._wrote.wait()
+        await self.until_written(task_id)
         self._written.pop(task_id, None)
         self._leases.pop(task_id, None)
         self._previews.pop(task_id, None)

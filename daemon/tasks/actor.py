@@ -121,7 +121,7 @@ class TaskActor:
         "_pace_wake",
         "_pacer",
         "_preview_throttle",
-        "_prompt_unjournalled",
+        "_prompt_unstored",
         "_reconcile_asked_moment",
         "_reconcile_requested",
         "_scope",
@@ -146,7 +146,7 @@ class TaskActor:
         "settings",
         "source_images",
         "state",
-        "until_journalled",
+        "until_stored",
         "wall_clock",
     )
 
@@ -166,13 +166,14 @@ class TaskActor:
         previews: PreviewStore | None = None,
         fresh: bool = False,
         needs: Needs | None = None,
-        until_journalled: Callable[[], Awaitable[None]] | None = None,
+        until_stored: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
         `backend_name` is the backend a restored task was dispatched to; `fresh`: the
         task was just made from its request (task.new_task); `needs`: what its graph
-        needs from a backend, when the caller knows already; `until_journalled()`
-        returns once every change reported by `on_change` so far is on disk."""
+        needs from a backend, when the caller knows already; `until_stored(task_id)`
+        returns once every change of the task reported so far is stored (the journal,
+        or Redis in shared mode), or the store gave up."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -180,8 +181,8 @@ class TaskActor:
         self.wall_clock = wall_clock
         self.on_change = on_change
         self.on_publish = on_publish
-        self.until_journalled = until_journalled
-        self._prompt_unjournalled = False  # requeued under a new prompt id not on disk yet
+        self.until_stored = until_stored
+        self._prompt_unstored = False  # requeued under a new prompt id not stored yet
         self.moved = False  # another daemon took the task over (shared mode): forget ours
         self.state = state
         self.resumed = resumed
@@ -406,7 +407,7 @@ class TaskActor:
         self.previews.discard(self.task_id)
         self._preview_throttle = None
         self.handle(task.Requeued(prompt_id, reason))
-        self._prompt_unjournalled = True
+        self._prompt_unstored = True
 
     async def _wait_for_backend(self) -> ComfyBackend | None:
         """Wait in the daemon's queue for a backend with room (reserved for us).
@@ -670,12 +671,13 @@ class TaskActor:
 
     async def _submit(self, backend: ComfyBackend, subscription: PromptSubscription) -> None:
         """POST the prompt; leaves the task unsubmitted when this backend cannot take it."""
-        if self._prompt_unjournalled and self.until_journalled is not None:
-            # A new prompt id reaches ComfyUI only once the journal holds it (and the
-            # prompt given up for it): killed right after this POST, a restarted
-            # daemon would follow the old prompt and leave this one to run there too.
-            await self.until_journalled()
-        self._prompt_unjournalled = False
+        if self._prompt_unstored and self.until_stored is not None:
+            # A new prompt id reaches ComfyUI only once it is stored (with the prompt
+            # given up for it): killed right after this POST, a restarted daemon (or
+            # the worker that claims the task) would follow the old prompt and leave
+            # this one to run there too.
+            await self.until_stored(self.task_id)
+        self._prompt_unstored = False
         if self.state.cancel_requested:
             self.handle(task.Cancelled("cancelled before it reached ComfyUI"))
             return

@@ -11,7 +11,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -74,8 +74,10 @@ class TaskRegistry:
         on_task_end: Callable[[TaskActor], None] | None = None,
         previews: PreviewStore | None = None,
         on_publish: Callable[[TaskActor], None] | None = None,
+        until_shared_written: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        """`on_publish(actor)` hears of every actor's change (the shared mirror);
+        """`on_publish(actor)` hears of every actor's change (the shared mirror), and
+        `until_shared_written(task_id)` returns once the changes it heard are in Redis;
         `on_task_end(actor)` is called once when a task of this process ends
         (not for tasks restored from the journal already finished)."""
         self.dispatcher = dispatcher
@@ -86,6 +88,8 @@ class TaskRegistry:
         self.wall_clock = wall_clock
         self.previews = previews if previews is not None else PreviewStore()
         self.on_publish = on_publish
+        self.until_shared_written = until_shared_written
+        self._stores = journal is not None or until_shared_written is not None
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
@@ -180,18 +184,21 @@ class TaskRegistry:
         if actor.is_done() and self.on_task_end is not None:
             self.on_task_end(actor)
 
-    async def _until_journalled(self) -> None:
-        """Until the journal holds every change reported so far. A journal that cannot
-        write, or not within FLUSH_TIMEOUT, is logged and not waited for: the task goes on."""
-        assert self.journal is not None
+    async def _until_stored(self, task_id: str) -> None:
+        """Until every change of the task reported so far is in the journal (with
+        `until_shared_written`: in Redis). A store that cannot write, or not within
+        FLUSH_TIMEOUT, is logged and not waited for: the task goes on."""
         try:
             with trio.move_on_after(FLUSH_TIMEOUT) as waited:
-                await self.journal.flush()
+                if self.journal is not None:
+                    await self.journal.flush()
+                if self.until_shared_written is not None:
+                    await self.until_shared_written(task_id)
         except JournalUnavailable as exc:
-            log.error("going on without the journal: %s", exc)
+            log.error("task %s goes on unjournalled: %s", task_id, exc)
             return
         if waited.cancelled_caught:
-            log.error("going on without the journal: no write confirmed in %g s", FLUSH_TIMEOUT)
+            log.error("task %s goes on: its change was not stored in %g s", task_id, FLUSH_TIMEOUT)
 
     def _new_actor(self, state: task.TaskState, **kwargs: object) -> TaskActor:
         return TaskActor(
@@ -203,7 +210,7 @@ class TaskRegistry:
             on_change=self._actor_changed,
             on_publish=self.on_publish or _ignore,
             previews=self.previews,
-            until_journalled=self._until_journalled if self.journal is not None else None,
+            until_stored=self._until_stored if self._stores else None,
             **kwargs,  # type: ignore[arg-type]
         )
 
