@@ -89,7 +89,6 @@ class TaskRegistry:
         self.previews = previews if previews is not None else PreviewStore()
         self.on_publish = on_publish
         self.until_shared_written = until_shared_written
-        self._stores = journal is not None or until_shared_written is not None
         self._tasks: dict[str, TaskActor] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
@@ -210,7 +209,11 @@ class TaskRegistry:
             on_change=self._actor_changed,
             on_publish=self.on_publish or _ignore,
             previews=self.previews,
-            until_stored=self._until_stored if self._stores else None,
+            until_stored=(
+                self._until_stored
+                if self.journal is not None or self.until_shared_written is not None
+                else None
+            ),
             **kwargs,  # type: ignore[arg-type]
         )
 

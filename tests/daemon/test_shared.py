@@ -19,7 +19,7 @@ import trio
 from coredis.response.types import StreamPendingExt
 
 from daemon.http.client import ClientResponse, http_request, open_stream
-from daemon.shared.store import SharedStore
+from daemon.shared.store import SharedStore, image_key
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
 from protocol import task
@@ -395,7 +395,7 @@ async def test_a_cancel_while_a_worker_fetches_the_images_ends_the_task_at_once(
 
 
 def image_key_of(image_url: str) -> str:
-    return f"comfy-progress:image:{image_url.rsplit('/', 1)[1]}"
+    return image_key("comfy-progress", image_url.rsplit("/", 1)[1])
 
 
 async def until_expired_in_redis(redis_url: str, image_url: str) -> None:

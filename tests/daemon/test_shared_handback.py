@@ -5,6 +5,8 @@ daemon processes, in-test simulators)."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import coredis
@@ -12,8 +14,10 @@ import trio
 
 from daemon.http.client import http_request
 from daemon.shared.worker import BOUNCE_MAX_DELAY, bounce_delay
+from daemon.simulator import ComfySimulator
 from tests.daemon.harness import read_events
-from tests.daemon.redis_server import redis_server
+from tests.daemon.process import DaemonProcess
+from tests.daemon.redis_server import RedisServer, redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
     front,
@@ -34,9 +38,14 @@ from tests.daemon.test_shared import (
 SLOW_TO_GIVE_UP = ("backend_wait_timeout=30",)
 
 
-async def test_tasks_whose_worker_lost_its_comfyui_complete_on_another_worker(
+@asynccontextmanager
+async def worker_to_lose_its_comfyui(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[
+    tuple[RedisServer, ComfySimulator, ComfySimulator, DaemonProcess, DaemonProcess]
+]:
+    """redis-server, a ComfyUI that parks its prompts (the one the worker will lose),
+    another that runs them (for a second worker), a front, and the first worker."""
     async with (
         redis_server(tmp_path / "redis") as redis,
         simulator(manual=True) as cut_sim,
@@ -44,6 +53,13 @@ async def test_tasks_whose_worker_lost_its_comfyui_complete_on_another_worker(
         front(tmp_path, "f", redis.url) as entry,
         worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
     ):
+        yield redis, cut_sim, other_sim, entry, first
+
+
+async def test_tasks_whose_worker_lost_its_comfyui_complete_on_another_worker(
+    tmp_path: Path,
+) -> None:
+    async with worker_to_lose_its_comfyui(tmp_path) as (redis, cut_sim, other_sim, entry, first):
         running = await generate(entry.url)
         seen = await read_events(entry.url, running, stop_after=sampling)
         behind = await generate(entry.url)  # the worker takes it too: ComfyUI holds two
@@ -106,13 +122,7 @@ async def test_a_task_given_back_keeps_its_source_image_for_its_new_wait(
 ) -> None:
     """Given back when its source's copy in Redis is about to expire (it ran long), the
     task may wait as long again: the copy lives as long as it can, and the task runs."""
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        simulator(manual=True) as cut_sim,
-        simulator(manual=False) as other_sim,
-        front(tmp_path, "f", redis.url) as entry,
-        worker(tmp_path, "w1", redis.url, cut_sim.url, extra=SLOW_TO_GIVE_UP) as first,
-    ):
+    async with worker_to_lose_its_comfyui(tmp_path) as (redis, cut_sim, other_sim, entry, first):
         upload = await upload_picture(entry.url)
         assert upload.status == 201
         key = image_key_of(upload.json()["imageUrl"])
