@@ -17,6 +17,7 @@ import re
 import select
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TypeAlias
@@ -103,17 +104,25 @@ class Stream:
         del sse[:pos]
 
 
-def no_collector_pauses() -> None:
-    """No cyclic garbage collection from here to the worker's end (called before
-    it reports ready, as the collection it starts with takes a while). A worker
+@contextlib.contextmanager
+def no_collector_pauses() -> Iterator[None]:
+    """No cyclic garbage collection while a worker measures (entered before it
+    reports ready, as the collection it starts with takes a while). A worker
     holding thousands of streams keeps every event it stamps, so Python's full
     collections, run about as often in every worker (they all record alike),
     stopped all of them together for 100-200 ms: that showed as the daemon's
     delivery latency (the fanout shape's p99). Nothing a worker builds is cyclic
-    garbage, so reference counting frees all it drops."""
+    garbage, so reference counting frees all it drops meanwhile."""
+    enabled = gc.isenabled()
     gc.collect()
     gc.freeze()
     gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 # The daemon's (host, port), or the path of its Unix socket (listen = unix:/path).
@@ -185,30 +194,37 @@ def subscriber_worker(
             streams[stream.sock.fileno()] = stream
             poller.register(stream.sock, select.EPOLLOUT | select.EPOLLIN)
         _pump(poller, streams, 0.05)
-    no_collector_pauses()
-    conn.send(("ready", sum(1 for s in streams.values() if not s.closed)))
-    # Hold the streams (reading heartbeats) until told to go or stop.
-    while not conn.poll(0):
-        _pump(poller, streams, 0.05)
-    message = conn.recv()
-    if message[0] == "go":
-        for stream in streams.values():
-            stream.events.clear()
-            stream.count = 0
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        unfinished = sum(1 for s in streams.values() if s.terminal is None and not s.closed)
-        while unfinished > 0:
-            unfinished -= _pump(poller, streams, 0.02)
-            if conn.poll(0):
-                conn.recv()
-                break
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    else:
-        cpu, wall = 0.0, 0.0
+    with no_collector_pauses():
+        cpu, wall = _hold_and_record(conn, poller, streams)
     results = [(s.task, s.events, s.terminal, s.terminal_at, s.count) for s in streams.values()]
     for stream in streams.values():
         stream.sock.close()
     conn.send(("done", cpu, wall, results))
+
+
+def _hold_and_record(
+    conn: Connection, poller: select.epoll, streams: dict[int, Stream]
+) -> tuple[float, float]:
+    """Report ready, hold the streams (reading heartbeats) until told to go or
+    stop, then record until every stream ended (or stop): the CPU and wall time
+    of the recording."""
+    conn.send(("ready", sum(1 for s in streams.values() if not s.closed)))
+    while not conn.poll(0):
+        _pump(poller, streams, 0.05)
+    message = conn.recv()
+    if message[0] != "go":
+        return 0.0, 0.0
+    for stream in streams.values():
+        stream.events.clear()
+        stream.count = 0
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    unfinished = sum(1 for s in streams.values() if s.terminal is None and not s.closed)
+    while unfinished > 0:
+        unfinished -= _pump(poller, streams, 0.02)
+        if conn.poll(0):
+            conn.recv()
+            break
+    return time.process_time() - cpu0, time.monotonic() - wall0
 
 
 def _pump(poller: select.epoll, streams: dict[int, Stream], timeout: float) -> int:
@@ -281,68 +297,68 @@ def generate_worker(
     failures = 0
     next_task = first_task
     remaining = requests
-    no_collector_pauses()
-    conn.send(("ready", connections))
-    conn.recv()
-    cpu0, wall0 = time.process_time(), time.monotonic()
+    with no_collector_pauses():
+        conn.send(("ready", connections))
+        conn.recv()
+        cpu0, wall0 = time.process_time(), time.monotonic()
 
-    def start(poster: Poster) -> None:
-        nonlocal next_task, remaining
-        remaining -= 1
-        body = json.dumps({"prompt": f"bench-{next_task}"}).encode()
-        next_task += 1
-        poster.out = (
-            f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        poster.sent = 0
-        poster.started = time.monotonic()
-        poller.modify(poster.sock, select.EPOLLOUT | select.EPOLLIN)
+        def start(poster: Poster) -> None:
+            nonlocal next_task, remaining
+            remaining -= 1
+            body = json.dumps({"prompt": f"bench-{next_task}"}).encode()
+            next_task += 1
+            poster.out = (
+                f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            poster.sent = 0
+            poster.started = time.monotonic()
+            poller.modify(poster.sock, select.EPOLLOUT | select.EPOLLIN)
 
-    for _ in range(min(connections, remaining)):
-        poster = Poster(_connect(address))
-        posters[poster.sock.fileno()] = poster
-        poller.register(poster.sock, select.EPOLLOUT)
-        start(poster)
-    busy = len(posters)
-    while busy:
-        for fd, mask in poller.poll(1.0):
-            poster = posters[fd]
-            if mask & select.EPOLLOUT and poster.sent < len(poster.out):
-                with contextlib.suppress(BlockingIOError):
-                    poster.sent += poster.sock.send(poster.out[poster.sent :])
-                if poster.sent >= len(poster.out):
-                    poller.modify(poster.sock, select.EPOLLIN)
-            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                try:
-                    data = poster.sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    failures += remaining + 1
-                    remaining = 0
-                    poller.unregister(poster.sock)
-                    busy -= 1
-                    continue
-                poster.raw += data
-                end = poster.raw.find(_HEAD_END)
-                if end < 0:
-                    continue
-                head = bytes(poster.raw[:end]).lower()
-                length = int(re.search(rb"content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-                if len(poster.raw) < end + 4 + length:
-                    continue
-                del poster.raw[: end + 4 + length]
-                if head.startswith(b"http/1.1 202"):
-                    latencies.append(time.monotonic() - poster.started)
-                else:
-                    failures += 1
-                if remaining > 0:
-                    start(poster)
-                else:
-                    poller.unregister(poster.sock)
-                    busy -= 1
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        for _ in range(min(connections, remaining)):
+            poster = Poster(_connect(address))
+            posters[poster.sock.fileno()] = poster
+            poller.register(poster.sock, select.EPOLLOUT)
+            start(poster)
+        busy = len(posters)
+        while busy:
+            for fd, mask in poller.poll(1.0):
+                poster = posters[fd]
+                if mask & select.EPOLLOUT and poster.sent < len(poster.out):
+                    with contextlib.suppress(BlockingIOError):
+                        poster.sent += poster.sock.send(poster.out[poster.sent :])
+                    if poster.sent >= len(poster.out):
+                        poller.modify(poster.sock, select.EPOLLIN)
+                if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    try:
+                        data = poster.sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        failures += remaining + 1
+                        remaining = 0
+                        poller.unregister(poster.sock)
+                        busy -= 1
+                        continue
+                    poster.raw += data
+                    end = poster.raw.find(_HEAD_END)
+                    if end < 0:
+                        continue
+                    head = bytes(poster.raw[:end]).lower()
+                    length = int(re.search(rb"content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                    if len(poster.raw) < end + 4 + length:
+                        continue
+                    del poster.raw[: end + 4 + length]
+                    if head.startswith(b"http/1.1 202"):
+                        latencies.append(time.monotonic() - poster.started)
+                    else:
+                        failures += 1
+                    if remaining > 0:
+                        start(poster)
+                    else:
+                        poller.unregister(poster.sock)
+                        busy -= 1
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     conn.send(("done", cpu, wall, latencies, failures))
 
 
