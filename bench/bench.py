@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load
-from bench.figures import format_row, ms_summary, summarise_profile
+from bench.figures import format_row, ms_summary, percentile, summarise_profile
 from bench.nginx_front import NginxCpu, nginx_front
 from bench.processes import (
     DAEMON_SETTINGS,
@@ -232,6 +232,7 @@ class Bench:
                 process.join()
             machine = machine_busy(machine0)
         latencies: list[float] = []
+        by_step: dict[tuple[int, int], list[float]] = {}  # (task, step) -> latencies
         freshness: list[float] = []
         seen: list[float] = []
         delivered = 0
@@ -251,6 +252,7 @@ class Bench:
                     if 1 <= value <= steps and value not in values:
                         values.add(value)
                         latencies.append(arrival - sent[value - 1])
+                        by_step.setdefault((task, value), []).append(latencies[-1])
                     if value >= steps and fresh is None:
                         fresh = arrival - sent[-1]
                 if fresh is None and terminal_at is not None:
@@ -284,6 +286,8 @@ class Bench:
             "machine_busy": round(machine, 2),
             "machine_saturated": machine > MACHINE_SATURATED,
         }
+        if by_step:
+            row["slowest_step"] = slowest_step(by_step, [n for _, n in created])
         if nginx_sampler is not None:
             nginx_cpu = nginx_sampler.at(last_terminal) - nginx_sampler.at(first_frame)
             row["nginx_cpu_s"] = round(nginx_cpu, 3)
@@ -498,6 +502,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     results += bench.results
                     next_task = bench.next_task
         return results
+
+
+def slowest_step(by_step: dict[tuple[int, int], list[float]], order: list[int]) -> dict[str, Any]:
+    """The step whose median latency over its subscribers is the highest: where a
+    tail comes from (a task's first steps, or one moment that held everybody up)."""
+    (task, step), samples = max(by_step.items(), key=lambda item: percentile(item[1], 0.5))
+    return {
+        "task": order.index(task) + 1,
+        "step": step,
+        "p50_ms": round(percentile(samples, 0.5) * 1000, 2),
+    }
 
 
 def run_streams(

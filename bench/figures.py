@@ -82,6 +82,9 @@ def format_row(row: dict[str, Any]) -> str:
             f"; nginx {row['nginx_cpu_us_per_event']} us/event, daemon and nginx "
             f"{row['relay_cpu_us_per_event']} us/event"
         )
+    if "slowest_step" in row:
+        slow = row["slowest_step"]
+        text += f"; slowest step: task {slow['task']} step {slow['step']}, p50 {slow['p50_ms']} ms"
     text += f"; RSS +{row['kib_per_open_stream']} KiB per open stream"
     if "new_requests" in row:
         probe = row["new_requests"]
