@@ -231,7 +231,6 @@ class Bench:
                 outcomes.append(pipe.recv())
                 process.join()
             machine = machine_busy(machine0)
-        latencies: list[float] = []
         by_step: dict[tuple[int, int], list[float]] = {}  # (task, step) -> latencies
         freshness: list[float] = []
         seen: list[float] = []
@@ -251,8 +250,7 @@ class Bench:
                 for value, arrival in progress:
                     if 1 <= value <= steps and value not in values:
                         values.add(value)
-                        latencies.append(arrival - sent[value - 1])
-                        by_step.setdefault((task, value), []).append(latencies[-1])
+                        by_step.setdefault((task, value), []).append(arrival - sent[value - 1])
                     if value >= steps and fresh is None:
                         fresh = arrival - sent[-1]
                 if fresh is None and terminal_at is not None:
@@ -261,6 +259,7 @@ class Bench:
                     freshness.append(fresh)
                 progress_events = count - (terminal is not None)
                 seen.append((progress_events if light else len(values)) / steps)
+        latencies = [latency for samples in by_step.values() for latency in samples]
         subscribers = tasks * per_task
         first_frame = min(v[0] for v in stamps.values())
         window = max(last_terminal - first_frame, 1e-9)

@@ -107,7 +107,8 @@ class Stream:
 @contextlib.contextmanager
 def no_collector_pauses() -> Iterator[None]:
     """No cyclic garbage collection while a worker measures (entered before it
-    reports ready, as the collection it starts with takes a while). A worker
+    reports ready, as the collection it starts with takes a while; a worker
+    that has nothing to set up first takes it as a decorator). A worker
     holding thousands of streams keeps every event it stamps, so Python's full
     collections, run about as often in every worker (they all record alike),
     stopped all of them together for 100-200 ms: that showed as the daemon's
@@ -285,6 +286,7 @@ class Poster:
     raw: bytearray = field(default_factory=bytearray)
 
 
+@no_collector_pauses()
 def generate_worker(
     conn: Connection, address: Address, connections: int, requests: int, first_task: int
 ) -> None:
@@ -297,68 +299,67 @@ def generate_worker(
     failures = 0
     next_task = first_task
     remaining = requests
-    with no_collector_pauses():
-        conn.send(("ready", connections))
-        conn.recv()
-        cpu0, wall0 = time.process_time(), time.monotonic()
+    conn.send(("ready", connections))
+    conn.recv()
+    cpu0, wall0 = time.process_time(), time.monotonic()
 
-        def start(poster: Poster) -> None:
-            nonlocal next_task, remaining
-            remaining -= 1
-            body = json.dumps({"prompt": f"bench-{next_task}"}).encode()
-            next_task += 1
-            poster.out = (
-                f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode() + body
-            poster.sent = 0
-            poster.started = time.monotonic()
-            poller.modify(poster.sock, select.EPOLLOUT | select.EPOLLIN)
+    def start(poster: Poster) -> None:
+        nonlocal next_task, remaining
+        remaining -= 1
+        body = json.dumps({"prompt": f"bench-{next_task}"}).encode()
+        next_task += 1
+        poster.out = (
+            f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        poster.sent = 0
+        poster.started = time.monotonic()
+        poller.modify(poster.sock, select.EPOLLOUT | select.EPOLLIN)
 
-        for _ in range(min(connections, remaining)):
-            poster = Poster(_connect(address))
-            posters[poster.sock.fileno()] = poster
-            poller.register(poster.sock, select.EPOLLOUT)
-            start(poster)
-        busy = len(posters)
-        while busy:
-            for fd, mask in poller.poll(1.0):
-                poster = posters[fd]
-                if mask & select.EPOLLOUT and poster.sent < len(poster.out):
-                    with contextlib.suppress(BlockingIOError):
-                        poster.sent += poster.sock.send(poster.out[poster.sent :])
-                    if poster.sent >= len(poster.out):
-                        poller.modify(poster.sock, select.EPOLLIN)
-                if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                    try:
-                        data = poster.sock.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        failures += remaining + 1
-                        remaining = 0
-                        poller.unregister(poster.sock)
-                        busy -= 1
-                        continue
-                    poster.raw += data
-                    end = poster.raw.find(_HEAD_END)
-                    if end < 0:
-                        continue
-                    head = bytes(poster.raw[:end]).lower()
-                    length = int(re.search(rb"content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-                    if len(poster.raw) < end + 4 + length:
-                        continue
-                    del poster.raw[: end + 4 + length]
-                    if head.startswith(b"http/1.1 202"):
-                        latencies.append(time.monotonic() - poster.started)
-                    else:
-                        failures += 1
-                    if remaining > 0:
-                        start(poster)
-                    else:
-                        poller.unregister(poster.sock)
-                        busy -= 1
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    for _ in range(min(connections, remaining)):
+        poster = Poster(_connect(address))
+        posters[poster.sock.fileno()] = poster
+        poller.register(poster.sock, select.EPOLLOUT)
+        start(poster)
+    busy = len(posters)
+    while busy:
+        for fd, mask in poller.poll(1.0):
+            poster = posters[fd]
+            if mask & select.EPOLLOUT and poster.sent < len(poster.out):
+                with contextlib.suppress(BlockingIOError):
+                    poster.sent += poster.sock.send(poster.out[poster.sent :])
+                if poster.sent >= len(poster.out):
+                    poller.modify(poster.sock, select.EPOLLIN)
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                try:
+                    data = poster.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    failures += remaining + 1
+                    remaining = 0
+                    poller.unregister(poster.sock)
+                    busy -= 1
+                    continue
+                poster.raw += data
+                end = poster.raw.find(_HEAD_END)
+                if end < 0:
+                    continue
+                head = bytes(poster.raw[:end]).lower()
+                length = int(re.search(rb"content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                if len(poster.raw) < end + 4 + length:
+                    continue
+                del poster.raw[: end + 4 + length]
+                if head.startswith(b"http/1.1 202"):
+                    latencies.append(time.monotonic() - poster.started)
+                else:
+                    failures += 1
+                if remaining > 0:
+                    start(poster)
+                else:
+                    poller.unregister(poster.sock)
+                    busy -= 1
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     conn.send(("done", cpu, wall, latencies, failures))
 
 
