@@ -64,6 +64,7 @@ def format_row(row: dict[str, Any]) -> str:
             f"p99 {lat['p99_ms']} ms max {lat['max_ms']} ms, {row['failed']} failed; "
             f"daemon {row['cpu_us_per_request']} us CPU per request; client CPU {row['client_cpu']}"
             + (" (client-saturated)" if row["client_saturated"] else "")
+            + _spread_of_runs(row.get("runs", []))
         )
     lat, fresh = row["latency"], row["freshness"]
     text = (
@@ -93,3 +94,18 @@ def format_row(row: dict[str, Any]) -> str:
             f"({probe['failed']}/{probe['count']} failed)"
         )
     return text
+
+
+def _spread_of_runs(runs: list[dict[str, Any]]) -> str:
+    """What the runs of a repeated shape ranged over (the row is their median run)."""
+    if len(runs) < 2:
+        return ""
+
+    def span(key: str) -> str:
+        values = sorted(run[key] for run in runs)
+        return f"{values[0]}-{values[-1]}"
+
+    return (
+        f"\n{'':<24} median of {len(runs)} runs: {span('req_per_s')} req/s, "
+        f"p99 {span('p99_ms')} ms, {span('cpu_us_per_request')} us CPU per request"
+    )
