@@ -23,11 +23,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from coredis.exceptions import RedisError
 
 from daemon.api.access import AccessPolicy, AccessSettings
 from daemon.api.binder import Binder
@@ -53,7 +54,7 @@ from daemon.ops.systemd import ServiceStatus, Systemd
 from daemon.shared.images import SharedImageRoute, SharedImageStore
 from daemon.shared.service import SharedService, new_daemon_id
 from daemon.tasks.actor import TaskActor, TaskSettings
-from daemon.tasks.journal import AbandonedPrompt, Journal, TaskRecord
+from daemon.tasks.journal import AbandonedPrompt, Journal
 from daemon.tasks.registry import TaskRegistry
 from daemon.tasks.restore import still_followed
 from daemon.workflow_files import load_catalog
@@ -261,7 +262,8 @@ class App:
                 await nursery.start(self.journal.run)
                 # Each service gets what it uses; the HTTP face last, as it reads them all.
                 self.pool = self._backend_pool(urls)
-                self._restore_abandoned(abandoned, records)
+                if shared is None:
+                    self._restore_abandoned(abandoned, still_followed(records))
                 self.dispatcher = Dispatcher(self.pool, max_pending=config.backend_max_pending)
                 self.registry = self._task_registry()
                 self.metrics = DaemonMetrics(
@@ -292,6 +294,8 @@ class App:
                 nursery.start_soon(self._warn_unrunnable_workflows)
                 if shared is not None:
                     await nursery.start(shared.run, self.registry, self.dispatcher)
+                    if abandoned:
+                        nursery.start_soon(self._restore_shared_abandoned, abandoned)
                 if listeners is None:
                     listeners = self.systemd.listeners() or await self._bind(held)
                 await nursery.start(self._run_server, listeners)
@@ -359,11 +363,10 @@ class App:
         )
 
     def _restore_abandoned(
-        self, abandoned: Sequence[AbandonedPrompt], records: Sequence[TaskRecord]
+        self, abandoned: Sequence[AbandonedPrompt], followed: Collection[tuple[str | None, str]]
     ) -> None:
         """The prompts an earlier run gave up on go from their ComfyUI once it is connected,
-        unless a restored task follows one of them again."""
-        followed = still_followed(records) if self.shared is None else set()
+        unless a task follows one of them again (`followed`: backend, prompt id)."""
         to_remove = []
         for prompt in abandoned:
             if (prompt.backend, prompt.prompt_id) in followed:
@@ -373,6 +376,27 @@ class App:
         taken = self.pool.restore_abandoned(to_remove)
         if taken:
             log.info("%d abandoned prompt(s) go from their ComfyUI once it is connected", taken)
+
+    async def _restore_shared_abandoned(self, abandoned: Sequence[AbandonedPrompt]) -> None:
+        """Shared mode: the tasks' records are in Redis, not in our journal, and any
+        worker may take a task over. A worker killed between giving a prompt up and
+        storing its task's next one left the record naming it: the worker that takes
+        the task follows it again, so it must stay. Until Redis says which, none go."""
+        assert self.shared is not None
+        prompts = {(prompt.backend, prompt.prompt_id) for prompt in abandoned}
+        while True:
+            try:
+                followed = await self.shared.store.prompts_followed(prompts)
+                break
+            except RedisError as exc:
+                log.warning(
+                    "cannot check %d abandoned prompt(s) against the tasks in Redis yet"
+                    " (%s); retrying", len(prompts), exc,
+                )  # fmt: skip
+                await trio.sleep(1.0)
+        if followed:
+            log.info("%d abandoned prompt(s) are followed again by their task: kept", len(followed))
+        self._restore_abandoned(abandoned, followed)
 
     def _task_registry(self) -> TaskRegistry:
         config = self.config

@@ -156,6 +156,7 @@ class BackendPool:
         for name, prompt_id in prompts:
             if name in self._abandoned:
                 self._abandoned[name].add(prompt_id)
+                self._abandoned_more[name].fire()  # (handed over after the connect, maybe)
                 taken += 1
         return taken
 

@@ -53,6 +53,7 @@ GROUP: Final = "workers"
 STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not a history
 RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
+SCAN_READ_BATCH: Final = 500  # task records per MGET when all are read (prompts_followed)
 # Redis answers a blocking read (XREAD/XREADGROUP BLOCK) when its BLOCK time is up;
 # no answer this much later means the connection went silent without a reset (a
 # network split): nothing is in flight, so TCP would never notice. Cancelled at
@@ -244,6 +245,11 @@ def entry_id(version: int) -> str:
     return f"{version}-0"
 
 
+def glob_escaped(literal: str) -> str:
+    """`literal` as a Redis MATCH pattern that matches only itself."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in literal)
+
+
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -389,6 +395,30 @@ class SharedStore:
     async def load(self, task_id: str) -> SharedRecord | None:
         raw = await self.redis.get(self.task_key(task_id))
         return SharedRecord.from_json(raw) if raw is not None else None
+
+    async def prompts_followed(self, prompts: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of these (ComfyUI URL, prompt id) pairs, those an unfinished task's record
+        names as its current attempt: whichever worker takes the task follows them.
+        Reads every task record (SCAN): for the rare start with prompts to check."""
+        if not prompts:
+            return set()
+        followed: set[tuple[str, str]] = set()
+        pattern = glob_escaped(self.task_key("")) + "*"
+        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
+        for start in range(0, len(keys), SCAN_READ_BATCH):
+            raws = await self.redis.mget(keys[start : start + SCAN_READ_BATCH])
+            for raw in raws:
+                if raw is None:
+                    continue  # (expired since the SCAN)
+                try:
+                    shared = SharedRecord.from_json(raw)
+                    finished = shared.finished
+                except (ValueError, KeyError, TypeError):
+                    continue  # unreadable: no worker follows anything for it either
+                pair = (shared.backend_url or "", shared.record.prompt_id)
+                if not finished and pair in prompts:
+                    followed.add(pair)
+        return followed
 
     async def latest(self, task_id: str) -> Snapshot | None:
         entries = await self.redis.xrevrange(self.events_key(task_id), count=1)
