@@ -383,19 +383,22 @@ class App:
         storing its task's next one left the record naming it: the worker that takes
         the task follows it again, so it must stay. Until Redis says which, none go."""
         assert self.shared is not None
-        prompts = {(prompt.backend, prompt.prompt_id) for prompt in abandoned}
         while True:
             try:
-                followed = await self.shared.store.prompts_followed(prompts)
+                records = await self.shared.store.task_records()
                 break
             except RedisError as exc:
                 log.warning(
                     "cannot check %d abandoned prompt(s) against the tasks in Redis yet"
-                    " (%s); retrying", len(prompts), exc,
+                    " (%s); retrying", len(abandoned), exc,
                 )  # fmt: skip
                 await trio.sleep(1.0)
-        if followed:
-            log.info("%d abandoned prompt(s) are followed again by their task: kept", len(followed))
+        # A held task's record names the ComfyUI of its attempt as its backend, as the
+        # journal's records do (the mirror's backend_url is that same field).
+        followed = still_followed(records)
+        kept = sum(1 for prompt in abandoned if (prompt.backend, prompt.prompt_id) in followed)
+        if kept:
+            log.info("%d abandoned prompt(s) are followed again by their task: kept", kept)
         self._restore_abandoned(abandoned, followed)
 
     def _task_registry(self) -> TaskRegistry:

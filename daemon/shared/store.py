@@ -53,7 +53,7 @@ GROUP: Final = "workers"
 STREAM_LENGTH: Final = 8  # latest-snapshot semantics: a few recent entries, not a history
 RUNNING_TTL: Final = 24 * 3600  # a task nobody ends still goes away eventually
 PREVIEW_TTL: Final = 600  # a preview nobody replaces (its worker died) goes soon
-SCAN_READ_BATCH: Final = 500  # task records per MGET when all are read (prompts_followed)
+SCAN_READ_BATCH: Final = 500  # task records per SCAN step and MGET (task_records)
 # Redis answers a blocking read (XREAD/XREADGROUP BLOCK) when its BLOCK time is up;
 # no answer this much later means the connection went silent without a reset (a
 # network split): nothing is in flight, so TCP would never notice. Cancelled at
@@ -396,29 +396,21 @@ class SharedStore:
         raw = await self.redis.get(self.task_key(task_id))
         return SharedRecord.from_json(raw) if raw is not None else None
 
-    async def prompts_followed(self, prompts: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Of these (ComfyUI URL, prompt id) pairs, those an unfinished task's record
-        names as its current attempt: whichever worker takes the task follows them.
-        Reads every task record (SCAN): for the rare start with prompts to check."""
-        if not prompts:
-            return set()
-        followed: set[tuple[str, str]] = set()
+    async def task_records(self) -> list[TaskRecord]:
+        """Every task record Redis holds that can be read: a SCAN, for the rare start
+        that needs them all (a worker with abandoned prompts to check)."""
         pattern = glob_escaped(self.task_key("")) + "*"
-        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
+        keys = [key async for key in self.redis.scan_iter(match=pattern, count=SCAN_READ_BATCH)]
+        records = []
         for start in range(0, len(keys), SCAN_READ_BATCH):
-            raws = await self.redis.mget(keys[start : start + SCAN_READ_BATCH])
-            for raw in raws:
+            for raw in await self.redis.mget(keys[start : start + SCAN_READ_BATCH]):
                 if raw is None:
                     continue  # (expired since the SCAN)
                 try:
-                    shared = SharedRecord.from_json(raw)
-                    finished = shared.finished
+                    records.append(SharedRecord.from_json(raw).record)
                 except (ValueError, KeyError, TypeError):
-                    continue  # unreadable: no worker follows anything for it either
-                pair = (shared.backend_url or "", shared.record.prompt_id)
-                if not finished and pair in prompts:
-                    followed.add(pair)
-        return followed
+                    continue  # unreadable: no worker can take its task either
+        return records
 
     async def latest(self, task_id: str) -> Snapshot | None:
         entries = await self.redis.xrevrange(self.events_key(task_id), count=1)

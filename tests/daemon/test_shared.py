@@ -187,6 +187,19 @@ async def test_a_stream_whose_front_died_resumes_on_another_with_last_event_id(
         assert last(resumed)["status"] == "completed"
 
 
+async def killed_mid_task(
+    tmp_path: Path, name: str, redis_url: str, comfy_url: str, entry_url: str
+) -> tuple[str, list[ServerSentEvent]]:
+    """A new task (POSTed to `entry_url`) whose worker is killed -9 once it samples:
+    the task's id and the events seen until then."""
+    async with worker(tmp_path, name, redis_url, comfy_url) as doomed:
+        task_id = await generate(entry_url)
+        seen = await read_events(entry_url, task_id, stop_after=sampling)
+        doomed.kill()
+        assert await doomed.wait() == -9
+    return task_id, seen
+
+
 async def test_kill_9_of_a_worker_mid_task_another_resubmits_it_and_completes(
     tmp_path: Path,
 ) -> None:
@@ -215,11 +228,7 @@ async def test_kill_9_of_a_worker_another_on_the_same_comfyui_reattaches_to_the_
         simulator(manual=True) as sim,
         front(tmp_path, "f", redis.url) as entry,
     ):
-        async with worker(tmp_path, "w1", redis.url, sim.url) as doomed:
-            task_id = await generate(entry.url)
-            seen = await read_events(entry.url, task_id, stop_after=sampling)
-            doomed.kill()
-            assert await doomed.wait() == -9
+        task_id, seen = await killed_mid_task(tmp_path, "w1", redis.url, sim.url, entry.url)
         sim.grant_steps(1000)  # ComfyUI finishes the prompt while no worker follows it
         async with worker(tmp_path, "w2", redis.url, sim.url):
             rest = await read_events(entry.url, task_id, last_event_id=int(seen[-1].id or 0))

@@ -15,8 +15,14 @@ from daemon.http.client import http_request
 from daemon.simulator import ComfySimulator
 from tests.daemon.harness import read_events
 from tests.daemon.redis_server import redis_server
-from tests.daemon.test_restart import generate, sampling
-from tests.daemon.test_shared import front, history_ids, last, simulator, worker
+from tests.daemon.test_shared import (
+    front,
+    history_ids,
+    killed_mid_task,
+    last,
+    simulator,
+    worker,
+)
 from tests.simulator.test_workflows import txt2img
 
 KEPT = b"abandoned prompt(s) are followed again by their task: kept"
@@ -45,11 +51,7 @@ async def test_a_prompt_given_up_just_before_a_kill_9_stays_while_its_task_follo
         simulator(manual=True) as sim,  # parks the prompt at its first step
         front(tmp_path, "f", redis.url) as entry,
     ):
-        async with worker(tmp_path, "w", redis.url, sim.url) as doomed:
-            task_id = await generate(entry.url)
-            seen = await read_events(entry.url, task_id, stop_after=sampling)
-            doomed.kill()
-            assert await doomed.wait() == -9
+        task_id, seen = await killed_mid_task(tmp_path, "w", redis.url, sim.url, entry.url)
         (prompt_id,) = [item.prompt_id for item in sim.engine.queue.running()]
         orphan = await post_prompt(sim)  # waits behind it
         journal = tmp_path / "w" / "journal.sqlite3"

@@ -1,7 +1,9 @@
 """Shared mode: which prompts the tasks in Redis still follow (real redis-server).
 
-A restarted worker asks this of the prompts its journal says it gave up on, before
-it removes any from their ComfyUI (daemon/app.py, _restore_shared_abandoned)."""
+A restarted worker reads every record (SharedStore.task_records) and keeps the
+prompts its journal says it gave up on that one of them still follows
+(restore.still_followed), before it removes any from their ComfyUI
+(daemon/app.py, _restore_shared_abandoned)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import coredis
 
 from daemon.shared.store import SharedRecord, SharedStore, glob_escaped
-from daemon.tasks.restore import record_of
+from daemon.tasks.restore import record_of, still_followed
 from protocol import task
 from tests.daemon.redis_server import redis_server
 
@@ -46,8 +48,8 @@ async def test_only_an_unfinished_task_s_current_prompt_there_counts(tmp_path: P
                 (GPU1, "p-other-service"),
                 (GPU1, "p-unknown"),
             }
-            assert await store.prompts_followed(asked) == {(GPU1, "p-running")}
-            assert await store.prompts_followed(set()) == set()
+            followed = still_followed(await store.task_records())
+            assert followed & asked == {(GPU1, "p-running")}
 
 
 def test_a_glob_pattern_of_a_literal_matches_only_it() -> None:
