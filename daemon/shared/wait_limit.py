@@ -9,9 +9,10 @@ it needs) gets a stamp `{p}:unrunnable:{id}`: Redis' clock when a front first sa
 so, written (SET NX) only while it still waits, in one script for all. Once a stamp
 is `limit` old the front ends the task with one script that, only while the task
 still waits, the stamp is still that old and the stream's newest version is the one
-the end follows, takes it out of the waiting set and writes its end (stream entry and
-record). A worker takes a task by taking it out of that set first, and another front
-ends it only the same way: the task either runs or ends, once.
+the end follows, takes it out of the waiting set and writes its end (stream entry,
+record, and the outcome kept beside its Idempotency-Key, if one made it). A worker
+takes a task by taking it out of that set first, and another front ends it only the
+same way: the task either runs or ends, once.
 
 The ids that have a stamp are listed in the set `{p}:unrunnable`: every script that
 writes a stamp adds its id, every one that deletes it removes the id, in the same
@@ -46,7 +47,14 @@ from coredis.exceptions import RedisError
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
 from daemon.shared.ending import ended_while_waiting
-from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id, payload_json, text
+from daemon.shared.store import (
+    END_WAITING,
+    STREAM_LENGTH,
+    SharedStore,
+    entry_id,
+    payload_json,
+    text,
+)
 from daemon.shared.worker_registry import by_backend, published
 from protocol import task
 
@@ -97,26 +105,19 @@ end
 return due
 """
 
-# KEYS: waiting set, events, record, stamp, stamped set; ARGV: task id, the newest
-# entry id the end follows, its entry id, event, payload, MAXLEN, record JSON, record
-# TTL, events TTL, limit. 1: ended; 0: not waiting, or not unrunnable that long (any
-# more); -1: the stream moved on (a queue position): build the end again.
-END: Final = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+# END_WAITING (a waiting task's end, in one step; the end kept beside its
+# Idempotency-Key too), only while the task's stamp is `limit` old (ARGV[9], by
+# Redis' clock). 1: ended; 0: not waiting, or not unrunnable that long (any more);
+# -1: the stream moved on (a queue position): build the end again.
+END: Final = (
+    """
 local since = redis.call('GET', KEYS[4])
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-if not since or t - tonumber(since) < tonumber(ARGV[10]) then return 0 end
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[9])
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[5], ARGV[1])
-return 1
+if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
 """
+    + END_WAITING
+)
 
 
 def sweep_interval(limit: float) -> float:
@@ -239,6 +240,7 @@ class WaitLimit:
                     store.task_key(task_id),
                     store.unrunnable_key(task_id),
                     store.stamped_key,
+                    store.outcome_key(task_id),
                 ],
                 args=[
                     task_id,
@@ -248,7 +250,6 @@ class WaitLimit:
                     payload_json(message),
                     STREAM_LENGTH,
                     record.to_json(),
-                    int(store.retention) + 1,
                     int(store.retention) + 1,
                     self.limit,
                 ],

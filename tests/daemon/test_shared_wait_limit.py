@@ -27,6 +27,7 @@ from tests.daemon.test_shared import (
     published_workers,
     scrape,
     simulator,
+    until_forgotten,
     until_published,
     worker,
 )
@@ -115,6 +116,37 @@ async def test_a_task_no_worker_takes_ends_backend_unavailable_once_over_two_fro
             assert len(await history_ids(sim)) == 1
         assert (await status_of(first.url, task_id))["error"]["code"] == "backend_unavailable"
         assert await errors_counted(first, second) == 1
+
+
+async def test_a_key_whose_task_ended_at_the_limit_and_was_forgotten_is_told_so(
+    tmp_path: Path,
+) -> None:
+    """The front that ends a waiting task at the limit keeps its end beside the task's
+    Idempotency-Key, as a worker or a cancel does: a retry after the task is
+    forgotten gets that end, not a 410 saying it is unknown."""
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f", redis.url, "backend_wait_timeout=1", "task_retention=0") as entry,
+        ):
+            body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+            headers = [("Content-Type", "application/json"), ("Idempotency-Key", "limit-1")]
+            accepted = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+            assert accepted.status == 202
+            task_id = accepted.json()["taskId"]
+            end = last(await read_events(entry.url, task_id))
+            assert end["error"]["code"] == "backend_unavailable", end
+            await until_forgotten(entry.url, task_id)
+            retried = await http_request(
+                "POST", f"{entry.url}/generate", headers=headers, body=body, timeout=10
+            )
+    assert retried.status == 200, retried.body
+    assert retried.headers.get("idempotent-replayed") == "true"
+    outcome = retried.json()
+    assert (outcome["taskId"], outcome["status"]) == (task_id, "error")
+    assert outcome["error"]["code"] == "backend_unavailable"
 
 
 async def test_a_task_waiting_for_a_busy_worker_waits_past_the_limit(tmp_path: Path) -> None:
