@@ -97,12 +97,15 @@ return 1
 """.replace("-- KEEP_SOURCE\n", KEEP_SOURCE.format(key=7, flag=7, ttl=6))
 
 # A task a worker took and cannot run, back in line in one step, only while its entry is
-# still ours (KEYS: queue, waiting; ARGV: us, entry, task id, created_at): a worker
-# dying between the new entry and the old one's XACK would leave two, and two workers
-# could run the task (one reading the new entry, one claiming the old). Its stamp stays.
+# still ours (KEYS: queue, waiting, cancel key; ARGV: us, entry, task id, created_at): a
+# worker dying between the new entry and the old one's XACK would leave two, and two
+# workers could run the task (one reading the new entry, one claiming the old). Its
+# stamp stays. 2: a cancel was asked while the task was out of line (the front found it
+# not waiting), nothing done: the worker keeps it and ends it, else it would wait on.
 PUT_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
 redis.call('XACK', KEYS[1], 'workers', ARGV[2])
@@ -586,14 +589,16 @@ class SharedStore:
         )
         return int(pruned)  # type: ignore[arg-type]
 
-    async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> None:
+    async def requeue(self, daemon_id: str, entry: str, task_id: str, created_at: float) -> bool:
         """Back into the queue (a worker that cannot run it took it), its entry acknowledged,
-        in one step; nothing when the entry is no longer `daemon_id`'s."""
-        await self.redis.eval(
+        in one step; nothing when the entry is no longer `daemon_id`'s. False (nothing
+        done, the entry still ours) when a cancel was asked: the task is to end."""
+        done = await self.redis.eval(
             PUT_BACK,
-            keys=[self.queue_key, self.waiting_key],
+            keys=[self.queue_key, self.waiting_key, self.cancel_key(task_id)],
             args=[daemon_id, entry, task_id, repr(created_at)],
         )
+        return done != 2
 
     async def hand_back(self, daemon_id: str, entry: str, shared: SharedRecord) -> bool:
         """Back into the queue from a worker that cannot run it now, in one step: its

@@ -307,11 +307,13 @@ class SharedWorker:
             await self._done(entry)  # expired, or ended before its worker acknowledged it
             return None
         if not claimed and self._runs_nowhere_here(shared):
-            # Another worker's backends may have what this workflow needs: back in line.
-            await self.store.requeue(self.daemon_id, entry, task_id, shared.record.created_at)
-            self.bounced += 1
-            self._count_bounce(task_id)
-            return None
+            # Another worker's backends may have what this workflow needs: back in line,
+            # unless it was cancelled meanwhile (then ours: our actor ends it at once).
+            created_at = shared.record.created_at
+            if await self.store.requeue(self.daemon_id, entry, task_id, created_at):
+                self.bounced += 1
+                self._count_bounce(task_id)
+                return None
         await self.store.forget_wait(task_id)  # ours now: its wait in the queue is over
         # Asked before the actor exists, and told to it before it first runs (no
         # await in between): a fresh actor submits within a few scheduler steps,
