@@ -17,6 +17,8 @@ from daemon.api.clients import client_key, parse_networks
 from daemon.api.preview_route import PreviewEndpoint
 from daemon.http.types import (
     BodyWriter,
+    Handler,
+    HandlerResult,
     Request,
     Response,
     StreamingResponse,
@@ -131,6 +133,25 @@ def unavailable(reason: str, retry_after: int = 5) -> Response:
     return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
 
 
+STORE_UNREACHABLE = "the shared task store is unreachable; try again"
+
+
+def store_unreachable_is_503(handler: Handler) -> Handler:
+    """A route that asks Redis about a task answers "try again" (503, Retry-After) while
+    Redis does not answer, as POST /generate does, not the server's 500."""
+
+    async def answer(request: Request) -> HandlerResult:
+        try:
+            return await handler(request)
+        except RedisError as exc:
+            log.error(
+                "cannot read a task in Redis for %s %s: %s", request.method, request.path, exc
+            )
+            return unavailable(STORE_UNREACHABLE)
+
+    return answer
+
+
 def too_many(reason: str) -> Response:
     """429 with the reason and a Retry-After."""
     busy = error_response(429, reason)
@@ -178,13 +199,19 @@ class Routes:
     def install(self, router: Router) -> None:
         # check_head: a client waiting for 100 Continue hears a 415 before it sends a body.
         router.add("POST", "/generate", self.generate, check_head=_json_required)
-        router.add("GET", "/progress/{task_id}", self.progress)
-        router.add("GET", "/tasks/{task_id}", self.task_status)
-        router.add("DELETE", "/tasks/{task_id}", self.cancel)
         preview = PreviewEndpoint(
             registry=self.registry, previews=self.previews, shared=self.shared
         )
-        router.add("GET", "/tasks/{task_id}/preview", preview)
+        task_routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/progress/{task_id}", self.progress),
+            ("GET", "/tasks/{task_id}", self.task_status),
+            ("DELETE", "/tasks/{task_id}", self.cancel),
+            ("GET", "/tasks/{task_id}/preview", preview),
+        ]
+        for method, path, handler in task_routes:
+            if self.shared is not None:  # a task not held here is read from Redis
+                handler = store_unreachable_is_503(handler)
+            router.add(method, path, handler)
         router.add("GET", "/workflows", self.workflows)
         router.add(
             "POST",
@@ -331,7 +358,7 @@ class Routes:
             return request_error(exc)
         except RedisError as exc:
             log.error("cannot queue a task in Redis: %s", exc)
-            return unavailable("the shared task store is unreachable; try again")
+            return unavailable(STORE_UNREACHABLE)
         log.info("task queued in Redis", extra={"task_id": spec.task_id})
         return json_response(202, api.accepted_reply(spec.task_id), headers=NO_STORE)
 
@@ -367,7 +394,7 @@ class Routes:
             outcome = await shared.outcome(existing)
         except RedisError as exc:
             log.error("cannot read an idempotency key in Redis: %s", exc)
-            return unavailable("the shared task store is unreachable; try again")
+            return unavailable(STORE_UNREACHABLE)
         if outcome is not None:
             return json_response(200, outcome, headers=REPLAYED)
         return _forgotten_key(

@@ -533,6 +533,31 @@ async def test_a_source_image_unreadable_while_redis_is_down_is_503_not_400(
     assert "Redis" in reply["error"]["message"]
 
 
+async def test_a_task_read_while_redis_is_down_is_503_with_retry_after(tmp_path: Path) -> None:
+    """Reading, streaming, cancelling or previewing a task the front must ask Redis
+    about: "try again" (503, Retry-After), as POST /generate says, not a 500."""
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f", redis.url) as entry,
+        ):
+            task_id = await generate(entry.url)
+            await redis.stop()
+            replies = [
+                await http_request(method, f"{entry.url}{path}", timeout=10)
+                for method, path in [
+                    ("GET", f"/tasks/{task_id}"),
+                    ("GET", f"/progress/{task_id}"),
+                    ("DELETE", f"/tasks/{task_id}"),
+                    ("GET", f"/tasks/{task_id}/preview"),
+                ]
+            ]
+    for reply in replies:
+        assert reply.status == 503, reply.body
+        assert reply.headers.get("retry-after") == "5"
+        assert "unreachable" in reply.json()["error"]["message"]
+
+
 async def published_workers(redis_url: str) -> int:
     client = coredis.Redis.from_url(redis_url)
     async with client:
