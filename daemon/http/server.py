@@ -530,6 +530,8 @@ class HttpServer:
         True when the body returned normally. When the client disconnects, the
         watcher cancels the body at once.
         """
+        # Stays False when the watcher cancels the body (the nursery absorbs that).
+        finished = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_peer_leaves, connection, nursery.cancel_scope)
             finished = await _call_stream(request, stream, writer)

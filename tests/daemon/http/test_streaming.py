@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 
 from daemon.http import (
     BodyWriter,
@@ -80,6 +81,23 @@ async def test_client_disconnect_cancels_the_stream_at_once(nursery: trio.Nurser
     await probe.cleaned_up.wait()
     assert probe.cancelled
     assert not probe.finished.is_set()
+
+
+async def test_a_client_leaving_mid_stream_is_no_error(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The disconnect watcher cancels the body: that is how a stream ends when
+    # its client leaves, and the connection then ends quietly.
+    probe = StreamProbe()
+    running = await start_server(nursery, app(probe))
+    with caplog.at_level(logging.ERROR, logger="daemon.http.server"):
+        async with open_stream("GET", f"{running.url}/events") as response:
+            assert await response.chunks.__anext__() == b"data: first\n\n"
+        await probe.cleaned_up.wait()
+        # Nothing is left to wait for once the body is cancelled: the connection ends.
+        await trio.testing.wait_all_tasks_blocked()
+    assert running.server.active_connections == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_client_half_close_counts_as_leaving(nursery: trio.Nursery) -> None:
