@@ -1,15 +1,19 @@
 """The end of a task no worker holds (it waits in the service's queue), as a front
-writes it: a cancel, or a wait no live worker could end (see wait_limit.py)."""
+writes it: a cancel, or a wait no live worker could end (see wait_limit.py); and a
+cancel that a worker giving the task back to the queue found asked (worker.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-from daemon.shared.store import SharedRecord
+from daemon.shared.store import SharedRecord, SharedStore
+from daemon.tasks.broadcast import Snapshot
 from daemon.tasks.restore import record_of
 from protocol import task
+
+VERSION_RETRIES: Final = 3  # a queue position appended meanwhile: read and try again
 
 
 class WaitingEnd(NamedTuple):
@@ -32,3 +36,28 @@ def ended_while_waiting(
         state, effects = task.apply(state, event, now)
         published += [e.message for e in effects if isinstance(e, task.Publish)]
     return WaitingEnd(SharedRecord(record_of(state, backend=None)), published[-1], state)
+
+
+async def cancel_waiting(
+    store: SharedStore, shared: SharedRecord, latest: Snapshot, now: float
+) -> WaitingEnd | Snapshot | None:
+    """End a waiting task `cancelled`, in one step that writes only while it still
+    waits (a worker's take excludes it). The end written; the task's own end when it
+    ended meanwhile; None when it does not wait (a worker holds it)."""
+    for _ in range(VERSION_RETRIES):
+        end = ended_while_waiting(
+            shared,
+            latest.version,
+            [task.CancelRequested(), task.Cancelled("cancelled before it reached ComfyUI")],
+            now,
+        )
+        done = await store.end_waiting(end.record, end.message, after=latest.version)
+        if done == 1:
+            return end
+        if done == 0:
+            return None
+        # A front appended a queue position meanwhile: build the end again.
+        latest = await store.latest(shared.record.task_id) or latest
+        if latest.terminal:
+            return latest
+    return None

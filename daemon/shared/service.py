@@ -22,12 +22,12 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.shared.ending import ended_while_waiting
+from daemon.shared.ending import WaitingEnd, cancel_waiting
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
 from daemon.shared.store import RUNNING_TTL, ClientAtLimit, ClientLimit, SharedStore
-from daemon.shared.wait_limit import VERSION_RETRIES, WaitLimit, sweep_interval
+from daemon.shared.wait_limit import WaitLimit, sweep_interval
 from daemon.shared.watch import StreamWatcher
 from daemon.shared.worker import SharedWorker
 from daemon.tasks.broadcast import Snapshot
@@ -126,6 +126,7 @@ class SharedService:
                     registry=registry,
                     dispatcher=dispatcher,
                     lease_timeout=self.config.lease_timeout,
+                    on_waiting_end=self.on_task_end,
                 )
                 await nursery.start(self.worker.run)
             log.info(
@@ -182,26 +183,12 @@ class SharedService:
         if latest.terminal:
             # Its worker appends the end before it saves the record: the stream says first.
             return SharedCancel(ended=str(latest.payload["status"]))
-        for _ in range(VERSION_RETRIES):
-            # Not yet taken by any worker? Then end it here, in one step that only
-            # writes while it still waits: a worker's take (its ZREM) and a claimer
-            # that finds the task not ended (its taker died before that ZREM) exclude it.
-            record, message, state = ended_while_waiting(
-                shared,
-                latest.version,
-                [task.CancelRequested(), task.Cancelled("cancelled before it reached ComfyUI")],
-                now,
-            )
-            done = await self.store.end_waiting(record, message, after=latest.version)
-            if done == 1:
-                self.on_task_end(state)  # it ended here: no worker's metrics count it
-                return SharedCancel(ended=None)
-            if done == 0:
-                break  # a worker has it: tell it
-            # A front appended a queue position meanwhile: build the end again.
-            latest = await self.store.latest(task_id) or latest
-            if latest.terminal:
-                return SharedCancel(ended=str(latest.payload["status"]))
+        # Not yet taken by any worker? Then end it here, in one step that only
+        # writes while it still waits: a worker's take (its ZREM) and a claimer
+        # that finds the task not ended (its taker died before that ZREM) exclude it.
+        found = await cancel_waiting(self.store, shared, latest, now)
+        if found is not None:
+            return self._cancel_found(found)
         # The key lives as long as an unfinished record: a claimer may take the task
         # only when a worker has room, however long after its holder died.
         await self.store.request_cancel(task_id, shared.holder, ttl=RUNNING_TTL)
@@ -213,7 +200,20 @@ class SharedService:
         holder = again.holder if again is not None else None
         if holder is not None and holder != shared.holder:
             await self.store.send(holder, {"kind": "cancel", "task": task_id})
+        elif again is not None and holder is None and (latest := await self.store.latest(task_id)):
+            # Its worker gave it back to the queue (its backends went away) after our
+            # first look and before it could see the key: it waits again, so end it
+            # now. (A worker giving it back after the key was set ends it itself.)
+            found = await cancel_waiting(self.store, again, latest, now)
+            if isinstance(found, WaitingEnd):
+                self.on_task_end(found.state)
         return SharedCancel(ended=None)
+
+    def _cancel_found(self, found: WaitingEnd | Snapshot) -> SharedCancel:
+        if isinstance(found, WaitingEnd):
+            self.on_task_end(found.state)  # it ended here: no worker's metrics count it
+            return SharedCancel(ended=None)
+        return SharedCancel(ended=str(found.payload["status"]))  # it ended meanwhile
 
     async def ready(self) -> bool:
         try:

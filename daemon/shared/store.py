@@ -81,6 +81,9 @@ end
 # record JSON, record TTL). Its wait starts anew: the stamp of an earlier wait goes, and
 # the preview its lost attempt showed (a waiting task has none; a front's cancel ends it
 # without a worker's write to delete it). KEYS[7], ARGV[7]: its source image (KEEP_SOURCE).
+# 2 instead of 1 when its cancel key (KEYS[8]) is set: a front's cancel found it out of
+# line, so the worker that gave it back ends it there (ending.cancel_waiting).
+CANCEL_ASKED: Final = 2  # what hand_back returns when the task's cancel key is set
 HAND_BACK: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if not (pending[1] and pending[1][2] == ARGV[1]) then return 0 end
@@ -93,6 +96,7 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'task', ARGV[3])
 redis.call('XACK', KEYS[1], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[8]) == 1 then return 2 end
 return 1
 """.replace("-- KEEP_SOURCE\n", KEEP_SOURCE.format(key=7, flag=7, ttl=6))
 
@@ -600,10 +604,11 @@ class SharedStore:
         )
         return done != 2
 
-    async def hand_back(self, daemon_id: str, entry: str, shared: SharedRecord) -> bool:
+    async def hand_back(self, daemon_id: str, entry: str, shared: SharedRecord) -> int:
         """Back into the queue from a worker that cannot run it now, in one step: its
         record (no holder), its place in the waiting set, a new queue entry, the old
-        one acknowledged. False (nothing done) when the entry is no longer `daemon_id`'s."""
+        one acknowledged. 0 (nothing done) when the entry is no longer `daemon_id`'s;
+        1 done; CANCEL_ASKED done, and a cancel was asked (its key is set)."""
         record = shared.record
         source = record.spec.get("sourceImage")
         done = await self.redis.eval(
@@ -616,6 +621,7 @@ class SharedStore:
                 self.stamped_key,
                 self.preview_key(record.task_id),
                 self._source_key(source, self.task_key(record.task_id)),
+                self.cancel_key(record.task_id),
             ],
             args=[
                 daemon_id,
@@ -627,7 +633,7 @@ class SharedStore:
                 "1" if source is not None else "",
             ],
         )
-        return done == 1
+        return int(done)  # type: ignore[arg-type]
 
     def _source_key(self, source: str | None, otherwise: str) -> str:
         """A script's key for a task's source image; `otherwise` (any key of the task,

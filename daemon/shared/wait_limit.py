@@ -46,7 +46,7 @@ from coredis.exceptions import RedisError
 
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
-from daemon.shared.ending import ended_while_waiting
+from daemon.shared.ending import VERSION_RETRIES, ended_while_waiting
 from daemon.shared.store import (
     END_WAITING,
     STREAM_LENGTH,
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 BATCH: Final = 500  # waiting tasks per script call
 STAMP_SLACK: Final = 600  # seconds a stamp outlives the limit when nobody refreshes it
-VERSION_RETRIES: Final = 3  # a queue position appended meanwhile: read and try again
 MESSAGE: Final = "No ComfyUI that can run this task is available"
 
 # What a sweep saw of a task it sends to MARK.

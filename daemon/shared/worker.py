@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
@@ -31,8 +33,16 @@ from coredis.exceptions import RedisError, StreamConsumerGroupError
 
 from daemon.comfy.capabilities import needs_of
 from daemon.shared.capabilities import capabilities_to_json
+from daemon.shared.ending import WaitingEnd, cancel_waiting
 from daemon.shared.mirror import TaskMirror
-from daemon.shared.store import GROUP, SILENT_GRACE, SharedRecord, SharedStore, text
+from daemon.shared.store import (
+    CANCEL_ASKED,
+    GROUP,
+    SILENT_GRACE,
+    SharedRecord,
+    SharedStore,
+    text,
+)
 from daemon.shared.worker_registry import publish, withdraw
 from daemon.signals import Signal
 from protocol import task
@@ -101,8 +111,12 @@ class SharedWorker:
         registry: TaskRegistry,
         dispatcher: Dispatcher,
         lease_timeout: float,
+        on_waiting_end: Callable[[task.TaskState], None] = lambda state: None,
     ) -> None:
+        """`on_waiting_end(state)`: a task given back that this worker ended in line (a
+        cancel asked meanwhile): no actor of ours counts it."""
         self.store = store
+        self.on_waiting_end = on_waiting_end
         self.mirror = mirror
         self.daemon_id = daemon_id
         self.registry = registry
@@ -429,7 +443,26 @@ class SharedWorker:
                     "gave the task back to the shared queue: no backend of ours can take it",
                     extra={"task_id": task_id},
                 )
+            if returned == CANCEL_ASKED:
+                await self._end_cancelled(task_id)
             return
+
+    async def _end_cancelled(self, task_id: str) -> None:
+        """A front's cancel found the task out of line while we gave it back (it set the
+        key and told our copy, stopped already): end it in line now. A worker that
+        takes it first reads the key too, and Redis lets only one of them end it."""
+        try:
+            shared = await self.store.load(task_id)
+            latest = await self.store.latest(task_id)
+            if shared is None or latest is None or latest.terminal:
+                return
+            found = await cancel_waiting(self.store, shared, latest, time.time())
+        except RedisError as exc:
+            # Then the wait limit ends it, or a worker that takes it reads the key.
+            log.warning("cannot end the cancelled task %s: %s", task_id, exc)
+            return
+        if isinstance(found, WaitingEnd):
+            self.on_waiting_end(found.state)
 
     # -- leases
 
