@@ -545,7 +545,12 @@ class TaskActor:
                 # (held: if it has ended, the reconcile says so).
                 subscription.held()
                 self.request_reconcile()
-            elif not (resumed and await self._found_after_restart(backend)):
+            elif (
+                not (resumed and await self._found_after_restart(backend))
+                # Unless given up under a new prompt id (ComfyUI could not say): this
+                # attempt's subscription routes the old one, the next attempt submits it.
+                and subscription.prompt_id == self.prompt_id
+            ):
                 await self._submit(backend, subscription)
         finally:
             if reserved:

@@ -312,6 +312,43 @@ async def test_a_cancel_while_a_restored_task_looks_for_its_prompt_removes_it(
     assert posted not in [i.prompt_id for i in (*queue.running(), *queue.pending())]
 
 
+@pytest.mark.guard(30)
+async def test_a_restored_task_that_cannot_ask_for_its_prompt_hears_the_new_one(
+    tmp_path: Path,
+) -> None:
+    # The daemon stopped after ComfyUI took a prompt but before it heard so, and
+    # the restored task cannot ask ComfyUI whether it has it (its /queue does not
+    # answer) while the socket is up: the task goes on under a new prompt id, and
+    # must hear that prompt's frames, not the old one's.
+    async with relayed_simulator(MANUAL) as (sim, relay):
+        # Someone else's prompt runs (parked at its first step): ours waits behind it.
+        await post_foreign_prompt(sim)
+        queue = sim.engine.queue
+        settings = {"comfy_url": relay.url, "backend_max_pending": 3, "comfy_http_timeout": 1}
+        async with running_daemon(tmp_path, simulator=None, **settings) as before:
+            await before.app.pool.wait_all_read()
+            relay.hold_answers(b"POST /prompt")
+            task_id = await before.generate()
+            await relay.holding.wait()  # ComfyUI took it; the daemon stops unaware
+        (first_prompt,) = [i.prompt_id for i in queue.pending()]
+        relay.hold_answers(b"GET /queue")  # answered after comfy_http_timeout
+        async with running_daemon(tmp_path, simulator=None, **settings) as after:
+            actor = after.app.registry.get(task_id)
+            assert actor is not None
+            await after.app.pool.wait_all_read()
+            await wait_state(actor, lambda s: s.submitted and s.prompt_id != first_prompt)
+            relay.release()
+            pool = after.app.pool
+            while pool.abandoned(pool.backends[0]):  # the old prompt is deleted there
+                await pool.changed.wait()
+            sim.set_manual_steps(False)
+            data = payloads(await after.events(task_id))
+    # The new prompt's sampler steps reached the task as they ran.
+    assert any(d["progress"]["currentValue"] > 0 for d in data if d["status"] == "in-progress")
+    assert data[-1]["status"] == "completed", data[-1]
+    assert first_prompt not in prompts_in(sim)
+
+
 @pytest.mark.guard(30)  # (before the fix the prompt stayed there until a reconnect)
 async def test_a_post_whose_answer_is_lost_while_the_socket_stays_up_leaves_no_second_image(
     tmp_path: Path,
