@@ -297,7 +297,10 @@ class SharedRecord:
     def to_json(self) -> bytes:
         return json.dumps(
             {
-                "record": dataclasses.asdict(self.record),
+                # (Its client is the journal's: Redis counts a client's tasks itself.)
+                "record": {
+                    k: v for k, v in dataclasses.asdict(self.record).items() if k != "client"
+                },
                 "holder": self.holder,
                 "backendUrl": self.backend_url,
             },

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL,
     spec        TEXT NOT NULL,
     state       TEXT NOT NULL,
-    backend     TEXT
+    backend     TEXT,
+    client      TEXT
 )"""
 SCHEMA: Final = f"""{TASKS_TABLE};
 CREATE TABLE IF NOT EXISTS meta (
@@ -101,6 +102,9 @@ def _migrate(db: sqlite3.Connection, path: Path, now: float) -> None:
         # Written before pools: NULL is "not dispatched yet, or dispatched to the
         # only backend there was"; such a task goes through the queue.
         db.execute("ALTER TABLE tasks ADD COLUMN backend TEXT")
+    if "client" not in columns:
+        # Written before the per-client limit was kept: such a task counts for no client.
+        db.execute("ALTER TABLE tasks ADD COLUMN client TEXT")
     # Journals from before outcomes were kept: NULL, the outcome of such a key is unknown.
     key_columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
     if "outcome" not in key_columns:
@@ -227,6 +231,8 @@ class TaskRecord:
     spec: Mapping[str, Any] = field(hash=False)  # protocol.task.spec_to_json
     state: Mapping[str, Any] = field(hash=False)  # protocol.task.state_to_json
     backend: str | None = None  # the backend the task was dispatched to (its URL)
+    # The key max_queued_per_client counts an unfinished task by (daemon/api/clients.py).
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +327,12 @@ class Journal:
     def _load_sync(self) -> list[TaskRecord]:
         assert self._db is not None
         db = self._db
-        rows = db.execute(f"SELECT rowid, {TASK_COLUMNS} FROM tasks ORDER BY created_at").fetchall()
+        rows = db.execute(
+            f"SELECT rowid, {TASK_COLUMNS}, client FROM tasks ORDER BY created_at"
+        ).fetchall()
         records = []
         unreadable = []
-        for rowid, *row in rows:
+        for rowid, *row, client in rows:
             try:
                 records.append(
                     TaskRecord(
@@ -338,6 +346,7 @@ class Journal:
                         spec=json.loads(row[7]),
                         state=json.loads(row[8]),
                         backend=row[9],
+                        client=client,
                     )
                 )
             except (ValueError, TypeError) as exc:
@@ -519,8 +528,8 @@ class Journal:
                     continue
                 db.execute(
                     "INSERT OR REPLACE INTO tasks (task_id, prompt_id, phase, version, submitted,"
-                    " created_at, finished_at, spec, state, backend)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " created_at, finished_at, spec, state, backend, client)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.task_id,
                         record.prompt_id,
@@ -532,6 +541,7 @@ class Journal:
                         json.dumps(record.spec),
                         json.dumps(record.state),
                         record.backend,
+                        record.client,
                     ),
                 )
             for key, k in changes.keys.items():

@@ -7,6 +7,7 @@ forgets it (404 afterwards).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -142,7 +143,12 @@ class TaskRegistry:
 
     def _journal_change(self, actor: TaskActor) -> None:
         if self.journal is not None:
-            self.journal.record(actor.record())
+            record = actor.record()
+            client = self._unfinished.get(actor.task_id)
+            if client is not None:
+                # So that a restart still counts it against its client.
+                record = dataclasses.replace(record, client=client)
+            self.journal.record(record)
         self.changed.fire()
 
     @property
@@ -285,7 +291,7 @@ class TaskRegistry:
             retention = self.settings.retention
             if record.finished_at is not None:
                 retention = max(0.0, retention - (now - record.finished_at))
-            self._start(actor, retention)
+            self._start(actor, retention, client=record.client)
             self.restored += 1
 
     def _restored_actor(self, record: TaskRecord, now: float) -> TaskActor | None:

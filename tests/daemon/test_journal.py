@@ -219,7 +219,7 @@ async def test_an_unreadable_row_is_set_aside_once_with_one_warning(
     with closing(sqlite3.connect(path)) as db:
         db.execute(
             "INSERT INTO tasks VALUES ('broken', 'p-broken', 'running', 'three', 1, 1.0,"
-            " NULL, '{', '{}', NULL)"
+            " NULL, '{', '{}', NULL, NULL)"
         )
         db.commit()
 
@@ -246,7 +246,8 @@ async def test_unreadable_rows_are_kept_30_days_then_deleted(
     await write_and_close(path)
     with closing(sqlite3.connect(path)) as db:
         db.execute(
-            "INSERT INTO tasks VALUES ('broken', 'p', 'running', 1, 1, 1.0, NULL, '{', '{}', NULL)"
+            "INSERT INTO tasks VALUES ('broken', 'p', 'running', 1, 1, 1.0, NULL,"
+            " '{', '{}', NULL, NULL)"
         )
         db.commit()
     await load_once(path, now=0.0)

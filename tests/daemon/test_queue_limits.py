@@ -14,7 +14,7 @@ from daemon.comfy.backend import QUEUE_READ_SPACING, BackendSettings, ComfyBacke
 from daemon.config import ConfigError, load
 from daemon.http.client import ClientResponse
 from daemon.http.types import Headers
-from daemon.simulator import SimulatorConfig
+from daemon.simulator import ComfySimulator, SimulatorConfig
 from protocol.sse import ServerSentEvent
 from tests.daemon.harness import Daemon, read_events, running_daemon
 
@@ -113,6 +113,32 @@ async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Pa
         "proxied again": 429,
     }
     assert "the most one client may have" in statuses["token a again"].json()["error"]["message"]
+
+
+async def test_the_per_client_limit_counts_the_tasks_a_restart_brings_back(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        sim = ComfySimulator(HELD)
+        port = await nursery.start(sim.run, ("127.0.0.1", 0))
+        settings = {"comfy_url": f"http://127.0.0.1:{port}", "max_queued_tasks_per_client": 1}
+        async with running_daemon(tmp_path, simulator=None, **settings) as before:
+            first = await post(before)
+            assert first.status == 202, first.body
+        # The task is still unfinished after the restart: it still counts.
+        async with running_daemon(tmp_path, simulator=None, **settings) as after:
+            refused = await post(after)
+            # It ends (cancelled): its client has room again.
+            task_id = first.json()["taskId"]
+            assert (await after.request("DELETE", f"/tasks/{task_id}")).status == 202
+            actor = after.app.registry.get(task_id)
+            assert actor is not None
+            await actor.finished.wait()
+            again = await post(after)
+        nursery.cancel_scope.cancel()
+    assert refused.status == 429, refused.body
+    assert "the most one client may have" in refused.json()["error"]["message"]
+    assert again.status == 202, again.body
 
 
 async def test_a_flood_of_new_tasks_shares_queue_readings(tmp_path: Path) -> None:
