@@ -921,9 +921,12 @@ class TaskActor:
             return
         self._fetching = True
         deadline = trio.current_time() + self.settings.backend_wait_timeout
+        # Kept across retries: a retry fetches only the images not stored yet (a
+        # second copy would be named by nothing, and never deleted with the task).
+        stored: dict[comfy.ImageRef, str] = {}
         while True:
             try:
-                files = await self._store_images(images)
+                files = await self._store_images(images, stored)
             except OutputMissing as exc:
                 self.handle(
                     task.Failed("output_unavailable", "The output image is missing", str(exc))
@@ -950,7 +953,9 @@ class TaskActor:
             self.handle(task.OutputsStored(files))
             return
 
-    async def _store_images(self, images: tuple[comfy.ImageRef, ...]) -> tuple[str, ...]:
+    async def _store_images(
+        self, images: tuple[comfy.ImageRef, ...], stored: dict[comfy.ImageRef, str]
+    ) -> tuple[str, ...]:
         backend = self.backend
         assert backend is not None
         if not images:
@@ -959,12 +964,12 @@ class TaskActor:
         # Saved images ("output") are the result; previews ("temp") only when
         # the workflow saves nothing.
         wanted = tuple(i for i in images if i.type == "output") or images
-        files: list[str] = []
-        self.outputs_saved = files
-        for image in wanted:
-            data = await backend.http.view(image)
-            files.append(await self.images.save(data))
-        return tuple(files)
+        for image in dict.fromkeys(wanted):  # each file once, as the frames' outputs
+            if image not in stored:
+                data = await backend.http.view(image)
+                stored[image] = await self.images.save(data)
+                self.outputs_saved = tuple(stored.values())  # held from now on
+        return tuple(stored[image] for image in dict.fromkeys(wanted))
 
     async def discard_outputs(self) -> None:
         """Delete the output images stored for a task that ended without them (a

@@ -277,6 +277,34 @@ async def test_a_cancel_while_the_images_are_fetched_ends_the_task_at_once(
     assert again.json()["cancelled"] is False
 
 
+async def test_a_fetch_retried_keeps_no_second_copy_of_an_image_it_stored(
+    tmp_path: Path,
+) -> None:
+    """The second image's GET /view fails once: the retry fetches only what is
+    missing, and no copy of the first image stays behind that no task names."""
+    workflows = two_image_workflow(tmp_path)
+    with trio.fail_after(30):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(FAST)
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with (
+                comfy_relay(port) as relay,
+                running_daemon(
+                    tmp_path, simulator=None, comfy_url=relay.url, workflows_dir=str(workflows)
+                ) as daemon,
+            ):
+                relay.answers_500 = b"GET /view?filename=ComfyUI_00002_"
+                task_id = await daemon.generate(workflow="two", width=64)
+                await relay.until_answered_500(1)  # the first image is stored already
+                relay.answers_500 = None  # the retry, a second later, gets both
+                last = payloads(await daemon.events(task_id))[-1]
+                directory = daemon.app.images.directory
+                on_disk = sorted(p.name for p in directory.iterdir() if p.suffix == ".png")
+            nursery.cancel_scope.cancel()
+    assert last["status"] == "completed", last
+    assert on_disk == sorted(url.rsplit("/", 1)[1] for url in last["result"]["imageUrls"])
+
+
 async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
     async with running_daemon(tmp_path) as daemon:
         body = {"prompt": "a red fox", "seed": 5}
