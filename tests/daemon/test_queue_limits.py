@@ -131,6 +131,9 @@ async def test_the_per_client_limit_counts_the_tasks_a_restart_brings_back(
             # It ends (cancelled): its client has room again.
             task_id = first.json()["taskId"]
             assert (await after.request("DELETE", f"/tasks/{task_id}")).status == 202
+            # A prompt already running sits at a parked step: it sees the interrupt
+            # only when the step moves on (or it completes first: it ends either way).
+            sim.grant_steps(10_000)
             actor = after.app.registry.get(task_id)
             assert actor is not None
             await actor.finished.wait()
