@@ -572,11 +572,13 @@ class TaskActor:
         """The current attempt's backend lost the prompt: resubmit, or end with `lost`."""
         if self.is_done() or self.state.fetching_outputs:
             return
+        if still_there and self.backend is not None:
+            # Whatever comes next, nobody waits for this prompt there: it goes once
+            # that ComfyUI is back (else it would run there for nothing).
+            self.pool.abandon(self.backend, self.prompt_id)
         if not self.settings.resubmit_lost:
             self.handle(task.Failed("lost", "The prompt was lost by ComfyUI", reason))
             return
-        if still_there and self.backend is not None:
-            self.pool.abandon(self.backend, self.prompt_id)
         self._lost_reason = reason
         if self._lost is not None:  # else no attempt runs (a restored task): it requeues
             self._lost.set()

@@ -337,8 +337,18 @@ async def test_without_resubmit_a_backend_away_past_lost_after_ends_the_task_los
         task_id = await pool.generate()
         actor = actor_of(pool, task_id)
         await wait_state(actor, lambda s: s.current_node == SAMPLER)
-        await pool.simulators[0].reject_connections(3600)
+        away, prompt_id = pool.simulators[0], actor.prompt_id
+        await away.reject_connections(3600)  # gone, but still running the prompt
         data = payloads(await read_events(pool.url, task_id))
         assert data[-1]["error"]["code"] == "lost"
         assert "was away for 0.3 s" in data[-1]["error"]["details"]
         assert actor.attempts == 1
+        # Nobody waits for that prompt any more: once its ComfyUI is back, it goes.
+        assert pool.app.pool.abandoned(pool.app.pool.backends[0]) == {prompt_id}
+        await away.reject_connections(0)
+        await wait_until(pool, lambda: not pool.app.pool.abandoned(pool.app.pool.backends[0]))
+        await away.grant_steps(1000)  # the parked step moves on, and sees the interrupt
+        await away.wait_for_history(prompt_id)
+        history = await http_request("GET", f"{away.url}/history/{prompt_id}", timeout=10)
+        assert history.json()[prompt_id]["status"]["completed"] is False
+        assert await queue_of(away.url) == (0, 0)
