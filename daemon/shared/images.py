@@ -14,18 +14,22 @@ filesystem or an object store would be the next step.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 import coredis
 import trio
 from coredis.exceptions import RedisError
 
 from daemon.http.static import StaticFiles
-from daemon.http.types import Request, Response, StreamingResponse
+from daemon.http.types import Request, Response, StreamingResponse, error_response
 from daemon.images.store import ImageStore, StorageError
 from daemon.shared.store import image_key
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER: Final = 5  # seconds, as the API's other answers while Redis is away
 
 
 class SharedImageStore(ImageStore):
@@ -71,15 +75,15 @@ class SharedImageStore(ImageStore):
 
     async def fetch_to_disk(self, name: str) -> None:
         """Make a served name a local file when only Redis has it (then StaticFiles
-        serves it with its usual ETag and caching headers)."""
+        serves it with its usual ETag and caching headers). StorageError when Redis
+        does not answer: not "no such image", it may well be there once it does."""
         path = self.path_of(name)
         if path is None or await trio.Path(path).exists():
             return
         try:
             data = await self.redis.get(self._key(name))
         except RedisError as exc:
-            log.warning("cannot read image %s from Redis: %s", name, exc)
-            return
+            raise StorageError(f"cannot read the image {name} from Redis: {exc}") from exc
         if data is not None:
             await trio.to_thread.run_sync(self._write_atomically, name, data)
 
@@ -92,5 +96,10 @@ class SharedImageRoute:
         self.files = files
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
-        await self.store.fetch_to_disk(request.path_params["name"])
+        try:
+            await self.store.fetch_to_disk(request.path_params["name"])
+        except StorageError as exc:
+            log.warning("%s", exc)
+            busy = error_response(503, str(exc))
+            return replace(busy, headers=[*busy.headers, ("Retry-After", str(RETRY_AFTER))])
         return await self.files(request)

@@ -533,6 +533,26 @@ async def test_a_source_image_unreadable_while_redis_is_down_is_503_not_400(
     assert "Redis" in reply["error"]["message"]
 
 
+async def test_an_image_only_redis_holds_is_503_while_redis_is_down_not_404(
+    tmp_path: Path,
+) -> None:
+    """Another front's upload: this one serves it from Redis, and while Redis does not
+    answer says "try again", not "no such image"."""
+    with trio.fail_after(30):
+        async with (
+            redis_server(tmp_path / "redis") as redis,
+            front(tmp_path, "f1", redis.url) as first,
+            front(tmp_path, "f2", redis.url) as second,
+        ):
+            upload = await upload_picture(first.url)
+            assert upload.status == 201
+            await redis.stop()
+            image = await http_request("GET", second.url + upload.json()["imageUrl"], timeout=10)
+    assert image.status == 503, image.body
+    assert image.headers.get("retry-after") == "5"
+    assert "Redis" in image.json()["error"]["message"]
+
+
 async def test_a_task_read_while_redis_is_down_is_503_with_retry_after(tmp_path: Path) -> None:
     """Reading, streaming, cancelling or previewing a task the front must ask Redis
     about: "try again" (503, Retry-After), as POST /generate says, not a 500."""
