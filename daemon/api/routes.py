@@ -152,6 +152,10 @@ def store_unreachable_is_503(handler: Handler) -> Handler:
     return answer
 
 
+def _unchanged(handler: Handler) -> Handler:
+    return handler
+
+
 def too_many(reason: str) -> Response:
     """429 with the reason and a Retry-After."""
     busy = error_response(429, reason)
@@ -202,16 +206,12 @@ class Routes:
         preview = PreviewEndpoint(
             registry=self.registry, previews=self.previews, shared=self.shared
         )
-        task_routes: list[tuple[str, str, Handler]] = [
-            ("GET", "/progress/{task_id}", self.progress),
-            ("GET", "/tasks/{task_id}", self.task_status),
-            ("DELETE", "/tasks/{task_id}", self.cancel),
-            ("GET", "/tasks/{task_id}/preview", preview),
-        ]
-        for method, path, handler in task_routes:
-            if self.shared is not None:  # a task not held here is read from Redis
-                handler = store_unreachable_is_503(handler)
-            router.add(method, path, handler)
+        # A task not held here is read from Redis: while it does not answer, try again.
+        read = store_unreachable_is_503 if self.shared is not None else _unchanged
+        router.add("GET", "/progress/{task_id}", read(self.progress))
+        router.add("GET", "/tasks/{task_id}", read(self.task_status))
+        router.add("DELETE", "/tasks/{task_id}", read(self.cancel))
+        router.add("GET", "/tasks/{task_id}/preview", read(preview))
         router.add("GET", "/workflows", self.workflows)
         router.add(
             "POST",
