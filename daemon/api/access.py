@@ -21,7 +21,8 @@ A client waiting for ``100 Continue`` hears these refusals (and the route's
 own, such as a wrong Content-Type) before it sends its body.
 
 Answers to listed origins carry the CORS headers a ``fetch`` and an
-``EventSource`` need. Every answer says ``Vary: Origin``.
+``EventSource`` need, also the errors the HTTP layer answers itself once it has
+read the head (413, 408, 500: ``error_headers``). Every answer says ``Vary: Origin``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,18 @@ class AccessPolicy:
         if (refusal := self._token_refusal(request, cors)) is not None:
             return refusal
         return _with_headers(await self.inner(request), cors)
+
+    def error_headers(self, request: Request) -> list[tuple[str, str]]:
+        """For the errors the HTTP layer answers itself (413, 408, 500): the CORS
+        headers a listed origin's page needs to read them, and ``Vary: Origin``.
+        Nothing is refused or counted here: the request is being refused already."""
+        origin_header = request.headers.get("origin")
+        vary = [("Vary", "Origin")]
+        if origin_header is None or not self._host_allowed(request):
+            return vary
+        if parse_origin(origin_header) not in self._origins:
+            return vary
+        return [*self._cors_headers(origin_header), *vary]
 
     def refuse_before_body(self, request: Request) -> Response | None:
         """What ``__call__`` refuses from the head alone (Host, Origin, token, then

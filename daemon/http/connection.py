@@ -335,8 +335,10 @@ class H11Connection:
             out.append((b"connection", b"close"))
         return h11.Response(status_code=status, headers=out, reason=reason_phrase(status))
 
-    async def send_error(self, status: int, message: str) -> None:
-        """Answer `status` with the JSON error body and ``Connection: close``.
+    async def send_error(
+        self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Answer `status` with the JSON error body, `headers` and ``Connection: close``.
 
         Only possible while h11 is IDLE or SEND_RESPONSE on our side (otherwise
         part of another response is out already); silently skipped then.
@@ -344,15 +346,16 @@ class H11Connection:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         response = error_response(status, message)
+        response_headers = [*response.headers, *headers]
         if self._answering_head():
             # No body for a HEAD. When h11 has not parsed the head it does not
             # know it is a HEAD: no length then either (the close ends it).
             length = len(response.body) if self._request_method is not None else None
-            head = self.response_head(status, response.headers, content_length=length, close=True)
+            head = self.response_head(status, response_headers, content_length=length, close=True)
             await self.send(head, h11.EndOfMessage())
             return
         head = self.response_head(
-            status, response.headers, content_length=len(response.body), close=True
+            status, response_headers, content_length=len(response.body), close=True
         )
         await self.send(head, h11.Data(data=response.body), h11.EndOfMessage())
 

@@ -35,6 +35,7 @@ from daemon.http.types import (
     Handler,
     HandlerResult,
     Headers,
+    HeadersForErrors,
     RefusalBeforeBody,
     Request,
     Response,
@@ -67,12 +68,14 @@ _JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger bodies are put together in a worker 
 
 
 class _Rejected(Exception):
-    """The request cannot be read or served: answer `status` and close."""
+    """The request cannot be read or served: answer `status` and close. `request`:
+    its head (empty body), once it was read."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, request: Request | None = None) -> None:
         super().__init__(status)
         self.status = status
         self.message = _MESSAGES.get(status, "bad request")
+        self.request = request
 
 
 class _AnsweredBeforeBody(Exception):
@@ -108,6 +111,9 @@ class HttpServer:
         )
         self._refusals: RefusalBeforeBody | None = (
             handler if isinstance(handler, RefusalBeforeBody) else None
+        )
+        self._error_headers: HeadersForErrors | None = (
+            handler if isinstance(handler, HeadersForErrors) else None
         )
         self._on_rejected = on_rejected
         self._limits = limits if limits is not None else HttpLimits()
@@ -278,7 +284,8 @@ class HttpServer:
                     request = await self._read_request(connection, peer, first, connected_at)
                 except _Rejected as rejection:
                     self._report_rejected(rejection.status)
-                    await connection.send_error(rejection.status, rejection.message)
+                    headers = self._headers_for_error(rejection.request)
+                    await connection.send_error(rejection.status, rejection.message, headers)
                     return True
                 except _AnsweredBeforeBody as early:
                     # The body stays unread, so the connection cannot carry another request.
@@ -349,12 +356,17 @@ class HttpServer:
             declared = _declared_length(event)
             if declared is not None and declared > limit:
                 # Refused before reading (and before 100 Continue is sent).
-                raise _Rejected(413)
+                raise _Rejected(413, _request(event, method, target, path, query, b"", peer))
             if self._refusals is not None and connection.h11.they_are_waiting_for_100_continue:
                 self._refuse_before_body(_request(event, method, target, path, query, b"", peer))
-            body = await self._read_body(
-                connection, limit, trio.current_time() + limits.body_read_timeout
-            )
+            try:
+                body = await self._read_body(
+                    connection, limit, trio.current_time() + limits.body_read_timeout
+                )
+            except (_Rejected, trio.TooSlowError) as exc:
+                status = exc.status if isinstance(exc, _Rejected) else 408
+                head = _request(event, method, target, path, query, b"", peer)
+                raise _Rejected(status, head) from None
         except h11.RemoteProtocolError as exc:
             logger.debug("bad request from %s: %s", peer, exc)
             raise _Rejected(exc.error_status_hint) from None
@@ -441,7 +453,7 @@ class HttpServer:
             result: object = await self._handler(request)
         except Exception:
             logger.exception("handler failed for %s %s", request.method, request.target)
-            return error_response(500, _MESSAGES[500])
+            return self._error(request, 500)
         if not isinstance(result, Response | StreamingResponse):
             logger.error(
                 "handler for %s %s returned %r, not a response",
@@ -449,8 +461,23 @@ class HttpServer:
                 request.target,
                 result,
             )
-            return error_response(500, _MESSAGES[500])
+            return self._error(request, 500)
         return result
+
+    def _headers_for_error(self, request: Request | None) -> Sequence[tuple[str, str]]:
+        """The handler's headers for an error answered here (none before a head was read)."""
+        if self._error_headers is None or request is None:
+            return ()
+        try:
+            return self._error_headers.error_headers(request)
+        except Exception:
+            logger.exception("error_headers failed for %s %s", request.method, request.target)
+            return ()
+
+    def _error(self, request: Request, status: int) -> Response:
+        response = error_response(status, _MESSAGES[status])
+        headers = self._headers_for_error(request)
+        return dataclasses.replace(response, headers=[*response.headers, *headers])
 
     async def _send_whole(
         self,

@@ -166,6 +166,18 @@ class RefusalBeforeBody(Protocol):
     def refuse_before_body(self, request: Request) -> Response | None: ...
 
 
+@runtime_checkable
+class HeadersForErrors(Protocol):
+    """Optional hook on a Handler: headers for the errors the server answers itself
+    once it has read a request's head (413 body too large, 408 body too slow, 500 the
+    handler failed), which never pass through the handler. ``error_headers(request)``
+    gets the request with an empty body; CORS headers, say, so that a page of an
+    allowed origin can read why it was refused.
+    """
+
+    def error_headers(self, request: Request) -> Sequence[tuple[str, str]]: ...
+
+
 # json.dumps with these options builds an encoder per call; one does for all.
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 

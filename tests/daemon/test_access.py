@@ -39,10 +39,15 @@ class RawAnswer:
 
 async def raw_request(daemon: Daemon, head: str, body: bytes = b"") -> RawAnswer:
     """Send `head` (request line and headers, no blank line) exactly as written."""
+    lines = f"{head}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return await raw_exchange(daemon, lines.encode("latin-1") + body)
+
+
+async def raw_exchange(daemon: Daemon, data: bytes) -> RawAnswer:
+    """Send `data` as it is, read the answer until the daemon closes."""
     stream = await trio.open_tcp_stream(daemon.bound.host, daemon.bound.port)
     async with stream:
-        lines = f"{head}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        await stream.send_all(lines.encode("latin-1") + body)
+        await stream.send_all(data)
         received = b""
         while chunk := await stream.receive_some(65536):
             received += chunk
@@ -215,6 +220,38 @@ async def test_a_listed_origin_gets_cors_preflight_and_headers(tmp_path: Path) -
         )
         assert unlisted.status == 403
         assert unlisted.headers.get("access-control-allow-origin") is None
+
+
+async def test_a_listed_origin_can_read_the_errors_the_http_layer_answers(tmp_path: Path) -> None:
+    """A body over the limit is refused before any route (413, declared or read), and
+    so is one too slow to arrive (408): a page of a listed origin must still be able
+    to read why, so those answers carry its CORS headers too; others get none."""
+    async with running_daemon(
+        tmp_path, allowed_origins=APP, max_body_bytes=1024, body_read_timeout=0.5
+    ) as daemon:
+        too_big = b"x" * 2048
+        declared = await post(daemon, "/generate", JSON, ("Origin", APP), body=too_big)
+        head = (
+            f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {APP}\r\n{JSON[0]}: {JSON[1]}"
+        )
+        chunk = b"%x\r\n%b\r\n" % (len(too_big), too_big)
+        chunked = await raw_exchange(
+            daemon, f"{head}\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunk
+        )
+        # Ten bytes announced, none sent: refused after body_read_timeout.
+        slow = await raw_exchange(daemon, f"{head}\r\nContent-Length: 10\r\n\r\n".encode())
+        other = await post(
+            daemon, "/generate", JSON, ("Origin", "http://evil.example"), body=too_big
+        )
+    assert declared.status == 413
+    assert declared.headers.get("access-control-allow-origin") == APP
+    assert "Retry-After" in (declared.headers.get("access-control-expose-headers") or "")
+    assert "Origin" in declared.headers.get_all("vary")
+    assert (slow.status, slow.headers.get("access-control-allow-origin")) == (408, APP)
+    assert chunked.status == 413, chunked.body
+    assert chunked.headers.get("access-control-allow-origin") == APP
+    assert other.status == 413
+    assert other.headers.get("access-control-allow-origin") is None
 
 
 # ---------------------------------------------------------------- API tokens

@@ -21,6 +21,7 @@ from daemon.http import (
     http_request,
     json_response,
 )
+from daemon.http.types import HandlerResult
 from tests.daemon.http.helpers import H11Client, header, read_until_eof, start_server
 
 SMALL_BODY_LIMIT = 1024
@@ -566,6 +567,29 @@ async def test_handler_exception_is_500_without_details_and_is_logged(
     assert "GET /boom" in record.getMessage()
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], Boom)
+
+
+class Explained:
+    """A handler with the error_headers hook: what it adds to the server's own errors."""
+
+    def __init__(self) -> None:
+        self.inner = make_app()
+
+    async def __call__(self, request: Request) -> HandlerResult:
+        return await self.inner(request)
+
+    def error_headers(self, request: Request) -> list[tuple[str, str]]:
+        return [("X-Refused", f"{request.method} {request.path}")]
+
+
+async def test_the_server_s_own_errors_carry_the_handler_s_error_headers(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start_server(nursery, Explained(), LIMITS)
+    failed = await http_request("GET", f"{running.url}/boom")
+    too_big = await http_request("POST", f"{running.url}/echo", body=b"x" * (SMALL_BODY_LIMIT + 1))
+    assert (failed.status, failed.headers.get("x-refused")) == (500, "GET /boom")
+    assert (too_big.status, too_big.headers.get("x-refused")) == (413, "POST /echo")
 
 
 async def test_keep_alive_survives_a_500(nursery: trio.Nursery) -> None:
