@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from daemon.simulator.jpeg import encode_jpeg
 from daemon.simulator.values import Pattern
@@ -119,3 +119,44 @@ def test_the_simulators_jpeg_previews_decode_to_the_colours_drawn(web: RecordedP
             got = pixels[(y * width + x) * 4 : (y * width + x) * 4 + 3]
             want = rows[y][3 * x : 3 * x + 3]
             assert all(abs(g - w) <= 2 for g, w in zip(got, want, strict=True)), (x, y)
+
+
+@pytest.fixture
+def stepped_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon of its own whose simulator moves one sampler step when told."""
+    with running_daemon(tmp_path, "simulator_step_time=0.01") as daemon:
+        daemon.sim_control(manual_steps=True)
+        yield daemon
+
+
+def test_previews_that_arrive_faster_than_they_load_still_show(
+    web: RecordedPage, stepped_daemon: DaemonProcess
+) -> None:
+    # Each new preview URL abandoned the load under way: on a link where a
+    # preview takes longer to load than the next one takes to come (4 a second
+    # by default), the thumbnail showed nothing for the whole run.
+    page: Page = web.page
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)  # answered when the test says
+
+    page.route(lambda url: "/preview?v=" in url, hold)
+    page.goto(f"{stepped_daemon.url}/")
+    page.get_by_label("Prompt").fill("a slow link")
+    page.get_by_role("button", name="Generate").click()
+    thumbnail = page.locator(".progress-banner img.preview-thumbnail")
+
+    def next_preview() -> str:
+        with page.expect_request(lambda r: "/preview?v=" in r.url) as asked:
+            stepped_daemon.sim_control(grant_steps=1)
+        return asked.value.url
+
+    first = next_preview()
+    second = next_preview()  # asked for while the first is still on its way
+    assert second != first
+    held[0].continue_()
+    expect(thumbnail).to_have_attribute("src", first.split("/", 3)[3])
+    expect(page.locator(".progress-banner")).to_have_attribute("data-status", "running")
+    held[1].continue_()
+    expect(thumbnail).to_have_attribute("src", second.split("/", 3)[3])

@@ -1,8 +1,9 @@
 // PreviewThumbnail: the newest live preview of a running task, updated in place.
 //
 // A new preview URL is loaded off-screen first and swapped in only once it has
-// loaded, so the picture never blanks or flickers between versions; a URL that
-// arrives while another is loading wins, and the older load is abandoned. A
+// loaded, so the picture never blanks or flickers between versions. A load
+// that finishes is shown unless a newer one already is: previews that come
+// faster than they load (a slow link) still show, the newest loaded so far. A
 // preview that fails to load leaves the last good one in place. The box has a
 // fixed size (CSS), so versions of any size never move the layout. Nothing is
 // rendered until a first preview has loaded, or when `url` is empty.
@@ -19,7 +20,9 @@ export class PreviewThumbnail extends Component {
   constructor(props) {
     super(props);
     this.state = { src: null };
-    this._pending = null;
+    this._loading = new Set(); // off-screen images not loaded yet
+    this._asked = 0; // loads started
+    this._shown = 0; // the number of the load on screen
   }
 
   componentDidMount() {
@@ -35,28 +38,32 @@ export class PreviewThumbnail extends Component {
   }
 
   _load(url) {
-    this._abandon();
-    if (!url) return;
+    if (!url) {
+      this._abandon();
+      return;
+    }
     const ImageCtor = this.props.Image ?? globalThis.Image;
     const image = new ImageCtor();
-    this._pending = image;
+    const number = ++this._asked;
+    this._loading.add(image);
     image.onload = () => {
-      if (this._pending !== image) return;
-      this._pending = null;
+      this._loading.delete(image);
+      if (number < this._shown) return; // a newer preview is already on screen
+      this._shown = number;
       this.setState({ src: url });
     };
     image.onerror = () => {
-      if (this._pending === image) this._pending = null;
+      this._loading.delete(image);
     };
     image.src = url;
   }
 
   _abandon() {
-    if (this._pending) {
-      this._pending.onload = null;
-      this._pending.onerror = null;
-      this._pending = null;
+    for (const image of this._loading) {
+      image.onload = null;
+      image.onerror = null;
     }
+    this._loading.clear();
   }
 
   render({ url, alt }, { src }) {
