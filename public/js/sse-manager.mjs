@@ -143,7 +143,7 @@ export class SSEManager {
       maxStreams: options.maxStreams ?? defaultMaxStreams(),
       waitPollMs: options.waitPollMs ?? DEFAULT_OPTIONS.waitPollMs,
     };
-    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, pollTimer, detach, admitted} */
+    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, pollTimer, polled, detach, admitted} */
     this.activeConnections = new Map();
     /** Subscriptions that wait for a stream slot, oldest first. */
     this._waiting = [];
@@ -169,6 +169,7 @@ export class SSEManager {
         attempts: 0,
         retryTimer: null,
         pollTimer: null,
+        polled: null, // the last snapshot GET tasks/<id> showed, as JSON text
         detach: null,
         admitted: false,
       });
@@ -308,9 +309,16 @@ export class SSEManager {
     if (response.status !== 200 || body?.taskId !== taskId) return;
     const { version, ...payload } = body;
     // Never older than what was shown; the stream, once admitted, resumes after it.
+    // The same version is shown again when it reads otherwise: in shared mode a
+    // front adds a task no worker took yet its place in line as it is now.
     if (!Number.isInteger(version)) return;
-    if (entry.lastEventId !== null && version <= Number(entry.lastEventId)) return;
+    const text = JSON.stringify(payload);
+    if (entry.lastEventId !== null) {
+      const last = Number(entry.lastEventId);
+      if (version < last || (version === last && text === entry.polled)) return;
+    }
     entry.lastEventId = String(version);
+    entry.polled = text;
     const type =
       payload.status === "completed"
         ? EVENT_COMPLETE

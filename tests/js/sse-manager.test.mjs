@@ -497,6 +497,37 @@ describe("stream slots", () => {
     assert.equal(asked.urls.length, 3, "no polling once streaming");
   });
 
+  test("a waiting subscription shows a new place in line under the same version", async () => {
+    // A front in shared mode answers GET tasks/<id> of a task no worker took
+    // yet with its place in line as it is now, under the version the task was
+    // queued with: the banner kept the first place it was told.
+    const queued = (ahead) => [
+      200,
+      {
+        taskId: "t2",
+        status: "in-progress",
+        phase: "queued",
+        progress: { percentage: 0, currentStep: "Starting...", currentValue: 0, maxValue: 0 },
+        queue: { position: ahead + 1, ahead },
+        timestamp: "2025-11-25T12:34:56.789Z",
+        version: 1,
+      },
+    ];
+    const asked = snapshots({ t2: [queued(8), queued(8), queued(6)] });
+    manager = makeManager({ maxStreams: 1, fetch: asked.impl, waitPollMs: 5000 });
+    const second = recorder();
+    manager.subscribe("t1", {});
+    manager.subscribe("t2", second.callbacks);
+    await answered();
+    timers.advance(5000);
+    await answered(); // the same answer again: nothing new to show
+    timers.advance(5000);
+    await answered();
+    assert.deepEqual(second.calls.progress.map((p) => p.queue.ahead), [8, 6]);
+    FakeEventSource.latest.emit("complete", COMPLETE, "9");
+    assert.deepEqual(openUrls(), ["progress/t2?lastEventId=1"]);
+  });
+
   test("a task that ends while it waits is delivered as ended and never takes a stream", async () => {
     const asked = snapshots({
       t2: [[200, { ...COMPLETE, taskId: "t2", version: 7 }]],
