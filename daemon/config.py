@@ -500,11 +500,18 @@ def render_toml(config: Config) -> str:
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, tuple):
-            text = "[" + ", ".join(f'"{item}"' for item in value) + "]"
+            text = "[" + ", ".join(_toml_string(item) for item in value) + "]"
         elif isinstance(value, int | float):
             text = repr(value)
         else:
-            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-            text = f'"{escaped}"'
+            text = _toml_string(str(value))
         lines.append(f"{name} = {text}")
     return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped (a
+    multi-line value from the file, say, would otherwise end the line)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}", escaped)
+    return f'"{escaped}"'

@@ -81,6 +81,24 @@ def test_rendered_config_loads_back(tmp_path: Path) -> None:
     assert again == config
 
 
+def test_rendered_config_with_multi_line_and_control_characters_loads_back(
+    tmp_path: Path,
+) -> None:
+    # A list setting written as a multi-line TOML string (one origin a line) is
+    # a valid file; --print-config printed its newlines raw, and that output
+    # was not TOML at all.
+    path = write(
+        tmp_path,
+        'allowed_origins = """\nhttps://a.example\nhttps://b.example\n"""\n'
+        'default_checkpoint = "odd\\u007fname\\\\ \\"quoted\\"\\u0001.safetensors"\n'
+        'comfy_urls = ["http://b:2/a\\"b"]\n',
+    )
+    config = cfg.load(config_file=path, environ={}, flags={})
+    printed = tmp_path / "printed.toml"
+    printed.write_text(cfg.render_toml(config), encoding="utf-8")
+    assert cfg.load(config_file=printed, environ={}, flags={}) == config
+
+
 def test_several_comfyui_urls_from_each_layer(tmp_path: Path) -> None:
     path = write(tmp_path, 'comfy_url = "http://a:1"\ncomfy_urls = ["http://b:2/", "http://a:1"]\n')
     config = cfg.load(config_file=path, environ={}, flags={})
