@@ -372,7 +372,13 @@ def _limit(spec: Mapping[str, Any], key: str, where: str, *, integer: bool) -> A
     value = spec.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else _NUMBER):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else _NUMBER)
+        or not math.isfinite(value)
+    ):
+        # JSON files may say NaN or Infinity (Python reads them): a NaN limit
+        # would hold nothing back, and GET /workflows could not show either.
         raise WorkflowError(f"{where}.{key}: must be {'an integer' if integer else 'a number'}")
     return value
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,24 @@ def test_a_broken_file_is_named_with_its_problem(
         load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
     assert str(caught.value).startswith(str(path.parent))
     assert message in str(caught.value)
+
+
+def _with_cfg_limit(key: str, value: float) -> dict[str, object]:
+    definition = txt2img_definition()
+    definition["parameters"]["cfg"][key] = value
+    return definition
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("min", math.nan), ("max", math.inf), ("min", -math.inf)]
+)
+def test_a_number_limit_must_be_finite(tmp_path: Path, key: str, value: float) -> None:
+    # Python's JSON reader takes NaN and Infinity. A NaN min compared false with
+    # every value, so the limit was silently not applied, and GET /workflows
+    # served it as NaN or Infinity, which no JSON parser (JSON.parse) reads.
+    write(tmp_path, "odd.json", _with_cfg_limit(key, value))  # json.dumps writes NaN, Infinity
+    with pytest.raises(WorkflowFileError, match=rf"odd\.json: parameters\.cfg\.{key}: must be"):
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
 
 
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
