@@ -350,6 +350,9 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             value = float(raw)
             if math.isnan(value):
                 raise ValueError("expected a number")
+            if math.isinf(value):
+                # Durations become whole seconds for Redis expiries (int(inf) fails).
+                raise ValueError("expected a finite number")
         elif kind is Path:
             if not isinstance(raw, str) or not raw:
                 raise ValueError("expected a path")

@@ -54,6 +54,9 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         ('comfy_url = "ftp://x"\n', "must start with http://"),
         ('comfy_url = "http://me:secret@comfy:8188"\n', "must not carry a user:password"),
         ("heartbeat_interval = nan\n", "expected a number"),
+        # int(inf) for a Redis expiry took a shared-mode daemon down at its first task.
+        ("task_retention = inf\n", "expected a finite number"),
+        ("lease_timeout = +inf\n", "expected a finite number"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -66,6 +69,8 @@ def test_errors_name_their_source() -> None:
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_MAX_TASKS": "many"}, flags={})
     with pytest.raises(cfg.ConfigError, match=r"unknown setting.*COMFY_PROGRESS_"):
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_TYPO": "1"}, flags={})
+    with pytest.raises(cfg.ConfigError, match="environment COMFY_PROGRESS_IMAGE_RETENTION"):
+        cfg.load(config_file=None, environ={"COMFY_PROGRESS_IMAGE_RETENTION": "inf"}, flags={})
     with pytest.raises(cfg.ConfigError, match="flag --write-timeout"):
         cfg.load(config_file=None, environ={}, flags={"write_timeout": "x"})
 
