@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from protocol.api import MAX_SEED
 from protocol.errors import RequestError, field_error
 
 MAX_RESOLUTION: Final = 16384  # ComfyUI's per-side limit (SolidMask, MaskComposite, ...)
@@ -447,6 +448,10 @@ def _parameter(
         raise WorkflowError(f"{where}: a {kind} parameter needs both min and max")
     if low is not None and high is not None and low > high:
         raise WorkflowError(f"{where}: min {low} is above max {high}")
+    if name == SEED and (low < 0 or high > MAX_SEED):
+        # A request's seed is always in 0..MAX_SEED; a seed drawn outside it
+        # would reach ComfyUI.
+        raise WorkflowError(f"{where}: min and max must lie within 0 to 2^64-1")
     multiple = _limit(spec, "multipleOf", where, integer=True)
     max_length = _limit(spec, "maxLength", where, integer=True)
     if kind == "string" and max_length is None:

@@ -82,6 +82,20 @@ def test_a_number_limit_must_be_finite(tmp_path: Path, key: str, value: float) -
         load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
 
 
+@pytest.mark.parametrize(("low", "high"), [(-100, -1), (-1, 2**64 - 1), (2**64, 2**65)])
+def test_the_seed_range_lies_within_what_a_request_may_give(
+    tmp_path: Path, low: int, high: int
+) -> None:
+    # A request's seed is 0 to 2^64-1 (ComfyUI's unsigned 64-bit seed). A file
+    # whose seed range left it was loaded: the daemon then drew seeds below 0
+    # (or above 2^64-1) for requests without one and sent them to ComfyUI.
+    definition = txt2img_definition()
+    definition["parameters"]["seed"].update(min=low, max=high)
+    write(tmp_path, "odd.json", definition)
+    with pytest.raises(WorkflowFileError, match=r"odd\.json: parameters\.seed: .*0 to 2\^64-1"):
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+
+
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(WorkflowFileError, match="the workflow directory does not exist"):
         load_catalog(tmp_path / "nope", default_checkpoint=CHECKPOINT)
