@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from daemon import config as config_module
 from daemon.ops.file_limit import fit_max_connections
 from daemon.ops.logs import setup_logging
 from daemon.terminal import command as terminal_command
+from daemon.terminal.client import TOKEN_VARIABLE
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,6 +117,13 @@ def serve(args: argparse.Namespace) -> int:
         print(config_module.render_toml(config), end="")
         return 0
     setup_logging(config.log_level)
+    if os.environ.get(TOKEN_VARIABLE) and not config.api_tokens:
+        logging.getLogger("daemon").warning(
+            "%s is the terminal client's token, not a setting: this daemon needs none"
+            " (its tokens are api_tokens, %sAPI_TOKENS)",
+            TOKEN_VARIABLE,
+            config_module.ENV_PREFIX,
+        )
     fitted = fit_max_connections(config.max_connections)
     if fitted != config.max_connections:
         config = config_module.Config(**{**config.as_dict(), "max_connections": fitted})

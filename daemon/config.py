@@ -23,6 +23,8 @@ from daemon.api.access import parse_origin, split_host
 from daemon.api.clients import parse_networks
 
 ENV_PREFIX: Final = "COMFY_PROGRESS_"
+# COMFY_PROGRESS_API_TOKEN: daemon.terminal.client's TOKEN_VARIABLE.
+CLIENT_TOKEN_KEY: Final = "api_token"
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 
 
@@ -394,6 +396,9 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     # Only our prefix; other variables are none of our business.
     ours = {k[len(ENV_PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
     ours.pop("config", None)  # COMFY_PROGRESS_CONFIG names the file, it is not a setting
+    # The terminal client's token (`comfy-progress generate`), often exported in the
+    # shell that starts the daemon too: not a setting (the daemon's is API_TOKENS).
+    ours.pop(CLIENT_TOKEN_KEY, None)
     _check_known(ours, "the environment (COMFY_PROGRESS_*)")
     return {k: _convert(k, v, f"environment {ENV_PREFIX}{k.upper()}") for k, v in ours.items()}
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -82,12 +83,14 @@ async def daemon_process(
     *settings: str,
     open_files: tuple[int, int] | None = None,
     worker: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[DaemonProcess]:
     """`comfy-progress serve` on 127.0.0.1:0 against `comfy_url` (None: no backend, a
     front of the shared queue); `settings` are KEY=VALUE.
 
     `open_files` is the (soft, hard) RLIMIT_NOFILE the daemon starts with. `worker`:
     role=worker, which serves only health, readiness, backends and metrics (its `url`).
+    `env`: variables added to the test's own environment.
     """
     command = [
         sys.executable,
@@ -108,6 +111,7 @@ async def daemon_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
+        env={**os.environ, **env} if env is not None else None,
     )
     daemon = DaemonProcess(process)
     listening = trio.Event()

@@ -27,6 +27,7 @@ from tests.daemon.cli_process import (
     run_generate,
 )
 from tests.daemon.harness import Daemon, running_daemon
+from tests.daemon.process import daemon_process
 
 
 def only_task(daemon: Daemon) -> str:
@@ -115,6 +116,22 @@ async def test_the_api_token_comes_from_the_environment(tmp_path: Path) -> None:
     assert b"COMFY_PROGRESS_API_TOKEN" in refused.stderr
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().startswith(daemon.url + "/image/")
+
+
+async def test_the_clients_token_in_the_daemons_environment_is_not_a_setting(
+    tmp_path: Path,
+) -> None:
+    # The client reads its token from COMFY_PROGRESS_API_TOKEN, a name under the
+    # daemon's own prefix: started from a shell that exported it, the daemon
+    # stopped with "unknown setting(s) in the environment (COMFY_PROGRESS_*):
+    # api_token". It is not a setting; with no api_tokens the daemon says so.
+    env = {"COMFY_PROGRESS_API_TOKEN": "terminal-token-0123456789"}
+    async with daemon_process(
+        tmp_path / "data", None, "simulator_step_time=0.01", env=env
+    ) as daemon:
+        done = await run_generate("a red fox", "--server", daemon.url, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "COMFY_PROGRESS_API_TOKEN is the terminal client's token" in daemon.log()
 
 
 async def test_no_daemon_and_bad_usage(tmp_path: Path) -> None:
