@@ -31,14 +31,20 @@ def read_workflow(path: Path, *, default_checkpoint: str) -> Workflow:
         raise WorkflowFileError(f"{path}: cannot read it: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise WorkflowFileError(f"{path}: is not UTF-8 text") from None
+    # The JSON reader and the graph's checks recurse once per level of nesting.
+    too_deep = WorkflowFileError(f"{path}: is nested too deeply")
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise WorkflowFileError(f"{path}: is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
     try:
         return parse_workflow(path.stem, data, default_checkpoint=default_checkpoint)
     except WorkflowError as exc:
         raise WorkflowFileError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
 
 
 def _files(directory: Path) -> list[Path]:

@@ -96,6 +96,27 @@ def test_the_seed_range_lies_within_what_a_request_may_give(
         load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
 
 
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, "deep graph input"])
+def test_a_file_nested_too_deeply_is_named_with_its_problem(tmp_path: Path, content: str) -> None:
+    # Python's JSON reader, and the walk that stores the graph, recurse: a file
+    # nested deeper than the interpreter allows stopped `serve` with a
+    # RecursionError traceback and exit status 1, not the file and exit 2.
+    if content == "deep graph input":
+        definition = txt2img_definition()
+        definition["graph"]["3"]["inputs"]["extra"] = _nested(900)
+        content = json.dumps(definition)
+    write(tmp_path, "deep.json", content)
+    with pytest.raises(WorkflowFileError, match=r"deep\.json: is nested too deeply"):
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+
+
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(WorkflowFileError, match="the workflow directory does not exist"):
         load_catalog(tmp_path / "nope", default_checkpoint=CHECKPOINT)
