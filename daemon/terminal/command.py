@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
+def _not_json(constant: str) -> Any:
+    """NaN, Infinity, -Infinity: Python's JSON reader takes them, JSON has none."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_params(items: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items:
@@ -53,7 +58,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         if not sep or not name.strip():
             raise ValueError(f"--param {item!r}: expected NAME=VALUE")
         try:
-            value: Any = json.loads(raw)
+            value: Any = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             value = raw
         params[name.strip()] = value

@@ -272,6 +272,21 @@ async def test_workflow_parameters_reach_the_task(tmp_path: Path) -> None:
     assert b"expected NAME=VALUE" in bad.stderr
 
 
+async def test_a_param_value_that_is_not_json_is_text(tmp_path: Path) -> None:
+    # Python's JSON reader also takes NaN, Infinity and -Infinity, which are not
+    # JSON: the client sent them as numbers, and the daemon refused the request
+    # ("negativePrompt: must be a string") instead of getting the text written.
+    async with running_daemon(tmp_path) as daemon:
+        done = await run_generate(
+            "a red fox", "--server", daemon.url, "--param", "negativePrompt=NaN", "--seed", "7"
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        actor = daemon.app.registry.get(only_task(daemon))
+        assert actor is not None
+        graph = json.dumps(actor.state.spec.graph)
+    assert '"text": "NaN"' in graph
+
+
 async def test_a_download_that_stalls_fails_instead_of_hanging(tmp_path: Path) -> None:
     # A connection that drops without a FIN or RST (a laptop changing networks,
     # a NAT forgetting it) looks like a server that stops sending. The client
