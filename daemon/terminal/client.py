@@ -16,7 +16,9 @@ no (its message on stderr), 2 bad usage, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -180,6 +182,19 @@ class GenerateClient:
             await trio.sleep(1.0)
             self.display.tick()
 
+    def print_urls(self, urls: list[str]) -> None:
+        try:
+            for url in urls:
+                print(url, file=self.out, flush=True)
+        except BrokenPipeError:
+            # Whoever read them left (`| head -0`): the task is done all the same.
+            # Our output goes nowhere from now on, so that the exit's flush does not
+            # fail on that pipe too.
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.out.fileno())
+                os.close(devnull)
+
     async def run(self) -> int:
         try:
             task_id = await self.submit()
@@ -191,8 +206,7 @@ class GenerateClient:
                 self.finished = True
                 urls = self.image_urls(final)
                 self.display.finish()
-                for url in urls:
-                    print(url, file=self.out, flush=True)
+                self.print_urls(urls)
                 if self.options.output is not None:
                     await self.download(urls[0], self.options.output)
                     self.display.message(f"comfy-progress: saved {self.options.output}")

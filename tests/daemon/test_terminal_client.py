@@ -72,6 +72,31 @@ async def test_success_saves_a_png_and_prints_its_url(tmp_path: Path) -> None:
     assert len(lines) <= 16, stderr
 
 
+async def test_a_reader_of_the_url_that_left_is_no_failure(tmp_path: Path) -> None:
+    """`comfy-progress generate ... -o fox.png | head -0`: nobody reads the URL any more
+    (its pipe is closed), the image is still saved and the run still succeeds, with no
+    traceback about the broken pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before we print
+    target = tmp_path / "fox.png"
+    try:
+        async with running_daemon(tmp_path) as daemon:
+            done = await trio.run_process(
+                [str(CLI), "generate", "a red fox", "--server", daemon.url, "-o", str(target)],
+                stdin=b"",
+                stdout=write_end,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        os.close(write_end)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "BrokenPipeError" not in stderr, stderr
+    assert check_png(target.read_bytes()) == (512, 512)
+
+
 async def test_a_failed_generation_exits_1_with_the_servers_message(tmp_path: Path) -> None:
     async with running_daemon(tmp_path) as daemon:
         assert daemon.simulator is not None
