@@ -36,6 +36,7 @@ from daemon.tasks.journal import JournalUnavailable
 from daemon.tasks.registry import QueueFull, TooManyTasks, client_at_limit, new_task_id
 from protocol import api
 from protocol.errors import RequestError
+from protocol.progress import queued_step
 from protocol.sse import parse_last_event_id
 from protocol.upload import check_upload_type
 
@@ -492,6 +493,9 @@ class Routes:
                 ahead = await shared.store.ahead_of(task_id)
                 if ahead is not None:
                     found["queue"] = {"position": ahead + 1, "ahead": ahead}
+                    progress = found.get("progress")
+                    if isinstance(progress, dict):  # the step says it too, as a stream's does
+                        found["progress"] = {**progress, "currentStep": queued_step(ahead)}
             return json_response(200, found, headers=NO_STORE)
         if actor is None:
             return self._unknown_task(task_id)

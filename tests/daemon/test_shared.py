@@ -327,6 +327,7 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once_counted_b
         behind = await generate(entry.url)
         status = (await http_request("GET", f"{entry.url}/tasks/{behind}", timeout=10)).json()
         assert status["queue"] == {"position": 2, "ahead": 1}  # the service's queue
+        assert status["progress"]["currentStep"] == "Queued (1 ahead)"  # and its step says so
         cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
         assert cancel.status == 202
         events = await read_events(entry.url, task_id)
