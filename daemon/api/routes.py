@@ -24,6 +24,7 @@ from daemon.http.types import (
     StreamingResponse,
     error_response,
     json_response,
+    unavailable,
 )
 from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
@@ -126,12 +127,6 @@ def _forgotten_key(task_id: str, why: str) -> Response:
 
 def request_error(exc: RequestError) -> Response:
     return error_response(exc.status_hint, exc.message, dict(exc.details) or None)
-
-
-def unavailable(reason: str, retry_after: int = 5) -> Response:
-    """503 with the reason and a Retry-After."""
-    busy = error_response(503, reason)
-    return dataclasses.replace(busy, headers=[*busy.headers, ("Retry-After", str(retry_after))])
 
 
 STORE_UNREACHABLE = "the shared task store is unreachable; try again"

@@ -195,3 +195,9 @@ def json_response(status: int, obj: Any, headers: Sequence[tuple[str, str]] = ()
 def error_response(status: int, message: str, details: Any = None) -> Response:
     """The one error shape of the API: ``{"error": {"message": ..., "details": ...}}``."""
     return json_response(status, {"error": {"message": message, "details": details}})
+
+
+def unavailable(reason: str, retry_after: int = 5) -> Response:
+    """503 with the reason and a Retry-After (seconds)."""
+    busy = error_response(503, reason)
+    return Response(busy.status, [*busy.headers, ("Retry-After", str(retry_after))], busy.body)

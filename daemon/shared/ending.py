@@ -61,3 +61,15 @@ async def cancel_waiting(
         if latest.terminal:
             return latest
     return None
+
+
+async def cancel_in_line(store: SharedStore, task_id: str, now: float) -> WaitingEnd | None:
+    """After a cancel key was set: end the task `cancelled` if it waits in line with no
+    holder (its worker gave it back without seeing the key). The end written, or None
+    (a worker holds it and reads the key, or it has ended)."""
+    shared = await store.load(task_id)
+    latest = await store.latest(task_id)
+    if shared is None or latest is None or latest.terminal or shared.holder is not None:
+        return None
+    found = await cancel_waiting(store, shared, latest, now)
+    return found if isinstance(found, WaitingEnd) else None

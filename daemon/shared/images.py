@@ -14,22 +14,18 @@ filesystem or an object store would be the next step.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
-from typing import Final
 
 import coredis
 import trio
 from coredis.exceptions import RedisError
 
 from daemon.http.static import StaticFiles
-from daemon.http.types import Request, Response, StreamingResponse, error_response
+from daemon.http.types import Request, Response, StreamingResponse, unavailable
 from daemon.images.store import ImageStore, StorageError
 from daemon.shared.store import image_key
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER: Final = 5  # seconds, as the API's other answers while Redis is away
 
 
 class SharedImageStore(ImageStore):
@@ -100,6 +96,5 @@ class SharedImageRoute:
             await self.store.fetch_to_disk(request.path_params["name"])
         except StorageError as exc:
             log.warning("%s", exc)
-            busy = error_response(503, str(exc))
-            return replace(busy, headers=[*busy.headers, ("Retry-After", str(RETRY_AFTER))])
+            return unavailable(str(exc))
         return await self.files(request)

@@ -22,7 +22,7 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from daemon.shared.ending import WaitingEnd, cancel_waiting
+from daemon.shared.ending import WaitingEnd, cancel_in_line, cancel_waiting
 from daemon.shared.idempotency import SharedIdempotencyKeys
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.positions import QueuePositions
@@ -200,13 +200,11 @@ class SharedService:
         holder = again.holder if again is not None else None
         if holder is not None and holder != shared.holder:
             await self.store.send(holder, {"kind": "cancel", "task": task_id})
-        elif again is not None and holder is None and (latest := await self.store.latest(task_id)):
-            # Its worker gave it back to the queue (its backends went away) after our
-            # first look and before it could see the key: it waits again, so end it
-            # now. (A worker giving it back after the key was set ends it itself.)
-            found = await cancel_waiting(self.store, again, latest, now)
-            if isinstance(found, WaitingEnd):
-                self.on_task_end(found.state)
+        # No holder: its worker gave it back to the queue (its backends went away) after
+        # our first look and before it could see the key, so end it in line now. (A
+        # worker giving it back after the key was set ends it itself.)
+        elif holder is None and (ended := await cancel_in_line(self.store, task_id, now)):
+            self.on_task_end(ended.state)
         return SharedCancel(ended=None)
 
     def _cancel_found(self, found: WaitingEnd | Snapshot) -> SharedCancel:

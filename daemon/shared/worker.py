@@ -33,7 +33,7 @@ from coredis.exceptions import RedisError, StreamConsumerGroupError
 
 from daemon.comfy.capabilities import needs_of
 from daemon.shared.capabilities import capabilities_to_json
-from daemon.shared.ending import WaitingEnd, cancel_waiting
+from daemon.shared.ending import cancel_in_line
 from daemon.shared.mirror import TaskMirror
 from daemon.shared.store import (
     CANCEL_ASKED,
@@ -452,17 +452,13 @@ class SharedWorker:
         key and told our copy, stopped already): end it in line now. A worker that
         takes it first reads the key too, and Redis lets only one of them end it."""
         try:
-            shared = await self.store.load(task_id)
-            latest = await self.store.latest(task_id)
-            if shared is None or latest is None or latest.terminal:
-                return
-            found = await cancel_waiting(self.store, shared, latest, time.time())
+            ended = await cancel_in_line(self.store, task_id, time.time())
         except RedisError as exc:
             # Then the wait limit ends it, or a worker that takes it reads the key.
             log.warning("cannot end the cancelled task %s: %s", task_id, exc)
             return
-        if isinstance(found, WaitingEnd):
-            self.on_waiting_end(found.state)
+        if ended is not None:
+            self.on_waiting_end(ended.state)
 
     # -- leases
 
