@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -74,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The settings that `serve` flags of their own set (the rest come from --set);
+# a configuration error names the flag the user typed.
+FLAG_NAMES: Final = {
+    "listen": "--listen",
+    "data_dir": "--data-dir",
+    "log_level": "--log-level",
+    "comfy_url": "--comfy-url",
+    "comfy_urls": "--comfy-url",
+    "simulate": "--simulate",
+    "simulators": "--simulate",
+}
+
+
 def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
     flags: dict[str, str] = {}
     for key, value in (
@@ -98,6 +112,12 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
     return flags
 
 
+def _flag_names(args: argparse.Namespace) -> dict[str, str]:
+    """FLAG_NAMES, less the settings that --set gave (it comes last and wins)."""
+    by_set = {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
+    return {name: flag for name, flag in FLAG_NAMES.items() if name not in by_set}
+
+
 def serve(args: argparse.Namespace) -> int:
     from daemon.app import App, serve_until_signalled
     from daemon.ops.gc_tuning import tune_gc
@@ -105,7 +125,9 @@ def serve(args: argparse.Namespace) -> int:
     from daemon.workflow_files import WorkflowFileError
 
     try:
-        config = config_module.load_from_process(args.config, _flag_settings(args))
+        config = config_module.load_from_process(
+            args.config, _flag_settings(args), _flag_names(args)
+        )
     except config_module.ConfigError as exc:
         print(f"comfy-progress: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -403,7 +403,12 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return {k: _convert(k, v, f"environment {ENV_PREFIX}{k.upper()}") for k, v in ours.items()}
 
 
-def from_flags(values: Mapping[str, str]) -> dict[str, Any]:
+def flag_source(name: str, flag_names: Mapping[str, str]) -> str:
+    """How a setting was given on the command line: its own flag, or --set."""
+    return f"flag {flag_names.get(name, f'--set {name}')}"
+
+
+def from_flags(values: Mapping[str, str], flag_names: Mapping[str, str]) -> dict[str, Any]:
     _check_known(values, "command-line flags")
     secrets_given = sorted(k for k in values if FIELDS[k].metadata.get("secret"))
     if secrets_given:
@@ -412,7 +417,7 @@ def from_flags(values: Mapping[str, str]) -> dict[str, Any]:
             f"{', '.join(secrets_given)} cannot be set on the command line (other users"
             f" can read it): use {ENV_PREFIX}API_TOKENS, the config file, or api_tokens_file"
         )
-    return {k: _convert(k, v, f"flag --{k.replace('_', '-')}") for k, v in values.items()}
+    return {k: _convert(k, v, flag_source(k, flag_names)) for k, v in values.items()}
 
 
 def load(
@@ -420,17 +425,29 @@ def load(
     config_file: Path | None,
     environ: Mapping[str, str],
     flags: Mapping[str, str],
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
-    """TOML file < environment < flags, validated as a whole."""
+    """TOML file < environment < flags, validated as a whole.
+
+    `flag_names` maps a setting to the serve flag that sets it (the rest come
+    from --set), so that an error names what was typed."""
+    flag_names = flag_names or {}
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # setting -> where its value came from
     path = config_file
     if path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(environ[f"{ENV_PREFIX}CONFIG"])
     if path is not None:
-        merged.update(from_toml(path))
-    merged.update(from_env(environ))
-    merged.update(from_flags(flags))
+        from_file = from_toml(path)
+        merged.update(from_file)
+        sources.update(dict.fromkeys(from_file, f"config file {path}"))
+    from_environment = from_env(environ)
+    merged.update(from_environment)
+    sources.update({k: f"environment {ENV_PREFIX}{k.upper()}" for k in from_environment})
+    merged.update(from_flags(flags, flag_names))
+    sources.update({k: flag_source(k, flag_names) for k in flags})
     config = Config(**merged)
+    _check_one_kind_of_backend(config, sources)
     if unix_socket_path(config.listen) is None:
         split_host_port(config.listen)
     socket_mode(config.listen_mode)
@@ -458,6 +475,19 @@ def load(
         if split_host(host) is None:
             raise ConfigError(f"allowed_hosts: {host!r} is not a host name like comfy.example")
     return _with_token_file(config)
+
+
+def _check_one_kind_of_backend(config: Config, sources: Mapping[str, str]) -> None:
+    """simulate beside a ComfyUI URL: the URLs would win and the simulator stay off."""
+    if not (config.simulate and config.backend_urls):
+        return
+    given = [name for name in ("comfy_url", "comfy_urls") if getattr(config, name)]
+    urls = " and ".join(f"{name} (from {sources[name]})" for name in given)
+    raise ConfigError(
+        f"simulate (from {sources['simulate']}) is on beside {urls}: the daemon uses the"
+        " embedded simulator or ComfyUI URLs, not both; drop one (a flag clears a file's"
+        " URL: --set comfy_url=)"
+    )
 
 
 MIN_TOKEN_CHARS: Final = 16
@@ -492,8 +522,10 @@ def list_setting(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value) if item]
 
 
-def load_from_process(config_file: Path | None, flags: Mapping[str, str]) -> Config:
-    return load(config_file=config_file, environ=os.environ, flags=flags)
+def load_from_process(
+    config_file: Path | None, flags: Mapping[str, str], flag_names: Mapping[str, str]
+) -> Config:
+    return load(config_file=config_file, environ=os.environ, flags=flags, flag_names=flag_names)
 
 
 def render_toml(config: Config) -> str:

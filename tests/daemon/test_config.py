@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
 from daemon import config as cfg
-from daemon.cli import _flag_settings, build_parser
+from daemon.cli import _flag_names, _flag_settings, build_parser
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -71,7 +72,7 @@ def test_errors_name_their_source() -> None:
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_TYPO": "1"}, flags={})
     with pytest.raises(cfg.ConfigError, match="environment COMFY_PROGRESS_IMAGE_RETENTION"):
         cfg.load(config_file=None, environ={"COMFY_PROGRESS_IMAGE_RETENTION": "inf"}, flags={})
-    with pytest.raises(cfg.ConfigError, match="flag --write-timeout"):
+    with pytest.raises(cfg.ConfigError, match="flag --set write_timeout"):
         cfg.load(config_file=None, environ={}, flags={"write_timeout": "x"})
 
 
@@ -130,3 +131,52 @@ def test_repeated_comfy_url_flags_and_simulate_n() -> None:
     args = build_parser().parse_args(["serve", "--simulate"])
     config = cfg.load(config_file=None, environ={}, flags=_flag_settings(args))
     assert (config.simulate, config.simulators) == (True, 1)
+
+
+def load_flags(args: argparse.Namespace) -> cfg.Config:
+    """As `serve` loads its flags: named as typed in errors."""
+    return cfg.load(
+        config_file=None, environ={}, flags=_flag_settings(args), flag_names=_flag_names(args)
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # The error names what the user typed, not a flag that does not exist.
+        (["--simulate", "0"], r"simulators \(from flag --simulate\): must be at least 1"),
+        (["--set", "simulators=0"], r"simulators \(from flag --set simulators\)"),
+        (
+            ["--set", "heartbeat_interval=soon"],
+            r"heartbeat_interval \(from flag --set heartbeat_interval\)",
+        ),
+        (
+            ["--comfy-url", "http://a:1", "--comfy-url", "ftp://b"],
+            r"ComfyUI URL 'ftp://b' must start with http://",
+        ),
+    ],
+)
+def test_a_bad_flag_is_named_as_typed(argv: list[str], message: str) -> None:
+    args = build_parser().parse_args(["serve", *argv])
+    with pytest.raises(cfg.ConfigError, match=message):
+        load_flags(args)
+
+
+def test_simulate_beside_a_comfyui_url_is_refused(tmp_path: Path) -> None:
+    # The daemon used the URL and silently left the simulator off.
+    args = build_parser().parse_args(["serve", "--simulate", "--comfy-url", "http://a:1"])
+    with pytest.raises(cfg.ConfigError, match=r"simulate \(from flag --simulate\).*comfy_url"):
+        load_flags(args)
+    path = write(tmp_path, 'comfy_url = "http://a:1"\n')
+    with pytest.raises(cfg.ConfigError, match=r"comfy_url \(from config file .*\)"):
+        cfg.load(config_file=path, environ={"COMFY_PROGRESS_SIMULATE": "true"}, flags={})
+    environ = {"COMFY_PROGRESS_COMFY_URLS": "http://b:2", "COMFY_PROGRESS_SIMULATE": "1"}
+    with pytest.raises(cfg.ConfigError, match=r"comfy_urls \(from environment"):
+        cfg.load(config_file=None, environ=environ, flags={})
+    # A flag clears the file's URL, and then the simulator is the backend.
+    args = build_parser().parse_args(["serve", "--simulate", "--set", "comfy_url="])
+    config = cfg.load(config_file=path, environ={}, flags=_flag_settings(args))
+    assert (config.simulate, config.backend_urls) == (True, ())
+    # simulate = false beside a URL is what every pool configuration says.
+    config = cfg.load(config_file=path, environ={"COMFY_PROGRESS_SIMULATE": "false"}, flags={})
+    assert config.backend_urls == ("http://a:1",)
