@@ -337,6 +337,7 @@ class StreamHub:
     def _detach(self, subscriber: _Subscriber) -> None:
         # Before the connection closes its socket: the fd may be reused at once.
         subscriber.active = False
+        self._drop_ended_heartbeats()
         broadcaster = subscriber.broadcaster
         readers = self._subscribers.get(broadcaster)
         if readers is None:
@@ -345,6 +346,15 @@ class StreamHub:
         if not readers:
             del self._subscribers[broadcaster]
             broadcaster.watchers.remove(self._published)
+
+    def _drop_ended_heartbeats(self) -> None:
+        """Ended streams wait in the heap for their deadline (a heap cannot drop
+        one entry cheaply): once they outnumber the open ones, rebuild it without
+        them, so that streams opened and dropped fast are not held for 30 s."""
+        heap = self._heartbeats
+        if len(heap) > 2 * self._open + 64:
+            heap[:] = [entry for entry in heap if entry[2].active]
+            heapq.heapify(heap)
 
     def _published(self, broadcaster: Broadcaster) -> None:
         readers = self._subscribers.get(broadcaster)

@@ -312,3 +312,25 @@ async def test_closing_ended_streams_waits_for_the_next_fan_out(
         "write progress 1",
         "write progress 1",
     ]
+
+
+async def test_streams_that_ended_are_not_held_until_their_heartbeat() -> None:
+    """A client that opens and drops streams over and over: each ended stream
+    (its subscriber, broadcaster and socket objects) stayed in the heartbeat
+    heap until its deadline, up to 30 s later, so memory grew with the rate."""
+    async with serving(heartbeat=3600.0) as (feed, server):
+        staying = await server.connect()
+        await staying.send_all(b"GET /progress HTTP/1.1\r\nHost: t\r\n\r\n")
+        await feed.wait_for_readers(1)
+        for _ in range(300):
+            stream = await server.connect()
+            await stream.send_all(b"GET /progress HTTP/1.1\r\nHost: t\r\n\r\n")
+            await feed.wait_for_readers(2)
+            await stream.aclose()
+            while feed.broadcaster.readers > 1:  # noqa: ASYNC110 - nothing to wait on
+                await trio.sleep(0.001)
+        held = len(feed.hub._heartbeats)
+        assert held <= 2 * feed.hub.open_streams + 64, f"{held} heartbeat entries for 1 stream"
+        # The stream that stayed still gets its heartbeats.
+        assert any(entry[2].active for entry in feed.hub._heartbeats)
+        await staying.aclose()
