@@ -269,6 +269,7 @@ class Config:
 
 
 FIELDS: Final = {f.name: f for f in dataclasses.fields(Config)}
+FLOAT_MAX: Final = 1e9  # the largest number a duration (or rate) setting takes
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -355,6 +356,10 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             if math.isinf(value):
                 # Durations become whole seconds for Redis expiries (int(inf) fails).
                 raise ValueError("expected a finite number")
+            if value > FLOAT_MAX:
+                # Redis refuses an expiry past ~9e15 s: the first task to end in
+                # shared mode failed on it. No duration or rate here needs more.
+                raise ValueError(f"must be at most {FLOAT_MAX:.0f} (about 31 years)")
         elif kind is Path:
             if not isinstance(raw, str) or not raw:
                 raise ValueError("expected a path")

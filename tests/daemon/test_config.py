@@ -58,6 +58,8 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         # int(inf) for a Redis expiry took a shared-mode daemon down at its first task.
         ("task_retention = inf\n", "expected a finite number"),
         ("lease_timeout = +inf\n", "expected a finite number"),
+        # Past what Redis takes as an expiry (~9e15 s): no number that large is meant.
+        ("task_retention = 1e17\n", "must be at most 1000000000"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
