@@ -23,7 +23,10 @@
 // first come first served, and get the task's current snapshot once admitted.
 // Meanwhile `GET tasks/<id>` every `waitPollMs` (5 s) shows the task as it is
 // (a short request, not a held connection), and a task that ends while it
-// waits is delivered as ended without ever taking a stream.
+// waits is delivered as ended without ever taking a stream. Those 6
+// connections are the browser's, shared by every tab of the site: so the
+// slots are too, as Web Locks (`lockSlots`), where the page has them (a
+// secure context: https, localhost); elsewhere each tab counts its own.
 //
 // Everything with side effects (EventSource, timers, random) is injected, so
 // the schedule is testable without a browser or a clock.
@@ -73,6 +76,36 @@ export function defaultMaxStreams(performance = globalThis.performance) {
   const navigation = performance?.getEntriesByType?.("navigation")?.[0];
   const protocol = navigation?.nextHopProtocol ?? "";
   return protocol === "h2" || protocol === "h3" ? Infinity : HTTP1_MAX_STREAMS;
+}
+
+/**
+ * Stream slots shared by every tab of this origin: slot i is the Web Lock
+ * `<prefix><i>`, held while a stream is open. A subscription asks for every
+ * slot at once and keeps the first it gets (the others go back at once), so a
+ * slot freed in any tab goes to whoever asked for it first.
+ * `acquire(signal)` resolves with a function that releases the slot; aborting
+ * `signal` withdraws a wait.
+ */
+export function lockSlots(locks, count, prefix = "comfy-progress:stream-slot:") {
+  return {
+    acquire(signal) {
+      return new Promise((resolve) => {
+        const asking = new AbortController();
+        signal.addEventListener("abort", () => asking.abort(), { once: true });
+        let won = false;
+        for (let i = 0; i < count; i++) {
+          locks
+            .request(`${prefix}${i}`, { signal: asking.signal }, () => {
+              if (won) return undefined; // another slot came first: this one goes back
+              won = true;
+              asking.abort(); // withdraw the other requests (a held lock stays held)
+              return new Promise((release) => resolve(release));
+            })
+            .catch(() => {}); // withdrawn
+        }
+      });
+    },
+  };
 }
 
 /** The stream URL for a task, relative unless `baseUrl` says otherwise. */
@@ -125,6 +158,8 @@ export class SSEManager {
    * @param {number} [options.maxAttempts] reconnects in a row without an `open` before giving up
    * @param {number} [options.maxStreams] streams open at once (default: defaultMaxStreams())
    * @param {number} [options.waitPollMs] how often a waiting subscription asks for its task
+   * @param {{acquire: Function} | null} [options.slots] slots shared with other tabs
+   *   (default: `lockSlots` on navigator.locks when streams are limited; null: none)
    */
   constructor(options = {}) {
     this._EventSource = options.EventSource ?? null;
@@ -143,7 +178,14 @@ export class SSEManager {
       maxStreams: options.maxStreams ?? defaultMaxStreams(),
       waitPollMs: options.waitPollMs ?? DEFAULT_OPTIONS.waitPollMs,
     };
-    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, pollTimer, polled, detach, admitted} */
+    const locks = globalThis.navigator?.locks;
+    this._slots =
+      options.slots !== undefined
+        ? options.slots
+        : Number.isFinite(this._config.maxStreams) && locks
+          ? lockSlots(locks, this._config.maxStreams)
+          : null;
+    /** @type {Map<string, object>} taskId -> {eventSource, callbacks, lastEventId, attempts, retryTimer, pollTimer, polled, detach, admitted, streaming, slotWait, releaseSlot} */
     this.activeConnections = new Map();
     /** Subscriptions that wait for a stream slot, oldest first. */
     this._waiting = [];
@@ -171,12 +213,15 @@ export class SSEManager {
         pollTimer: null,
         polled: null, // the last snapshot GET tasks/<id> showed, as JSON text
         detach: null,
-        admitted: false,
+        admitted: false, // holds one of this tab's maxStreams
+        streaming: false, // and its stream is open or being opened
+        slotWait: null, // waiting for a slot shared with other tabs: its AbortController
+        releaseSlot: null,
       });
       this._waiting.push(taskId);
       this._admitWaiting();
       const entry = this.activeConnections.get(taskId);
-      if (entry && !entry.admitted) this._pollWaiting(taskId, entry);
+      if (entry && !entry.streaming) this._pollWaiting(taskId, entry);
     }
     return () => this.unsubscribe(taskId);
   }
@@ -193,7 +238,7 @@ export class SSEManager {
 
   /** Whether a task's stream is open or being opened, not waiting for a slot. */
   isStreaming(taskId) {
-    return this.activeConnections.get(taskId)?.admitted ?? false;
+    return this.activeConnections.get(taskId)?.streaming ?? false;
   }
 
   /** Give free slots to waiting subscriptions, oldest first. */
@@ -204,9 +249,33 @@ export class SSEManager {
       if (!entry) continue;
       entry.admitted = true;
       this._admitted += 1;
-      this._stopPolling(entry);
-      this._connect(taskId);
+      this._takeSlot(taskId, entry);
     }
+  }
+
+  /** Open the stream once a slot shared with the other tabs is ours (at once without them). */
+  _takeSlot(taskId, entry) {
+    if (this._slots === null) {
+      this._stream(taskId, entry);
+      return;
+    }
+    const wait = new AbortController();
+    entry.slotWait = wait;
+    this._slots.acquire(wait.signal).then((release) => {
+      if (this.activeConnections.get(taskId) !== entry) {
+        release(); // ended while it waited
+        return;
+      }
+      entry.slotWait = null;
+      entry.releaseSlot = release;
+      this._stream(taskId, entry);
+    });
+  }
+
+  _stream(taskId, entry) {
+    entry.streaming = true;
+    this._stopPolling(entry);
+    this._connect(taskId);
   }
 
   _connect(taskId) {
@@ -275,7 +344,7 @@ export class SSEManager {
   _pollWaiting(taskId, entry) {
     entry.pollTimer = null;
     this._showSnapshot(taskId, entry).finally(() => {
-      if (this.activeConnections.get(taskId) !== entry || entry.admitted) return;
+      if (this.activeConnections.get(taskId) !== entry || entry.streaming) return;
       entry.pollTimer = this._timers.setTimeout(
         () => this._pollWaiting(taskId, entry),
         this._config.waitPollMs,
@@ -300,7 +369,7 @@ export class SSEManager {
     } catch {
       return; // the daemon is away: the stream, once admitted, reconnects as usual
     }
-    if (this.activeConnections.get(taskId) !== entry || entry.admitted) return; // the stream has it
+    if (this.activeConnections.get(taskId) !== entry || entry.streaming) return; // the stream has it
     if (daemonForgot(taskId, response.status, body)) {
       this._cleanup(taskId);
       entry.callbacks.onError(this._unknown(taskId, body.error.details.hint));
@@ -410,6 +479,10 @@ export class SSEManager {
     entry.retryTimer = null;
     this._stopPolling(entry);
     this._closeEventSource(entry);
+    entry.slotWait?.abort();
+    entry.releaseSlot?.();
+    entry.slotWait = null;
+    entry.releaseSlot = null;
     this.activeConnections.delete(taskId);
     if (entry.admitted) {
       this._admitted -= 1;

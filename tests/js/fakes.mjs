@@ -127,3 +127,45 @@ export function recorder() {
     },
   };
 }
+
+/**
+ * navigator.locks as the page sees it (exclusive locks only): a request waits
+ * in line behind the holder; its callback's promise holds the lock; aborting
+ * the signal withdraws a request still in line.
+ */
+export class FakeLockManager {
+  constructor() {
+    this.lines = new Map(); // name -> requests, the holder first
+  }
+
+  request(name, { signal }, callback) {
+    return new Promise((resolve, reject) => {
+      const line = this.lines.get(name) ?? [];
+      this.lines.set(name, line);
+      const request = { callback, resolve, held: false };
+      line.push(request);
+      signal?.addEventListener("abort", () => {
+        if (request.held || !line.includes(request)) return;
+        line.splice(line.indexOf(request), 1);
+        reject(new DOMException("aborted", "AbortError"));
+      });
+      if (line.length === 1) this._grant(name);
+    });
+  }
+
+  /** Names of the locks held now. */
+  held() {
+    return [...this.lines].filter(([, line]) => line[0]?.held).map(([name]) => name);
+  }
+
+  _grant(name) {
+    const request = this.lines.get(name)[0];
+    if (!request) return;
+    request.held = true;
+    Promise.resolve(request.callback()).then((value) => {
+      this.lines.get(name).shift();
+      request.resolve(value);
+      this._grant(name);
+    });
+  }
+}

@@ -8,10 +8,11 @@ import {
   UNKNOWN_TASK,
   backoffDelay,
   defaultMaxStreams,
+  lockSlots,
   progressUrl,
   sseManager,
 } from "../../public/js/sse-manager.mjs";
-import { FakeEventSource, FakeTimers, recorder } from "./fakes.mjs";
+import { FakeEventSource, FakeLockManager, FakeTimers, recorder } from "./fakes.mjs";
 
 // Payloads shaped like protocol/task.py `render` output.
 const PROGRESS = {
@@ -571,6 +572,53 @@ describe("stream slots", () => {
     assert.deepEqual(fourth.calls, { progress: [], complete: [], error: [] });
     assert.equal(manager.isSubscribed("t4"), true);
     assert.deepEqual(timers.delays, [5000], "asked again later");
+  });
+
+  // The browser's 6 connections per site are shared by all its tabs: two tabs
+  // following 3 tasks each held them all, and neither could POST or cancel.
+  test("slots shared with other tabs: a stream opens once one is free, and gives it back", async () => {
+    const locks = new FakeLockManager();
+    const otherTab = new SSEManager({
+      EventSource: FakeEventSource,
+      timers,
+      fetch: fakeFetch(200, {}).impl,
+      maxStreams: 2,
+      slots: lockSlots(locks, 2),
+    });
+    otherTab.subscribe("a1", {});
+    otherTab.subscribe("a2", {});
+    await answered();
+    assert.equal(locks.held().length, 2);
+    const asked = snapshots({ t1: [[200, { ...PROGRESS, version: 3 }]] });
+    manager = makeManager({ maxStreams: 2, slots: lockSlots(locks, 2), fetch: asked.impl });
+    const mine = recorder();
+    manager.subscribe("t1", mine.callbacks);
+    await answered();
+    assert.deepEqual(openUrls(), ["progress/a1", "progress/a2"], "no slot left for this tab");
+    assert.equal(manager.isStreaming("t1"), false);
+    assert.equal(mine.calls.progress.length, 1, "it shows its task as a waiting one does");
+
+    FakeEventSource.instances[0].emit("complete", { ...COMPLETE, taskId: "a1" }, "9");
+    await answered();
+    assert.deepEqual(openUrls(), ["progress/a2", "progress/t1?lastEventId=3"]);
+    assert.equal(manager.isStreaming("t1"), true);
+    manager.unsubscribe("t1");
+    otherTab.unsubscribe("a2");
+    await answered();
+    assert.deepEqual(locks.held(), [], "every slot given back");
+  });
+
+  test("a subscription that ends while it waits for a shared slot takes none", async () => {
+    const locks = new FakeLockManager();
+    manager = makeManager({ maxStreams: 1, slots: lockSlots(locks, 1) });
+    manager.subscribe("t1", {});
+    await answered();
+    manager.subscribe("t2", {});
+    manager.unsubscribe("t1");
+    manager.unsubscribe("t2");
+    await answered();
+    assert.deepEqual(locks.held(), []);
+    assert.deepEqual(openUrls(), []);
   });
 
   test("the default: 4 streams over HTTP/1.x, no limit over HTTP/2 and 3", () => {
