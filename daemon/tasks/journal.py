@@ -28,14 +28,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
 from protocol import task
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 UNREADABLE_TABLE: Final = "unreadable_tasks"
 UNREADABLE_KEPT_FOR: Final = 30 * 86400.0  # seconds an unreadable row is kept for inspection
@@ -217,6 +219,12 @@ class JournalUnavailable(Exception):
     """The journal cannot write (disk full, read-only, I/O error); the message says why."""
 
 
+class JournalUnusable(OSError):
+    """The journal cannot be opened or read at start-up (not a database, damaged, not
+    openable). An OSError: the daemon stops with one line naming the file, as for a
+    data directory it cannot make, not with SQLite's traceback."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """One task as the journal keeps it."""
@@ -302,7 +310,17 @@ class Journal:
     # -- setup and reads (at start-up)
 
     async def open(self) -> None:
-        await trio.to_thread.run_sync(self._open_sync)
+        await self._at_start(self._open_sync)
+
+    async def _at_start(self, read: Callable[[], _T]) -> _T:
+        """`read` in the worker thread; SQLite's refusal as JournalUnusable."""
+        try:
+            return await trio.to_thread.run_sync(read)
+        except sqlite3.Error as exc:
+            raise JournalUnusable(
+                f"cannot use the task journal {self.path}: {exc} (if it is damaged, move it"
+                " aside: the daemon then starts with an empty journal)"
+            ) from exc
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +340,7 @@ class Journal:
 
     async def load(self) -> list[TaskRecord]:
         async with self._lock:
-            return await trio.to_thread.run_sync(self._load_sync)
+            return await self._at_start(self._load_sync)
 
     def _load_sync(self) -> list[TaskRecord]:
         assert self._db is not None
@@ -389,7 +407,7 @@ class Journal:
     async def load_idempotency_keys(self, newer_than: float) -> dict[str, KeyRecord]:
         """Keys used since `newer_than` (older ones are deleted)."""
         async with self._lock:
-            return await trio.to_thread.run_sync(self._load_keys_sync, newer_than)
+            return await self._at_start(partial(self._load_keys_sync, newer_than))
 
     def _load_keys_sync(self, newer_than: float) -> dict[str, KeyRecord]:
         assert self._db is not None
@@ -411,7 +429,7 @@ class Journal:
         """The prompts still to remove, oldest first; those abandoned more than
         ABANDONED_KEPT_FOR ago are deleted (and logged) instead."""
         async with self._lock:
-            return await trio.to_thread.run_sync(self._load_abandoned_sync)
+            return await self._at_start(self._load_abandoned_sync)
 
     def _load_abandoned_sync(self) -> list[AbandonedPrompt]:
         assert self._db is not None
