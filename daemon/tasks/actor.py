@@ -37,7 +37,7 @@ from daemon.tasks.broadcast import Broadcaster, Snapshot, Unrendered, encode_sna
 from daemon.tasks.journal import TaskRecord
 from daemon.tasks.preview_throttle import PreviewThrottle
 from daemon.tasks.publish_pacer import PublishPacer
-from daemon.tasks.restore import record_of
+from daemon.tasks.restore import StoredOutputs, record_of
 from protocol import comfy, task
 from protocol.binding import replace_input_value
 from protocol.imagesize import image_info
@@ -125,6 +125,7 @@ class TaskActor:
         "_reconcile_asked_moment",
         "_reconcile_requested",
         "_scope",
+        "_stored",
         "_submit_failing_since",
         "_submitting",
         "_subscription",
@@ -167,13 +168,15 @@ class TaskActor:
         fresh: bool = False,
         needs: Needs | None = None,
         until_stored: Callable[[str], Awaitable[None]] | None = None,
+        outputs: StoredOutputs | None = None,
     ) -> None:
         """`first_message` defaults to the rendered state (a restored task passes its last);
         `backend_name` is the backend a restored task was dispatched to; `fresh`: the
         task was just made from its request (task.new_task); `needs`: what its graph
         needs from a backend, when the caller knows already; `until_stored(task_id)`
         returns once every change of the task reported so far is stored (the journal,
-        or Redis in shared mode), or the store gave up."""
+        or Redis in shared mode), or the store gave up; `outputs`: the output images a
+        restored task had stored before the restart."""
         self.dispatcher = dispatcher
         self.pool = dispatcher.pool
         self.images = images
@@ -197,8 +200,12 @@ class TaskActor:
         self.source_images = image_names_in(state.spec.graph)
         # Output images stored so far, before the result names them (a task may have
         # several): kept by retention like the result; deleted when the task ends
-        # without them (discard_outputs).
-        self.outputs_saved: Sequence[str] = ()
+        # without them (discard_outputs). Journalled with ComfyUI's names for them, so a
+        # fetch cut by a restart goes on with them.
+        self._stored = outputs
+        self.outputs_saved: Sequence[str] = (
+            () if outputs is None else tuple(outputs.images.values())
+        )
         self._needs = needs
         self.finished = trio.Event()
         if state.phase.is_terminal:
@@ -262,7 +269,7 @@ class TaskActor:
 
     def record(self) -> TaskRecord:
         """This task as the journal keeps it."""
-        return record_of(self.state, self.backend_name)
+        return record_of(self.state, self.backend_name, self._stored)
 
     @property
     def log_fields(self) -> dict[str, str]:
@@ -343,7 +350,13 @@ class TaskActor:
     def _durable_fields(self) -> tuple[object, ...]:
         state = self.state
         # The stage covers the phase, the submission and the fetch of the images.
-        return (state.stage, state.prompt_id, state.cancel_requested, self.backend_name)
+        return (
+            state.stage,
+            state.prompt_id,
+            state.cancel_requested,
+            self.backend_name,
+            self.outputs_saved,
+        )
 
     def is_done(self) -> bool:
         """Has the task ended? (A method, so type checkers re-read it after awaits.)"""
@@ -923,12 +936,9 @@ class TaskActor:
             return
         self._fetching = True
         deadline = trio.current_time() + self.settings.backend_wait_timeout
-        # Kept across retries: a retry fetches only the images not stored yet (a
-        # second copy would be named by nothing, and never deleted with the task).
-        stored: dict[comfy.ImageRef, str] = {}
         while True:
             try:
-                files = await self._store_images(images, stored)
+                files = await self._store_images(images)
             except OutputMissing as exc:
                 self.handle(
                     task.Failed("output_unavailable", "The output image is missing", str(exc))
@@ -955,9 +965,10 @@ class TaskActor:
             self.handle(task.OutputsStored(files))
             return
 
-    async def _store_images(
-        self, images: tuple[comfy.ImageRef, ...], stored: dict[comfy.ImageRef, str]
-    ) -> tuple[str, ...]:
+    async def _store_images(self, images: tuple[comfy.ImageRef, ...]) -> tuple[str, ...]:
+        """Fetch and store the images not stored yet: a retry, or a fetch a restart cut
+        short, goes on with those it has (a second copy would be named by nothing, and
+        never deleted with the task)."""
         backend = self.backend
         assert backend is not None
         if not images:
@@ -966,12 +977,21 @@ class TaskActor:
         # Saved images ("output") are the result; previews ("temp") only when
         # the workflow saves nothing.
         wanted = tuple(i for i in images if i.type == "output") or images
+        stored = self._stored
+        if stored is None or stored.prompt_id != self.prompt_id:
+            # Stored for a prompt given up since (restored, then resubmitted): not these.
+            await self.discard_outputs()
+            stored = StoredOutputs(self.prompt_id, {})
         for image in dict.fromkeys(wanted):  # each file once, as the frames' outputs
-            if image not in stored:
+            if image not in stored.images:
                 data = await backend.http.view(image)
-                stored[image] = await self.images.save(data)
-                self.outputs_saved = tuple(stored.values())  # held from now on
-        return tuple(stored[image] for image in dict.fromkeys(wanted))
+                name = await self.images.save(data)
+                stored = StoredOutputs(self.prompt_id, {**stored.images, image: name})
+                self._stored = stored
+                self.outputs_saved = tuple(stored.images.values())  # held from now on
+                if not self.is_done():  # (a task that ended reported its end already)
+                    self._report()  # journalled: a restart goes on with it
+        return tuple(stored.images[image] for image in dict.fromkeys(wanted))
 
     async def discard_outputs(self) -> None:
         """Delete the output images stored for a task that ended without them (a

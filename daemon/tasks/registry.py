@@ -310,6 +310,7 @@ class TaskRegistry:
             first_message=restored.first_message,
             resumed=restored.resumed,
             backend_name=restored.backend_name,
+            outputs=restored.outputs,
         )
 
     def _start(self, actor: TaskActor, retention: float, *, client: str | None = None) -> None:

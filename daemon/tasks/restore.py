@@ -12,17 +12,51 @@ prompt among them is followed again rather than removed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from daemon.tasks.journal import TaskRecord
-from protocol import task
+from protocol import comfy, task
 
 log = logging.getLogger(__name__)
 
 
-def record_of(state: task.TaskState, backend: str | None) -> TaskRecord:
-    """A task as the journal (and the shared store) keeps it."""
+@dataclass(frozen=True, slots=True)
+class StoredOutputs:
+    """Output images of a prompt already on our disk: ComfyUI's name -> our file name.
+    Journalled as they are stored, so that a restart in the middle of a fetch goes on
+    with them (a second copy would be named by nothing until image_retention)."""
+
+    prompt_id: str
+    images: Mapping[comfy.ImageRef, str] = field(hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "promptId": self.prompt_id,
+            "images": [
+                {"filename": r.filename, "subfolder": r.subfolder, "type": r.type, "name": name}
+                for r, name in self.images.items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoredOutputs:
+        images = {
+            comfy.ImageRef(str(i["filename"]), str(i["subfolder"]), str(i["type"])): str(i["name"])
+            for i in data["images"]
+        }
+        return cls(str(data["promptId"]), images)
+
+
+def record_of(
+    state: task.TaskState, backend: str | None, outputs: StoredOutputs | None = None
+) -> TaskRecord:
+    """A task as the journal (and the shared store) keeps it; `outputs`: the images of
+    an unfinished task stored so far."""
+    kept = task.state_to_json(state)
+    if outputs is not None and outputs.images and not state.phase.is_terminal:
+        kept["outputsStored"] = outputs.to_json()
     return TaskRecord(
         task_id=state.task_id,
         prompt_id=state.prompt_id,
@@ -32,7 +66,7 @@ def record_of(state: task.TaskState, backend: str | None) -> TaskRecord:
         created_at=state.created_at,
         finished_at=state.finished_at,
         spec=task.spec_to_json(state.spec),
-        state=task.state_to_json(state),
+        state=kept,
         backend=backend,
     )
 
@@ -45,6 +79,7 @@ class RestoredTask:
     first_message: task.TaskMessage | None = None  # a finished task's last message, again
     resumed: bool = False
     backend_name: str | None = None
+    outputs: StoredOutputs | None = None  # an unfinished task's images stored before
 
 
 def restored_task(
@@ -95,7 +130,13 @@ def restored_task(
     if backend_name is None and record.submitted:
         # A journal from before pools: its one backend is the first one now.
         backend_name = first_backend
-    return RestoredTask(state, resumed=True, backend_name=backend_name)
+    outputs = record.state.get("outputsStored")
+    return RestoredTask(
+        state,
+        resumed=True,
+        backend_name=backend_name,
+        outputs=None if outputs is None else StoredOutputs.from_json(outputs),
+    )
 
 
 def still_followed(records: Iterable[TaskRecord]) -> set[tuple[str | None, str]]:

@@ -410,3 +410,40 @@ async def test_a_key_journalled_without_an_outcome_is_410_after_its_task_is_gone
         assert gone.status == 410
         assert gone.json()["error"]["details"] == {"field": "Idempotency-Key", "taskId": task_id}
         assert daemon.app.registry.created == 0
+
+
+async def test_a_restart_while_the_images_are_fetched_leaves_no_copy_named_by_nothing(
+    tmp_path: Path,
+) -> None:
+    """The daemon stops with the first image stored and the second on its way: the
+    restarted daemon completes the task with the image already stored, and no
+    image stays on disk that no task names (until image_retention, 7 days)."""
+    workflows = two_image_workflow(tmp_path)
+    with trio.fail_after(30):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(FAST)
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with comfy_relay(port) as relay:
+                settings = {
+                    "comfy_url": relay.url,
+                    "workflows_dir": str(workflows),
+                    "reconnect_initial_delay": 0.05,
+                }
+                async with running_daemon(tmp_path, simulator=None, **settings) as before:
+                    relay.hold_answers(b"GET /view?filename=ComfyUI_00002_")
+                    task_id = await before.generate(workflow="two", width=64)
+                    actor = before.app.registry.get(task_id)
+                    assert actor is not None
+                    await relay.holding.wait()  # the first image is stored, the second held
+                    (stored,) = actor.outputs_saved
+                    await before.app.journal.flush()
+                relay.release()
+                async with running_daemon(tmp_path, simulator=None, **settings) as after:
+                    last = payloads(await after.events(task_id))[-1]
+                    directory = after.app.images.directory
+                    on_disk = sorted(p.name for p in directory.iterdir() if p.suffix == ".png")
+            nursery.cancel_scope.cancel()
+    assert last["status"] == "completed", last
+    names = [url.rsplit("/", 1)[1] for url in last["result"]["imageUrls"]]
+    assert on_disk == sorted(names)
+    assert names[0] == stored  # the image stored before the restart is the result's
