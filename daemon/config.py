@@ -120,8 +120,8 @@ class Config:
     )
     max_queued_tasks_per_client: int = _setting(
         0,
-        "unfinished tasks per client (its API token, else its address); beyond it 429"
-        " (0: no limit; with redis_url: over the whole service)",
+        "unfinished tasks per client (its API token with api_tokens set, else its address);"
+        " beyond it 429 (0: no limit; with redis_url: over the whole service)",
         min=0,
     )
     trusted_proxies: str = _setting(

@@ -1,16 +1,18 @@
 """Who is asking: the key a per-client limit counts by.
 
-A request with `Authorization: Bearer <token>` is its token's (several
-machines sharing a token share its limit); any other request is its client
-address's. Behind a reverse proxy every request comes from the proxy, so
-when the peer is one of `trusted_proxies` the client is read from the
-headers the proxy sets: X-Forwarded-For, walked from the right past our own
-trusted proxies (the left part is whatever the client chose to send), else
-X-Real-IP. From any other peer those headers are ignored: anyone can send
-them. A connection on the daemon's Unix socket has no address: its peer is
-"unix", a trusted proxy when `trusted_proxies` lists the word `unix` (only
-local users that may open the socket file can be that peer), else one client
-for every such connection.
+When the daemon checks API tokens (`api_tokens`), a request is its token's
+(several machines sharing a token share its limit); any other request is its
+client address's. A token no one checks is whatever the client chose to send
+(a new one per request would escape the limit): then the address counts.
+Behind a reverse proxy every request comes from the proxy, so when the peer
+is one of `trusted_proxies` the client is read from the headers the proxy
+sets: X-Forwarded-For, walked from the right past our own trusted proxies
+(the left part is whatever the client chose to send), else X-Real-IP. From
+any other peer those headers are ignored: anyone can send them. A connection
+on the daemon's Unix socket has no address: its peer is "unix", a trusted
+proxy when `trusted_proxies` lists the word `unix` (only local users that may
+open the socket file can be that peer), else one client for every such
+connection.
 """
 
 from __future__ import annotations
@@ -98,11 +100,14 @@ def client_address(headers: Headers, peer: str, trusted: TrustedProxies) -> str:
     return host
 
 
-def client_key(headers: Headers, peer: str, trusted: TrustedProxies) -> str:
-    """The key a per-client limit counts by: the API token, else the address."""
+def client_key(
+    headers: Headers, peer: str, trusted: TrustedProxies, *, tokens_checked: bool
+) -> str:
+    """The key a per-client limit counts by: the API token when `tokens_checked` (the
+    access policy let only a valid one through), else the address."""
     authorization = headers.get("authorization") or ""
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    if tokens_checked and scheme.lower() == "bearer" and token.strip():
         # Only a digest is kept, so the key can be logged without the token.
         return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
     return "address:" + client_address(headers, peer, trusted)

@@ -15,6 +15,7 @@ from daemon.api.backends_view import backends_json
 from daemon.api.binder import SpecFactory
 from daemon.api.clients import client_key, parse_networks
 from daemon.api.preview_route import PreviewEndpoint
+from daemon.config import list_setting
 from daemon.http.types import (
     BodyWriter,
     Handler,
@@ -192,6 +193,8 @@ class Routes:
         self.metrics = metrics
         self.shared = shared
         self.trusted_proxies = parse_networks(config.trusted_proxies)
+        # A token counts as the client only when the access policy checks tokens.
+        self.tokens_checked = bool(list_setting(config.api_tokens))
         # Keys whose task waits for the journal before its 202: set once it is
         # accepted or refused (a twin must not hear of a task that may be refused).
         self._confirming: dict[str, trio.Event] = {}
@@ -264,7 +267,9 @@ class Routes:
             return request_error(exc)
         if (refusal := self._runnable_nowhere(spec_for)) is not None:
             return refusal
-        client = client_key(request.headers, request.peer, self.trusted_proxies)
+        client = client_key(
+            request.headers, request.peer, self.trusted_proxies, tokens_checked=self.tokens_checked
+        )
         if self.shared is not None:
             limit = self.config.max_queued_tasks_per_client
             limited = ClientLimit(client, limit) if limit else None

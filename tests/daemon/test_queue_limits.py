@@ -46,13 +46,16 @@ def test_client_address(peer: str, headers: list[tuple[str, str]], expected: str
     assert client_address(Headers(headers), peer, PROXIES) == expected
 
 
-def test_a_token_is_the_client_whatever_the_address() -> None:
-    one = client_key(Headers([("authorization", "Bearer s3cret")]), "1.2.3.4:1", PROXIES)
-    two = client_key(Headers([("authorization", "bearer s3cret")]), "5.6.7.8:1", PROXIES)
-    other = client_key(Headers([("authorization", "Bearer other")]), "1.2.3.4:1", PROXIES)
+def test_a_checked_token_is_the_client_whatever_the_address() -> None:
+    key = partial(client_key, trusted=PROXIES, tokens_checked=True)
+    one = key(Headers([("authorization", "Bearer s3cret")]), "1.2.3.4:1")
+    two = key(Headers([("authorization", "bearer s3cret")]), "5.6.7.8:1")
+    other = key(Headers([("authorization", "Bearer other")]), "1.2.3.4:1")
     assert one == two != other
     assert "s3cret" not in one
-    assert client_key(Headers([]), "1.2.3.4:1", PROXIES) == "address:1.2.3.4"
+    assert key(Headers([]), "1.2.3.4:1") == "address:1.2.3.4"
+    unchecked = Headers([("authorization", "Bearer s3cret")])
+    assert client_key(unchecked, "1.2.3.4:1", PROXIES, tokens_checked=False) == "address:1.2.3.4"
 
 
 def test_trusted_proxies_must_be_addresses() -> None:
@@ -83,9 +86,47 @@ async def test_past_max_queued_tasks_generate_answers_429(tmp_path: Path) -> Non
     assert again.status == 202, again.body
 
 
-async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Path) -> None:
-    token_a = ("Authorization", "Bearer token-a")
-    token_b = ("Authorization", "Bearer token-b")
+async def test_the_per_client_limit_counts_by_token_when_tokens_are_checked(
+    tmp_path: Path,
+) -> None:
+    token_a = ("Authorization", "Bearer token-a-0123456789abcdef")
+    token_b = ("Authorization", "Bearer token-b-0123456789abcdef")
+    with trio.fail_after(20):
+        async with running_daemon(
+            tmp_path,
+            simulator=HELD,
+            max_queued_tasks_per_client=1,
+            api_tokens="token-a-0123456789abcdef token-b-0123456789abcdef",
+        ) as daemon:
+            statuses = {
+                "token a": await post(daemon, token_a),
+                "token a again": await post(daemon, token_a),
+                "token b": await post(daemon, token_b),
+            }
+    assert {name: r.status for name, r in statuses.items()} == {
+        "token a": 202,
+        "token a again": 429,
+        "token b": 202,
+    }
+    assert "the most one client may have" in statuses["token a again"].json()["error"]["message"]
+
+
+async def test_an_unchecked_token_does_not_make_a_new_client(tmp_path: Path) -> None:
+    """Without api_tokens a token is whatever the client sends: a new one with each
+    request escaped the per-client limit. The address counts."""
+    with trio.fail_after(20):
+        async with running_daemon(
+            tmp_path, simulator=HELD, max_queued_tasks_per_client=1
+        ) as daemon:
+            first = await post(daemon, ("Authorization", "Bearer made-up-1"))
+            second = await post(daemon, ("Authorization", "Bearer made-up-2"))
+            untokened = await post(daemon)
+    assert first.status == 202, first.body
+    assert second.status == 429, second.body
+    assert untokened.status == 429, untokened.body
+
+
+async def test_the_per_client_limit_counts_by_address(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with running_daemon(
             tmp_path,
@@ -94,9 +135,6 @@ async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Pa
             trusted_proxies="127.0.0.1",
         ) as daemon:
             statuses = {
-                "token a": await post(daemon, token_a),
-                "token a again": await post(daemon, token_a),
-                "token b": await post(daemon, token_b),
                 "address": await post(daemon),
                 "address again": await post(daemon),
                 # We are 127.0.0.1, a trusted proxy here: the header names the client.
@@ -104,15 +142,11 @@ async def test_the_per_client_limit_counts_by_token_else_by_address(tmp_path: Pa
                 "proxied again": await post(daemon, ("X-Forwarded-For", "203.0.113.1")),
             }
     assert {name: r.status for name, r in statuses.items()} == {
-        "token a": 202,
-        "token a again": 429,
-        "token b": 202,
         "address": 202,
         "address again": 429,
         "proxied client": 202,
         "proxied again": 429,
     }
-    assert "the most one client may have" in statuses["token a again"].json()["error"]["message"]
 
 
 async def test_the_per_client_limit_counts_the_tasks_a_restart_brings_back(

@@ -18,8 +18,8 @@ from tests.daemon.redis_server import redis_server
 from tests.daemon.test_shared import front, last, simulator, worker
 
 LIMIT = "max_queued_tasks_per_client=1"
-TOKEN_A = ("Authorization", "Bearer token-a")
-TOKEN_B = ("Authorization", "Bearer token-b")
+TOKEN_A = ("Authorization", "Bearer token-a-0123456789abcdef")
+TOKEN_B = ("Authorization", "Bearer token-b-0123456789abcdef")
 
 
 async def post(url: str, *headers: tuple[str, str], prompt: str = "a red fox") -> ClientResponse:
@@ -32,12 +32,20 @@ async def post(url: str, *headers: tuple[str, str], prompt: str = "a red fox") -
     )
 
 
+def checked_tokens(tmp_path: Path) -> str:
+    """The setting that makes fronts check both tokens: only then is a token a client."""
+    path = tmp_path / "tokens"
+    path.write_text("token-a-0123456789abcdef\ntoken-b-0123456789abcdef\n", encoding="utf-8")
+    return f"api_tokens_file={path}"
+
+
 async def test_a_client_s_limit_counts_its_tasks_at_every_front(tmp_path: Path) -> None:
+    tokens = checked_tokens(tmp_path)
     with trio.fail_after(60):
         async with (
             redis_server(tmp_path / "redis") as redis,
-            front(tmp_path, "f1", redis.url, LIMIT) as first,
-            front(tmp_path, "f2", redis.url, LIMIT) as second,
+            front(tmp_path, "f1", redis.url, LIMIT, tokens) as first,
+            front(tmp_path, "f2", redis.url, LIMIT, tokens) as second,
         ):
             keyed = ("Idempotency-Key", "limit-1")
             accepted = await post(first.url, TOKEN_A, keyed)
