@@ -65,6 +65,8 @@ _MESSAGES = {
 }
 _BODYLESS_STATUSES = frozenset({204, 304})
 _JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger bodies are put together in a worker thread
+# Body events read from one buffer before others may run (a few ms of h11's work).
+_EVENTS_PER_CHECKPOINT = 64
 
 
 class _Rejected(Exception):
@@ -405,11 +407,15 @@ class HttpServer:
         """The whole body, by `deadline` (TooSlowError otherwise)."""
         chunks: list[bytes] = []
         size = 0
+        events = 0
         while True:
             event = connection.buffered_event()
             if event is None:
                 with trio.fail_at(deadline):
                     event = await connection.next_event()
+            elif (events := events + 1) % _EVENTS_PER_CHECKPOINT == 0:
+                # A chunked body of tiny chunks is thousands of events per read.
+                await trio.lowlevel.checkpoint()
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

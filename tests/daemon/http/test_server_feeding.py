@@ -54,3 +54,39 @@ async def test_input_split_anywhere_gives_the_same_answers() -> None:
     assert await exchange(server, [bytes([b]) for b in PIPELINE]) == whole
     for cut in range(1, len(PIPELINE)):
         assert await exchange(server, [PIPELINE[:cut], PIPELINE[cut:]]) == whole, cut
+
+
+async def test_a_body_of_tiny_chunks_lets_other_tasks_run_while_it_is_read() -> None:
+    # 20,000 one-byte chunks come in two reads, each some 10,000 h11 events: read
+    # in one go they held the event loop (every other connection) for a second.
+    chunks = 20_000
+    body = b"1\r\nx\r\n" * chunks + b"0\r\n\r\n"
+    head = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    handled = trio.Event()
+    turns = 0  # how often another task got to run while the body was read
+
+    async def echo(request: Request) -> Response:
+        handled.set()
+        await trio.lowlevel.checkpoint()
+        return Response(200, [], b"%d" % len(request.body))
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not handled.is_set():
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    router = Router()
+    router.add("POST", "/echo", echo, max_body=chunks)
+    async with trio.open_nursery() as nursery:
+        client, server_end = trio.testing.memory_stream_pair()
+        # All of it is there before the server reads: it never waits for input,
+        # so the other task runs only when the server lets it.
+        await client.send_all(head + body)
+        nursery.start_soon(HttpServer(router).serve_connection, server_end)
+        nursery.start_soon(other_task)
+        await handled.wait()
+        await client.send_eof()
+        answer = await read_until_eof(client)
+    assert answer.endswith(b"\r\n\r\n20000")
+    assert turns >= chunks // 100, turns
