@@ -4,7 +4,8 @@ A browser lets any page send some requests to any address (a form POST, a
 `fetch` in no-cors mode), and DNS rebinding makes a hostile name resolve to
 127.0.0.1. So every request passes here first, in this order:
 
-1. ``Host`` must be in ``allowed_hosts`` when that is set (421 otherwise).
+1. ``Host`` must be in ``allowed_hosts`` when that is set (421 otherwise); one
+   without a port is at the scheme's default (as browsers leave it out).
 2. A request carrying ``Origin`` must come from the daemon's own origin or
    one in ``allowed_origins`` (403 otherwise, refused here, not only by the
    browser). The own origin is the one the request itself names: ``Host``
@@ -208,11 +209,12 @@ class AccessPolicy:
     def _host_allowed(self, request: Request) -> bool:
         if not self._hosts:
             return True
-        host = split_host(request.headers.get("host", ""))
-        if host is None:
+        # The port made explicit: a Host without one names the scheme's default.
+        origin = own_origin(request)
+        if origin is None:
             return False
-        name, port = host
-        return (name, None) in self._hosts or (port is not None and host in self._hosts)
+        _, name, port = origin
+        return (name, None) in self._hosts or (name, port) in self._hosts
 
     def _check_token(self, request: Request) -> Response | None:
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")

@@ -166,6 +166,26 @@ async def test_allowed_hosts_refuse_other_host_names(tmp_path: Path) -> None:
         assert missing.status == 421
 
 
+async def test_a_host_without_a_port_is_at_its_scheme_s_default_port(tmp_path: Path) -> None:
+    # A browser leaves the default port out of Host (http://comfy.example/ sends
+    # "Host: comfy.example"), and nginx passes it on as it came ($http_host).
+    async with running_daemon(tmp_path, allowed_hosts="comfy.example:80 tls.example:443") as daemon:
+        for head in (
+            "Host: comfy.example",
+            "Host: comfy.example:80",
+            "Host: tls.example\r\nX-Forwarded-Proto: https",
+        ):
+            answer = await raw_request(daemon, f"GET /healthz HTTP/1.1\r\n{head}")
+            assert answer.status == 200, head
+        for head in (
+            "Host: comfy.example:8000",
+            "Host: comfy.example\r\nX-Forwarded-Proto: https",
+            "Host: tls.example",
+        ):
+            answer = await raw_request(daemon, f"GET /healthz HTTP/1.1\r\n{head}")
+            assert answer.status == 421, head
+
+
 async def test_without_allowed_hosts_any_host_is_served(tmp_path: Path) -> None:
     async with running_daemon(tmp_path) as daemon:
         answer = await raw_request(daemon, "GET /healthz HTTP/1.1\r\nHost: anything.example")
