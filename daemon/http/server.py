@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 # (the same list as trio.serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_BACKOFF = 0.1
+# Connections past max_connections answered 503 at once: each keeps its descriptor
+# while it lingers (up to close_linger_timeout); the rest are closed unanswered,
+# so a flood cannot take the descriptors the daemon keeps for its own files.
+_MAX_REJECTING = 32
 
 _MESSAGES = {
     400: "malformed request",
@@ -121,6 +125,7 @@ class HttpServer:
         self._limits = limits if limits is not None else HttpLimits()
         self._server_header = server_header
         self._active_connections = 0
+        self._rejecting = 0  # overflow connections being answered 503
         # Cancel scopes of connections waiting for a request: shutdown closes them.
         self._idle_scopes: set[trio.CancelScope] = set()
         self._shutdown_deadline: float | None = None
@@ -233,6 +238,10 @@ class HttpServer:
     async def _reject_overloaded(self, stream: trio.abc.Stream) -> None:
         logger.warning("connection limit (%d) reached; answering 503", self._limits.max_connections)
         self._report_rejected(503)
+        if self._rejecting >= _MAX_REJECTING:
+            await trio.aclose_forcefully(stream)
+            return
+        self._rejecting += 1
         connection = H11Connection(stream, self._limits, server_header=self._server_header)
         async with stream:
             try:
@@ -242,6 +251,8 @@ class HttpServer:
                 logger.debug("overflow connection left before its 503")
             except Exception:
                 logger.exception("answering 503 failed")
+            finally:
+                self._rejecting -= 1
 
     def _report_rejected(self, status: int) -> None:
         if self._on_rejected is not None:

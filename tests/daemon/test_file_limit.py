@@ -66,3 +66,31 @@ async def test_max_connections_is_clamped_to_the_open_file_limit(tmp_path: Path)
                 head = await H11Client(extra).read_head()
             assert head.status_code == 503
     assert "accept() failed" not in daemon.log()
+
+
+async def test_a_flood_past_max_connections_leaves_the_reserve_free(tmp_path: Path) -> None:
+    hard = RESERVED_FILES + 20
+    fitting = hard - RESERVED_FILES
+    async with (
+        simulator() as sim,
+        daemon_process(
+            tmp_path, sim.url, "header_read_timeout=30", open_files=(hard, hard)
+        ) as daemon,
+    ):
+        host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+        async with AsyncExitStack() as held:
+            for _ in range(fitting):
+                await held.enter_async_context(await trio.open_tcp_stream(host, int(port)))
+            # More connections past the limit than the reserve, all held open: each
+            # one answered 503 kept its descriptor while the daemon lingered.
+            flood = RESERVED_FILES + 20
+            for _ in range(flood):
+                await held.enter_async_context(await trio.open_tcp_stream(host, int(port)))
+            # Until the daemon took them all, or ran out of descriptors doing so
+            # (the whole output: log() is its end only).
+            with trio.fail_after(30):
+                while daemon.output.count(b"connection limit (") < flood:
+                    if b"accept() failed" in daemon.output:
+                        break
+                    await trio.sleep(0.01)
+    assert b"accept() failed" not in daemon.output
