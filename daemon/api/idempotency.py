@@ -59,7 +59,9 @@ class IdempotencyKeys:
             raise RequestError(
                 "this Idempotency-Key was already used with a different request",
                 status_hint=422,
-                details={"field": "Idempotency-Key", "taskId": record.task_id},
+                # Not the task's id: keys are guessable, and the id lets anyone
+                # follow (and, without api_tokens, cancel) that task.
+                details={"field": "Idempotency-Key"},
             )
         return record.task_id
 

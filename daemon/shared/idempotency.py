@@ -49,6 +49,8 @@ class SharedIdempotencyKeys:
             raise RequestError(
                 "this Idempotency-Key was already used with a different request",
                 status_hint=422,
-                details={"field": "Idempotency-Key", "taskId": claimed["taskId"]},
+                # Not the task's id: keys are guessable, and the id lets anyone
+                # follow (and, without api_tokens, cancel) that task.
+                details={"field": "Idempotency-Key"},
             )
         return str(claimed["taskId"])

@@ -316,6 +316,8 @@ async def test_idempotency_key_returns_the_same_task(tmp_path: Path) -> None:
         assert again.headers.get("idempotent-replayed") == "true"
         other = await daemon.request("POST", "/generate", {**body, "seed": 6}, headers=key)
         assert other.status == 422
+        # Keys are guessable ('1', 'order-42'): the refusal names no one's task.
+        assert first.json()["taskId"] not in other.body.decode(), other.body
         bad = await daemon.request("POST", "/generate", body, headers=(("Idempotency-Key", ""),))
         assert bad.status == 400
         assert daemon.app.registry.created == 1

@@ -668,6 +668,7 @@ async def test_an_idempotency_key_retried_at_another_front_is_the_same_task(
         )
         assert misused.status == 422
         task_id = replies[0].json()["taskId"]
+        assert task_id not in misused.body.decode(), misused.body  # names no one's task
         assert last(await read_events(second.url, task_id))["status"] == "completed"
         assert len(await history_ids(sim)) == 1
 
