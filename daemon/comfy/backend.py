@@ -197,6 +197,14 @@ class ComfyBackend:
             self._ours_held.add(prompt_id)
             self.queue_changed.fire()
 
+    def note_running(self, prompt_id: str) -> None:
+        """A /queue reading says this prompt of ours runs. Its start may have come while
+        the socket was away: what names no prompt (a re-sent `executing`, a progress
+        text, a legacy preview) is its from now on."""
+        self.router.note_running(prompt_id)
+        if self.router.running_prompt == prompt_id:
+            self.attribution.running = prompt_id
+
     def note_gone(self, prompt_id: str) -> None:
         """Our prompt left this ComfyUI (ended, deleted, lost, or no longer followed)."""
         if prompt_id in self._ours_held:

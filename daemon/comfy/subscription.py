@@ -99,7 +99,7 @@ class PromptSubscription:
     def note_running(self) -> None:
         """A /queue reading says the prompt runs (we may have missed its start), so a
         re-sent `executing` without a prompt_id after a reconnect is routed to it."""
-        self._backend.router.note_running(self.prompt_id)
+        self._backend.note_running(self.prompt_id)
 
     def close(self) -> None:
         """Stop routing the prompt's frames here (idempotent)."""

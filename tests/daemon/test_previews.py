@@ -6,6 +6,7 @@ test grants it and every wait below is for an event, not for time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -319,3 +320,48 @@ async def test_a_resubmitted_task_serves_no_preview_of_its_lost_attempt(tmp_path
         assert response.headers.get("etag") == f'"preview-{daemon.app.previews.boot}-2"'
         daemon.simulator.grant_steps(100)
         await actor.finished.wait()
+
+
+@pytest.mark.parametrize("config", [MANUAL, LEGACY], ids=["progress-text", "legacy-type-1"])
+async def test_texts_and_legacy_previews_of_a_prompt_that_started_while_we_were_away(
+    tmp_path: Path, config: SimulatorConfig
+) -> None:
+    # Neither names its prompt: they belong to the prompt running for us. When it
+    # started while the socket was away, the reconcile after the reconnect is what
+    # says it runs.
+    config = dataclasses.replace(config, sampler_progress_text=True)
+    async with running_daemon(tmp_path, simulator=config) as daemon, trio.open_nursery() as nursery:
+        simulator = daemon.simulator
+        assert simulator is not None
+        backend = daemon.app.backend
+        port = int(daemon.bound.comfy_url.rsplit(":", 1)[1])
+        stranger = await ws_connect(nursery, port, "stranger")
+        body = json.dumps(
+            {"prompt": txt2img(steps=2, width=64, height=64), "client_id": "stranger"}
+        )
+        await http_request("POST", daemon.bound.comfy_url + "/prompt", body=body.encode())
+        ours = await start_task(daemon)
+        while not ours.state.submitted:  # noqa: ASYNC110 (in ComfyUI's queue)
+            await trio.sleep(0.01)
+        reconnects = backend.reconnects
+        simulator.reject_connections(3600)  # our socket is cut, and stays away
+        while backend.is_connected():
+            await backend.connected_changed.wait()
+        simulator.grant_steps(2)  # the stranger's prompt ends; ours starts unheard
+        engine = simulator.engine
+        while not (engine.running_prompt_id == ours.prompt_id and simulator.gate.parked):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        simulator.reject_connections(0)
+        while backend.reconnects == reconnects:
+            await backend.reconnected.wait()
+        await snapshot_where(ours, lambda p: p.get("phase") == "running")
+        # A legacy preview follows its step's `progress`: the next step's comes after it.
+        simulator.grant_steps(2)
+        await snapshot_where(ours, lambda p: p["progress"].get("currentValue") == 2)
+        if config.preview_metadata:
+            assert ours.state.text == ("3", "step 2/3")  # the sampler's
+        else:
+            assert ours.previews.get(ours.task_id) is not None
+        simulator.grant_steps(100)
+        await ours.finished.wait()
+        await stranger.ws.aclose()
