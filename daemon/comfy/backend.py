@@ -312,7 +312,10 @@ class ComfyBackend:
         if failures == 0:
             return 0.0
         s = self.settings
-        base = min(s.reconnect_max_delay, s.reconnect_initial_delay * 2 ** (failures - 1))
+        # The doublings stop long past any cap: a ComfyUI away for hours fails over
+        # a thousand times, and 2 ** 1024 is more than a float holds (OverflowError).
+        doublings = min(failures - 1, 64)
+        base = min(s.reconnect_max_delay, s.reconnect_initial_delay * 2**doublings)
         return float(base * random.uniform(0.5, 1.0))
 
     async def _connect_and_consume(self, *, on_open: Callable[[], None], reconnect: bool) -> None:

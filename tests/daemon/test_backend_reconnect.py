@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -103,3 +104,35 @@ async def test_silence_is_time_since_the_last_frame_not_since_the_socket_opened(
     assert backend.reconnects == 1
     # Replaced once the last frame was a timeout old (plus the probe and the redial).
     assert last_frame_at[0] + 1.0 <= opened_at[1] < last_frame_at[0] + 1.5
+
+
+async def test_a_comfyui_away_for_hours_is_still_retried_at_the_longest_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    attempts = 0
+    enough = trio.Event()
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        # TCP answers, ComfyUI does not (a proxy whose ComfyUI is down): a failed attempt.
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1100:
+            enough.set()
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        backend = ComfyBackend(
+            BackendSettings(
+                url=f"http://127.0.0.1:{port}",
+                reconnect_initial_delay=INITIAL_DELAY,
+                reconnect_max_delay=30.0,
+            )
+        )
+        nursery.start_soon(backend.run)
+        # Over 1024 failures in a row: about 7 hours at the 30 s cap.
+        await enough.wait()
+        assert trio.current_time() > 6 * 3600
+        assert not backend.is_connected()
+        nursery.cancel_scope.cancel()
