@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError
+from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError, ResponseTooLarge
 from protocol import comfy
 from protocol.errors import ProtocolError
 
@@ -30,8 +30,16 @@ class BackendUnavailable(Exception):
     """ComfyUI did not answer (refused, timed out, 5xx, or garbage)."""
 
 
+class AnswerTooLarge(BackendUnavailable):
+    """ComfyUI's answer is larger than the call takes."""
+
+
 class OutputMissing(Exception):
     """ComfyUI has no such output file (GET /view answered 404)."""
+
+
+class OutputTooLarge(Exception):
+    """An output file is larger than max_image_bytes (fetching it again cannot help)."""
 
 
 class ComfyHttp:
@@ -69,6 +77,8 @@ class ComfyHttp:
                 timeout=self.timeout,
                 max_response_bytes=max_bytes,
             )
+        except ResponseTooLarge as exc:
+            raise AnswerTooLarge(str(exc)) from None
         except HttpClientError as exc:
             raise BackendUnavailable(str(exc)) from None
         if response.status >= 500 and path != "/prompt":
@@ -124,7 +134,13 @@ class ComfyHttp:
         query = urllib.parse.urlencode(
             {"filename": image.filename, "subfolder": image.subfolder, "type": image.type}
         )
-        response = await self._call("GET", f"/view?{query}", max_bytes=self.max_image_bytes)
+        try:
+            response = await self._call("GET", f"/view?{query}", max_bytes=self.max_image_bytes)
+        except AnswerTooLarge:
+            raise OutputTooLarge(
+                f"ComfyUI's {image.type} image {image.filename!r} is larger than"
+                f" max_image_bytes ({self.max_image_bytes} bytes)"
+            ) from None
         if response.status == 404:
             raise OutputMissing(f"ComfyUI has no {image.type} image {image.filename!r}")
         if response.status != 200:

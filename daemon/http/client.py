@@ -44,6 +44,10 @@ class HttpClientError(Exception):
         self.reason = reason
 
 
+class ResponseTooLarge(HttpClientError):
+    """The response body is larger than the caller's `max_response_bytes`."""
+
+
 @dataclass(frozen=True)
 class ClientResponse:
     """A whole response."""
@@ -273,7 +277,7 @@ async def _exchange(
         if isinstance(event, h11.Data):
             size += len(event.data)
             if size > max_response_bytes:
-                raise HttpClientError(
+                raise ResponseTooLarge(
                     method, url, f"response body larger than {max_response_bytes} bytes"
                 )
             chunks.append(bytes(event.data))

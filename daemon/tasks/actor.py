@@ -28,7 +28,7 @@ import trio
 from daemon.comfy.backend import ComfyBackend
 from daemon.comfy.capabilities import Needs, needs_of
 from daemon.comfy.dispatch import Dispatcher, Ticket
-from daemon.comfy.http_api import BackendUnavailable, OutputMissing
+from daemon.comfy.http_api import BackendUnavailable, OutputMissing, OutputTooLarge
 from daemon.comfy.queue_places import QueueReading, moment
 from daemon.comfy.subscription import PromptSubscription
 from daemon.images.previews import PreviewStore
@@ -942,6 +942,11 @@ class TaskActor:
             except OutputMissing as exc:
                 self.handle(
                     task.Failed("output_unavailable", "The output image is missing", str(exc))
+                )
+                return
+            except OutputTooLarge as exc:
+                self.handle(
+                    task.Failed("output_unavailable", "The output image is too large", str(exc))
                 )
                 return
             except NotAnImage as exc:

@@ -449,3 +449,26 @@ async def test_a_restart_while_the_images_are_fetched_leaves_no_copy_named_by_no
     names = [url.rsplit("/", 1)[1] for url in last["result"]["imageUrls"]]
     assert on_disk == sorted(names)
     assert names[0] == stored  # the image stored before the restart is the result's
+
+
+async def test_an_output_image_over_max_image_bytes_ends_the_task_at_once(
+    tmp_path: Path,
+) -> None:
+    # Fetching it again cannot help: no retry for backend_wait_timeout, each one
+    # downloading up to max_image_bytes again.
+    async with running_daemon(tmp_path, max_image_bytes=100, max_upload_bytes=100) as daemon:
+        http = daemon.app.backend.http
+        view = http.view
+        fetched: list[str] = []
+
+        async def counted_view(image: Any) -> bytes:
+            fetched.append(image.filename)
+            return await view(image)
+
+        http.view = counted_view  # type: ignore[method-assign]
+        last = payloads(await daemon.events(await daemon.generate()))[-1]
+    assert last["status"] == "error", last
+    assert last["error"]["code"] == "output_unavailable"
+    assert last["error"]["message"] == "The output image is too large"
+    assert "max_image_bytes (100 bytes)" in last["error"]["details"]
+    assert len(fetched) == 1
