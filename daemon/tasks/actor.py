@@ -1065,4 +1065,12 @@ class TaskActor:
             except BackendUnavailable as exc:
                 self._log(logging.WARNING, "cancel: ComfyUI unreachable: %s", exc)
                 await trio.sleep(SUBMIT_RETRY_DELAY)
-        self.request_reconcile()
+        if self.is_done():
+            return
+        # ComfyUI did not take the cancel: end the task now, as for a backend that is
+        # away, and leave the prompt to the pool, which removes it once ComfyUI answers
+        # (else it ran to its end, the task "Cancelling..." all the while).
+        self.pool.abandon(backend, self.prompt_id)
+        self.handle(
+            task.Cancelled(f"{backend.name} did not take the cancel; the prompt goes later")
+        )

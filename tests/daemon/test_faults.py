@@ -472,3 +472,40 @@ async def test_an_output_image_over_max_image_bytes_ends_the_task_at_once(
     assert last["error"]["message"] == "The output image is too large"
     assert "max_image_bytes (100 bytes)" in last["error"]["details"]
     assert len(fetched) == 1
+
+
+async def test_a_cancel_comfyui_does_not_answer_ends_the_task_and_the_prompt_goes_later(
+    tmp_path: Path,
+) -> None:
+    # ComfyUI's WebSocket is up, its GET /queue fails: the cancel cannot find the
+    # prompt. The task ends cancelled (it stayed "Cancelling..." and the prompt
+    # ran to its end once ComfyUI got to it); the prompt is removed once it answers.
+    with trio.fail_after(30):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            sim = ComfySimulator(dataclasses.replace(FAST, manual_steps=True))
+            port = await nursery.start(sim.run, ("127.0.0.1", 0))
+            async with (
+                comfy_relay(port) as relay,
+                running_daemon(tmp_path, simulator=None, comfy_url=relay.url) as daemon,
+            ):
+                first = daemon.app.registry.get(await daemon.generate())
+                assert first is not None
+                await wait_state(first, lambda s: s.current_node == SAMPLER)
+                second = daemon.app.registry.get(await daemon.generate())
+                assert second is not None
+                await wait_state(second, lambda s: s.submitted)  # queued behind the first
+                relay.failing = b"GET /queue"
+                response = await daemon.request("DELETE", f"/tasks/{second.task_id}")
+                assert response.status == 202
+                await second.finished.wait()
+                relay.failing = None
+                while any(i.prompt_id == second.prompt_id for i in sim.engine.queue.pending()):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                sim.grant_steps(1000)
+                await first.finished.wait()
+                history = (await daemon.request_comfy("GET", "/history")).json()
+            nursery.cancel_scope.cancel()
+    assert second.state.error is not None
+    assert second.state.error.code == "cancelled"
+    assert first.state.phase is task.Phase.COMPLETED
+    assert second.prompt_id not in history  # it never ran
