@@ -71,6 +71,8 @@ Known gaps vs real ComfyUI
   type 1 otherwise; ``preview_metadata=False`` is a ComfyUI from before feature
   flags (no answer, always type 1). ``sampler_progress_text`` adds a type 3
   text per sampler step, which ComfyUI's own KSampler does not send.
+  ``prompt_ids=False`` is a ComfyUI from before POST /prompt took a
+  ``prompt_id``: it makes up every prompt's id.
 - ``traceback`` lists are the simulator's own frames; ``current_inputs`` holds
   descriptive strings, not torch reprs.
 - Lists ComfyUI builds from sets (output nodes, ``executed``, ``current_outputs``)

@@ -31,6 +31,9 @@ class SimulatorConfig:
     # False: a ComfyUI from before feature flags; it neither answers `feature_flags`
     # nor sends type 4 previews (always type 1, without a prompt id).
     preview_metadata: bool = True
+    # False: a ComfyUI from before POST /prompt took a `prompt_id`; it makes up
+    # its own for every prompt, whatever the body says.
+    prompt_ids: bool = True
     # The sampler also sends a progress text ("step 3/20") per step, like some
     # custom samplers do (ComfyUI's own KSampler sends none).
     sampler_progress_text: bool = False

@@ -116,9 +116,8 @@ class SimulatorEngine:
             return 400, {"error": error, "node_errors": {}}
 
         prompt = json_data["prompt"]
-        prompt_id = (
-            str(json_data["prompt_id"]) if "prompt_id" in json_data else self._new_prompt_id()
-        )
+        chosen = self.config.prompt_ids and "prompt_id" in json_data
+        prompt_id = str(json_data["prompt_id"]) if chosen else self._new_prompt_id()
         partial = json_data.get("partial_execution_targets")
         valid = validate_prompt(prompt, partial, self.catalogue, self.env)
         extra_data: Any = json_data.get("extra_data", {})

@@ -731,6 +731,21 @@ class TaskActor:
             self._log(logging.INFO, "ComfyUI rejected the prompt: %s", reply.message)
             self.handle(task.SubmitRejected(reply))
             return
+        if reply.prompt_id != self.prompt_id:
+            # A ComfyUI from before POST /prompt took a prompt_id: frames, /queue and
+            # /history name the prompt by an id of its own, so nothing of it would ever
+            # reach the task (it was taken for lost and resubmitted, without end).
+            self.pool.abandon(backend, reply.prompt_id)
+            self.handle(
+                task.Failed(
+                    "rejected",
+                    "ComfyUI does not take the daemon's prompt ids",
+                    f"{backend.name} ran the prompt as {reply.prompt_id!r}, not as the"
+                    f" {self.prompt_id!r} it was sent (a ComfyUI too old for prompt_id"
+                    " in POST /prompt); the daemon cannot follow it",
+                )
+            )
+            return
         subscription.submitted()
         self._log(logging.INFO, "submitted to %s as number %d", backend.name, reply.number)
         self.handle(task.Submitted(reply.number))

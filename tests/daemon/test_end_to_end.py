@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import trio
 from daemon.http.client import open_stream
 from daemon.simulator import SimulatorConfig
 from protocol.sse import SSEDecoder
-from tests.daemon.harness import payloads, running_daemon
+from tests.daemon.harness import FAST, payloads, read_events, running_daemon
 
 
 async def test_generate_answers_at_once_and_streams_to_completion(tmp_path: Path) -> None:
@@ -368,3 +369,24 @@ async def test_invalid_unicode_is_refused_at_the_door(tmp_path: Path) -> None:
             assert response.status == 400, (raw, response.body)
             assert response.json()["error"]["details"]["field"] == field
         assert daemon.app.registry.created == 0
+
+
+async def test_a_comfyui_that_makes_up_its_own_prompt_ids_ends_the_task_with_why(
+    tmp_path: Path,
+) -> None:
+    # The daemon follows the prompt by the id it chose: under another one nothing of
+    # it is ever heard, and the task was resubmitted as lost, again and again.
+    old_comfyui = dataclasses.replace(FAST, prompt_ids=False)
+    async with running_daemon(tmp_path, simulator=old_comfyui) as daemon:
+        assert daemon.simulator is not None
+        task_id = await daemon.generate()
+        first_end_or_requeue = await read_events(
+            daemon.url,
+            task_id,
+            stop_after=lambda e: e.event != "progress" or "requeued" in e.data,
+        )
+        last = json.loads(first_end_or_requeue[-1].data)
+        assert last["status"] == "error", last
+        assert last["error"]["code"] == "rejected"
+        assert "prompt_id" in last["error"]["details"]
+        assert daemon.simulator.engine.number == 1  # one POST /prompt
