@@ -387,7 +387,9 @@ def _progress_state(d: _Fields) -> ProgressState:
 
 
 def _executed(d: _Fields) -> Executed:
-    output = d.obj("output")
+    # ComfyUI re-sends a cached output node's `executed` with the UI output it
+    # cached: null for a node that shows nothing.
+    output = {} if "output" in d.raw and d.raw["output"] is None else d.obj("output")
     return Executed(
         prompt_id=d.text("prompt_id"),
         node=d.text("node"),

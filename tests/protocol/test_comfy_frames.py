@@ -107,6 +107,16 @@ def test_executed_lists_its_images() -> None:
     assert event.images == (comfy.ImageRef("a.png", "", "output"),)
 
 
+def test_a_cached_output_node_without_ui_output_is_executed_with_nothing() -> None:
+    # ComfyUI re-sends `executed` for a cached output node with the UI output it
+    # cached, `cached_output.get("output", None)`: null for a node that shows nothing.
+    frame = (
+        '{"type":"executed","data":{"node":"9","display_node":"9","output":null,"prompt_id":"P"}}'
+    )
+    event = comfy.parse_text_frame(frame)
+    assert event == comfy.Executed(prompt_id="P", node="9", display_node="9", output={}, images=())
+
+
 def test_unknown_types_are_not_errors() -> None:
     assert comfy.parse_text_frame('{"type":"logs","data":{"entries":[]}}') == comfy.UnknownMessage(
         type="logs", data={"entries": []}
