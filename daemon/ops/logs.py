@@ -3,11 +3,15 @@
     time=2026-11-25T12:34:56.789Z level=info logger=daemon.tasks.actor task_id=... prompt_id=...
         backend=http://127.0.0.1:8188 msg="task completed: Xq3....png"
 
-`time` is UTC, and left out under journald (`JOURNAL_STREAM` set), which
-stamps lines itself. Values are bare when they are plain words, else quoted
-with backslash escapes (backslash, double quote, newline, CR and tab as in
-JSON; other control characters as backslash-u and four hex digits), so every
-record is exactly one line.
+`time` is UTC, and left out when the lines go to journald, which stamps them
+itself: when `JOURNAL_STREAM` names the very file the handler writes to
+(systemd.exec(5): a process started from a service inherits the variable
+with its output sent elsewhere, a terminal's shell or `2>file`).
+
+Values are bare when they are plain words, else quoted with backslash
+escapes (backslash, double quote, newline, CR and tab as in JSON; other
+control characters as backslash-u and four hex digits), so every record is
+exactly one line.
 
 Context fields come from `extra={...}`; only the names in `CONTEXT_FIELDS` are
 printed, so nothing else can ride along into the logs. What is never logged,
@@ -84,10 +88,23 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+def writes_to_journald(stream: TextIO) -> bool:
+    """Whether `stream` is the journald stream that $JOURNAL_STREAM ("DEVICE:INODE") names."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # no descriptor (io.StringIO), or closed
+        return False
+    return (found.st_dev, found.st_ino) == (int(device), int(inode))
+
+
 def setup_logging(level: str, *, stream: TextIO | None = None) -> None:
-    """Configure the root logger; under journald (JOURNAL_STREAM set) leave time to it."""
-    with_time = "JOURNAL_STREAM" not in os.environ
-    handler = logging.StreamHandler(stream or sys.stderr)
+    """Configure the root logger; on journald's stream leave time to journald."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    with_time = not writes_to_journald(stream)
     handler.setFormatter(LogfmtFormatter(with_time=with_time))
     root = logging.getLogger()
     root.handlers[:] = [handler]

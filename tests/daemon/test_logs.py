@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -102,6 +101,35 @@ def test_the_level_is_configurable() -> None:
             setattr(logging, name, value)
 
 
+def test_time_is_left_out_only_on_the_journald_stream_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process started from a service (or from a shell in a terminal that
+    # systemd --user runs) inherits JOURNAL_STREAM while its stderr goes
+    # elsewhere (`2>file`): those lines need their time. systemd.exec(5): compare
+    # the variable's DEVICE:INODE with the stream's own.
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_gathering = {name: getattr(logging, name) for name in _GATHERING}
+    journal, elsewhere = tmp_path / "journal-stream", tmp_path / "daemon.log"
+    journal.touch()
+    found = journal.stat()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{found.st_dev}:{found.st_ino}")
+    try:
+        for path, timed in ((elsewhere, True), (journal, False)):
+            with path.open("a") as stream:
+                setup_logging("info", stream=stream)
+                logging.getLogger("daemon.test").info("a line")
+                stream.flush()
+            (line,) = path.read_text().splitlines()
+            assert ("time" in parse_logfmt(line)) is timed, (path.name, line)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, value in saved_gathering.items():
+            setattr(logging, name, value)
+
+
 def test_records_skip_gathering_what_the_line_never_shows() -> None:
     # Where a record was made (a stack walk) and by which thread and process: the
     # logfmt line shows none of it, so it is not gathered; the line is unchanged.
@@ -165,8 +193,8 @@ async def test_a_daemon_process_logs_each_event_with_its_ids(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
 
     lines = [parse_logfmt(line) for line in output.splitlines()]
-    if "JOURNAL_STREAM" not in os.environ:
-        assert all(_ISO_UTC.fullmatch(line.get("time", "")) for line in lines)
+    # A pipe, not journald's stream, even when the test run inherited JOURNAL_STREAM.
+    assert all(_ISO_UTC.fullmatch(line.get("time", "")) for line in lines)
     for secret in SECRETS:
         assert secret not in output
 
