@@ -163,6 +163,7 @@ class App:
         self.image_janitor: ImageJanitor
         self._cancel_scope = trio.CancelScope()
         self._server_done = trio.Event()
+        self._started = False  # READY=1 sent: from here on a shutdown drains
 
     @property
     def backend(self) -> ComfyBackend:
@@ -313,6 +314,7 @@ class App:
                 # READY=1: everything has started.
                 status = bound.url if not worker_only else f"(worker) {bound.url}"
                 await nursery.start(self.systemd.run, self.service_status(), status)
+                self._started = True
                 task_status.started(bound)
 
     async def _bind(self, held: contextlib.ExitStack) -> list[trio.SocketListener]:
@@ -501,20 +503,24 @@ class App:
 
     async def shutdown(self) -> None:
         """Drain and stop: SSE clients get a retry hint, requests get a grace period."""
+        if not self._started:
+            # Stopped while starting (e.g. waiting for a ComfyUI that does not
+            # answer): no client to drain. The start must not go on to listen
+            # and say READY=1, so it is cancelled at once; run() closes the journal.
+            log.info("stopping while starting")
+            self._cancel_scope.cancel()
+            await self.systemd.notify_stopping("stopped while starting")
+            return
         log.info("shutting down (grace %.1f s)", self.config.shutdown_grace)
         await self.systemd.notify_stopping(f"draining {self.streams.open_streams} SSE streams")
         self.streams.drain()
-        server = getattr(self, "server", None)  # None: stopped while starting
-        if server is not None:
-            server.begin_shutdown(self.config.shutdown_grace)
+        self.server.begin_shutdown(self.config.shutdown_grace)
         with trio.move_on_after(self.config.shutdown_grace + 1.0):
             await self._server_done.wait()
         # Then the tasks, so none records while the journal closes. Tasks still
         # running stay in the journal; the next start resumes them.
-        registry = getattr(self, "registry", None)
-        if registry is not None:
-            with trio.move_on_after(self.config.shutdown_grace + 1.0):
-                await registry.stop()
+        with trio.move_on_after(self.config.shutdown_grace + 1.0):
+            await self.registry.stop()
         await self.journal.aclose()
         self._cancel_scope.cancel()
 

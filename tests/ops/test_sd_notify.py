@@ -14,7 +14,13 @@ from pathlib import Path
 import trio
 
 from daemon.http.client import http_request
-from tests.ops.harness import DaemonProcess, Notification, listening_socket, running_daemon
+from tests.ops.harness import (
+    DaemonExited,
+    DaemonProcess,
+    Notification,
+    listening_socket,
+    running_daemon,
+)
 
 WATCHDOG_USEC = 1_000_000  # pings expected every 0.5 s, never more than 1 s apart
 FAST_SIMULATOR = ("--simulate", "--set", "simulator_step_time=0.01")
@@ -128,3 +134,42 @@ async def test_without_notify_socket_nothing_is_sent_and_nothing_fails(tmp_path:
             assert daemon.process.returncode == 0, daemon.log()
             assert daemon.drain() == []
     assert "sd_notify" not in daemon.log()
+
+
+async def test_sigterm_while_starting_stops_at_once_and_never_says_ready(tmp_path: Path) -> None:
+    # A ComfyUI that accepts the connection and never answers the WebSocket
+    # handshake holds the start (up to comfy_connect_timeout). `systemctl stop`
+    # meanwhile: the daemon must stop there, not finish starting (listen, READY=1
+    # after STOPPING=1) and then wait out shutdown_grace with nothing to drain.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    comfy_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    accepted = trio.Event()
+    release = trio.Event()
+
+    async def silent_comfy() -> None:
+        async with listeners[0]:
+            while True:
+                stream = await listeners[0].accept()
+                accepted.set()
+                await release.wait()  # then the handshake fails at once
+                await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(silent_comfy)
+        async with running_daemon(
+            tmp_path, "--comfy-url", comfy_url, "--set", "shutdown_grace=600", wait_ready=False
+        ) as daemon:
+            await accepted.wait()
+            daemon.terminate()
+            stopping = await daemon.wait_for(lambda n: n.fields.get("STOPPING") == "1")
+            release.set()
+            try:
+                while True:  # to its exit, not one READY=1
+                    note = await daemon.notification()
+                    assert note.fields.get("READY") != "1", f"READY after STOPPING:\n{daemon.log()}"
+            except DaemonExited:
+                pass
+            assert daemon.process.returncode == 0, daemon.log()
+            assert "listening on" not in daemon.log()
+            assert status(stopping) == "stopping: stopped while starting"
+        nursery.cancel_scope.cancel()
