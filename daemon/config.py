@@ -453,6 +453,12 @@ def load(
     sources.update({k: flag_source(k, flag_names) for k in flags})
     config = Config(**merged)
     _check_one_kind_of_backend(config, sources)
+    if config.shared and config.role == "worker" and not (config.backend_urls or config.simulate):
+        # A front needs no ComfyUI; a worker has nothing to run its tasks on.
+        raise ConfigError(
+            f"role = worker (from {sources['role']}) needs a ComfyUI to run the tasks on:"
+            " set comfy_url (or comfy_urls), or simulate = true"
+        )
     if unix_socket_path(config.listen) is None:
         split_host_port(config.listen)
     socket_mode(config.listen_mode)

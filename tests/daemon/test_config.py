@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,29 @@ def test_simulate_beside_a_comfyui_url_is_refused(tmp_path: Path) -> None:
     # simulate = false beside a URL is what every pool configuration says.
     config = cfg.load(config_file=path, environ={"COMFY_PROGRESS_SIMULATE": "false"}, flags={})
     assert config.backend_urls == ("http://a:1",)
+
+
+def test_a_worker_without_a_comfyui_is_a_configuration_error(tmp_path: Path) -> None:
+    # As comfy-progress-worker.service starts it (COMFY_PROGRESS_ROLE=worker) with
+    # a worker.toml that names Redis but no ComfyUI: one line and exit 2, as every
+    # configuration error; it was an ExceptionGroup traceback from inside the start.
+    path = write(tmp_path, 'redis_url = "redis://127.0.0.1:1/0"\n')
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(cfg.ENV_PREFIX)},
+        "COMFY_PROGRESS_CONFIG": str(path),
+        "COMFY_PROGRESS_ROLE": "worker",
+    }
+    serve = [sys.executable, "-m", "daemon.cli", "serve", "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(serve, env=environ, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "comfy-progress: configuration error: role = worker (from environment"
+        " COMFY_PROGRESS_ROLE) needs a ComfyUI to run the tasks on: set comfy_url"
+        " (or comfy_urls), or simulate = true\n"
+    )
+    # A front needs none, and a worker with a URL (or the simulator) is fine.
+    environ["COMFY_PROGRESS_ROLE"] = "front"
+    cfg.load(config_file=path, environ=environ, flags={})
+    environ["COMFY_PROGRESS_ROLE"] = "worker"
+    cfg.load(config_file=path, environ=environ, flags={"comfy_url": "http://a:1"})
+    cfg.load(config_file=path, environ=environ, flags={"simulate": "true"})
