@@ -60,8 +60,11 @@ def draw_seed(workflow: Workflow, randbelow: Callable[[int], int]) -> int:
     param = workflow.parameters.get(SEED)
     if param is None or param.min is None or param.max is None:
         return randbelow(DRAWN_SEED_SPAN)
-    low, high = int(param.min), int(param.max)
-    return low + randbelow(min(high - low + 1, DRAWN_SEED_SPAN))
+    # Only multiples of multipleOf pass the seed's check: draw one of those.
+    step = param.multiple_of or 1
+    first = -(-int(param.min) // step) * step
+    count = (int(param.max) - first) // step + 1
+    return first + step * randbelow(min(count, DRAWN_SEED_SPAN))
 
 
 def check_request(workflow: Workflow, request: GenerateRequest, *, seed: int) -> CheckedRequest:

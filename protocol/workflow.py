@@ -459,6 +459,11 @@ def _parameter(
     for key, value in (("multipleOf", multiple), ("maxLength", max_length)):
         if value is not None and value < 1:
             raise WorkflowError(f"{where}.{key}: must be at least 1")
+    if multiple is not None and high // multiple * multiple < low:
+        # No value could pass: every request would be refused, a drawn seed too.
+        raise WorkflowError(
+            f"{where}: no multiple of {multiple} lies between min {low} and max {high}"
+        )
     choices = spec.get("choices", ())
     if kind == "choice" and (
         not isinstance(choices, list)

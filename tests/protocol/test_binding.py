@@ -380,5 +380,17 @@ def test_draw_seed_stays_within_the_workflows_limits() -> None:
     assert asked == [2**32, 2**32, 3]
 
 
+def test_a_drawn_seed_is_a_multiple_the_seed_takes() -> None:
+    # A seed with multipleOf: the seed was drawn from the whole range, so a
+    # request without one was mostly refused ("seed: must be a multiple of 10").
+    base = txt2img()
+    tens = {**base.parameters, "seed": _with(base, "seed", min=3, max=25, multiple_of=10)}
+    workflow = Workflow("w", base.graph, tens)
+    lowest, highest = (draw_seed(workflow, pick) for pick in (lambda n: 0, lambda n: n - 1))
+    assert (lowest, highest) == (10, 20)
+    for seed in (lowest, highest):
+        assert check_request(workflow, request(), seed=seed).values["seed"] == seed
+
+
 def _with(workflow: Workflow, name: str, **changes: Any) -> Parameter:
     return replace(workflow.parameters[name], **changes)

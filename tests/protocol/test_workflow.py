@@ -207,6 +207,10 @@ BROKEN_TXT2IMG: list[tuple[Edit, str]] = [
     (_set(f"{P}.width.min", 4096), "parameters.width: min 4096 is above max 2048"),
     (_set(f"{P}.width.multipleOf", 0), "parameters.width.multipleOf: must be at least 1"),
     (_set(f"{P}.prompt.maxLength", 0), "parameters.prompt.maxLength: must be at least 1"),
+    (
+        _set(f"{P}.seed.multipleOf", 2**64),
+        f"parameters.seed: no multiple of {2**64} lies between min 10 and max {2**64 - 1}",
+    ),
     (_set(f"{P}.sampler.choices", []), "parameters.sampler.choices: must be a list of distinct"),
     (_set(f"{P}.sampler.choices", ["euler", "euler"]), "parameters.sampler.choices: must be"),
     (_set(f"{P}.sampler.choices", ["euler", ""]), "parameters.sampler.choices: must be"),
