@@ -171,7 +171,10 @@ def _check_integer(p: Parameter, value: Any) -> int:
 
 
 def _check_number(p: Parameter, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise field_error(p.name, "must be a number")
+    # An int is finite, and may be too large for a float (OverflowError): range first.
+    if isinstance(value, float) and not math.isfinite(value):
         raise field_error(p.name, "must be a number")
     _in_range(p, value)
     return float(value)

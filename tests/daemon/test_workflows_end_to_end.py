@@ -273,6 +273,9 @@ async def test_invalid_requests_never_reach_comfyui(tmp_path: Path) -> None:
             ({"width": 4096}, 400, "width: must be at most 2048", {"max": 2048}),
             ({"steps": 0}, 400, "steps: must be at least 1", {"min": 1}),
             ({"cfg": 99}, 400, "cfg: must be at most 30", {"max": 30}),
+            # Too large for a float: math.isfinite raised OverflowError (a 500).
+            ({"cfg": 10**400}, 400, "cfg: must be at most 30", {"max": 30}),
+            ({"cfg": -(10**400)}, 400, "cfg: must be at least 0", {"min": 0}),
             ({"sampler": "magic"}, 400, "sampler: must be one of euler", {}),
             ({"checkpoint": "../x"}, 400, "checkpoint: must be a checkpoint file name", {}),
             ({"workflow": "img2vid"}, 404, "unknown workflow 'img2vid'", {}),

@@ -182,6 +182,7 @@ T2I: list[tuple[dict[str, Any], str, dict[str, Any]]] = [
     ({"cfg": math.inf}, "cfg: must be a number", {}),
     ({"cfg": -0.5}, "cfg: must be at least 0", {"min": 0}),
     ({"cfg": 30.5}, "cfg: must be at most 30", {"max": 30}),
+    ({"cfg": 10**400}, "cfg: must be at most 30", {"max": 30}),  # no float holds it
     ({"negativePrompt": ["a"]}, "negativePrompt: must be a string", {}),
     (
         {"negativePrompt": "x" * 10_001},
