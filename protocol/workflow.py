@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -379,10 +380,12 @@ def _limit(spec: Mapping[str, Any], key: str, where: str, *, integer: bool) -> A
     if (
         isinstance(value, bool)
         or not isinstance(value, int if integer else _NUMBER)
-        or not math.isfinite(value)
-    ):
         # JSON files may say NaN or Infinity (Python reads them): a NaN limit
         # would hold nothing back, and GET /workflows could not show either.
+        # An int is finite (math.isfinite raises OverflowError past a float);
+        # a number's limit must fit the float its values become.
+        or (not integer and not abs(value) <= sys.float_info.max)
+    ):
         raise WorkflowError(f"{where}.{key}: must be {'an integer' if integer else 'a number'}")
     return value
 

@@ -71,7 +71,14 @@ def _with_cfg_limit(key: str, value: float) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("min", math.nan), ("max", math.inf), ("min", -math.inf)]
+    ("key", "value"),
+    # An int past any float: math.isfinite raised OverflowError, a traceback at the start.
+    [
+        ("min", math.nan),
+        ("max", math.inf),
+        ("min", -math.inf),
+        pytest.param("max", 10**400, id="max-int-past-float"),
+    ],
 )
 def test_a_number_limit_must_be_finite(tmp_path: Path, key: str, value: float) -> None:
     # Python's JSON reader takes NaN and Infinity. A NaN min compared false with
