@@ -81,7 +81,9 @@ def generate(args: argparse.Namespace) -> int:
         workflow=args.workflow,
         seed=args.seed,
         params=params,
-        token=os.environ.get(TOKEN_VARIABLE) or None,
+        # Set from a file, it may end in a newline or CR (a token never has
+        # whitespace); sent as is, the header was refused: "cannot reach the daemon".
+        token=os.environ.get(TOKEN_VARIABLE, "").strip() or None,
     )
 
     async def main() -> int:

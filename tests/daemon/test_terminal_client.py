@@ -143,6 +143,20 @@ async def test_the_api_token_comes_from_the_environment(tmp_path: Path) -> None:
     assert done.stdout.decode().startswith(daemon.url + "/image/")
 
 
+async def test_a_token_read_from_a_file_may_end_in_a_line_break(tmp_path: Path) -> None:
+    # `export COMFY_PROGRESS_API_TOKEN=$(cat token.txt)` keeps the CR of a CRLF
+    # file. The header cannot carry it: the client said "cannot reach the daemon"
+    # (Illegal header value) and exited 1, the daemon never asked.
+    token = "terminal-token-0123456789"
+    async with running_daemon(tmp_path, api_tokens=token) as daemon:
+        done = await run_generate(
+            "a red fox", "--server", daemon.url, env={"COMFY_PROGRESS_API_TOKEN": token + "\r\n"}
+        )
+        assert daemon.app.registry.created == 1
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().startswith(daemon.url + "/image/")
+
+
 async def test_the_clients_token_in_the_daemons_environment_is_not_a_setting(
     tmp_path: Path,
 ) -> None:
