@@ -45,6 +45,9 @@ EXIT_INTERRUPTED: Final = 130
 REQUEST_TIMEOUT: Final = 30.0
 DOWNLOAD_CONNECT_TIMEOUT: Final = 30.0
 DEFAULT_RETRY: Final = 2.0  # seconds before reconnecting, until the server sets `retry:`
+# The least we wait: doubling a `retry: 0` stays 0, and the reconnects would be
+# spent in an instant (a restarting daemon has no time to come back).
+MIN_RETRY: Final = 0.5
 MAX_RETRY: Final = 30.0
 # Reconnect this many times in a row without receiving an event, then give up.
 MAX_RECONNECTS: Final = 10
@@ -299,7 +302,7 @@ class GenerateClient:
             except StreamIdle as exc:
                 why = str(exc)
             if decoder.retry is not None:
-                retry = min(MAX_RETRY, decoder.retry / 1000)
+                retry = min(MAX_RETRY, max(MIN_RETRY, decoder.retry / 1000))
             failures += 1
             if failures > MAX_RECONNECTS:
                 raise ClientFailure(f"lost the progress stream of task {task_id}: {why}")

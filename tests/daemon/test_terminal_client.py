@@ -398,3 +398,44 @@ async def test_a_progress_stream_gone_quiet_is_asked_again_from_the_last_event(
     assert final == complete
     assert asked_from == [None, "1"]
     assert "nothing received for 5 s; reconnecting" in shown.getvalue()
+
+
+async def test_a_retry_of_0_still_gives_a_restarting_daemon_time_to_come_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A daemon with sse_retry_ms = 0 says `retry: 0`. The client doubled that 0
+    # between reconnects, so its ten went in the same instant: a daemon draining
+    # for a restart ended the stream, and before it was back the client had
+    # given up ("lost the progress stream", exit 1) on a task that went on.
+    progress = {"taskId": "t1", "status": "processing", "progress": {"currentValue": 1}}
+    complete = {"taskId": "t1", "status": "completed", "result": {"imageUrl": "/image/a.png"}}
+    back_at = trio.current_time() + 5.0
+    answered: list[int] = []
+
+    async def restarting(stream: trio.SocketStream) -> None:
+        await stream.receive_some()  # the request head
+        if answered and trio.current_time() < back_at:
+            answered.append(503)
+            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            return
+        payload, event = (complete, "complete") if answered else (progress, "progress")
+        answered.append(200)
+        body = f"retry: 0\nid: {len(answered)}\nevent: {event}\ndata: {json.dumps(payload)}\n\n"
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            + body.encode()
+        )
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, restarting, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = GenerateClient(
+            Options(prompt="a red fox", server=f"http://127.0.0.1:{port}"),
+            display=Display(io.StringIO(), tty=False, clock=trio.current_time),
+            out=io.StringIO(),
+        )
+        final = await client.follow("t1")
+        nursery.cancel_scope.cancel()
+    assert final == complete
+    assert answered[0] == answered[-1] == 200
+    assert 503 in answered
