@@ -280,9 +280,20 @@ class _Fields:
         return self.integer(key)
 
     def number(self, key: str) -> float:
+        """A finite number: Python's JSON reader also takes NaN, Infinity and 1e400 (inf),
+        which every message of the task would carry on to browsers, whose JSON.parse
+        refuses them (a complete event showing maxValue Infinity is lost)."""
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._bad(key, "a number")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise ProtocolError(
+                f"{self._where}: field {key!r} should be a finite number, got {value!r:.40}"
+            )
         return value
 
     def str_list(self, key: str, *, default: tuple[str, ...] | None = None) -> tuple[str, ...]:

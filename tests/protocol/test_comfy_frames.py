@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import comfy
+from protocol import comfy, task
 from protocol.errors import ProtocolError
 from tests.transcripts import all_frames
 
@@ -179,6 +179,14 @@ BAD_TEXT = [
     '{"type":"progress_state","data":{"prompt_id":"P","nodes":{"1":{"value":0}}}}',
     '{"type":"execution_start","data":{"prompt_id":"P","timestamp":"now"}}',
     "[" * 100_000,
+    # Python's JSON reader takes these; no browser's JSON.parse does.
+    '{"type":"progress","data":{"prompt_id":"P","node":"3","value":NaN,"max":20}}',
+    '{"type":"progress","data":{"prompt_id":"P","node":"3","value":1,"max":Infinity}}',
+    '{"type":"progress","data":{"prompt_id":"P","node":"3","value":1,"max":1e400}}',
+    '{"type":"progress","data":{"prompt_id":"P","node":"3","value":-Infinity,"max":20}}',
+    '{"type":"progress","data":{"prompt_id":"P","node":"3","value":1,"max":' + "9" * 400 + "}}",
+    '{"type":"progress_state","data":{"prompt_id":"P","nodes":'
+    '{"3":{"value":NaN,"max":1.0,"state":"running"}}}}',
 ]
 
 
@@ -186,6 +194,35 @@ BAD_TEXT = [
 def test_bad_text_frames_raise_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
         comfy.parse_text_frame(text)
+
+
+def test_a_task_fed_a_progress_of_infinite_max_still_completes_as_strict_json() -> None:
+    """A node's progress bar whose total came out infinite: the frame is dropped (as the
+    daemon drops every frame it cannot parse), so the complete event a browser's
+    JSON.parse reads does not say maxValue Infinity."""
+    graph = {"3": {"class_type": "KSampler", "inputs": {}}}
+    state = task.new_task(task.TaskSpec(task_id="T", prompt_id="P", graph=graph), 0.0)
+    frames = [
+        '{"type":"execution_start","data":{"prompt_id":"P"}}',
+        '{"type":"progress","data":{"prompt_id":"P","node":"3","value":3,"max":Infinity}}',
+        '{"type":"progress","data":{"prompt_id":"P","node":"3","value":4,"max":20}}',
+        '{"type":"execution_success","data":{"prompt_id":"P"}}',
+    ]
+    published: list[task.TaskMessage] = []
+    events: list[task.TaskEvent] = []
+    for frame in frames:
+        with contextlib.suppress(ProtocolError):
+            parsed = comfy.parse_text_frame(frame)
+            assert isinstance(parsed, comfy.PromptEvent)
+            events.append(parsed)
+    events.append(task.OutputsStored(("a.png",)))
+    for event in events:
+        state, effects = task.apply(state, event, 1.0)
+        published += [e.message for e in effects if isinstance(e, task.Publish)]
+    assert published[-1].event == task.EVENT_COMPLETE
+    for message in published:
+        json.dumps(message.payload, allow_nan=False)  # what JSON.parse can read
+    assert published[-1].payload["progress"]["maxValue"] == 20
 
 
 BAD_BINARY = [
