@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from protocol.api import MAX_SEED
+from protocol.api import MAX_PROMPT_CHARS, MAX_SEED
 from protocol.errors import RequestError, field_error
 
 MAX_RESOLUTION: Final = 16384  # ComfyUI's per-side limit (SolidMask, MaskComposite, ...)
@@ -470,6 +470,10 @@ def _parameter(
         raise WorkflowError(
             f"{where}: no multiple of {multiple} lies between min {low} and max {high}"
         )
+    if name == PROMPT and max_length is not None and max_length > MAX_PROMPT_CHARS:
+        # A request's prompt is refused past this before any workflow is asked:
+        # GET /workflows must not promise more.
+        raise WorkflowError(f"{where}.maxLength: must be at most {MAX_PROMPT_CHARS}")
     choices = spec.get("choices", ())
     if kind == "choice" and (
         not isinstance(choices, list)

@@ -124,6 +124,22 @@ def test_a_file_nested_too_deeply_is_named_with_its_problem(tmp_path: Path, cont
         load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
 
 
+def test_the_prompt_length_lies_within_what_a_request_may_give(tmp_path: Path) -> None:
+    # A request's prompt is refused past 10,000 characters whatever its workflow
+    # says: a file that allowed 20,000 was loaded, GET /workflows said so, and a
+    # 15,000-character prompt was refused all the same.
+    definition = txt2img_definition()
+    definition["parameters"]["prompt"]["maxLength"] = 20_000
+    write(tmp_path, "long.json", definition)
+    with pytest.raises(
+        WorkflowFileError, match=r"long\.json: parameters\.prompt\.maxLength: .*at most 10000"
+    ):
+        load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+    definition["parameters"]["prompt"]["maxLength"] = 10_000
+    write(tmp_path, "long.json", definition)
+    load_catalog(tmp_path, default_checkpoint=CHECKPOINT)
+
+
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(WorkflowFileError, match="the workflow directory does not exist"):
         load_catalog(tmp_path / "nope", default_checkpoint=CHECKPOINT)
