@@ -30,6 +30,7 @@ from daemon.http.types import (
 from daemon.images.store import StorageError
 from daemon.ops.metrics import MetricsEndpoint
 from daemon.shared.capabilities import why_nowhere
+from daemon.shared.positions import WAITING_STEPS
 from daemon.shared.store import ClientAtLimit, ClientLimit
 from daemon.shared.worker_registry import published_capabilities
 from daemon.tasks.actor import CancelResult, new_prompt_id
@@ -38,7 +39,6 @@ from daemon.tasks.journal import JournalUnavailable
 from daemon.tasks.registry import QueueFull, TooManyTasks, client_at_limit, new_task_id
 from protocol import api
 from protocol.errors import RequestError
-from protocol.progress import queued_step
 from protocol.sse import parse_last_event_id
 from protocol.upload import check_upload_type
 
@@ -488,14 +488,16 @@ class Routes:
             if snapshot is None:
                 return self._unknown_task(task_id)
             found = {**snapshot.payload, "version": snapshot.version}
-            if found.get("phase") == "queued" and found.get("queue") is None:
-                # Not taken by a worker yet: its place in the service's queue.
+            step = WAITING_STEPS.get(str(found.get("phase")))
+            if step is not None:
+                # No worker holds it (never taken, or given back): its place in the
+                # service's queue now (a place in its snapshot is as old as that).
                 ahead = await shared.store.ahead_of(task_id)
                 if ahead is not None:
                     found["queue"] = {"position": ahead + 1, "ahead": ahead}
                     progress = found.get("progress")
                     if isinstance(progress, dict):  # the step says it too, as a stream's does
-                        found["progress"] = {**progress, "currentStep": queued_step(ahead)}
+                        found["progress"] = {**progress, "currentStep": step(ahead)}
             return json_response(200, found, headers=NO_STORE)
         if actor is None:
             return self._unknown_task(task_id)

@@ -22,8 +22,9 @@ from daemon.http.client import ClientResponse, http_request, open_stream
 from daemon.shared.store import SharedStore, image_key
 from daemon.simulator import ComfySimulator, SimulatorConfig
 from daemon.simulator.png import encode_png
+from protocol import progress as pg
 from protocol import task
-from protocol.sse import ServerSentEvent
+from protocol.sse import ServerSentEvent, SSEDecoder
 from tests.daemon.comfy_relay import comfy_relay
 from tests.daemon.harness import read_events
 from tests.daemon.process import DaemonProcess, daemon_process
@@ -349,6 +350,52 @@ async def test_a_task_cancelled_before_any_worker_took_it_ends_at_once_counted_b
         at_front = await scrape(entry.url)
         assert ends_counted(at_front, "cancelled", "cancelled") == 1
         assert ends_counted(at_front, "completed") == 0  # the worker ran them
+
+
+async def test_get_task_gives_the_place_in_line_it_has_now_not_the_one_last_streamed(
+    tmp_path: Path,
+) -> None:
+    """GET /tasks/{id} of a task waiting in the service's queue reads its place from
+    Redis each time: a place a front streamed earlier goes stale once the front stops
+    watching, and a task a worker gave back (requeued) waits in line too."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f2", redis.url) as entry,
+    ):
+        async with front(tmp_path, "f1", redis.url) as watched_on:
+            first, second, third = [await generate(entry.url) for _ in range(3)]
+            async with open_stream("GET", f"{watched_on.url}/progress/{third}") as stream:
+                decoder = SSEDecoder()
+                placed = False
+                async for chunk in stream.chunks:
+                    for event in decoder.feed(chunk):
+                        placed = placed or json.loads(event.data)["queue"] is not None
+                    if placed:
+                        break
+        # The front that published the place is gone; two tasks ahead leave the line.
+        for task_id in (first, second):
+            cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+            assert cancel.status == 202
+        status = (await http_request("GET", f"{entry.url}/tasks/{third}", timeout=10)).json()
+        assert status["queue"] == {"position": 1, "ahead": 0}
+        assert status["progress"]["currentStep"] == pg.queued_step(0)
+        # A task a worker gave back: requeued, no place in its snapshot.
+        given_back = await generate(entry.url)
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(redis.url)
+        async with client:
+            store = SharedStore(client, "comfy-progress", retention=60)
+            shared, latest = await store.load(given_back), await store.latest(given_back)
+            assert shared is not None
+            assert latest is not None
+            spec = task.spec_from_json(shared.record.spec)
+            state = replace(task.new_task(spec, shared.record.created_at), version=latest.version)
+            state, effects = task.apply(state, task.Requeued("p2", "ComfyUI went away"), 0.0)
+            [requeued] = [e.message for e in effects if isinstance(e, task.Publish)]
+            await store.append(given_back, requeued)
+        status = (await http_request("GET", f"{entry.url}/tasks/{given_back}", timeout=10)).json()
+        assert status["phase"] == "requeued"
+        assert status["queue"] == {"position": 2, "ahead": 1}
+        assert status["progress"]["currentStep"] == pg.requeued_step(1)
 
 
 def files_in(folder: Path) -> list[str]:
