@@ -466,7 +466,7 @@ class App:
 
     def _ended_while_waiting(self, state: TaskState) -> None:
         """Shared mode: this daemon ended a task no worker held (a cancel, the wait
-        limit). Both happen only once run() has built the metrics."""
+        limit, a task Redis forgot). Each happens only once run() has built the metrics."""
         self.metrics.observe_task_end(state)
 
     def _task_ended(self, actor: TaskActor) -> None:

@@ -26,19 +26,25 @@ return 1
 """
 
 
-def lost_end(task_id: str, version: int, now: float) -> task.TaskMessage:
-    """The error-event after `version` (the spec went with the record: only the id is left)."""
+def lost_end(
+    task_id: str, version: int, created_at: float, now: float
+) -> tuple[task.TaskState, task.TaskMessage]:
+    """The error-event after `version` (the spec went with the record: only the id is
+    left), and the ended state (for the ending front's metrics)."""
     spec = task.TaskSpec(task_id=task_id, prompt_id="", graph={})
-    state = replace(task.new_task(spec, now), version=version)
+    state = replace(task.new_task(spec, created_at), version=version)
     lost = task.Failed("lost", "The shared task store lost this task before a worker took it")
-    _, effects = task.apply(state, lost, now)
+    state, effects = task.apply(state, lost, now)
     (message,) = [e.message for e in effects if isinstance(e, task.Publish)]
-    return message
+    return state, message
 
 
-async def end_if_forgotten(store: SharedStore, task_id: str, version: int, now: float) -> bool:
-    """Write the task's `lost` end when Redis holds nothing of it any more."""
-    message = lost_end(task_id, version, now)
+async def end_if_forgotten(
+    store: SharedStore, task_id: str, version: int, created_at: float, now: float
+) -> task.TaskState | None:
+    """Write the task's `lost` end when Redis holds nothing of it any more: its ended
+    state (created at `created_at`), or None when it was not written."""
+    state, message = lost_end(task_id, version, created_at, now)
     written = await store.redis.eval(
         END_IF_FORGOTTEN,
         keys=[store.task_key(task_id), store.events_key(task_id), store.waiting_key],
@@ -50,4 +56,4 @@ async def end_if_forgotten(store: SharedStore, task_id: str, version: int, now: 
             int(store.retention) + 1,
         ],
     )
-    return written == 1
+    return state if written == 1 else None

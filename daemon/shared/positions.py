@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -29,6 +30,7 @@ from daemon.shared.forgotten import end_if_forgotten
 from daemon.shared.store import STREAM_LENGTH, SharedStore, entry_id
 from daemon.shared.watch import StreamWatcher
 from protocol import progress as pg
+from protocol import task
 from protocol.task import iso_timestamp
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,25 @@ return 1
 
 
 class QueuePositions:
-    def __init__(self, store: SharedStore, watcher: StreamWatcher, *, interval: float) -> None:
+    def __init__(
+        self,
+        store: SharedStore,
+        watcher: StreamWatcher,
+        *,
+        interval: float,
+        on_task_end: Callable[[task.TaskState], None] = lambda state: None,
+    ) -> None:
+        """`on_task_end(state)`: a task this front ended `lost` (its metrics)."""
         self.store = store
         self.watcher = watcher
         self.interval = interval
+        self.on_task_end = on_task_end
         self.published = 0
         self.ended_lost = 0
         # task id -> the newest version at which this front saw it in the waiting set
         self._waiting_at: dict[str, int] = {}
+        # task id -> when it was created (its score there): what a lost end still knows
+        self._created: dict[str, float] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -71,6 +84,7 @@ class QueuePositions:
             for task_id, _ in watched
             if task_id in self._waiting_at
         }
+        self._created = {t: self._created[t] for t in self._waiting_at if t in self._created}
         for task_id, snapshot in watched:
             payload = snapshot.payload
             phase = payload.get("phase")
@@ -83,11 +97,20 @@ class QueuePositions:
                 # took it wrote a newer version, or keeps its record.
                 if snapshot.version <= self._waiting_at.get(task_id, 0):
                     now = time.time()
-                    if await end_if_forgotten(self.store, task_id, snapshot.version, now):
+                    created_at = self._created.get(task_id, now)
+                    ended = await end_if_forgotten(
+                        self.store, task_id, snapshot.version, created_at, now
+                    )
+                    if ended is not None:
                         self.ended_lost += 1
+                        self.on_task_end(ended)
                         log.warning("Redis lost waiting task %s: it ends lost", task_id)
                 continue
             self._waiting_at[task_id] = max(self._waiting_at.get(task_id, 0), snapshot.version)
+            if task_id not in self._created:
+                score = await self.store.redis.zscore(self.store.waiting_key, task_id)
+                if score is not None:
+                    self._created[task_id] = float(score)
             queue = {"position": ahead + 1, "ahead": ahead}
             if payload.get("queue") == queue:
                 continue

@@ -64,7 +64,8 @@ class SharedService:
         on_task_end: Callable[[task.TaskState], None] = lambda state: None,
     ) -> None:
         """`on_task_end(state)`: a task this daemon ended while no worker held it (a
-        cancel, the wait limit); the ends of its own actors go through its registry."""
+        cancel, the wait limit, Redis forgot it); the ends of its own actors go through
+        its registry."""
         self.config = config
         self.on_task_end = on_task_end
         self.redis = redis
@@ -79,7 +80,10 @@ class SharedService:
         )
         self.watcher = StreamWatcher(self.store, daemon_id=self.daemon_id, on_message=self._message)
         self.positions = QueuePositions(
-            self.store, self.watcher, interval=max(0.05, config.queue_poll_interval)
+            self.store,
+            self.watcher,
+            interval=max(0.05, config.queue_poll_interval),
+            on_task_end=on_task_end,
         )
         limit = config.backend_wait_timeout
         self.wait_limit = WaitLimit(

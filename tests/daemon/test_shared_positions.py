@@ -57,3 +57,36 @@ async def test_a_task_given_back_shows_its_place_in_the_shared_queue(tmp_path: P
             assert fresh is not None
             assert fresh.payload["queue"] == {"position": 2, "ahead": 1}
             assert fresh.payload["progress"]["currentStep"] == pg.queued_step(1)
+
+
+async def test_a_waiting_task_redis_forgot_ends_lost_as_old_as_the_task(tmp_path: Path) -> None:
+    """The front that writes the `lost` end tells its metrics, with the task's creation
+    time (its score in the waiting set, read while it waited): the record is gone."""
+    async with redis_server(tmp_path / "redis") as server:
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(server.url)
+        async with redis:
+            store = SharedStore(redis, "test", retention=60)
+            watcher = StreamWatcher(store, daemon_id="f1", on_message=lambda fields: None)
+            ended: list[task.TaskState] = []
+            positions = QueuePositions(store, watcher, interval=1.0, on_task_end=ended.append)
+            spec = task.TaskSpec(task_id="forgotten", prompt_id="p0", graph={})
+            state = replace(task.new_task(spec, NOW), version=1)
+            first = task.render(state, NOW)
+            await store.submit(state, first)
+            async with watcher.watching("forgotten", encode_snapshot(first)):
+                await positions.update()  # seen waiting: its place appended
+                placed = await store.latest("forgotten")
+                assert placed is not None
+                assert placed.payload["queue"] == {"position": 1, "ahead": 0}
+                await redis.flushall()
+                # What the front's reader would pass on (none runs here): the place.
+                async with watcher.watching("forgotten", placed):
+                    await positions.update()
+            [lost] = ended
+            assert lost.error is not None
+            assert lost.error.code == "lost"
+            assert lost.created_at == NOW
+            end = await store.latest("forgotten")
+            assert end is not None
+            assert end.terminal
+            assert end.payload["error"]["code"] == "lost"

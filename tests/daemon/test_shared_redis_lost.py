@@ -16,11 +16,13 @@ from tests.daemon.harness import held_stream, read_events
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
+    ends_counted,
     front,
     history_ids,
     last,
     leases,
     leases_after_refreshes,
+    scrape,
     simulator,
     worker,
 )
@@ -81,3 +83,25 @@ async def test_a_waiting_task_redis_forgot_ends_lost_for_its_viewer(tmp_path: Pa
                 await stream.to_end()
         assert last(stream.seen)["error"]["code"] == "lost", stream.seen[-1].data
         assert last(await read_events(entry.url, task_id))["error"]["code"] == "lost"
+
+
+async def test_a_waiting_task_redis_forgot_is_counted_by_the_front_that_ended_it(
+    tmp_path: Path,
+) -> None:
+    """The `lost` end a front writes is an end of a task no worker held: that front's
+    metrics count it, as a cancel or the wait limit there."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
+    ):
+        task_id = await generate(entry.url)
+        async with held_stream(entry.url, task_id) as stream:
+            await stream.until(lambda event: json.loads(event.data).get("queue"))  # seen waiting
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                await client.flushall()
+            with trio.fail_after(20):
+                await stream.to_end()
+        end = last(stream.seen)
+        assert end["error"]["code"] == "lost", stream.seen[-1].data
+        assert ends_counted(await scrape(entry.url), "error", "lost") == 1
