@@ -180,8 +180,13 @@ class SharedService:
         """Cancel a task held anywhere; None when unknown."""
         shared = await self.store.load(task_id)
         latest = await self.store.latest(task_id)
-        if shared is None or latest is None:
-            return None if shared is None else SharedCancel(ended=None)
+        if shared is None:
+            # A waiting task Redis forgot has only the `lost` end a front wrote.
+            if latest is not None and latest.terminal:
+                return SharedCancel(ended=str(latest.payload["status"]))
+            return None
+        if latest is None:
+            return SharedCancel(ended=None)
         if shared.finished:
             return SharedCancel(ended=shared.record.phase)
         if latest.terminal:

@@ -12,6 +12,7 @@ import coredis
 import trio
 from coredis.response.types import StreamPendingExt
 
+from daemon.http.client import http_request
 from tests.daemon.harness import held_stream, read_events
 from tests.daemon.redis_server import redis_server
 from tests.daemon.test_restart import generate, sampling
@@ -105,3 +106,27 @@ async def test_a_waiting_task_redis_forgot_is_counted_by_the_front_that_ended_it
         end = last(stream.seen)
         assert end["error"]["code"] == "lost", stream.seen[-1].data
         assert ends_counted(await scrape(entry.url), "error", "lost") == 1
+
+
+async def test_a_waiting_task_redis_forgot_answers_a_cancel_as_ended(tmp_path: Path) -> None:
+    """Its `lost` end is all Redis holds of it: GET /tasks/{id} shows that end, and a
+    DELETE is told the task already ended, not that it is unknown."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
+    ):
+        task_id = await generate(entry.url)
+        async with held_stream(entry.url, task_id) as stream:
+            await stream.until(lambda event: json.loads(event.data).get("queue"))  # seen waiting
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                await client.flushall()
+            with trio.fail_after(20):
+                await stream.to_end()
+        status = await http_request("GET", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert status.status == 200
+        assert status.json()["error"]["code"] == "lost"
+        cancel = await http_request("DELETE", f"{entry.url}/tasks/{task_id}", timeout=10)
+        assert cancel.status == 200, cancel.body
+        assert cancel.json()["cancelled"] is False
+        assert cancel.json()["status"] == "error"
