@@ -13,7 +13,10 @@ filesystem or an object store would be the next step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
 from pathlib import Path
 
 import coredis
@@ -76,12 +79,20 @@ class SharedImageStore(ImageStore):
         path = self.path_of(name)
         if path is None or await trio.Path(path).exists():
             return
+        key = self._key(name)
         try:
-            data = await self.redis.get(self._key(name))
+            data = await self.redis.get(key)
+            left_ms = await self.redis.pttl(key) if data is not None else -1
         except RedisError as exc:
             raise StorageError(f"cannot read the image {name} from Redis: {exc}") from exc
         if data is not None:
             await trio.to_thread.run_sync(self._write_atomically, name, data)
+            if self.ttl is not None and left_ms >= 0:
+                # As old as the image (its expiry counts from the save): retention
+                # deletes the copy when Redis' goes, not a retention after now.
+                saved_at = time.time() - max(0.0, self.ttl - left_ms / 1000)
+                with contextlib.suppress(OSError):  # (deleted meanwhile: fetched again)
+                    await trio.to_thread.run_sync(os.utime, path, (saved_at, saved_at))
 
 
 class SharedImageRoute:

@@ -17,6 +17,7 @@ from daemon.http.client import http_request
 from daemon.images.retention import ImageJanitor, RetentionPolicy
 from daemon.images.store import ImageStore
 from daemon.shared.images import SharedImageStore
+from daemon.shared.store import image_key
 from daemon.simulator import ComfySimulator
 from tests.daemon.comfy_relay import comfy_relay
 from tests.daemon.harness import FAST, Daemon, payloads, running_daemon
@@ -283,3 +284,27 @@ def test_uploads_may_not_be_larger_than_what_is_served() -> None:
             environ={},
             flags={"max_upload_bytes": str(32 * MiB), "max_image_bytes": str(16 * MiB)},
         )
+
+
+async def test_an_image_copied_from_redis_goes_from_disk_when_its_redis_copy_expires(
+    tmp_path: Path,
+) -> None:
+    """A daemon that serves an image only Redis had keeps a copy on its disk: the copy
+    is as old as the image (Redis' expiry, counted from the save, says how old), so
+    retention deletes it when Redis' copy expires, not image_retention after the copy
+    was made (that daemon alone would serve it meanwhile, every other one 404)."""
+    async with redis_server(tmp_path / "redis") as redis:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(redis.url)
+        async with client:
+            worker = SharedImageStore(tmp_path / "worker", client, "test", ttl=3600)
+            await worker.open()
+            name = await worker.save(png(16, 16))
+            await client.expire(image_key("test", name), 60)  # saved 3540 s ago
+            front = SharedImageStore(tmp_path / "front", client, "test", ttl=3600)
+            await front.open()
+            await front.fetch_to_disk(name)
+            assert os.listdir(tmp_path / "front") == [name]
+            later = time.time() + 120  # past Redis' expiry of the image
+            policy = RetentionPolicy(retention=3600, max_bytes=0)
+            janitor = ImageJanitor(front, policy, in_use=set, wall_clock=lambda: later)
+            assert await janitor.sweep() == [name]
