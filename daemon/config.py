@@ -468,6 +468,12 @@ def load(
         if urllib.parse.urlsplit(url).password is not None:
             # The daemon would not send it, and the URL is in every log line and metric.
             raise ConfigError("a ComfyUI URL must not carry a user:password")
+    if config.redis_url and not _is_redis_url(config.redis_url):
+        # Not repeated: it may carry a password.
+        raise ConfigError(
+            "redis_url is not a Redis URL: give redis://HOST[:PORT][/DB] (rediss:// for"
+            " TLS, unix:///PATH/TO/redis.sock for a socket)"
+        )
     try:
         parse_networks(config.trusted_proxies)
     except ValueError as exc:
@@ -486,6 +492,19 @@ def load(
         if split_host(host) is None:
             raise ConfigError(f"allowed_hosts: {host!r} is not a host name like comfy.example")
     return _with_token_file(config)
+
+
+def _is_redis_url(url: str) -> bool:
+    """A URL coredis connects to: else the daemon fails at its first command (coredis
+    takes `localhost:6379` and fails with an AssertionError) or at its start."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    try:
+        parts.port  # noqa: B018 (raises ValueError when it is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("redis", "rediss") and bool(parts.hostname)
 
 
 def _check_one_kind_of_backend(config: Config, sources: Mapping[str, str]) -> None:

@@ -63,11 +63,32 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         ("lease_timeout = +inf\n", "expected a finite number"),
         # Past what Redis takes as an expiry (~9e15 s): no number that large is meant.
         ("task_retention = 1e17\n", "must be at most 1000000000"),
+        # coredis took these and failed at the daemon's first command (an AssertionError
+        # traceback for one without a scheme; a daemon retrying for ever for no host).
+        ('redis_url = "localhost:6379"\n', "redis_url is not a Redis URL"),
+        ('redis_url = "redis.lan"\n', "redis_url is not a Redis URL"),
+        ('redis_url = "redis://"\n', "redis_url is not a Redis URL"),
+        ('redis_url = "redis://redis.lan:port/0"\n', "redis_url is not a Redis URL"),
+        ('redis_url = "unix://"\n', "redis_url is not a Redis URL"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg.load(config_file=write(tmp_path, text), environ={}, flags={})
+
+
+def test_redis_urls_of_every_kind_coredis_takes_are_accepted() -> None:
+    for url in (
+        "redis://redis.lan",
+        "redis://:secret@10.0.0.5:6380/2",
+        "rediss://user:secret@redis.example:6379/0",
+        "unix:///run/redis/redis.sock?db=1",
+    ):
+        assert cfg.load(config_file=None, environ={}, flags={"redis_url": url}).redis_url == url
+    # The message never repeats the URL: it may carry a password.
+    with pytest.raises(cfg.ConfigError) as refused:
+        cfg.load(config_file=None, environ={}, flags={"redis_url": "secret@redis.lan:6379"})
+    assert "secret" not in str(refused.value)
 
 
 def test_errors_name_their_source() -> None:
