@@ -453,6 +453,12 @@ def load(
     sources.update({k: flag_source(k, flag_names) for k in flags})
     config = Config(**merged)
     _check_one_kind_of_backend(config, sources)
+    if not config.shared and config.role != "both":
+        # Alone, a daemon is front and worker in one: the role would be ignored.
+        raise ConfigError(
+            f"role = {config.role} (from {sources['role']}) needs redis_url: a daemon"
+            " without Redis takes requests and runs tasks both"
+        )
     if config.shared and config.role == "worker" and not (config.backend_urls or config.simulate):
         # A front needs no ComfyUI; a worker has nothing to run its tasks on.
         raise ConfigError(

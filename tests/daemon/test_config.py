@@ -232,3 +232,15 @@ def test_a_worker_without_a_comfyui_is_a_configuration_error(tmp_path: Path) -> 
     environ["COMFY_PROGRESS_ROLE"] = "worker"
     cfg.load(config_file=path, environ=environ, flags={"comfy_url": "http://a:1"})
     cfg.load(config_file=path, environ=environ, flags={"simulate": "true"})
+
+
+@pytest.mark.parametrize("role", ["front", "worker"])
+def test_a_role_without_redis_is_a_configuration_error(role: str) -> None:
+    # Without redis_url a daemon is front and worker in one: a role=worker daemon
+    # served the whole API, a role=front one ran tasks, and nothing said so.
+    environ = {"COMFY_PROGRESS_ROLE": role}
+    message = rf"role = {role} \(from environment COMFY_PROGRESS_ROLE\) needs redis_url"
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load(config_file=None, environ=environ, flags={})
+    config = cfg.load(config_file=None, environ={"COMFY_PROGRESS_ROLE": "both"}, flags={})
+    assert config.role == "both"
