@@ -69,7 +69,9 @@ async def test_redis_back_without_its_data_takes_new_tasks_and_ends_the_running_
 
 async def test_a_waiting_task_redis_forgot_ends_lost_for_its_viewer(tmp_path: Path) -> None:
     """No worker had taken it: nobody would ever write its end, so the front streaming
-    it writes one (code `lost`), for its viewer and for any later GET."""
+    it writes one (code `lost`), for its viewer and for any later GET. That front's
+    metrics count it (as a cancel or the wait limit there), and a DELETE is told the
+    task already ended, not that it is unknown (the end is all Redis holds of it)."""
     async with (
         redis_server(tmp_path / "redis") as redis,
         front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
@@ -84,45 +86,7 @@ async def test_a_waiting_task_redis_forgot_ends_lost_for_its_viewer(tmp_path: Pa
                 await stream.to_end()
         assert last(stream.seen)["error"]["code"] == "lost", stream.seen[-1].data
         assert last(await read_events(entry.url, task_id))["error"]["code"] == "lost"
-
-
-async def test_a_waiting_task_redis_forgot_is_counted_by_the_front_that_ended_it(
-    tmp_path: Path,
-) -> None:
-    """The `lost` end a front writes is an end of a task no worker held: that front's
-    metrics count it, as a cancel or the wait limit there."""
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
-    ):
-        task_id = await generate(entry.url)
-        async with held_stream(entry.url, task_id) as stream:
-            await stream.until(lambda event: json.loads(event.data).get("queue"))  # seen waiting
-            client = coredis.Redis.from_url(redis.url)
-            async with client:
-                await client.flushall()
-            with trio.fail_after(20):
-                await stream.to_end()
-        end = last(stream.seen)
-        assert end["error"]["code"] == "lost", stream.seen[-1].data
         assert ends_counted(await scrape(entry.url), "error", "lost") == 1
-
-
-async def test_a_waiting_task_redis_forgot_answers_a_cancel_as_ended(tmp_path: Path) -> None:
-    """Its `lost` end is all Redis holds of it: GET /tasks/{id} shows that end, and a
-    DELETE is told the task already ended, not that it is unknown."""
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        front(tmp_path, "f", redis.url) as entry,  # no worker: the task waits
-    ):
-        task_id = await generate(entry.url)
-        async with held_stream(entry.url, task_id) as stream:
-            await stream.until(lambda event: json.loads(event.data).get("queue"))  # seen waiting
-            client = coredis.Redis.from_url(redis.url)
-            async with client:
-                await client.flushall()
-            with trio.fail_after(20):
-                await stream.to_end()
         status = await http_request("GET", f"{entry.url}/tasks/{task_id}", timeout=10)
         assert status.status == 200
         assert status.json()["error"]["code"] == "lost"
