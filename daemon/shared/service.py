@@ -87,7 +87,11 @@ class SharedService:
         )
         limit = config.backend_wait_timeout
         self.wait_limit = WaitLimit(
-            self.store, limit=limit, interval=sweep_interval(limit), on_task_end=on_task_end
+            self.store,
+            limit=limit,
+            interval=sweep_interval(limit),
+            lease_timeout=config.lease_timeout,
+            on_task_end=on_task_end,
         )
 
     def _finished(self, task_id: str) -> None:

@@ -16,7 +16,8 @@
 {p}:caps:{daemon}  what a worker's backends can run (expires unless refreshed)
 {p}:workers        sorted set of the daemon ids that published caps, scored by when
                    their key expires (Redis' clock; see worker_registry.py)
-{p}:unrunnable:{id}  when a front first saw this waiting task with no live worker
+{p}:unrunnable:{id}  when a front first saw this waiting task (or this orphan: its
+                   lease expired, and no live worker claimed it) with no live worker
                    able to run it (Redis' clock; see wait_limit.py)
 {p}:unrunnable     set of the ids that have such a stamp: every script that writes
                    or deletes a stamp adds or removes its id in the same step, so a

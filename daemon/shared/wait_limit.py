@@ -31,6 +31,22 @@ when some worker could run it; else it expires long after the limit. A worker th
 takes the task only to put it back in line (it cannot run it) leaves the stamp, so
 its bounces do not keep the task waiting for ever. Fronts and workers restarting
 within the limit lose nothing: the stamp and the set are in Redis.
+
+An orphan is in the same situation: a task a worker took whose lease expired (the
+worker was killed, or stopped with SIGTERM, which marks its leases expired at once)
+while no live worker claims it. A live worker with room claims such an entry
+(XAUTOCLAIM) before it reads a new one, so an orphan that some live worker could run
+is queueing for a busy worker; one that none can run gets the same stamp, listed the
+same way, and ends `backend_unavailable` at the same limit. A sweep finds orphans with
+one XPENDING ... IDLE `lease_timeout` (the entries whose lease is fresh cost nothing),
+reads each entry's task id once, and leaves out a task still in the waiting set (its
+taker died before it took it out: the wait there counts). MARK writes an orphan's stamp
+only while its entry is pending past the lease, and END_ORPHAN ends it only while it
+still is and the stamp is `limit` old, acknowledging and deleting the entry in the same
+step: a worker's claim (which resets the entry's idle time, and then drops the stamp)
+before the end makes it do nothing, and no XAUTOCLAIM finds the entry after it. The end
+is the waiting end's (record, stream entry, outcome beside its Idempotency-Key), so the
+task's viewers on every front get it; the preview of the attempt its worker left goes.
 """
 
 from __future__ import annotations
@@ -42,13 +58,14 @@ from collections.abc import Callable, Iterator
 from typing import Final
 
 import trio
-from coredis.exceptions import RedisError
+from coredis.exceptions import RedisError, StreamConsumerGroupError
 
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
 from daemon.shared.ending import VERSION_RETRIES, ended_while_waiting
 from daemon.shared.store import (
     END_WAITING,
+    GROUP,
     STREAM_LENGTH,
     SharedStore,
     entry_id,
@@ -70,8 +87,10 @@ UNLISTED: Final = "unlisted"  # the same, its id not in the stamped set (yet)
 RUNNABLE: Final = "runnable"  # listed, waiting, and some live worker can run it now
 GONE: Final = "gone"  # listed, not waiting
 
-# KEYS[1] the waiting set, KEYS[2] the stamped set, then one stamp per task; ARGV[1]
-# the stamp's TTL, ARGV[2] the limit, then per task its id and what the sweep saw.
+# KEYS[1] the waiting set, KEYS[2] the stamped set, KEYS[3] the queue, then one stamp
+# per task; ARGV[1] the stamp's TTL, ARGV[2] the limit, ARGV[3] the lease in ms, then
+# per task its id, what the sweep saw, and its queue entry ('' for a task in the
+# waiting set; else an orphan: it waits while that entry is pending past the lease).
 # Returns the ids whose stamp is `limit` old. A stamp and its id in the set come and
 # go together; a stamp of a task not waiting stays (a worker putting it back in line
 # holds it out of the waiting set meanwhile): only an expired one's id goes.
@@ -79,17 +98,24 @@ MARK: Final = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local due = {}
-for i = 3, #KEYS do
-  local id = ARGV[2 * i - 3]
-  local seen = ARGV[2 * i - 2]
+for i = 4, #KEYS do
+  local id = ARGV[3 * i - 8]
+  local seen = ARGV[3 * i - 7]
+  local entry = ARGV[3 * i - 6]
+  local waits
+  if entry == '' then
+    waits = redis.call('ZSCORE', KEYS[1], id)
+  else
+    waits = redis.call('XPENDING', KEYS[3], 'workers', 'IDLE', ARGV[3], entry, entry, 1)[1]
+  end
   if seen == 'runnable' then
     redis.call('DEL', KEYS[i])
     redis.call('SREM', KEYS[2], id)
   elseif seen == 'gone' then
-    if not redis.call('ZSCORE', KEYS[1], id) and redis.call('EXISTS', KEYS[i]) == 0 then
+    if not waits and redis.call('EXISTS', KEYS[i]) == 0 then
       redis.call('SREM', KEYS[2], id)
     end
-  elseif redis.call('ZSCORE', KEYS[1], id) then
+  elseif waits then
     local since = redis.call('GET', KEYS[i])
     if not since then
       redis.call('SET', KEYS[i], string.format('%.6f', t), 'EX', ARGV[1])
@@ -118,6 +144,36 @@ if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
     + END_WAITING
 )
 
+# The end of an orphan (KEYS: queue, events, record, stamp, stamped set, outcome,
+# waiting set, preview; ARGV: task id, the stream's newest entry id, the end's entry
+# id, event, payload, MAXLEN, record JSON, TTL of both, the limit, the queue entry,
+# the lease in ms), in one step, only while that entry is still pending past the
+# lease (a worker's claim resets its idle time: then nothing) and the stamp is
+# `limit` old (Redis' clock). The entry is acknowledged and deleted in the same step:
+# no XAUTOCLAIM finds it afterwards. 1: ended; 0: claimed (or acknowledged), or not
+# unrunnable that long (any more); -1: the stream moved on: build the end again.
+END_ORPHAN: Final = """
+local pending = redis.call('XPENDING', KEYS[1], 'workers', 'IDLE', ARGV[11], ARGV[10], ARGV[10], 1)
+if not pending[1] then return 0 end
+local since = redis.call('GET', KEYS[4])
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL')
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('DEL', KEYS[8])
+redis.call('XACK', KEYS[1], 'workers', ARGV[10])
+redis.call('XDEL', KEYS[1], ARGV[10])
+return 1
+"""
+
 
 def sweep_interval(limit: float) -> float:
     """How often a front looks: a tenth of the limit, between 50 ms and 1 s."""
@@ -131,13 +187,16 @@ class WaitLimit:
         *,
         limit: float,
         interval: float,
+        lease_timeout: float,
         on_task_end: Callable[[task.TaskState], None] = lambda state: None,
     ) -> None:
         self.store = store
         self.on_task_end = on_task_end  # a task this front ended (its metrics)
         self.limit = limit
         self.interval = interval
+        self.lease_ms = int(lease_timeout * 1000)
         self._needs: dict[str, Needs] = {}  # task id -> what it needs (its spec's graph)
+        self._entries: dict[str, str] = {}  # queue entry id -> its task id (never changes)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -152,31 +211,69 @@ class WaitLimit:
         store = self.store
         waiting = [text(m) for m in await store.redis.zrange(store.waiting_key, 0, -1)]
         stamped = {text(m) for m in await store.redis.smembers(store.stamped_key)}
-        self._needs = {t: self._needs[t] for t in waiting if t in self._needs}
+        orphans = await self.orphans(set(waiting))
+        candidates = [*waiting, *orphans]
+        self._needs = {t: self._needs[t] for t in candidates if t in self._needs}
         reasons: dict[str, str | None] = {}
-        if waiting:
+        if candidates:
             workers = await published(store)
             ready = by_backend(workers, ready_from_json)
             if ready:
-                await self._read_needs([t for t in waiting if t not in self._needs])
-            reasons = {t: self._why_unrunnable(t, len(workers), ready) for t in waiting}
+                await self._read_needs([t for t in candidates if t not in self._needs])
+            reasons = {t: self._why_unrunnable(t, len(workers), ready) for t in candidates}
         visits = [*self._to_visit(reasons, stamped)]
         for start in range(0, len(visits), BATCH):
             batch = visits[start : start + BATCH]
-            args: list[str | int | float] = [int(self.limit) + STAMP_SLACK, self.limit]
+            args: list[str | int | float] = [
+                int(self.limit) + STAMP_SLACK,
+                self.limit,
+                self.lease_ms,
+            ]
             for task_id, seen in batch:
-                args += [task_id, seen]
+                args += [task_id, seen, orphans.get(task_id, "")]
             due = await store.redis.eval(
                 MARK,
                 keys=[
                     store.waiting_key,
                     store.stamped_key,
+                    store.queue_key,
                     *[store.unrunnable_key(t) for t, _ in batch],
                 ],
                 args=args,
             )
             for task_id in map(text, due or ()):  # type: ignore[arg-type]
-                await self._end(task_id, reasons.get(task_id) or "no worker can run it")
+                why = reasons.get(task_id) or "no worker can run it"
+                if task_id in orphans:
+                    await self.end_orphan(task_id, orphans[task_id], why)
+                else:
+                    await self._end(task_id, why)
+
+    async def orphans(self, waiting: set[str]) -> dict[str, str]:
+        """The tasks whose queue entry is pending past the lease (its worker died or
+        stopped, and no live worker claimed it yet): task id -> entry id. One XPENDING
+        with IDLE: the entries whose lease is fresh cost nothing; an entry's task id is
+        read once (XRANGE) and remembered. A task in the waiting set is not one (its
+        taker died before taking it out of the set): the wait there counts for it."""
+        store = self.store
+        try:
+            pending = await store.redis.xpending(
+                store.queue_key, GROUP, "-", "+", BATCH, idle=self.lease_ms
+            )
+        except StreamConsumerGroupError:
+            return {}  # Redis lost the queue: nothing is pending (a take makes it again)
+        entries = [text(p.identifier) for p in pending]  # type: ignore[union-attr]
+        self._entries = {e: self._entries[e] for e in entries if e in self._entries}
+        orphans: dict[str, str] = {}
+        for entry in entries:
+            if entry not in self._entries:
+                found = await store.redis.xrange(store.queue_key, entry, entry)
+                if not found:
+                    continue  # deleted without its acknowledgement: no task to end
+                self._entries[entry] = text(found[0].field_values[b"task"])
+            task_id = self._entries[entry]
+            if task_id not in waiting:
+                orphans.setdefault(task_id, entry)
+        return orphans
 
     @staticmethod
     def _to_visit(reasons: dict[str, str | None], stamped: set[str]) -> Iterator[tuple[str, str]]:
@@ -221,25 +318,60 @@ class WaitLimit:
 
     async def _end(self, task_id: str, why: str) -> None:
         store = self.store
+        details = f"waited {self.limit:g} s in the service's queue: {why}"
+        await self._write_end(
+            task_id, END, [store.waiting_key, store.events_key(task_id)], [], [], details
+        )
+
+    async def end_orphan(self, task_id: str, entry: str, why: str) -> bool:
+        """End an orphan (a task whose lease expired with no live worker to claim it)
+        whose stamp is `limit` old, its queue entry acknowledged in the same step
+        (END_ORPHAN); True when this call ended it. Nothing when a worker claimed the
+        entry meanwhile, or it is no longer idle past the lease."""
+        store = self.store
+        details = f"its worker left it, and for {self.limit:g} s no live worker took it: {why}"
+        done = await self._write_end(
+            task_id,
+            END_ORPHAN,
+            [store.queue_key, store.events_key(task_id)],
+            [store.waiting_key, store.preview_key(task_id)],
+            [entry, self.lease_ms],
+            details,
+        )
+        return bool(done)
+
+    async def _write_end(
+        self,
+        task_id: str,
+        script: str,
+        head: list[str],
+        tail: list[str],
+        extra: list[str | int],
+        details: str,
+    ) -> bool | None:
+        """Run an end script (END or END_ORPHAN: keys `head`, the task's record, stamp,
+        the stamped set, its outcome, then `tail`; args the end, then `extra`) until
+        the stream did not move on meanwhile. True when it ended the task; None when
+        there is nothing to end (it has ended, or its record or stream is gone)."""
+        store = self.store
         for _ in range(VERSION_RETRIES):
             shared = await store.load(task_id)
             latest = await store.latest(task_id)
             if shared is None or latest is None or shared.finished or latest.terminal:
-                return
-            details = f"waited {self.limit:g} s in the service's queue: {why}"
+                return None
             failed = task.Failed("backend_unavailable", MESSAGE, details)
             record, message, state = ended_while_waiting(
                 shared, latest.version, [failed], time.time()
             )
             done = await store.redis.eval(
-                END,
+                script,
                 keys=[
-                    store.waiting_key,
-                    store.events_key(task_id),
+                    *head,
                     store.task_key(task_id),
                     store.unrunnable_key(task_id),
                     store.stamped_key,
                     store.outcome_key(task_id),
+                    *tail,
                 ],
                 args=[
                     task_id,
@@ -251,6 +383,7 @@ class WaitLimit:
                     record.to_json(),
                     int(store.retention) + 1,
                     self.limit,
+                    *extra,
                 ],
             )
             if done != -1:
@@ -259,4 +392,5 @@ class WaitLimit:
                     log.warning(
                         "ended backend_unavailable: %s", details, extra={"task_id": task_id}
                     )
-                return
+                return done == 1
+        return False

@@ -9,6 +9,9 @@ a partition) leaves entries idle; after `lease_timeout` another worker's
 XAUTOCLAIM takes them and runs them as restored tasks: when it reaches the same
 ComfyUI it re-attaches to the prompt there (/history), otherwise the task is
 resubmitted (or ends `lost` with `resubmit_lost` off), as after a restart.
+With no live worker left to claim it, a front ends it `backend_unavailable` once no
+live worker could run it for `backend_wait_timeout` (wait_limit.py: in one step that
+a claim excludes, and that acknowledges the entry).
 
 A task of ours that waits in our dispatcher while none of our backends can
 take it (they are away: the task was taken just before, or its prompt was lost

@@ -69,7 +69,7 @@ async def expire_stamp(store: SharedStore, task_id: str) -> None:
 
 
 def sweeper(store: SharedStore, limit: float = 120) -> WaitLimit:
-    return WaitLimit(store, limit=limit, interval=1)
+    return WaitLimit(store, limit=limit, interval=1, lease_timeout=15)
 
 
 async def test_a_sweep_over_a_runnable_backlog_sends_nothing_per_task_and_stamps_nothing(
