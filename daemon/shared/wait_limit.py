@@ -175,6 +175,20 @@ return 1
 """
 
 
+# An orphan that has ended already (or whose record went): its entry acknowledged and
+# deleted and its stamp gone, only while the entry is still pending past the lease
+# (KEYS: queue, stamp, stamped set; ARGV: task id, the entry, the lease in ms).
+DROP_ORPHAN: Final = """
+local pending = redis.call('XPENDING', KEYS[1], 'workers', 'IDLE', ARGV[3], ARGV[2], ARGV[2], 1)
+if not pending[1] then return 0 end
+redis.call('XACK', KEYS[1], 'workers', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
 def sweep_interval(limit: float) -> float:
     """How often a front looks: a tenth of the limit, between 50 ms and 1 s."""
     return min(1.0, max(0.05, limit / 10))
@@ -338,6 +352,14 @@ class WaitLimit:
             [entry, self.lease_ms],
             details,
         )
+        if done is None:
+            # Ended (its worker died before it acknowledged the entry) or forgotten:
+            # what a worker claiming it would do, so that no sweep comes back to it.
+            await store.redis.eval(
+                DROP_ORPHAN,
+                keys=[store.queue_key, store.unrunnable_key(task_id), store.stamped_key],
+                args=[task_id, entry, self.lease_ms],
+            )
         return bool(done)
 
     async def _write_end(

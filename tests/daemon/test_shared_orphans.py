@@ -123,6 +123,21 @@ async def test_an_orphan_ends_once_and_no_worker_claims_it_afterwards(tmp_path: 
         assert len(ended) == 1
 
 
+async def test_an_orphan_whose_task_is_gone_is_acknowledged_not_visited_again(
+    tmp_path: Path,
+) -> None:
+    """As a worker claiming it would: an entry whose task ended or was forgotten (its
+    worker died before acknowledging it) goes, and its stamp with it."""
+    async with orphaned(tmp_path) as (store, limit, _entry):
+        await store.redis.delete([store.task_key("t")])
+        await limit.sweep()
+        assert await leases(store) == []
+        assert await claim(store, "alive") == []
+        assert not await store.redis.exists([store.unrunnable_key("t")])
+        assert await store.redis.smembers(store.stamped_key) == set()
+        assert await limit.orphans(set()) == {}
+
+
 # -- real daemons
 
 
