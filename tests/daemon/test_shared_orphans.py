@@ -36,6 +36,7 @@ PREFIX = "p"
 NOW = 1_795_632_898.0
 GRAPH = {"1": {"class_type": "KSampler", "inputs": {}}}
 LEASE = 15.0
+KEY = f"{PREFIX}:idempotency:k"
 
 
 # -- the end script, in process (the sweep runs in the test)
@@ -52,7 +53,8 @@ async def orphaned(tmp_path: Path) -> AsyncIterator[tuple[SharedStore, WaitLimit
             await store.ensure_queue()
             spec = task.TaskSpec(task_id="t", prompt_id="prompt-t", graph=GRAPH)
             state = replace(task.new_task(spec, NOW), version=1)
-            await store.submit(state, task.render(state, NOW))
+            # Made with an Idempotency-Key: its end is kept beside it.
+            await store.submit(state, task.render(state, NOW), claim=(KEY, b"t", 600))
             taken = await client.xreadgroup(GROUP, "dead", {store.queue_key: ">"}, count=1)
             assert taken is not None
             entry = text(next(iter(taken.values()))[0].identifier)
@@ -93,6 +95,7 @@ async def test_the_end_of_an_orphan_a_worker_claimed_just_before_does_nothing(
         assert await limit.orphans(set()) == {"t": entry}
         assert await claim(store, "alive") == [entry]
         assert not await limit.end_orphan("t", entry, "no worker is running")
+        assert await store.outcome("t") is None  # (made empty, for its end to fill in)
         latest = await store.latest("t")
         assert latest is not None
         assert not latest.terminal
@@ -114,6 +117,9 @@ async def test_an_orphan_ends_once_and_no_worker_claims_it_afterwards(tmp_path: 
         assert latest is not None
         assert latest.terminal
         assert latest.payload["error"]["code"] == "backend_unavailable", latest.payload
+        outcome = await store.outcome("t")
+        assert outcome is not None
+        assert outcome["error"]["code"] == "backend_unavailable"
         assert await claim(store, "alive") == []
         assert await leases(store) == []
         assert not await store.redis.exists([store.unrunnable_key("t")])
