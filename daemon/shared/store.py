@@ -127,15 +127,23 @@ return 1
 # written; 2: written, and a cancel was asked (a front sets the key, then reads the
 # holder: it read a record that did not name us yet, so this is how the cancel reaches
 # us). An entry pending for nobody is written to (Redis lost it, see REFRESH_LEASES in
-# worker.py). An id not past the stream's newest fails the XADD before anything is
-# written (StaleWrite), unless that entry is this very snapshot: a write retried after
-# its answer was lost (coredis retries a command on a new connection) is not taken
-# for another daemon's. The preview goes in the same step as the snapshot announcing
-# it, so a viewer reading that snapshot finds it. KEYS[6], ARGV[15] ('1': the snapshot
-# is the end): a task made with an Idempotency-Key keeps its end beside the key.
+# worker.py), unless the stream's newest entry is an end (ARGV[16]: the progress
+# event's name) other than this very snapshot: a front ended the task its worker
+# left (wait_limit.py), acknowledging the entry, and that worker, back from a
+# partition, would write past the end. An id not past the stream's newest fails the
+# XADD before anything is written (StaleWrite), unless that entry is this very
+# snapshot: a write retried after its answer was lost (coredis retries a command on a
+# new connection) is not taken for another daemon's. The preview goes in the same step
+# as the snapshot announcing it, so a viewer reading that snapshot finds it. KEYS[6],
+# ARGV[15] ('1': the snapshot is the end): a task made with an Idempotency-Key keeps
+# its end beside the key.
 WRITE_HELD: Final = """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
 if pending[1] and pending[1][2] ~= ARGV[1] then return 0 end
+if not pending[1] then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if newest[1] and newest[1][2][2] ~= ARGV[16] and newest[1][1] ~= ARGV[3] then return 0 end
+end
 if ARGV[3] ~= '' then
   local same = redis.call('XRANGE', KEYS[2], ARGV[3], ARGV[3])
   if not (same[1] and same[1][2][4] == ARGV[5]) then
@@ -479,8 +487,9 @@ class SharedStore:
         """A worker's snapshot (None: none new), record and newest preview (None:
         unchanged; `drop_preview`: the task ended, or a new attempt announces none
         yet) of a task it holds, in one step, only while the queue entry `lease` is
-        still `daemon_id`'s (else nothing is written: another worker claimed it),
-        and whether a cancel was asked.
+        still `daemon_id`'s (else nothing is written: another worker claimed it; or,
+        pending for nobody, a front ended the task after its lease), and whether a
+        cancel was asked.
         StaleWrite when a newer snapshot is there."""
         task_id = shared.record.task_id
         snapshot: list[str] = ["", "", ""]
@@ -515,6 +524,7 @@ class SharedStore:
                     *image,
                     PREVIEW_TTL,
                     "1" if message is not None and message.is_terminal else "",
+                    task.EVENT_PROGRESS,
                 ],
             )
         except ResponseError as exc:

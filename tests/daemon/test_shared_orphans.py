@@ -144,6 +144,29 @@ async def test_an_orphan_whose_task_is_gone_is_acknowledged_not_visited_again(
         assert await limit.orphans(set()) == {}
 
 
+async def test_the_worker_that_left_an_orphan_writes_nothing_past_its_end(
+    tmp_path: Path,
+) -> None:
+    """Back from a partition longer than the lease and the limit, the worker finds its
+    entry pending for nobody (as when Redis lost it), but the task has ended: a newer
+    snapshot of its copy is refused, and the end stays the task's last word."""
+    async with orphaned(tmp_path) as (store, limit, entry):
+        await limit.sweep()
+        ended = await store.latest("t")
+        assert ended is not None
+        assert ended.terminal
+        shared = await store.load("t")
+        assert shared is not None
+        spec = task.TaskSpec(task_id="t", prompt_id="prompt-t", graph=GRAPH)
+        copy = replace(task.new_task(spec, NOW), version=ended.version + 5)
+        written = await store.write_held("dead", entry, shared, task.render(copy, NOW))
+        assert not written.written
+        assert await store.latest("t") == ended
+        record = await store.load("t")
+        assert record is not None
+        assert record.finished
+
+
 # -- real daemons
 
 
