@@ -75,17 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The settings that `serve` flags of their own set (the rest come from --set);
-# a configuration error names the flag the user typed.
-FLAG_NAMES: Final = {
-    "listen": "--listen",
-    "data_dir": "--data-dir",
-    "log_level": "--log-level",
-    "comfy_url": "--comfy-url",
-    "comfy_urls": "--comfy-url",
-    "simulate": "--simulate",
-    "simulators": "--simulate",
-}
+# Settings a `serve` flag sets beside its own (see _flag_settings).
+_ALSO_SET_BY: Final = {"comfy_urls": "comfy_url", "simulators": "simulate"}
 
 
 def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -113,9 +104,14 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _flag_names(args: argparse.Namespace) -> dict[str, str]:
-    """FLAG_NAMES, less the settings that --set gave (it comes last and wins)."""
+    """Setting -> the `serve` flag that set it, so that a configuration error names
+    what was typed; less the settings --set gave (it comes last and wins)."""
+    from daemon.ops.reference import serve_flags  # (it reads this module's parser)
+
+    own = serve_flags()
+    own.update({name: own[flag_of] for name, flag_of in _ALSO_SET_BY.items()})
     by_set = {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
-    return {name: flag for name, flag in FLAG_NAMES.items() if name not in by_set}
+    return {name: flag for name, flag in own.items() if name not in by_set}
 
 
 def serve(args: argparse.Namespace) -> int:
