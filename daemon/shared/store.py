@@ -163,6 +163,21 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 return 1
 """
 
+# The end of a task no worker holds, written (KEYS[2] its events, [3] its record,
+# [4] its stamp, [5] the stamped set, [6] its outcome; ARGV as END_WAITING's) unless
+# the stream moved on meanwhile (-1: build the end again). Shared by END_WAITING and
+# wait_limit.END_ORPHAN, which check first what makes the task theirs to end.
+WRITE_END: Final = """
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('DEL', KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL')
+"""
+
 # The end of a task no worker took, in one step, only while it waits and the stream's
 # newest entry is the one its end follows (KEYS: waiting set, events, record, stamp,
 # stamped set; ARGV: task id, that newest entry id, the end's entry id, event, payload,
@@ -170,19 +185,16 @@ return 1
 # its taker died and a claimer runs it: never both ended here and run); -1: the stream
 # moved on (a queue position): build the end again. KEYS[6]: the task's outcome (kept
 # when an Idempotency-Key made it).
-END_WAITING: Final = """
+END_WAITING: Final = (
+    """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
+"""
+    + WRITE_END
+    + """
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[5], ARGV[1])
-redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL')
 return 1
 """
+)
 
 # A new task in one step with its Idempotency-Key's claim (KEYS: record, events,
 # waiting set, queue, the key's claim (the record again when there is no key); ARGV:

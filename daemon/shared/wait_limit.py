@@ -67,6 +67,7 @@ from daemon.shared.store import (
     END_WAITING,
     GROUP,
     STREAM_LENGTH,
+    WRITE_END,
     SharedStore,
     entry_id,
     payload_json,
@@ -130,19 +131,20 @@ end
 return due
 """
 
-# END_WAITING (a waiting task's end, in one step; the end kept beside its
-# Idempotency-Key too), only while the task's stamp is `limit` old (ARGV[9], by
-# Redis' clock). 1: ended; 0: not waiting, or not unrunnable that long (any more);
-# -1: the stream moved on (a queue position): build the end again.
-END: Final = (
-    """
+# Goes on only while the task's stamp (KEYS[4]) is `limit` old (ARGV[9], by Redis'
+# clock); else the script answers 0.
+STAMP_DUE: Final = """
 local since = redis.call('GET', KEYS[4])
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
 """
-    + END_WAITING
-)
+
+# END_WAITING (a waiting task's end, in one step; the end kept beside its
+# Idempotency-Key too), only while the task's stamp is `limit` old. 1: ended; 0: not
+# waiting, or not unrunnable that long (any more); -1: the stream moved on (a queue
+# position): build the end again.
+END: Final = STAMP_DUE + END_WAITING
 
 # The end of an orphan (KEYS: queue, events, record, stamp, stamped set, outcome,
 # waiting set, preview; ARGV: task id, the stream's newest entry id, the end's entry
@@ -152,27 +154,21 @@ if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
 # `limit` old (Redis' clock). The entry is acknowledged and deleted in the same step:
 # no XAUTOCLAIM finds it afterwards. 1: ended; 0: claimed (or acknowledged), or not
 # unrunnable that long (any more); -1: the stream moved on: build the end again.
-END_ORPHAN: Final = """
+END_ORPHAN: Final = (
+    """
 local pending = redis.call('XPENDING', KEYS[1], 'workers', 'IDLE', ARGV[11], ARGV[10], ARGV[10], 1)
 if not pending[1] then return 0 end
-local since = redis.call('GET', KEYS[4])
-local now = redis.call('TIME')
-local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-if not since or t - tonumber(since) < tonumber(ARGV[9]) then return 0 end
-local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if not newest[1] or newest[1][1] ~= ARGV[2] then return -1 end
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3], 'e', ARGV[4], 'p', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[5], ARGV[1])
-redis.call('SET', KEYS[6], ARGV[5], 'XX', 'KEEPTTL')
+"""
+    + STAMP_DUE
+    + WRITE_END
+    + """
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('DEL', KEYS[8])
 redis.call('XACK', KEYS[1], 'workers', ARGV[10])
 redis.call('XDEL', KEYS[1], ARGV[10])
 return 1
 """
+)
 
 
 # An orphan that has ended already (or whose record went): its entry acknowledged and
