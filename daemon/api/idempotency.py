@@ -100,7 +100,11 @@ class IdempotencyKeys:
             self._journal.forget_idempotency_key(key)
 
     def _expire(self) -> None:
+        """Keys older than KEY_TTL go, from memory and from the journal: a daemon that
+        runs for months would otherwise keep a journal row for every keyed request."""
         cutoff = self._clock() - KEY_TTL
         for key in [k for k, r in self._keys.items() if r.created_at < cutoff]:
             record = self._keys.pop(key)
             self._key_of_task.pop(record.task_id, None)
+            if self._journal is not None:
+                self._journal.forget_idempotency_key(key)

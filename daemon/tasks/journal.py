@@ -472,7 +472,8 @@ class Journal:
         self._wake()
 
     def forget_idempotency_key(self, key: str) -> None:
-        """The key's task was refused (never accepted): the key is free again."""
+        """The key is free again: its task was refused (never accepted), or the key is
+        older than its 24 hours."""
         self._pending.keys[key] = None
         self._wake()
 
