@@ -153,6 +153,21 @@ describe("ETA", () => {
     assert.equal(eta.update(tick(4), 3000), 16);
   });
 
+  test("a restarted daemon's snapshot of the node at 0/1 is no step back: ComfyUI went on", () => {
+    // A page that first saw the node mid-way (opened or reloaded then): its rate
+    // starts at step 2. The daemon comes back knowing the node ComfyUI is on, not
+    // its count, and says 0/1. Taken for the node starting over, the rate started
+    // there, and the steps made while the daemon was away looked done in an
+    // instant: "about 2 s left" for 12 steps at 1 step/s, off for the rest of the node.
+    const eta = new RateEstimator();
+    eta.update(tick(2), 2000);
+    assert.equal(eta.update(tick(4), 4000), 16);
+    const resumed = running({ node: "3", nodeType: "KSampler", currentValue: 0, maxValue: 1 });
+    assert.equal(eta.update(resumed, 7000), null, "no count, and no server rate yet");
+    assert.equal(eta.update(tick(8, { etaSeconds: null }), 8000), 12);
+    assert.equal(eta.update(tick(9, { etaSeconds: 11 }), 9000), 11);
+  });
+
   test("outside the running phase there is no estimate, and the rate is forgotten", () => {
     const eta = new RateEstimator();
     eta.update(tick(2), 0);

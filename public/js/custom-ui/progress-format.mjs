@@ -107,7 +107,8 @@ export function formatEta(seconds) {
  * this stands for the task; the loaders before them finish in a blink and
  * would make a whole-graph rate wildly optimistic. Until two ticks of one node
  * give a rate (first tick, a page reloaded mid-way) the daemon's `etaSeconds`,
- * computed the same way from ComfyUI's own tick times, stands in.
+ * computed the same way from ComfyUI's own tick times, stands in. A daemon
+ * restart keeps the rate: ComfyUI's steps went on, and the origin still holds.
  */
 export class RateEstimator {
   constructor() {
@@ -127,6 +128,11 @@ export class RateEstimator {
     const serverEta = typeof progress.etaSeconds === "number" ? progress.etaSeconds : null;
     if (!(max > 0) || !Number.isFinite(value)) return serverEta;
     const origin = this._origin;
+    // 0 of at most 1 for the node already followed counts no step: a restarted
+    // daemon says so of the node ComfyUI is on (it lost the count, ComfyUI went
+    // on). As a step back it would restart the rate there, and the steps made
+    // meanwhile would look done in an instant for the rest of the node.
+    if (origin !== null && origin.node === node && value === 0 && max <= 1) return serverEta;
     if (origin === null || origin.node !== node || value < origin.value) {
       this._origin = { node, value, atMs: nowMs };
       return serverEta;
