@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -44,6 +45,11 @@ class IdempotencyKeys:
         self._keys = dict(loaded)
         self._clock = wall_clock
         self._key_of_task = {record.task_id: key for key, record in self._keys.items()}
+        # Oldest first, so expiring looks only at the keys that are due: a scan of
+        # every key on each keyed POST cost O(keys of the last 24 h) per request.
+        # An entry whose key was forgotten or made again is stale and skipped.
+        self._by_age = [(record.created_at, key) for key, record in self._keys.items()]
+        heapq.heapify(self._by_age)
 
     def lookup(self, key: str, body: bytes) -> str | None:
         """The task this key already made, None for a new key; RequestError if misused."""
@@ -84,6 +90,7 @@ class IdempotencyKeys:
         record = KeyRecord(task_id, self._clock(), fingerprint(body))
         self._keys[key] = record
         self._key_of_task[task_id] = key
+        heapq.heappush(self._by_age, (record.created_at, key))
         if self._journal is not None:
             self._journal.record_idempotency_key(key, record)
         self._expire()
@@ -103,8 +110,12 @@ class IdempotencyKeys:
         """Keys older than KEY_TTL go, from memory and from the journal: a daemon that
         runs for months would otherwise keep a journal row for every keyed request."""
         cutoff = self._clock() - KEY_TTL
-        for key in [k for k, r in self._keys.items() if r.created_at < cutoff]:
-            record = self._keys.pop(key)
+        while self._by_age and self._by_age[0][0] < cutoff:
+            created_at, key = heapq.heappop(self._by_age)
+            record = self._keys.get(key)
+            if record is None or record.created_at != created_at:
+                continue  # stale: forgotten, or made again since
+            del self._keys[key]
             self._key_of_task.pop(record.task_id, None)
             if self._journal is not None:
                 self._journal.forget_idempotency_key(key)
