@@ -167,13 +167,21 @@ class BackendPool:
     # -- the services
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Every backend's consumer and its tender; ready once each has tried to connect."""
+        """Every backend's consumer and its tender; ready once each has tried to connect.
+
+        The first attempts run side by side: one after another, N ComfyUIs that do
+        not answer held the start (and READY=1) for N x comfy_connect_timeout."""
         async with trio.open_nursery() as nursery:
-            for backend in self.backends:
-                await nursery.start(backend.run)
-                nursery.start_soon(self._tend, backend)
-                nursery.start_soon(self._forward, backend)
+            async with trio.open_nursery() as starting:
+                for backend in self.backends:
+                    starting.start_soon(self._start, nursery, backend)
             task_status.started()
+
+    async def _start(self, nursery: trio.Nursery, backend: ComfyBackend) -> None:
+        """Once its first attempt to connect is over, the backend lives on in `nursery`."""
+        await nursery.start(backend.run)
+        nursery.start_soon(self._tend, backend)
+        nursery.start_soon(self._forward, backend)
 
     async def _forward(self, backend: ComfyBackend) -> None:
         while True:
