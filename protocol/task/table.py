@@ -17,7 +17,8 @@ then on ("cancelling") from CancelRequested until the task ends; it changes
 what the task shows ("Cancelling...") and how an interruption ends it. A task
 once cancelling never completes: a success ComfyUI reports after the cancel was
 asked for (it finished before the cancel reached it) ends it as `cancelled`
-too, without fetching the images.
+too, without fetching the images; so does a rejection of the POST that was
+under way when the cancel came (its reason kept in the details).
 
 `TRANSITIONS` has an entry for every (stage, event type): the handler and the
 stages it may lead to, or `IGNORED` (the event changes nothing there: late
@@ -134,6 +135,20 @@ def _on_backend_waiting(state: TaskState, event: BackendWaiting, now: float) -> 
 
 def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transition:
     rejection = event.rejection
+    node_type = rejection.class_type or state.class_types.get(rejection.node_id or "")
+    if state.cancel_requested:
+        # Cancelled while the POST was under way: the 202 promised `cancelled`, and
+        # nothing of the task reached ComfyUI's queue. Why ComfyUI refused it is
+        # still worth telling.
+        details = f"cancelled before it reached ComfyUI, which rejected it: {rejection.message}"
+        error = TaskError(
+            code="cancelled",
+            message="Generation cancelled",
+            details=details,
+            node_id=rejection.node_id,
+            node_type=node_type,
+        )
+        return _fail(state, error, now)
     return _fail(
         state,
         TaskError(
@@ -141,7 +156,7 @@ def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transit
             message="ComfyUI rejected the workflow",
             details=rejection.message,
             node_id=rejection.node_id,
-            node_type=rejection.class_type or state.class_types.get(rejection.node_id or ""),
+            node_type=node_type,
         ),
         now,
     )

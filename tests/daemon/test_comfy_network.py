@@ -33,6 +33,7 @@ from tests.daemon.harness import (
     running_pool,
 )
 from tests.daemon.test_pool import wait_state
+from tests.protocol.workflow_samples import txt2img_definition
 from tests.simulator.test_workflows import txt2img
 
 MANUAL = SimulatorConfig(step_time=0.01, manual_steps=True)
@@ -142,6 +143,47 @@ async def test_a_cancel_while_the_post_dies_with_its_backend_ends_the_task_cance
             "queue_running": [],
             "queue_pending": [],
         }
+
+
+def refused_workflow(tmp_path: Path) -> Path:
+    """A workflows folder with `refused`: a graph ComfyUI rejects at POST /prompt
+    (a batch of 0 latents: below EmptyLatentImage's minimum, 400 with node_errors)."""
+    definition = txt2img_definition()
+    graph = definition["graph"]
+    graph["5"]["inputs"]["batch_size"] = 0
+    # Stock ComfyUI nodes only (the sample's decoder is made up).
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    del definition["parameters"]["tiled"]
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "refused.json").write_text(json.dumps(definition), encoding="utf-8")
+    return workflows
+
+
+async def test_a_cancel_while_the_post_is_answered_with_a_rejection_ends_the_task_cancelled(
+    tmp_path: Path,
+) -> None:
+    workflows = refused_workflow(tmp_path)
+    async with (
+        relayed_simulator(FAST) as (_, relay),
+        running_daemon(
+            tmp_path, simulator=None, comfy_url=relay.url, workflows_dir=str(workflows)
+        ) as daemon,
+    ):
+        await daemon.app.pool.wait_all_read()
+        relay.hold_answers(b"POST /prompt")
+        task_id = await daemon.generate(workflow="refused", width=64)
+        await relay.holding.wait()  # ComfyUI's 400 is on its way back
+        response = await daemon.request("DELETE", f"/tasks/{task_id}")
+        assert response.status == 202
+        assert response.json()["status"] == "cancelling"
+        relay.release()
+        data = payloads(await daemon.events(task_id))
+        status = (await daemon.request("GET", f"/tasks/{task_id}")).json()
+    # The cancel the 202 promised, not `rejected`; why ComfyUI refused it stays told.
+    for end in (data[-1], status):
+        assert end["error"]["code"] == "cancelled", end
+        assert "batch_size" in end["error"]["details"], end
 
 
 @pytest.mark.guard(30)  # (before the fix the task tried the same backend forever)

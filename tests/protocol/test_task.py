@@ -199,6 +199,18 @@ def test_a_rejection_without_node_errors_names_the_node_from_its_details() -> No
     assert (state.error.node_id, state.error.node_type) == ("3", "KSampler")
 
 
+def test_a_rejection_answered_after_a_cancel_ends_the_task_cancelled_with_its_reason() -> None:
+    # The cancel came while the POST was under way: its 202 promised `cancelled`.
+    reply = comfy.PromptRejected(
+        "prompt_outputs_failed_validation", "bad batch_size", named_node="3"
+    )
+    state, _ = run(fresh(), task.CancelRequested(), task.SubmitRejected(reply))
+    assert state.error is not None
+    assert state.error.code == "cancelled"
+    assert "bad batch_size" in state.error.details
+    assert (state.error.node_id, state.error.node_type) == ("3", "KSampler")
+
+
 def test_success_without_images_is_an_error() -> None:
     state, _ = run(fresh(), *RUNNING, comfy.ExecutionSuccess("P"), task.OutputsStored(()))
     assert state.error is not None
