@@ -17,8 +17,9 @@ then on ("cancelling") from CancelRequested until the task ends; it changes
 what the task shows ("Cancelling...") and how an interruption ends it. A task
 once cancelling never completes: a success ComfyUI reports after the cancel was
 asked for (it finished before the cancel reached it) ends it as `cancelled`
-too, without fetching the images; so does a rejection of the POST that was
-under way when the cancel came (its reason kept in the details).
+too, without fetching the images; so does any failure but the daemon's own
+("internal"): a rejection of the POST under way when the cancel came, a node's
+error, a lost prompt (its reason kept in the details).
 
 `TRANSITIONS` has an entry for every (stage, event type): the handler and the
 stages it may lead to, or `IGNORED` (the event changes nothing there: late
@@ -87,9 +88,24 @@ EVENT_TYPES: Final[tuple[type, ...]] = typing.get_args(TaskEvent)
 
 
 def _fail(state: TaskState, error: TaskError, now: float) -> Transition:
+    if state.cancel_requested and error.code not in ("cancelled", "internal"):
+        error = _cancelled_instead(error)
     return (
         evolve(state, stage=Stage.ERROR, error=error, step=pg.STEP_FAILED, finished_at=now),
         [],
+    )
+
+
+def _cancelled_instead(error: TaskError) -> TaskError:
+    """A task that failed while cancelling (ComfyUI's error or rejection came before
+    the cancel took, a lost prompt, ...) ends `cancelled`, as its 202 promised; why
+    it stopped is kept in the details. Only a daemon bug ("internal") shows as itself."""
+    reason = f"{error.message}: {error.details}" if error.details else error.message
+    return replace(
+        error,
+        code="cancelled",
+        message="Generation cancelled",
+        details=f"it stopped before the cancel took effect: {reason}",
     )
 
 
@@ -135,20 +151,6 @@ def _on_backend_waiting(state: TaskState, event: BackendWaiting, now: float) -> 
 
 def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transition:
     rejection = event.rejection
-    node_type = rejection.class_type or state.class_types.get(rejection.node_id or "")
-    if state.cancel_requested:
-        # Cancelled while the POST was under way: the 202 promised `cancelled`, and
-        # nothing of the task reached ComfyUI's queue. Why ComfyUI refused it is
-        # still worth telling.
-        details = f"cancelled before it reached ComfyUI, which rejected it: {rejection.message}"
-        error = TaskError(
-            code="cancelled",
-            message="Generation cancelled",
-            details=details,
-            node_id=rejection.node_id,
-            node_type=node_type,
-        )
-        return _fail(state, error, now)
     return _fail(
         state,
         TaskError(
@@ -156,7 +158,7 @@ def _on_rejected(state: TaskState, event: SubmitRejected, now: float) -> Transit
             message="ComfyUI rejected the workflow",
             details=rejection.message,
             node_id=rejection.node_id,
-            node_type=node_type,
+            node_type=rejection.class_type or state.class_types.get(rejection.node_id or ""),
         ),
         now,
     )

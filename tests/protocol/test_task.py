@@ -211,6 +211,37 @@ def test_a_rejection_answered_after_a_cancel_ends_the_task_cancelled_with_its_re
     assert (state.error.node_id, state.error.node_type) == ("3", "KSampler")
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        comfy.ExecutionError("P", "3", "KSampler", "OOM\n", "RuntimeError"),
+        task.HistoryFound(
+            comfy.HistoryEntry(
+                "P",
+                "error",
+                False,
+                (),
+                error=comfy.ExecutionError("P", "3", "KSampler", "OOM\n", "RuntimeError"),
+            )
+        ),
+        task.Failed("lost", "The prompt was lost by ComfyUI", "OOM"),
+    ],
+)
+def test_a_failure_while_cancelling_ends_the_task_cancelled_with_its_reason(failure: Any) -> None:
+    # The cancel's 202 promised `cancelled`: whatever stopped the prompt first
+    # (ComfyUI's error, a lost prompt) is told in the details.
+    state, _ = run(fresh(), *RUNNING, task.CancelRequested(), failure)
+    assert state.error is not None
+    assert (state.error.code, state.error.message) == ("cancelled", "Generation cancelled")
+    assert "OOM" in state.error.details
+
+
+def test_a_daemon_bug_while_cancelling_still_shows_as_internal() -> None:
+    state, _ = run(fresh(), *RUNNING, task.CancelRequested(), task.Failed("internal", "bug"))
+    assert state.error is not None
+    assert state.error.code == "internal"
+
+
 def test_success_without_images_is_an_error() -> None:
     state, _ = run(fresh(), *RUNNING, comfy.ExecutionSuccess("P"), task.OutputsStored(()))
     assert state.error is not None
