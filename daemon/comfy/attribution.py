@@ -5,8 +5,11 @@ its prompt (FACTS §4). A type 1 preview (a ComfyUI that ignored our
 `feature_flags`) goes only to the submitting socket, so it belongs to the
 prompt running for us. A type 3 progress text is broadcast to every socket,
 whoever submitted the prompt, so it is ours only between our prompt's
-`execution_start` and its `executing {node: null}`; both of those are sent
-only to the submitter, so a prompt of another client never opens the window.
+`execution_start` (or an `executing` naming it) and its `executing {node:
+null}`; those are sent only to the submitter, so a prompt of another client
+never opens the window. A new socket forgets the running prompt: it may
+have ended while the socket was away (the backend names the one that runs
+once a /queue reading says so).
 
 One `PreviewAttribution` per backend connection: a pool of backends keeps one
 per backend. Pure state, no I/O.
@@ -33,20 +36,18 @@ class PreviewAttribution:
             return self.running
         return None
 
-    def observe(self, event: comfy.ComfyEvent, *, resumed_prompt: str | None = None) -> None:
-        """Follow the start and end of our prompts.
-
-        `resumed_prompt` is the prompt the caller knows runs for us when ComfyUI
-        re-sends `executing {node}` (no prompt_id) to a reconnected socket.
-        """
+    def observe(self, event: comfy.ComfyEvent) -> None:
+        """Follow the start and end of our prompts, as ComfyUI's frames name them
+        (`executing` is targeted too: one naming its prompt says it runs for us).
+        After a reconnect the backend says which runs once a /queue reading does
+        (ComfyUI's re-sent `executing {node}` names none)."""
         if isinstance(event, comfy.ExecutionStart):
             self.running = event.prompt_id
-        elif isinstance(event, comfy.Executing):
-            if event.is_prompt_end:
-                if event.prompt_id == self.running:
-                    self.running = None
-            elif event.prompt_id is None and resumed_prompt is not None:
-                self.running = resumed_prompt
+        elif isinstance(event, comfy.Executing) and event.prompt_id is not None:
+            if event.node is not None:
+                self.running = event.prompt_id
+            elif event.prompt_id == self.running:
+                self.running = None
 
     def reset(self) -> None:
         """A new connection: whatever ended while we were away is unknown."""

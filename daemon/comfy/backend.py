@@ -35,7 +35,7 @@ import trio
 import trio_websocket
 
 from daemon.comfy.attribution import PreviewAttribution
-from daemon.comfy.http_api import ComfyHttp
+from daemon.comfy.http_api import BackendUnavailable, ComfyHttp
 from daemon.comfy.queue_places import QueuePlaces, QueueReading, moment
 from daemon.comfy.routing import Deliver, PromptRouter, Settle
 from daemon.comfy.subscription import PromptSubscription
@@ -127,6 +127,9 @@ class ComfyBackend:
         self.connection_news = TurnByTurnSignal(CONNECTION_NEWS_PER_TURN)
         self.reconnected = Signal()  # fires on every connection after the first
         self.queue_changed = Signal()  # fires on every `status` frame
+        # Fires when ComfyUI re-sent the running node to a new socket: which of our
+        # prompts it is, a /queue reading says (`_name_the_running_prompt`).
+        self._resent_held = Signal()
         self.reconnects = 0
         self.frames_received = 0
         self.protocol_errors = 0
@@ -143,6 +146,7 @@ class ComfyBackend:
         self._queue_cache: QueueReading | None = None
         self.queue_reads = 0
         self.queue_read_cost = 0.0  # seconds the last GET /queue took (fetch and parse)
+        self._socket_opened = 0  # the moment() the current (or last) socket opened
         # Our prompts queued here, told their places (one reader for all of them).
         self.queue_places = QueuePlaces(self, settings.queue_poll_interval)
 
@@ -197,10 +201,13 @@ class ComfyBackend:
             self._ours_held.add(prompt_id)
             self.queue_changed.fire()
 
-    def note_running(self, prompt_id: str) -> None:
-        """A /queue reading says this prompt of ours runs. Its start may have come while
-        the socket was away: what names no prompt (a re-sent `executing`, a progress
-        text, a legacy preview) is its from now on."""
+    def note_running(self, prompt_id: str, reading: QueueReading) -> None:
+        """`reading` says this prompt of ours runs. Its start may have come while the
+        socket was away: what names no prompt (a re-sent `executing`, a progress
+        text, a legacy preview) is its from now on. A reading asked for before the
+        socket opened says nothing: the prompt may have ended while it was away."""
+        if reading.started < self._socket_opened:
+            return
         self.router.note_running(prompt_id)
         if self.router.running_prompt == prompt_id:
             self.attribution.running = prompt_id
@@ -232,6 +239,23 @@ class ComfyBackend:
             self._queue_cache = QueueReading(taken_at, started, snapshot)
             return self._queue_cache
 
+    async def _name_the_running_prompt(self) -> None:
+        """Forever: when ComfyUI re-sent the running node to a new socket, read /queue
+        to learn which of our prompts runs. The tasks reconcile after a reconnect,
+        but nobody does after the first connect, where a restarted daemon's
+        re-attached prompt may run (its node and texts would wait for its next node)."""
+        seen = 0
+        while True:
+            while self._resent_held.count == seen:
+                await self._resent_held.wait()
+            seen = self._resent_held.count
+            try:
+                reading = await self.read_queue(started_after=moment())
+            except BackendUnavailable:
+                continue  # a task's reconcile may say, or the prompt's next node
+            for prompt_id in reading.snapshot.running:
+                self.note_running(prompt_id, reading)
+
     def queue_read_spacing(self, minimum: float) -> float:
         """Seconds between two /queue readings: at least `minimum`, and more for
         a queue so long that reading it is costly (thousands of prompts are
@@ -247,6 +271,7 @@ class ComfyBackend:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.queue_places.run)
                 nursery.start_soon(self.connection_news.run)
+                nursery.start_soon(self._name_the_running_prompt)
                 await self._reconnect_forever(task_status)
         finally:
             self.http.pool.close()  # the kept-alive HTTP connections to ComfyUI
@@ -355,6 +380,11 @@ class ComfyBackend:
                     message_queue_size=MESSAGE_QUEUE,
                     receive_buffer_size=RECEIVE_BYTES,
                 )
+            # What ran before may have ended while we were away, and another of
+            # ours run now: nothing names no prompt's owner until ComfyUI or a
+            # /queue reading asked for from now on says which runs.
+            self._socket_opened = moment()
+            self.router.socket_opened()
             self.attribution.reset()
             self._set_connected(True)
             log.info(
@@ -476,8 +506,10 @@ class ComfyBackend:
             )
             return
         prompt_id = self.attribution.prompt_for(event)
-        self.attribution.observe(event, resumed_prompt=self.router.running_prompt)
+        self.attribution.observe(event)
         self.router.dispatch(event, prompt_id=prompt_id, more=more)
+        if isinstance(event, comfy.Executing) and self.router.holds_resent:
+            self._resent_held.fire()
 
 
 def _describe(exc: BaseException) -> str:

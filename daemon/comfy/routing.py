@@ -40,9 +40,15 @@ class PromptRouter:
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
-        # The prompt ComfyUI is running for us, if we know it; the reconnect
-        # re-send `executing {node}` carries no prompt_id and belongs to it.
+        # The prompt ComfyUI is running for us, if we know it: named by its own
+        # frames (`execution_start`, `executing` with its prompt_id) or by a /queue
+        # reading (`note_running`). Forgotten when a socket opens: the prompt may
+        # have ended while we were away, and another of ours run now.
         self.running_prompt: str | None = None
+        # The `executing {node}` ComfyUI re-sends to a socket that opens while a
+        # prompt of our client id runs (FACTS §1, §7): it names no prompt, so it
+        # waits for a /queue reading to say which, unless a newer frame makes it stale.
+        self._resent: comfy.Executing | None = None
         self.events_routed = 0
         # Routes delivered to whose `settle` waits for a later frame of the batch.
         self._unsettled: dict[Route, None] = {}
@@ -62,10 +68,26 @@ class PromptRouter:
             if self.running_prompt == route.prompt_id:
                 self.running_prompt = None
 
+    def socket_opened(self) -> None:
+        """A new socket: which prompt runs is unknown until ComfyUI or /queue names it."""
+        self.running_prompt = None
+        self._resent = None
+
     def note_running(self, prompt_id: str) -> None:
-        """A /queue reading says this prompt of ours runs (we may have missed its start)."""
-        if prompt_id in self._routes:
-            self.running_prompt = prompt_id
+        """A /queue reading asked for since the socket opened says this prompt of ours
+        runs (we may have missed its start): the node re-sent on connect is its."""
+        route = self._routes.get(prompt_id)
+        if route is None:
+            return
+        self.running_prompt = prompt_id
+        resent, self._resent = self._resent, None
+        if resent is not None:
+            self._deliver(route, resent, more=False)
+
+    @property
+    def holds_resent(self) -> bool:
+        """Is a re-sent `executing {node}` waiting for a /queue reading to name its prompt?"""
+        return self._resent is not None
 
     @property
     def ours_running(self) -> bool:
@@ -83,24 +105,34 @@ class PromptRouter:
         """
         prompt_id = prompt_id or comfy.prompt_id_of(event)
         if isinstance(event, comfy.ExecutionStart):
-            self.running_prompt = prompt_id
-        elif isinstance(event, comfy.Executing) and prompt_id is None and event.node is not None:
-            prompt_id = self.running_prompt
+            self.running_prompt, self._resent = event.prompt_id, None
+        elif isinstance(event, comfy.Executing) and event.prompt_id is not None:
+            self._resent = None  # ComfyUI names what runs now: the re-sent node is stale
+            if event.node is not None:
+                self.running_prompt = event.prompt_id
+        elif isinstance(event, comfy.Executing) and event.node is not None:
+            prompt_id = self.running_prompt  # the re-send on connect
+            if prompt_id is None:
+                self._resent = event  # until a /queue reading says whose it is
+                return
         if prompt_id is None:
             return
         route = self._routes.get(prompt_id)
         if route is not None:
-            self.events_routed += 1
-            route.deliver(event)
-            if route.settle is not None:
-                if more:
-                    self._unsettled[route] = None
-                else:
-                    self._unsettled.pop(route, None)
-                    route.settle()
+            self._deliver(route, event, more=more)
         ended = isinstance(event, comfy.Executing) and event.is_prompt_end
         if ended and self.running_prompt == prompt_id:
             self.running_prompt = None
+
+    def _deliver(self, route: Route, event: comfy.ComfyEvent, *, more: bool) -> None:
+        self.events_routed += 1
+        route.deliver(event)
+        if route.settle is not None:
+            if more:
+                self._unsettled[route] = None
+            else:
+                self._unsettled.pop(route, None)
+                route.settle()
 
     def end_batch(self) -> None:
         """The frames read together are all dispatched: settle every route still waiting."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daemon.comfy.queue_places import Follower, Tell
+from daemon.comfy.queue_places import Follower, QueueReading, Tell
 from daemon.comfy.routing import Deliver, Settle
 
 if TYPE_CHECKING:
@@ -96,10 +96,12 @@ class PromptSubscription:
         if not self.closed and self._place is None:
             self._place = self._backend.queue_places.follow(tell)
 
-    def note_running(self) -> None:
-        """A /queue reading says the prompt runs (we may have missed its start), so a
-        re-sent `executing` without a prompt_id after a reconnect is routed to it."""
-        self._backend.note_running(self.prompt_id)
+    def note_running(self, reading: QueueReading) -> None:
+        """`reading` says the prompt runs (we may have missed its start), so the
+        `executing` ComfyUI re-sent without a prompt_id when the socket opened, and
+        texts and legacy previews, are routed to it (unless the reading was asked
+        for before the socket opened: what ran then may have ended)."""
+        self._backend.note_running(self.prompt_id, reading)
 
     def close(self) -> None:
         """Stop routing the prompt's frames here (idempotent)."""

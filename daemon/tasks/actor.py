@@ -856,7 +856,7 @@ class TaskActor:
                 self.request_reconcile()  # finished already, or gone
                 return True
             if position.running and self._subscription is not None:
-                self._subscription.note_running()
+                self._subscription.note_running(reading)
             self.handle(task.QueueUpdate(position))
         except Exception as exc:  # noqa: BLE001 - raised again by _pace
             self._crash = exc
@@ -930,7 +930,7 @@ class TaskActor:
         position = reading.snapshot.position_of(self.prompt_id)
         if position is not None:
             if position.running:
-                subscription.note_running()
+                subscription.note_running(reading)
             self.handle(task.QueueUpdate(position))
             return
         entry = await backend.http.history(self.prompt_id)

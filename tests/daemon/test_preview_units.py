@@ -69,10 +69,16 @@ def test_a_reconnect_forgets_the_running_prompt_until_comfyui_names_it_again() -
     attribution.observe(comfy.ExecutionStart(prompt_id="p1"))
     attribution.reset()
     assert attribution.prompt_for(text) is None
-    # The reconnect re-send `executing {node}` carries no prompt_id; the router knows it.
-    attribution.observe(comfy.Executing(node="3", prompt_id=None), resumed_prompt="p1")
-    assert attribution.prompt_for(text) == "p1"
-    attribution.observe(comfy.Executing(node=None, prompt_id="p1"))
+    # The reconnect re-send `executing {node}` carries no prompt_id: it says nothing
+    # of which prompt runs (the backend learns that from a /queue reading).
+    attribution.observe(comfy.Executing(node="3", prompt_id=None))
+    assert attribution.prompt_for(text) is None
+    # The next node's `executing` names its prompt, and is sent only to its submitter.
+    attribution.observe(comfy.Executing(node="4", prompt_id="p2"))
+    assert attribution.prompt_for(text) == "p2"
+    attribution.observe(comfy.Executing(node=None, prompt_id="p1"))  # not the running one
+    assert attribution.prompt_for(text) == "p2"
+    attribution.observe(comfy.Executing(node=None, prompt_id="p2"))
     assert attribution.prompt_for(text) is None
 
 
