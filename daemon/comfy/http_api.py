@@ -10,20 +10,29 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import trio
 
-from daemon.http.client import ClientResponse, ConnectionPool, HttpClientError, ResponseTooLarge
+from daemon.http.client import (
+    BodySink,
+    ClientResponse,
+    ConnectionPool,
+    HttpClientError,
+    ResponseTooLarge,
+)
 from protocol import comfy
 from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
 
-QUEUE_ITEMS_PER_TURN = 500
+# GET /queue is read as it arrives, keeping only what it needs (comfy.QueueReader):
+# its length is bounded by the time it takes (`timeout`), not by a size.
+UNLIMITED_QUEUE_BYTES = sys.maxsize
 
 
 class BackendUnavailable(Exception):
@@ -49,8 +58,6 @@ class ComfyHttp:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
-        # GET /queue items decoded between two checkpoints (a few ms of work).
-        self.queue_items_per_turn = QUEUE_ITEMS_PER_TURN
         # One call per task and more (submit, /queue, /history, /view): keep-alive.
         self.pool = ConnectionPool()
 
@@ -63,6 +70,7 @@ class ComfyHttp:
         body: bytes = b"",
         headers: tuple[tuple[str, str], ...] = (),
         max_bytes: int = 16 * 1024 * 1024,
+        body_sink: BodySink | None = None,
     ) -> ClientResponse:
         if json_body is not None:
             body = json.dumps(json_body).encode()
@@ -76,6 +84,7 @@ class ComfyHttp:
                 body=body,
                 timeout=self.timeout,
                 max_response_bytes=max_bytes,
+                body_sink=body_sink,
             )
         except ResponseTooLarge as exc:
             raise AnswerTooLarge(str(exc)) from None
@@ -114,21 +123,21 @@ class ComfyHttp:
             raise BackendUnavailable(f"GET /history: {exc}") from None
 
     async def queue(self) -> comfy.QueueSnapshot:
-        """GET /queue. A long queue is megabytes (every item carries its graph):
-        it is decoded a slice of items at a time, with a checkpoint between
-        slices, so that streams and frames are not held up for all of it."""
-        response = await self._call("GET", "/queue")
+        """GET /queue. A long queue is megabytes to hundreds of megabytes (every
+        item carries its graph, and one queued from ComfyUI's page the page's
+        workflow too): it is decoded as it arrives, keeping only each item's
+        number and prompt id, so no cap on the whole answer applies (one on an
+        item does), and streams and frames run between two chunks."""
+        reader = comfy.QueueReader()
         try:
-            reader = comfy.QueueReader(response.body.decode())
-            while (snapshot := reader.read(self.queue_items_per_turn)) is None:
-                await trio.lowlevel.checkpoint()
-        except UnicodeDecodeError:
-            raise BackendUnavailable(
-                "GET /queue: ComfyUI answered something that is not UTF-8"
-            ) from None
+            response = await self._call(
+                "GET", "/queue", body_sink=reader.feed, max_bytes=UNLIMITED_QUEUE_BYTES
+            )
+            if response.status != 200:
+                raise BackendUnavailable(f"GET /queue answered {response.status}")
+            return reader.end()
         except ProtocolError as exc:
             raise BackendUnavailable(f"GET /queue: {exc}") from None
-        return snapshot
 
     async def view(self, image: comfy.ImageRef) -> bytes:
         query = urllib.parse.urlencode(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,11 @@ _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 _JOIN_ON_LOOP_BYTES = 1024 * 1024  # larger response bodies are joined in a worker thread
 _SEND_SLICE_BYTES = 256 * 1024
+
+
+# Takes a response body's chunks as they arrive; it must not block (it may raise,
+# which ends the request: the connection is closed).
+BodySink = Callable[[bytes], None]
 
 
 class HttpClientError(Exception):
@@ -266,10 +271,13 @@ async def _exchange(
     headers: Sequence[tuple[str, str]],
     body: bytes,
     max_response_bytes: int,
+    body_sink: BodySink | None = None,
 ) -> ClientResponse:
-    """One request and its whole response on `connection`."""
+    """One request and its whole response on `connection` (a 200's body given
+    to `body_sink` instead, if there is one)."""
     await connection.send_request(method, parsed, headers, body)
     head = await connection.read_head()
+    sink = body_sink if head.status_code == 200 else None
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -280,7 +288,10 @@ async def _exchange(
                 raise ResponseTooLarge(
                     method, url, f"response body larger than {max_response_bytes} bytes"
                 )
-            chunks.append(bytes(event.data))
+            if sink is not None:
+                sink(bytes(event.data))
+            else:
+                chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
     if size > _JOIN_ON_LOOP_BYTES:
@@ -322,8 +333,11 @@ class ConnectionPool:
         body: bytes = b"",
         timeout: float = 30.0,  # noqa: ASYNC109 - see http_request
         max_response_bytes: int = 16 * MiB,
+        body_sink: BodySink | None = None,
     ) -> ClientResponse:
-        """Like :func:`http_request`, on a pooled connection."""
+        """Like :func:`http_request`, on a pooled connection. With `body_sink`, a 200's
+        body goes to it chunk by chunk as it arrives (the response's `body` is
+        empty): a long answer is decoded without ever being whole in memory."""
         method = method.upper()
         parsed = _parse_url(method, url)
         key = (parsed.host, parsed.port)
@@ -333,8 +347,9 @@ class ConnectionPool:
                 stream, connection = reused
                 try:
                     response = await _exchange(
-                        connection, method, url, parsed, headers, body, max_response_bytes
-                    )
+                        connection, method, url, parsed, headers, body, max_response_bytes,
+                        body_sink,
+                    )  # fmt: skip
                 except (trio.BrokenResourceError, h11.RemoteProtocolError):
                     stream.socket.close()
                     if method not in _IDEMPOTENT or connection.received_any:
@@ -350,8 +365,9 @@ class ConnectionPool:
             connection = _ClientConnection(stream, keep_alive=True)
             try:
                 response = await _exchange(
-                    connection, method, url, parsed, headers, body, max_response_bytes
-                )
+                    connection, method, url, parsed, headers, body, max_response_bytes,
+                    body_sink,
+                )  # fmt: skip
             except BaseException:
                 stream.socket.close()
                 raise

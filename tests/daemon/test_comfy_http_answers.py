@@ -17,8 +17,10 @@ from daemon.comfy.http_api import BackendUnavailable, ComfyHttp
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
-async def answering(body: bytes, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer every request with 200 and `body`, then close."""
+async def answering(
+    body: bytes, status: bytes = b"200 OK", task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer every request with `status` and `body`, then close."""
 
     async def answer(stream: trio.SocketStream) -> None:
         head = b""
@@ -28,8 +30,8 @@ async def answering(body: bytes, task_status: Any = trio.TASK_STATUS_IGNORED) ->
                 return
             head += chunk
         await stream.send_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+            b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body)) + body
         )
         await stream.aclose()
 
@@ -63,5 +65,18 @@ async def test_a_garbage_answer_is_backend_unavailable(call: str, body: bytes, s
             with pytest.raises(BackendUnavailable) as caught:
                 await CALLS[call](http)
             assert says in str(caught.value)
+            http.pool.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_queue_answer_that_is_not_200_is_not_read_as_a_queue() -> None:
+    # (Its body is not given to the reader that decodes a 200's as it arrives.)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(answering, b"<html>no</html>", b"404 Not Found")
+            port = listeners[0].socket.getsockname()[1]
+            http = ComfyHttp(f"http://127.0.0.1:{port}", timeout=10, max_image_bytes=1 << 20)
+            with pytest.raises(BackendUnavailable, match="GET /queue answered 404"):
+                await http.queue()
             http.pool.close()
             nursery.cancel_scope.cancel()

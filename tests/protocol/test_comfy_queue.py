@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any, SupportsIndex
@@ -106,14 +107,35 @@ def long_queue(pending: int) -> str:
     return json.dumps(body)
 
 
-def test_a_long_queue_is_read_a_slice_of_items_at_a_time() -> None:
-    reader = QueueReader(long_queue(9))  # 10 items: 1 running + 9 pending
-    assert [reader.read(4), reader.read(4)] == [None, None]
-    snapshot = reader.read(4)
-    assert snapshot is not None
-    assert snapshot.running == ("running",)
-    assert snapshot.pending == tuple(f"p{n}" for n in range(1, 10))
-    assert snapshot == parse_queue(long_queue(9))
+def read_in_chunks(body: bytes, cuts: list[int], **limits: int) -> QueueSnapshot:
+    reader = QueueReader(**limits)
+    for start, end in itertools.pairwise([0, *sorted(cuts), len(body)]):
+        reader.feed(body[start:end])
+    return reader.end()
+
+
+def test_a_body_read_as_it_arrives_gives_what_it_gives_at_once_wherever_it_is_cut() -> None:
+    text = long_queue(9).replace('"p"', '"pé€😀"')  # (characters of 2, 3 and 4 bytes)
+    body = text.encode()
+    expected = parse_queue(text)
+    assert expected.pending == tuple(f"p{n}" for n in range(1, 10))
+    for cut in range(len(body) + 1):
+        assert read_in_chunks(body, [cut]) == expected
+    assert read_in_chunks(body, list(range(len(body)))) == expected  # a byte at a time
+
+
+def test_a_queue_longer_than_an_item_may_be_is_read_one_item_at_a_time() -> None:
+    # Only one item is held at once: the limit is an item's, not the queue's.
+    body = long_queue(1000).encode()
+    longest = max(len(json.dumps(item)) for item in json.loads(body)["queue_pending"])
+    cuts = list(range(0, len(body), 100))
+    snapshot = read_in_chunks(body, cuts, max_item_chars=4 * longest)
+    assert len(snapshot.pending) == 1000
+    huge = json.dumps(
+        {"queue_running": [], "queue_pending": [[1, "huge", {"x": "y" * 5000}, {}, []]]}
+    ).encode()
+    with pytest.raises(ProtocolError, match="an item longer than 1000 characters"):
+        read_in_chunks(huge, list(range(0, len(huge), 100)), max_item_chars=1000)
 
 
 @pytest.mark.parametrize(
@@ -229,6 +251,25 @@ def test_the_reader_agrees_with_json_loads_on_any_body(
             parse_queue(text)
     else:
         assert parse_queue(text) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=QUEUE_BODIES, data=st.data())
+def test_any_body_read_in_any_chunks_reads_as_it_does_at_once(
+    body: Any, data: st.DataObject
+) -> None:
+    text = json.dumps(body, ensure_ascii=False)
+    encoded = text.encode()
+    cuts = data.draw(st.lists(st.integers(0, len(encoded)), max_size=8))
+    try:
+        expected: QueueSnapshot | str = parse_queue(text)
+    except ProtocolError:
+        expected = "refused"
+    try:
+        got: QueueSnapshot | str = read_in_chunks(encoded, cuts)
+    except ProtocolError:
+        got = "refused"
+    assert got == expected
 
 
 @settings(max_examples=500, deadline=None)
