@@ -124,9 +124,10 @@ class App:
 
             daemon_id = new_daemon_id()
             self.redis = redis_client(config.redis_url, client_name=daemon_id)
-            # Tasks a front ends itself (no worker held them) count in its metrics.
+            # A task's end counts in the metrics of the daemon whose write of it
+            # Redis took: a front's (no worker held the task), or a worker's.
             self.shared = SharedService(
-                config, self.redis, daemon_id, on_task_end=self._ended_while_waiting
+                config, self.redis, daemon_id, on_task_end=self._ended_in_redis
             )
             # Any daemon serves any task's images: local disk, then Redis' copy.
             self.images: ImageStore = SharedImageStore(
@@ -464,13 +465,17 @@ class App:
                     )
         self.workflows_checked.set()
 
-    def _ended_while_waiting(self, state: TaskState) -> None:
-        """Shared mode: this daemon ended a task no worker held (a cancel, the wait
-        limit, a task Redis forgot). Each happens only once run() has built the metrics."""
+    def _ended_in_redis(self, state: TaskState) -> None:
+        """Shared mode: Redis took this daemon's write of a task's end (its own actor's,
+        or one no worker held: a cancel, the wait limit, a task Redis forgot). Each
+        happens only once run() has built the metrics."""
         self.metrics.observe_task_end(state)
 
     def _task_ended(self, actor: TaskActor) -> None:
-        self.metrics.observe_task_end(actor.state)
+        if self.shared is None:
+            # Shared: counted once Redis took the end. A worker cut off past its lease
+            # ends a copy whose end is refused, while its claimer counts the task's.
+            self.metrics.observe_task_end(actor.state)
         ended_at = actor.state.finished_at or time.time()
         self.idempotency.settle(actor.task_id, render(actor.state, ended_at).payload)
 

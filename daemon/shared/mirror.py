@@ -49,10 +49,10 @@ class TaskMirror:
         store: SharedStore,
         *,
         daemon_id: str,
-        on_finished: Callable[[str], None] = lambda task_id: None,
+        on_finished: Callable[[task.TaskState], None] = lambda state: None,
         on_lost: Callable[[str], None] = lambda task_id: None,
     ) -> None:
-        """`on_finished(id)`: the task's end is written; `on_lost(id)`: a write found the
+        """`on_finished(state)`: the task's end is written; `on_lost(id)`: a write found the
         task's lease another worker's, or its stream past us (our copy stopped; its
         entry is not ours to refresh or acknowledge)."""
         self.store = store
@@ -189,7 +189,7 @@ class TaskMirror:
         if finished:
             self._written.pop(task_id, None)
             self._leases.pop(task_id, None)
-            self.on_finished(task_id)
+            self.on_finished(actor.state)
 
     def _stop(self, actor: TaskActor, why: str) -> None:
         self.stale += 1

@@ -63,9 +63,10 @@ class SharedService:
         *,
         on_task_end: Callable[[task.TaskState], None] = lambda state: None,
     ) -> None:
-        """`on_task_end(state)`: a task this daemon ended while no worker held it (a
-        cancel, the wait limit, Redis forgot it); the ends of its own actors go through
-        its registry."""
+        """`on_task_end(state)`: Redis took this daemon's write of a task's end: its own
+        actor's (not the end of a copy whose lease another worker claimed meanwhile), or
+        one it made while no worker held the task (a cancel, the wait limit, Redis
+        forgot it). Counted there, each end is counted once in the service."""
         self.config = config
         self.on_task_end = on_task_end
         self.redis = redis
@@ -94,9 +95,10 @@ class SharedService:
             on_task_end=on_task_end,
         )
 
-    def _finished(self, task_id: str) -> None:
+    def _finished(self, state: task.TaskState) -> None:
         if self.worker is not None:
-            self.worker.finished(task_id)
+            self.worker.finished(state.task_id)
+        self.on_task_end(state)
 
     def _lost(self, task_id: str) -> None:
         if self.worker is not None:

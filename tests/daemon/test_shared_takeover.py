@@ -20,12 +20,15 @@ from protocol import task
 from tests.daemon.harness import read_events
 from tests.daemon.redis_proxy import redis_proxy
 from tests.daemon.redis_server import redis_server
+from tests.daemon.test_metrics import P, Scrape
 from tests.daemon.test_restart import generate, sampling
 from tests.daemon.test_shared import (
+    ends_counted,
     front,
     history_ids,
     last,
     leases,
+    scrape,
     simulator,
     until_first_preview,
     until_logged,
@@ -281,3 +284,64 @@ async def test_a_worker_back_after_its_lease_was_claimed_writes_no_preview(
                     await until_logged(stale, b"stopping our copy")
                 after = await http_request("GET", preview_url, timeout=10)
                 assert after.status == 404, after.headers
+
+
+async def until_ended_locally(daemon_url: str) -> Scrape:
+    """Until the daemon's own copy of its one task has ended in an error (its tasks
+    gauge says so)."""
+    while True:
+        scraped = await scrape(daemon_url)
+        if scraped.value(P("tasks"), state="error") == 1:
+            return scraped
+        await trio.sleep(0.05)
+
+
+async def test_a_task_that_ended_on_both_sides_of_a_split_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    """The holder is cut off from Redis past its lease; another worker claims the task
+    and runs it to its end, while the old holder's ComfyUI finishes the first attempt.
+    Only the end Redis took is the task's: the cluster's metrics count one end (the
+    old holder counted its own as soon as its copy ended, the claimer its own: two),
+    and nothing of the old holder's end reaches the stream when it is back."""
+    busy = ("backend_max_pending=1",)  # the holder claims nothing itself while it runs
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, redis_port, client),
+        simulator(manual=True) as first_sim,
+        simulator(manual=False) as claimer_sim,
+        front(tmp_path, "f", redis_url) as entry,
+    ):
+        cut_off = False
+        reconnected = trio.Event()
+
+        def refreshes_once_cut_off(data: bytes) -> bool:
+            return cut_off and refreshes_leases(data)
+
+        async def partitioned() -> None:
+            await reconnected.wait()
+
+        async with (
+            redis_proxy(redis_port, refreshes_once_cut_off, partitioned) as url,
+            worker(tmp_path, "w1", url, first_sim.url, extra=busy) as stale,
+        ):
+            task_id = await generate(entry.url)
+            await read_events(entry.url, task_id, stop_after=sampling)
+            cut_off = True
+            async with worker(tmp_path, "w2", redis_url, claimer_sim.url) as claimer:
+                with trio.fail_after(30):
+                    done = await read_events(entry.url, task_id)
+                    await until_no_lease(client)  # the claimer's end, acknowledged
+                assert last(done)["status"] == "completed"
+                # The old holder's attempt ends too, in an error: an end that needs no
+                # Redis (a completed one waits for its images to be stored there).
+                first_sim.engine.interrupt(None)  # someone at that ComfyUI
+                first_sim.grant_steps(1000)
+                with trio.fail_after(30):
+                    at_stale = await until_ended_locally(stale.url)
+                assert ends_counted(await scrape(claimer.url), "completed") == 1
+                assert ends_counted(at_stale, "error", "interrupted") == 0, at_stale.text
+                reconnected.set()
+                with trio.fail_after(30):
+                    await until_logged(stale, b"stopping our copy")
+                assert ends_counted(await scrape(stale.url), "error", "interrupted") == 0
+                assert await newest_version(client, task_id) == int(done[-1].id or 0)
