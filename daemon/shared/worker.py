@@ -516,7 +516,9 @@ class SharedWorker:
                 del self._held[task_id]
                 self.mirror.forget(task_id)
                 actor = self.registry.get(task_id)
-                if actor is not None and not actor.is_done():
+                # Also a copy that ended meanwhile (its end not written yet, Redis away):
+                # not stopped, the mirror would write that end with no lease to check.
+                if actor is not None and not actor.moved:
                     log.warning("lost the lease on task %s; stopping our copy", task_id)
                     actor.stop()
 

@@ -345,3 +345,68 @@ async def test_a_task_that_ended_on_both_sides_of_a_split_is_counted_once(
                     await until_logged(stale, b"stopping our copy")
                 assert ends_counted(await scrape(stale.url), "error", "interrupted") == 0
                 assert await newest_version(client, task_id) == int(done[-1].id or 0)
+
+
+async def test_a_worker_whose_ended_copy_lost_its_lease_writes_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    """The holder's writes and lease refreshes fail (a split: Redis unreachable) past
+    its lease; another worker claims the task and runs it, while the old holder's
+    copy ends. When its refreshes get through again before its write of that end
+    (which waits out its backoff), the refresh says the lease is another's: the old
+    holder must write nothing more of the task. It used to forget the lease but keep
+    its ended copy, whose end then went to Redis with no lease to check, in the
+    middle of the claimer's run."""
+    busy = ("backend_max_pending=1",)  # the holder claims nothing itself while it runs
+    async with (
+        redis_server_and_client(tmp_path) as (redis_url, redis_port, client),
+        simulator(manual=True) as first_sim,
+        simulator(manual=True) as claimer_sim,
+        front(tmp_path, "f", redis_url) as entry,
+    ):
+        refreshes_fail = False
+        events_key = b"\0"  # the task's, once it is known
+        appended = trio.Event()
+
+        def fails(data: bytes) -> bool:
+            # The task's writes fail from the split on: only the refreshes get through.
+            writes = events_key in data and b"EVAL" in data
+            return writes or (refreshes_fail and refreshes_leases(data))
+
+        async def cut() -> None:
+            raise OSError("no route to Redis")  # the relay drops the connection
+
+        def holder_sends(data: bytes) -> None:
+            if events_key in data and b"XADD" in data and b"EVAL" not in data:
+                appended.set()  # a snapshot written with no lease checked
+
+        async with (
+            redis_proxy(redis_port, fails, cut, holder_sends) as url,
+            worker(tmp_path, "w1", url, first_sim.url, extra=busy) as stale,
+        ):
+            task_id = await generate(entry.url)
+            seen = await read_events(entry.url, task_id, stop_after=sampling)
+            [lease] = await leases(client)
+            refreshes_fail = True
+            events_key = f"{EVENTS}{task_id}".encode()
+            async with worker(tmp_path, "w2", redis_url, claimer_sim.url):
+                with trio.fail_after(30):
+                    while (await leases(client))[0].consumer == lease.consumer:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                first_sim.engine.interrupt(None)  # the old holder's copy ends (no Redis)
+                first_sim.grant_steps(1000)
+                with trio.fail_after(30):
+                    await until_ended_locally(stale.url)
+                refreshes_fail = False
+                with trio.fail_after(30):
+                    while not appended.is_set() and b"stopping our copy" not in stale.output:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                assert not appended.is_set()
+                claimer_sim.grant_steps(1000)
+                with trio.fail_after(30):
+                    done = await read_events(
+                        entry.url, task_id, last_event_id=int(seen[-1].id or 0)
+                    )
+                    await until_no_lease(client)  # the claimer's end, acknowledged
+                assert last(done)["status"] == "completed"
+                assert await newest_version(client, task_id) == int(done[-1].id or 0)
