@@ -1,6 +1,7 @@
 """The end of a task no worker holds (it waits in the service's queue), as a front
 writes it: a cancel, or a wait no live worker could end (see wait_limit.py); and a
-cancel that a worker giving the task back to the queue found asked (worker.py)."""
+cancel that a worker giving the task back to the queue found asked (worker.py). The
+end of an orphan (its worker left it mid-run) follows the state its record holds."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def ended_while_waiting(
     state = replace(
         task.new_task(task.spec_from_json(record.spec), record.created_at), version=version
     )
+    return _after(state, events, now)
+
+
+def ended_after_its_worker(
+    shared: SharedRecord, version: int, events: Sequence[task.TaskEvent], now: float
+) -> WaitingEnd:
+    """As `ended_while_waiting`, for a task its worker left mid-run (an orphan): from
+    the state the worker last wrote in its record (when it started, the nodes done, its
+    overall progress), so the end shows how far the task got, as a worker's would."""
+    record = shared.record
+    kept = task.state_from_json(task.spec_from_json(record.spec), record.state)
+    return _after(replace(kept, version=version), events, now)
+
+
+def _after(state: task.TaskState, events: Sequence[task.TaskEvent], now: float) -> WaitingEnd:
     published: list[task.TaskMessage] = []
     for event in events:
         state, effects = task.apply(state, event, now)

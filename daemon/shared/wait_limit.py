@@ -45,8 +45,12 @@ only while its entry is pending past the lease, and END_ORPHAN ends it only whil
 still is and the stamp is `limit` old, acknowledging and deleting the entry in the same
 step: a worker's claim (which resets the entry's idle time, and then drops the stamp)
 before the end makes it do nothing, and no XAUTOCLAIM finds the entry after it. The end
-is the waiting end's (record, stream entry, outcome beside its Idempotency-Key), so the
-task's viewers on every front get it; the preview of the attempt its worker left goes.
+is written as the waiting end is (record, stream entry, outcome beside its
+Idempotency-Key), so the task's viewers on every front get it, but it follows the state
+its worker last wrote in the record (started, nodes done, overall progress), not a
+fresh one: it shows how far the task got. The preview of the attempt its worker left
+goes. Its prompt stays on that worker's ComfyUI: no front has a ComfyUI, and a live
+worker connected to that one would have claimed the task and followed the prompt.
 """
 
 from __future__ import annotations
@@ -62,12 +66,18 @@ from coredis.exceptions import RedisError, StreamConsumerGroupError
 
 from daemon.comfy.capabilities import Capabilities, Needs, needs_of
 from daemon.shared.capabilities import ready_from_json
-from daemon.shared.ending import VERSION_RETRIES, ended_while_waiting
+from daemon.shared.ending import (
+    VERSION_RETRIES,
+    WaitingEnd,
+    ended_after_its_worker,
+    ended_while_waiting,
+)
 from daemon.shared.store import (
     END_WAITING,
     GROUP,
     STREAM_LENGTH,
     WRITE_END,
+    SharedRecord,
     SharedStore,
     entry_id,
     payload_json,
@@ -330,7 +340,13 @@ class WaitLimit:
         store = self.store
         details = f"waited {self.limit:g} s in the service's queue: {why}"
         await self._write_end(
-            task_id, END, [store.waiting_key, store.events_key(task_id)], [], [], details
+            task_id,
+            END,
+            [store.waiting_key, store.events_key(task_id)],
+            [],
+            [],
+            details,
+            ended_while_waiting,
         )
 
     async def end_orphan(self, task_id: str, entry: str, why: str) -> bool:
@@ -347,6 +363,7 @@ class WaitLimit:
             [store.waiting_key, store.preview_key(task_id)],
             [entry, self.lease_ms],
             details,
+            ended_after_its_worker,
         )
         if done is None:
             # Ended (its worker died before it acknowledged the entry) or forgotten:
@@ -366,11 +383,13 @@ class WaitLimit:
         tail: list[str],
         extra: list[str | int],
         details: str,
+        build: Callable[[SharedRecord, int, list[task.TaskEvent], float], WaitingEnd],
     ) -> bool | None:
         """Run an end script (END or END_ORPHAN: keys `head`, the task's record, stamp,
-        the stamped set, its outcome, then `tail`; args the end, then `extra`) until
-        the stream did not move on meanwhile. True when it ended the task; None when
-        there is nothing to end (it has ended, or its record or stream is gone)."""
+        the stamped set, its outcome, then `tail`; args the end `build` makes, then
+        `extra`) until the stream did not move on meanwhile. True when it ended the
+        task; None when there is nothing to end (it has ended, or its record or stream
+        is gone)."""
         store = self.store
         for _ in range(VERSION_RETRIES):
             shared = await store.load(task_id)
@@ -378,9 +397,7 @@ class WaitLimit:
             if shared is None or latest is None or shared.finished or latest.terminal:
                 return None
             failed = task.Failed("backend_unavailable", MESSAGE, details)
-            record, message, state = ended_while_waiting(
-                shared, latest.version, [failed], time.time()
-            )
+            record, message, state = build(shared, latest.version, [failed], time.time())
             done = await store.redis.eval(
                 script,
                 keys=[

@@ -6,6 +6,7 @@ daemon/shared/wait_limit.py)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -16,8 +17,9 @@ import pytest
 import trio
 from coredis.response.types import StreamPendingExt
 
-from daemon.shared.store import GROUP, SharedStore, text
+from daemon.shared.store import GROUP, SharedRecord, SharedStore, text
 from daemon.shared.wait_limit import WaitLimit
+from daemon.tasks.restore import record_of
 from protocol import task
 from tests.daemon.harness import read_events
 from tests.daemon.redis_server import redis_server
@@ -129,6 +131,38 @@ async def test_an_orphan_ends_once_and_no_worker_claims_it_afterwards(tmp_path: 
         assert len(ended) == 1
 
 
+async def test_an_orphan_s_end_shows_how_far_its_worker_got(tmp_path: Path) -> None:
+    """The end follows the state the worker last wrote (its record), as the worker's own
+    end would: when the task started and its overall progress, not a task that never
+    left the queue (0 %, never started)."""
+    async with orphaned(tmp_path) as (store, limit, entry):
+        shared = await store.load("t")
+        assert shared is not None
+        spec = task.TaskSpec(task_id="t", prompt_id="prompt-t", graph=GRAPH)
+        running = replace(
+            task.new_task(spec, NOW),
+            stage=task.Stage.RUNNING,
+            version=2,
+            started_at=NOW + 1,
+            current_node="1",
+            overall_percentage=40.0,
+        )
+        record = SharedRecord(record_of(running, backend="http://gpu"), holder="dead")
+        written = await store.write_held("dead", entry, record, task.render(running, NOW + 2))
+        assert written.written
+        await limit.sweep()
+        latest = await store.latest("t")
+        assert latest is not None
+        assert latest.terminal
+        assert latest.version == 3
+        assert latest.payload["error"]["code"] == "backend_unavailable"
+        assert latest.payload["progress"]["overall"]["percentage"] == 40
+        ended = await store.load("t")
+        assert ended is not None
+        assert ended.finished
+        assert ended.record.state["startedAt"] == NOW + 1
+
+
 async def test_an_orphan_whose_task_is_gone_is_acknowledged_not_visited_again(
     tmp_path: Path,
 ) -> None:
@@ -206,6 +240,11 @@ async def test_a_task_whose_only_worker_left_ends_backend_unavailable_on_every_f
             client = coredis.Redis.from_url(redis.url)
             async with client:
                 assert await ends_written(client, task_id) == 1
+                # The end shows how far the worker got: the last snapshot it wrote.
+                _, before = await client.xrevrange(f"comfy-progress:events:{task_id}", count=2)
+                reached = json.loads(before.field_values[b"p"])["progress"]["overall"]
+                assert reached["nodesDone"] > 0, reached
+                assert [end["progress"]["overall"] for end in ends] == [reached, reached]
                 pending = await client.xpending("comfy-progress:queue", GROUP)
                 assert pending.pending == 0  # type: ignore[union-attr]
                 assert not await client.exists([stamp_key(task_id)])
