@@ -462,8 +462,12 @@ class Routes:
         """Any task, from its Redis stream (one reader per daemon, fanned out here)."""
         shared = self.shared
         assert shared is not None
-        # A task this daemon already reads costs Redis nothing more per viewer.
-        first = shared.watcher.current(task_id) or await shared.latest(task_id)
+        # A task this daemon already reads costs Redis nothing more per viewer...
+        first = shared.watcher.current(task_id)
+        if first is None or (last_id is not None and last_id > first.version):
+            # ...unless our reader lags behind what the viewer saw on another daemon:
+            # Redis has it (ids mean the same everywhere), and older is going backwards.
+            first = await shared.latest(task_id) or first
         if first is None:
             return self._unknown_task(task_id)
         if _has_the_end(first, last_id):
